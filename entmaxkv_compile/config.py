@@ -1,0 +1,137 @@
+"""The one configuration object of entmaxkv_compile.
+
+Every front door (the eager API, the torch.compile backend, the offline rewrite and export) takes
+an :class:`EntmaxKVConfig`. It is frozen and validated on construction, so a bad value fails where
+it is written, with the argument's name, instead of deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping
+
+Selector = Literal["gaussian", "topk", "certified", "dense"]
+TauEstimate = Literal["auto", "global", "mixture"]
+
+SELECTORS: tuple[str, ...] = ("gaussian", "topk", "certified", "dense")
+TAU_ESTIMATES: tuple[str, ...] = ("auto", "global", "mixture")
+
+
+@dataclass(frozen=True)
+class EntmaxKVConfig:
+    """How a decode step chooses KV pages and attends over them.
+
+    Attributes:
+        selector: ``"gaussian"`` (default) estimates the entmax threshold from per-page key
+            means/variances and keeps pages whose likely maximum score clears it; ``"topk"`` keeps
+            the pages with the largest Quest bound within ``token_budget``; ``"certified"`` starts
+            from the gaussian selection and adds pages until the support certificate proves the
+            output equals full entmax; ``"dense"`` attends over every page (exact, no selection).
+        page_size: tokens per page (a power of two). Page ``p`` is rows ``[p*P, (p+1)*P)``.
+        token_budget: tokens the ``topk`` selector may attend to, forced pages (last, sink,
+            recent) included. At least one page.
+        alpha: the entmax alpha (> 1). ``None`` means "take it from the model" in the compiler
+            passes and 1.5 in the eager API.
+        max_quantile: per-page quantile of the page's maximum score used by the gaussian
+            selector: a page is kept when ``(alpha-1)*(mu_p + z_p*sigma_p) > tau_hat - margin``
+            with ``z_p = Phi^-1(max_quantile ** (1/n_p))``.
+        margin: slack subtracted from the estimated threshold, in scaled-score units (tau units).
+        tau_estimate: ``"global"`` solves one Gaussian with the law-of-total-variance moments of
+            all pages, ``"mixture"`` solves the mixture of per-page Gaussians (needed with ALiBi,
+            where page means drift with position); ``"auto"`` picks mixture iff ALiBi is present.
+        sink_pages: the first pages, always attended (attention sinks).
+        recent_pages: the pages before the last one, always attended (a recent window).
+        certify_max_rounds: rounds of "add violating pages" before certified mode falls back to
+            dense attention (which is exact by construction).
+        min_context: sequences shorter than this many tokens use dense entmax decode.
+    """
+
+    selector: Selector = "gaussian"
+    page_size: int = 16
+    token_budget: int = 4096
+    alpha: float | None = None
+    max_quantile: float = 0.99
+    margin: float = 0.0
+    tau_estimate: TauEstimate = "auto"
+    sink_pages: int = 0
+    recent_pages: int = 0
+    certify_max_rounds: int = 4
+    min_context: int = 0
+
+    def __post_init__(self) -> None:
+        if self.selector not in SELECTORS:
+            raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+        _check_int("page_size", self.page_size, minimum=1)
+        if self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        _check_int("token_budget", self.token_budget, minimum=1)
+        if self.token_budget < self.page_size:
+            raise ValueError(
+                f"token_budget must hold at least one page ({self.page_size} tokens), "
+                f"got {self.token_budget}"
+            )
+        if self.alpha is not None:
+            check_alpha(self.alpha)
+        if not (0.0 < float(self.max_quantile) < 1.0):
+            raise ValueError(f"max_quantile must lie in (0, 1), got {self.max_quantile}")
+        if not _finite(self.margin):
+            raise ValueError(f"margin must be a finite float, got {self.margin}")
+        if self.tau_estimate not in TAU_ESTIMATES:
+            raise ValueError(f"tau_estimate must be one of {TAU_ESTIMATES}, got {self.tau_estimate!r}")
+        _check_int("sink_pages", self.sink_pages, minimum=0)
+        _check_int("recent_pages", self.recent_pages, minimum=0)
+        _check_int("certify_max_rounds", self.certify_max_rounds, minimum=0)
+        _check_int("min_context", self.min_context, minimum=0)
+
+    @property
+    def budget_pages(self) -> int:
+        """Pages the top-k selector may attend to (forced pages included)."""
+        return self.token_budget // self.page_size
+
+    def resolved_alpha(self, default: float = 1.5) -> float:
+        """The alpha to use: the configured one, else ``default``."""
+        return float(self.alpha) if self.alpha is not None else float(default)
+
+    def replace(self, **changes: Any) -> "EntmaxKVConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> "EntmaxKVConfig":
+        """Build a config from a ``torch.compile(options=...)``-style mapping.
+
+        Unknown keys raise a ``ValueError`` naming them and the known ones.
+        """
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown EntmaxKVConfig option(s) {unknown}; known: {sorted(known)}")
+        return cls(**options)
+
+
+def check_alpha(alpha: Any, name: str = "alpha") -> float:
+    """Validate an entmax alpha: a finite real number strictly greater than 1."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"{name} must be a float > 1, got {type(alpha).__name__}")
+    if not _finite(alpha) or alpha <= 1.0:
+        raise ValueError(
+            f"{name} must be > 1 (alpha = 1 is softmax, which has no exact zeros), got {alpha}"
+        )
+    return float(alpha)
+
+
+def _finite(x: Any) -> bool:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return False
+    return x == x and x not in (float("inf"), float("-inf"))
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
