@@ -3,10 +3,24 @@
 The public surface is small: the math (:func:`entmax`, :func:`entmax_threshold`,
 :func:`gaussian_threshold`), the config (:class:`EntmaxKVConfig`), the runtime state
 (:class:`KVPageStats`), the eager decode (:func:`sparse_decode`) and the compiler front doors.
+Importing the package registers the ``entmaxkv`` torch.library ops.
 """
 
+from . import ops  # noqa: F401  (registers torch.ops.entmaxkv.*)
+from .cache import KVPageStats
 from .config import EntmaxKVConfig
+from .decode import sparse_decode
+from .gaussian import gaussian_threshold
 from .reference import entmax, entmax_threshold
+from .step import DecodeResult
 
-__all__ = ["EntmaxKVConfig", "entmax", "entmax_threshold"]
+__all__ = [
+    "DecodeResult",
+    "EntmaxKVConfig",
+    "KVPageStats",
+    "entmax",
+    "entmax_threshold",
+    "gaussian_threshold",
+    "sparse_decode",
+]
 __version__ = "0.1.0"

@@ -42,8 +42,9 @@ class EntmaxKVConfig:
             where page means drift with position); ``"auto"`` picks mixture iff ALiBi is present.
         sink_pages: the first pages, always attended (attention sinks).
         recent_pages: the pages before the last one, always attended (a recent window).
-        certify_max_rounds: rounds of "add violating pages" before certified mode falls back to
-            dense attention (which is exact by construction).
+        certify_max_rounds: rounds of "add the pages violating the certificate, decode again" in
+            certified mode. One round always certifies (see ``step.run_step``); more rounds are
+            allowed for experiments and change nothing in exact arithmetic.
         min_context: sequences shorter than this many tokens use dense entmax decode.
     """
 
@@ -56,7 +57,7 @@ class EntmaxKVConfig:
     tau_estimate: TauEstimate = "auto"
     sink_pages: int = 0
     recent_pages: int = 0
-    certify_max_rounds: int = 4
+    certify_max_rounds: int = 1
     min_context: int = 0
 
     def __post_init__(self) -> None:
@@ -81,7 +82,7 @@ class EntmaxKVConfig:
             raise ValueError(f"tau_estimate must be one of {TAU_ESTIMATES}, got {self.tau_estimate!r}")
         _check_int("sink_pages", self.sink_pages, minimum=0)
         _check_int("recent_pages", self.recent_pages, minimum=0)
-        _check_int("certify_max_rounds", self.certify_max_rounds, minimum=0)
+        _check_int("certify_max_rounds", self.certify_max_rounds, minimum=1)
         _check_int("min_context", self.min_context, minimum=0)
 
     @property

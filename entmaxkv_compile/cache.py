@@ -1,0 +1,228 @@
+"""Per-page key statistics: one vectorised prefill pass and an O(D) in-place append.
+
+Page ``p`` of a static cache ``[B, Hkv, Nmax, D]`` is rows ``[p*P, (p+1)*P)``. Per page and KV head
+we keep ``kmin``/``kmax`` (in K's dtype: a min/max of K values is a K value, so they are exact and
+feed the Quest bound and the certificate) and Welford's ``kmean``/``km2`` in float32 (the gaussian
+selector's moments; ``var = km2 / n_p``). Rows at or past a sequence's length never touch the
+statistics, so garbage in unused cache rows is harmless. All functions are pure torch, fixed-shape
+and free of host syncs; they are the CPU implementation of the ``page_stats_*`` ops and the oracle
+of their kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .validation import (
+    FLOAT_DTYPES,
+    check_kv_cache,
+    check_page_size,
+    check_positions,
+    check_seqlens,
+    check_stats_buffers,
+    check_tensor,
+    num_pages_for,
+)
+
+__all__ = ["KVPageStats", "page_token_counts", "stats_append_", "stats_prefill_"]
+
+
+def page_token_counts(seqlens: torch.Tensor, page_size: int, num_pages: int) -> torch.Tensor:
+    """Valid tokens per page, ``n_p = clamp(L - p*P, 0, P)``: int64 ``[B, num_pages]``."""
+    starts = torch.arange(num_pages, device=seqlens.device, dtype=torch.int64) * page_size
+    return (seqlens.to(torch.int64)[:, None] - starts[None, :]).clamp(0, page_size)
+
+
+def _check_buffers_match(k_cache: torch.Tensor, page_size: int, kmin, kmax, kmean, km2) -> None:
+    batch, kv_heads, max_seqlen, head_dim = k_cache.shape
+    check_stats_buffers(
+        kmin, kmax, kmean, km2,
+        batch=batch, kv_heads=kv_heads, num_pages=num_pages_for(max_seqlen, page_size), head_dim=head_dim,
+    )
+    if kmin.dtype != k_cache.dtype:
+        raise TypeError(f"kmin/kmax must have k_cache's dtype {k_cache.dtype}, got {kmin.dtype}")
+    if kmin.device != k_cache.device:
+        raise ValueError(f"the stat buffers must be on k_cache's device {k_cache.device}, got {kmin.device}")
+
+
+def stats_prefill_(
+    k_cache: torch.Tensor,
+    seqlens: torch.Tensor,
+    page_size: int,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    kmean: torch.Tensor,
+    km2: torch.Tensor,
+) -> None:
+    """Fill the four stat buffers from the first ``seqlens[b]`` rows of ``k_cache``, in place.
+
+    One pass over the cache viewed as ``[B, Hkv, Npages, P, D]`` (a padded copy when ``Nmax`` is
+    not a multiple of ``P``), masked by ``seqlens``. Pages with no valid token get zeros. The
+    variance uses the two-pass form (mean first), which is exact up to rounding.
+    """
+    check_kv_cache("k_cache", k_cache)
+    page_size = check_page_size(page_size)
+    batch, kv_heads, max_seqlen, head_dim = k_cache.shape
+    check_seqlens(seqlens, batch, max_seqlen, device=k_cache.device, check_values=False)
+    _check_buffers_match(k_cache, page_size, kmin, kmax, kmean, km2)
+    num_pages = num_pages_for(max_seqlen, page_size)
+
+    pad = num_pages * page_size - max_seqlen
+    k = torch.nn.functional.pad(k_cache, (0, 0, 0, pad)) if pad else k_cache
+    k = k.reshape(batch, kv_heads, num_pages, page_size, head_dim)
+    rows = torch.arange(num_pages * page_size, device=k.device).view(num_pages, page_size)
+    valid = rows[None] < seqlens.to(torch.int64)[:, None, None]  # [B, Np, P]
+    valid5 = valid[:, None, :, :, None]
+    counts = valid.sum(-1)[:, None, :, None]  # [B, 1, Np, 1]
+    nonempty = counts > 0
+
+    inf = float("inf")
+    kmin.copy_(torch.where(nonempty, torch.where(valid5, k, inf).amin(3), 0))
+    kmax.copy_(torch.where(nonempty, torch.where(valid5, k, -inf).amax(3), 0))
+    kf = torch.where(valid5, k.to(torch.float32), 0.0)
+    mean = kf.sum(3) / counts.clamp(min=1).to(torch.float32)
+    dev = torch.where(valid5, kf - mean.unsqueeze(3), 0.0)
+    kmean.copy_(mean)
+    km2.copy_((dev * dev).sum(3))
+
+
+def stats_append_(
+    k_cache: torch.Tensor,
+    positions: torch.Tensor,
+    page_size: int,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    kmean: torch.Tensor,
+    km2: torch.Tensor,
+) -> None:
+    """Fold the row written at ``positions[b]`` of each sequence into its page's stats, in place.
+
+    O(D) per sequence and KV head, vectorised over the batch (ragged positions are fine). When
+    ``positions % P == 0`` the page is reset from that row; otherwise a Welford step with
+    ``n = positions % P + 1``, so appends within a page must come in order.
+    """
+    check_kv_cache("k_cache", k_cache)
+    page_size = check_page_size(page_size)
+    batch, kv_heads, max_seqlen, head_dim = k_cache.shape
+    check_positions(positions, batch, max_seqlen, device=k_cache.device, check_values=False)
+    _check_buffers_match(k_cache, page_size, kmin, kmax, kmean, km2)
+
+    pos = positions.to(torch.int64)
+    row_index = pos.view(batch, 1, 1, 1).expand(batch, kv_heads, 1, head_dim)
+    page_index = (pos // page_size).view(batch, 1, 1, 1).expand(batch, kv_heads, 1, head_dim)
+    offset = (pos % page_size).view(batch, 1, 1, 1)
+    fresh = offset == 0
+    count = (offset + 1).to(torch.float32)
+
+    row = k_cache.gather(2, row_index)  # [B, Hkv, 1, D]
+    x = row.to(torch.float32)
+    old_mean = kmean.gather(2, page_index)
+    delta = x - old_mean
+    new_mean = torch.where(fresh, x, old_mean + delta / count)
+    new_m2 = torch.where(fresh, 0.0, km2.gather(2, page_index) + delta * (x - new_mean))
+    new_min = torch.where(fresh, row, torch.minimum(kmin.gather(2, page_index), row))
+    new_max = torch.where(fresh, row, torch.maximum(kmax.gather(2, page_index), row))
+
+    kmin.scatter_(2, page_index, new_min)
+    kmax.scatter_(2, page_index, new_max)
+    kmean.scatter_(2, page_index, new_mean)
+    km2.scatter_(2, page_index, new_m2)
+
+
+class KVPageStats:
+    """The page statistics of one attention layer's K cache: four ``[B, Hkv, Npages, D]`` buffers.
+
+    Allocated once (``allocate`` or ``from_cache``) and updated in place by ``prefill`` and
+    ``append``, so their addresses stay fixed (CUDA-graph friendly).
+    """
+
+    def __init__(
+        self,
+        kmin: torch.Tensor,
+        kmax: torch.Tensor,
+        kmean: torch.Tensor,
+        km2: torch.Tensor,
+        page_size: int,
+    ) -> None:
+        self.page_size = check_page_size(page_size)
+        check_tensor("kmin", kmin)
+        if kmin.dim() != 4:
+            raise ValueError(f"kmin must have shape [B, Hkv, Npages, D], got {tuple(kmin.shape)}")
+        batch, kv_heads, num_pages, head_dim = kmin.shape
+        check_stats_buffers(
+            kmin, kmax, kmean, km2, batch=batch, kv_heads=kv_heads, num_pages=num_pages, head_dim=head_dim
+        )
+        self.kmin, self.kmax, self.kmean, self.km2 = kmin, kmax, kmean, km2
+
+    @classmethod
+    def allocate(
+        cls,
+        batch: int,
+        kv_heads: int,
+        max_seqlen: int,
+        head_dim: int,
+        page_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> "KVPageStats":
+        """Zeroed buffers for a cache ``[batch, kv_heads, max_seqlen, head_dim]`` of ``dtype``."""
+        for name, value in (("batch", batch), ("kv_heads", kv_heads), ("max_seqlen", max_seqlen),
+                            ("head_dim", head_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        page_size = check_page_size(page_size)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+        shape = (batch, kv_heads, num_pages_for(max_seqlen, page_size), head_dim)
+        return cls(
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=torch.float32, device=device),
+            torch.zeros(shape, dtype=torch.float32, device=device),
+            page_size,
+        )
+
+    @classmethod
+    def from_cache(
+        cls, k_cache: torch.Tensor, seqlens: torch.Tensor, page_size: int = 16, *, check_values: bool = True
+    ) -> "KVPageStats":
+        """Allocate stats matching ``k_cache`` and prefill them from its first ``seqlens`` rows."""
+        check_kv_cache("k_cache", k_cache)
+        batch, kv_heads, max_seqlen, head_dim = k_cache.shape
+        stats = cls.allocate(batch, kv_heads, max_seqlen, head_dim, page_size, k_cache.dtype, k_cache.device)
+        stats.prefill(k_cache, seqlens, check_values=check_values)
+        return stats
+
+    @property
+    def num_pages(self) -> int:
+        """Page capacity ``ceil(Nmax / page_size)``."""
+        return self.kmin.shape[2]
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(kmin, kmax, kmean, km2)``, the argument order of the ops."""
+        return self.kmin, self.kmax, self.kmean, self.km2
+
+    def prefill(self, k_cache: torch.Tensor, seqlens: torch.Tensor, *, check_values: bool = True) -> None:
+        """Recompute every page from the first ``seqlens[b]`` rows of ``k_cache``."""
+        self.check_cache(k_cache)
+        check_seqlens(seqlens, k_cache.shape[0], k_cache.shape[2], device=k_cache.device,
+                      check_values=check_values)
+        stats_prefill_(k_cache, seqlens, self.page_size, *self.buffers())
+
+    def append(self, k_cache: torch.Tensor, positions: torch.Tensor, *, check_values: bool = True) -> None:
+        """Fold the rows just written at ``positions`` (int ``[B]``) into their pages."""
+        self.check_cache(k_cache)
+        check_positions(positions, k_cache.shape[0], k_cache.shape[2], device=k_cache.device,
+                        check_values=check_values)
+        stats_append_(k_cache, positions, self.page_size, *self.buffers())
+
+    def check_cache(self, k_cache: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``k_cache`` has the shape these stats describe."""
+        check_kv_cache("k_cache", k_cache)
+        batch, kv_heads, max_seqlen, head_dim = k_cache.shape
+        expected = (batch, kv_heads, num_pages_for(max_seqlen, self.page_size), head_dim)
+        if tuple(self.kmin.shape) != expected:
+            raise ValueError(
+                f"k_cache {tuple(k_cache.shape)} does not match these stats {tuple(self.kmin.shape)} "
+                f"with page_size {self.page_size}"
+            )

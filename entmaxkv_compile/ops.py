@@ -1,0 +1,271 @@
+"""The ``torch.library`` ops of namespace ``entmaxkv``: schema, fake (meta) implementation, dispatch.
+
+These ops are what the graph passes insert and what export sees. Each one has:
+
+- a schema inferred from the Python signature (mutated stat buffers are declared in
+  ``mutates_args``, so functionalization, CUDA graphs and export see the truth);
+- a fake implementation giving output shapes/dtypes without computing (for tracing);
+- an eager implementation that runs the Triton kernels on CUDA when they are usable and the pure
+  torch reference (``cache.py``, ``selection.py``, ``decode.py``) everywhere else.
+
+All ops are fixed-shape and sync-free, so a decode step built from them can be captured in a CUDA
+graph. The value checks of the public API (NaN, lengths beyond capacity) are not repeated here.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import cache, decode, reference, selection, step
+from .config import EntmaxKVConfig
+
+__all__ = [
+    "entmax",
+    "page_stats_prefill",
+    "page_stats_append",
+    "select_pages",
+    "paged_decode",
+    "certify",
+    "decode_step",
+]
+
+
+def _kernels_for(device: torch.device) -> ModuleType | None:
+    """The Triton kernel module when it can run on ``device``, else ``None`` (use the reference)."""
+    impl = step.implementation_for(device)
+    return None if impl is step.reference_implementation() else impl
+
+
+# --------------------------------------------------------------------------------------------- entmax
+
+
+@torch.library.custom_op("entmaxkv::entmax", mutates_args=())
+def entmax(x: Tensor, alpha: float, dim: int) -> Tensor:
+    """alpha-entmax of ``x`` along ``dim``; also the marker the capture pass emits for entmax calls."""
+    return reference.entmax_probs(x, alpha, dim).to(x.dtype)
+
+
+@entmax.register_fake
+def _(x: Tensor, alpha: float, dim: int) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _entmax_setup_context(ctx, inputs, output) -> None:
+    _, alpha, dim = inputs
+    ctx.save_for_backward(output)
+    ctx.alpha, ctx.dim = alpha, dim
+
+
+def _entmax_backward(ctx, grad: Tensor):
+    (p,) = ctx.saved_tensors
+    p32 = p.to(torch.float64 if p.dtype == torch.float64 else torch.float32)
+    u = torch.where(p32 > 0, p32.pow(2.0 - ctx.alpha), 0.0)
+    g = grad.to(p32.dtype)
+    coef = (u * g).sum(ctx.dim, keepdim=True) / u.sum(ctx.dim, keepdim=True).clamp(min=1e-30)
+    return (u * g - coef * u).to(p.dtype), None, None
+
+
+entmax.register_autograd(_entmax_backward, setup_context=_entmax_setup_context)
+
+
+# ------------------------------------------------------------------------------------- page statistics
+
+
+@torch.library.custom_op("entmaxkv::page_stats_prefill", mutates_args=("kmin", "kmax", "kmean", "km2"))
+def page_stats_prefill(
+    k_cache: Tensor, seqlens: Tensor, page_size: int, kmin: Tensor, kmax: Tensor, kmean: Tensor, km2: Tensor
+) -> None:
+    """Recompute every page's statistics from the first ``seqlens[b]`` rows of ``k_cache``."""
+    impl = _kernels_for(k_cache.device) or cache
+    impl.stats_prefill_(k_cache, seqlens, page_size, kmin, kmax, kmean, km2)
+
+
+@page_stats_prefill.register_fake
+def _(k_cache, seqlens, page_size, kmin, kmax, kmean, km2) -> None:
+    return None
+
+
+@torch.library.custom_op("entmaxkv::page_stats_append", mutates_args=("kmin", "kmax", "kmean", "km2"))
+def page_stats_append(
+    k_cache: Tensor, positions: Tensor, page_size: int, kmin: Tensor, kmax: Tensor, kmean: Tensor, km2: Tensor
+) -> None:
+    """Fold the rows just written at ``positions[b]`` into their pages' statistics (O(D) each)."""
+    impl = _kernels_for(k_cache.device) or cache
+    impl.stats_append_(k_cache, positions, page_size, kmin, kmax, kmean, km2)
+
+
+@page_stats_append.register_fake
+def _(k_cache, positions, page_size, kmin, kmax, kmean, km2) -> None:
+    return None
+
+
+# ------------------------------------------------------------------------------------------ selection
+
+
+@torch.library.custom_op("entmaxkv::select_pages", mutates_args=())
+def select_pages(
+    q: Tensor,
+    kmin: Tensor,
+    kmax: Tensor,
+    kmean: Tensor,
+    km2: Tensor,
+    seqlens: Tensor,
+    alibi_slopes: Optional[Tensor],
+    scale: float,
+    alpha: float,
+    page_size: int,
+    selector: str,
+    token_budget: int,
+    max_quantile: float,
+    margin: float,
+    tau_estimate: str,
+    sink_pages: int,
+    recent_pages: int,
+    min_context: int,
+) -> tuple[Tensor, Tensor]:
+    """Choose pages per KV head: ``(page_indices [B,Hkv,Npages] int32, num_selected [B,Hkv] int32)``."""
+    impl = _kernels_for(q.device) or selection
+    return impl.select_pages(
+        q, kmin, kmax, kmean, km2, seqlens,
+        page_size=page_size, alpha=alpha, scale=scale, selector=selector, token_budget=token_budget,
+        max_quantile=max_quantile, margin=margin, tau_estimate=tau_estimate, sink_pages=sink_pages,
+        recent_pages=recent_pages, min_context=min_context, alibi_slopes=alibi_slopes,
+    )
+
+
+@select_pages.register_fake
+def _(q, kmin, kmax, kmean, km2, seqlens, alibi_slopes, scale, alpha, page_size, selector, *rest):
+    batch, kv_heads, num_pages, _ = kmin.shape
+    return (
+        q.new_empty((batch, kv_heads, num_pages), dtype=torch.int32),
+        q.new_empty((batch, kv_heads), dtype=torch.int32),
+    )
+
+
+# --------------------------------------------------------------------------------------------- decode
+
+
+@torch.library.custom_op("entmaxkv::paged_decode", mutates_args=())
+def paged_decode(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    seqlens: Tensor,
+    page_indices: Tensor,
+    num_selected: Tensor,
+    alibi_slopes: Optional[Tensor],
+    scale: float,
+    alpha: float,
+    page_size: int,
+) -> tuple[Tensor, Tensor]:
+    """Exact entmax attention over the selected pages: ``(out [B,Hq,1,D], tau [B,Hq] f32)``."""
+    impl = _kernels_for(q.device) or decode
+    return impl.paged_decode(
+        q, k_cache, v_cache, seqlens, page_indices, num_selected,
+        page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes,
+    )
+
+
+@paged_decode.register_fake
+def _(q, k_cache, v_cache, seqlens, page_indices, num_selected, alibi_slopes, scale, alpha, page_size):
+    batch, q_heads = q.shape[:2]
+    return torch.empty_like(q), q.new_empty((batch, q_heads), dtype=torch.float32)
+
+
+@torch.library.custom_op("entmaxkv::certify", mutates_args=())
+def certify(
+    q: Tensor,
+    kmin: Tensor,
+    kmax: Tensor,
+    seqlens: Tensor,
+    page_indices: Tensor,
+    num_selected: Tensor,
+    tau: Tensor,
+    alibi_slopes: Optional[Tensor],
+    scale: float,
+    alpha: float,
+    page_size: int,
+) -> tuple[Tensor, Tensor]:
+    """The support certificate: ``(certified [B,Hq] bool, delta_bound [B,Hq] f32)``."""
+    impl = _kernels_for(q.device) or decode
+    return impl.certify(
+        q, kmin, kmax, seqlens, page_indices, num_selected, tau,
+        page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes,
+    )
+
+
+@certify.register_fake
+def _(q, kmin, kmax, seqlens, page_indices, num_selected, tau, alibi_slopes, scale, alpha, page_size):
+    batch, q_heads = q.shape[:2]
+    return (
+        q.new_empty((batch, q_heads), dtype=torch.bool),
+        q.new_empty((batch, q_heads), dtype=torch.float32),
+    )
+
+
+# ---------------------------------------------------------------------------------- the whole step
+
+
+@torch.library.custom_op("entmaxkv::decode_step", mutates_args=())
+def decode_step(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    seqlens: Tensor,
+    kmin: Tensor,
+    kmax: Tensor,
+    kmean: Tensor,
+    km2: Tensor,
+    alibi_slopes: Optional[Tensor],
+    scale: float,
+    alpha: float,
+    page_size: int,
+    selector: str,
+    token_budget: int,
+    max_quantile: float,
+    margin: float,
+    tau_estimate: str,
+    sink_pages: int,
+    recent_pages: int,
+    certify_max_rounds: int,
+    min_context: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Select, decode and certify one step (the op the graph rewrite inserts).
+
+    Returns ``(out [B,Hq,1,D], page_indices [B,Hkv,Npages], num_selected [B,Hkv],
+    certified [B,Hq], delta_bound [B,Hq])``; see :func:`entmaxkv_compile.step.run_step`.
+    """
+    config = _config(page_size, selector, token_budget, max_quantile, margin, tau_estimate,
+                     sink_pages, recent_pages, certify_max_rounds, min_context)
+    result = step.run_step(
+        step.implementation_for(q.device), q, k_cache, v_cache, seqlens, (kmin, kmax, kmean, km2),
+        config, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes,
+    )
+    return tuple(result[:5])
+
+
+@decode_step.register_fake
+def _(q, k_cache, v_cache, seqlens, kmin, kmax, kmean, km2, *rest):
+    batch, q_heads = q.shape[:2]
+    kv_heads, num_pages = kmin.shape[1], kmin.shape[2]
+    return (
+        torch.empty_like(q),
+        q.new_empty((batch, kv_heads, num_pages), dtype=torch.int32),
+        q.new_empty((batch, kv_heads), dtype=torch.int32),
+        q.new_empty((batch, q_heads), dtype=torch.bool),
+        q.new_empty((batch, q_heads), dtype=torch.float32),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _config(*fields) -> EntmaxKVConfig:
+    """The validated config of a decode_step call (cached: the step runs every token)."""
+    names = ("page_size", "selector", "token_budget", "max_quantile", "margin", "tau_estimate",
+             "sink_pages", "recent_pages", "certify_max_rounds", "min_context")
+    return EntmaxKVConfig(**dict(zip(names, fields)))
+

@@ -1,0 +1,281 @@
+"""Page scoring and selection: Quest bounds, the gaussian and top-k selectors, forced pages.
+
+Everything is batched, fixed-shape and free of host syncs: a selection is a boolean page mask
+``[B, Hkv, Npages]`` (the union over each KV head's query group) compacted by a sort into the
+fixed-capacity ``page_indices``/``num_selected`` pair of docs/ARCHITECTURE.md. These functions are
+the CPU implementation of the ``select_pages`` op and the oracle of its kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .cache import page_token_counts
+from .config import SELECTORS, TAU_ESTIMATES, check_alpha
+from .gaussian import gaussian_threshold, mixture_threshold, page_max_quantile_z
+from .validation import (
+    check_alibi_slopes,
+    check_float_dtype,
+    check_int_arg,
+    check_page_size,
+    check_scale,
+    check_seqlens,
+    check_stats_buffers,
+    check_tensor,
+)
+
+__all__ = [
+    "check_bound_inputs",
+    "compact_page_mask",
+    "page_mask_from_indices",
+    "quest_bounds",
+    "select_pages",
+    "selected_token_mask",
+]
+
+PAGE_SELECTORS: tuple[str, ...] = tuple(s for s in SELECTORS if s != "certified")
+
+
+def compute_dtype(q: torch.Tensor) -> torch.dtype:
+    """float64 for float64 queries (exactness tests), float32 otherwise."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def valid_page_mask(seqlens: torch.Tensor, page_size: int, num_pages: int) -> torch.Tensor:
+    """bool ``[B, Npages]``: page ``p`` holds at least one of the sequence's tokens."""
+    return page_token_counts(seqlens, page_size, num_pages) > 0
+
+
+def forced_page_mask(
+    seqlens: torch.Tensor, page_size: int, num_pages: int, sink_pages: int, recent_pages: int
+) -> torch.Tensor:
+    """bool ``[B, Npages]``: the last valid page, the first ``sink_pages`` and the
+    ``recent_pages`` before the last, restricted to valid pages."""
+    pages = torch.arange(num_pages, device=seqlens.device)[None, :]
+    last = ((seqlens.to(torch.int64) - 1) // page_size)[:, None]
+    forced = (pages == last) | (pages < sink_pages) | ((pages >= last - recent_pages) & (pages < last))
+    return forced & (pages <= last)
+
+
+def compact_page_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Page mask ``[..., Npages]`` -> (``page_indices`` int32, ascending then -1, ``num_selected`` int32).
+
+    A sort of ``where(mask, page, Npages)`` keeps the shape fixed (no ``nonzero``).
+    """
+    num_pages = mask.shape[-1]
+    pages = torch.arange(num_pages, device=mask.device)
+    keys = torch.where(mask, pages, num_pages).sort(dim=-1).values
+    page_indices = torch.where(keys < num_pages, keys, -1).to(torch.int32)
+    return page_indices, mask.sum(-1, dtype=torch.int32)
+
+
+def page_mask_from_indices(page_indices: torch.Tensor, num_selected: torch.Tensor, num_pages: int) -> torch.Tensor:
+    """Inverse of :func:`compact_page_mask`: bool ``[B, Hkv, Npages]`` from the first
+    ``num_selected`` entries of ``page_indices`` (out-of-range ids are ignored)."""
+    slots = torch.arange(page_indices.shape[-1], device=page_indices.device)
+    ids = page_indices.to(torch.int64)
+    used = (slots < num_selected[..., None]) & (ids >= 0) & (ids < num_pages)
+    target = torch.where(used, ids, num_pages)
+    mask = torch.zeros(*page_indices.shape[:-1], num_pages + 1, dtype=torch.bool, device=page_indices.device)
+    mask.scatter_(-1, target, True)
+    return mask[..., :num_pages]
+
+
+def selected_token_mask(
+    page_indices: torch.Tensor, num_selected: torch.Tensor, seqlens: torch.Tensor, *, page_size: int, max_seqlen: int
+) -> torch.Tensor:
+    """bool ``[B, Hkv, max_seqlen]``: token ``j`` lies in a selected page and ``j < seqlens[b]``."""
+    num_pages = -(-max_seqlen // page_size)
+    pages = page_mask_from_indices(page_indices, num_selected, num_pages)
+    tokens = pages.repeat_interleave(page_size, dim=-1)[..., :max_seqlen]
+    inside = torch.arange(max_seqlen, device=seqlens.device)[None, :] < seqlens.to(torch.int64)[:, None]
+    return tokens & inside[:, None, :]
+
+
+def _grouped_query(q: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    batch, q_heads, _, head_dim = q.shape
+    return q.reshape(batch, kv_heads, q_heads // kv_heads, head_dim).to(dtype)
+
+
+def _alibi_page_max_bias(
+    alibi_slopes: torch.Tensor, seqlens: torch.Tensor, page_size: int, num_pages: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``[B, Hq, Npages]``: the largest ALiBi bias ``slope*(j-(L-1))`` over the page's valid rows."""
+    length = seqlens.to(dtype)[:, None]
+    first = torch.arange(num_pages, device=seqlens.device, dtype=dtype)[None, :] * page_size
+    last = torch.minimum(first + (page_size - 1), length - 1)
+    slopes = alibi_slopes.to(dtype)[None, :, None]
+    return torch.maximum(slopes * (first - (length - 1))[:, None, :], slopes * (last - (length - 1))[:, None, :])
+
+
+def quest_bounds_in(
+    q: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    seqlens: torch.Tensor,
+    page_size: int,
+    scale: float,
+    alibi_slopes: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Quest bounds ``[B, Hq, Npages]`` computed in ``dtype`` (no validation; see :func:`quest_bounds`)."""
+    batch, q_heads = q.shape[:2]
+    kv_heads, num_pages = kmin.shape[1], kmin.shape[2]
+    qg = _grouped_query(q, kv_heads, dtype)
+    bound = qg.clamp(min=0) @ kmax.to(dtype).transpose(-1, -2) + qg.clamp(max=0) @ kmin.to(dtype).transpose(-1, -2)
+    bound = bound.reshape(batch, q_heads, num_pages) * scale
+    if alibi_slopes is not None:
+        bound = bound + _alibi_page_max_bias(alibi_slopes, seqlens, page_size, num_pages, dtype)
+    valid = valid_page_mask(seqlens, page_size, num_pages)[:, None, :]
+    return torch.where(valid, bound, float("-inf"))
+
+
+def check_bound_inputs(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes) -> tuple[int, float]:
+    """Metadata checks (no sync) of the inputs of a Quest bound; returns ``(page_size, scale)``."""
+    check_tensor("q", q)
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"q must have shape [B, Hq, 1, D] (one decode query), got {tuple(q.shape)}")
+    check_float_dtype("q", q)
+    page_size = check_page_size(page_size)
+    scale = check_scale(scale)
+    check_tensor("kmin", kmin)
+    if kmin.dim() != 4:
+        raise ValueError(f"kmin must have shape [B, Hkv, Npages, D], got {tuple(kmin.shape)}")
+    batch, q_heads, _, head_dim = q.shape
+    kv_heads, num_pages = kmin.shape[1], kmin.shape[2]
+    if kmin.shape[0] != batch or kmin.shape[3] != head_dim:
+        raise ValueError(f"kmin must have shape [B={batch}, Hkv, Npages, D={head_dim}], got {tuple(kmin.shape)}")
+    if q_heads % kv_heads:
+        raise ValueError(f"q heads ({q_heads}) must be a multiple of the stats' KV heads ({kv_heads})")
+    check_tensor("kmax", kmax)
+    if kmax.shape != kmin.shape or kmax.dtype != kmin.dtype:
+        raise ValueError(f"kmax must match kmin's shape {tuple(kmin.shape)} and dtype {kmin.dtype}")
+    check_float_dtype("kmin", kmin)
+    for name, tensor in (("kmin", kmin), ("kmax", kmax)):
+        if tensor.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {tensor.device}")
+    check_seqlens(seqlens, batch, num_pages * page_size, device=q.device, check_values=False)
+    check_alibi_slopes(alibi_slopes, q_heads, device=q.device)
+    return page_size, scale
+
+
+def quest_bounds(
+    q: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    seqlens: torch.Tensor,
+    *,
+    page_size: int,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per query head and page, an upper bound of every raw score in the page: float32 ``[B, Hq, Npages]``.
+
+    ``u_p = scale * sum_d max(q_d*kmin_pd, q_d*kmax_pd)`` plus the largest ALiBi bias inside the
+    page; ``-inf`` on pages with no valid token. Query head ``h`` reads KV head ``h // G``.
+    """
+    page_size, scale = check_bound_inputs(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes)
+    return quest_bounds_in(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes, compute_dtype(q)).to(torch.float32)
+
+
+def _gaussian_keep(q, kmean, km2, seqlens, page_size, alpha, scale, max_quantile, margin, mixture, alibi_slopes):
+    """bool ``[B, Hq, Npages]``: pages whose likely maximum score clears the estimated threshold."""
+    dtype = compute_dtype(q)
+    batch, q_heads = q.shape[:2]
+    kv_heads, num_pages = kmean.shape[1], kmean.shape[2]
+    counts = page_token_counts(seqlens, page_size, num_pages).to(dtype)  # [B, Np]
+    valid = (counts > 0)[:, None, :]
+    var = km2.to(dtype) / counts.clamp(min=1)[:, None, :, None]
+    qg = _grouped_query(q, kv_heads, dtype)
+    mu = (qg @ kmean.to(dtype).transpose(-1, -2)).reshape(batch, q_heads, num_pages) * scale
+    var_score = ((qg * qg) @ var.transpose(-1, -2)).reshape(batch, q_heads, num_pages) * scale**2
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(dtype)[None, :, None]
+        length = seqlens.to(dtype)[:, None]
+        mean_pos = torch.arange(num_pages, device=q.device, dtype=dtype)[None, :] * page_size + (counts - 1) / 2
+        mu = mu + slopes * (mean_pos - (length - 1))[:, None, :]
+        var_score = var_score + slopes**2 * ((counts * counts - 1) / 12)[:, None, :]
+    mu = torch.where(valid, mu, 0.0)
+    sigma = torch.where(valid, var_score.clamp(min=0), 0.0).sqrt()
+    weights = counts[:, None, :]
+    if mixture:
+        tau_hat = mixture_threshold(mu, sigma, weights, alpha, dim=-1, check_values=False)
+    else:
+        total = seqlens.to(dtype)[:, None]
+        mu_g = (weights * mu).sum(-1) / total
+        var_g = (weights * (sigma * sigma + (mu - mu_g[..., None]) ** 2)).sum(-1) / total
+        tau_hat = gaussian_threshold(mu_g, var_g.clamp(min=0).sqrt(), total, alpha, check_values=False)
+    z = page_max_quantile_z(counts.clamp(min=1), max_quantile, check_values=False)[:, None, :]
+    keep = (alpha - 1) * (mu + z * sigma) > tau_hat[..., None] - margin
+    return keep & valid
+
+
+def select_pages(
+    q: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    kmean: torch.Tensor,
+    km2: torch.Tensor,
+    seqlens: torch.Tensor,
+    *,
+    page_size: int,
+    alpha: float,
+    scale: float,
+    selector: str,
+    token_budget: int,
+    max_quantile: float,
+    margin: float,
+    tau_estimate: str,
+    sink_pages: int,
+    recent_pages: int,
+    min_context: int,
+    alibi_slopes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose the pages each KV head attends to: (``page_indices`` int32 ``[B, Hkv, Npages]``,
+    ascending then -1; ``num_selected`` int32 ``[B, Hkv]``).
+
+    ``selector``: ``"gaussian"`` keeps page ``p`` for query head ``h`` when
+    ``(alpha-1)(mu_p + z_p sigma_p) > tau_hat - margin`` (DESIGN.md §3.3); ``"topk"`` ranks pages
+    by the group's largest Quest bound and fills ``token_budget // page_size`` pages;
+    ``"dense"`` keeps every valid page. Per KV head the selection is the union over its query
+    group; the forced pages (last valid page, ``sink_pages``, ``recent_pages``) are always in,
+    pages past the sequence never; sequences shorter than ``min_context`` keep all pages.
+    """
+    page_size, scale = check_bound_inputs(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes)
+    batch, _, _, head_dim = q.shape
+    kv_heads, num_pages = kmin.shape[1], kmin.shape[2]
+    check_stats_buffers(kmin, kmax, kmean, km2, batch=batch, kv_heads=kv_heads, num_pages=num_pages,
+                        head_dim=head_dim)
+    alpha = check_alpha(alpha)
+    if selector not in PAGE_SELECTORS:
+        raise ValueError(f"selector must be one of {PAGE_SELECTORS}, got {selector!r}")
+    if tau_estimate not in TAU_ESTIMATES:
+        raise ValueError(f"tau_estimate must be one of {TAU_ESTIMATES}, got {tau_estimate!r}")
+    check_int_arg("token_budget", token_budget, minimum=page_size)
+    if not (isinstance(max_quantile, (int, float)) and 0.0 < max_quantile < 1.0):
+        raise ValueError(f"max_quantile must be a float in (0, 1), got {max_quantile!r}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        raise ValueError(f"margin must be a finite float, got {margin!r}")
+    for name, value in (("sink_pages", sink_pages), ("recent_pages", recent_pages), ("min_context", min_context)):
+        check_int_arg(name, value, minimum=0)
+
+    valid = valid_page_mask(seqlens, page_size, num_pages)[:, None, :]  # [B, 1, Np]
+    forced = forced_page_mask(seqlens, page_size, num_pages, sink_pages, recent_pages)[:, None, :]
+    if selector == "dense":
+        chosen = valid.expand(batch, kv_heads, num_pages)
+    elif selector == "topk":
+        bounds = quest_bounds_in(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes, compute_dtype(q))
+        score = bounds.reshape(batch, kv_heads, -1, num_pages).amax(2)
+        score = torch.where(forced, float("inf"), score)
+        top = score.topk(min(token_budget // page_size, num_pages), dim=-1).indices
+        chosen = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
+    else:
+        mixture = tau_estimate == "mixture" or (tau_estimate == "auto" and alibi_slopes is not None)
+        keep = _gaussian_keep(q, kmean, km2, seqlens, page_size, alpha, scale, float(max_quantile),
+                              float(margin), mixture, alibi_slopes)
+        chosen = keep.reshape(batch, kv_heads, -1, num_pages).any(2)
+    short = (seqlens < min_context)[:, None, None]
+    chosen = (chosen | forced | short) & valid
+    return compact_page_mask(chosen)

@@ -1,0 +1,118 @@
+"""One decode step: select -> decode -> certify, and the certified loop, over any implementation.
+
+The step is written once against a small "implementation" namespace (``select_pages``,
+``quest_bounds``, ``paged_decode``, ``certify``), which is either the pure-torch reference
+(``REFERENCE``) or the Triton kernels (``entmaxkv_compile.kernels``). So the eager API, the
+``entmaxkv::decode_step`` op and the tests all run the same logic, and the kernels only have to
+match the reference function by function.
+
+Every round is fixed-shape (no data-dependent Python control flow, no host sync), so a compiled
+step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType, SimpleNamespace
+from typing import Any, NamedTuple
+
+import torch
+
+from . import selection
+from .config import EntmaxKVConfig
+
+__all__ = ["DecodeResult", "implementation_for", "reference_implementation", "run_step"]
+
+
+@functools.cache
+def reference_implementation() -> SimpleNamespace:
+    """The pure-torch implementation (imported lazily: ``decode`` builds on this module)."""
+    from . import decode
+
+    return SimpleNamespace(
+        select_pages=selection.select_pages,
+        quest_bounds=selection.quest_bounds,
+        paged_decode=decode.paged_decode,
+        certify=decode.certify,
+    )
+
+
+class DecodeResult(NamedTuple):
+    """One decode step's result (a NamedTuple, so it is a pytree for torch.compile and export).
+
+    ``out [B, Hq, 1, D]`` in q's dtype; ``page_indices [B, Hkv, Npages]``/``num_selected [B, Hkv]``
+    int32, the pages attended; ``certified`` bool ``[B, Hq]``, true where ``out`` provably equals
+    full entmax; ``delta_bound`` float32 ``[B, Hq]``, an upper bound of the full-entmax mass of the
+    unattended tokens; ``tau`` float32 ``[B, Hq]``, the exact threshold of the attended tokens (z units).
+    """
+
+    out: torch.Tensor
+    page_indices: torch.Tensor
+    num_selected: torch.Tensor
+    certified: torch.Tensor
+    delta_bound: torch.Tensor
+    tau: torch.Tensor
+
+
+def implementation_for(device: torch.device) -> Any:
+    """The Triton kernels when they can run on ``device``, else the reference."""
+    if device.type == "cuda":
+        try:
+            from . import kernels
+        except ImportError:  # no usable Triton: the reference is exact, only slower
+            return reference_implementation()
+        if kernels.available(device):
+            return kernels
+    return reference_implementation()
+
+
+def run_step(
+    impl: Any | ModuleType,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seqlens: torch.Tensor,
+    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    config: EntmaxKVConfig,
+    *,
+    alpha: float,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
+) -> DecodeResult:
+    """Select pages with ``config.selector``, decode exactly over them and certify.
+
+    ``"certified"`` starts from the gaussian selection S0 with exact threshold tau0, adds every
+    unselected page whose bound violates the certificate (``(alpha-1) u_p > tau0`` for some query
+    head of the KV head's group) and decodes again over S1. One round always certifies: a page left
+    out has ``(alpha-1) u_p <= tau0 <= tau(S1)``, because tau only grows as tokens are added, so no
+    left-out token can reach the support and the output equals full entmax. The certificate is
+    therefore checked against ``max(tau0, tau1)`` (equal in exact arithmetic; the max removes
+    rounding noise). Further rounds (``certify_max_rounds`` > 1) repeat the step and change nothing
+    in exact arithmetic. ``stats`` is ``(kmin, kmax, kmean, km2)``.
+    """
+    kmin, kmax, kmean, km2 = stats
+    page_size = config.page_size
+    geometry = dict(page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes)
+    first = "gaussian" if config.selector == "certified" else config.selector
+    page_indices, num_selected = impl.select_pages(
+        q, kmin, kmax, kmean, km2, seqlens, selector=first, token_budget=config.token_budget,
+        max_quantile=config.max_quantile, margin=config.margin, tau_estimate=config.tau_estimate,
+        sink_pages=config.sink_pages, recent_pages=config.recent_pages,
+        min_context=config.min_context, **geometry,
+    )
+
+    out, tau = impl.paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry)
+    tau_floor = tau
+    if config.selector == "certified":
+        num_pages = kmin.shape[2]
+        batch, kv_heads = kmin.shape[:2]
+        bounds = impl.quest_bounds(q, kmin, kmax, seqlens, page_size=page_size, scale=scale,
+                                   alibi_slopes=alibi_slopes)  # [B, Hq, Npages], -inf on invalid
+        for _ in range(config.certify_max_rounds):
+            violates = ((alpha - 1.0) * bounds > tau_floor[..., None]).reshape(batch, kv_heads, -1, num_pages)
+            page_mask = selection.page_mask_from_indices(page_indices, num_selected, num_pages)
+            page_indices, num_selected = selection.compact_page_mask(page_mask | violates.any(2))
+            out, tau = impl.paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry)
+            tau_floor = torch.maximum(tau_floor, tau)
+    certified, delta = impl.certify(q, kmin, kmax, seqlens, page_indices, num_selected, tau_floor, **geometry)
+    return DecodeResult(out, page_indices, num_selected, certified, delta, tau)

@@ -1,0 +1,221 @@
+"""Argument checks shared by every public entry point.
+
+Shape, dtype and device checks read only metadata and never synchronise. Checks that must look at
+values (NaN in ``q``, lengths beyond the cache capacity, positions out of range) synchronise with
+the device, so each takes ``check_values``: the eager API keeps the default ``True``, the compiled
+path passes ``False``. Every error names the argument and says what was expected.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES: tuple[torch.dtype, ...] = (torch.int32, torch.int64)
+
+
+def check_tensor(name: str, value: Any) -> torch.Tensor:
+    """``value`` must be a tensor."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_float_dtype(name: str, tensor: torch.Tensor) -> None:
+    """``tensor`` must be fp16, bf16, fp32 or fp64."""
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype in {FLOAT_DTYPES}, got {tensor.dtype}")
+
+
+def check_int_dtype(name: str, tensor: torch.Tensor) -> None:
+    """``tensor`` must be int32 or int64."""
+    if tensor.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must have dtype int32 or int64, got {tensor.dtype}")
+
+
+def check_same_device(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Every tensor in ``others`` must live on ``reference``'s device."""
+    for name, tensor in others.items():
+        if tensor is not None and tensor.device != reference.device:
+            raise ValueError(
+                f"{name} must be on the same device as {reference_name} ({reference.device}), "
+                f"got {tensor.device}"
+            )
+
+
+def check_page_size(page_size: Any) -> int:
+    """``page_size`` must be a positive power-of-two int."""
+    if isinstance(page_size, bool) or not isinstance(page_size, int):
+        raise TypeError(f"page_size must be an int, got {type(page_size).__name__}")
+    if page_size < 1 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a positive power of two, got {page_size}")
+    return page_size
+
+
+def check_scale(scale: Any) -> float:
+    """``scale`` must be a finite positive Python number (the Quest bound assumes scale > 0)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    scale = float(scale)
+    if not (scale > 0.0 and scale != float("inf")):
+        raise ValueError(f"scale must be a finite float > 0, got {scale}")
+    return scale
+
+
+def check_kv_cache(name: str, cache: torch.Tensor) -> None:
+    """A KV cache is a floating ``[B, Hkv, Nmax, D]`` tensor with non-empty dimensions."""
+    check_tensor(name, cache)
+    if cache.dim() != 4:
+        raise ValueError(f"{name} must have shape [B, Hkv, Nmax, D], got {tuple(cache.shape)}")
+    if min(cache.shape) < 1:
+        raise ValueError(f"{name} must have non-empty dimensions, got {tuple(cache.shape)}")
+    check_float_dtype(name, cache)
+
+
+def check_seqlens(
+    seqlens: Any, batch: int, max_seqlen: int, *, device: torch.device, check_values: bool = True
+) -> None:
+    """``seqlens`` is an int ``[B]`` tensor with ``1 <= seqlens <= max_seqlen`` (value check syncs)."""
+    check_tensor("seqlens", seqlens)
+    check_int_dtype("seqlens", seqlens)
+    if seqlens.shape != (batch,):
+        raise ValueError(f"seqlens must have shape [B] = [{batch}], got {tuple(seqlens.shape)}")
+    if seqlens.device != device:
+        raise ValueError(f"seqlens must be on device {device}, got {seqlens.device}")
+    if check_values and batch > 0:
+        lo, hi = int(seqlens.min()), int(seqlens.max())
+        if lo < 1 or hi > max_seqlen:
+            raise ValueError(
+                f"seqlens must lie in [1, {max_seqlen}] (the cache capacity Nmax), got values in [{lo}, {hi}]"
+            )
+
+
+def check_positions(
+    positions: Any, batch: int, max_seqlen: int, *, device: torch.device, check_values: bool = True
+) -> None:
+    """``positions`` is an int ``[B]`` tensor with ``0 <= positions < max_seqlen`` (value check syncs)."""
+    check_tensor("positions", positions)
+    check_int_dtype("positions", positions)
+    if positions.shape != (batch,):
+        raise ValueError(f"positions must have shape [B] = [{batch}], got {tuple(positions.shape)}")
+    if positions.device != device:
+        raise ValueError(f"positions must be on device {device}, got {positions.device}")
+    if check_values and batch > 0:
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= max_seqlen:
+            raise ValueError(f"positions must lie in [0, {max_seqlen - 1}], got values in [{lo}, {hi}]")
+
+
+def check_alibi_slopes(alibi_slopes: Any, num_q_heads: int, *, device: torch.device) -> None:
+    """``alibi_slopes`` is ``None`` or a floating ``[Hq]`` tensor on ``device``."""
+    if alibi_slopes is None:
+        return
+    check_tensor("alibi_slopes", alibi_slopes)
+    check_float_dtype("alibi_slopes", alibi_slopes)
+    if alibi_slopes.shape != (num_q_heads,):
+        raise ValueError(
+            f"alibi_slopes must have shape [Hq] = [{num_q_heads}], got {tuple(alibi_slopes.shape)}"
+        )
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes must be on device {device}, got {alibi_slopes.device}")
+
+
+def check_decode_inputs(
+    q: Any,
+    k_cache: Any,
+    v_cache: Any,
+    seqlens: Any,
+    alibi_slopes: Any = None,
+    *,
+    check_values: bool = True,
+) -> None:
+    """Check one decode step's inputs against the tensor conventions of docs/ARCHITECTURE.md.
+
+    ``q`` ``[B, Hq, 1, D]``; ``k_cache``/``v_cache`` ``[B, Hkv, Nmax, D]`` of one shape with
+    ``Hq % Hkv == 0``; floating dtypes; one device; ``seqlens`` int ``[B]`` in ``[1, Nmax]``;
+    ``alibi_slopes`` ``None`` or float ``[Hq]``. With ``check_values`` also rejects NaN/inf in ``q``
+    and out-of-range ``seqlens`` (both synchronise).
+    """
+    check_tensor("q", q)
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"q must have shape [B, Hq, 1, D] (one decode query), got {tuple(q.shape)}")
+    check_float_dtype("q", q)
+    check_kv_cache("k_cache", k_cache)
+    check_kv_cache("v_cache", v_cache)
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
+        )
+    batch, q_heads, _, head_dim = q.shape
+    if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
+        raise ValueError(
+            f"k_cache must have shape [B={batch}, Hkv, Nmax, D={head_dim}] to match q, "
+            f"got {tuple(k_cache.shape)}"
+        )
+    kv_heads = k_cache.shape[1]
+    if q_heads % kv_heads:
+        raise ValueError(
+            f"q heads ({q_heads}) must be a multiple of k_cache heads ({kv_heads}) for GQA"
+        )
+    check_same_device("q", q, k_cache=k_cache, v_cache=v_cache)
+    check_seqlens(seqlens, batch, k_cache.shape[2], device=q.device, check_values=check_values)
+    check_alibi_slopes(alibi_slopes, q_heads, device=q.device)
+    if check_values and not bool(torch.isfinite(q).all()):
+        raise ValueError("q must be finite, but it contains NaN or inf")
+
+
+def check_stats_buffers(
+    kmin: Any, kmax: Any, kmean: Any, km2: Any, *, batch: int, kv_heads: int, num_pages: int, head_dim: int
+) -> None:
+    """The four page-statistics buffers: ``[B, Hkv, Npages, D]``; kmin/kmax one floating dtype
+    (K's), kmean/km2 float32."""
+    expected = (batch, kv_heads, num_pages, head_dim)
+    for name, buf in (("kmin", kmin), ("kmax", kmax), ("kmean", kmean), ("km2", km2)):
+        check_tensor(name, buf)
+        check_float_dtype(name, buf)
+        if tuple(buf.shape) != expected:
+            raise ValueError(f"{name} must have shape [B, Hkv, Npages, D] = {list(expected)}, got {tuple(buf.shape)}")
+    if kmax.dtype != kmin.dtype:
+        raise TypeError(f"kmax must have the dtype of kmin ({kmin.dtype}), got {kmax.dtype}")
+    for name, buf in (("kmean", kmean), ("km2", km2)):
+        if buf.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {buf.dtype}")
+    check_same_device("kmin", kmin, kmax=kmax, kmean=kmean, km2=km2)
+
+
+def num_pages_for(max_seqlen: int, page_size: int) -> int:
+    """Page capacity ``ceil(max_seqlen / page_size)``."""
+    return -(-max_seqlen // page_size)
+
+
+def check_int_arg(name: str, value: Any, *, minimum: int = 0) -> int:
+    """``value`` must be a Python int ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_page_table(
+    page_indices: Any, num_selected: Any, *, batch: int, kv_heads: int, num_pages: int, device: torch.device
+) -> None:
+    """A selection: int ``page_indices [B, Hkv, Npages]`` and int ``num_selected [B, Hkv]``."""
+    check_tensor("page_indices", page_indices)
+    check_tensor("num_selected", num_selected)
+    check_int_dtype("page_indices", page_indices)
+    check_int_dtype("num_selected", num_selected)
+    if tuple(page_indices.shape) != (batch, kv_heads, num_pages):
+        raise ValueError(
+            f"page_indices must have shape [B, Hkv, Npages] = {[batch, kv_heads, num_pages]}, "
+            f"got {tuple(page_indices.shape)}"
+        )
+    if tuple(num_selected.shape) != (batch, kv_heads):
+        raise ValueError(
+            f"num_selected must have shape [B, Hkv] = {[batch, kv_heads]}, got {tuple(num_selected.shape)}"
+        )
+    for name, tensor in (("page_indices", page_indices), ("num_selected", num_selected)):
+        if tensor.device != device:
+            raise ValueError(f"{name} must be on device {device}, got {tensor.device}")
