@@ -10,7 +10,7 @@ std s and cdf = Phi(m/s), pdf = phi(m/s) (standard normal cdf and pdf), and uses
 
 def moment_0(m, s, cdf, pdf):
     """E[Y_+^0] = (1) * Phi(m/s) + (0) * phi(m/s)."""
-    return (1) * cdf
+    return cdf
 
 
 def moment_1(m, s, cdf, pdf):

@@ -104,11 +104,11 @@ def render(moments: list[tuple[sp.Expr, sp.Expr]]) -> str:
     for k, (cdf_coeff, pdf_coeff) in enumerate(moments):
         name = f"moment_{k}"
         names.append(name)
-        terms = []
-        if cdf_coeff != 0:
-            terms.append(f"({_print(cdf_coeff)}) * cdf")
-        if pdf_coeff != 0:
-            terms.append(f"({_print(pdf_coeff)}) * pdf")
+        terms = [
+            name_ if coeff == 1 else f"({_print(coeff)}) * {name_}"
+            for coeff, name_ in ((cdf_coeff, "cdf"), (pdf_coeff, "pdf"))
+            if coeff != 0
+        ]
         lines += [
             "",
             f"def {name}(m, s, cdf, pdf):",
