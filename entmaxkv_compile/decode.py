@@ -201,6 +201,6 @@ def sparse_decode(
     else:
         stats.check_cache(k_cache)
 
-    impl = implementation_for(q.device)
+    impl = implementation_for(q.device, q.dtype)
     return run_step(impl, q, k_cache, v_cache, seqlens, stats.buffers(), config, alpha=alpha, scale=scale,
                     alibi_slopes=alibi_slopes)

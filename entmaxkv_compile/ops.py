@@ -35,9 +35,9 @@ __all__ = [
 ]
 
 
-def _kernels_for(device: torch.device) -> ModuleType | None:
-    """The Triton kernel module when it can run on ``device``, else ``None`` (use the reference)."""
-    impl = step.implementation_for(device)
+def _kernels_for(device: torch.device, dtype: torch.dtype) -> ModuleType | None:
+    """The Triton kernel module when it can run on ``device``/``dtype``, else ``None`` (reference)."""
+    impl = step.implementation_for(device, dtype)
     return None if impl is step.reference_implementation() else impl
 
 
@@ -81,7 +81,7 @@ def page_stats_prefill(
     k_cache: Tensor, seqlens: Tensor, page_size: int, kmin: Tensor, kmax: Tensor, kmean: Tensor, km2: Tensor
 ) -> None:
     """Recompute every page's statistics from the first ``seqlens[b]`` rows of ``k_cache``."""
-    impl = _kernels_for(k_cache.device) or cache
+    impl = _kernels_for(k_cache.device, k_cache.dtype) or cache
     impl.stats_prefill_(k_cache, seqlens, page_size, kmin, kmax, kmean, km2)
 
 
@@ -95,7 +95,7 @@ def page_stats_append(
     k_cache: Tensor, positions: Tensor, page_size: int, kmin: Tensor, kmax: Tensor, kmean: Tensor, km2: Tensor
 ) -> None:
     """Fold the rows just written at ``positions[b]`` into their pages' statistics (O(D) each)."""
-    impl = _kernels_for(k_cache.device) or cache
+    impl = _kernels_for(k_cache.device, k_cache.dtype) or cache
     impl.stats_append_(k_cache, positions, page_size, kmin, kmax, kmean, km2)
 
 
@@ -129,7 +129,7 @@ def select_pages(
     min_context: int,
 ) -> tuple[Tensor, Tensor]:
     """Choose pages per KV head: ``(page_indices [B,Hkv,Npages] int32, num_selected [B,Hkv] int32)``."""
-    impl = _kernels_for(q.device) or selection
+    impl = _kernels_for(q.device, q.dtype) or selection
     return impl.select_pages(
         q, kmin, kmax, kmean, km2, seqlens,
         page_size=page_size, alpha=alpha, scale=scale, selector=selector, token_budget=token_budget,
@@ -164,7 +164,7 @@ def paged_decode(
     page_size: int,
 ) -> tuple[Tensor, Tensor]:
     """Exact entmax attention over the selected pages: ``(out [B,Hq,1,D], tau [B,Hq] f32)``."""
-    impl = _kernels_for(q.device) or decode
+    impl = _kernels_for(q.device, q.dtype) or decode
     return impl.paged_decode(
         q, k_cache, v_cache, seqlens, page_indices, num_selected,
         page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes,
@@ -192,7 +192,7 @@ def certify(
     page_size: int,
 ) -> tuple[Tensor, Tensor]:
     """The support certificate: ``(certified [B,Hq] bool, delta_bound [B,Hq] f32)``."""
-    impl = _kernels_for(q.device) or decode
+    impl = _kernels_for(q.device, q.dtype) or decode
     return impl.certify(
         q, kmin, kmax, seqlens, page_indices, num_selected, tau,
         page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes,
@@ -243,7 +243,7 @@ def decode_step(
     config = _config(page_size, selector, token_budget, max_quantile, margin, tau_estimate,
                      sink_pages, recent_pages, certify_max_rounds, min_context)
     result = step.run_step(
-        step.implementation_for(q.device), q, k_cache, v_cache, seqlens, (kmin, kmax, kmean, km2),
+        step.implementation_for(q.device, q.dtype), q, k_cache, v_cache, seqlens, (kmin, kmax, kmean, km2),
         config, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes,
     )
     return tuple(result[:5])

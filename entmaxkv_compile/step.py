@@ -54,9 +54,10 @@ class DecodeResult(NamedTuple):
     tau: torch.Tensor
 
 
-def implementation_for(device: torch.device) -> Any:
-    """The Triton kernels when they can run on ``device``, else the reference."""
-    if device.type == "cuda":
+def implementation_for(device: torch.device, dtype: torch.dtype = torch.float32) -> Any:
+    """The Triton kernels when they can run on ``device`` for ``dtype`` (fp16/bf16/fp32 on CUDA),
+    else the reference (float64 always takes the reference: it is the exactness path)."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32):
         try:
             from . import kernels
         except ImportError:  # no usable Triton: the reference is exact, only slower

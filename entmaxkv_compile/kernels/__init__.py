@@ -1,0 +1,57 @@
+"""Triton kernels of entmaxkv_compile: the CUDA implementations of the ``entmaxkv`` ops.
+
+Each launcher takes the same arguments and returns the same results as its reference in
+``cache.py``, ``selection.py`` and ``decode.py``, and is registered as a
+``torch.library.triton_op`` named ``entmaxkv::triton_<name>`` (so Inductor and torch.export see
+one op per launcher). On a CPU they run only under the Triton interpreter (``TRITON_INTERPRET=1``
+set before this package is imported), which is how CI tests them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .certify import certify
+from .page_stats import stats_append_, stats_prefill_
+from .paged_decode import paged_decode
+from .select import quest_bounds, select_pages
+
+__all__ = [
+    "available",
+    "certify",
+    "paged_decode",
+    "quest_bounds",
+    "select_pages",
+    "stats_append_",
+    "stats_prefill_",
+]
+
+
+def interpreter_enabled() -> bool:
+    """Whether these kernels, and Triton's own ``tl.zeros``/``tl.sum``/... helpers, were built
+    for the CPU interpreter: ``TRITON_INTERPRET=1`` must be set before ``triton`` is first
+    imported (by anything, e.g. torch.compile), not only before this package."""
+    import triton.language.standard as triton_standard
+
+    from .decode_kernels import score_kernel
+
+    return (os.environ.get("TRITON_INTERPRET", "0") == "1"
+            and type(score_kernel).__name__ == "InterpretedFunction"
+            and type(triton_standard.zeros).__name__ == "InterpretedFunction")
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether these kernels can run on ``device``.
+
+    True on a CUDA device (compute capability 8.0 or newer, which Triton's ``tl.dot`` paths here
+    need), and on the CPU only when the caller asked for the interpreter by setting
+    ``TRITON_INTERPRET=1`` before importing Triton.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        if interpreter_enabled() or not torch.cuda.is_available():
+            return False
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cpu" and interpreter_enabled()

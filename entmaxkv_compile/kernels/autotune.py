@@ -1,0 +1,117 @@
+"""``entmaxkv-compile autotune``: measure launch configs on the current GPU and write its JSON.
+
+Tuning happens here, offline, never on the hot path: for each shape class (dtype, head dim, GQA
+group, page size) every candidate config of the fused decode is timed on a dense decode over
+``--length`` tokens (``triton.testing.do_bench`` median, CUDA graph replay) and the fastest is
+stored in ``kernels/configs/<gpu>.json`` (or ``--out-dir``), which ``tuned.lookup`` reads at run
+time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import tuned
+
+DECODE_SPACE = {"BLOCK_N": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3),
+                "BLOCK_T": (32, 64)}
+QUICK_SPACE = {"BLOCK_N": (64, 128), "num_warps": (4, 8), "num_stages": (2,), "BLOCK_T": (32,)}
+SHAPE_CLASSES = ((torch.float16, 128, 4), (torch.bfloat16, 128, 4), (torch.float16, 128, 1),
+                 (torch.bfloat16, 128, 1))
+DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _progress(done: int, total: int, label: str) -> None:
+    width = 30
+    filled = width * done // max(total, 1)
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:28s}")
+    sys.stderr.flush()
+
+
+def _time_decode(dtype: torch.dtype, dim: int, group: int, page: int, length: int,
+                 params: dict[str, int]) -> float:
+    """Median ms of a CUDA-graphed dense decode with ``params`` (inf when it fails to run)."""
+    import triton.testing
+
+    from .paged_decode import paged_decode
+
+    kv_heads = 8
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, kv_heads * group, 1, dim, device="cuda", generator=gen).to(dtype)
+    k = torch.randn(1, kv_heads, length, dim, device="cuda", generator=gen).to(dtype)
+    v = torch.randn_like(k)
+    seqlens = torch.full((1,), length, device="cuda", dtype=torch.int32)
+    pages = length // page
+    idx = torch.arange(pages, device="cuda", dtype=torch.int32).repeat(1, kv_heads, 1)
+    nsel = torch.full((1, kv_heads), pages, device="cuda", dtype=torch.int32)
+
+    def step():
+        return paged_decode(q, k, v, seqlens, idx, nsel, page_size=page, alpha=1.5,
+                            scale=1 / math.sqrt(dim))
+
+    with tuned.override("paged_decode", params):
+        try:
+            step()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+        except Exception:  # a config the compiler rejects (e.g. out of shared memory)
+            return float("inf")
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median")
+
+
+def autotune_main(argv: Sequence[str] | None = None) -> int:
+    """Tune the fused decode for the current GPU and write its config file. Returns an exit
+    code: 0 on success, 2 without a CUDA GPU."""
+    parser = argparse.ArgumentParser(prog="entmaxkv-compile autotune",
+                                     description="tune Triton launch configs for this GPU")
+    parser.add_argument("--out-dir", type=Path, default=tuned.CONFIG_DIR,
+                        help="where to write <gpu>.json (default: the package's configs)")
+    parser.add_argument("--length", type=int, default=131072, help="tokens of the timed decode")
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--quick", action="store_true", help="a smaller search space")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if not torch.cuda.is_available():
+        print("autotune needs a CUDA GPU; none is visible", file=sys.stderr)
+        return 2
+    if args.length < args.page_size or args.length % args.page_size:
+        parser.error("--length must be a positive multiple of --page-size")
+    import triton
+
+    space = QUICK_SPACE if args.quick else DECODE_SPACE
+    candidates = [dict(zip(space, values)) for values in itertools.product(*space.values())]
+    total = len(candidates) * len(SHAPE_CLASSES)
+    best: dict[str, dict[str, int]] = {}
+    timings: dict[str, float] = {}
+    done = 0
+    for dtype, dim, group in SHAPE_CLASSES:
+        key = tuned.shape_class(dtype, dim, group, args.page_size)
+        base = dict(tuned.DEFAULTS["paged_decode"])
+        for params in candidates:
+            _progress(done, total, key)
+            ms = _time_decode(dtype, dim, group, args.page_size, args.length, {**base, **params})
+            if ms < timings.get(key, float("inf")):
+                timings[key] = ms
+                best[key] = {**base, **params}
+            done += 1
+    _progress(done, total, "done")
+    sys.stderr.write("\n")
+    name = torch.cuda.get_device_name()
+    payload = {"device": name, "triton": triton.__version__, "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d", time.gmtime()), "length": args.length,
+               "median_ms": timings, "kernels": {"paged_decode": best}}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"{tuned.gpu_slug(name)}.json"
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    tuned.load_store.cache_clear()
+    print(f"wrote {path}")
+    return 0

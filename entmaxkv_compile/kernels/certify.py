@@ -1,0 +1,81 @@
+"""The support certificate on device: op ``entmaxkv::triton_certify``, as ``decode.certify``.
+
+The Quest bounds of all pages come from one read of kmin/kmax per KV head (``quest_kernel``);
+the certificate and the dropped-mass bound are fixed-shape elementwise work on the
+``[B, Hq, Npages]`` bounds (4 bytes per page and head), with no host sync.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.library import triton_op
+
+from .checks import (
+    check_lengths,
+    check_page_size,
+    check_query,
+    check_scalars,
+    check_selection,
+    check_slopes,
+    check_stats,
+)
+from .select import launch_quest
+
+
+@triton_op("entmaxkv::triton_certify", mutates_args=())
+def triton_certify(
+    q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_indices: Tensor,
+    num_selected: Tensor, tau: Tensor, alibi_slopes: Optional[Tensor], page_size: int,
+    alpha: float, scale: float,
+) -> tuple[Tensor, Tensor]:
+    """The registered op (positional ``alibi_slopes``); see :func:`certify`."""
+    batch, hq = q.shape[:2]
+    hkv, num_pages = kmin.shape[1], kmin.shape[2]
+    bounds, _ = launch_quest(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes,
+                             per_head=True, group_max=False)
+    slots = torch.arange(num_pages, device=q.device)
+    used = slots < num_selected[..., None]
+    target = torch.where(used, page_indices.to(torch.int64), num_pages)
+    selected = torch.zeros((batch, hkv, num_pages + 1), dtype=torch.bool, device=q.device)
+    selected.scatter_(2, target, True)
+    selected = selected[..., :num_pages].repeat_interleave(hq // hkv, dim=1)
+    counts = (seqlens.to(torch.int64)[:, None] - slots[None, :] * page_size).clamp(0, page_size)
+    unselected = ~selected & (counts > 0)[:, None, :]
+    excess = (alpha - 1.0) * bounds - tau.to(torch.float32)[..., None]
+    certified = ~(unselected & (excess > 0)).any(-1)
+    mass = counts[:, None, :].to(torch.float32) * excess.clamp(min=0) ** (1.0 / (alpha - 1.0))
+    delta = torch.where(unselected, mass, 0.0).sum(-1).clamp(max=1.0)
+    return certified, delta
+
+
+def certify(
+    q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_indices: Tensor,
+    num_selected: Tensor, tau: Tensor, *, page_size: int, alpha: float, scale: float,
+    alibi_slopes: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """``(certified bool [B, Hq], delta_bound float32 [B, Hq])`` of a selection.
+
+    Certified when every unselected valid page has ``(alpha-1) u_p <= tau``; ``delta_bound =
+    min(1, sum_unselected n_p [(alpha-1) u_p - tau]_+^beta)``.
+    """
+    check_page_size(page_size)
+    if not isinstance(kmin, Tensor) or kmin.dim() != 4:
+        raise ValueError("kmin must be a [B, Hkv, Npages, D] tensor")
+    check_stats(kmin, kmax, None, None, shape=tuple(kmin.shape), dtype=kmin.dtype,
+                device=kmin.device)
+    q = check_query(q, kmin)
+    check_lengths("seqlens", seqlens, q.shape[0], q.device)
+    batch, hkv, num_pages, dim = kmin.shape
+    check_selection(page_indices, num_selected,
+                    torch.empty((batch, hkv, num_pages * page_size, dim), device="meta"),
+                    page_size, device=q.device)
+    if not isinstance(tau, Tensor) or tuple(tau.shape) != tuple(q.shape[:2]) \
+            or not tau.is_floating_point():
+        raise ValueError(f"tau must be a float tensor of shape {list(q.shape[:2])}")
+    check_slopes(alibi_slopes, q)
+    check_scalars(alpha, scale)
+    return triton_certify(q, kmin, kmax, seqlens, page_indices, num_selected, tau, alibi_slopes,
+                          int(page_size), float(alpha), float(scale))

@@ -1,0 +1,251 @@
+"""Triton kernels of the fused sparse entmax decode (launched by ``paged_decode.py``).
+
+One decode step is four launches, each over fixed grids:
+
+1. ``score_kernel`` (batch x KV head, split): reads each selected K page once, scores it for all
+   G query heads of the group with one ``tl.dot``, adds ALiBi, and keeps the *candidates*: tokens
+   whose score is above (running max - 1) for some head of the group. Only candidates can be in
+   the support, since tau >= max z - 1. Their scores (4 bytes per head) and row ids are compacted
+   into a per-split segment; the split's max per head is written too.
+2. ``tau_kernel`` (batch x query head): global max M, filters the candidates to z > M - 1 into a
+   compact buffer, then solves sum [z - tau]_+^beta = 1 exactly by a bracketed Newton iteration
+   (monotone from the left for alpha <= 2, bisection fallback otherwise) run to float32
+   convergence.
+3. ``output_kernel`` (batch x KV head, split): p = [z - tau]_+^beta on the split's candidates,
+   V rows loaded only where some head of the group has p > 0, partial sum p.v and sum p in fp32.
+4. ``reduce_kernel`` (batch x query head): sums the split partials in a fixed order
+   (deterministic, no atomics) and normalizes by sum p.
+
+Lengths, counts and strides are runtime arguments; only block sizes, the alpha fast path and
+feature flags are constexpr, so the kernels never recompile as a cache grows.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Newton/bisection iterations of the exact tau solve; the loop exits early on float32
+# convergence (bisection alone would reach 2^-48 of the [-1, 0] bracket).
+TAU_MAX_ITERS = 48
+TAU_ABS_TOL = 1e-7
+
+
+@triton.jit
+def _tail_power(x, beta, KIND: tl.constexpr):
+    """[x]_+ ** beta and [x]_+ ** (beta - 1) (the Newton derivative term) for x >= 0."""
+    pos = x > 0
+    xs = tl.where(pos, x, 1.0)
+    if KIND == 1:  # sparsemax: beta = 1
+        p = tl.where(pos, x, 0.0)
+        d = tl.where(pos, 1.0, 0.0)
+    elif KIND == 2:  # entmax15: beta = 2
+        p = tl.where(pos, x * x, 0.0)
+        d = tl.where(pos, x, 0.0)
+    else:
+        pw = tl.exp2(beta * tl.log2(xs))
+        p = tl.where(pos, pw, 0.0)
+        d = tl.where(pos, pw / xs, 0.0)
+    return p, d
+
+
+@triton.jit
+def score_kernel(
+    q_ptr, k_ptr, seqlens_ptr, idx_ptr, nsel_ptr, slopes_ptr,
+    cand_z_ptr, cand_tok_ptr, cand_cnt_ptr, split_max_ptr,
+    sqb, sqh, sqd, skb, skh, skn, skd, sib, sih, sip, snb, snh,
+    Hq, Hkv, G, D, num_splits, seg, page_size, zscale, am1,
+    HAS_ALIBI: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    length = tl.load(seqlens_ptr + b).to(tl.int32)
+    nsel = tl.load(nsel_ptr + b * snb + hk * snh).to(tl.int32)
+    pages_per_split = (nsel + num_splits - 1) // num_splits
+    p0 = tl.minimum(split * pages_per_split, nsel)
+    p1 = tl.minimum(p0 + pages_per_split, nsel)
+    j0 = p0 * page_size
+    j1 = p1 * page_size
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    gmask = offs_g < G
+    dmask = offs_d < D
+    heads = hk * G + offs_g
+    q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd,
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    if HAS_ALIBI:
+        slope = tl.load(slopes_ptr + heads, mask=gmask, other=0.0).to(tl.float32) * am1
+
+    cap = num_splits * seg
+    tok_base = cand_tok_ptr + pid_bh.to(tl.int64) * cap + split * seg
+    z_base = cand_z_ptr + (b * Hq + heads[:, None]).to(tl.int64) * cap + split * seg
+    k_base = k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    idx_base = idx_ptr + b * sib + hk * sih
+
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    count = tl.zeros([], tl.int32)
+    for j in range(j0, j1, BLOCK_N):
+        jj = j + offs_n
+        nmask = jj < j1
+        page = tl.load(idx_base + (jj // page_size) * sip, mask=nmask, other=0)
+        row = page * page_size + jj % page_size
+        valid = nmask & (row < length) & (page >= 0)
+        k = tl.load(k_base + row.to(tl.int64)[:, None] * skn + offs_d[None, :] * skd,
+                    mask=valid[:, None] & dmask[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        z = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * zscale
+        if HAS_ALIBI:
+            z += slope[:, None] * (row - (length - 1)).to(tl.float32)[None, :]
+        z = tl.where(valid[None, :] & gmask[:, None], z, float("-inf"))
+        m = tl.maximum(m, tl.max(z, axis=1))
+        thr = tl.where(m > float("-inf"), m - 1.0, float("inf"))
+        keep = tl.max((z > thr[:, None]).to(tl.int32), axis=0)
+        pos = count + tl.cumsum(keep, axis=0) - keep
+        keep_b = keep > 0
+        tl.store(tok_base + pos, row, mask=keep_b)
+        tl.store(z_base + pos[None, :], z, mask=keep_b[None, :] & gmask[:, None])
+        count += tl.sum(keep, axis=0)
+    tl.store(cand_cnt_ptr + pid_bh * num_splits + split, count)
+    tl.store(split_max_ptr + (b * Hq + heads) * num_splits + split, m, mask=gmask)
+
+
+@triton.jit
+def tau_kernel(
+    cand_z_ptr, cand_cnt_ptr, split_max_ptr, gbuf_ptr, tau_ptr,
+    Hq, Hkv, G, num_splits, seg, alpha_m1, beta,
+    KIND: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    MAX_ITERS: tl.constexpr, ABS_TOL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // Hq
+    h = pid % Hq
+    hk = h // G
+    cap = num_splits * seg
+    offs_s = tl.arange(0, BLOCK_S)
+    smax = tl.load(split_max_ptr + pid * num_splits + offs_s, mask=offs_s < num_splits,
+                   other=float("-inf"))
+    big_m = tl.max(smax, axis=0)
+
+    # Global candidates u = z - M > -1, compacted; all splits at once, BLOCK_T deep per step.
+    z_base = cand_z_ptr + pid.to(tl.int64) * cap
+    g_base = gbuf_ptr + pid.to(tl.int64) * cap
+    smask = offs_s < num_splits
+    counts = tl.load(cand_cnt_ptr + (b * Hkv + hk) * num_splits + offs_s, mask=smask, other=0)
+    deepest = tl.max(counts, axis=0)
+    offs_t = tl.arange(0, BLOCK_T)
+    n_cand = tl.zeros([], tl.int32)
+    for t in range(0, deepest, BLOCK_T):
+        tt = t + offs_t
+        live = tt[None, :] < counts[:, None]
+        u = tl.load(z_base + offs_s[:, None] * seg + tt[None, :], mask=live,
+                    other=float("-inf")) - big_m
+        keep = (u > -1.0).to(tl.int32)
+        per_split = tl.sum(keep, axis=1)
+        pos = (n_cand + (tl.cumsum(per_split, axis=0) - per_split)[:, None]
+               + tl.cumsum(keep, axis=1) - keep)
+        tl.store(g_base + pos, u, mask=keep > 0)
+        n_cand += tl.sum(per_split, axis=0)
+
+    # Bracket: f(-1) >= 0 (the max alone has weight 1); f(-C^-(alpha-1)) <= 0.
+    n_f = tl.maximum(n_cand, 1).to(tl.float32)
+    lo = tl.zeros([], tl.float32) - 1.0
+    hi = -tl.exp2(-alpha_m1 * tl.log2(n_f))
+    t = lo
+    offs_c = tl.arange(0, BLOCK_C)
+    u0 = tl.load(g_base + offs_c, mask=offs_c < n_cand, other=float("-inf"))
+    it = tl.zeros([], tl.int32)
+    done = n_cand <= 1
+    while (it < MAX_ITERS) & (done == 0):
+        p, d = _tail_power(u0 - t, beta, KIND)
+        s0 = tl.sum(p, axis=0)
+        s1 = tl.sum(d, axis=0)
+        for c0 in range(BLOCK_C, n_cand, BLOCK_C):
+            cc = c0 + offs_c
+            u = tl.load(g_base + cc, mask=cc < n_cand, other=float("-inf"))
+            p, d = _tail_power(u - t, beta, KIND)
+            s0 += tl.sum(p, axis=0)
+            s1 += tl.sum(d, axis=0)
+        f = s0 - 1.0
+        lo = tl.where(f > 0, t, lo)
+        hi = tl.where(f > 0, hi, t)
+        step = t + f / (beta * tl.maximum(s1, 1e-30))
+        t_new = tl.where((step > lo) & (step < hi), step, 0.5 * (lo + hi))
+        t_new = tl.where(f == 0, t, t_new)
+        done = (f == 0) | (t_new == t) | (hi - lo <= ABS_TOL)
+        t = t_new
+        it += 1
+    tl.store(tau_ptr + pid, big_m + t)
+
+
+@triton.jit
+def output_kernel(
+    v_ptr, cand_z_ptr, cand_tok_ptr, cand_cnt_ptr, tau_ptr, o_part_ptr, l_part_ptr,
+    svb, svh, svn, svd,
+    Hq, Hkv, G, D, num_splits, seg, beta,
+    KIND: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    cap = num_splits * seg
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    gmask = offs_g < G
+    dmask = offs_d < D
+    heads = hk * G + offs_g
+    tau = tl.load(tau_ptr + b * Hq + heads, mask=gmask, other=float("inf"))
+    count = tl.load(cand_cnt_ptr + pid_bh * num_splits + split)
+    tok_base = cand_tok_ptr + pid_bh.to(tl.int64) * cap + split * seg
+    z_base = cand_z_ptr + (b * Hq + heads[:, None]).to(tl.int64) * cap + split * seg
+    v_base = v_ptr + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    l_sum = tl.zeros([BLOCK_G], tl.float32)
+    for t in range(0, count, BLOCK_T):
+        tt = t + offs_t
+        tmask = tt < count
+        z = tl.load(z_base + tt[None, :], mask=gmask[:, None] & tmask[None, :],
+                    other=float("-inf"))
+        p, _ = _tail_power(z - tau[:, None], beta, KIND)
+        live = tl.max(p, axis=0) > 0
+        tok = tl.load(tok_base + tt, mask=tmask, other=0)
+        v = tl.load(v_base + tok.to(tl.int64)[:, None] * svn + offs_d[None, :] * svd,
+                    mask=live[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        acc += tl.dot(p, v, input_precision=DOT_PREC)
+        l_sum += tl.sum(p, axis=1)
+    row = (b * Hq + heads) * num_splits + split
+    tl.store(o_part_ptr + row[:, None] * D + offs_d[None, :], acc,
+             mask=gmask[:, None] & dmask[None, :])
+    tl.store(l_part_ptr + row, l_sum, mask=gmask)
+
+
+@triton.jit
+def reduce_kernel(
+    o_part_ptr, l_part_ptr, out_ptr, sob, soh, sod,
+    Hq, D, num_splits,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // Hq
+    h = pid % Hq
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    smask = offs_s < num_splits
+    dmask = offs_d < D
+    o = tl.load(o_part_ptr + (pid * num_splits + offs_s)[:, None] * D + offs_d[None, :],
+                mask=smask[:, None] & dmask[None, :], other=0.0)
+    l_sum = tl.sum(tl.load(l_part_ptr + pid * num_splits + offs_s, mask=smask, other=0.0), axis=0)
+    res = tl.sum(o, axis=0) / tl.where(l_sum > 0, l_sum, 1.0)
+    tl.store(out_ptr + b * sob + h * soh + offs_d * sod, res.to(out_ptr.dtype.element_ty),
+             mask=dmask)

@@ -1,0 +1,159 @@
+"""Page statistics kernels: one-pass prefill and O(D) append (ops ``entmaxkv::triton_stats_*``).
+
+Same arguments and in-place results as ``cache.stats_prefill_`` / ``cache.stats_append_``.
+Per page and KV head: ``kmin``/``kmax`` in K's dtype (2 x 2 bytes x D for fp16), ``kmean``/``km2``
+in float32 Welford form (2 x 4 x D). The Quest bound and the certificate read only kmin/kmax, the
+gaussian selector only kmean/km2, so each selector reads half of the 12 bytes x D per page.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from . import _common as cm
+from .checks import check_cache, check_lengths, check_page_size, check_stats, stats_shape
+from .tuned import lookup
+
+
+@triton.jit
+def _prefill_kernel(
+    k_ptr, seqlens_ptr, kmin_ptr, kmax_ptr, kmean_ptr, km2_ptr,
+    skb, skh, skn, skd, ssb, ssh, ssp, ssd,
+    Hkv, D, num_pages, page_size,
+    PAGES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    length = tl.load(seqlens_ptr + b).to(tl.int32)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    k_base = k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    s_off = b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + offs_d * ssd
+    for i in range(PAGES):
+        page = tl.program_id(0) * PAGES + i
+        if page < num_pages:
+            first = page * page_size
+            n = tl.minimum(tl.maximum(length - first, 0), page_size)
+            lo = tl.full([BLOCK_D], float("inf"), tl.float32)
+            hi = tl.full([BLOCK_D], float("-inf"), tl.float32)
+            total = tl.zeros([BLOCK_D], tl.float32)
+            for t in range(0, n, BLOCK_T):
+                rows = first + t + offs_t
+                rmask = (t + offs_t) < n
+                x = tl.load(k_base + rows.to(tl.int64)[:, None] * skn + offs_d[None, :] * skd,
+                            mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                lo = tl.minimum(lo, tl.min(tl.where(rmask[:, None], x, float("inf")), axis=0))
+                hi = tl.maximum(hi, tl.max(tl.where(rmask[:, None], x, float("-inf")), axis=0))
+                total += tl.sum(x, axis=0)
+            mean = total / tl.maximum(n, 1).to(tl.float32)
+            m2 = tl.zeros([BLOCK_D], tl.float32)
+            for t in range(0, n, BLOCK_T):
+                rows = first + t + offs_t
+                rmask = (t + offs_t) < n
+                x = tl.load(k_base + rows.to(tl.int64)[:, None] * skn + offs_d[None, :] * skd,
+                            mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                dev = tl.where(rmask[:, None], x - mean[None, :], 0.0)
+                m2 += tl.sum(dev * dev, axis=0)
+            empty = n == 0
+            off = s_off + page.to(tl.int64) * ssp
+            tl.store(kmin_ptr + off, tl.where(empty, 0.0, lo).to(kmin_ptr.dtype.element_ty),
+                     mask=dmask)
+            tl.store(kmax_ptr + off, tl.where(empty, 0.0, hi).to(kmax_ptr.dtype.element_ty),
+                     mask=dmask)
+            tl.store(kmean_ptr + off, mean, mask=dmask)
+            tl.store(km2_ptr + off, m2, mask=dmask)
+
+
+@triton.jit
+def _append_kernel(
+    k_ptr, pos_ptr, kmin_ptr, kmax_ptr, kmean_ptr, km2_ptr,
+    skb, skh, skn, skd, ssb, ssh, ssp, ssd,
+    Hkv, D, page_size,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // Hkv
+    hk = pid % Hkv
+    pos = tl.load(pos_ptr + b).to(tl.int64)
+    page = pos // page_size
+    count = (pos % page_size + 1).to(tl.float32)
+    fresh = count == 1.0
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    row = tl.load(k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + pos * skn + offs_d * skd,
+                  mask=dmask, other=0.0)
+    off = b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + page * ssp + offs_d * ssd
+    old_min = tl.load(kmin_ptr + off, mask=dmask, other=0.0).to(tl.float32)
+    old_max = tl.load(kmax_ptr + off, mask=dmask, other=0.0).to(tl.float32)
+    old_mean = tl.load(kmean_ptr + off, mask=dmask, other=0.0)
+    old_m2 = tl.load(km2_ptr + off, mask=dmask, other=0.0)
+    x = row.to(tl.float32)
+    delta = x - old_mean
+    mean = tl.where(fresh, x, old_mean + delta / count)
+    m2 = tl.where(fresh, 0.0, old_m2 + delta * (x - mean))
+    # min/max in fp32 (exact for K values) and cast back to K's dtype.
+    new_min = tl.where(fresh, x, tl.minimum(old_min, x)).to(kmin_ptr.dtype.element_ty)
+    new_max = tl.where(fresh, x, tl.maximum(old_max, x)).to(kmax_ptr.dtype.element_ty)
+    tl.store(kmin_ptr + off, new_min, mask=dmask)
+    tl.store(kmax_ptr + off, new_max, mask=dmask)
+    tl.store(kmean_ptr + off, mean, mask=dmask)
+    tl.store(km2_ptr + off, m2, mask=dmask)
+
+
+def _stat_strides(kmin: Tensor, kmean: Tensor, km2: Tensor, kmax: Tensor) -> tuple[int, ...]:
+    strides = kmin.stride()
+    for name, buf in (("kmax", kmax), ("kmean", kmean), ("km2", km2)):
+        if buf.stride() != strides:
+            raise ValueError(f"{name} must have kmin's strides {strides}, got {buf.stride()}")
+    return strides
+
+
+@triton_op("entmaxkv::triton_stats_prefill_",
+           mutates_args={"kmin", "kmax", "kmean", "km2"})
+def stats_prefill_(
+    k_cache: Tensor, seqlens: Tensor, page_size: int,
+    kmin: Tensor, kmax: Tensor, kmean: Tensor, km2: Tensor,
+) -> None:
+    """Fill the four page-stat buffers from the first ``seqlens[b]`` rows of ``k_cache``."""
+    check_page_size(page_size)
+    check_cache("k_cache", k_cache)
+    check_lengths("seqlens", seqlens, k_cache.shape[0], k_cache.device)
+    check_stats(kmin, kmax, kmean, km2, shape=stats_shape(k_cache, page_size),
+                dtype=k_cache.dtype, device=k_cache.device)
+    batch, hkv, _, dim = k_cache.shape
+    num_pages = kmin.shape[2]
+    strides = _stat_strides(kmin, kmean, km2, kmax)
+    cfg = lookup("page_stats", k_cache.device, "default")
+    pages_per_prog = 4
+    grid = (cm.cdiv(num_pages, pages_per_prog), batch * hkv)
+    wrap_triton(_prefill_kernel)[grid](
+        k_cache, seqlens, kmin, kmax, kmean, km2, *k_cache.stride(), *strides,
+        hkv, dim, num_pages, page_size,
+        PAGES=pages_per_prog, BLOCK_T=min(cfg["BLOCK_T"], cm.next_pow2(page_size)),
+        BLOCK_D=cm.next_pow2(dim), num_warps=cfg["num_warps"],
+    )
+
+
+@triton_op("entmaxkv::triton_stats_append_",
+           mutates_args={"kmin", "kmax", "kmean", "km2"})
+def stats_append_(
+    k_cache: Tensor, positions: Tensor, page_size: int,
+    kmin: Tensor, kmax: Tensor, kmean: Tensor, km2: Tensor,
+) -> None:
+    """Fold the row written at ``positions[b]`` into its page (reset when it starts a page)."""
+    check_page_size(page_size)
+    check_cache("k_cache", k_cache)
+    check_lengths("positions", positions, k_cache.shape[0], k_cache.device)
+    check_stats(kmin, kmax, kmean, km2, shape=stats_shape(k_cache, page_size),
+                dtype=k_cache.dtype, device=k_cache.device)
+    batch, hkv, _, dim = k_cache.shape
+    strides = _stat_strides(kmin, kmean, km2, kmax)
+    wrap_triton(_append_kernel)[(batch * hkv,)](
+        k_cache, positions, kmin, kmax, kmean, km2, *k_cache.stride(), *strides,
+        hkv, dim, page_size, BLOCK_D=cm.next_pow2(dim), num_warps=1,
+    )

@@ -1,0 +1,124 @@
+"""Fused sparse entmax decode over selected KV pages: the ``entmaxkv::triton_paged_decode`` op.
+
+Same arguments and results as the reference ``decode.paged_decode``. Over all pages it is the dense
+entmax decode. Bytes moved per step: the selected K rows once, 4 bytes per head for each candidate
+score (written once, read twice), and V only for rows inside the support of some head of the group.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from . import _common as cm
+from .checks import check_decode_inputs
+from .decode_kernels import (
+    TAU_ABS_TOL,
+    TAU_MAX_ITERS,
+    output_kernel,
+    reduce_kernel,
+    score_kernel,
+    tau_kernel,
+)
+from .tuned import decode_config
+
+
+@triton_op("entmaxkv::triton_paged_decode", mutates_args=())
+def triton_paged_decode(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    seqlens: Tensor,
+    page_indices: Tensor,
+    num_selected: Tensor,
+    alibi_slopes: Optional[Tensor],
+    page_size: int,
+    alpha: float,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """The registered op; positional ``alibi_slopes`` (custom ops take no kwarg-only tensors)."""
+    batch, hq, _, dim = q.shape
+    hkv = k_cache.shape[1]
+    group = hq // hkv
+    num_pages = page_indices.shape[2]
+    splits = cm.decode_splits(batch, hkv, num_pages, q.device)
+    seg = cm.cdiv(num_pages, splits) * page_size
+    cap = splits * seg
+    cfg = decode_config(q.device, q.dtype, dim, group, page_size)
+    f32 = torch.float32
+    dev = q.device
+    cand_z = torch.empty((batch, hq, cap), device=dev, dtype=f32)
+    cand_tok = torch.empty((batch, hkv, cap), device=dev, dtype=torch.int32)
+    cand_cnt = torch.empty((batch, hkv, splits), device=dev, dtype=torch.int32)
+    split_max = torch.empty((batch, hq, splits), device=dev, dtype=f32)
+    gbuf = torch.empty((batch, hq, cap), device=dev, dtype=f32)
+    tau = torch.empty((batch, hq), device=dev, dtype=f32)
+    o_part = torch.empty((batch, hq, splits, dim), device=dev, dtype=f32)
+    l_part = torch.empty((batch, hq, splits), device=dev, dtype=f32)
+    out = torch.empty((batch, hq, 1, dim), device=dev, dtype=q.dtype)
+
+    block_g = max(16, cm.next_pow2(group))
+    block_d = max(16, cm.next_pow2(dim))
+    block_s = cm.next_pow2(splits)
+    beta = 1.0 / (alpha - 1.0)
+    kind = cm.alpha_kind(alpha)
+    has_alibi = alibi_slopes is not None
+    slopes = alibi_slopes if has_alibi else q  # never read when has_alibi is False
+
+    wrap_triton(score_kernel)[(batch * hkv, splits)](
+        q, k_cache, seqlens, page_indices, num_selected, slopes,
+        cand_z, cand_tok, cand_cnt, split_max,
+        q.stride(0), q.stride(1), q.stride(3),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        page_indices.stride(0), page_indices.stride(1), page_indices.stride(2),
+        num_selected.stride(0), num_selected.stride(1),
+        hq, hkv, group, dim, splits, seg, page_size, (alpha - 1.0) * scale, alpha - 1.0,
+        HAS_ALIBI=has_alibi, BLOCK_G=block_g, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d,
+        DOT_PREC=cm.dot_precision(dev, q.dtype), UPCAST=cm.dot_upcast(dev, q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    wrap_triton(tau_kernel)[(batch * hq,)](
+        cand_z, cand_cnt, split_max, gbuf, tau,
+        hq, hkv, group, splits, seg, alpha - 1.0, beta,
+        KIND=kind, BLOCK_S=block_s, BLOCK_T=cfg["BLOCK_T"], BLOCK_C=cfg["BLOCK_C"],
+        MAX_ITERS=TAU_MAX_ITERS, ABS_TOL=TAU_ABS_TOL, num_warps=cfg["tau_warps"],
+    )
+    wrap_triton(output_kernel)[(batch * hkv, splits)](
+        v_cache, cand_z, cand_tok, cand_cnt, tau, o_part, l_part,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
+        hq, hkv, group, dim, splits, seg, beta,
+        KIND=kind, BLOCK_G=block_g, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=block_d,
+        DOT_PREC=cm.exact_fp32_dot(dev), num_warps=cfg["num_warps"],
+    )
+    wrap_triton(reduce_kernel)[(batch * hq,)](
+        o_part, l_part, out, out.stride(0), out.stride(1), out.stride(3),
+        hq, dim, splits, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
+    )
+    return out, tau
+
+
+def paged_decode(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    seqlens: Tensor,
+    page_indices: Tensor,
+    num_selected: Tensor,
+    *,
+    page_size: int,
+    alpha: float,
+    scale: float,
+    alibi_slopes: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Exact entmax attention of one query per sequence over the selected pages.
+
+    Returns ``(out, tau)``: ``out`` [B, Hq, 1, D] in q's dtype, normalized by sum p, and ``tau``
+    float32 [B, Hq], the exact threshold over the selected tokens in z units.
+    """
+    check_decode_inputs(q, k_cache, v_cache, seqlens, page_indices, num_selected,
+                        page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes)
+    return triton_paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected,
+                               alibi_slopes, int(page_size), float(alpha), float(scale))

@@ -1,0 +1,243 @@
+"""Page scoring and selection on device: ops ``entmaxkv::triton_quest_bounds`` and
+``entmaxkv::triton_select_pages``; same arguments and results as the reference ``selection.py``.
+
+Bytes per step and KV head: the gaussian selector reads kmean + km2 (2 x 4 x D bytes per page),
+top-k reads kmin + kmax (2 x 2 x D for fp16), dense reads no statistics. Intermediate page
+scores are 4 bytes per page and query head. Outputs have fixed capacity; nothing syncs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from ..config import SELECTORS, TAU_ESTIMATES
+from . import _common as cm
+from .checks import (
+    check_lengths,
+    check_page_size,
+    check_query,
+    check_scalars,
+    check_slopes,
+    check_stats,
+)
+from .select_kernels import compact_kernel, keep_kernel, moments_kernel, quest_kernel, topk_kernel
+from .tau_hat import MAX_ITERS, gaussian_tau_kernel, mixture_tau_kernel
+from .tuned import lookup
+
+PAGE_SELECTORS = tuple(s for s in SELECTORS if s != "certified")
+# Integer beta = 1/(alpha-1) the closed-form gaussian estimate supports (alpha 2, 1.5, 4/3, 1.25).
+KERNEL_BETAS = (1, 2, 3, 4)
+
+
+def integer_beta(alpha: float) -> Optional[int]:
+    """beta = 1/(alpha-1) when it is one of KERNEL_BETAS, else None."""
+    beta = 1.0 / (alpha - 1.0)
+    rounded = round(beta)
+    return rounded if rounded in KERNEL_BETAS and abs(beta - rounded) < 1e-9 else None
+
+
+def _stats_view(q: Tensor, kmin: Tensor) -> tuple[int, int, int, int, int]:
+    batch, hq, _, dim = q.shape
+    hkv, num_pages = kmin.shape[1], kmin.shape[2]
+    return batch, hq, hkv, num_pages, dim
+
+
+def launch_quest(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_size: int,
+                 scale: float, alibi_slopes: Optional[Tensor], *, per_head: bool,
+                 group_max: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Quest bounds per query head ``[B, Hq, Np]`` and/or their group max ``[B, Hkv, Np]``."""
+    batch, hq, hkv, num_pages, dim = _stats_view(q, kmin)
+    cfg = lookup("select", q.device, "default")
+    bounds = torch.empty((batch, hq, num_pages), device=q.device, dtype=torch.float32) \
+        if per_head else None
+    group = torch.empty((batch, hkv, num_pages), device=q.device, dtype=torch.float32) \
+        if group_max else None
+    dummy = seqlens
+    wrap_triton(quest_kernel)[(cm.cdiv(num_pages, cfg["BLOCK_P"]), batch * hkv)](
+        q, kmin, kmax, seqlens, alibi_slopes if alibi_slopes is not None else q,
+        bounds if per_head else dummy, group if group_max else dummy,
+        q.stride(0), q.stride(1), q.stride(3), *kmin.stride(),
+        hq, hkv, hq // hkv, dim, num_pages, page_size, scale,
+        HAS_ALIBI=alibi_slopes is not None, WRITE_HEADS=per_head, WRITE_GROUP=group_max,
+        BLOCK_G=max(16, cm.next_pow2(hq // hkv)), BLOCK_P=cfg["BLOCK_P"],
+        BLOCK_D=max(16, cm.next_pow2(dim)), DOT_PREC=cm.dot_precision(q.device, q.dtype),
+        UPCAST=cm.dot_upcast(q.device, q.dtype), num_warps=cfg["num_warps"],
+    )
+    return bounds, group
+
+
+def _gaussian_tau(q: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, page_size: int,
+                  alpha: float, scale: float, mixture: bool, beta: int,
+                  alibi_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Page moments (mu, sigma) ``[B, Hq, Np]`` and tau_hat ``[B, Hq]``, all on device."""
+    batch, hq, hkv, num_pages, dim = _stats_view(q, kmean)
+    cfg = lookup("select", q.device, "default")
+    nblocks = cm.cdiv(num_pages, cfg["BLOCK_PM"])
+    dev = q.device
+    mu = torch.empty((batch, hq, num_pages), device=dev, dtype=torch.float32)
+    sigma = torch.empty_like(mu)
+    mom = torch.empty((batch, hq, nblocks, 2), device=dev, dtype=torch.float64)
+    tau = torch.empty((batch, hq), device=dev, dtype=torch.float32)
+    wrap_triton(moments_kernel)[(nblocks, batch * hkv)](
+        q, kmean, km2, seqlens, alibi_slopes if alibi_slopes is not None else q, mu, sigma, mom,
+        q.stride(0), q.stride(1), q.stride(3), *kmean.stride(),
+        hq, hkv, hq // hkv, dim, num_pages, page_size, scale,
+        HAS_ALIBI=alibi_slopes is not None, BLOCK_G=max(16, cm.next_pow2(hq // hkv)),
+        BLOCK_P=cfg["BLOCK_PM"], BLOCK_D=max(16, cm.next_pow2(dim)),
+        DOT_PREC=cm.exact_fp32_dot(dev), num_warps=cfg["num_warps"],
+    )
+    if mixture:
+        wrap_triton(mixture_tau_kernel)[(batch * hq,)](
+            mu, sigma, seqlens, tau, hq, num_pages, page_size, alpha - 1.0,
+            BETA=beta, BLOCK_P=cfg["BLOCK_PS"], MAX_IT=MAX_ITERS,
+            num_warps=cfg["num_warps"],
+        )
+    else:
+        wrap_triton(gaussian_tau_kernel)[(batch * hq,)](
+            mom, seqlens, tau, hq, nblocks, alpha - 1.0,
+            BETA=beta, BLOCK_B=min(1024, cm.next_pow2(nblocks)), MAX_IT=MAX_ITERS, num_warps=1,
+        )
+    return mu, sigma, tau
+
+
+_ZTABLES: dict[tuple[str, int, float], Tensor] = {}
+
+
+def page_max_z(device: torch.device, page_size: int, max_quantile: float) -> Tensor:
+    """float32 ``[page_size]``: ``Phi^-1(max_quantile ** (1/n))`` for n = 1..P, built once per
+    (device, P, quantile) outside any graph and reused (never under fake tensors)."""
+    key = (str(device), page_size, max_quantile)
+    table = _ZTABLES.get(key)
+    if table is None:
+        counts = torch.arange(1, page_size + 1, dtype=torch.float64)
+        table = torch.special.ndtri(max_quantile ** (1.0 / counts)).to(torch.float32)
+        table = table.to(device)
+        if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            _ZTABLES[key] = table
+    return table
+
+
+@triton_op("entmaxkv::triton_select_pages", mutates_args=())
+def triton_select_pages(
+    q: Tensor, kmin: Tensor, kmax: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor,
+    alibi_slopes: Optional[Tensor], page_size: int, alpha: float, scale: float, selector: str,
+    token_budget: int, max_quantile: float, margin: float, tau_estimate: str, sink_pages: int,
+    recent_pages: int, min_context: int,
+) -> tuple[Tensor, Tensor]:
+    """The registered op (positional ``alibi_slopes``); see :func:`select_pages`."""
+    batch, hq, hkv, num_pages, _ = _stats_view(q, kmin)
+    dev = q.device
+    cfg = lookup("select", dev, "default")
+    group_size = hq // hkv
+    page_indices = torch.empty((batch, hkv, num_pages), device=dev, dtype=torch.int32)
+    num_selected = torch.empty((batch, hkv), device=dev, dtype=torch.int32)
+    if selector == "topk":
+        _, group = launch_quest(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes,
+                                per_head=False, group_max=True)
+        wrap_triton(topk_kernel)[(batch * hkv,)](
+            group, seqlens, page_indices, num_selected,
+            hkv, num_pages, page_size, token_budget // page_size, sink_pages, recent_pages,
+            min_context, BLOCK_P=cfg["BLOCK_PS"], num_warps=cfg["num_warps"],
+        )
+        return page_indices, num_selected
+    gaussian = selector == "gaussian"
+    mu = sigma = tau = ztab = seqlens
+    if gaussian:
+        mixture = tau_estimate == "mixture" or (tau_estimate == "auto" and alibi_slopes is not None)
+        mu, sigma, tau = _gaussian_tau(q, kmean, km2, seqlens, page_size, alpha, scale, mixture,
+                                       integer_beta(alpha), alibi_slopes)
+        ztab = page_max_z(dev, page_size, max_quantile)
+    nblocks = cm.cdiv(num_pages, cfg["BLOCK_PS"])
+    flags = torch.empty((batch, hkv, num_pages), device=dev, dtype=torch.int8)
+    counts = torch.empty((batch, hkv, nblocks), device=dev, dtype=torch.int32)
+    wrap_triton(keep_kernel)[(nblocks, batch * hkv)](
+        mu, sigma, tau, ztab, seqlens, flags, counts,
+        hq, hkv, group_size, num_pages, page_size, alpha - 1.0, margin, sink_pages,
+        recent_pages, min_context,
+        GAUSSIAN=gaussian, BLOCK_G=cm.next_pow2(group_size), BLOCK_P=cfg["BLOCK_PS"],
+        num_warps=cfg["num_warps"],
+    )
+    wrap_triton(compact_kernel)[(nblocks, batch * hkv)](
+        flags, counts, page_indices, num_selected, num_pages,
+        BLOCK_P=cfg["BLOCK_PS"], BLOCK_NB=max(16, cm.next_pow2(nblocks)),
+        num_warps=cfg["num_warps"],
+    )
+    return page_indices, num_selected
+
+
+def select_pages(
+    q: Tensor, kmin: Tensor, kmax: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, *,
+    page_size: int, alpha: float, scale: float, selector: str, token_budget: int,
+    max_quantile: float, margin: float, tau_estimate: str, sink_pages: int, recent_pages: int,
+    min_context: int, alibi_slopes: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Choose each KV head's pages: (``page_indices`` int32 ``[B, Hkv, Np]`` ascending then -1,
+    ``num_selected`` int32 ``[B, Hkv]``), as the reference ``selection.select_pages``.
+
+    The gaussian estimate runs on device for integer beta (alpha 2, 1.5, 4/3, 1.25); other alphas
+    use the reference selector, which is pure torch on the same device (still sync-free).
+    """
+    check_page_size(page_size)
+    _check_stats_of(kmin, kmax, kmean, km2)
+    q = check_query(q, kmin)
+    check_lengths("seqlens", seqlens, q.shape[0], q.device)
+    check_slopes(alibi_slopes, q)
+    check_scalars(alpha, scale)
+    if selector not in PAGE_SELECTORS:
+        raise ValueError(f"selector must be one of {PAGE_SELECTORS}, got {selector!r}")
+    if tau_estimate not in TAU_ESTIMATES:
+        raise ValueError(f"tau_estimate must be one of {TAU_ESTIMATES}, got {tau_estimate!r}")
+    if not isinstance(token_budget, int) or token_budget < page_size:
+        raise ValueError(f"token_budget must be an int >= page_size ({page_size}), "
+                         f"got {token_budget!r}")
+    if not 0.0 < float(max_quantile) < 1.0:
+        raise ValueError(f"max_quantile must lie in (0, 1), got {max_quantile!r}")
+    for name, value in (("sink_pages", sink_pages), ("recent_pages", recent_pages),
+                        ("min_context", min_context)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if selector == "gaussian" and integer_beta(float(alpha)) is None:
+        from ..selection import select_pages as reference_select
+        return reference_select(
+            q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha, scale=scale,
+            selector=selector, token_budget=token_budget, max_quantile=max_quantile,
+            margin=margin, tau_estimate=tau_estimate, sink_pages=sink_pages,
+            recent_pages=recent_pages, min_context=min_context, alibi_slopes=alibi_slopes)
+    return triton_select_pages(
+        q, kmin, kmax, kmean, km2, seqlens, alibi_slopes, int(page_size), float(alpha),
+        float(scale), selector, int(token_budget), float(max_quantile), float(margin),
+        tau_estimate, int(sink_pages), int(recent_pages), int(min_context))
+
+
+@triton_op("entmaxkv::triton_quest_bounds", mutates_args=())
+def triton_quest_bounds(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor,
+                        alibi_slopes: Optional[Tensor], page_size: int, scale: float) -> Tensor:
+    """The registered op (positional ``alibi_slopes``); see :func:`quest_bounds`."""
+    bounds, _ = launch_quest(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes,
+                             per_head=True, group_max=False)
+    return bounds
+
+
+def quest_bounds(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, *, page_size: int,
+                 scale: float, alibi_slopes: Optional[Tensor] = None) -> Tensor:
+    """Quest bound per query head and page, float32 ``[B, Hq, Npages]``, -inf on invalid pages."""
+    check_page_size(page_size)
+    _check_stats_of(kmin, kmax, None, None)
+    q = check_query(q, kmin)
+    check_lengths("seqlens", seqlens, q.shape[0], q.device)
+    check_slopes(alibi_slopes, q)
+    check_scalars(2.0, scale)
+    return triton_quest_bounds(q, kmin, kmax, seqlens, alibi_slopes, int(page_size), float(scale))
+
+
+def _check_stats_of(kmin: Tensor, kmax: Tensor, kmean: Optional[Tensor],
+                   km2: Optional[Tensor]) -> None:
+    """The stat buffers agree with kmin's shape, dtype and device."""
+    if not isinstance(kmin, Tensor) or kmin.dim() != 4:
+        raise ValueError("kmin must be a [B, Hkv, Npages, D] tensor")
+    check_stats(kmin, kmax, kmean, km2, shape=tuple(kmin.shape), dtype=kmin.dtype,
+                device=kmin.device)

@@ -1,0 +1,277 @@
+"""Triton kernels of page scoring and selection (launched by ``select.py`` and ``certify.py``).
+
+- ``quest_kernel`` (page block, batch x KV head): the Quest bound of every page for all G query
+  heads of the group from one read of kmin/kmax (``u = scale (q+ . kmax + q- . kmin)`` plus the
+  largest ALiBi bias in the page); writes it per query head and/or the group max per KV head.
+- ``moments_kernel`` (page block, batch x KV head): the gaussian page moments ``mu_p``,
+  ``sigma_p`` for the G heads from one read of kmean/km2, plus per-block count-weighted sums for
+  the global Gaussian (fp64, law of total variance).
+- ``keep_kernel`` + ``compact_kernel`` (page block, batch x KV head): the dense or gaussian keep
+  rule (union over the group, forced pages) with per-block counts, then a parallel compaction into
+  the fixed-capacity ``page_indices`` (ascending, -1 padded) and ``num_selected``.
+- ``topk_kernel`` (batch x KV head): top-k within the budget by a bisection on the
+  order-preserving integer key of the group score (ties to the lowest page id); serial over pages,
+  so it is the slow selector at long contexts.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _page_counts(pages, length, page_size, num_pages):
+    n = tl.minimum(tl.maximum(length - pages * page_size, 0), page_size)
+    return tl.where(pages < num_pages, n, 0)
+
+
+@triton.jit
+def quest_kernel(
+    q_ptr, kmin_ptr, kmax_ptr, seqlens_ptr, slopes_ptr, bound_ptr, group_ptr,
+    sqb, sqh, sqd, ssb, ssh, ssp, ssd,
+    Hq, Hkv, G, D, num_pages, page_size, scale,
+    HAS_ALIBI: tl.constexpr, WRITE_HEADS: tl.constexpr, WRITE_GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    length = tl.load(seqlens_ptr + b).to(tl.int32)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    pages = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    gmask = offs_g < G
+    dmask = offs_d < D
+    heads = hk * G + offs_g
+    n = _page_counts(pages, length, page_size, num_pages)
+    valid = n > 0
+    q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd,
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    off = (b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + pages.to(tl.int64)[:, None] * ssp
+           + offs_d[None, :] * ssd)
+    lmask = (pages < num_pages)[:, None] & dmask[None, :]
+    kmx = tl.load(kmax_ptr + off, mask=lmask, other=0.0)
+    kmn = tl.load(kmin_ptr + off, mask=lmask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        kmx = kmx.to(tl.float32)
+        kmn = kmn.to(tl.float32)
+    q_pos = tl.where(q > 0, q, 0.0).to(q.dtype)
+    q_neg = tl.where(q < 0, q, 0.0).to(q.dtype)
+    u = tl.dot(q_pos, tl.trans(kmx), input_precision=DOT_PREC)
+    u += tl.dot(q_neg, tl.trans(kmn), input_precision=DOT_PREC)
+    u = u * scale
+    if HAS_ALIBI:
+        slope = tl.load(slopes_ptr + heads, mask=gmask, other=0.0).to(tl.float32)
+        first = (pages * page_size - (length - 1)).to(tl.float32)
+        last = (tl.minimum(pages * page_size + page_size - 1, length - 1) - (length - 1)).to(
+            tl.float32)
+        u += tl.maximum(slope[:, None] * first[None, :], slope[:, None] * last[None, :])
+    u = tl.where(valid[None, :] & gmask[:, None], u, float("-inf"))
+    if WRITE_HEADS:
+        tl.store(bound_ptr + (b * Hq + heads[:, None]).to(tl.int64) * num_pages + pages[None, :],
+                 u, mask=gmask[:, None] & (pages < num_pages)[None, :])
+    if WRITE_GROUP:
+        tl.store(group_ptr + pid_bh.to(tl.int64) * num_pages + pages, tl.max(u, axis=0),
+                 mask=pages < num_pages)
+
+
+@triton.jit
+def moments_kernel(
+    q_ptr, kmean_ptr, km2_ptr, seqlens_ptr, slopes_ptr, mu_ptr, sigma_ptr, mom_ptr,
+    sqb, sqh, sqd, ssb, ssh, ssp, ssd,
+    Hq, Hkv, G, D, num_pages, page_size, scale,
+    HAS_ALIBI: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    length = tl.load(seqlens_ptr + b).to(tl.int32)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+    gmask = offs_g < G
+    dmask = offs_d < D
+    heads = hk * G + offs_g
+    n = _page_counts(pages, length, page_size, num_pages)
+    valid = n > 0
+    nf = n.to(tl.float32)
+    q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd,
+                mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    off = (b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + pages.to(tl.int64)[:, None] * ssp
+           + offs_d[None, :] * ssd)
+    lmask = valid[:, None] & dmask[None, :]
+    mean = tl.load(kmean_ptr + off, mask=lmask, other=0.0)
+    var = tl.load(km2_ptr + off, mask=lmask, other=0.0) / tl.maximum(nf, 1.0)[:, None]
+    mu = tl.dot(q, tl.trans(mean), input_precision=DOT_PREC) * scale
+    vs = tl.dot(q * q, tl.trans(var), input_precision=DOT_PREC) * (scale * scale)
+    if HAS_ALIBI:
+        slope = tl.load(slopes_ptr + heads, mask=gmask, other=0.0).to(tl.float32)
+        mean_pos = (pages * page_size - (length - 1)).to(tl.float32) + (nf - 1.0) * 0.5
+        mu += slope[:, None] * mean_pos[None, :]
+        vs += (slope * slope)[:, None] * ((nf * nf - 1.0) / 12.0)[None, :]
+    mu = tl.where(valid[None, :], mu, 0.0)
+    sigma = tl.where(valid[None, :], tl.sqrt(tl.maximum(vs, 0.0)), 0.0)
+    rows = (b * Hq + heads[:, None]).to(tl.int64) * num_pages + pages[None, :]
+    smask = gmask[:, None] & (pages < num_pages)[None, :]
+    tl.store(mu_ptr + rows, mu, mask=smask)
+    tl.store(sigma_ptr + rows, sigma, mask=smask)
+    w = nf.to(tl.float64)[None, :]
+    mu64 = mu.to(tl.float64)
+    sg64 = sigma.to(tl.float64)
+    s1 = tl.sum(w * mu64, axis=1)
+    s2 = tl.sum(w * (sg64 * sg64 + mu64 * mu64), axis=1)
+    nblocks = tl.num_programs(0)
+    mom = mom_ptr + ((b * Hq + heads).to(tl.int64) * nblocks + blk) * 2
+    tl.store(mom, s1, mask=gmask)
+    tl.store(mom + 1, s2, mask=gmask)
+
+
+@triton.jit
+def _order_key(x):
+    """A float32 -> int32 map that preserves order (for the top-k bisection)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _count_at_least(group_ptr, row, length, page_size, num_pages, sink, recent, last, thresh,
+                    BLOCK_P: tl.constexpr):
+    offs = tl.arange(0, BLOCK_P)
+    total = tl.zeros([], tl.int32)
+    for p0 in range(0, num_pages, BLOCK_P):
+        pages = p0 + offs
+        cand = (_page_counts(pages, length, page_size, num_pages) > 0) & ~(
+            (pages < sink) | ((pages >= last - recent) & (pages <= last)))
+        key = _order_key(tl.load(group_ptr + row + pages, mask=cand, other=0.0))
+        total += tl.sum((cand & (key >= thresh)).to(tl.int32), axis=0)
+    return total
+
+
+@triton.jit
+def topk_kernel(
+    group_ptr, seqlens_ptr, idx_ptr, nsel_ptr,
+    Hkv, num_pages, page_size, budget_pages, sink, recent, min_context,
+    BLOCK_P: tl.constexpr,
+):
+    """Top-k within the page budget for one (batch, KV head): forced pages, then the best
+    ``budget - forced`` others by a 32-step bisection on the integer key of the group score
+    (ties to the lowest page id), compacted in page order."""
+    pid = tl.program_id(0)
+    length = tl.load(seqlens_ptr + pid // Hkv).to(tl.int32)
+    last = (length - 1) // page_size
+    short = length < min_context
+    offs = tl.arange(0, BLOCK_P)
+    row = pid.to(tl.int64) * num_pages
+    n_valid = last + 1
+    n_sink = tl.minimum(sink, n_valid)
+    tail0 = tl.maximum(last - recent, 0)
+    n_forced = n_sink + (last - tail0 + 1) - tl.maximum(n_sink - tail0, 0)
+    need = tl.maximum(budget_pages - n_forced, 0)
+    lo = tl.zeros([], tl.int64) - 2147483648
+    hi = tl.zeros([], tl.int64) + 2147483647
+    n_cand = _count_at_least(group_ptr, row, length, page_size, num_pages, sink, recent, last,
+                             lo.to(tl.int32), BLOCK_P)
+    take_all = (n_cand <= need) | short
+    if take_all == 0:
+        for _ in range(32):
+            mid = lo + (hi - lo + 1) // 2
+            c = _count_at_least(group_ptr, row, length, page_size, num_pages, sink, recent, last,
+                                mid.to(tl.int32), BLOCK_P)
+            lo = tl.where(c >= need, mid, lo)
+            hi = tl.where(c >= need, hi, mid - 1)
+    cut = lo.to(tl.int32)
+    above = tl.where(cut < 2147483647,
+                     _count_at_least(group_ptr, row, length, page_size, num_pages, sink, recent,
+                                     last, cut + 1, BLOCK_P), 0)
+    ties_left = need - above
+    ties_seen = tl.zeros([], tl.int32)
+    count = tl.zeros([], tl.int32)
+    for p0 in range(0, num_pages, BLOCK_P):
+        pages = p0 + offs
+        valid = _page_counts(pages, length, page_size, num_pages) > 0
+        forced = (pages == last) | (pages < sink) | ((pages >= last - recent) & (pages < last))
+        cand = valid & ~forced
+        key = _order_key(tl.load(group_ptr + row + pages, mask=cand, other=0.0))
+        tie = (cand & (key == cut)).to(tl.int32)
+        rank = ties_seen + tl.cumsum(tie, axis=0) - tie
+        ties_seen += tl.sum(tie, axis=0)
+        win = cand & ((key > cut) | ((tie > 0) & (rank < ties_left)))
+        keep = ((forced | tl.where(take_all, cand, win)) & valid) != 0
+        k32 = keep.to(tl.int32)
+        pos = count + tl.cumsum(k32, axis=0) - k32
+        tl.store(idx_ptr + row + pos, pages, mask=keep)
+        count += tl.sum(k32, axis=0)
+    for p0 in range(0, num_pages, BLOCK_P):
+        slots = p0 + offs
+        tl.store(idx_ptr + row + slots, tl.full([BLOCK_P], -1, tl.int32),
+                 mask=(slots >= count) & (slots < num_pages))
+    tl.store(nsel_ptr + pid, count)
+
+
+@triton.jit
+def keep_kernel(
+    mu_ptr, sigma_ptr, tau_ptr, ztab_ptr, seqlens_ptr, flag_ptr, count_ptr,
+    Hq, Hkv, G, num_pages, page_size, am1, margin, sink, recent, min_context,
+    GAUSSIAN: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Dense/gaussian keep flags of one page block (union over the group, forced pages) and
+    the block's count, for the parallel compaction."""
+    blk = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = pid // Hkv
+    hk = pid % Hkv
+    length = tl.load(seqlens_ptr + b).to(tl.int32)
+    last = (length - 1) // page_size
+    pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = _page_counts(pages, length, page_size, num_pages)
+    valid = n > 0
+    forced = (pages == last) | (pages < sink) | ((pages >= last - recent) & (pages < last))
+    keep = forced | (length < min_context)
+    if GAUSSIAN:
+        offs_g = tl.arange(0, BLOCK_G)
+        gmask = offs_g < G
+        heads = hk * G + offs_g
+        thr = tl.load(tau_ptr + b * Hq + heads, mask=gmask, other=float("inf")) - margin
+        prow = (b * Hq + heads[:, None]).to(tl.int64) * num_pages + pages[None, :]
+        pm = gmask[:, None] & valid[None, :]
+        mu = tl.load(mu_ptr + prow, mask=pm, other=0.0)
+        sg = tl.load(sigma_ptr + prow, mask=pm, other=0.0)
+        z = tl.load(ztab_ptr + tl.maximum(n - 1, 0), mask=valid, other=0.0)
+        hit = (am1 * (mu + z[None, :] * sg) > thr[:, None]) & pm
+        keep = keep | (tl.max(hit.to(tl.int32), axis=0) > 0)
+    else:
+        keep = keep | valid
+    flags = ((keep & valid) != 0).to(tl.int8)
+    tl.store(flag_ptr + pid.to(tl.int64) * num_pages + pages, flags, mask=pages < num_pages)
+    tl.store(count_ptr + pid * tl.num_programs(0) + blk, tl.sum(flags.to(tl.int32), axis=0))
+
+
+@triton.jit
+def compact_kernel(
+    flag_ptr, count_ptr, idx_ptr, nsel_ptr, num_pages,
+    BLOCK_P: tl.constexpr, BLOCK_NB: tl.constexpr,
+):
+    """Writes the kept page ids of one block at its offset (the sum of the earlier blocks'
+    counts), -1 into its slots past the total, and the total (block 0)."""
+    blk = tl.program_id(0)
+    pid = tl.program_id(1)
+    nblocks = tl.num_programs(0)
+    offs_nb = tl.arange(0, BLOCK_NB)
+    counts = tl.load(count_ptr + pid * nblocks + offs_nb, mask=offs_nb < nblocks, other=0)
+    total = tl.sum(counts, axis=0)
+    offset = tl.sum(tl.where(offs_nb < blk, counts, 0), axis=0)
+    pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+    inside = pages < num_pages
+    row = pid.to(tl.int64) * num_pages
+    keep = tl.load(flag_ptr + row + pages, mask=inside, other=0).to(tl.int32)
+    pos = offset + tl.cumsum(keep, axis=0) - keep
+    tl.store(idx_ptr + row + pos, pages, mask=keep > 0)
+    tl.store(idx_ptr + row + pages, tl.full([BLOCK_P], -1, tl.int32),
+             mask=inside & (pages >= total))
+    if blk == 0:
+        tl.store(nsel_ptr + pid, total)

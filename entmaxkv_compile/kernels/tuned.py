@@ -1,0 +1,104 @@
+"""The tuned-config store: JSON files in ``kernels/configs/``, one per GPU, read at run time.
+
+A file is named after the GPU (``torch.cuda.get_device_name``, slugged) and maps a kernel family to
+shape classes to launch parameters::
+
+    {"device": "NVIDIA H100 80GB HBM3", "triton": "3.6.0", "date": "...",
+     "kernels": {"paged_decode": {"fp16-d128-g4-p16": {"BLOCK_N": 64, ...}, "default": {...}}}}
+
+Lookups never benchmark: a missing file, family or class falls back to the built-in defaults
+below. ``autotune.autotune_main`` regenerates the file of the current GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+# Built-in defaults per kernel family; GPU files override them key by key.
+DEFAULTS: dict[str, dict[str, int]] = {
+    "paged_decode": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "BLOCK_T": 32,
+                     "BLOCK_C": 1024, "tau_warps": 4},
+    "page_stats": {"BLOCK_T": 16, "num_warps": 4},
+    "select": {"BLOCK_P": 64, "BLOCK_PM": 32, "BLOCK_PS": 256, "num_warps": 4},
+}
+
+# Small blocks keep the CPU interpreter fast; it has no notion of warps or stages.
+INTERPRETER: dict[str, dict[str, int]] = {
+    "paged_decode": {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "BLOCK_T": 16,
+                     "BLOCK_C": 64, "tau_warps": 1},
+    "page_stats": {"BLOCK_T": 16, "num_warps": 1},
+    "select": {"BLOCK_P": 16, "BLOCK_PM": 16, "BLOCK_PS": 16, "num_warps": 1},
+}
+
+
+# Set only while ``autotune`` measures a candidate (see :func:`override`).
+_OVERRIDES: dict[str, dict[str, int]] = {}
+
+
+@contextlib.contextmanager
+def override(family: str, params: dict[str, int]) -> Iterator[None]:
+    """Use ``params`` for ``family`` inside the block (the autotuner's candidate)."""
+    _OVERRIDES[family] = dict(params)
+    try:
+        yield
+    finally:
+        _OVERRIDES.pop(family, None)
+
+
+def gpu_slug(name: str) -> str:
+    """A file-name-safe form of a GPU name, e.g. ``nvidia-h100-80gb-hbm3``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU name of a CUDA device, ``"cpu"`` otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def shape_class(dtype: torch.dtype, head_dim: int, group: int, page_size: int) -> str:
+    """The key of a tuned config: dtype, head dim, GQA group size and page size."""
+    short = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    return f"{short}-d{head_dim}-g{group}-p{page_size}"
+
+
+@functools.lru_cache(maxsize=None)
+def load_store(name: str) -> dict[str, Any]:
+    """The parsed config file of a GPU name (empty when there is none)."""
+    path = CONFIG_DIR / f"{gpu_slug(name)}.json"
+    if not path.is_file():
+        return {}
+    with path.open() as fh:
+        data = json.load(fh)
+    kernels = data.get("kernels")
+    if not isinstance(kernels, dict):
+        raise ValueError(f"tuned config {path.name} has no 'kernels' mapping")
+    return kernels
+
+
+def lookup(family: str, device: torch.device, key: str) -> dict[str, int]:
+    """Launch parameters of ``family`` for shape class ``key`` on ``device``."""
+    if device.type != "cuda":
+        return dict(INTERPRETER[family])
+    cfg = dict(DEFAULTS[family])
+    table = load_store(device_name(device)).get(family, {})
+    cfg.update(table.get("default", {}))
+    cfg.update(table.get(key, {}))
+    cfg.update(_OVERRIDES.get(family, {}))
+    return cfg
+
+
+def decode_config(device: torch.device, dtype: torch.dtype, head_dim: int, group: int,
+                  page_size: int) -> dict[str, int]:
+    """Launch parameters of the fused decode kernels."""
+    return lookup("paged_decode", device, shape_class(dtype, head_dim, group, page_size))

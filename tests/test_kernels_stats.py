@@ -1,0 +1,93 @@
+"""Page-statistics kernels (prefill, append) against the reference ``cache.py``.
+
+CPU: Triton interpreter, tiny shapes. ``ENTMAXKV_KERNEL_TEST_DEVICE=cuda``: compiled, real shapes.
+"""
+
+import os
+
+DEVICE = os.environ.get("ENTMAXKV_KERNEL_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from entmaxkv_compile import cache, kernels  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not kernels.available(DEVICE),
+    reason=f"Triton kernels cannot run on {DEVICE} (on a CPU, TRITON_INTERPRET=1 must be set "
+           "before anything imports triton)",
+)
+REAL = DEVICE != "cpu"
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def _assert_stats_equal(ref: cache.KVPageStats, got: cache.KVPageStats) -> None:
+    assert torch.equal(ref.kmin, got.kmin) and torch.equal(ref.kmax, got.kmax)
+    assert torch.allclose(ref.kmean, got.kmean, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(ref.km2, got.km2, rtol=1e-4, atol=1e-4)
+
+
+def _poisoned_like(stats: cache.KVPageStats) -> cache.KVPageStats:
+    out = cache.KVPageStats(*(torch.full_like(b, float("nan")) for b in stats.buffers()),
+                            page_size=stats.page_size)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page_size", [8, 16])
+def test_prefill_matches_reference(dtype, page_size):
+    gen = torch.Generator().manual_seed(page_size)
+    batch, hkv, nmax, dim = (3, 8, 5003, 128) if REAL else (3, 2, 45, 24)
+    k = torch.randn(batch, hkv, nmax, dim, generator=gen).to(device=DEVICE, dtype=dtype)
+    seqlens = torch.tensor([nmax, nmax // 3 + 1, 1], dtype=torch.int32, device=DEVICE)
+    ref = cache.KVPageStats.from_cache(k, seqlens, page_size)
+    got = _poisoned_like(ref)
+    kernels.stats_prefill_(k, seqlens, page_size, *got.buffers())
+    _assert_stats_equal(ref, got)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_appends_match_reference_and_prefill(dtype):
+    """Ragged appends across several page boundaries equal the reference step by step and a
+    from-scratch prefill at the end (min/max exactly)."""
+    gen = torch.Generator().manual_seed(1)
+    page = 8 if not REAL else 16
+    batch, hkv, nmax, dim = (2, 8, 4096, 128) if REAL else (2, 2, 40, 16)
+    k = torch.randn(batch, hkv, nmax, dim, generator=gen).to(device=DEVICE, dtype=dtype)
+    start = torch.tensor([5, 13], dtype=torch.int32, device=DEVICE)
+    ref = cache.KVPageStats.from_cache(k, start, page)
+    got = cache.KVPageStats(*(b.clone() for b in ref.buffers()), page_size=page)
+    positions = start.clone()
+    for _ in range(21):
+        cache.stats_append_(k, positions, page, *ref.buffers())
+        kernels.stats_append_(k, positions, page, *got.buffers())
+        positions += 1
+    _assert_stats_equal(ref, got)
+    scratch = cache.KVPageStats.from_cache(k, positions, page)
+    assert torch.equal(scratch.kmin, got.kmin) and torch.equal(scratch.kmax, got.kmax)
+    assert torch.allclose(scratch.kmean, got.kmean, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(scratch.km2, got.km2, rtol=1e-4, atol=1e-4)
+
+
+def test_stat_ops_are_registered():
+    assert hasattr(torch.ops.entmaxkv, "triton_stats_prefill_")
+    assert hasattr(torch.ops.entmaxkv, "triton_stats_append_")
+
+
+@pytest.mark.parametrize("change", ["page_size", "kmean_dtype", "seqlens_shape"])
+def test_bad_inputs_raise(change):
+    k = torch.randn(1, 1, 16, 8, device=DEVICE)
+    stats = cache.KVPageStats.allocate(1, 1, 16, 8, 8, torch.float32, DEVICE)
+    seqlens = torch.tensor([16], dtype=torch.int32, device=DEVICE)
+    bufs = list(stats.buffers())
+    page = 8
+    if change == "page_size":
+        page = 3
+    elif change == "kmean_dtype":
+        bufs[2] = bufs[2].half()
+    else:
+        seqlens = seqlens.repeat(2)
+    with pytest.raises(ValueError):
+        kernels.stats_prefill_(k, seqlens, page, *bufs)

@@ -1,0 +1,71 @@
+"""The tuned-config store: shipped GPU files parse, lookups fall back and never benchmark."""
+
+import json
+
+import pytest
+import torch
+
+from entmaxkv_compile.kernels import tuned
+
+
+def test_shipped_configs_parse_and_cover_the_benchmarked_classes():
+    files = sorted(tuned.CONFIG_DIR.glob("*.json"))
+    assert files, "the wheel must ship at least one tuned GPU config"
+    for path in files:
+        data = json.loads(path.read_text())
+        assert path.stem == tuned.gpu_slug(data["device"])
+        decode = data["kernels"]["paged_decode"]
+        for dtype in (torch.float16, torch.bfloat16):
+            for group in (1, 4):
+                params = decode[tuned.shape_class(dtype, 128, group, 16)]
+                assert set(tuned.DEFAULTS["paged_decode"]) <= set(params)
+
+
+def test_lookup_on_cpu_uses_the_interpreter_blocks():
+    cfg = tuned.decode_config(torch.device("cpu"), torch.float16, 128, 4, 16)
+    assert cfg == tuned.INTERPRETER["paged_decode"]
+
+
+def test_unknown_gpu_falls_back_to_defaults(monkeypatch):
+    monkeypatch.setattr(tuned, "device_name", lambda device: "Imaginary GPU 9000")
+    cfg = tuned.lookup("paged_decode", torch.device("cuda"), "fp16-d128-g4-p16")
+    assert cfg == tuned.DEFAULTS["paged_decode"]
+
+
+def test_gpu_file_overrides_defaults_and_override_wins(monkeypatch, tmp_path):
+    name = "Test GPU X"
+    (tmp_path / f"{tuned.gpu_slug(name)}.json").write_text(json.dumps(
+        {"device": name, "kernels": {"paged_decode": {"fp16-d64-g2-p16": {"BLOCK_N": 32}}}}))
+    monkeypatch.setattr(tuned, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(tuned, "device_name", lambda device: name)
+    tuned.load_store.cache_clear()
+    try:
+        cuda = torch.device("cuda")
+        assert tuned.lookup("paged_decode", cuda, "fp16-d64-g2-p16")["BLOCK_N"] == 32
+        assert tuned.lookup("paged_decode", cuda, "other")["BLOCK_N"] == \
+            tuned.DEFAULTS["paged_decode"]["BLOCK_N"]
+        with tuned.override("paged_decode", {"BLOCK_N": 128}):
+            assert tuned.lookup("paged_decode", cuda, "fp16-d64-g2-p16")["BLOCK_N"] == 128
+        assert tuned.lookup("paged_decode", cuda, "fp16-d64-g2-p16")["BLOCK_N"] == 32
+    finally:
+        tuned.load_store.cache_clear()
+
+
+def test_malformed_file_raises(monkeypatch, tmp_path):
+    (tmp_path / "broken-gpu.json").write_text(json.dumps({"device": "Broken GPU"}))
+    monkeypatch.setattr(tuned, "CONFIG_DIR", tmp_path)
+    tuned.load_store.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="kernels"):
+            tuned.load_store("Broken GPU")
+    finally:
+        tuned.load_store.cache_clear()
+
+
+def test_autotune_without_gpu_returns_2(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: autotune would run for real")
+    from entmaxkv_compile.kernels.autotune import autotune_main
+
+    assert autotune_main(["--quick"]) == 2
+    assert "CUDA GPU" in capsys.readouterr().err
