@@ -13,9 +13,11 @@ from typing import Any, Literal, Mapping
 
 Selector = Literal["gaussian", "topk", "certified", "dense"]
 TauEstimate = Literal["auto", "global", "mixture"]
+MomentDtype = Literal["float32", "cache"]
 
 SELECTORS: tuple[str, ...] = ("gaussian", "topk", "certified", "dense")
 TAU_ESTIMATES: tuple[str, ...] = ("auto", "global", "mixture")
+MOMENT_DTYPES: tuple[str, ...] = ("float32", "cache")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,11 @@ class EntmaxKVConfig:
             certified mode. One round always certifies (see ``step.run_step``); more rounds are
             allowed for experiments and change nothing in exact arithmetic.
         min_context: sequences shorter than this many tokens use dense entmax decode.
+        moment_dtype: storage of the per-page key means and M2 the gaussian selector reads:
+            ``"float32"`` (default, exact Welford) or ``"cache"`` (the K cache's dtype, arithmetic
+            still in float32: half the selector's bytes for fp16/bf16 caches, at a rounding error
+            of a few ulps of the cache dtype per page, which only affects which pages are chosen,
+            never the exactness of the attention over them or of the certificate).
     """
 
     selector: Selector = "gaussian"
@@ -59,6 +66,7 @@ class EntmaxKVConfig:
     recent_pages: int = 0
     certify_max_rounds: int = 1
     min_context: int = 0
+    moment_dtype: MomentDtype = "float32"
 
     def __post_init__(self) -> None:
         if self.selector not in SELECTORS:
@@ -84,6 +92,8 @@ class EntmaxKVConfig:
         _check_int("recent_pages", self.recent_pages, minimum=0)
         _check_int("certify_max_rounds", self.certify_max_rounds, minimum=1)
         _check_int("min_context", self.min_context, minimum=0)
+        if self.moment_dtype not in MOMENT_DTYPES:
+            raise ValueError(f"moment_dtype must be one of {MOMENT_DTYPES}, got {self.moment_dtype!r}")
 
     @property
     def budget_pages(self) -> int:
