@@ -10,6 +10,7 @@ from . import ops  # noqa: F401  (registers torch.ops.entmaxkv.*)
 from .cache import KVPageStats
 from .config import EntmaxKVConfig
 from .decode import sparse_decode
+from .explain import explain
 from .gaussian import gaussian_threshold
 from .reference import entmax, entmax_threshold
 from .step import DecodeResult
@@ -20,6 +21,7 @@ __all__ = [
     "KVPageStats",
     "entmax",
     "entmax_threshold",
+    "explain",
     "gaussian_threshold",
     "sparse_decode",
 ]

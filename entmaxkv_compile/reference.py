@@ -69,8 +69,10 @@ def _tau_sorted(z: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Ten
         mean_sq = (zs0 * zs0).cumsum(-1) / k
         ss = k * (mean_sq - mean * mean)
         tau_k = mean - torch.sqrt(torch.clamp((1.0 - ss) / k, min=0.0))
+    # The support is a prefix of the sorted scores; counting it as one (cumprod) also keeps
+    # overflowed prefix sums (e.g. additive masks of finfo.min) from being counted in.
     in_support = (tau_k <= zs) & is_valid
-    support = in_support.sum(-1, keepdim=True)
+    support = in_support.cumprod(-1).sum(-1, keepdim=True)
     tau = tau_k.gather(-1, (support - 1).clamp(min=0)).squeeze(-1)
     return torch.where(support.squeeze(-1) > 0, tau, float("inf"))
 

@@ -1,0 +1,204 @@
+"""The torch.compile backend ``"entmaxkv"``.
+
+``torch.compile(model, backend="entmaxkv", options={...})`` finds entmax attention in each graph
+Dynamo captures, rewrites decode steps into support-aware sparse decoding (see ``passes/``) and
+hands the result to Inductor. Registered through the ``torch_dynamo_backends`` entry point, so the
+name works without importing this package first; importing this module installs the entmax
+capture polyfills (Dynamo looks the backend up before it traces anything).
+
+``options`` keys: every :class:`~entmaxkv_compile.config.EntmaxKVConfig` field, ``"mode"``
+(an Inductor mode such as ``"reduce-overhead"``; ``torch.compile`` refuses ``mode=`` together with
+``options=``, so this is how to combine them), ``"compiler"`` (``"inductor"``, default, or
+``"eager"`` to run the rewritten graph without Inductor, for debugging), and any Inductor config
+key (e.g. ``"max_autotune"``, ``"triton.cudagraphs"``), passed through as a config patch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+from torch.fx import GraphModule
+
+from .capture import install_capture
+from .config import EntmaxKVConfig
+from .passes.analyze import Plan, analyze
+from .cache import KVPageStats
+from .passes.decode_rewrite import CatchUp, RewriteResult, rewrite
+from .passes.static_state import STATS
+
+__all__ = ["BackendSettings", "entmaxkv_backend"]
+
+_COMPILERS = ("inductor", "eager")
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """The parsed ``options``/``mode`` of one ``torch.compile`` call."""
+
+    config: EntmaxKVConfig = EntmaxKVConfig()
+    mode: Optional[str] = None
+    compiler: str = "inductor"
+    inductor: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, options: Optional[Mapping[str, Any]] = None, mode: Optional[str] = None) -> "BackendSettings":
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError(f"options must be a dict, got {type(options).__name__}")
+        options = dict(options or {})
+        if mode is not None and options.get("mode") not in (None, mode):
+            raise ValueError(f"mode given twice: mode={mode!r} and options['mode']={options['mode']!r}")
+        mode = options.pop("mode", None) or mode
+        compiler = options.pop("compiler", "inductor")
+        if compiler not in _COMPILERS:
+            raise ValueError(f"options['compiler'] must be one of {_COMPILERS}, got {compiler!r}")
+        known = {f.name for f in dataclasses.fields(EntmaxKVConfig)}
+        config = EntmaxKVConfig.from_options({k: v for k, v in options.items() if k in known})
+        inductor = {k: v for k, v in options.items() if k not in known}
+        if inductor:
+            _check_inductor_keys(inductor)
+        if mode not in (None, "default"):
+            _check_mode(mode)
+        return cls(config, mode, compiler, inductor)
+
+    def config_patches(self) -> dict[str, Any]:
+        patches: dict[str, Any] = {}
+        if self.mode not in (None, "default"):
+            patches.update(torch._inductor.list_mode_options(self.mode))
+        patches.update(self.inductor)
+        return patches
+
+
+def _check_inductor_keys(keys: Mapping[str, Any]) -> None:
+    from torch._inductor import config as inductor_config
+
+    valid = set(inductor_config.get_config_copy())
+    unknown = sorted(set(keys) - valid)
+    if unknown:
+        known = sorted(f.name for f in dataclasses.fields(EntmaxKVConfig))
+        raise ValueError(
+            f"unknown option(s) {unknown}: not an EntmaxKVConfig field ({known}), 'mode', 'compiler', "
+            "or an Inductor config key"
+        )
+
+
+def _check_mode(mode: str) -> None:
+    modes = torch._inductor.list_mode_options()
+    if mode not in modes:
+        raise ValueError(f"mode must be one of {sorted(modes)}, got {mode!r}")
+
+
+#: Called with ``(plan, original_code, rewritten_code)`` for every graph compiled (explain, tests).
+GraphObserver = Callable[[Plan, str, str], None]
+_OBSERVERS: list[GraphObserver] = []
+
+
+def entmaxkv_backend(
+    gm: GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    options: Optional[Mapping[str, Any]] = None,
+    mode: Optional[str] = None,
+) -> Callable[..., Any]:
+    """Rewrite entmax decode attention in ``gm`` and compile it with Inductor (or run it eagerly)."""
+    install_capture()
+    settings = BackendSettings.parse(options, mode)
+    original_code = gm.code
+    gm = copy_graph_module(gm)  # Dynamo reads its own graph again after the backend returns
+    plan = analyze(gm, example_inputs, settings.config)
+    result = rewrite(gm, plan, settings.config) if plan.changes_graph else RewriteResult(gm)
+    for observer in list(_OBSERVERS):
+        observer(plan, original_code, gm.code)
+    extra = extra_inputs_for(result, example_inputs)
+    if any(isinstance(x, torch.Tensor) and x.is_cuda for x in extra):
+        prewarm(result, example_inputs, extra)
+    compiled = _hand_off(gm, [*example_inputs, *extra], settings)
+    return _Runner(compiled, result) if result.extra_inputs else compiled
+
+
+def prewarm(result: RewriteResult, inputs: Sequence[Any], extra: Sequence[torch.Tensor]) -> None:
+    """Run each inserted ``decode_step`` once, eagerly, before Inductor sees the graph.
+
+    Kernels build per-device tables and autotune on their first call; under
+    ``mode="reduce-overhead"`` that first call would otherwise be CUDA-graph-trees' warm-up run,
+    whose allocations live in the graph pool, and a table cached from there is reported as an
+    untracked live tensor. The call reads the caches and statistics and writes nothing.
+    """
+    with torch.no_grad():
+        for call in result.decode_calls:
+            k_cache, v_cache = inputs[call.k_index], inputs[call.v_index]
+            q = torch.zeros(call.q_shape, dtype=call.q_dtype, device=k_cache.device)
+            seqlens = torch.ones(call.q_shape[0], dtype=torch.int64, device=k_cache.device)
+            stats = [extra[i] for i in call.stats_extra]
+            slopes = None if call.slopes_extra is None else extra[call.slopes_extra]
+            torch.ops.entmaxkv.decode_step(q, k_cache, v_cache, seqlens, *stats, slopes, *call.constants)
+
+
+def copy_graph_module(gm: GraphModule) -> GraphModule:
+    """A copy with its own graph (node meta, Dynamo sources and module metadata carried over)."""
+    graph = torch.fx.Graph()
+    mapping: dict[torch.fx.Node, torch.fx.Node] = {}
+    output = graph.graph_copy(gm.graph, mapping)
+    graph.output(output)
+    for old, new in mapping.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    copy = GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    for name in ("_param_name_to_source",):
+        if hasattr(gm, name):
+            setattr(copy, name, getattr(gm, name))
+    return copy
+
+
+def _hand_off(gm: GraphModule, example_inputs: list[Any], settings: BackendSettings) -> Callable[..., Any]:
+    if settings.compiler == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=settings.config_patches() or None)
+
+
+def extra_inputs_for(result: RewriteResult, args: Sequence[Any]) -> list[torch.Tensor]:
+    """The values of the rewritten graph's extra inputs for the caches in ``args``.
+
+    Statistics come from the registry (allocated on a cache's first use; a cache first seen by a
+    decode graph is caught up from the rows already written), constants from the rewrite.
+    """
+    catch_ups = {c.cache_index: c for c in result.catch_ups}
+    values = []
+    for extra in result.extra_inputs:
+        if extra.kind == "constant":
+            values.append(extra.tensor)
+            continue
+        stats, created = STATS.get(args[extra.cache_index], extra.page_size, extra.moment_dtype)
+        if created and extra.cache_index in catch_ups:
+            _catch_up(catch_ups[extra.cache_index], args, stats)
+        values.append(stats.buffers()[extra.field])
+    return values
+
+
+def _catch_up(catch_up: CatchUp, args: Sequence[Any], stats: KVPageStats) -> None:
+    """Fill the statistics of a cache first seen in a decode step (its prefill was not compiled)."""
+    cache = args[catch_up.cache_index]
+    with torch.no_grad():
+        position = catch_up.positions(*(args[i] for i in catch_up.arg_indices))
+    written = position.reshape(-1)[-1:].to(torch.int64).expand(cache.shape[0]).contiguous()
+    if int(written.max()) > 0:
+        torch.ops.entmaxkv.page_stats_prefill(cache, written, catch_up.page_size, *stats.buffers())
+
+
+class _Runner:
+    """Calls the compiled graph with the page statistics of the caches it is given."""
+
+    def __init__(self, compiled: Callable[..., Any], result: RewriteResult) -> None:
+        self.compiled = compiled
+        self.result = result
+
+    def __call__(self, *args: Any) -> Any:
+        return self.compiled(*args, *extra_inputs_for(self.result, args))  # compile_fx takes positional args
+
+
+install_capture()

@@ -1,0 +1,168 @@
+"""Decide, for every attention site of a graph, what the decode rewrite will do and why.
+
+Statuses (what ``explain`` prints):
+
+- ``rewritten``: an entmax decode step (query length proven 1) over a static cache written at a
+  position tensor, numerically checked on the example inputs: becomes stats append + decode_step;
+- ``bookkeeping``: an entmax prefill (query length > 1 or not provably 1): the attention stays, the
+  page statistics of its cache are filled after the write;
+- ``refused``: entmax attention the rewrite cannot take (the reason says which rule failed);
+- ``not-entmax``: softmax, or a hand-written candidate the numeric check did not confirm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..config import EntmaxKVConfig
+from .ir import proves_equal, shape_of, where_of
+from .match_attention import AttentionMatch, match_attention
+from .match_entmax import WeightsSite, find_weight_sites
+from .verify import check_decode_site, record, watched_nodes
+
+REWRITTEN, BOOKKEEPING, REFUSED, NOT_ENTMAX = "rewritten", "bookkeeping", "refused", "not-entmax"
+
+
+@dataclass
+class Site:
+    """One attention site as reported to the user."""
+
+    where: str
+    kind: str
+    alpha: Optional[float]
+    status: str
+    reason: str = ""
+    phase: str = ""
+
+
+@dataclass
+class SitePlan:
+    """A site the rewrite acts on, with what it needs."""
+
+    site: Site
+    match: AttentionMatch
+    alpha: float
+    slopes: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Plan:
+    """The analysis of one graph: every site, and the ones to rewrite or book-keep."""
+
+    sites: list[Site] = field(default_factory=list)
+    actions: list[SitePlan] = field(default_factory=list)
+
+    @property
+    def changes_graph(self) -> bool:
+        return bool(self.actions)
+
+
+def _kind(weights: WeightsSite) -> str:
+    if weights.kind == "softmax":
+        return "softmax"
+    if weights.kind == "hand-written":
+        return "hand-written entmax"
+    return "entmax"
+
+
+def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: EntmaxKVConfig) -> Plan:
+    """The :class:`Plan` for ``gm``; decode sites are checked on ``example_inputs`` when given.
+
+    Without example inputs (a graph with no real tensors, e.g. under export) decode sites that
+    pass every structural rule are reported ``refused`` with the reason that they could not be
+    checked numerically: nothing unchecked is rewritten.
+    """
+    plan = Plan()
+    decode: list[SitePlan] = []
+    for weights in find_weight_sites(gm):
+        anchor = weights.probs
+        alpha = weights.alpha if weights.confirmed else None
+        site = Site(where_of(anchor), _kind(weights), alpha, NOT_ENTMAX, weights.reason)
+        plan.sites.append(site)
+        if not weights.confirmed:
+            continue
+        match = match_attention(weights)
+        alpha = float(weights.alpha)
+        if match.q is not None:
+            site.phase = "decode" if _is_decode(match) else "prefill"
+        if match.out is not None:
+            site.where = where_of(match.out)
+        reason = match.refusal or _config_conflict(config, alpha)
+        if reason:
+            site.status, site.reason = REFUSED, reason
+            continue
+        action = SitePlan(site, match, alpha)
+        if site.phase == "prefill":
+            site.status = BOOKKEEPING
+            site.reason = "query length is not 1: prefill keeps its attention; page statistics are filled"
+            plan.actions.append(action)
+        elif not proves_equal(_numel(match.k.positions), 1):
+            site.status, site.reason = REFUSED, "decode writes more than one position per step (per-row positions)"
+        else:
+            decode.append(action)
+    _check_decode_sites(gm, example_inputs, decode, plan)
+    _dedupe_bookkeeping(plan)
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    plan.actions.sort(key=lambda a: order[a.match.out])
+    return plan
+
+
+def _is_decode(match: AttentionMatch) -> bool:
+    shape = shape_of(match.q)
+    return shape is not None and proves_equal(shape[2], 1)
+
+
+def _numel(node: Optional[Node]) -> Any:
+    shape = shape_of(node)
+    if shape is None:
+        return None
+    total = 1
+    for size in shape:
+        total = total * size
+    return total
+
+
+def _config_conflict(config: EntmaxKVConfig, alpha: float) -> str:
+    if config.alpha is not None and abs(config.alpha - alpha) > 1e-9:
+        return f"the model's entmax alpha {alpha:g} differs from the configured alpha {config.alpha:g}"
+    return ""
+
+
+def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan], plan: Plan) -> None:
+    if not decode:
+        return
+    if example_inputs is None:
+        for action in decode:
+            action.site.status, action.site.reason = REFUSED, "no example inputs to check the decode step numerically"
+        return
+    watch = [n for action in decode for n in watched_nodes(action.match)]
+    values = record(gm, example_inputs, watch)
+    for action in decode:
+        slopes, why = check_decode_site(action.match, values, action.alpha)
+        if why:
+            action.site.status, action.site.reason = REFUSED, why
+            continue
+        action.slopes = slopes
+        action.site.status = REWRITTEN
+        action.site.reason = "decode step -> page_stats_append + decode_step"
+        if slopes is not None:
+            action.site.reason += " (ALiBi slopes recovered)"
+        plan.actions.append(action)
+
+
+def _dedupe_bookkeeping(plan: Plan) -> None:
+    """Two sites reading one cache in one graph must not both fold the same row into its stats."""
+    phases: dict[Node, set[str]] = {}
+    for action in plan.actions:
+        phases.setdefault(action.match.k.cache, set()).add(action.site.phase)
+    for cache, kinds in phases.items():
+        if len(kinds) > 1:
+            for action in plan.actions:
+                if action.match.k.cache is cache:
+                    action.site.status = REFUSED
+                    action.site.reason = "one cache is read by both a decode and a prefill attention in one graph"
+            plan.actions = [a for a in plan.actions if a.match.k.cache is not cache]

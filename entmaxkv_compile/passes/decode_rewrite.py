@@ -1,0 +1,242 @@
+"""Rewrite a planned graph: cache write (kept) -> statistics update -> decode_step.
+
+For each K cache read by a planned site, the graph gains four inputs (the page statistics, looked
+up at run time by the backend, see ``static_state.py``) and one bookkeeping call placed after the
+model's own write: ``page_stats_append`` at the written position for decode graphs,
+``page_stats_prefill`` up to the last written position for prefill graphs. Each decode site's
+``weights @ v`` is replaced by ``decode_step(...)[0]``; the scores, the weights, the mask and the
+GQA expansion of the cache become dead and are removed, so no full-cache copy is left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..cache import resolve_moment_dtype
+from ..config import EntmaxKVConfig
+from .analyze import REWRITTEN, Plan, SitePlan
+from .ir import concrete, dtype_of, is_impure, op_of, shape_of
+from .subgraph import NotExtractable, extract, needed_placeholders
+
+STAT_FIELDS = ("kmin", "kmax", "kmean", "km2")
+
+
+@dataclass(frozen=True)
+class ExtraInput:
+    """A tensor the rewritten graph takes after the original inputs."""
+
+    kind: str  # "stats" (one of the four buffers of a cache) or "constant"
+    cache_index: int = -1
+    page_size: int = 0
+    field: int = 0
+    tensor: Optional[torch.Tensor] = None
+    moment_dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    """How to prefill a cache's statistics first seen in a decode graph (an uncompiled prefill)."""
+
+    cache_index: int
+    page_size: int
+    positions: GraphModule
+    arg_indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DecodeCall:
+    """The non-tensor arguments of one inserted ``decode_step`` and where its tensors come from."""
+
+    q_shape: tuple[int, ...]
+    q_dtype: torch.dtype
+    k_index: int
+    v_index: int
+    stats_extra: tuple[int, ...]  # indices into ``extra_inputs`` of kmin, kmax, kmean, km2
+    slopes_extra: Optional[int]
+    constants: tuple[Any, ...]  # scale, alpha, page_size, selector, ... (decode_step's order)
+
+
+@dataclass
+class RewriteResult:
+    gm: GraphModule
+    extra_inputs: list[ExtraInput] = field(default_factory=list)
+    catch_ups: list[CatchUp] = field(default_factory=list)
+    decode_calls: list[DecodeCall] = field(default_factory=list)
+
+
+def batch_positions(positions: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The last written position as int64, broadcast to ``[B]`` (B = q's batch)."""
+    return positions.reshape(-1)[-1:].to(torch.int64).expand(q.shape[0]).contiguous()
+
+
+def seqlens_after(positions: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Valid tokens once the last written position is in: ``last position + 1`` per sequence."""
+    return batch_positions(positions, q) + 1
+
+
+def decode_output(result: tuple[torch.Tensor, ...], trailing: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """decode_step's ``out [B, Hq, 1, D]`` in the replaced node's layout and dtype."""
+    out = result[0]
+    if trailing != tuple(out.shape[1:]):
+        out = out.reshape((-1,) + trailing)
+    return out.to(dtype)
+
+
+def rewrite(gm: GraphModule, plan: Plan, config: EntmaxKVConfig) -> RewriteResult:
+    """Apply ``plan`` to ``gm`` in place and return what the runner must feed the new inputs."""
+    result = RewriteResult(gm)
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    index_of = {node: i for i, node in enumerate(placeholders)}
+    fake_mode = _fake_mode(placeholders)
+    stats_nodes: dict[Node, list[Node]] = {}
+    for action in plan.actions:
+        cache = action.match.k.cache
+        if cache in stats_nodes:
+            continue
+        stats_nodes[cache] = _add_stats_inputs(gm, result, cache, index_of[cache], config, fake_mode)
+        _insert_bookkeeping(gm, plan, action, stats_nodes[cache], config)
+        if action.site.phase == "decode":
+            _add_catch_up(gm, result, action, index_of, config.page_size)
+    for action in plan.actions:
+        if action.site.status == REWRITTEN:
+            slopes, slopes_extra = None, None
+            if action.slopes is not None:
+                slopes_extra = len(result.extra_inputs)
+                slopes = _add_input(gm, result, ExtraInput("constant", tensor=action.slopes.to(_device(action))),
+                                    f"entmaxkv_alibi_{slopes_extra}", fake_mode)
+            constants = _replace_attention(gm, action, stats_nodes[action.match.k.cache], slopes, config)
+            stats_extra = tuple(i for i, e in enumerate(result.extra_inputs) if e.kind == "stats"
+                                and e.cache_index == index_of[action.match.k.cache])
+            result.decode_calls.append(DecodeCall(
+                tuple(concrete(d) for d in shape_of(action.match.q)), dtype_of(action.match.q),
+                index_of[action.match.k.cache], index_of[action.match.v.cache], stats_extra, slopes_extra,
+                constants))
+    _erase_dead(gm)
+    graph.lint()
+    gm.recompile()
+    return result
+
+
+def _device(action: SitePlan) -> torch.device:
+    value = action.match.q.meta.get("example_value", action.match.q.meta.get("val"))
+    return value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
+
+
+def _fake_mode(placeholders: list[Node]) -> Any:
+    for node in placeholders:
+        value = node.meta.get("example_value", node.meta.get("val"))
+        mode = getattr(value, "fake_mode", None)
+        if mode is not None:
+            return mode
+    return None
+
+
+def _add_input(gm: GraphModule, result: RewriteResult, extra: ExtraInput, name: str, fake_mode: Any,
+               like: Optional[torch.Tensor] = None) -> Node:
+    """A new static graph input after the existing ones."""
+    graph = gm.graph
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last):
+        node = graph.placeholder(name)
+    template = extra.tensor if extra.tensor is not None else like
+    if fake_mode is not None and template is not None:
+        with fake_mode:
+            node.meta["example_value"] = torch.empty_strided(
+                template.shape, template.stride(), dtype=template.dtype, device=template.device)
+    node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+    node._dynamo_source = None  # read by AOTAutograd for graphs that came from Dynamo
+    result.extra_inputs.append(extra)
+    return node
+
+
+def _add_stats_inputs(gm, result, cache: Node, cache_index: int, config: EntmaxKVConfig, fake_mode) -> list[Node]:
+    value = cache.meta.get("example_value", cache.meta.get("val"))
+    page_size = config.page_size
+    nodes = []
+    for i, name in enumerate(STAT_FIELDS):
+        like = None
+        if isinstance(value, torch.Tensor):
+            batch, heads, length, dim = (concrete(s) for s in value.shape)
+            shape = (batch, heads, -(-length // page_size), dim)
+            dtype = value.dtype if i < 2 else resolve_moment_dtype(config.moment_dtype, value.dtype)
+            like = _MetaLike(torch.empty(shape, dtype=dtype, device="meta"), value.device)
+        extra = ExtraInput("stats", cache_index, page_size, i, moment_dtype=config.moment_dtype)
+        nodes.append(_add_input(gm, result, extra, f"entmaxkv_{cache.name}_{name}", fake_mode, like))
+    return nodes
+
+
+class _MetaLike:
+    """Shape/stride/dtype of a tensor to fake, on the cache's device."""
+
+    def __init__(self, meta: torch.Tensor, device: torch.device) -> None:
+        self.shape, self.dtype, self.device = meta.shape, meta.dtype, device
+        self._stride = meta.stride()
+
+    def stride(self) -> tuple[int, ...]:
+        return self._stride
+
+
+def _insert_bookkeeping(gm: GraphModule, plan: Plan, action: SitePlan, stats: list[Node],
+                        config: EntmaxKVConfig) -> None:
+    """One statistics update per cache, before the first attention that reads it."""
+    cache = action.match.k.cache
+    first_out = next(a.match.out for a in plan.actions if a.match.k.cache is cache)
+    graph = gm.graph
+    with graph.inserting_before(first_out):
+        if action.site.phase == "decode":
+            positions = graph.call_function(batch_positions, (action.match.k.positions, action.match.q))
+            graph.call_function(torch.ops.entmaxkv.page_stats_append.default,
+                                (cache, positions, config.page_size, *stats))
+        else:
+            seqlens = graph.call_function(seqlens_after, (action.match.k.positions, action.match.q))
+            graph.call_function(torch.ops.entmaxkv.page_stats_prefill.default,
+                                (cache, seqlens, config.page_size, *stats))
+
+
+def _replace_attention(gm: GraphModule, action: SitePlan, stats: list[Node], slopes: Optional[Node],
+                       config: EntmaxKVConfig) -> tuple[Any, ...]:
+    """Insert ``decode_step`` for ``action``; return its constant arguments."""
+    match = action.match
+    graph = gm.graph
+    shape = shape_of(match.out)
+    trailing = tuple(concrete(s) for s in shape[1:])
+    constants = (
+        float(match.scale), float(action.alpha), config.page_size, config.selector, config.token_budget,
+        float(config.max_quantile), float(config.margin), config.tau_estimate, config.sink_pages,
+        config.recent_pages, config.certify_max_rounds, config.min_context,
+    )
+    with graph.inserting_before(match.out):
+        seqlens = graph.call_function(seqlens_after, (match.k.positions, match.q))
+        step = graph.call_function(torch.ops.entmaxkv.decode_step.default, (
+            match.q, match.k.cache, match.v.cache, seqlens, *stats, slopes, *constants))
+        out = graph.call_function(decode_output, (step, trailing, dtype_of(match.out)))
+    out.meta.update({k: v for k, v in match.out.meta.items() if k in ("example_value", "val", "nn_module_stack")})
+    match.out.replace_all_uses_with(out)
+    return constants
+
+
+def _add_catch_up(gm: GraphModule, result: RewriteResult, action: SitePlan, index_of: dict[Node, int],
+                  page_size: int) -> None:
+    positions = action.match.k.positions
+    try:
+        fn = extract(gm, [], positions, allow_placeholders=True)
+    except NotExtractable:
+        return  # the step's position cannot be computed ahead; a compiled prefill must fill the stats
+    args = tuple(index_of[n] for n in needed_placeholders(gm, [], positions))
+    result.catch_ups.append(CatchUp(index_of[action.match.k.cache], page_size, fn, args))
+
+
+def _erase_dead(gm: GraphModule) -> None:
+    """Remove unused nodes of known pure ops (never unknown calls such as grad-mode switches)."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(gm.graph.nodes)):
+            if op_of(node) and not node.users and not is_impure(node):
+                gm.graph.erase_node(node)
+                changed = True

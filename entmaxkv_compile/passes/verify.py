@@ -1,0 +1,157 @@
+"""Numeric checks of a matched decode site on the compile-time example inputs.
+
+The structural matchers say *which* tensors are q, the K/V caches and the scores; this module
+checks *what* they compute, by running the original graph once on the example inputs (mutated
+inputs are cloned, so the caller's caches and counters are untouched) and comparing with the
+contract of ``decode_step``:
+
+- K and V read by the attention equal the cache buffers with query head ``h`` reading KV head
+  ``h // G`` (catches tiled ``repeat`` GQA, which the kernels do not implement);
+- the scores minus ``scale * q.k`` are, on the written positions ``j < L``, ALiBi
+  ``slope_h * (j - (L-1))`` up to a per-row constant (entmax is shift invariant), and at least
+  ``1e3`` below the largest on ``j >= L`` (a causal static-cache mask); the slopes are recovered here;
+- the attention output equals exact entmax attention computed from those pieces.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from torch.fx import GraphModule, Interpreter, Node
+
+from .. import reference
+from .ir import is_impure
+from .match_attention import AttentionMatch
+
+_MASKED = -1e3
+
+
+class _Recorder(Interpreter):
+    def __init__(self, gm: GraphModule, watch: set[Node], mutated_attrs: set[str]) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.watch = watch
+        self.values: dict[Node, Any] = {}
+        self.mutated_attrs = mutated_attrs
+        self.attr_copies: dict[str, Any] = {}
+
+    def run_node(self, n: Node) -> Any:
+        if n.op == "get_attr" and n.target in self.mutated_attrs:  # never write the module's buffers
+            if n.target not in self.attr_copies:
+                self.attr_copies[n.target] = self.fetch_attr(n.target).clone()
+            value = self.attr_copies[n.target]
+        else:
+            value = super().run_node(n)
+        if n in self.watch:
+            self.values[n] = value
+        return value
+
+
+def mutated_inputs(gm: GraphModule) -> set[Node]:
+    """Graph inputs and module attributes written in place by the graph (caches, counters)."""
+    out = set()
+    for node in gm.graph.nodes:
+        if is_impure(node) and node.op not in ("placeholder", "output"):
+            for parent in node.all_input_nodes[:1]:
+                if parent.op in ("placeholder", "get_attr"):
+                    out.add(parent)
+    return out
+
+
+def record(gm: GraphModule, example_inputs: Sequence[Any], nodes: Iterable[Node]) -> dict[Node, Any]:
+    """Run ``gm`` once on the example inputs (mutated ones cloned) and keep ``nodes``' values."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    mutated = mutated_inputs(gm)
+    inputs = [
+        x.clone() if isinstance(x, torch.Tensor) and node in mutated else x
+        for node, x in zip(placeholders, example_inputs)
+    ]
+    attrs = {n.target for n in mutated if n.op == "get_attr"}
+    recorder = _Recorder(gm, set(nodes), attrs)
+    with torch.no_grad():
+        recorder.run(*inputs)
+    return recorder.values
+
+
+def watched_nodes(match: AttentionMatch) -> list[Node]:
+    return [n for n in (match.q, match.k_read, match.v_read, match.weights.scores, match.out,
+                        match.k.cache, match.v.cache, match.k.positions) if n is not None]
+
+
+def check_decode_site(
+    match: AttentionMatch, values: dict[Node, Any], alpha: float
+) -> tuple[Optional[torch.Tensor], str]:
+    """``(alibi_slopes or None, "")`` when the site computes decode_step's math, else ``(None, reason)``."""
+    q = values[match.q].double()
+    k_read, v_read = values[match.k_read], values[match.v_read]
+    k_cache, v_cache = values[match.k.cache], values[match.v.cache]
+    batch, q_heads, _, head_dim = q.shape
+    if k_cache.dim() != 4 or k_cache.shape[0] != batch or q_heads % k_cache.shape[1]:
+        return None, f"cache shape {tuple(k_cache.shape)} does not fit q {tuple(q.shape)}"
+    group = q_heads // k_cache.shape[1]
+    if not (torch.equal(k_cache.repeat_interleave(group, 1), k_read)
+            and torch.equal(v_cache.repeat_interleave(group, 1), v_read)):
+        return None, "K/V read by the attention are not the cache with query head h reading KV head h // G"
+    length = int(values[match.k.positions].reshape(-1)[-1]) + 1
+    raw = match.scale * (q @ k_read.double().transpose(-1, -2))
+    scores = values[match.weights.scores].double().reshape(raw.shape)
+    bias = scores - raw
+    valid, hidden = bias[..., :length], bias[..., length:]
+    if _hides_written_rows(valid):
+        return None, "the mask hides positions already written (padding, a sliding window): not a causal static cache"
+    if hidden.numel() and not (hidden - valid.amax(-1, keepdim=True) < _MASKED).all():
+        return None, "the mask does not hide the cache rows past the current position"
+    low_precision = values[match.out].dtype in (torch.float16, torch.bfloat16)
+    tol = (2e-2 if low_precision else 1e-4) * (1.0 + scores[..., :length].abs().max().item())
+    slopes, why = _fit_alibi(valid, length, tol, match.has_bias)
+    if why:
+        return None, why
+    out = _exact_attention(q, k_read.double(), v_read.double(), match.scale, slopes, length, alpha)
+    got = values[match.out].double().reshape(out.shape)
+    err = (got - out).abs().max().item()
+    if not err <= (3e-2 if low_precision else 1e-3) * (1.0 + out.abs().max().item()):
+        return None, f"the rewritten step would differ from the model (max error {err:.3g})"
+    return slopes, ""
+
+
+def _hides_written_rows(valid: torch.Tensor) -> bool:
+    """Whether some written row sits far below the line through the last two (never masked) rows.
+
+    Measured against that line rather than the row maximum, so a steep ALiBi bias over a long
+    context is not mistaken for a mask.
+    """
+    if valid.shape[-1] < 2:
+        return False
+    rel = valid - valid[..., -1:]
+    j = torch.arange(valid.shape[-1], dtype=valid.dtype, device=valid.device) - (valid.shape[-1] - 1)
+    line = -rel[..., -2:-1] * j
+    return bool((torch.nan_to_num(rel - line, nan=float("-inf")) < _MASKED).any())
+
+
+def _fit_alibi(valid: torch.Tensor, length: int, tol: float, has_bias: bool) -> tuple[Optional[torch.Tensor], str]:
+    """Slopes ``[Hq]`` with ``bias_j - bias_last = slope_h * (j - (L-1))``; None when all zero."""
+    if length < 2:
+        if has_bias:
+            return None, "cannot recover an additive bias from a 1-token context; compile after a longer prompt"
+        return None, ""
+    rel = valid - valid[..., -1:]
+    j = torch.arange(length, dtype=torch.float64, device=valid.device) - (length - 1)
+    slope = (rel * j).sum(-1, keepdim=True) / (j * j).sum()
+    resid = (rel - slope * j).abs().max().item()
+    spread = (slope - slope[:1]).abs().max().item()
+    if resid > tol or spread > tol:
+        return None, "the additive bias is not ALiBi slope * (j - i) (nor a causal mask)"
+    slopes = slope[0, :, 0, 0]
+    if slopes.abs().max().item() * length <= tol:
+        return None, ""
+    return slopes.to(torch.float32), ""
+
+
+def _exact_attention(q, k, v, scale, slopes, length, alpha) -> torch.Tensor:
+    n = k.shape[2]
+    j = torch.arange(n, dtype=torch.float64, device=q.device)
+    scores = scale * (q @ k.transpose(-1, -2))
+    if slopes is not None:
+        scores = scores + slopes.double().view(1, -1, 1, 1) * (j - (length - 1))
+    scores = scores.masked_fill(j >= length, float("-inf"))
+    return reference.entmax(scores, alpha, -1) @ v

@@ -1,0 +1,88 @@
+"""The model zoo: small models that spell entmax attention in the ways real models do.
+
+``ZOO[name]`` is a :class:`ZooEntry`; ``entry.build()`` returns a random-weight model and
+``entry.generate(model, prompt, steps, compiled)`` runs greedy decoding (compiled with the given
+callable, or eagerly). ``entry.expected`` lists, per attention layer, the ``(kind, alpha, status)``
+that ``explain`` must report for a decode graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import gpt_fast
+from .gpt_fast import ModelArgs
+
+
+def _hf() -> Any:
+    """transformers is imported only for the HF entries (the GPU image may lack parts of it)."""
+    from . import hf_models
+
+    return hf_models
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    description: str
+    family: str  # "gpt_fast" or "hf"
+    build: Callable[[], Any]
+    layers: int
+    kind: str  # "entmax", "hand-written entmax", "softmax"
+    alpha: Optional[float]
+    decode_status: str  # what explain must say about each decode site
+    prefill_status: str
+
+    def generate(self, model: Any, prompt: torch.Tensor, steps: int,
+                 compiled: Optional[Callable[..., Any]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.family == "hf":
+            return _hf().generate(model, prompt, steps, forward=compiled)
+        return gpt_fast.generate(model, prompt, steps, decode=compiled, prefill=compiled)
+
+    def compile_target(self, model: Any) -> Any:
+        """What to hand to ``torch.compile``: the module, or ``model.forward`` for HF models."""
+        return model.forward if self.family == "hf" else model
+
+
+def _gpt(name: str, description: str, kind: str, alpha: Optional[float], decode: str, prefill: str,
+         **args: Any) -> ZooEntry:
+    model_args = ModelArgs(**args)
+    return ZooEntry(name, description, "gpt_fast", lambda: gpt_fast.build(model_args), model_args.n_layer,
+                    kind, alpha, decode, prefill)
+
+
+_LAZY = "refused"  # transformers 5.x allocates the StaticCache inside the prefill graph
+
+ZOO: dict[str, ZooEntry] = {e.name: e for e in (
+    _gpt("gpt_fast_entmax15", "gpt-fast decoder, entmax.entmax15, RoPE, GQA 2:1 (repeat_interleave), "
+         "q @ k.transpose, masked_fill, k_cache[:, :, pos] = k", "entmax", 1.5, "rewritten", "bookkeeping",
+         n_layer=2),
+    _gpt("alibi_half", "Entmax15 module, half-ALiBi/half-NoPE heads, MHA, einsum, additive mask, index_copy_",
+         "entmax", 1.5, "rewritten", "bookkeeping", n_layer=1, rope=False, n_kv_head=4, weights="entmax15_module",
+         alibi="half", scores="einsum", mask="additive", kv_write="index_copy"),
+    _gpt("gqa_4to1", "EntmaxBisect(alpha=4/3) module, GQA 4:1 via expand+reshape, scale pre-applied to q, where",
+         "entmax", 4 / 3, "rewritten", "bookkeeping", n_layer=1, n_head=8, n_kv_head=2, gqa="expand",
+         scale_on="q", weights="bisect_4/3_module", mask="where"),
+    _gpt("sparsemax", "entmax.sparsemax, bmm on [B*H, T, D] reshapes", "entmax", 2.0, "rewritten", "bookkeeping",
+         n_layer=1, weights="sparsemax", scores="bmm"),
+    _gpt("bisect_1.25", "entmax.entmax_bisect(alpha=1.25), ALiBi on all heads, baddbmm with the mask as input",
+         "entmax", 1.25, "rewritten", "bookkeeping", n_layer=1, rope=False, weights="bisect_1.25",
+         scores="baddbmm", alibi="all"),
+    _gpt("own_entmax", "entmaxkv_compile.entmax(alpha=2)", "entmax", 2.0, "rewritten", "bookkeeping",
+         n_layer=1, weights="own_entmax_2"),
+    _gpt("handwritten", "hand-written sort-based 1.5-entmax (found structurally, confirmed numerically)",
+         "hand-written entmax", 1.5, "rewritten", "bookkeeping", n_layer=1, weights="handwritten"),
+    _gpt("not_quite", "an entmax-like tail thresholded at the row mean: not entmax, never rewritten",
+         "hand-written entmax", None, "not-entmax", "not-entmax", n_layer=1, weights="not_quite"),
+    _gpt("softmax", "the same decoder with softmax: the graph must be left untouched", "softmax", None,
+         "not-entmax", "not-entmax", n_layer=1, weights="softmax"),
+    ZooEntry("hf_llama", "transformers Llama, entmax15 via AttentionInterface, StaticCache, generate()",
+             "hf", lambda: _hf().build_llama("entmax15", layers=1), 1, "entmax", 1.5, "rewritten", _LAZY),
+    ZooEntry("hf_qwen2", "transformers Qwen2, entmax_bisect(alpha=1.25), GQA 4:1, StaticCache, generate()",
+             "hf", lambda: _hf().build_qwen2("bisect_1.25", layers=1), 1, "entmax", 1.25, "rewritten", _LAZY),
+)}
+
+__all__ = ["ZOO", "ZooEntry"]

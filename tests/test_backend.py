@@ -1,0 +1,119 @@
+"""The ``"entmaxkv"`` torch.compile backend: registration, options, Inductor hand-off, generated code."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+from entmaxkv_compile.backend import BackendSettings, entmaxkv_backend
+from entmaxkv_compile.config import EntmaxKVConfig
+from entmaxkv_compile.explain import explain, recording
+from examples.zoo import gpt_fast
+
+
+def test_backend_is_registered_by_entry_point_name():
+    assert "entmaxkv" in torch._dynamo.list_backends()
+    assert torch._dynamo.lookup_backend("entmaxkv") is entmaxkv_backend
+
+
+def test_options_map_onto_config_mode_and_inductor():
+    settings = BackendSettings.parse({"selector": "topk", "token_budget": 64, "page_size": 8,
+                                      "mode": "reduce-overhead", "max_autotune": False})
+    assert settings.config == EntmaxKVConfig(selector="topk", token_budget=64, page_size=8)
+    assert settings.mode == "reduce-overhead" and settings.compiler == "inductor"
+    patches = settings.config_patches()
+    assert patches["triton.cudagraphs"] is True and patches["max_autotune"] is False
+    assert BackendSettings.parse(None, mode="max-autotune").config_patches()["max_autotune"] is True
+    assert BackendSettings.parse({"compiler": "eager"}).compiler == "eager"
+
+
+@pytest.mark.parametrize("options,mode,error,match", [
+    ({"selectr": "topk"}, None, ValueError, "selectr"),
+    ({"selector": "bogus"}, None, ValueError, "selector"),
+    ({"page_size": 12}, None, ValueError, "page_size"),
+    ({"compiler": "tvm"}, None, ValueError, "compiler"),
+    ({"mode": "fast"}, None, ValueError, "mode"),
+    ({"mode": "reduce-overhead"}, "max-autotune", ValueError, "mode given twice"),
+    (["selector"], None, TypeError, "options must be a dict"),
+])
+def test_bad_options_raise_clear_errors(options, mode, error, match):
+    with pytest.raises(error, match=match):
+        BackendSettings.parse(options, mode)
+
+
+@pytest.mark.parametrize("kwargs", [dict(mode="reduce-overhead"), dict(options={"mode": "reduce-overhead"})])
+def test_mode_reaches_inductor_through_torch_compile(kwargs, monkeypatch):
+    import entmaxkv_compile.backend as backend
+
+    seen = []
+
+    def hand_off(gm, example_inputs, settings):
+        seen.append(settings)
+        return gm.forward
+
+    monkeypatch.setattr(backend, "_hand_off", hand_off)
+    model = gpt_fast.build(gpt_fast.ModelArgs(n_layer=1), batch=1)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend="entmaxkv", **kwargs)(torch.zeros(1, 3, dtype=torch.long), torch.arange(3))
+    [settings] = seen
+    assert settings.mode == "reduce-overhead"
+    assert settings.config_patches()["triton.cudagraphs"] is True
+
+
+def _decode_code_is_sparse(code: str, cache_shape: tuple[int, ...]) -> None:
+    """The compiled decode step: stats append + decode_step, no entmax, no cache-sized temporaries."""
+    assert code.count("torch.ops.entmaxkv.page_stats_append.default(") == 2
+    assert code.count("torch.ops.entmaxkv.decode_step.default(") == 2
+    assert "entmaxkv.entmax.default" not in code
+    shape = re.escape(str(cache_shape).replace(" ", "")[1:-1]).replace(",", r",\s*")
+    assert not re.search(r"empty_strided\w*\(\(" + shape + r"\)", code), "a full-cache-sized buffer is allocated"
+    assert not re.search(r"\.copy_\(|aten\.cat|clone\(", code.split("def call(")[-1]), "a cache copy"
+
+
+def test_inductor_decode_is_exact_and_copies_no_cache():
+    """64 greedy steps with Inductor (CPU): certified logits equal the eager model's within 1e-5."""
+    args = gpt_fast.ModelArgs(n_layer=2)
+    reference, model = gpt_fast.build(args, batch=2), gpt_fast.build(args, batch=2)
+    prompt = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+    want_tokens, want_logits = gpt_fast.generate(reference, prompt, 64)
+    torch._dynamo.reset()
+    decode = torch.compile(model, backend="entmaxkv", options={"selector": "certified", "page_size": 16,
+                                                               "certify_max_rounds": 1, "compile_threads": 1})
+    codes = []
+
+    def first_decode_records_code(token, pos):
+        if codes:
+            return decode(token, pos)
+        out, code = run_and_get_code(decode, token, pos)
+        codes.extend(code)
+        return out
+
+    with recording() as report:
+        tokens, logits = gpt_fast.generate(model, prompt, 64, decode=first_decode_records_code, prefill=model)
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=0)
+    assert [s.status for s in report.sites] == ["rewritten", "rewritten"]
+    cache_shape = tuple(model.layers[0].attention.kv_cache.k_cache.shape)
+    _decode_code_is_sparse("\n".join(codes), cache_shape)
+
+
+def test_explain_prints_a_table_of_every_site():
+    model = gpt_fast.build(gpt_fast.ModelArgs(n_layer=2, weights="sparsemax"), batch=1)
+    prompt = torch.randint(0, 96, (1, 6))
+    with torch.no_grad():
+        model(prompt, torch.arange(6))
+    torch._dynamo.reset()
+    report = explain(model, prompt[:, -1:], torch.tensor([6]))
+    assert [(s.where, s.kind, s.alpha, s.status, s.phase) for s in report.sites] == [
+        ("layers.0.attention", "entmax", 2.0, "rewritten", "decode"),
+        ("layers.1.attention", "entmax", 2.0, "rewritten", "decode"),
+    ]
+    text = str(report)
+    assert text.splitlines()[0].split() == ["graph", "phase", "where", "kind", "alpha", "status", "reason"]
+    assert "layers.1.attention" in text and text.count("rewritten") == 2
+    with pytest.raises(TypeError, match="model must be callable"):
+        explain(42)

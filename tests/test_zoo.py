@@ -1,0 +1,97 @@
+"""Every zoo model through the backend: 64 greedy steps, exact in certified mode, explain asserted."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from entmaxkv_compile.explain import recording
+from examples.zoo import ZOO
+
+STEPS = 64
+PROMPT_LEN = 12
+
+
+def _prompt(batch: int = 2) -> torch.Tensor:
+    return torch.randint(1, 96, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(11))
+
+
+def _run(entry, options, steps=STEPS):
+    reference, model = entry.build(), entry.build()
+    prompt = _prompt()
+    want = entry.generate(reference, prompt, steps)
+    torch._dynamo.reset()
+    compiled = torch.compile(entry.compile_target(model), backend="entmaxkv", options={"compiler": "eager", **options})
+    with recording() as report:
+        got = entry.generate(model, prompt, steps, compiled)
+    return want, got, report
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_model_certified_decode_is_exact_and_explained(name):
+    entry = ZOO[name]
+    (want_tokens, want_logits), (tokens, logits), report = _run(
+        entry, {"selector": "certified", "certify_max_rounds": 1})
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=0)
+
+    prefill, decode = report.graphs  # one prefill graph, one decode graph (no recompilation per step)
+    for graph, status in ((prefill, entry.prefill_status), (decode, entry.decode_status)):
+        assert len(graph.sites) == entry.layers
+        for layer, site in enumerate(graph.sites):
+            assert site.where.endswith(f"layers.{layer}.attention") or site.where.endswith(f"layers.{layer}.self_attn")
+            assert site.kind == entry.kind
+            assert site.status == status, site.reason
+            if entry.alpha is None:
+                assert site.alpha is None
+            else:
+                assert site.alpha == pytest.approx(entry.alpha)
+    assert decode.changed == (entry.decode_status == "rewritten")
+    if entry.kind == "softmax":
+        assert not prefill.changed and not decode.changed
+
+
+@pytest.mark.parametrize("name", ["gpt_fast_entmax15", "alibi_half"])
+def test_approximate_selectors_report_their_error(name, capsys):
+    """gaussian and topk are approximate: report the logit error (documented in docs/backend.md).
+
+    Pages of 4 tokens, so the 28-token contexts span 7 pages and selection matters.
+    """
+    entry = ZOO[name]
+    errors = {}
+    for selector, extra in (("gaussian", {}), ("topk", {"token_budget": 8}), ("topk", {"token_budget": 4096})):
+        options = {"selector": selector, "page_size": 4, **extra}
+        (want_tokens, want_logits), (tokens, logits), _ = _run(entry, options, steps=16)
+        err = (logits - want_logits).abs().max().item()
+        errors[f"{selector}:{extra.get('token_budget', '')}"] = err
+        assert math.isfinite(err)
+    assert errors["topk:4096"] < 1e-5  # a budget covering the whole cache selects every page
+    with capsys.disabled():
+        print(f"\n{name}: max |logit error| over 16 steps: " + ", ".join(f"{k} {v:.3g}" for k, v in errors.items()))
+
+
+def test_left_padded_hf_batch_is_refused_not_miscomputed():
+    """A padding mask hides written cache rows: decode_step's seqlens cannot express it."""
+    from examples.zoo import hf_models
+
+    model = ZOO["hf_llama"].build()
+    prompt = _prompt()
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0  # the first sequence is left-padded
+    cache = hf_models.StaticCache(config=model.config, max_cache_len=32)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, backend="entmaxkv", options={"compiler": "eager"})
+    config = hf_models.GenerationConfig(max_new_tokens=2, do_sample=False, disable_compile=True, pad_token_id=0,
+                                        eos_token_id=None)
+    original = model.forward
+    model.forward = compiled
+    try:
+        with recording() as report, torch.no_grad():
+            model.generate(prompt, attention_mask=mask, past_key_values=cache, generation_config=config)
+    finally:
+        model.forward = original
+    decode = [s for s in report.sites if s.phase == "decode"]
+    assert decode and all(s.status == "refused" for s in decode)
+    assert "hides positions already written" in decode[0].reason
