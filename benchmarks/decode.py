@@ -1,7 +1,8 @@
 """Decode-step benchmark, side by side in one run (GPU only).
 
 Methods: torch SDPA with the flash backend (softmax, dense), our dense entmax decode, and the whole
-top-k, gaussian and certified steps (page scoring + selection + fused decode [+ certificate]).
+top-k, gaussian and certified steps (page scoring + selection + fused decode [+ certificate]);
+``gaussian`` reads float32 page moments, ``gaussian_c`` compact ones in the cache dtype.
 Every method is captured in a CUDA graph and timed by ``triton.testing.do_bench`` (median).
 Printed per row: ms, achieved GB/s on the bytes the method must move, selected page fraction and
 the relative error versus exact full entmax (computed in fp32 on the GPU).
@@ -12,6 +13,7 @@ Usage: ``python benchmarks/decode.py --out results.json [--lengths 32768,131072]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from entmaxkv_compile import kernels, reference  # noqa: E402
 from entmaxkv_compile.cache import KVPageStats  # noqa: E402
 from entmaxkv_compile.config import EntmaxKVConfig  # noqa: E402
+from entmaxkv_compile.kernels import tuned  # noqa: E402
 from entmaxkv_compile.step import run_step  # noqa: E402
 
 PAGE = 16
@@ -100,7 +103,7 @@ def kernel_breakdown(replay, label, repeats=20):
         for _ in range(repeats):
             replay()
         torch.cuda.synchronize()
-    rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:6]
+    rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:10]
     text = ", ".join(f"{e.key[:28]}={e.device_time_total / repeats:.1f}us" for e in rows)
     print(f"  breakdown {label}: {text}", flush=True)
     return {e.key: e.device_time_total / repeats for e in rows}
@@ -110,12 +113,15 @@ def rel_err(out, ref):
     return float((out.float() - ref).norm() / ref.norm())
 
 
-def run_case(batch, hq, hkv, n, dim, dtype, structured, budget_frac=0.03, breakdown=False):
+def run_case(batch, hq, hkv, n, dim, dtype, structured, budget_frac=0.03, breakdown=False,
+             variants=None):
     scale = 1 / math.sqrt(dim)
     q, k, v = make_data(batch, hq, hkv, n, dim, dtype, structured)
     seqlens = torch.full((batch,), n, device=DEVICE, dtype=torch.int32)
     stats = KVPageStats.allocate(batch, hkv, n, dim, PAGE, dtype, DEVICE)
     kernels.stats_prefill_(k, seqlens, PAGE, *stats.buffers())
+    compact = KVPageStats.allocate(batch, hkv, n, dim, PAGE, dtype, DEVICE, moment_dtype=dtype)
+    kernels.stats_prefill_(k, seqlens, PAGE, *compact.buffers())
     ref, support = exact_entmax(q, k, v, ALPHA, scale)
     pages = n // PAGE
     esz = k.element_size()
@@ -124,6 +130,7 @@ def run_case(batch, hq, hkv, n, dim, dtype, structured, budget_frac=0.03, breakd
     v_support = int(support.sum()) * dim * esz
     minmax_bytes = 2 * batch * hkv * pages * dim * esz
     moment_bytes = 2 * batch * hkv * pages * dim * 4
+    compact_bytes = moment_bytes * esz // 4
     rows = []
 
     def record(name, ms, nbytes, frac, out):
@@ -142,12 +149,17 @@ def run_case(batch, hq, hkv, n, dim, dtype, structured, budget_frac=0.03, breakd
                      tau_estimate="global", sink_pages=0, recent_pages=0, min_context=0)
     budget = max(PAGE, int(budget_frac * n) // PAGE * PAGE)
 
-    def step(selector):
+    def step(selector, buffers=None, overrides=None):
+        buffers = stats.buffers() if buffers is None else buffers
+
         def fn():
-            idx, nsel = kernels.select_pages(q, *stats.buffers(), seqlens, selector=selector,
-                                             token_budget=budget, **select_kw)
-            out, _ = kernels.paged_decode(q, k, v, seqlens, idx, nsel, page_size=PAGE,
-                                          alpha=ALPHA, scale=scale)
+            with contextlib.ExitStack() as stack:
+                for family, params in (overrides or {}).items():
+                    stack.enter_context(tuned.override(family, params))
+                idx, nsel = kernels.select_pages(q, *buffers, seqlens, selector=selector,
+                                                 token_budget=budget, **select_kw)
+                out, _ = kernels.paged_decode(q, k, v, seqlens, idx, nsel, page_size=PAGE,
+                                              alpha=ALPHA, scale=scale)
             return out, nsel
         return fn
 
@@ -167,16 +179,20 @@ def run_case(batch, hq, hkv, n, dim, dtype, structured, budget_frac=0.03, breakd
     if breakdown:
         rows[-1]["breakdown"] = kernel_breakdown(replay, "entmax_dense")
 
-    for name, fn, stat_bytes in (("topk", step("topk"), minmax_bytes),
-                                 ("gaussian", step("gaussian"), moment_bytes),
-                                 ("certified", certified, moment_bytes + 2 * minmax_bytes)):
+    methods = [("topk", step("topk"), minmax_bytes),
+               ("gaussian", step("gaussian"), moment_bytes),
+               ("gaussian_c", step("gaussian", compact.buffers()), compact_bytes),
+               ("certified", certified, moment_bytes + 2 * minmax_bytes)]
+    for name, overrides in (variants or {}).items():  # launch-parameter variants, compact moments
+        methods.insert(-1, (name, step("gaussian", compact.buffers(), overrides), compact_bytes))
+    for name, fn, stat_bytes in methods:
         replay, (out, nsel) = graphed(fn)
         replay()
         torch.cuda.synchronize()
         frac = float(nsel.float().mean()) / pages
         sel_bytes = int(nsel.sum()) * PAGE * dim * esz
         record(name, bench(replay), stat_bytes + sel_bytes + v_support, frac, out)
-        if breakdown and name == "gaussian":
+        if breakdown and name.startswith(("gaussian", "topk")):
             rows[-1]["breakdown"] = kernel_breakdown(replay, name)
     return rows
 
@@ -188,6 +204,22 @@ def copy_bandwidth():
     return 2 * x.numel() / ms / 1e6
 
 
+def parse_variants(specs):
+    """``["name:family.KEY=VAL,..."]`` -> ``{name: {family: {KEY: int(VAL)}}}``."""
+    variants = {}
+    for spec in specs:
+        name, _, body = spec.partition(":")
+        overrides = {}
+        for item in filter(None, body.split(",")):
+            path, _, value = item.partition("=")
+            family, _, key = path.partition(".")
+            if not (family and key and value):
+                raise SystemExit(f"bad --variant item {item!r} (want family.KEY=VAL)")
+            overrides.setdefault(family, {})[key] = int(value)
+        variants[name] = overrides
+    return variants
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("decode_results.json"))
@@ -197,6 +229,10 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=400.0, help="stop after this long")
     parser.add_argument("--breakdown", default="131072",
                         help="lengths at which to print per-kernel times")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME:family.KEY=VAL[,family.KEY=VAL...]: also time the compact "
+                             "gaussian step with these tuned-config overrides, e.g. "
+                             "'c_dot:select.MOMENTS_DOT=1'")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/decode.py needs a CUDA GPU", file=sys.stderr)
@@ -222,7 +258,8 @@ def main(argv=None) -> int:
                 continue
             try:
                 rows = run_case(batch, hq, hkv, n, 128, dtype, data == "structured",
-                                breakdown=str(n) in args.breakdown.split(","))
+                                breakdown=str(n) in args.breakdown.split(","),
+                                variants=parse_variants(args.variant))
             except torch.OutOfMemoryError:
                 print(f"OOM at {cfg} N={n}", flush=True)
                 torch.cuda.empty_cache()

@@ -2,8 +2,9 @@
 
 Page ``p`` of a static cache ``[B, Hkv, Nmax, D]`` is rows ``[p*P, (p+1)*P)``. Per page and KV head
 we keep ``kmin``/``kmax`` (in K's dtype: a min/max of K values is a K value, so they are exact and
-feed the Quest bound and the certificate) and Welford's ``kmean``/``km2`` in float32 (the gaussian
-selector's moments; ``var = km2 / n_p``). Rows at or past a sequence's length never touch the
+feed the Quest bound and the certificate) and Welford's ``kmean``/``km2`` (the gaussian selector's
+moments; ``var = km2 / n_p``), stored in float32 by default or, compactly, in K's dtype
+(``moment_dtype``): arithmetic is float32 either way, only the stored values are rounded. Rows at or past a sequence's length never touch the
 statistics, so garbage in unused cache rows is harmless. All functions are pure torch, fixed-shape
 and free of host syncs; they are the CPU implementation of the ``page_stats_*`` ops and the oracle
 of their kernels.
@@ -24,7 +25,21 @@ from .validation import (
     num_pages_for,
 )
 
-__all__ = ["KVPageStats", "page_token_counts", "stats_append_", "stats_prefill_"]
+__all__ = ["KVPageStats", "page_token_counts", "resolve_moment_dtype", "stats_append_", "stats_prefill_"]
+
+
+def resolve_moment_dtype(moment_dtype: torch.dtype | str | None, cache_dtype: torch.dtype) -> torch.dtype:
+    """The storage dtype of kmean/km2: None or ``"float32"`` -> float32, ``"cache"`` -> the cache's
+    dtype, a torch dtype -> itself, which must be float32 or ``cache_dtype``."""
+    if moment_dtype is None or moment_dtype == "float32":
+        return torch.float32
+    if moment_dtype == "cache":
+        return cache_dtype
+    if not isinstance(moment_dtype, torch.dtype):
+        raise TypeError(f"moment_dtype must be a torch dtype, 'float32', 'cache' or None, got {moment_dtype!r}")
+    if moment_dtype not in (torch.float32, cache_dtype):
+        raise ValueError(f"moment_dtype must be float32 or the cache dtype {cache_dtype}, got {moment_dtype}")
+    return moment_dtype
 
 
 def page_token_counts(seqlens: torch.Tensor, page_size: int, num_pages: int) -> torch.Tensor:
@@ -116,21 +131,25 @@ def stats_append_(
 
     row = k_cache.gather(2, row_index)  # [B, Hkv, 1, D]
     x = row.to(torch.float32)
-    old_mean = kmean.gather(2, page_index)
+    old_mean = kmean.gather(2, page_index).to(torch.float32)
     delta = x - old_mean
     new_mean = torch.where(fresh, x, old_mean + delta / count)
-    new_m2 = torch.where(fresh, 0.0, km2.gather(2, page_index) + delta * (x - new_mean))
+    old_m2 = km2.gather(2, page_index).to(torch.float32)
+    new_m2 = torch.where(fresh, 0.0, old_m2 + delta * (x - new_mean))
     new_min = torch.where(fresh, row, torch.minimum(kmin.gather(2, page_index), row))
     new_max = torch.where(fresh, row, torch.maximum(kmax.gather(2, page_index), row))
 
     kmin.scatter_(2, page_index, new_min)
     kmax.scatter_(2, page_index, new_max)
-    kmean.scatter_(2, page_index, new_mean)
-    km2.scatter_(2, page_index, new_m2)
+    kmean.scatter_(2, page_index, new_mean.to(kmean.dtype))
+    km2.scatter_(2, page_index, new_m2.to(km2.dtype))
 
 
 class KVPageStats:
     """The page statistics of one attention layer's K cache: four ``[B, Hkv, Npages, D]`` buffers.
+
+    Bytes per page and KV head: ``2 * D`` elements of K's dtype for kmin/kmax plus ``2 * D`` of the
+    moment dtype for kmean/km2 (float32, or K's dtype to halve what the gaussian selector reads).
 
     Allocated once (``allocate`` or ``from_cache``) and updated in place by ``prefill`` and
     ``append``, so their addresses stay fixed (CUDA-graph friendly).
@@ -164,8 +183,10 @@ class KVPageStats:
         page_size: int = 16,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        moment_dtype: torch.dtype | None = None,
     ) -> "KVPageStats":
-        """Zeroed buffers for a cache ``[batch, kv_heads, max_seqlen, head_dim]`` of ``dtype``."""
+        """Zeroed buffers for a cache ``[batch, kv_heads, max_seqlen, head_dim]`` of ``dtype``;
+        kmean/km2 in ``moment_dtype`` (None = float32; else float32 or ``dtype``)."""
         for name, value in (("batch", batch), ("kv_heads", kv_heads), ("max_seqlen", max_seqlen),
                             ("head_dim", head_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -173,23 +194,27 @@ class KVPageStats:
         page_size = check_page_size(page_size)
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+        moment_dtype = resolve_moment_dtype(moment_dtype, dtype)
         shape = (batch, kv_heads, num_pages_for(max_seqlen, page_size), head_dim)
         return cls(
             torch.zeros(shape, dtype=dtype, device=device),
             torch.zeros(shape, dtype=dtype, device=device),
-            torch.zeros(shape, dtype=torch.float32, device=device),
-            torch.zeros(shape, dtype=torch.float32, device=device),
+            torch.zeros(shape, dtype=moment_dtype, device=device),
+            torch.zeros(shape, dtype=moment_dtype, device=device),
             page_size,
         )
 
     @classmethod
     def from_cache(
-        cls, k_cache: torch.Tensor, seqlens: torch.Tensor, page_size: int = 16, *, check_values: bool = True
+        cls, k_cache: torch.Tensor, seqlens: torch.Tensor, page_size: int = 16, *, check_values: bool = True,
+        moment_dtype: torch.dtype | None = None,
     ) -> "KVPageStats":
-        """Allocate stats matching ``k_cache`` and prefill them from its first ``seqlens`` rows."""
+        """Allocate stats matching ``k_cache`` (moments in ``moment_dtype``, None = float32) and
+        prefill them from its first ``seqlens`` rows."""
         check_kv_cache("k_cache", k_cache)
         batch, kv_heads, max_seqlen, head_dim = k_cache.shape
-        stats = cls.allocate(batch, kv_heads, max_seqlen, head_dim, page_size, k_cache.dtype, k_cache.device)
+        stats = cls.allocate(batch, kv_heads, max_seqlen, head_dim, page_size, k_cache.dtype, k_cache.device,
+                             moment_dtype=moment_dtype)
         stats.prefill(k_cache, seqlens, check_values=check_values)
         return stats
 

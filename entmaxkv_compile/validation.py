@@ -170,7 +170,8 @@ def check_stats_buffers(
     kmin: Any, kmax: Any, kmean: Any, km2: Any, *, batch: int, kv_heads: int, num_pages: int, head_dim: int
 ) -> None:
     """The four page-statistics buffers: ``[B, Hkv, Npages, D]``; kmin/kmax one floating dtype
-    (K's), kmean/km2 float32."""
+    (K's); kmean/km2 one dtype, float32 (exact Welford) or kmin's (compact moments, see
+    ``EntmaxKVConfig.moment_dtype``)."""
     expected = (batch, kv_heads, num_pages, head_dim)
     for name, buf in (("kmin", kmin), ("kmax", kmax), ("kmean", kmean), ("km2", km2)):
         check_tensor(name, buf)
@@ -180,8 +181,10 @@ def check_stats_buffers(
     if kmax.dtype != kmin.dtype:
         raise TypeError(f"kmax must have the dtype of kmin ({kmin.dtype}), got {kmax.dtype}")
     for name, buf in (("kmean", kmean), ("km2", km2)):
-        if buf.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, got {buf.dtype}")
+        if buf.dtype not in (torch.float32, kmin.dtype):
+            raise TypeError(f"{name} must be float32 or kmin's dtype {kmin.dtype}, got {buf.dtype}")
+    if km2.dtype != kmean.dtype:
+        raise TypeError(f"km2 must have the dtype of kmean ({kmean.dtype}), got {km2.dtype}")
     check_same_device("kmin", kmin, kmax=kmax, kmean=kmean, km2=km2)
 
 

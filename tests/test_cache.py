@@ -154,6 +154,9 @@ def test_page_token_counts_partial_last_page():
          TypeError, "kmin"),
         (lambda k, s: stats_prefill_(k, s, 8, *KVPageStats.allocate(2, 2, 20, 4, 4).buffers()),
          ValueError, "kmin"),
+        (lambda k, s: KVPageStats.from_cache(k, s, moment_dtype=torch.float16), ValueError, "moment_dtype"),
+        (lambda k, s: KVPageStats.from_cache(k, s, moment_dtype="half"), TypeError, "moment_dtype"),
+        (lambda k, s: stats_prefill_(k.half(), s, 4, *_mixed_moment_buffers()), TypeError, "km2"),
     ],
 )
 def test_bad_inputs_raise(call, error, match):
@@ -161,3 +164,54 @@ def test_bad_inputs_raise(call, error, match):
     seqlens = torch.tensor([5, 20])
     with pytest.raises(error, match=match):
         call(k, seqlens)
+
+
+def _mixed_moment_buffers():
+    """fp16 stats whose kmean is compact but km2 float32: the pair must share a dtype."""
+    stats = KVPageStats.allocate(2, 2, 20, 4, 4, torch.float16, moment_dtype=torch.float16)
+    return stats.kmin, stats.kmax, stats.kmean, stats.km2.float()
+
+
+# Compact moments round each stored value to the cache dtype; every append re-rounds the mean
+# and M2, so after a page's P appends the error is at most about P/2 ulps (random-walk: fewer).
+EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("moment_dtype", ["cache", None])
+def test_compact_moment_buffers(dtype, moment_dtype):
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 3, 37, 5, generator=gen).to(dtype)
+    seqlens = torch.tensor([37, 20])
+    stats = KVPageStats.from_cache(k, seqlens, 8, moment_dtype=moment_dtype)
+    want = dtype if moment_dtype == "cache" else torch.float32
+    assert stats.kmean.dtype == want and stats.km2.dtype == want
+    assert stats.kmin.dtype == dtype
+    exact = KVPageStats.from_cache(k, seqlens, 8)
+    # Prefill computes in float32 and rounds once: each value is the rounding of the float32 one.
+    assert torch.equal(stats.kmean, exact.kmean.to(want))
+    assert torch.equal(stats.km2, exact.km2.to(want))
+
+
+@pytest.mark.parametrize("dtype, page_size", [(torch.float16, 16), (torch.bfloat16, 8)])
+def test_compact_moments_after_many_appends_close_to_scratch(dtype, page_size):
+    """Ragged appends over several pages with rounded storage stay within P/2 ulps (relative to
+    the page's scale) of a from-scratch float32 prefill."""
+    gen = torch.Generator().manual_seed(11)
+    batch, heads, nmax, dim = 3, 2, 150, 16
+    k = (torch.randn(batch, heads, nmax, dim, generator=gen) * 3 + 1).to(dtype)
+    start = torch.tensor([1, 9, 40])
+    stats = KVPageStats.from_cache(k, start, page_size, moment_dtype=dtype)
+    positions = start.clone()
+    for _ in range(100):
+        stats.append(k, positions)
+        positions += 1
+    exact = KVPageStats.from_cache(k, positions, page_size)
+    tol = page_size / 2 * EPS[dtype]
+    counts = page_token_counts(positions, page_size, stats.num_pages)[:, None, :, None].clamp(min=1)
+    spread = (exact.km2 / counts).sqrt() + exact.kmean.abs()  # the page's scale per dim
+    assert torch.equal(stats.kmin, exact.kmin) and torch.equal(stats.kmax, exact.kmax)
+    assert ((stats.kmean.float() - exact.kmean).abs() <= tol * spread).all()
+    m2_err = (stats.km2.float() - exact.km2).abs()
+    assert (m2_err <= 2 * tol * (exact.km2 + counts * spread * spread * EPS[dtype])).all()
+    assert m2_err.max() > 0, "rounded storage should differ somewhere from float32"

@@ -71,6 +71,37 @@ def test_appends_match_reference_and_prefill(dtype):
     assert torch.allclose(scratch.km2, got.km2, rtol=1e-4, atol=1e-4)
 
 
+# Kernel and reference may round a float32 value one ulp apart when their float32 sums differ in
+# the last bit; later appends carry that on, so within a page of P appends they stay within P/2
+# ulps of (|value| + the data scale, 1 here).
+ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compact_moments_prefill_and_appends_match_reference(dtype):
+    """fp16/bf16 kmean/km2: the kernels round their float32 results like the reference does, on
+    prefill and on ragged appends across page boundaries."""
+    gen = torch.Generator().manual_seed(5)
+    page = 16 if REAL else 8
+    batch, hkv, nmax, dim = (2, 8, 4099, 128) if REAL else (2, 2, 43, 24)
+    k = (torch.randn(batch, hkv, nmax, dim, generator=gen) * 2).to(device=DEVICE, dtype=dtype)
+    start = torch.tensor([nmax - 30, 3], dtype=torch.int32, device=DEVICE)
+    ref = cache.KVPageStats.from_cache(k, start, page, moment_dtype=dtype)
+    got = _poisoned_like(ref)
+    kernels.stats_prefill_(k, start, page, *got.buffers())
+    assert got.kmean.dtype == dtype and got.km2.dtype == dtype
+    positions = start.clone()
+    for step in range(19):
+        if step:
+            cache.stats_append_(k, positions, page, *ref.buffers())
+            kernels.stats_append_(k, positions, page, *got.buffers())
+            positions += 1
+        assert torch.equal(ref.kmin, got.kmin) and torch.equal(ref.kmax, got.kmax)
+        for a, b in ((ref.kmean, got.kmean), (ref.km2, got.km2)):
+            a, b = a.float(), b.float()
+            assert ((a - b).abs() <= page / 2 * ULP[dtype] * (a.abs() + 1.0)).all()
+
+
 def test_stat_ops_are_registered():
     assert hasattr(torch.ops.entmaxkv, "triton_stats_prefill_")
     assert hasattr(torch.ops.entmaxkv, "triton_stats_append_")

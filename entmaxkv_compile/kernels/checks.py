@@ -67,17 +67,22 @@ def check_stats(kmin: Tensor, kmax: Tensor, kmean: Optional[Tensor], km2: Option
                 shape: tuple[int, int, int, int], dtype: torch.dtype,
                 device: torch.device) -> None:
     """Page-statistic buffers of ``shape`` ``[B, Hkv, Npages, D]``: kmin/kmax in the cache's
-    ``dtype``, kmean/km2 float32 (None skips a buffer), all on ``device``."""
-    for name, buf, want in (("kmin", kmin, dtype), ("kmax", kmax, dtype),
-                            ("kmean", kmean, torch.float32), ("km2", km2, torch.float32)):
+    ``dtype``, kmean/km2 both float32 or both ``dtype`` (compact moments; None skips a buffer),
+    all on ``device``."""
+    moment = (torch.float32, dtype)
+    for name, buf, want in (("kmin", kmin, (dtype,)), ("kmax", kmax, (dtype,)),
+                            ("kmean", kmean, moment), ("km2", km2, moment)):
         if buf is None:
             continue
         _tensor(name, buf)
-        if tuple(buf.shape) != tuple(shape) or buf.dtype != want:
-            raise ValueError(f"{name} must be {want} of shape {list(shape)}, "
+        if tuple(buf.shape) != tuple(shape) or buf.dtype not in want:
+            allowed = " or ".join(str(w) for w in dict.fromkeys(want))
+            raise ValueError(f"{name} must be {allowed} of shape {list(shape)}, "
                              f"got {buf.dtype} {list(buf.shape)}")
         if buf.device != device:
             raise ValueError(f"{name} must be on {device}, got {buf.device}")
+    if kmean is not None and km2 is not None and kmean.dtype != km2.dtype:
+        raise ValueError(f"km2 must have kmean's dtype {kmean.dtype}, got {km2.dtype}")
 
 
 def stats_shape(k_cache: Tensor, page_size: int) -> tuple[int, int, int, int]:

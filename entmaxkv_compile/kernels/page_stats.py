@@ -2,8 +2,9 @@
 
 Same arguments and in-place results as ``cache.stats_prefill_`` / ``cache.stats_append_``.
 Per page and KV head: ``kmin``/``kmax`` in K's dtype (2 x 2 bytes x D for fp16), ``kmean``/``km2``
-in float32 Welford form (2 x 4 x D). The Quest bound and the certificate read only kmin/kmax, the
-gaussian selector only kmean/km2, so each selector reads half of the 12 bytes x D per page.
+in Welford form, stored as float32 (2 x 4 x D) or compactly in K's dtype (2 x 2 x D; arithmetic in
+float32, only the stored value is rounded). The Quest bound and the certificate read only
+kmin/kmax, the gaussian selector only kmean/km2.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def _prefill_kernel(
                      mask=dmask)
             tl.store(kmax_ptr + off, tl.where(empty, 0.0, hi).to(kmax_ptr.dtype.element_ty),
                      mask=dmask)
-            tl.store(kmean_ptr + off, mean, mask=dmask)
-            tl.store(km2_ptr + off, m2, mask=dmask)
+            tl.store(kmean_ptr + off, mean.to(kmean_ptr.dtype.element_ty), mask=dmask)
+            tl.store(km2_ptr + off, m2.to(km2_ptr.dtype.element_ty), mask=dmask)
 
 
 @triton.jit
@@ -90,8 +91,8 @@ def _append_kernel(
     off = b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + page * ssp + offs_d * ssd
     old_min = tl.load(kmin_ptr + off, mask=dmask, other=0.0).to(tl.float32)
     old_max = tl.load(kmax_ptr + off, mask=dmask, other=0.0).to(tl.float32)
-    old_mean = tl.load(kmean_ptr + off, mask=dmask, other=0.0)
-    old_m2 = tl.load(km2_ptr + off, mask=dmask, other=0.0)
+    old_mean = tl.load(kmean_ptr + off, mask=dmask, other=0.0).to(tl.float32)
+    old_m2 = tl.load(km2_ptr + off, mask=dmask, other=0.0).to(tl.float32)
     x = row.to(tl.float32)
     delta = x - old_mean
     mean = tl.where(fresh, x, old_mean + delta / count)
@@ -101,8 +102,8 @@ def _append_kernel(
     new_max = tl.where(fresh, x, tl.maximum(old_max, x)).to(kmax_ptr.dtype.element_ty)
     tl.store(kmin_ptr + off, new_min, mask=dmask)
     tl.store(kmax_ptr + off, new_max, mask=dmask)
-    tl.store(kmean_ptr + off, mean, mask=dmask)
-    tl.store(km2_ptr + off, m2, mask=dmask)
+    tl.store(kmean_ptr + off, mean.to(kmean_ptr.dtype.element_ty), mask=dmask)
+    tl.store(km2_ptr + off, m2.to(km2_ptr.dtype.element_ty), mask=dmask)
 
 
 def _stat_strides(kmin: Tensor, kmean: Tensor, km2: Tensor, kmax: Tensor) -> tuple[int, ...]:

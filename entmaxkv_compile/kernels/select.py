@@ -1,7 +1,8 @@
 """Page scoring and selection on device: ops ``entmaxkv::triton_quest_bounds`` and
 ``entmaxkv::triton_select_pages``; same arguments and results as the reference ``selection.py``.
 
-Bytes per step and KV head: the gaussian selector reads kmean + km2 (2 x 4 x D bytes per page),
+Bytes per step and KV head: the gaussian selector reads kmean + km2 (2 x 4 x D bytes per page,
+or 2 x 2 x D with compact fp16/bf16 moments),
 top-k reads kmin + kmax (2 x 2 x D for fp16), dense reads no statistics. Intermediate page
 scores are 4 bytes per page and query head. Outputs have fixed capacity; nothing syncs.
 """
@@ -82,13 +83,16 @@ def _gaussian_tau(q: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, page_s
     sigma = torch.empty_like(mu)
     mom = torch.empty((batch, hq, nblocks, 2), device=dev, dtype=torch.float64)
     tau = torch.empty((batch, hq), device=dev, dtype=torch.float32)
+    use_dot = bool(cfg["MOMENTS_DOT"])
+    # The dot form pads the G heads to 16 rows; the FMA form loops over next_pow2(G) heads.
+    block_g = max(16, cm.next_pow2(hq // hkv)) if use_dot else cm.next_pow2(hq // hkv)
     wrap_triton(moments_kernel)[(nblocks, batch * hkv)](
         q, kmean, km2, seqlens, alibi_slopes if alibi_slopes is not None else q, mu, sigma, mom,
         q.stride(0), q.stride(1), q.stride(3), *kmean.stride(),
         hq, hkv, hq // hkv, dim, num_pages, page_size, scale,
-        HAS_ALIBI=alibi_slopes is not None, BLOCK_G=max(16, cm.next_pow2(hq // hkv)),
+        HAS_ALIBI=alibi_slopes is not None, BLOCK_G=block_g,
         BLOCK_P=cfg["BLOCK_PM"], BLOCK_D=max(16, cm.next_pow2(dim)),
-        DOT_PREC=cm.exact_fp32_dot(dev), num_warps=cfg["num_warps"],
+        DOT_PREC=cm.exact_fp32_dot(dev), USE_DOT=use_dot, num_warps=cfg["num_warps"],
     )
     if mixture:
         wrap_triton(mixture_tau_kernel)[(batch * hq,)](
@@ -141,7 +145,7 @@ def triton_select_pages(
         wrap_triton(topk_kernel)[(batch * hkv,)](
             group, seqlens, page_indices, num_selected,
             hkv, num_pages, page_size, token_budget // page_size, sink_pages, recent_pages,
-            min_context, BLOCK_P=cfg["BLOCK_PS"], num_warps=cfg["num_warps"],
+            min_context, BLOCK_P=cfg["BLOCK_PT"], num_warps=cfg["num_warps"],
         )
         return page_indices, num_selected
     gaussian = selector == "gaussian"

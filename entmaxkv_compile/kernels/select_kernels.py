@@ -4,14 +4,15 @@
   heads of the group from one read of kmin/kmax (``u = scale (q+ . kmax + q- . kmin)`` plus the
   largest ALiBi bias in the page); writes it per query head and/or the group max per KV head.
 - ``moments_kernel`` (page block, batch x KV head): the gaussian page moments ``mu_p``,
-  ``sigma_p`` for the G heads from one read of kmean/km2, plus per-block count-weighted sums for
-  the global Gaussian (fp64, law of total variance).
+  ``sigma_p`` for the G heads from one read of kmean/km2 (float32 or compact fp16/bf16, math in
+  float32; a G-row dot or, ``USE_DOT=False``, one FMA reduction per head), plus per-block
+  count-weighted sums for the global Gaussian (fp64, law of total variance).
 - ``keep_kernel`` + ``compact_kernel`` (page block, batch x KV head): the dense or gaussian keep
   rule (union over the group, forced pages) with per-block counts, then a parallel compaction into
   the fixed-capacity ``page_indices`` (ascending, -1 padded) and ``num_selected``.
-- ``topk_kernel`` (batch x KV head): top-k within the budget by a bisection on the
-  order-preserving integer key of the group score (ties to the lowest page id); serial over pages,
-  so it is the slow selector at long contexts.
+- ``topk_kernel`` (batch x KV head): top-k within the budget by a four-pass radix select on the
+  order-preserving integer key of the group score (ties to the lowest page id), then one
+  compaction pass; each pass is serial over pages in blocks of ``BLOCK_P``.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def moments_kernel(
     sqb, sqh, sqd, ssb, ssh, ssp, ssd,
     Hq, Hkv, G, D, num_pages, page_size, scale,
     HAS_ALIBI: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, USE_DOT: tl.constexpr,
 ):
     blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -100,15 +101,29 @@ def moments_kernel(
     n = _page_counts(pages, length, page_size, num_pages)
     valid = n > 0
     nf = n.to(tl.float32)
-    q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd,
-                mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     off = (b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + pages.to(tl.int64)[:, None] * ssp
            + offs_d[None, :] * ssd)
     lmask = valid[:, None] & dmask[None, :]
-    mean = tl.load(kmean_ptr + off, mask=lmask, other=0.0)
-    var = tl.load(km2_ptr + off, mask=lmask, other=0.0) / tl.maximum(nf, 1.0)[:, None]
-    mu = tl.dot(q, tl.trans(mean), input_precision=DOT_PREC) * scale
-    vs = tl.dot(q * q, tl.trans(var), input_precision=DOT_PREC) * (scale * scale)
+    mean = tl.load(kmean_ptr + off, mask=lmask, other=0.0).to(tl.float32)
+    m2 = tl.load(km2_ptr + off, mask=lmask, other=0.0).to(tl.float32)
+    inv_n = 1.0 / tl.maximum(nf, 1.0)
+    if USE_DOT:
+        q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd,
+                    mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        mu = tl.dot(q, tl.trans(mean), input_precision=DOT_PREC) * scale
+        vs = tl.dot(q * q, tl.trans(m2 * inv_n[:, None]), input_precision=DOT_PREC) * (
+            scale * scale)
+    else:
+        # One FMA reduction over D per head: no padding of G to a 16-row dot.
+        mu = tl.zeros([BLOCK_G, BLOCK_P], tl.float32)
+        vs = tl.zeros([BLOCK_G, BLOCK_P], tl.float32)
+        for g in tl.static_range(BLOCK_G):
+            qg = tl.load(q_ptr + b * sqb + (hk * G + g) * sqh + offs_d * sqd,
+                         mask=dmask & ((offs_d * 0 + g) < G), other=0.0).to(tl.float32)
+            mu_g = tl.sum(mean * qg[None, :], axis=1) * scale
+            vs_g = tl.sum(m2 * (qg * qg)[None, :], axis=1) * inv_n * (scale * scale)
+            mu = tl.where(offs_g[:, None] == g, mu_g[None, :], mu)
+            vs = tl.where(offs_g[:, None] == g, vs_g[None, :], vs)
     if HAS_ALIBI:
         slope = tl.load(slopes_ptr + heads, mask=gmask, other=0.0).to(tl.float32)
         mean_pos = (pages * page_size - (length - 1)).to(tl.float32) + (nf - 1.0) * 0.5
@@ -139,56 +154,56 @@ def _order_key(x):
 
 
 @triton.jit
-def _count_at_least(group_ptr, row, length, page_size, num_pages, sink, recent, last, thresh,
-                    BLOCK_P: tl.constexpr):
-    offs = tl.arange(0, BLOCK_P)
-    total = tl.zeros([], tl.int32)
-    for p0 in range(0, num_pages, BLOCK_P):
-        pages = p0 + offs
-        cand = (_page_counts(pages, length, page_size, num_pages) > 0) & ~(
-            (pages < sink) | ((pages >= last - recent) & (pages <= last)))
-        key = _order_key(tl.load(group_ptr + row + pages, mask=cand, other=0.0))
-        total += tl.sum((cand & (key >= thresh)).to(tl.int32), axis=0)
-    return total
-
-
-@triton.jit
 def topk_kernel(
     group_ptr, seqlens_ptr, idx_ptr, nsel_ptr,
     Hkv, num_pages, page_size, budget_pages, sink, recent, min_context,
     BLOCK_P: tl.constexpr,
 ):
     """Top-k within the page budget for one (batch, KV head): forced pages, then the best
-    ``budget - forced`` others by a 32-step bisection on the integer key of the group score
-    (ties to the lowest page id), compacted in page order."""
+    ``budget - forced`` others (ties to the lowest page id), compacted in page order. The cut
+    (the key of the ``need``-th best candidate) comes from a radix select: four passes over the
+    group scores, each a histogram of one byte of the order-preserving key among the candidates
+    that match the bytes fixed so far (instead of a 32-step bisection, 33 passes)."""
     pid = tl.program_id(0)
     length = tl.load(seqlens_ptr + pid // Hkv).to(tl.int32)
     last = (length - 1) // page_size
     short = length < min_context
     offs = tl.arange(0, BLOCK_P)
+    bins = tl.arange(0, 512)  # 256 byte values; masked entries land in bin 256 and are ignored
+    byte_bin = bins < 256
     row = pid.to(tl.int64) * num_pages
     n_valid = last + 1
     n_sink = tl.minimum(sink, n_valid)
     tail0 = tl.maximum(last - recent, 0)
     n_forced = n_sink + (last - tail0 + 1) - tl.maximum(n_sink - tail0, 0)
     need = tl.maximum(budget_pages - n_forced, 0)
-    lo = tl.zeros([], tl.int64) - 2147483648
-    hi = tl.zeros([], tl.int64) + 2147483647
-    n_cand = _count_at_least(group_ptr, row, length, page_size, num_pages, sink, recent, last,
-                             lo.to(tl.int32), BLOCK_P)
+    prefix = tl.zeros([], tl.int64)
+    remaining = need
+    n_cand = tl.zeros([], tl.int32)
+    for rnd in tl.static_range(4):
+        shift = 24 - 8 * rnd
+        hist = tl.zeros([512], tl.int32)
+        for p0 in range(0, num_pages, BLOCK_P):
+            pages = p0 + offs
+            valid = _page_counts(pages, length, page_size, num_pages) > 0
+            forced = (pages == last) | (pages < sink) | ((pages >= last - recent) & (pages < last))
+            cand = valid & ~forced
+            key = _order_key(tl.load(group_ptr + row + pages, mask=cand, other=0.0))
+            ukey = key.to(tl.int64) + 2147483648  # unsigned order, in [0, 2^32)
+            match = cand & ((ukey >> (shift + 8)) == prefix)
+            byte = tl.where(match, (ukey >> shift) & 255, 256).to(tl.int32)
+            hist += tl.histogram(byte, 512)
+        hist = tl.where(byte_bin, hist, 0)
+        total = tl.sum(hist, axis=0)
+        if rnd == 0:
+            n_cand = total
+        at_or_above = total - tl.cumsum(hist, axis=0) + hist  # candidates with byte >= b
+        pick = tl.sum((byte_bin & (at_or_above >= remaining)).to(tl.int32), axis=0) - 1
+        remaining -= tl.sum(tl.where(byte_bin & (bins > pick), hist, 0), axis=0)
+        prefix = prefix * 256 + pick.to(tl.int64)
     take_all = (n_cand <= need) | short
-    if take_all == 0:
-        for _ in range(32):
-            mid = lo + (hi - lo + 1) // 2
-            c = _count_at_least(group_ptr, row, length, page_size, num_pages, sink, recent, last,
-                                mid.to(tl.int32), BLOCK_P)
-            lo = tl.where(c >= need, mid, lo)
-            hi = tl.where(c >= need, hi, mid - 1)
-    cut = lo.to(tl.int32)
-    above = tl.where(cut < 2147483647,
-                     _count_at_least(group_ptr, row, length, page_size, num_pages, sink, recent,
-                                     last, cut + 1, BLOCK_P), 0)
-    ties_left = need - above
+    cut = (prefix - 2147483648).to(tl.int32)
+    ties_left = remaining
     ties_seen = tl.zeros([], tl.int32)
     count = tl.zeros([], tl.int32)
     for p0 in range(0, num_pages, BLOCK_P):

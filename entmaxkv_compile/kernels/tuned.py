@@ -28,7 +28,8 @@ DEFAULTS: dict[str, dict[str, int]] = {
     "paged_decode": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "BLOCK_T": 32,
                      "BLOCK_C": 1024, "tau_warps": 4},
     "page_stats": {"BLOCK_T": 16, "num_warps": 4},
-    "select": {"BLOCK_P": 64, "BLOCK_PM": 32, "BLOCK_PS": 256, "num_warps": 4},
+    "select": {"BLOCK_P": 64, "BLOCK_PM": 32, "BLOCK_PS": 256, "BLOCK_PT": 1024,
+               "num_warps": 4, "MOMENTS_DOT": 0},
 }
 
 # Small blocks keep the CPU interpreter fast; it has no notion of warps or stages.
@@ -36,7 +37,8 @@ INTERPRETER: dict[str, dict[str, int]] = {
     "paged_decode": {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "BLOCK_T": 16,
                      "BLOCK_C": 64, "tau_warps": 1},
     "page_stats": {"BLOCK_T": 16, "num_warps": 1},
-    "select": {"BLOCK_P": 16, "BLOCK_PM": 16, "BLOCK_PS": 16, "num_warps": 1},
+    "select": {"BLOCK_P": 16, "BLOCK_PM": 16, "BLOCK_PS": 16, "BLOCK_PT": 16, "num_warps": 1,
+               "MOMENTS_DOT": 0},
 }
 
 
@@ -89,11 +91,12 @@ def load_store(name: str) -> dict[str, Any]:
 def lookup(family: str, device: torch.device, key: str) -> dict[str, int]:
     """Launch parameters of ``family`` for shape class ``key`` on ``device``."""
     if device.type != "cuda":
-        return dict(INTERPRETER[family])
-    cfg = dict(DEFAULTS[family])
-    table = load_store(device_name(device)).get(family, {})
-    cfg.update(table.get("default", {}))
-    cfg.update(table.get(key, {}))
+        cfg = dict(INTERPRETER[family])
+    else:
+        cfg = dict(DEFAULTS[family])
+        table = load_store(device_name(device)).get(family, {})
+        cfg.update(table.get("default", {}))
+        cfg.update(table.get(key, {}))
     cfg.update(_OVERRIDES.get(family, {}))
     return cfg
 
