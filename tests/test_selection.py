@@ -240,3 +240,21 @@ def test_bad_tensors_raise():
         run_select(q, stats, seqlens.float())
     with pytest.raises(ValueError, match="page_size"):
         quest_bounds(q, stats.kmin, stats.kmax, seqlens, page_size=6, scale=1.0)
+
+
+def test_topk_ranks_each_head_relative_to_its_best_page():
+    """Under GQA a head with large raw scores must not take every top-k slot from its group."""
+    batch, q_heads, kv_heads, nmax, dim, page = 1, 2, 1, 64, 4, 4
+    kmin = torch.zeros(batch, kv_heads, nmax // page, dim)
+    kmax = torch.zeros_like(kmin)
+    kmax[0, 0, :, 0] = torch.arange(nmax // page, dtype=torch.float32)  # head 0: prefers late pages
+    kmax[0, 0, :, 1] = 0.5 * (nmax // page - torch.arange(nmax // page, dtype=torch.float32))  # head 1: early
+    q = torch.zeros(batch, q_heads, 1, dim)
+    q[0, 0, 0, 0] = 100.0  # large raw bounds
+    q[0, 1, 0, 1] = 1.0    # small raw bounds
+    kmean, km2 = torch.zeros_like(kmin), torch.zeros_like(kmin)
+    idx, num = select_pages(q, kmin, kmax, kmean, km2, torch.tensor([nmax]), page_size=page, alpha=1.5,
+                            scale=1.0, selector="topk", token_budget=3 * page, max_quantile=0.99,
+                            margin=0.0, tau_estimate="auto", sink_pages=0, recent_pages=0, min_context=0)
+    chosen = set(idx[0, 0, : num[0, 0]].tolist())
+    assert 0 in chosen and 15 in chosen  # each head keeps its own best page (15 is also the last)

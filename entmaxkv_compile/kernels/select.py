@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from ..config import SELECTORS, TAU_ESTIMATES
+from ..selection import head_normalized_group_score
 from . import _common as cm
 from .checks import (
     check_lengths,
@@ -140,8 +141,9 @@ def triton_select_pages(
     page_indices = torch.empty((batch, hkv, num_pages), device=dev, dtype=torch.int32)
     num_selected = torch.empty((batch, hkv), device=dev, dtype=torch.int32)
     if selector == "topk":
-        _, group = launch_quest(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes,
-                                per_head=False, group_max=True)
+        bounds, _ = launch_quest(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes,
+                                 per_head=True, group_max=False)
+        group = head_normalized_group_score(bounds, hkv).contiguous()
         wrap_triton(topk_kernel)[(batch * hkv,)](
             group, seqlens, page_indices, num_selected,
             hkv, num_pages, page_size, token_budget // page_size, sink_pages, recent_pages,
