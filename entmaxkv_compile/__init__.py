@@ -13,16 +13,20 @@ from .decode import sparse_decode
 from .explain import explain
 from .gaussian import gaussian_threshold
 from .reference import entmax, entmax_threshold
+from .rewrite import RewriteResult, UnsupportedModelError, rewrite
 from .step import DecodeResult
 
 __all__ = [
     "DecodeResult",
     "EntmaxKVConfig",
     "KVPageStats",
+    "RewriteResult",
+    "UnsupportedModelError",
     "entmax",
     "entmax_threshold",
     "explain",
     "gaussian_threshold",
+    "rewrite",
     "sparse_decode",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,274 @@
+"""``entmaxkv-compile``: the command line (rewrite, export, explain, bench, autotune).
+
+Every model-taking command reads ``MODULE:FACTORY``: ``MODULE`` is an importable module name or a
+path to a ``.py`` file, ``FACTORY`` a zero-argument callable in it returning
+``(model, example_decode_args)`` (the model with its caches holding the context, and the
+positional arguments of one decode step). Config options (``--selector``, ``--page-size``, ...)
+are the fields of :class:`~entmaxkv_compile.config.EntmaxKVConfig`.
+
+Exit status: 0 on success, 1 when the model cannot be handled (the message says why), 2 on
+usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import importlib
+import importlib.util
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from .config import SELECTORS, TAU_ESTIMATES, EntmaxKVConfig
+
+__all__ = ["load_factory", "main"]
+
+_CHOICES = {"selector": SELECTORS, "tau_estimate": TAU_ESTIMATES}
+
+
+class CommandError(Exception):
+    """A failure to report as one line, without a traceback."""
+
+
+def _search(directory: Path) -> None:
+    if str(directory) not in sys.path:
+        sys.path.insert(0, str(directory))
+
+
+def _load_module(spec: str) -> Any:
+    """Import a module by name or by file path (its directory and the working directory searched)."""
+    _search(Path.cwd())  # console scripts do not search the working directory
+    if spec.endswith(".py") or "/" in spec or "\\" in spec:
+        path = Path(spec)
+        if not path.is_file():
+            raise CommandError(f"MODULE {spec!r} is not a file")
+        _search(path.resolve().parent)
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules.setdefault(path.stem, module)
+        module_spec.loader.exec_module(module)
+        return module
+    return importlib.import_module(spec)
+
+
+def load_factory(target: str) -> tuple[Any, tuple]:
+    """Import ``MODULE:FACTORY``, call the factory, and check it returned ``(model, args)``."""
+    import torch
+
+    module_name, sep, factory_name = target.rpartition(":")
+    if not sep or not module_name or not factory_name:
+        raise CommandError(f"expected MODULE:FACTORY (e.g. examples/zoo/gpt_fast.py:make), got {target!r}")
+    try:
+        module = _load_module(module_name)
+    except ImportError as error:
+        raise CommandError(f"cannot import {module_name!r}: {error}") from error
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise CommandError(f"{module_name!r} has no callable {factory_name!r}")
+    made = factory()
+    if not (isinstance(made, tuple) and len(made) == 2):
+        raise CommandError(f"{target} must return (model, example_decode_args), got {type(made).__name__}")
+    model, args = made
+    if not isinstance(model, torch.nn.Module):
+        raise CommandError(f"{target} returned a model of type {type(model).__name__}, expected torch.nn.Module")
+    if isinstance(args, torch.Tensor):
+        args = (args,)
+    if not isinstance(args, (tuple, list)):
+        raise CommandError(f"{target} returned example_decode_args of type {type(args).__name__}, expected a tuple")
+    return model, tuple(args)
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("decode config (EntmaxKVConfig fields)")
+    hints = typing.get_type_hints(EntmaxKVConfig)
+    for field in dataclasses.fields(EntmaxKVConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        value_type = float if field.name in ("alpha", "max_quantile", "margin") else (int if kind is int else str)
+        group.add_argument(flag, dest=f"cfg_{field.name}", type=value_type, default=None,
+                           choices=_CHOICES.get(field.name),
+                           metavar=None if field.name in _CHOICES else field.name.upper(),
+                           help=f"default: {field.default!r}")
+
+
+def _config_from(args: argparse.Namespace) -> EntmaxKVConfig:
+    options = {name[4:]: value for name, value in vars(args).items() if name.startswith("cfg_") and value is not None}
+    return EntmaxKVConfig(**options)
+
+
+def _progress(args: argparse.Namespace) -> Optional[Callable[[str], None]]:
+    from .rewrite import print_progress
+
+    return None if args.quiet else print_progress
+
+
+def _cmd_rewrite(args: argparse.Namespace) -> int:
+    from .rewrite import rewrite
+
+    model, example = load_factory(args.target)
+    result = rewrite(model, example, _config_from(args), progress=_progress(args))
+    print(result.report)
+    path = result.save(args.output)
+    print(f"saved the rewritten decode step to {path} (load with torch.export.load after "
+          "`import entmaxkv_compile`)")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .rewrite import rewrite
+
+    model, example = load_factory(args.target)
+    progress = _progress(args)
+    result = rewrite(model, example, _config_from(args), progress=progress)
+    print(result.report)
+    if args.format == "onnx":
+        from .export.onnx import export_onnx
+
+        exported = export_onnx(result, args.output, decompose=args.decompose, check=not args.no_check,
+                               opset_version=args.opset, progress=progress)
+        print(f"saved ONNX model to {exported.path}: inputs {list(exported.input_names)}, "
+              f"outputs {list(exported.output_names)}")
+        if args.verify:
+            error = exported.max_abs_error(result.example_args)
+            print(f"onnxruntime vs PyTorch: max abs error {error:.3g}")
+            if error > args.tolerance:
+                raise CommandError(f"onnxruntime differs from PyTorch by {error:.3g} > {args.tolerance}")
+    else:
+        from .export.tensorrt import TensorRTUnavailableError, export_tensorrt
+
+        try:
+            exported = export_tensorrt(result, args.output, progress=progress)
+        except TensorRTUnavailableError as error:
+            raise CommandError(str(error)) from error
+        print(f"saved TensorRT program to {exported.path}: inputs {list(exported.explicit.input_names)}, "
+              f"outputs {list(exported.explicit.output_names)}")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    try:
+        from .explain import explain
+    except ImportError as error:
+        raise CommandError(f"explain is not available in this installation ({error})") from error
+    model, example = load_factory(args.target)
+    print(explain(model, *example))
+    return 0
+
+
+def _time_steps(step: Callable[[], Any], steps: int) -> float:
+    step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .rewrite import rewrite
+
+    if args.steps < 1:
+        raise CommandError(f"--steps must be >= 1, got {args.steps}")
+    model, example = load_factory(args.target)
+    eager = copy.deepcopy(model)
+    result = rewrite(model, example, _config_from(args), progress=_progress(args))
+    rewritten = copy.deepcopy(result.module())
+    with torch.no_grad():
+        expected, got = eager(*example), rewritten(*example)
+        error = max((float((a.float() - b.float()).abs().max()) for a, b in zip(
+            torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got))
+            if isinstance(a, torch.Tensor)), default=0.0)
+        eager_s = _time_steps(lambda: eager(*example), args.steps)
+        rewritten_s = _time_steps(lambda: rewritten(*example), args.steps)
+    print(f"{'step':<12}{'ms/step':>10}")
+    print(f"{'eager':<12}{eager_s * 1e3:>10.3f}")
+    print(f"{'rewritten':<12}{rewritten_s * 1e3:>10.3f}")
+    print(f"max abs difference of the first step's outputs: {error:.3g} "
+          "(both repeat the same step; timings include the cache write)")
+    return 0
+
+
+def _run_autotune(argv: list[str]) -> int:
+    """Forward ``argv`` to the kernels' autotuner (it has its own options: ``autotune --help``)."""
+    try:
+        from .kernels.autotune import autotune_main
+    except ImportError as error:
+        print(f"entmaxkv-compile autotune: error: autotune is not available in this installation ({error}); "
+              "it needs the Triton kernels (pip install triton) and a CUDA GPU", file=sys.stderr)
+        return 1
+    try:
+        return int(autotune_main(argv) or 0)
+    except SystemExit as done:  # autotune's own argument parser (--help, usage errors)
+        return done.code if isinstance(done.code, int) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``entmaxkv-compile``."""
+    parser = argparse.ArgumentParser(
+        prog="entmaxkv-compile",
+        description="Rewrite entmax-attention decode steps into support-aware sparse decoding.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    target_help = "MODULE:FACTORY, FACTORY() -> (model, example_decode_args); MODULE: module name or .py path"
+
+    rewrite_p = commands.add_parser("rewrite", help="rewrite a decode step and save it as a .pt2 program")
+    rewrite_p.add_argument("target", metavar="MODULE:FACTORY", help=target_help)
+    rewrite_p.add_argument("-o", "--output", required=True, help="the .pt2 file to write")
+    rewrite_p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    _add_config_options(rewrite_p)
+    rewrite_p.set_defaults(run=_cmd_rewrite)
+
+    export_p = commands.add_parser("export", help="export the rewritten decode step (ONNX or TensorRT)")
+    export_p.add_argument("target", metavar="MODULE:FACTORY", help=target_help)
+    export_p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
+    export_p.add_argument("-o", "--output", required=True, help="the file to write")
+    export_p.add_argument("--decompose", action=argparse.BooleanOptionalAction, default=True,
+                          help="ONNX: standard ops only, runs in onnxruntime (default); --no-decompose "
+                               "keeps 'entmaxkv' custom-domain nodes for TensorRT plugins")
+    export_p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    export_p.add_argument("--no-check", action="store_true", help="skip onnx.checker")
+    export_p.add_argument("--verify", action="store_true", help="ONNX: run onnxruntime and compare with PyTorch")
+    export_p.add_argument("--tolerance", type=float, default=1e-4, help="--verify: max abs error allowed")
+    export_p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    _add_config_options(export_p)
+    export_p.set_defaults(run=_cmd_export)
+
+    explain_p = commands.add_parser("explain", help="list every attention site and what the passes do with it")
+    explain_p.add_argument("target", metavar="MODULE:FACTORY", help=target_help)
+    explain_p.set_defaults(run=_cmd_explain)
+
+    bench_p = commands.add_parser("bench", help="time the eager and the rewritten decode step on this machine")
+    bench_p.add_argument("target", metavar="MODULE:FACTORY", help=target_help)
+    bench_p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    bench_p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    _add_config_options(bench_p)
+    bench_p.set_defaults(run=_cmd_bench)
+
+    # listed for --help only: main() forwards "autotune ..." to the autotuner before parsing
+    commands.add_parser("autotune", help="tune the Triton kernels for this GPU (options: autotune --help)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``entmaxkv-compile`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["autotune"]:
+        return _run_autotune(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .rewrite import UnsupportedModelError
+
+    try:
+        return args.run(args)
+    except (CommandError, UnsupportedModelError, ValueError, TypeError) as error:
+        print(f"entmaxkv-compile {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
