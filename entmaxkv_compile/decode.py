@@ -16,7 +16,7 @@ import torch
 
 from .cache import KVPageStats, page_token_counts
 from .config import EntmaxKVConfig, check_alpha
-from .reference import entmax_threshold
+from .reference import entmax_beta, entmax_threshold
 from .step import DecodeResult, implementation_for, run_step
 from .selection import (
     check_bound_inputs,
@@ -35,11 +35,6 @@ from .validation import (
 )
 
 __all__ = ["DecodeResult", "certify", "paged_decode", "sparse_decode"]
-
-
-def _beta(alpha: float) -> float:
-    beta = 1.0 / (alpha - 1.0)
-    return float(round(beta)) if abs(beta - round(beta)) < 1e-9 else beta
 
 
 def _decode_in(q, k_cache, v_cache, seqlens, page_mask, page_size, alpha, scale, alibi_slopes):
@@ -65,7 +60,7 @@ def _decode_in(q, k_cache, v_cache, seqlens, page_mask, page_size, alpha, scale,
         scores = scores + alibi_slopes.to(dtype).reshape(1, kv_heads, group, 1) * rel[:, None, None, :]
     scores = torch.where(mask, scores, float("-inf"))
     tau = entmax_threshold(scores, alpha, dim=-1, mask=mask.expand_as(scores)).to(dtype)
-    p = torch.where(mask, ((alpha - 1.0) * scores - tau[..., None]).clamp(min=0) ** _beta(alpha), 0.0)
+    p = torch.where(mask, ((alpha - 1.0) * scores - tau[..., None]).clamp(min=0) ** entmax_beta(alpha), 0.0)
     v = torch.where(tokens[..., None], v_cache.to(dtype), 0.0)
     out = (p @ v) / p.sum(-1, keepdim=True)
     return out.reshape(batch, q_heads, 1, head_dim).to(q.dtype), tau.reshape(batch, q_heads)
@@ -88,7 +83,7 @@ def _certify_in(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale,
     excess, unselected = _page_excess(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes)
     certified = ~(unselected & (excess > 0)).any(-1)
     counts = page_token_counts(seqlens, page_size, kmin.shape[2]).to(excess.dtype)[:, None, :]
-    dropped = torch.where(unselected, counts * excess.clamp(min=0) ** _beta(alpha), 0.0)
+    dropped = torch.where(unselected, counts * excess.clamp(min=0) ** entmax_beta(alpha), 0.0)
     return certified, dropped.sum(-1).clamp(max=1.0)
 
 

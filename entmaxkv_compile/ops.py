@@ -251,6 +251,12 @@ def decode_step(
 
 @decode_step.register_fake
 def _(q, k_cache, v_cache, seqlens, kmin, kmax, kmean, km2, *rest):
+    return decode_step_outputs_like(q, kmin)
+
+
+def decode_step_outputs_like(q: Tensor, kmin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Empty tensors shaped like ``decode_step``'s outputs (its fake implementation, shared with
+    the export-only twin ``decode_step_plugin``)."""
     batch, q_heads = q.shape[:2]
     kv_heads, num_pages = kmin.shape[1], kmin.shape[2]
     return (

@@ -37,7 +37,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _beta(alpha: float) -> float:
+def entmax_beta(alpha: float) -> float:
+    """beta = 1/(alpha-1), snapped to the nearest integer when within 1e-9 (exact fast powers)."""
     beta = 1.0 / (alpha - 1.0)
     return float(round(beta)) if abs(beta - round(beta)) < 1e-9 else beta
 
@@ -79,7 +80,7 @@ def _tau_sorted(z: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Ten
 
 def _tau_bracketed(z: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
     """tau for general alpha by bracketed Newton (bisection fallback), fixed iteration count."""
-    beta = _beta(alpha)
+    beta = entmax_beta(alpha)
     zv = torch.where(valid, z, float("-inf"))
     zmax = zv.max(dim=-1, keepdim=True).values
     n = valid.sum(-1, keepdim=True).to(z.dtype)
@@ -130,7 +131,7 @@ def entmax_probs(
     z, valid = _scaled_scores(x, alpha, dim, mask)
     tau = entmax_threshold(x, alpha, dim, mask).unsqueeze(-1)
     gap = torch.where(valid, torch.clamp(z - tau, min=0.0), 0.0)
-    beta = _beta(alpha)
+    beta = entmax_beta(alpha)
     p = gap if beta == 1.0 else gap * gap if beta == 2.0 else gap.pow(beta)
     total = p.sum(-1, keepdim=True)
     p = p / torch.where(total > 0, total, 1.0)

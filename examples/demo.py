@@ -16,7 +16,6 @@ are used there, and the time per token becomes the point).
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time

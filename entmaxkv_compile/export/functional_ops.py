@@ -23,7 +23,7 @@ import operator
 import torch
 from torch import Tensor
 
-from .. import ops as _ops  # noqa: F401  (registers the base ops wrapped here)
+from ..ops import decode_step_outputs_like  # also registers the base ops wrapped here
 
 __all__ = [
     "PLUGIN_FORMS",
@@ -86,15 +86,7 @@ def decode_step_plugin(
 
 @decode_step_plugin.register_fake
 def _(q, k_cache, v_cache, seqlens, kmin, *rest):  # noqa: ANN001
-    batch, q_heads = q.shape[:2]
-    kv_heads, num_pages = kmin.shape[1], kmin.shape[2]
-    return (
-        torch.empty_like(q),
-        q.new_empty((batch, kv_heads, num_pages), dtype=torch.int32),
-        q.new_empty((batch, kv_heads), dtype=torch.int32),
-        q.new_empty((batch, q_heads), dtype=torch.bool),
-        q.new_empty((batch, q_heads), dtype=torch.float32),
-    )
+    return decode_step_outputs_like(q, kmin)
 
 
 def _bound_args(node: torch.fx.Node) -> dict:
