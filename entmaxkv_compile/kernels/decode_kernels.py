@@ -1,16 +1,14 @@
 """Triton kernels of the fused sparse entmax decode (launched by ``paged_decode.py``).
 
-One decode step is four launches, each over fixed grids:
+One decode step is a fixed sequence of launches over fixed grids:
 
 1. ``score_kernel`` (batch x KV head, split): reads each selected K page once, scores it for all
    G query heads of the group with one ``tl.dot``, adds ALiBi, and keeps the *candidates*: tokens
    whose score is above (running max - 1) for some head of the group. Only candidates can be in
    the support, since tau >= max z - 1. Their scores (4 bytes per head) and row ids are compacted
    into a per-split segment; the split's max per head is written too.
-2. ``tau_kernel`` (batch x query head): global max M, filters the candidates to z > M - 1 into a
-   compact buffer, then solves sum [z - tau]_+^beta = 1 exactly by a bracketed Newton iteration
-   (monotone from the left for alpha <= 2, bisection fallback otherwise) run to float32
-   convergence.
+2. the exact threshold, split-parallel over the candidates (``tau_kernels.py``: a few pivot
+   levels of two launches each, certified support, cost independent of the candidate count).
 3. ``output_kernel`` (batch x KV head, split): p = [z - tau]_+^beta on the split's candidates,
    V rows loaded only where some head of the group has p > 0, partial sum p.v and sum p in fp32.
 4. ``reduce_kernel`` (batch x query head): sums the split partials in a fixed order
@@ -24,12 +22,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-# Newton/bisection iterations of the exact tau solve; the loop exits early on float32
-# convergence (bisection alone would reach 2^-48 of the [-1, 0] bracket).
-TAU_MAX_ITERS = 48
-TAU_ABS_TOL = 1e-7
-
 
 @triton.jit
 def _tail_power(x, beta, KIND: tl.constexpr):
@@ -118,74 +110,6 @@ def score_kernel(
 
 
 @triton.jit
-def tau_kernel(
-    cand_z_ptr, cand_cnt_ptr, split_max_ptr, gbuf_ptr, tau_ptr,
-    Hq, Hkv, G, num_splits, seg, alpha_m1, beta,
-    KIND: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-    MAX_ITERS: tl.constexpr, ABS_TOL: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    b = pid // Hq
-    h = pid % Hq
-    hk = h // G
-    cap = num_splits * seg
-    offs_s = tl.arange(0, BLOCK_S)
-    smax = tl.load(split_max_ptr + pid * num_splits + offs_s, mask=offs_s < num_splits,
-                   other=float("-inf"))
-    big_m = tl.max(smax, axis=0)
-
-    # Global candidates u = z - M > -1, compacted; all splits at once, BLOCK_T deep per step.
-    z_base = cand_z_ptr + pid.to(tl.int64) * cap
-    g_base = gbuf_ptr + pid.to(tl.int64) * cap
-    smask = offs_s < num_splits
-    counts = tl.load(cand_cnt_ptr + (b * Hkv + hk) * num_splits + offs_s, mask=smask, other=0)
-    deepest = tl.max(counts, axis=0)
-    offs_t = tl.arange(0, BLOCK_T)
-    n_cand = tl.zeros([], tl.int32)
-    for t in range(0, deepest, BLOCK_T):
-        tt = t + offs_t
-        live = tt[None, :] < counts[:, None]
-        u = tl.load(z_base + offs_s[:, None] * seg + tt[None, :], mask=live,
-                    other=float("-inf")) - big_m
-        keep = (u > -1.0).to(tl.int32)
-        per_split = tl.sum(keep, axis=1)
-        pos = (n_cand + (tl.cumsum(per_split, axis=0) - per_split)[:, None]
-               + tl.cumsum(keep, axis=1) - keep)
-        tl.store(g_base + pos, u, mask=keep > 0)
-        n_cand += tl.sum(per_split, axis=0)
-
-    # Bracket: f(-1) >= 0 (the max alone has weight 1); f(-C^-(alpha-1)) <= 0.
-    n_f = tl.maximum(n_cand, 1).to(tl.float32)
-    lo = tl.zeros([], tl.float32) - 1.0
-    hi = -tl.exp2(-alpha_m1 * tl.log2(n_f))
-    t = lo
-    offs_c = tl.arange(0, BLOCK_C)
-    u0 = tl.load(g_base + offs_c, mask=offs_c < n_cand, other=float("-inf"))
-    it = tl.zeros([], tl.int32)
-    done = n_cand <= 1
-    while (it < MAX_ITERS) & (done == 0):
-        p, d = _tail_power(u0 - t, beta, KIND)
-        s0 = tl.sum(p, axis=0)
-        s1 = tl.sum(d, axis=0)
-        for c0 in range(BLOCK_C, n_cand, BLOCK_C):
-            cc = c0 + offs_c
-            u = tl.load(g_base + cc, mask=cc < n_cand, other=float("-inf"))
-            p, d = _tail_power(u - t, beta, KIND)
-            s0 += tl.sum(p, axis=0)
-            s1 += tl.sum(d, axis=0)
-        f = s0 - 1.0
-        lo = tl.where(f > 0, t, lo)
-        hi = tl.where(f > 0, hi, t)
-        step = t + f / (beta * tl.maximum(s1, 1e-30))
-        t_new = tl.where((step > lo) & (step < hi), step, 0.5 * (lo + hi))
-        t_new = tl.where(f == 0, t, t_new)
-        done = (f == 0) | (t_new == t) | (hi - lo <= ABS_TOL)
-        t = t_new
-        it += 1
-    tl.store(tau_ptr + pid, big_m + t)
-
-
-@triton.jit
 def output_kernel(
     v_ptr, cand_z_ptr, cand_tok_ptr, cand_cnt_ptr, tau_ptr, o_part_ptr, l_part_ptr,
     svb, svh, svn, svd,
@@ -219,11 +143,12 @@ def output_kernel(
                     other=float("-inf"))
         p, _ = _tail_power(z - tau[:, None], beta, KIND)
         live = tl.max(p, axis=0) > 0
-        tok = tl.load(tok_base + tt, mask=tmask, other=0)
-        v = tl.load(v_base + tok.to(tl.int64)[:, None] * svn + offs_d[None, :] * svd,
-                    mask=live[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(p, v, input_precision=DOT_PREC)
-        l_sum += tl.sum(p, axis=1)
+        if tl.max(live.to(tl.int32), axis=0) > 0:  # most tiles hold no support: skip V
+            tok = tl.load(tok_base + tt, mask=tmask & live, other=0)
+            v = tl.load(v_base + tok.to(tl.int64)[:, None] * svn + offs_d[None, :] * svd,
+                        mask=live[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            acc += tl.dot(p, v, input_precision=DOT_PREC)
+            l_sum += tl.sum(p, axis=1)
     row = (b * Hq + heads) * num_splits + split
     tl.store(o_part_ptr + row[:, None] * D + offs_d[None, :], acc,
              mask=gmask[:, None] & dmask[None, :])

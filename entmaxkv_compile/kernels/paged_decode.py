@@ -15,15 +15,61 @@ from torch.library import triton_op, wrap_triton
 
 from . import _common as cm
 from .checks import check_decode_inputs
-from .decode_kernels import (
-    TAU_ABS_TOL,
-    TAU_MAX_ITERS,
-    output_kernel,
-    reduce_kernel,
-    score_kernel,
-    tau_kernel,
-)
+from .decode_kernels import output_kernel, reduce_kernel, score_kernel
+from .tau_kernels import NEWTON_STEPS, NUM_PIVOTS, NUM_SLOTS, tau_level_kernel, tau_merge_kernel
 from .tuned import decode_config
+
+
+def integer_beta(alpha: float) -> int:
+    """beta = 1/(alpha-1) when it is an integer in 1..4 (the certified closed-form path), else 0."""
+    beta = 1.0 / (alpha - 1.0)
+    r = round(beta)
+    return r if 1 <= r <= 4 and abs(beta - r) < 1e-9 else 0
+
+
+def tau_levels(alpha: float) -> int:
+    """Pivot levels of the tau search: each narrows the bracket >= 15-fold and, for integer beta,
+    most heads certify at level 1-3; general beta needs the bracket under float32 resolution."""
+    return 5 if integer_beta(alpha) else 8
+
+
+def _solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, seg, alpha, cfg):
+    """The exact threshold of every query head from the K pass's candidates (tau_kernels.py)."""
+    dev = cand_z.device
+    f32 = torch.float32
+    rows = batch * hq
+    state = torch.empty((rows, 4), device=dev, dtype=f32)
+    pivots = torch.empty((rows, NUM_PIVOTS), device=dev, dtype=f32)
+    # About eight programs per multiprocessor, each walking a run of splits: enough to hide
+    # latency when every token is a candidate, few enough that a light level is one wave.
+    chunks = max(1, min(splits, cm.cdiv(8 * cm.sm_count(dev), rows)))
+    per_prog = cm.cdiv(splits, chunks)
+    chunks = cm.cdiv(splits, per_prog)
+    part = torch.empty((rows, chunks, NUM_SLOTS, NUM_PIVOTS), device=dev, dtype=f32)
+    survivors = [torch.empty_like(cand_z), torch.empty_like(cand_z)]
+    surv_cnt = [torch.empty((rows, splits), device=dev, dtype=torch.int32) for _ in range(2)]
+    rmax = integer_beta(alpha)
+    levels = tau_levels(alpha)
+    block_s = cm.next_pow2(splits)
+    merge_block_s = min(cm.next_pow2(chunks), 64)
+    src_z, src_cnt = cand_z, cand_cnt
+    for level in range(levels):
+        # Every level keeps only the candidates above its lower bound (level 1: M - 1, with the
+        # global max M, far tighter than the K pass's running split max), so later levels read
+        # the survivors alone.
+        dst_z, dst_cnt = survivors[level % 2], surv_cnt[level % 2]
+        wrap_triton(tau_level_kernel)[(rows, chunks)](
+            src_z, src_cnt, dst_z, dst_cnt, split_max, state, part, pivots,
+            hq, hkv, group, splits, seg, alpha - 1.0, 1.0 / (alpha - 1.0), per_prog, chunks,
+            FIRST=level == 0, FROM_CAND=level == 0, RMAX=rmax, NP=NUM_PIVOTS,
+            BLOCK_S=block_s, BLOCK_T=cfg["BLOCK_TAU"], num_warps=cfg["tau_warps"],
+        )
+        wrap_triton(tau_merge_kernel)[(rows,)](
+            part, pivots, state, tau, chunks,
+            RMAX=rmax, LAST=level == levels - 1, NP=NUM_PIVOTS, BLOCK_S=merge_block_s,
+            STEPS=NEWTON_STEPS, num_warps=4,
+        )
+        src_z, src_cnt = dst_z, dst_cnt
 
 
 @triton_op("entmaxkv::triton_paged_decode", mutates_args=())
@@ -54,7 +100,6 @@ def triton_paged_decode(
     cand_tok = torch.empty((batch, hkv, cap), device=dev, dtype=torch.int32)
     cand_cnt = torch.empty((batch, hkv, splits), device=dev, dtype=torch.int32)
     split_max = torch.empty((batch, hq, splits), device=dev, dtype=f32)
-    gbuf = torch.empty((batch, hq, cap), device=dev, dtype=f32)
     tau = torch.empty((batch, hq), device=dev, dtype=f32)
     o_part = torch.empty((batch, hq, splits, dim), device=dev, dtype=f32)
     l_part = torch.empty((batch, hq, splits), device=dev, dtype=f32)
@@ -80,12 +125,7 @@ def triton_paged_decode(
         DOT_PREC=cm.dot_precision(dev, q.dtype), UPCAST=cm.dot_upcast(dev, q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    wrap_triton(tau_kernel)[(batch * hq,)](
-        cand_z, cand_cnt, split_max, gbuf, tau,
-        hq, hkv, group, splits, seg, alpha - 1.0, beta,
-        KIND=kind, BLOCK_S=block_s, BLOCK_T=cfg["BLOCK_T"], BLOCK_C=cfg["BLOCK_C"],
-        MAX_ITERS=TAU_MAX_ITERS, ABS_TOL=TAU_ABS_TOL, num_warps=cfg["tau_warps"],
-    )
+    _solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, seg, alpha, cfg)
     wrap_triton(output_kernel)[(batch * hkv, splits)](
         v_cache, cand_z, cand_tok, cand_cnt, tau, o_part, l_part,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
