@@ -162,6 +162,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heads", help="comma list of Hq/Hkv, e.g. 32/8,8/8")
     parser.add_argument("--lengths", help="comma list of N, e.g. 32768,131072")
     parser.add_argument("--dtypes", help="comma list of fp16,bf16,fp32")
+    parser.add_argument("--dim", type=int, help="head dim D (default: the preset's)")
     parser.add_argument("--methods", help=f"comma list of {','.join(METHODS)} (default: all)")
     parser.add_argument("--device", help="cuda or cpu (default: the preset's)")
     parser.add_argument("--budget-s", type=float, help="stop starting configurations after this long")
@@ -183,6 +184,7 @@ def _plan(args: argparse.Namespace) -> dict:
         plan["dtypes"] = args.dtypes.split(",")
     plan["methods"] = args.methods.split(",") if args.methods else list(METHODS)
     plan["device"] = args.device or plan["device"]
+    plan["dim"] = args.dim or plan["dim"]
     if args.budget_s is not None:
         plan["budget_s"] = args.budget_s
     for name, values, known in (("families", plan["families"], FAMILIES), ("dtypes", plan["dtypes"], DTYPES),

@@ -181,3 +181,24 @@ def test_real_family_keeps_the_model_scores(monkeypatch):
     early = k[0, 0, n - 96 - 50: n - 96, :64]
     copy = rk[0, -50:]
     assert 0 < float((early - copy).std()) < 0.2 * float(rk[0].std(0).max())
+
+
+def test_decode_failures_become_notes(tmp_path, monkeypatch):
+    original = decode_bench.Case._ours
+
+    def flaky(self, method, row):
+        if method == "topk":
+            raise RuntimeError("simulated kernel failure")
+        return original(self, method, row)
+
+    monkeypatch.setattr(decode_bench.Case, "_ours", flaky)
+    # D = 32 is below the recorded head dim: the "real" configuration fails in its setup
+    argv = ["--preset", "smoke", "--out", str(tmp_path), "--families", "real,iid", "--dim", "32",
+            "--methods", "flash,dense,topk"]
+    assert decode_bench.main(argv) == 0
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    setup = [r for r in rows if r["family"] == "real"]
+    assert len(setup) == 1 and setup[0]["method"] == "(setup)" and "head dim" in setup[0]["note"]
+    iid = {r["method"]: r for r in rows if r["family"] == "iid"}
+    assert iid["topk"]["ms"] is None and iid["topk"]["note"] == "RuntimeError: simulated kernel failure"
+    assert iid["dense"]["ms"] > 0 and iid["flash"]["ms"] > 0
