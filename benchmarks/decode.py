@@ -8,12 +8,12 @@ One run times, per configuration (data family x batch x heads x length x dtype),
   stored in the cache dtype, ``gaussian`` float32 ones; ``topk`` keeps 3% of the tokens).
 
 Each step is captured in a CUDA graph and its replay timed by ``triton.testing.do_bench``
-(median). Next to each time: the bytes the method must read (SDPA: all of K and V; ours: the page
-statistics its selector reads plus K and V of the pages it attends), the achieved GB/s on them and
-the time those bytes take at 4.3 TB/s (the floor), the fraction of pages attended, the relative
-error of the output against exact full entmax (float32, plain torch, :mod:`benchmarks.exact`), the
-fraction of certified heads, and the speedup over SDPA flash. A failing method becomes a row with
-a note; the run goes on.
+(median; ``--eager`` also times our steps uncaptured). Next to each time: the bytes the method
+must read (SDPA: all of K and V; ours: the page statistics its selector reads plus K and V of the
+pages it attends), the achieved GB/s on them and the time those bytes take at 4.3 TB/s (the
+floor), the fraction of pages attended, the relative error of the output against exact full
+entmax (float32, plain torch, :mod:`benchmarks.exact`), the fraction of certified heads, and the
+speedup over SDPA flash. A failing method becomes a row with a note; the run goes on.
 
     python benchmarks/decode.py --preset quick --out OUT        # H200: < 5 min
     python benchmarks/decode.py --preset full --out OUT --dtypes fp16 --batches 1   # split full
@@ -83,8 +83,8 @@ class Case:
     """One configuration's data, oracle and page statistics, and the timing of each method on it."""
 
     def __init__(self, family: str, batch: int, hq: int, hkv: int, n: int, dim: int, dtype: torch.dtype,
-                 device: torch.device, seed: int, methods: list[str]) -> None:
-        self.device, self.methods = device, methods
+                 device: torch.device, seed: int, methods: list[str], eager: bool = False) -> None:
+        self.device, self.methods, self.eager = device, methods, eager
         self.q, self.k, self.v = generate(family, batch, hq, hkv, n, dim, dtype, device, seed)
         self.seqlens = torch.full((batch,), n, dtype=torch.int32, device=device)
         self.ref = exact_entmax_decode(self.q, self.k, self.v, ALPHA)
@@ -134,6 +134,8 @@ class Case:
 
         replay, result, note = timing.capture(step, self.device)
         row["ms"] = timing.bench(replay, self.device)
+        if self.eager and replay is not step:
+            row["eager_ms"] = timing.bench(step, self.device)
         replay()  # the graph's output tensors now hold one replay's result
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -167,6 +169,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="cuda or cpu (default: the preset's)")
     parser.add_argument("--budget-s", type=float, help="stop starting configurations after this long")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eager", action="store_true",
+                        help="also time our steps without the CUDA graph (JSON key eager_ms)")
     return parser.parse_args(argv)
 
 
@@ -221,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.time()
         case = None
         try:
-            case = Case(family, batch, hq, hkv, n, plan["dim"], DTYPES[dt], device, args.seed, plan["methods"])
+            case = Case(family, batch, hq, hkv, n, plan["dim"], DTYPES[dt], device, args.seed, plan["methods"],
+                        eager=args.eager)
             prep = time.time() - start
             rows = [dict(key, **case.run(m)) for m in plan["methods"]]
         except Exception as exc:  # noqa: BLE001 - e.g. OOM while generating: note it, go on

@@ -56,7 +56,7 @@ PRESETS: dict[str, dict] = {
                   steps=3, warmup=1, selectors=list(SELECTORS), inductor=False, budget_s=300.0),
     "quick": dict(device="cuda", contexts=[32768, 131072], layers=4, heads=8, kv_heads=8, head_dim=128,
                   dtype="bfloat16", steps=16, warmup=3, selectors=["gaussian", "certified"], inductor=True,
-                  budget_s=210.0),
+                  budget_s=225.0),
     "full": dict(device="cuda", contexts=[32768, 131072, 524288], layers=4, heads=8, kv_heads=8, head_dim=128,
                  dtype="bfloat16", steps=32, warmup=3, selectors=list(SELECTORS), inductor=True, budget_s=500.0),
 }
@@ -255,6 +255,31 @@ def _summary(row: dict) -> str:
     return " | ".join(parts)
 
 
+def _job(plan: dict, seed: int, context: int, method: str, fills: dict, refs: dict, t0: float) -> dict:
+    """Run one (context, method); failures and budget skips become the row's note."""
+    row = dict(context=context, method=method, ms_per_token=None, max_logit_err=None, warmup_s=None, note=None)
+    if method not in ("exact", "exact_softmax") and time.time() - t0 > plan["budget_s"]:
+        row["note"] = f"skipped: time budget {plan['budget_s']:.0f}s spent"
+        return row
+    try:
+        if context not in fills:
+            fills[context] = planted_fill(plan, context, seed)
+        seconds, warm, logits = _run(plan, method, context, fills[context])
+    except Exception as exc:  # noqa: BLE001 - a failing method is a note, the run goes on
+        row["note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        _release(plan["device"])
+        return row
+    if method in ("exact", "exact_softmax"):
+        refs[(context, method)] = logits
+        row["logit_scale"] = float(logits.abs().max())
+    else:
+        ref = refs.get((context, "exact_softmax" if method == "sdpa_flash" else "exact"))
+        if ref is not None:
+            row["max_logit_err"] = float((logits - ref).abs().max())
+    row.update(ms_per_token=seconds * 1e3, warmup_s=warm)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     args, plan = _parse(argv)
     if plan["device"] == "cuda" and not torch.cuda.is_available():
@@ -266,34 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     meta.update(preset=args.preset, plan=plan, page_size=PAGE, alpha=1.5, rows=[])
     print(report.header(meta), flush=True)
     fills, refs = {}, {}
-    phases = [("exact", "exact_softmax", "inductor", "sdpa_flash"),
-              tuple(f"entmaxkv_{s}" for s in plan["selectors"])]
-    for methods in phases:
-        for context in plan["contexts"]:
-            for method in methods:
-                row = dict(context=context, method=method, ms_per_token=None, max_logit_err=None, warmup_s=None,
-                           note=None)
-                if method not in ("exact", "exact_softmax") and time.time() - t0 > plan["budget_s"]:
-                    row["note"] = f"skipped: time budget {plan['budget_s']:.0f}s spent"
-                else:
-                    try:
-                        if context not in fills:
-                            fills[context] = planted_fill(plan, context, args.seed)
-                        seconds, warm, logits = _run(plan, method, context, fills[context])
-                        if method in ("exact", "exact_softmax"):
-                            refs[(context, method)] = logits
-                            row["logit_scale"] = float(logits.abs().max())
-                        else:
-                            ref = refs.get((context, "exact_softmax" if method == "sdpa_flash" else "exact"))
-                            if ref is not None:
-                                row["max_logit_err"] = float((logits - ref).abs().max())
-                        row.update(ms_per_token=seconds * 1e3, warmup_s=warm)
-                    except Exception as exc:  # noqa: BLE001 - a failing method is a note, the run goes on
-                        row["note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-                        _release(plan["device"])
-                print(f"[{time.time() - t0:6.1f}s] context={context} {method}: {_summary(row)}", flush=True)
-                meta["rows"].append(row)
-                (args.out / "e2e.json").write_text(json.dumps(meta, indent=1))
+    # baselines first (before the backend's import), then each selector at every context in turn
+    jobs = [(c, m) for c in plan["contexts"] for m in ("exact", "exact_softmax", "inductor", "sdpa_flash")]
+    jobs += [(c, f"entmaxkv_{s}") for s in plan["selectors"] for c in plan["contexts"]]
+    for context, method in jobs:
+        row = _job(plan, args.seed, context, method, fills, refs, t0)
+        print(f"[{time.time() - t0:6.1f}s] context={context} {method}: {_summary(row)}", flush=True)
+        meta["rows"].append(row)
+        (args.out / "e2e.json").write_text(json.dumps(meta, indent=1))
     meta["elapsed_s"] = time.time() - t0
     (args.out / "e2e.json").write_text(json.dumps(meta, indent=1))
     print(table(meta), flush=True)
