@@ -80,7 +80,8 @@ def iid(b, hq, hkv, n, d, dtype, device, seed=0):
     """q, K, V iid standard normal (the worst case for page sparsity)."""
     _check(b, hq, hkv, n, d)
     q = torch.randn(b, hq, 1, d, generator=_gen(device, seed, "q"), device=device).to(dtype)
-    return q, _normal_cache(b, hkv, n, d, dtype, device, seed, "k"), _normal_cache(b, hkv, n, d, dtype, device, seed, "v")
+    k = _normal_cache(b, hkv, n, d, dtype, device, seed, "k")
+    return q, k, _normal_cache(b, hkv, n, d, dtype, device, seed, "v")
 
 
 def planted_page_mask(b: int, hkv: int, pages: int, density: float, spans: int, seed: int,

@@ -169,7 +169,8 @@ def _compiled(plan: dict, method: str, model: torch.nn.Module, context: int):
             return torch.compile(model, backend="eager", fullgraph=True)
         return torch.compile(model, mode=mode, fullgraph=True)
     selector = method.removeprefix("entmaxkv_")
-    options = dict(selector=selector, page_size=PAGE, token_budget=max(PAGE, int(TOPK_FRACTION * context) // PAGE * PAGE))
+    budget = max(PAGE, int(TOPK_FRACTION * context) // PAGE * PAGE)
+    options = dict(selector=selector, page_size=PAGE, token_budget=budget)
     if mode:
         options["mode"] = mode
     if not plan["inductor"]:
