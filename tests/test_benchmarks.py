@@ -202,3 +202,33 @@ def test_decode_failures_become_notes(tmp_path, monkeypatch):
     iid = {r["method"]: r for r in rows if r["family"] == "iid"}
     assert iid["topk"]["ms"] is None and iid["topk"]["note"] == "RuntimeError: simulated kernel failure"
     assert iid["dense"]["ms"] > 0 and iid["flash"]["ms"] > 0
+
+
+def test_e2e_planted_fill_is_aligned_with_each_layer():
+    """Every layer's first-step queries put most of their exact entmax mass on the planted pages."""
+    plan = dict(e2e.PRESETS["smoke"], contexts=[512])
+    context = 512
+    fill = e2e.planted_fill(plan, context, seed=0)
+    model = e2e.build(plan, context, "own_entmax15", fill)
+    hq, hkv, d = plan["heads"], plan["kv_heads"], plan["head_dim"]
+    masses = []
+
+    def hook(module, args):
+        x, freqs, _ = args
+        q = module.wqkv(x)[..., : hq * d].view(1, 1, hq, d)
+        q = gpt_fast_rotary(q, freqs).transpose(1, 2).float()  # [1, Hq, 1, D]
+        k = module.kv_cache.k_cache[:, :, :context].float().repeat_interleave(hq // hkv, 1)
+        p = exact.entmax_weights((q @ k.transpose(-1, -2))[:, :, 0] / math.sqrt(d), 1.5)  # [1, Hq, N]
+        index = len(masses)
+        pages = module.kv_cache.k_cache.shape[2] // 16  # the fill covers the whole static buffer
+        mask = planted_page_mask(1, hkv, pages, 0.02, 16, index, "cpu")
+        tokens = mask.repeat_interleave(16, -1)[..., :context].repeat_interleave(hq // hkv, 1)
+        masses.append(float((p * tokens).sum(-1).min()))
+
+    from examples.zoo.gpt_fast import apply_rotary as gpt_fast_rotary
+
+    for layer in model.layers:
+        layer.attention.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        model(torch.zeros(1, 1, dtype=torch.long), torch.tensor([context]))
+    assert len(masses) == plan["layers"] and min(masses) > 0.9, masses
