@@ -83,8 +83,8 @@ class Case:
     """One configuration's data, oracle and page statistics, and the timing of each method on it."""
 
     def __init__(self, family: str, batch: int, hq: int, hkv: int, n: int, dim: int, dtype: torch.dtype,
-                 device: torch.device, seed: int, methods: list[str], eager: bool = False) -> None:
-        self.device, self.methods, self.eager = device, methods, eager
+                 device: torch.device, seed: int, eager: bool = False) -> None:
+        self.device, self.eager = device, eager
         self.q, self.k, self.v = generate(family, batch, hq, hkv, n, dim, dtype, device, seed)
         self.seqlens = torch.full((batch,), n, dtype=torch.int32, device=device)
         self.ref = exact_entmax_decode(self.q, self.k, self.v, ALPHA)
@@ -225,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.time()
         case = None
         try:
-            case = Case(family, batch, hq, hkv, n, plan["dim"], DTYPES[dt], device, args.seed, plan["methods"],
-                        eager=args.eager)
+            case = Case(family, batch, hq, hkv, n, plan["dim"], DTYPES[dt], device, args.seed, eager=args.eager)
             prep = time.time() - start
             rows = [dict(key, **case.run(m)) for m in plan["methods"]]
         except Exception as exc:  # noqa: BLE001 - e.g. OOM while generating: note it, go on
