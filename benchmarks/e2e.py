@@ -22,11 +22,14 @@ Plain-Inductor and SDPA baselines run for all contexts before the entmaxkv backe
 importing it installs tracing polyfills that would change what "plain Inductor" compiles.
 ms/token is wall time over the timed steps (host overhead included, as a user's loop sees it).
 
-    python benchmarks/e2e.py --preset quick --out OUT    # H200, 32k and 128k, < 4 min
-    python benchmarks/e2e.py --preset full --out OUT     # + 512k and every selector
+    python benchmarks/e2e.py --preset quick --out OUT    # H200: 32k, 128k; gaussian, certified
+    python benchmarks/e2e.py --preset full --out OUT     # + 512k, + topk and dense, 32 steps
     python benchmarks/e2e.py --preset smoke --out OUT    # CPU plumbing check (no Inductor)
 
-Writes ``OUT/e2e.json``; the last lines printed are the summary table.
+Methods not started within the preset's time budget (``--budget-s``; quick: 225 s, so that the
+run ends in about 4 minutes) are skipped with a note; the warm-up seconds of each row (compilation
+and graph recording) show where the time went. Writes ``OUT/e2e.json``; the last lines printed are
+the summary table.
 """
 
 from __future__ import annotations
