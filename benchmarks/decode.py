@@ -1,21 +1,33 @@
-"""Decode-step benchmark, side by side in one run (GPU only).
+"""Decode-step benchmark: softmax SDPA against our entmax decode, side by side, on data families.
 
-Methods: torch SDPA with the flash backend (softmax, dense), our dense entmax decode, and the whole
-top-k, gaussian and certified steps (page scoring + selection + fused decode [+ certificate]);
-``gaussian`` reads float32 page moments, ``gaussian_c`` compact ones in the cache dtype.
-Every method is captured in a CUDA graph and timed by ``triton.testing.do_bench`` (median).
-Printed per row: ms, achieved GB/s on the bytes the method must move, selected page fraction and
-the relative error versus exact full entmax (computed in fp32 on the GPU).
+One run times, per configuration (data family x batch x heads x length x dtype), on the same q/K/V:
 
-Usage: ``python benchmarks/decode.py --out results.json [--lengths 32768,131072] [--quick]``.
+- ``flash``, ``cudnn``: torch SDPA on that backend (softmax, dense; the speed bar);
+- ``dense``, ``topk``, ``gaussian``, ``gaussian_c``, ``certified``: our public
+  ``sparse_decode(..., check_values=False)`` with that selector (``gaussian_c`` reads page moments
+  stored in the cache dtype, ``gaussian`` float32 ones; ``topk`` keeps 3% of the tokens).
+
+Each step is captured in a CUDA graph and its replay timed by ``triton.testing.do_bench``
+(median; ``--eager`` also times our steps uncaptured). Next to each time: the bytes the method
+must read (SDPA: all of K and V; ours: the page statistics its selector reads plus K and V of the
+pages it attends), the achieved GB/s on them and the time those bytes take at 4.3 TB/s (the
+floor), the fraction of pages attended, the relative error of the output against exact full
+entmax (float32, plain torch, :mod:`benchmarks.exact`), the fraction of certified heads, and the
+speedup over SDPA flash. A failing method becomes a row with a note; the run goes on.
+
+    python benchmarks/decode.py --preset quick --out OUT        # H200: < 5 min
+    python benchmarks/decode.py --preset full --out OUT --dtypes fp16 --batches 1   # split full
+    python benchmarks/decode.py --preset smoke --out OUT        # CPU plumbing check, < 60 s
+
+Writes ``OUT/decode.json`` (rewritten after every configuration) and ``OUT/speedup_*.png``; the
+last lines printed are the summary tables (:mod:`benchmarks.report`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import gc
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -24,255 +36,215 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from entmaxkv_compile import kernels, reference  # noqa: E402
-from entmaxkv_compile.cache import KVPageStats  # noqa: E402
-from entmaxkv_compile.config import EntmaxKVConfig  # noqa: E402
-from entmaxkv_compile.kernels import tuned  # noqa: E402
-from entmaxkv_compile.step import run_step  # noqa: E402
+from benchmarks import report, timing  # noqa: E402
+from benchmarks.data_families import CHUNK, FAMILIES, generate  # noqa: E402
+from benchmarks.exact import exact_entmax_decode  # noqa: E402
+from entmaxkv_compile import EntmaxKVConfig, KVPageStats, sparse_decode  # noqa: E402
 
 PAGE = 16
 ALPHA = 1.5
-DEVICE = "cuda"
+TOPK_FRACTION = 0.03
+FLOOR_TBPS = 4.3  # the lent H200's device-copy bandwidth (shared/DESIGN.md section 5)
+METHODS = ("flash", "cudnn", "dense", "topk", "gaussian", "gaussian_c", "certified")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+PRESETS: dict[str, dict] = {
+    "smoke": dict(device="cpu", families=list(FAMILIES), batches=[1], heads=[(4, 2)], lengths=[512],
+                  dim=64, dtypes=["fp32"], budget_s=300.0),
+    "quick": dict(device="cuda", families=["iid", "planted2", "heavy", "lowrank_rope", "real"], batches=[1],
+                  heads=[(32, 8)], lengths=[32768, 131072, 1048576], dim=128, dtypes=["fp16"],
+                  budget_s=280.0),
+    "full": dict(device="cuda", families=list(FAMILIES), batches=[1, 8], heads=[(32, 8), (8, 8)],
+                 lengths=[32768, 131072, 524288, 1048576], dim=128, dtypes=["fp16", "bf16"], budget_s=450.0),
+}
 
 
-def make_data(batch, hq, hkv, n, dim, dtype, structured, seed=0):
-    """q, K, V on the GPU. Structured: group-correlated queries, iid keys plus planted clusters
-    of high-score keys covering ~1.5% of pages, so the entmax support is small."""
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    dev = DEVICE
-    base = torch.randn(batch, hkv, 1, 1, dim, generator=gen, device=dev)
-    q = (base + 0.3 * torch.randn(batch, hkv, hq // hkv, 1, dim, generator=gen, device=dev))
-    q = q.reshape(batch, hq, 1, dim)
-    k = torch.randn(batch, hkv, n, dim, generator=gen, device=dev, dtype=dtype)
-    v = torch.randn(batch, hkv, n, dim, generator=gen, device=dev, dtype=dtype)
-    if structured:
-        pages = n // PAGE
-        planted = max(1, int(0.015 * pages))
-        chosen = torch.randperm(pages, generator=gen, device=dev)[:planted]
-        rows = (chosen[:, None] * PAGE + torch.arange(PAGE, device=dev)).flatten()
-        direction = base[:, :, 0, 0]  # [B, Hkv, D]
-        direction = 6.0 * math.sqrt(dim) * direction / (direction * direction).sum(-1, True)
-        strength = torch.rand(rows.numel(), generator=gen, device=dev) * 0.5 + 0.75
-        k[:, :, rows] += (direction[:, :, None, :] * strength[None, None, :, None]).to(dtype)
-    return q.to(dtype), k, v
+def page_stats(k: torch.Tensor, moment_dtype: torch.dtype | None) -> KVPageStats:
+    """Page statistics of a full cache ``k``, built :data:`CHUNK` tokens at a time (bounded
+    temporaries at 1M tokens x B = 8); moments in ``moment_dtype`` (None = float32)."""
+    batch, hkv, n, dim = k.shape
+    stats = KVPageStats.allocate(batch, hkv, n, dim, PAGE, k.dtype, k.device, moment_dtype=moment_dtype)
+    for start in range(0, n, CHUNK):
+        stop = min(n, start + CHUNK)
+        lengths = torch.full((batch,), stop - start, dtype=torch.int32, device=k.device)
+        part = KVPageStats.from_cache(k[:, :, start:stop].contiguous(), lengths, PAGE, check_values=False,
+                                      moment_dtype=moment_dtype)
+        first, last = start // PAGE, -(-stop // PAGE)
+        for dst, src in zip(stats.buffers(), part.buffers()):
+            dst[:, :, first:last].copy_(src)
+    return stats
 
 
-def exact_entmax(q, k, v, alpha, scale, chunk=1 << 16):
-    """Exact full entmax decode in fp32 on the GPU, chunked over tokens (no [Hq, N, D] copy)."""
-    batch, hq, _, dim = q.shape
-    hkv, n = k.shape[1], k.shape[2]
-    g = hq // hkv
-    qg = q.float().reshape(batch, hkv, g, dim)
-    scores = torch.empty(batch, hkv, g, n, device=q.device)
-    for s in range(0, n, chunk):
-        scores[..., s:s + chunk] = qg @ k[:, :, s:s + chunk].float().transpose(-1, -2)
-    scores = scores.reshape(batch, hq, n) * scale
-    p = reference.entmax(scores, alpha=alpha, dim=-1).reshape(batch, hkv, g, n)
-    out = torch.zeros(batch, hkv, g, dim, device=q.device)
-    for s in range(0, n, chunk):
-        out += p[..., s:s + chunk] @ v[:, :, s:s + chunk].float()
-    support = (p > 0).reshape(batch, hkv, g, n).any(2)  # rows of V some head needs
-    return out.reshape(batch, hq, 1, dim), support
-
-
-def graphed(fn):
-    """Capture ``fn`` in a CUDA graph after a warm-up; return the replay callable."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        result = fn()
-    return graph.replay, result
-
-
-def bench(fn):
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def kernel_breakdown(replay, label, repeats=20):
-    """Per-kernel GPU time of a graphed step (torch.profiler), printed as a short table."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(repeats):
-            replay()
-        torch.cuda.synchronize()
-    rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:10]
-    text = ", ".join(f"{e.key[:28]}={e.device_time_total / repeats:.1f}us" for e in rows)
-    print(f"  breakdown {label}: {text}", flush=True)
-    return {e.key: e.device_time_total / repeats for e in rows}
-
-
-def rel_err(out, ref):
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref).norm() / ref.norm())
 
 
-def run_case(batch, hq, hkv, n, dim, dtype, structured, budget_frac=0.03, breakdown=False,
-             variants=None):
-    scale = 1 / math.sqrt(dim)
-    q, k, v = make_data(batch, hq, hkv, n, dim, dtype, structured)
-    seqlens = torch.full((batch,), n, device=DEVICE, dtype=torch.int32)
-    stats = KVPageStats.allocate(batch, hkv, n, dim, PAGE, dtype, DEVICE)
-    kernels.stats_prefill_(k, seqlens, PAGE, *stats.buffers())
-    compact = KVPageStats.allocate(batch, hkv, n, dim, PAGE, dtype, DEVICE, moment_dtype=dtype)
-    kernels.stats_prefill_(k, seqlens, PAGE, *compact.buffers())
-    ref, support = exact_entmax(q, k, v, ALPHA, scale)
-    pages = n // PAGE
-    esz = k.element_size()
-    kv_bytes = 2 * batch * hkv * n * dim * esz
-    k_bytes = kv_bytes // 2
-    v_support = int(support.sum()) * dim * esz
-    minmax_bytes = 2 * batch * hkv * pages * dim * esz
-    moment_bytes = 2 * batch * hkv * pages * dim * 4
-    compact_bytes = moment_bytes * esz // 4
-    rows = []
+class Case:
+    """One configuration's data, oracle and page statistics, and the timing of each method on it."""
 
-    def record(name, ms, nbytes, frac, out):
-        rows.append(dict(method=name, ms=ms, gbps=nbytes / ms / 1e6, bytes=nbytes,
-                         selected=frac, rel_err=rel_err(out, ref) if out is not None else None))
+    def __init__(self, family: str, batch: int, hq: int, hkv: int, n: int, dim: int, dtype: torch.dtype,
+                 device: torch.device, seed: int, eager: bool = False) -> None:
+        self.device, self.eager = device, eager
+        self.q, self.k, self.v = generate(family, batch, hq, hkv, n, dim, dtype, device, seed)
+        self.seqlens = torch.full((batch,), n, dtype=torch.int32, device=device)
+        self.ref = exact_entmax_decode(self.q, self.k, self.v, ALPHA)
+        self.pages = -(-n // PAGE)
+        self.esz = self.k.element_size()
+        self.kv_bytes = 2 * self.k.numel() * self.esz
+        self.stats: dict[str, KVPageStats] = {}
 
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    def _stats(self, which: str) -> KVPageStats:
+        if which not in self.stats:
+            self.stats[which] = page_stats(self.k, self.k.dtype if which == "cache" else None)
+        return self.stats[which]
 
-    def sdpa():
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=hkv != hq)
-    replay, _ = graphed(sdpa)
-    record("sdpa_flash", bench(replay), kv_bytes, 1.0, None)
+    def run(self, method: str) -> dict:
+        row: dict = dict(method=method, ms=None, bytes=None, gbps=None, floor_ms=None, selected=None,
+                         rel_err=None, certified=None, graphed=None, note=None)
+        try:
+            if method in ("flash", "cudnn"):
+                self._sdpa(method, row)
+            else:
+                self._ours(method, row)
+        except Exception as exc:  # noqa: BLE001 - a failing method is a row note, the run goes on
+            row["note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        if row["ms"] and row["bytes"]:
+            row["gbps"] = row["bytes"] / row["ms"] / 1e6
+            row["floor_ms"] = row["bytes"] / (FLOOR_TBPS * 1e9)
+        return row
 
-    select_kw = dict(page_size=PAGE, alpha=ALPHA, scale=scale, max_quantile=0.99, margin=0.0,
-                     tau_estimate="global", sink_pages=0, recent_pages=0, min_context=0)
-    budget = max(PAGE, int(budget_frac * n) // PAGE * PAGE)
+    def _sdpa(self, backend: str, row: dict) -> None:
+        fn, note = timing.sdpa_step(self.q, self.k, self.v, backend)
+        replay, _, capture_note = timing.capture(fn, self.device)
+        row.update(ms=timing.bench(replay, self.device), bytes=self.kv_bytes, selected=1.0,
+                   graphed=capture_note is None and self.device.type == "cuda",
+                   note="; ".join(filter(None, (note, capture_note))) or None)
 
-    def step(selector, buffers=None, overrides=None):
-        buffers = stats.buffers() if buffers is None else buffers
+    def _ours(self, method: str, row: dict) -> None:
+        n, dim = self.k.shape[2], self.k.shape[3]
+        batch, hkv = self.k.shape[:2]
+        selector = "gaussian" if method == "gaussian_c" else method
+        budget = max(PAGE, int(TOPK_FRACTION * n) // PAGE * PAGE)
+        config = EntmaxKVConfig(selector=selector, page_size=PAGE, alpha=ALPHA, token_budget=budget)
+        stats = self._stats("cache" if method == "gaussian_c" else "float32")
+        q, k, v, seqlens = self.q, self.k, self.v, self.seqlens
 
-        def fn():
-            with contextlib.ExitStack() as stack:
-                for family, params in (overrides or {}).items():
-                    stack.enter_context(tuned.override(family, params))
-                idx, nsel = kernels.select_pages(q, *buffers, seqlens, selector=selector,
-                                                 token_budget=budget, **select_kw)
-                out, _ = kernels.paged_decode(q, k, v, seqlens, idx, nsel, page_size=PAGE,
-                                              alpha=ALPHA, scale=scale)
-            return out, nsel
-        return fn
+        def step():
+            return sparse_decode(q, k, v, seqlens, config, stats, check_values=False)
 
-    certified_cfg = EntmaxKVConfig(selector="certified", page_size=PAGE, alpha=ALPHA,
-                                   tau_estimate="global", certify_max_rounds=1)
+        replay, result, note = timing.capture(step, self.device)
+        row["ms"] = timing.bench(replay, self.device)
+        if self.eager and replay is not step:
+            row["eager_ms"] = timing.bench(step, self.device)
+        replay()  # the graph's output tensors now hold one replay's result
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        selected = result.num_selected.to(torch.int64)
+        pages_per_head = batch * hkv * self.pages
+        stat_bytes = pages_per_head * dim * sum(t.element_size() for t in self._stat_tensors(method, stats))
+        row.update(bytes=stat_bytes + int(selected.sum()) * PAGE * dim * self.esz * 2,
+                   selected=float(selected.sum()) / pages_per_head, rel_err=_rel_err(result.out, self.ref),
+                   certified=float(result.certified.float().mean()),
+                   graphed=note is None and self.device.type == "cuda", note=note)
 
-    def certified():
-        res = run_step(kernels, q, k, v, seqlens, stats.buffers(), certified_cfg, alpha=ALPHA,
-                       scale=scale)
-        return res.out, res.num_selected
-
-    all_idx = torch.arange(pages, device=DEVICE, dtype=torch.int32).repeat(batch, hkv, 1)
-    all_n = torch.full((batch, hkv), pages, device=DEVICE, dtype=torch.int32)
-    replay, (out, _) = graphed(lambda: kernels.paged_decode(
-        q, k, v, seqlens, all_idx, all_n, page_size=PAGE, alpha=ALPHA, scale=scale))
-    record("entmax_dense", bench(replay), k_bytes + v_support, 1.0, out)
-    if breakdown:
-        rows[-1]["breakdown"] = kernel_breakdown(replay, "entmax_dense")
-
-    methods = [("topk", step("topk"), minmax_bytes),
-               ("gaussian", step("gaussian"), moment_bytes),
-               ("gaussian_c", step("gaussian", compact.buffers()), compact_bytes),
-               ("certified", certified, moment_bytes + 2 * minmax_bytes)]
-    for name, overrides in (variants or {}).items():  # launch-parameter variants, compact moments
-        methods.insert(-1, (name, step("gaussian", compact.buffers(), overrides), compact_bytes))
-    for name, fn, stat_bytes in methods:
-        replay, (out, nsel) = graphed(fn)
-        replay()
-        torch.cuda.synchronize()
-        frac = float(nsel.float().mean()) / pages
-        sel_bytes = int(nsel.sum()) * PAGE * dim * esz
-        record(name, bench(replay), stat_bytes + sel_bytes + v_support, frac, out)
-        if breakdown and name.startswith(("gaussian", "topk")):
-            rows[-1]["breakdown"] = kernel_breakdown(replay, name)
-    return rows
+    @staticmethod
+    def _stat_tensors(method: str, stats: KVPageStats) -> list[torch.Tensor]:
+        """The statistics a selector must read: kmin/kmax (Quest bound), kmean/km2 (gaussian)."""
+        return {"dense": [], "topk": [stats.kmin, stats.kmax], "gaussian": [stats.kmean, stats.km2],
+                "gaussian_c": [stats.kmean, stats.km2],
+                "certified": [stats.kmin, stats.kmax, stats.kmean, stats.km2]}[method]
 
 
-def copy_bandwidth():
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    ms = bench(lambda: y.copy_(x))
-    return 2 * x.numel() / ms / 1e6
-
-
-def parse_variants(specs):
-    """``["name:family.KEY=VAL,..."]`` -> ``{name: {family: {KEY: int(VAL)}}}``."""
-    variants = {}
-    for spec in specs:
-        name, _, body = spec.partition(":")
-        overrides = {}
-        for item in filter(None, body.split(",")):
-            path, _, value = item.partition("=")
-            family, _, key = path.partition(".")
-            if not (family and key and value):
-                raise SystemExit(f"bad --variant item {item!r} (want family.KEY=VAL)")
-            overrides.setdefault(family, {})[key] = int(value)
-        variants[name] = overrides
-    return variants
-
-
-def main(argv=None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("decode_results.json"))
-    parser.add_argument("--lengths", default="32768,131072,524288,1048576")
-    parser.add_argument("--configs", default="b1-gqa-fp16-structured,b1-gqa-fp16-random,"
-                        "b1-mha-fp16-structured,b1-gqa-bf16-structured,b8-gqa-fp16-structured")
-    parser.add_argument("--budget-s", type=float, default=400.0, help="stop after this long")
-    parser.add_argument("--breakdown", default="131072",
-                        help="lengths at which to print per-kernel times")
-    parser.add_argument("--variant", action="append", default=[],
-                        help="NAME:family.KEY=VAL[,family.KEY=VAL...]: also time the compact "
-                             "gaussian step with these tuned-config overrides, e.g. "
-                             "'c_dot:select.MOMENTS_DOT=1'")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks/decode.py needs a CUDA GPU", file=sys.stderr)
-        return 2
-    import triton
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--out", type=Path, required=True, help="directory for decode.json and plots")
+    parser.add_argument("--families", help=f"comma list of {','.join(FAMILIES)}")
+    parser.add_argument("--batches", help="comma list, e.g. 1,8")
+    parser.add_argument("--heads", help="comma list of Hq/Hkv, e.g. 32/8,8/8")
+    parser.add_argument("--lengths", help="comma list of N, e.g. 32768,131072")
+    parser.add_argument("--dtypes", help="comma list of fp16,bf16,fp32")
+    parser.add_argument("--dim", type=int, help="head dim D (default: the preset's)")
+    parser.add_argument("--methods", help=f"comma list of {','.join(METHODS)} (default: all)")
+    parser.add_argument("--device", help="cuda or cpu (default: the preset's)")
+    parser.add_argument("--budget-s", type=float, help="stop starting configurations after this long")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eager", action="store_true",
+                        help="also time our steps without the CUDA graph (JSON key eager_ms)")
+    return parser.parse_args(argv)
 
+
+def _plan(args: argparse.Namespace) -> dict:
+    plan = dict(PRESETS[args.preset])
+    if args.families:
+        plan["families"] = args.families.split(",")
+    if args.batches:
+        plan["batches"] = [int(x) for x in args.batches.split(",")]
+    if args.heads:
+        plan["heads"] = [tuple(int(y) for y in x.split("/")) for x in args.heads.split(",")]
+    if args.lengths:
+        plan["lengths"] = [int(x) for x in args.lengths.split(",")]
+    if args.dtypes:
+        plan["dtypes"] = args.dtypes.split(",")
+    plan["methods"] = args.methods.split(",") if args.methods else list(METHODS)
+    plan["device"] = args.device or plan["device"]
+    plan["dim"] = args.dim or plan["dim"]
+    if args.budget_s is not None:
+        plan["budget_s"] = args.budget_s
+    for name, values, known in (("families", plan["families"], FAMILIES), ("dtypes", plan["dtypes"], DTYPES),
+                                ("methods", plan["methods"], METHODS)):
+        unknown = [x for x in values if x not in known]
+        if unknown:
+            raise SystemExit(f"--{name}: unknown {unknown}; known: {list(known)}")
+    return plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    plan = _plan(args)
+    device = torch.device(plan["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("preset needs a CUDA GPU (use --preset smoke or --device cpu)", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                copy_gbps=copy_bandwidth(), page_size=PAGE, alpha=ALPHA, rows=[])
-    print(f"{meta['device']} torch {meta['torch']} triton {meta['triton']} "
-          f"copy {meta['copy_gbps']:.0f} GB/s", flush=True)
-    for cfg in args.configs.split(","):
-        b, heads, dt, data = cfg.split("-")
-        batch = int(b[1:])
-        hq, hkv = (32, 8) if heads == "gqa" else (8, 8)
-        dtype = torch.float16 if dt == "fp16" else torch.bfloat16
-        for n in (int(x) for x in args.lengths.split(",")):
-            if time.time() - t0 > args.budget_s:
-                print(f"time budget reached, skipping {cfg} N={n}", flush=True)
-                continue
-            if batch * hkv * n * 128 * 2 * 2 > 40e9:
-                continue
-            try:
-                rows = run_case(batch, hq, hkv, n, 128, dtype, data == "structured",
-                                breakdown=str(n) in args.breakdown.split(","),
-                                variants=parse_variants(args.variant))
-            except torch.OutOfMemoryError:
-                print(f"OOM at {cfg} N={n}", flush=True)
+    meta = report.environment(device)
+    meta.update(preset=args.preset, alpha=ALPHA, page_size=PAGE, topk_fraction=TOPK_FRACTION,
+                floor_tbps=FLOOR_TBPS, copy_gbps=timing.copy_bandwidth(device), seed=args.seed,
+                plan={k: v for k, v in plan.items()}, rows=[], skipped=[])
+    print(report.header(meta), flush=True)
+    configs = [(dt, b, h, fam, n) for dt in plan["dtypes"] for b in plan["batches"] for h in plan["heads"]
+               for fam in plan["families"] for n in plan["lengths"]]
+    for index, (dt, batch, (hq, hkv), family, n) in enumerate(configs, 1):
+        label = f"[{index}/{len(configs)}] {family} B={batch} {hq}/{hkv} {dt} N={n}"
+        if time.time() - t0 > plan["budget_s"]:
+            print(f"{label}: skipped, time budget {plan['budget_s']:.0f}s spent", flush=True)
+            meta["skipped"].append(dict(family=family, batch=batch, hq=hq, hkv=hkv, n=n, dtype=dt))
+            continue
+        key = dict(family=family, batch=batch, hq=hq, hkv=hkv, n=n, dim=plan["dim"], dtype=dt)
+        start = time.time()
+        case = None
+        try:
+            case = Case(family, batch, hq, hkv, n, plan["dim"], DTYPES[dt], device, args.seed, eager=args.eager)
+            prep = time.time() - start
+            rows = [dict(key, **case.run(m)) for m in plan["methods"]]
+        except Exception as exc:  # noqa: BLE001 - e.g. OOM while generating: note it, go on
+            prep, rows = time.time() - start, [dict(key, method="(setup)", ms=None,
+                                                    note=f"{type(exc).__name__}: {str(exc)[:160]}")]
+        finally:
+            del case
+            gc.collect()
+            if device.type == "cuda":
                 torch.cuda.empty_cache()
-                continue
-            torch.cuda.empty_cache()
-            for r in rows:
-                r.update(config=cfg, n=n)
-                meta["rows"].append(r)
-                err = "" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
-                print(f"{cfg:26s} N={n:8d} {r['method']:13s} {r['ms']:8.4f} ms "
-                      f"{r['gbps']:7.0f} GB/s sel={r['selected']:.4f} err={err}", flush=True)
-            args.out.write_text(json.dumps(meta, indent=1))
-    args.out.write_text(json.dumps(meta, indent=1))
+        report.add_speedups(rows)
+        meta["rows"].extend(rows)
+        print(f"{label}: {time.time() - start:.1f}s (setup {prep:.1f}s) {report.progress(rows)}", flush=True)
+        (args.out / "decode.json").write_text(json.dumps(meta, indent=1))
+    meta["elapsed_s"] = time.time() - t0
+    (args.out / "decode.json").write_text(json.dumps(meta, indent=1))
+    for note in report.plot(meta["rows"], args.out):
+        print(note, flush=True)
+    print(report.tables(meta), flush=True)
     return 0
 
 

@@ -37,7 +37,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_out")))
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-autotune", action="store_true")
-    parser.add_argument("--bench-args", default="")
+    parser.add_argument("--bench-args", default="--preset quick",
+                        help="arguments of benchmarks/decode.py (its JSON and plots go to OUT/decode)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, ENTMAXKV_KERNEL_TEST_DEVICE="cuda", PYTHONUNBUFFERED="1")
@@ -55,7 +56,7 @@ def main() -> int:
             target = ROOT / "entmaxkv_compile" / "kernels" / "configs" / cfg.name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(cfg.read_text())
-    rc |= _run([sys.executable, "benchmarks/decode.py", "--out", str(args.out / "decode.json"),
+    rc |= _run([sys.executable, "benchmarks/decode.py", "--out", str(args.out / "decode"),
                 *shlex.split(args.bench_args)], args.out / "decode.log", env)
     return rc
 

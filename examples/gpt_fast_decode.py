@@ -9,6 +9,9 @@ cache. Prints the time per token of both and the largest logit difference.
 
     python examples/gpt_fast_decode.py                                   # CPU, small
     python examples/gpt_fast_decode.py --device cuda --context 32768     # GPU, CUDA graphs
+
+This is the minimal walk-through. The benchmark (>= 4 layers, every selector, planted-span caches,
+plain Inductor and the SDPA-flash softmax twin side by side, JSON) is ``benchmarks/e2e.py``.
 """
 
 from __future__ import annotations
