@@ -22,10 +22,10 @@ pytestmark = pytest.mark.skipif(
 
 def _compiled_variants() -> int:
     """How many compiled specializations the decode/select/stats kernels hold."""
-    from entmaxkv_compile.kernels import decode_kernels, page_stats, select_kernels, tau_hat, tau_kernels
+    from entmaxkv_compile.kernels import decode_kernels, page_stats, select_kernels, tau_hat
 
-    fns = [decode_kernels.score_kernel, tau_kernels.tau_level_kernel, decode_kernels.output_kernel,
-           page_stats._append_kernel, select_kernels.moments_kernel,
+    fns = [decode_kernels.score_kernel, decode_kernels.tau_kernel, decode_kernels.output_kernel,
+           decode_kernels.reduce_kernel, page_stats._append_kernel, select_kernels.moments_kernel,
            select_kernels.keep_kernel, select_kernels.compact_kernel,
            tau_hat.gaussian_tau_kernel]
     return sum(len(entry[0]) for fn in fns for entry in fn.device_caches.values())

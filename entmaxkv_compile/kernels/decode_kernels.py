@@ -10,9 +10,9 @@ One decode step is a fixed sequence of launches over fixed grids:
 2. the exact threshold, split-parallel over the candidates (``tau_kernels.py``: a few pivot
    levels of two launches each, certified support, cost independent of the candidate count).
 3. ``output_kernel`` (batch x KV head, split): p = [z - tau]_+^beta on the split's candidates,
-   V rows loaded only where some head of the group has p > 0, partial sum p.v and sum p in fp32;
-   the last split to finish (an atomic ticket) sums the partials in a fixed order
-   (deterministic) and normalizes by sum p.
+   V rows loaded only where some head of the group has p > 0, partial sum p.v and sum p in fp32.
+4. ``reduce_kernel`` (batch x query head): sums the split partials in a fixed order
+   (deterministic, no atomics) and normalizes by sum p.
 
 Lengths, counts and strides are runtime arguments; only block sizes, the alpha fast path and
 feature flags are constexpr, so the kernels never recompile as a cache grows.
@@ -112,8 +112,7 @@ def score_kernel(
 @triton.jit
 def output_kernel(
     v_ptr, cand_z_ptr, cand_tok_ptr, cand_cnt_ptr, tau_ptr, o_part_ptr, l_part_ptr,
-    counter_ptr, out_ptr,
-    svb, svh, svn, svd, sob, soh, sod,
+    svb, svh, svn, svd,
     Hq, Hkv, G, D, num_splits, seg, beta,
     KIND: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -155,19 +154,23 @@ def output_kernel(
              mask=gmask[:, None] & dmask[None, :])
     tl.store(l_part_ptr + row, l_sum, mask=gmask)
 
-    # The last split of this (sequence, KV head) to finish reduces all splits in a fixed order
-    # (deterministic) and normalizes by sum p: no separate reduce launch.
-    tl.debug_barrier()
-    ticket = tl.atomic_add(counter_ptr + pid_bh, 1, sem="acq_rel")
-    if ticket == num_splits - 1:
-        o_tot = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        l_tot = tl.zeros([BLOCK_G], tl.float32)
-        for sj in range(0, num_splits):
-            prow = (b * Hq + heads) * num_splits + sj
-            o_tot += tl.load(o_part_ptr + prow[:, None] * D + offs_d[None, :],
-                             mask=gmask[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg")
-            l_tot += tl.load(l_part_ptr + prow, mask=gmask, other=0.0, cache_modifier=".cg")
-        res = o_tot / tl.where(l_tot > 0, l_tot, 1.0)[:, None]
-        tl.store(out_ptr + b * sob + heads[:, None] * soh + offs_d[None, :] * sod,
-                 res.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
-        tl.atomic_xchg(counter_ptr + pid_bh, 0)  # ready for the next replay
+
+@triton.jit
+def reduce_kernel(
+    o_part_ptr, l_part_ptr, out_ptr, sob, soh, sod,
+    Hq, D, num_splits,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // Hq
+    h = pid % Hq
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    smask = offs_s < num_splits
+    dmask = offs_d < D
+    o = tl.load(o_part_ptr + (pid * num_splits + offs_s)[:, None] * D + offs_d[None, :],
+                mask=smask[:, None] & dmask[None, :], other=0.0)
+    l_sum = tl.sum(tl.load(l_part_ptr + pid * num_splits + offs_s, mask=smask, other=0.0), axis=0)
+    res = tl.sum(o, axis=0) / tl.where(l_sum > 0, l_sum, 1.0)
+    tl.store(out_ptr + b * sob + h * soh + offs_d * sod, res.to(out_ptr.dtype.element_ty),
+             mask=dmask)

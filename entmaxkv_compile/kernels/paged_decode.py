@@ -15,8 +15,8 @@ from torch.library import triton_op, wrap_triton
 
 from . import _common as cm
 from .checks import check_decode_inputs
-from .decode_kernels import output_kernel, score_kernel
-from .tau_kernels import NEWTON_STEPS, NUM_PIVOTS, NUM_SLOTS, tau_level_kernel
+from .decode_kernels import output_kernel, reduce_kernel, score_kernel
+from .tau_kernels import NEWTON_STEPS, NUM_PIVOTS, NUM_SLOTS, tau_level_kernel, tau_merge_kernel
 from .tuned import decode_config
 
 
@@ -46,7 +46,6 @@ def _solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, 
     per_prog = cm.cdiv(splits, chunks)
     chunks = cm.cdiv(splits, per_prog)
     part = torch.empty((rows, chunks, NUM_SLOTS, NUM_PIVOTS), device=dev, dtype=f32)
-    tickets = torch.zeros((rows,), device=dev, dtype=torch.int32)  # reset by each level's merge
     survivors = [torch.empty_like(cand_z), torch.empty_like(cand_z)]
     surv_cnt = [torch.empty((rows, splits), device=dev, dtype=torch.int32) for _ in range(2)]
     rmax = integer_beta(alpha)
@@ -60,11 +59,15 @@ def _solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, 
         # the survivors alone.
         dst_z, dst_cnt = survivors[level % 2], surv_cnt[level % 2]
         wrap_triton(tau_level_kernel)[(rows, chunks)](
-            src_z, src_cnt, dst_z, dst_cnt, split_max, state, part, pivots, tickets, tau,
+            src_z, src_cnt, dst_z, dst_cnt, split_max, state, part, pivots,
             hq, hkv, group, splits, seg, alpha - 1.0, 1.0 / (alpha - 1.0), per_prog, chunks,
-            FIRST=level == 0, FROM_CAND=level == 0, LAST=level == levels - 1, RMAX=rmax,
-            NP=NUM_PIVOTS, BLOCK_S=block_s, BLOCK_T=cfg["BLOCK_TAU"], MERGE_BLOCK=merge_block_s,
-            STEPS=NEWTON_STEPS, num_warps=cfg["tau_warps"],
+            FIRST=level == 0, FROM_CAND=level == 0, RMAX=rmax, NP=NUM_PIVOTS,
+            BLOCK_S=block_s, BLOCK_T=cfg["BLOCK_TAU"], num_warps=cfg["tau_warps"],
+        )
+        wrap_triton(tau_merge_kernel)[(rows,)](
+            part, pivots, state, tau, chunks,
+            RMAX=rmax, LAST=level == levels - 1, NP=NUM_PIVOTS, BLOCK_S=merge_block_s,
+            STEPS=NEWTON_STEPS, num_warps=4,
         )
         src_z, src_cnt = dst_z, dst_cnt
 
@@ -123,14 +126,16 @@ def triton_paged_decode(
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     _solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, seg, alpha, cfg)
-    tickets = torch.zeros((batch * hkv,), device=dev, dtype=torch.int32)
     wrap_triton(output_kernel)[(batch * hkv, splits)](
-        v_cache, cand_z, cand_tok, cand_cnt, tau, o_part, l_part, tickets, out,
+        v_cache, cand_z, cand_tok, cand_cnt, tau, o_part, l_part,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
-        out.stride(0), out.stride(1), out.stride(3),
         hq, hkv, group, dim, splits, seg, beta,
         KIND=kind, BLOCK_G=block_g, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=block_d,
         DOT_PREC=cm.exact_fp32_dot(dev), num_warps=cfg["num_warps"],
+    )
+    wrap_triton(reduce_kernel)[(batch * hq,)](
+        o_part, l_part, out, out.stride(0), out.stride(1), out.stride(3),
+        hq, dim, splits, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
     )
     return out, tau
 

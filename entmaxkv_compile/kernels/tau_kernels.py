@@ -1,8 +1,8 @@
 """The exact entmax threshold of one decode query, split-parallel: pivot levels and their merge.
 
 The candidates of a query head (scores ``z`` kept by the K pass, compacted per split) are searched
-for ``tau`` solving ``f(tau) = sum_i [z_i - tau]_+^beta = 1`` in a fixed number of *levels*, one
-launch each:
+for ``tau`` solving ``f(tau) = sum_i [z_i - tau]_+^beta = 1`` in a fixed number of *levels*. One
+level is two launches:
 
 * ``tau_level_kernel`` (batch x query head, run of splits): every program evaluates, on the
   candidates of its splits, NP pivots ``t_k`` spread over the head's current bracket ``[lo, hi]``: the power
@@ -10,8 +10,8 @@ launch each:
   directly), and the nearest scores on each side of every pivot. It also copies the candidates
   above the bracket's lower end ``lo`` (the others can never be in the support; at level 1
   ``lo = M - 1`` with the global max) into a compacted buffer, so later levels read only them.
-* the merge, run by the last program of the head to finish the level (an atomic ticket, so no
-  extra launch): it adds the partials in a fixed order (deterministic), narrows the bracket to the pivot interval ``[t_k, t_k+1]`` holding tau, and
+* ``tau_merge_kernel`` (batch x query head): adds the per-split partials in a fixed order
+  (deterministic), narrows the bracket to the pivot interval ``[t_k, t_k+1]`` holding tau, and
   **certifies**: with the support taken as ``A = {z > t_k+1}`` (or ``A' = {z > t_k}``), the root
   of ``sum_A (z - t)^beta = 1`` is solved from the power sums by a monotone Newton iteration on a
   scalar; if it lies on the right side of the nearest excluded (included) score, that support is
@@ -44,11 +44,9 @@ NEWTON_STEPS = 30
 @triton.jit
 def tau_level_kernel(
     src_z_ptr, src_cnt_ptr, dst_z_ptr, dst_cnt_ptr, split_max_ptr, state_ptr, part_ptr, piv_ptr,
-    counter_ptr, tau_ptr,
     Hq, Hkv, G, num_splits, seg, alpha_m1, beta, splits_per_prog, num_chunks,
-    FIRST: tl.constexpr, FROM_CAND: tl.constexpr, LAST: tl.constexpr,
+    FIRST: tl.constexpr, FROM_CAND: tl.constexpr,
     RMAX: tl.constexpr, NP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
-    MERGE_BLOCK: tl.constexpr, STEPS: tl.constexpr,
 ):
     """One pivot level over a run of splits' candidates of one query head (see the module doc).
 
@@ -149,15 +147,6 @@ def tau_level_kernel(
             tl.store(state_ptr + pid * 4 + 2, tl.where(live, 0.0, 1.0))
             tl.store(state_ptr + pid * 4 + 3, float("nan"))
 
-    # The last program of this head to finish merges the level (no extra launch). The barrier
-    # orders every thread's stores before the release of the ticket; the merge reads with .cg.
-    tl.debug_barrier()
-    ticket = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
-    if ticket == num_chunks - 1:
-        _merge_level(pid, part_ptr, piv_ptr, state_ptr, tau_ptr, num_chunks,
-                     RMAX, LAST, NP, MERGE_BLOCK, STEPS)
-        tl.atomic_xchg(counter_ptr + pid, 0)  # ready for the next level and the next replay
-
 
 @triton.jit
 def _pick(vec, offs, k):
@@ -196,17 +185,20 @@ def _root_from_right(s0, c0, c1, c2, c3, c4, RMAX: tl.constexpr, STEPS: tl.const
 
 
 @triton.jit
-def _merge_level(pid, part_ptr, piv_ptr, state_ptr, tau_ptr, num_chunks,
-                 RMAX: tl.constexpr, LAST: tl.constexpr, NP: tl.constexpr,
-                 BLOCK_S: tl.constexpr, STEPS: tl.constexpr):
+def tau_merge_kernel(
+    part_ptr, piv_ptr, state_ptr, tau_ptr, num_chunks,
+    RMAX: tl.constexpr, LAST: tl.constexpr, NP: tl.constexpr, BLOCK_S: tl.constexpr,
+    STEPS: tl.constexpr,
+):
     """Merge one level's partials of a query head, narrow its bracket and try to certify tau."""
-    lo = tl.load(state_ptr + pid * 4, cache_modifier=".cg")
-    hi = tl.load(state_ptr + pid * 4 + 1, cache_modifier=".cg")
-    done = tl.load(state_ptr + pid * 4 + 2, cache_modifier=".cg") != 0
-    tau_prev = tl.load(state_ptr + pid * 4 + 3, cache_modifier=".cg")
+    pid = tl.program_id(0)
+    lo = tl.load(state_ptr + pid * 4)
+    hi = tl.load(state_ptr + pid * 4 + 1)
+    done = tl.load(state_ptr + pid * 4 + 2) != 0
+    tau_prev = tl.load(state_ptr + pid * 4 + 3)
     offs_k = tl.arange(0, NP)
     offs_s = tl.arange(0, BLOCK_S)
-    pivots = tl.load(piv_ptr + pid * NP + offs_k, cache_modifier=".cg")
+    pivots = tl.load(piv_ptr + pid * NP + offs_k)
     c0 = tl.zeros([NP], tl.float32)
     c1 = tl.zeros([NP], tl.float32)
     c2 = tl.zeros([NP], tl.float32)
@@ -221,16 +213,14 @@ def _merge_level(pid, part_ptr, piv_ptr, state_ptr, tau_ptr, num_chunks,
         ss = s0 + offs_s
         m2d = (ss < num_chunks)[:, None]
         ptr = row + ss[:, None] * (8 * NP) + offs_k[None, :]
-        c0 += tl.sum(tl.load(ptr + 0 * NP, mask=m2d, other=0.0, cache_modifier=".cg"), axis=0)
-        c1 += tl.sum(tl.load(ptr + 1 * NP, mask=m2d, other=0.0, cache_modifier=".cg"), axis=0)
-        c2 += tl.sum(tl.load(ptr + 2 * NP, mask=m2d, other=0.0, cache_modifier=".cg"), axis=0)
-        c3 += tl.sum(tl.load(ptr + 3 * NP, mask=m2d, other=0.0, cache_modifier=".cg"), axis=0)
-        c4 += tl.sum(tl.load(ptr + 4 * NP, mask=m2d, other=0.0, cache_modifier=".cg"), axis=0)
-        cf += tl.sum(tl.load(ptr + 5 * NP, mask=m2d, other=0.0, cache_modifier=".cg"), axis=0)
-        lows = tl.load(ptr + 6 * NP, mask=m2d, other=float("-inf"), cache_modifier=".cg")
-        highs = tl.load(ptr + 7 * NP, mask=m2d, other=float("inf"), cache_modifier=".cg")
-        below = tl.maximum(below, tl.max(lows, axis=0))
-        above = tl.minimum(above, tl.min(highs, axis=0))
+        c0 += tl.sum(tl.load(ptr + 0 * NP, mask=m2d, other=0.0), axis=0)
+        c1 += tl.sum(tl.load(ptr + 1 * NP, mask=m2d, other=0.0), axis=0)
+        c2 += tl.sum(tl.load(ptr + 2 * NP, mask=m2d, other=0.0), axis=0)
+        c3 += tl.sum(tl.load(ptr + 3 * NP, mask=m2d, other=0.0), axis=0)
+        c4 += tl.sum(tl.load(ptr + 4 * NP, mask=m2d, other=0.0), axis=0)
+        cf += tl.sum(tl.load(ptr + 5 * NP, mask=m2d, other=0.0), axis=0)
+        below = tl.maximum(below, tl.max(tl.load(ptr + 6 * NP, mask=m2d, other=float("-inf")), axis=0))
+        above = tl.minimum(above, tl.min(tl.load(ptr + 7 * NP, mask=m2d, other=float("inf")), axis=0))
     was_done = done
     if RMAX == 1:
         f = c1
