@@ -71,6 +71,8 @@ def _check_row_args(x: Any, dim: Any, mask: Any) -> None:
         raise TypeError(f"dim must be an int, got {type(dim).__name__}")
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim must be in [{-x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {dim}")
+    if x.shape[dim] == 0:
+        raise ValueError(f"x must have at least one entry along dim={dim}, got shape {tuple(x.shape)}")
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):
@@ -161,8 +163,6 @@ def _solve(
     threshold of ``x`` equal to ``zmax + tau_u`` (``tau_u`` NaN on poisoned rows)."""
     _check_row_args(x, dim, mask)
     u, valid, zmax, poisoned = _shifted_scores(x, alpha, dim, mask)
-    if u.shape[-1] == 0:
-        raise ValueError(f"x must have at least one entry along dim={dim}, got shape {tuple(x.shape)}")
     solve = _tau_sorted if alpha in (1.5, 2.0) else _tau_bracketed
     tau_u = torch.where(poisoned, float("nan"), solve(u, valid, alpha))
     return u, valid, tau_u, zmax.squeeze(-1), poisoned
