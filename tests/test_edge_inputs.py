@@ -13,7 +13,7 @@ import torch
 
 from entmaxkv_compile import EntmaxKVConfig, KVPageStats, entmax, entmax_threshold, gaussian_threshold
 from entmaxkv_compile import decode, kernels, selection
-from entmaxkv_compile.cli import main
+from entmaxkv_compile.cli import check_output_path, main
 from entmaxkv_compile.validation import check_decode_inputs, check_positions, check_seqlens
 
 ALPHAS = [1.25, 4 / 3, 1.5, 1.75, 2.0]
@@ -358,3 +358,40 @@ def test_cli_bad_config_fails_before_loading_the_model(tmp_path, capsys):
     target = _factory(tmp_path, body="raise AssertionError('the model must not be loaded')")
     assert main(["rewrite", target, "-o", str(tmp_path / "x.pt2"), "--alpha", "1.001", "-q"]) == 1
     assert "alpha must be >= 1.01" in capsys.readouterr().err
+
+
+def test_cli_output_in_a_missing_directory_is_accepted_and_not_created_early(tmp_path):
+    target = tmp_path / "new" / "deeper" / "step.pt2"
+    assert check_output_path(str(target)) == target
+    assert not (tmp_path / "new").exists()  # created by the save, after the work succeeded
+
+
+def test_every_published_edge_input_names_an_existing_test():
+    """docs/EDGE_INPUTS.md: each table row cites ``file::test``; each cited test must exist."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    rows = [line for line in (root / "docs" / "EDGE_INPUTS.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| ---") and not line.startswith("| input")]
+    entries = [row for row in rows if row.count("|") >= 4]
+    assert len(entries) >= 30
+    for row in entries:
+        cited = re.findall(r"`(test_\w+\.py)::(test_\w+)`", row)
+        assert cited, f"entry without a test: {row}"
+        for file, name in cited:
+            source = (root / "tests" / file).read_text()
+            assert re.search(rf"^def {name}\(", source, re.M), f"{file}::{name} does not exist"
+
+
+@pytest.mark.parametrize("impl", [selection, kernels], ids=["reference", "kernels"])
+@pytest.mark.parametrize("field, value", [("max_quantile", None), ("max_quantile", "0.5"), ("margin", True),
+                                          ("margin", NAN)])
+def test_select_pages_names_a_bad_scalar(impl, field, value):
+    q, k, _, seqlens = _case()
+    stats = KVPageStats.from_cache(k, seqlens, 16)
+    kw = dict(page_size=16, alpha=1.5, scale=0.25, selector="gaussian", token_budget=32, max_quantile=0.99,
+              margin=0.0, tau_estimate="global", sink_pages=0, recent_pages=0, min_context=0)
+    kw[field] = value
+    with pytest.raises(ValueError, match=field):
+        impl.select_pages(q, *stats.buffers(), seqlens, **kw)
