@@ -109,9 +109,10 @@ def _append_kernel(
     m2 = tl.where(fresh, 0.0, old_m2 + delta * (x - mean))
     # min/max in fp32 (exact for K values) and cast back to K's dtype.
     # NaN-propagating min/max (GPU fmin/fmax would drop a NaN of K), as torch.minimum does.
-    nan = tl.PropagateNan.ALL
-    new_min = tl.where(fresh, x, tl.minimum(old_min, x, propagate_nan=nan)).to(kmin_ptr.dtype.element_ty)
-    new_max = tl.where(fresh, x, tl.maximum(old_max, x, propagate_nan=nan)).to(kmax_ptr.dtype.element_ty)
+    new_min = tl.minimum(old_min, x, propagate_nan=tl.PropagateNan.ALL)
+    new_max = tl.maximum(old_max, x, propagate_nan=tl.PropagateNan.ALL)
+    new_min = tl.where(fresh, x, new_min).to(kmin_ptr.dtype.element_ty)
+    new_max = tl.where(fresh, x, new_max).to(kmax_ptr.dtype.element_ty)
     tl.store(kmin_ptr + off, new_min, mask=dmask)
     tl.store(kmax_ptr + off, new_max, mask=dmask)
     tl.store(kmean_ptr + off, mean.to(kmean_ptr.dtype.element_ty), mask=dmask)
