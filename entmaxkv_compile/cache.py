@@ -5,8 +5,10 @@ we keep ``kmin``/``kmax`` (in K's dtype: a min/max of K values is a K value, so 
 feed the Quest bound and the certificate) and Welford's ``kmean``/``km2`` (the gaussian selector's
 moments; ``var = km2 / n_p``), stored in float32 by default or, compactly, in K's dtype
 (``moment_dtype``): arithmetic is float32 either way, only the stored values are rounded. Rows at or past a sequence's length never touch the
-statistics, so garbage in unused cache rows is harmless. All functions are pure torch, fixed-shape
-and free of host syncs; they are the CPU implementation of the ``page_stats_*`` ops and the oracle
+statistics, so garbage in unused cache rows is harmless. Per sequence, ``KVPageStats`` also keeps
+the last appended position and a ``valid`` flag that an out-of-order append clears on device
+(``stats_track_``), so no certificate rests on statistics that were not kept in order. All
+functions are pure torch, fixed-shape and free of host syncs; they are the CPU implementation of the ``page_stats_*`` ops and the oracle
 of their kernels.
 """
 
