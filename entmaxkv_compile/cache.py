@@ -5,8 +5,10 @@ we keep ``kmin``/``kmax`` (in K's dtype: a min/max of K values is a K value, so 
 feed the Quest bound and the certificate) and Welford's ``kmean``/``km2`` (the gaussian selector's
 moments; ``var = km2 / n_p``), stored in float32 by default or, compactly, in K's dtype
 (``moment_dtype``): arithmetic is float32 either way, only the stored values are rounded. Rows at or past a sequence's length never touch the
-statistics, so garbage in unused cache rows is harmless. All functions are pure torch, fixed-shape
-and free of host syncs; they are the CPU implementation of the ``page_stats_*`` ops and the oracle
+statistics, so garbage in unused cache rows is harmless. Per sequence, ``KVPageStats`` also keeps
+the last appended position and a ``valid`` flag that an out-of-order append clears on device
+(``stats_track_``), so no certificate rests on statistics that were not kept in order. All
+functions are pure torch, fixed-shape and free of host syncs; they are the CPU implementation of the ``page_stats_*`` ops and the oracle
 of their kernels.
 """
 
@@ -22,10 +24,20 @@ from .validation import (
     check_seqlens,
     check_stats_buffers,
     check_tensor,
+    has_values,
     num_pages_for,
 )
 
-__all__ = ["KVPageStats", "page_token_counts", "resolve_moment_dtype", "stats_append_", "stats_prefill_"]
+__all__ = [
+    "KVPageStats",
+    "append_in_order",
+    "page_token_counts",
+    "resolve_moment_dtype",
+    "stats_append_",
+    "stats_prefill_",
+    "stats_state_after_prefill_",
+    "stats_track_",
+]
 
 
 def resolve_moment_dtype(moment_dtype: torch.dtype | str | None, cache_dtype: torch.dtype) -> torch.dtype:
@@ -86,7 +98,10 @@ def stats_prefill_(
     k = torch.nn.functional.pad(k_cache, (0, 0, 0, pad)) if pad else k_cache
     k = k.reshape(batch, kv_heads, num_pages, page_size, head_dim)
     rows = torch.arange(num_pages * page_size, device=k.device).view(num_pages, page_size)
-    valid = rows[None] < seqlens.to(torch.int64)[:, None, None]  # [B, Np, P]
+    # Lengths are clamped to [0, Nmax] (only reachable with check_values=False), so the padding
+    # rows past the capacity never count as tokens.
+    length = seqlens.to(torch.int64).clamp(0, max_seqlen)
+    valid = rows[None] < length[:, None, None]  # [B, Np, P]
     valid5 = valid[:, None, :, :, None]
     counts = valid.sum(-1)[:, None, :, None]  # [B, 1, Np, 1]
     nonempty = counts > 0
@@ -114,7 +129,9 @@ def stats_append_(
 
     O(D) per sequence and KV head, vectorised over the batch (ragged positions are fine). When
     ``positions % P == 0`` the page is reset from that row; otherwise a Welford step with
-    ``n = positions % P + 1``, so appends within a page must come in order.
+    ``n = positions % P + 1``, so appends within a page must come in order (``stats_track_``
+    flags the sequences where they did not). A position outside ``[0, Nmax)`` (possible only
+    without the value checks) reads and writes nothing.
     """
     check_kv_cache("k_cache", k_cache)
     page_size = check_page_size(page_size)
@@ -122,7 +139,8 @@ def stats_append_(
     check_positions(positions, batch, max_seqlen, device=k_cache.device, check_values=False)
     _check_buffers_match(k_cache, page_size, kmin, kmax, kmean, km2)
 
-    pos = positions.to(torch.int64)
+    inside = ((positions >= 0) & (positions < max_seqlen)).view(batch, 1, 1, 1)
+    pos = positions.to(torch.int64).clamp(0, max_seqlen - 1)
     row_index = pos.view(batch, 1, 1, 1).expand(batch, kv_heads, 1, head_dim)
     page_index = (pos // page_size).view(batch, 1, 1, 1).expand(batch, kv_heads, 1, head_dim)
     offset = (pos % page_size).view(batch, 1, 1, 1)
@@ -139,10 +157,52 @@ def stats_append_(
     new_min = torch.where(fresh, row, torch.minimum(kmin.gather(2, page_index), row))
     new_max = torch.where(fresh, row, torch.maximum(kmax.gather(2, page_index), row))
 
+    new_min = torch.where(inside, new_min, kmin.gather(2, page_index))
+    new_max = torch.where(inside, new_max, kmax.gather(2, page_index))
+    new_mean = torch.where(inside, new_mean.to(kmean.dtype), kmean.gather(2, page_index))
+    new_m2 = torch.where(inside, new_m2.to(km2.dtype), km2.gather(2, page_index))
+
     kmin.scatter_(2, page_index, new_min)
     kmax.scatter_(2, page_index, new_max)
-    kmean.scatter_(2, page_index, new_mean.to(kmean.dtype))
-    km2.scatter_(2, page_index, new_m2.to(km2.dtype))
+    kmean.scatter_(2, page_index, new_mean)
+    km2.scatter_(2, page_index, new_m2)
+
+
+def append_in_order(positions: torch.Tensor, last_position: torch.Tensor, page_size: int,
+                    max_seqlen: int) -> torch.Tensor:
+    """bool ``[B]``: appending at ``positions`` keeps the statistics sound.
+
+    Sound means every row below the next length was folded into its page since the page was last
+    reset. That holds when the append continues the sequence (``last + 1``) or restarts at a page
+    boundary not beyond it (a rollback to ``p`` with ``p % P == 0``: the page is reset, later pages
+    lie past the new length). Anything else (a gap, a repeat or a rewind inside a page, a position
+    outside ``[0, Nmax)``) is not.
+    """
+    pos = positions.to(torch.int64)
+    last = last_position.to(torch.int64)
+    inside = (pos >= 0) & (pos < max_seqlen)
+    return inside & ((pos == last + 1) | ((pos % page_size == 0) & (pos <= last + 1)))
+
+
+def stats_track_(positions: torch.Tensor, page_size: int, max_seqlen: int, last_position: torch.Tensor,
+                 valid: torch.Tensor) -> None:
+    """Record an append at ``positions`` in the per-sequence state, in place, on device (no sync).
+
+    ``valid`` (bool ``[B]``) drops to False, and stays False until the next prefill, for every
+    sequence whose append was not :func:`append_in_order`; ``last_position`` (int64 ``[B]``) becomes
+    ``positions``. A certificate must not rest on statistics whose ``valid`` is False.
+    """
+    valid.logical_and_(append_in_order(positions, last_position, page_size, max_seqlen))
+    last_position.copy_(positions.to(torch.int64))
+
+
+def stats_state_after_prefill_(seqlens: torch.Tensor, max_seqlen: int, last_position: torch.Tensor,
+                               valid: torch.Tensor) -> None:
+    """The per-sequence state after a prefill of ``seqlens`` rows: last position ``L - 1``,
+    valid iff ``0 <= L <= Nmax`` (in place, no sync)."""
+    length = seqlens.to(torch.int64)
+    valid.copy_((length >= 0) & (length <= max_seqlen))
+    last_position.copy_(length.clamp(0, max_seqlen) - 1)
 
 
 class KVPageStats:
@@ -153,6 +213,12 @@ class KVPageStats:
 
     Allocated once (``allocate`` or ``from_cache``) and updated in place by ``prefill`` and
     ``append``, so their addresses stay fixed (CUDA-graph friendly).
+
+    Besides the four buffers it keeps, per sequence, ``last_position`` (int64 ``[B]``, the last
+    row folded in) and ``valid`` (bool ``[B]``): an append that is not in order (see
+    :func:`append_in_order`) sets ``valid`` to False on device, without a host sync, until the
+    next ``prefill``; with ``check_values=True`` it raises instead. Pass :meth:`valid_for` of the
+    decode lengths to ``certify(stats_valid=...)`` so no certificate rests on corrupted stats.
     """
 
     def __init__(
@@ -162,6 +228,8 @@ class KVPageStats:
         kmean: torch.Tensor,
         km2: torch.Tensor,
         page_size: int,
+        last_position: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
     ) -> None:
         self.page_size = check_page_size(page_size)
         check_tensor("kmin", kmin)
@@ -172,6 +240,16 @@ class KVPageStats:
             kmin, kmax, kmean, km2, batch=batch, kv_heads=kv_heads, num_pages=num_pages, head_dim=head_dim
         )
         self.kmin, self.kmax, self.kmean, self.km2 = kmin, kmax, kmean, km2
+        if last_position is None:
+            last_position = torch.full((batch,), -1, dtype=torch.int64, device=kmin.device)
+        if valid is None:
+            valid = torch.ones((batch,), dtype=torch.bool, device=kmin.device)
+        for name, buf, dtype in (("last_position", last_position, torch.int64), ("valid", valid, torch.bool)):
+            check_tensor(name, buf)
+            if buf.shape != (batch,) or buf.dtype != dtype or buf.device != kmin.device:
+                raise ValueError(f"{name} must be a {dtype} tensor of shape [B] = [{batch}] on {kmin.device}, "
+                                 f"got {buf.dtype} {tuple(buf.shape)} on {buf.device}")
+        self.last_position, self.valid = last_position, valid
 
     @classmethod
     def allocate(
@@ -228,18 +306,41 @@ class KVPageStats:
         return self.kmin, self.kmax, self.kmean, self.km2
 
     def prefill(self, k_cache: torch.Tensor, seqlens: torch.Tensor, *, check_values: bool = True) -> None:
-        """Recompute every page from the first ``seqlens[b]`` rows of ``k_cache``."""
+        """Recompute every page from the first ``seqlens[b]`` rows of ``k_cache`` (and mark the
+        statistics valid, with ``last_position = seqlens - 1``)."""
         self.check_cache(k_cache)
         check_seqlens(seqlens, k_cache.shape[0], k_cache.shape[2], device=k_cache.device,
                       check_values=check_values)
         stats_prefill_(k_cache, seqlens, self.page_size, *self.buffers())
+        stats_state_after_prefill_(seqlens, k_cache.shape[2], self.last_position, self.valid)
 
     def append(self, k_cache: torch.Tensor, positions: torch.Tensor, *, check_values: bool = True) -> None:
-        """Fold the rows just written at ``positions`` (int ``[B]``) into their pages."""
+        """Fold the rows just written at ``positions`` (int ``[B]``) into their pages.
+
+        With ``check_values`` (a host sync) an out-of-order append raises ``ValueError``; without,
+        it only clears ``valid`` for that sequence (on device).
+        """
         self.check_cache(k_cache)
         check_positions(positions, k_cache.shape[0], k_cache.shape[2], device=k_cache.device,
                         check_values=check_values)
+        if check_values and has_values(positions):
+            in_order = append_in_order(positions, self.last_position, self.page_size, k_cache.shape[2])
+            if not bool(in_order.all()):
+                b = int((~in_order).nonzero()[0, 0])
+                raise ValueError(
+                    f"positions must continue each sequence (last appended position + 1) or restart it "
+                    f"at a page boundary (a multiple of page_size={self.page_size}) not beyond it; "
+                    f"sequence {b} got position {int(positions[b])} after position "
+                    f"{int(self.last_position[b])} (prefill again to rebuild the statistics)"
+                )
         stats_append_(k_cache, positions, self.page_size, *self.buffers())
+        stats_track_(positions, self.page_size, k_cache.shape[2], self.last_position, self.valid)
+
+    def valid_for(self, seqlens: torch.Tensor) -> torch.Tensor:
+        """bool ``[B]``: the statistics soundly describe the first ``seqlens`` rows (``valid`` and
+        ``1 <= seqlens <= last_position + 1``); on device, no sync."""
+        length = seqlens.to(torch.int64)
+        return self.valid & (length >= 1) & (length <= self.last_position + 1)
 
     def check_cache(self, k_cache: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``k_cache`` has the shape these stats describe."""

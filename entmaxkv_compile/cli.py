@@ -82,6 +82,38 @@ def load_factory(target: str) -> tuple[Any, tuple]:
     return model, tuple(args)
 
 
+def check_output_path(output: str, flag: str = "--output") -> Path:
+    """Check, before any work, that ``output`` names a file that can be written.
+
+    It must not be an existing directory (or end with a path separator); its nearest existing
+    ancestor must be a writable directory (missing directories below it are created on save).
+    """
+    import os
+
+    path = Path(output)
+    if output.endswith(("/", "\\")) or path.is_dir():
+        raise CommandError(f"{flag} {output!r} is a directory; give a file path (e.g. {Path(output) / 'step.pt2'})")
+    ancestor = path.parent if str(path.parent) else Path(".")
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CommandError(f"{flag} {output!r}: {str(ancestor)!r} is not a directory")
+    if not os.access(ancestor, os.W_OK):
+        raise CommandError(f"{flag} {output!r}: directory {str(ancestor)!r} is not writable")
+    return path
+
+
+def _non_negative_float(text: str) -> float:
+    """argparse type of ``--tolerance``: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (0.0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decode config (EntmaxKVConfig fields)")
     hints = typing.get_type_hints(EntmaxKVConfig)
@@ -109,8 +141,10 @@ def _progress(args: argparse.Namespace) -> Optional[Callable[[str], None]]:
 def _cmd_rewrite(args: argparse.Namespace) -> int:
     from .rewrite import rewrite
 
+    check_output_path(args.output)
+    config = _config_from(args)
     model, example = load_factory(args.target)
-    result = rewrite(model, example, _config_from(args), progress=_progress(args))
+    result = rewrite(model, example, config, progress=_progress(args))
     print(result.report)
     path = result.save(args.output)
     print(f"saved the rewritten decode step to {path} (load with torch.export.load after "
@@ -121,9 +155,11 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .rewrite import rewrite
 
+    check_output_path(args.output)
+    config = _config_from(args)
     model, example = load_factory(args.target)
     progress = _progress(args)
-    result = rewrite(model, example, _config_from(args), progress=progress)
+    result = rewrite(model, example, config, progress=progress)
     print(result.report)
     if args.format == "onnx":
         from .export.onnx import export_onnx
@@ -218,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rewrite_p = commands.add_parser("rewrite", help="rewrite a decode step and save it as a .pt2 program")
     rewrite_p.add_argument("target", metavar="MODULE:FACTORY", help=target_help)
-    rewrite_p.add_argument("-o", "--output", required=True, help="the .pt2 file to write")
+    rewrite_p.add_argument("-o", "--output", required=True,
+                           help="the .pt2 file to write (checked first; missing directories are created)")
     rewrite_p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     _add_config_options(rewrite_p)
     rewrite_p.set_defaults(run=_cmd_rewrite)
@@ -226,14 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     export_p = commands.add_parser("export", help="export the rewritten decode step (ONNX or TensorRT)")
     export_p.add_argument("target", metavar="MODULE:FACTORY", help=target_help)
     export_p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
-    export_p.add_argument("-o", "--output", required=True, help="the file to write")
+    export_p.add_argument("-o", "--output", required=True,
+                          help="the file to write (checked first; missing directories are created)")
     export_p.add_argument("--decompose", action=argparse.BooleanOptionalAction, default=True,
                           help="ONNX: standard ops only, runs in onnxruntime (default); --no-decompose "
                                "keeps 'entmaxkv' custom-domain nodes for TensorRT plugins")
     export_p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     export_p.add_argument("--no-check", action="store_true", help="skip onnx.checker")
     export_p.add_argument("--verify", action="store_true", help="ONNX: run onnxruntime and compare with PyTorch")
-    export_p.add_argument("--tolerance", type=float, default=1e-4, help="--verify: max abs error allowed")
+    export_p.add_argument("--tolerance", type=_non_negative_float, default=1e-4,
+                          help="--verify: max abs error allowed (>= 0)")
     export_p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     _add_config_options(export_p)
     export_p.set_defaults(run=_cmd_export)

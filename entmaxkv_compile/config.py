@@ -33,8 +33,12 @@ class EntmaxKVConfig:
         page_size: tokens per page (a power of two). Page ``p`` is rows ``[p*P, (p+1)*P)``.
         token_budget: tokens the ``topk`` selector may attend to, forced pages (last, sink,
             recent) included. At least one page.
-        alpha: the entmax alpha (> 1). ``None`` means "take it from the model" in the compiler
-            passes and 1.5 in the eager API.
+        alpha: the entmax alpha, supported in ``[MIN_ALPHA, inf)`` = ``[1.01, inf)``. ``None``
+            means "take it from the model" in the compiler passes and 1.5 in the eager API.
+            alpha = 1 is softmax (no exact zeros); in ``(1, 1.01)`` the exponent
+            ``beta = 1/(alpha-1)`` exceeds 100 and neither float32 (``p = gap**beta`` turns one ulp of
+            the gap into ``beta`` ulps of ``p``) nor the gaussian selector's quadrature is accurate
+            there, so those values are rejected instead of answered wrongly.
         max_quantile: per-page quantile of the page's maximum score used by the gaussian
             selector: a page is kept when ``(alpha-1)*(mu_p + z_p*sigma_p) > tau_hat - margin``
             with ``z_p = Phi^-1(max_quantile ** (1/n_p))``.
@@ -82,8 +86,10 @@ class EntmaxKVConfig:
             )
         if self.alpha is not None:
             check_alpha(self.alpha)
+        _check_real("max_quantile", self.max_quantile)
         if not (0.0 < float(self.max_quantile) < 1.0):
             raise ValueError(f"max_quantile must lie in (0, 1), got {self.max_quantile}")
+        _check_real("margin", self.margin)
         if not _finite(self.margin):
             raise ValueError(f"margin must be a finite float, got {self.margin}")
         if self.tau_estimate not in TAU_ESTIMATES:
@@ -122,15 +128,35 @@ class EntmaxKVConfig:
         return cls(**options)
 
 
+#: The smallest supported entmax alpha (beta = 1/(alpha-1) <= 100); see EntmaxKVConfig.alpha.
+MIN_ALPHA = 1.01
+
+
 def check_alpha(alpha: Any, name: str = "alpha") -> float:
-    """Validate an entmax alpha: a finite real number strictly greater than 1."""
+    """Validate an entmax alpha: a finite real number ``>= MIN_ALPHA`` (1.01).
+
+    ``alpha <= 1`` is not entmax; ``1 < alpha < 1.01`` is rejected because the solve and the
+    gaussian estimate lose their accuracy there (see ``EntmaxKVConfig.alpha``).
+    """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"{name} must be a float > 1, got {type(alpha).__name__}")
     if not _finite(alpha) or alpha <= 1.0:
         raise ValueError(
             f"{name} must be > 1 (alpha = 1 is softmax, which has no exact zeros), got {alpha}"
         )
+    if alpha < MIN_ALPHA:
+        raise ValueError(
+            f"{name} must be >= {MIN_ALPHA}, got {alpha}: below it beta = 1/(alpha-1) > 100 and "
+            "the threshold solve and the gaussian estimate are not accurate (use softmax, or "
+            f"alpha >= {MIN_ALPHA})"
+        )
     return float(alpha)
+
+
+def _check_real(name: str, value: Any) -> None:
+    """``value`` must be a Python int or float (not a bool, a string or None)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
 
 
 def _finite(x: Any) -> bool:

@@ -16,7 +16,7 @@ import torch
 
 from .cache import KVPageStats, page_token_counts
 from .config import EntmaxKVConfig, check_alpha
-from .reference import entmax_beta, entmax_threshold
+from .reference import entmax_beta, entmax_probs_and_threshold
 from .step import DecodeResult, implementation_for, run_step
 from .selection import (
     check_bound_inputs,
@@ -30,6 +30,7 @@ from .validation import (
     check_page_size,
     check_page_table,
     check_scale,
+    check_stats_valid,
     check_tensor,
     num_pages_for,
 )
@@ -41,8 +42,12 @@ def _decode_in(q, k_cache, v_cache, seqlens, page_mask, page_size, alpha, scale,
     """Exact entmax over the tokens of ``page_mask`` (bool ``[B, Hkv, Npages]``).
 
     Returns ``out`` in q's dtype and ``tau [B, Hq]`` in the compute dtype. Scores of all rows are
-    computed, then masked; unattended rows never reach the output (their V rows are zeroed, so
-    garbage past a sequence's end cannot leak through ``0 * NaN``).
+    computed, then masked; the solve is relative to each head's max score (shift-invariant, see
+    ``reference``). Lengths are clamped to ``[0, Nmax]``. A V row reaches the output only when it
+    is in the support of some query head of its KV group (as in the kernels, which read V only
+    there), so garbage in unattended rows cannot leak through ``0 * NaN``. Edge cases
+    (docs/EDGE_INPUTS.md): a head whose attended scores hold a NaN or ``+inf`` gets NaN ``out``
+    and ``tau``; a head with nothing to attend gets ``out = 0`` and ``tau = +inf``.
     """
     dtype = compute_dtype(q)
     batch, q_heads, _, head_dim = q.shape
@@ -58,12 +63,11 @@ def _decode_in(q, k_cache, v_cache, seqlens, page_mask, page_size, alpha, scale,
     if alibi_slopes is not None:
         rel = (rows[None, :] - (seqlens.to(torch.int64)[:, None] - 1)).to(dtype)  # [B, N]
         scores = scores + alibi_slopes.to(dtype).reshape(1, kv_heads, group, 1) * rel[:, None, None, :]
-    scores = torch.where(mask, scores, float("-inf"))
-    tau = entmax_threshold(scores, alpha, dim=-1, mask=mask.expand_as(scores)).to(dtype)
-    p = torch.where(mask, ((alpha - 1.0) * scores - tau[..., None]).clamp(min=0) ** entmax_beta(alpha), 0.0)
-    v = torch.where(tokens[..., None], v_cache.to(dtype), 0.0)
-    out = (p @ v) / p.sum(-1, keepdim=True)
-    return out.reshape(batch, q_heads, 1, head_dim).to(q.dtype), tau.reshape(batch, q_heads)
+    p, tau = entmax_probs_and_threshold(scores, alpha, dim=-1, mask=mask.expand_as(scores))
+    live = (p > 0).any(2)  # [B, Hkv, N]: in the support of some head of the group
+    v = torch.where(live[..., None], v_cache.to(dtype), 0.0)
+    out = p @ v
+    return out.reshape(batch, q_heads, 1, head_dim).to(q.dtype), tau.to(dtype).reshape(batch, q_heads)
 
 
 def _page_excess(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes):
@@ -78,13 +82,40 @@ def _page_excess(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale
     return excess, unselected
 
 
-def _certify_in(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes):
+def _certify_in(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes, stats_valid=None):
     """``certified [B, Hq]`` and ``delta_bound [B, Hq]`` (compute dtype); see :func:`certify`."""
     excess, unselected = _page_excess(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes)
-    certified = ~(unselected & (excess > 0)).any(-1)
+    trusted = certificate_inputs_ok(excess, tau, seqlens, page_size, stats_valid)
+    certified = trusted & ~(unselected & (excess > 0)).any(-1)
     counts = page_token_counts(seqlens, page_size, kmin.shape[2]).to(excess.dtype)[:, None, :]
-    dropped = torch.where(unselected, counts * excess.clamp(min=0) ** entmax_beta(alpha), 0.0)
-    return certified, dropped.sum(-1).clamp(max=1.0)
+    dropped = torch.where(unselected & trusted[..., None], counts * excess.clamp(min=0) ** entmax_beta(alpha), 0.0)
+    return certified, torch.where(trusted, dropped.sum(-1).clamp(max=1.0), 1.0)
+
+
+def certificate_inputs_ok(
+    excess: torch.Tensor,
+    tau: torch.Tensor,
+    seqlens: torch.Tensor,
+    page_size: int,
+    stats_valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """bool ``[B, Hq]``: everything the certificate rests on is sound for that head.
+
+    ``excess [B, Hq, Npages]`` is ``(alpha-1) u_p - tau`` with ``-inf`` on pages past the length;
+    it is finite on every valid page iff the bounds are, i.e. iff q, the ALiBi slope, kmin and kmax
+    are finite there (a non-finite stat or q entry makes the bound NaN or infinite: ``0 * inf`` is
+    NaN) and tau is finite (NaN when an attended score was, +inf when nothing was attended). The
+    length must lie in ``[1, Npages * P]`` and ``stats_valid`` (bool ``[B]``, e.g.
+    ``KVPageStats.valid_for(seqlens)``), when given, must hold. Shared by the kernels' certify.
+    """
+    num_pages = excess.shape[-1]
+    valid_pages = valid_page_mask(seqlens, page_size, num_pages)[:, None, :]
+    finite = (torch.isfinite(excess) | ~valid_pages).all(-1) & torch.isfinite(tau)
+    length = seqlens.to(torch.int64)
+    in_range = (length >= 1) & (length <= num_pages * page_size)
+    if stats_valid is not None:
+        in_range = in_range & stats_valid
+    return finite & in_range[:, None]
 
 
 def _check_common(q, k_cache, v_cache, seqlens, page_size, alpha, scale, alibi_slopes) -> tuple[int, float, float]:
@@ -136,6 +167,7 @@ def certify(
     alpha: float,
     scale: float,
     alibi_slopes: torch.Tensor | None = None,
+    stats_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The support certificate of a selection, per query head.
 
@@ -144,6 +176,11 @@ def certify(
     tokens are added) and the sparse output equals full entmax. ``delta_bound[b, h] =
     min(1, sum_{unselected p} n_p [(alpha-1) u_p - tau]_+^beta)`` bounds the full-entmax mass of
     the unselected tokens. Returns (bool ``[B, Hq]``, float32 ``[B, Hq]``).
+
+    A certificate needs sound inputs (:func:`certificate_inputs_ok`): where q, the ALiBi slope,
+    kmin/kmax of a valid page or tau are not finite, the length lies outside ``[1, Npages * P]``
+    or ``stats_valid`` (optional bool ``[B]``, see ``KVPageStats.valid_for``) is False, the head
+    gets ``certified = False`` and ``delta_bound = 1`` (the trivial bound).
     """
     page_size, scale = check_bound_inputs(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes)
     alpha = check_alpha(alpha)
@@ -154,8 +191,10 @@ def certify(
     if tuple(tau.shape) != tuple(q.shape[:2]) or not tau.dtype.is_floating_point:
         raise ValueError(f"tau must be a float tensor of shape [B, Hq] = {list(q.shape[:2])}, got "
                          f"{tau.dtype} {tuple(tau.shape)}")
+    check_stats_valid(stats_valid, batch, q.device)
     page_mask = page_mask_from_indices(page_indices, num_selected, num_pages)
-    certified, delta = _certify_in(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes)
+    certified, delta = _certify_in(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes,
+                                   stats_valid)
     return certified, delta.to(torch.float32)
 
 

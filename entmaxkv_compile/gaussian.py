@@ -95,7 +95,11 @@ def _to_tensors(**named: Any) -> tuple[list[torch.Tensor], torch.dtype]:
             out.append(value.to(compute))
         else:
             out.append(torch.full((), float(value), dtype=compute, device=device))
-    return list(torch.broadcast_tensors(*out)), result
+    try:
+        return list(torch.broadcast_tensors(*out)), result
+    except RuntimeError:
+        shapes = ", ".join(f"{name} {tuple(value.shape)}" for name, value in tensors.items())
+        raise ValueError(f"{', '.join(named)} must broadcast to one shape, got {shapes}") from None
 
 
 def _checking(check_values: bool) -> bool:

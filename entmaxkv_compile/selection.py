@@ -141,9 +141,16 @@ def head_normalized_group_score(bounds: torch.Tensor, kv_heads: int) -> torch.Te
     lets heads with large scores (e.g. NoPE heads beside ALiBi heads in one group) take every
     slot; on the tiny trained LM this cut perplexity at a 10% budget from 5.76 to 2.65
     (benchmarks/QUALITY.md).
+
+    A page whose bound is NaN or ``+inf`` (non-finite q, stats or ALiBi slope) scores ``+inf``,
+    like a forced page: it may hold anything, so it is attended rather than silently dropped, and
+    the finite pages keep their ranking among themselves.
     """
     batch, q_heads, num_pages = bounds.shape
-    relative = bounds - bounds.amax(-1, keepdim=True)
+    wild = torch.isnan(bounds) | (bounds == float("inf"))
+    tame = torch.where(wild, float("-inf"), bounds)
+    best = tame.amax(-1, keepdim=True)
+    relative = torch.where(wild, float("inf"), tame - torch.where(torch.isfinite(best), best, 0.0))
     return relative.reshape(batch, kv_heads, q_heads // kv_heads, num_pages).amax(2)
 
 
@@ -236,7 +243,10 @@ def _gaussian_keep(q, kmean, km2, seqlens, page_size, alpha, scale, max_quantile
         var_g = (weights * (sigma * sigma + (mu - mu_g[..., None]) ** 2)).sum(-1) / total
         tau_hat = gaussian_threshold(mu_g, var_g.clamp(min=0).sqrt(), total, alpha, check_values=False)
     z = page_max_quantile_z(counts.clamp(min=1), max_quantile, check_values=False)[:, None, :]
-    keep = (alpha - 1) * (mu + z * sigma) > tau_hat[..., None] - margin
+    likely_max = (alpha - 1) * (mu + z * sigma)
+    # A page with non-finite moments (NaN/inf in K, q or the ALiBi slope) is kept: it may hold
+    # anything, and dropping it would hide the bad value from the output.
+    keep = (likely_max > tau_hat[..., None] - margin) | ~torch.isfinite(likely_max)
     return keep & valid
 
 

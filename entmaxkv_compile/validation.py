@@ -74,6 +74,16 @@ def check_kv_cache(name: str, cache: torch.Tensor) -> None:
     check_float_dtype(name, cache)
 
 
+def has_values(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s values can be read: not a meta tensor, not a fake tensor traced by
+    torch.compile/export. Value checks are skipped (not failed) on tensors without values."""
+    if tensor.device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(tensor)
+
+
 def check_seqlens(
     seqlens: Any, batch: int, max_seqlen: int, *, device: torch.device, check_values: bool = True
 ) -> None:
@@ -84,7 +94,7 @@ def check_seqlens(
         raise ValueError(f"seqlens must have shape [B] = [{batch}], got {tuple(seqlens.shape)}")
     if seqlens.device != device:
         raise ValueError(f"seqlens must be on device {device}, got {seqlens.device}")
-    if check_values and batch > 0:
+    if check_values and batch > 0 and has_values(seqlens):
         lo, hi = int(seqlens.min()), int(seqlens.max())
         if lo < 1 or hi > max_seqlen:
             raise ValueError(
@@ -102,7 +112,7 @@ def check_positions(
         raise ValueError(f"positions must have shape [B] = [{batch}], got {tuple(positions.shape)}")
     if positions.device != device:
         raise ValueError(f"positions must be on device {device}, got {positions.device}")
-    if check_values and batch > 0:
+    if check_values and batch > 0 and has_values(positions):
         lo, hi = int(positions.min()), int(positions.max())
         if lo < 0 or hi >= max_seqlen:
             raise ValueError(f"positions must lie in [0, {max_seqlen - 1}], got values in [{lo}, {hi}]")
@@ -135,7 +145,7 @@ def check_decode_inputs(
 
     ``q`` ``[B, Hq, 1, D]``; ``k_cache``/``v_cache`` ``[B, Hkv, Nmax, D]`` of one shape with
     ``Hq % Hkv == 0``; floating dtypes; one device; ``seqlens`` int ``[B]`` in ``[1, Nmax]``;
-    ``alibi_slopes`` ``None`` or float ``[Hq]``. With ``check_values`` also rejects NaN/inf in ``q``
+    ``alibi_slopes`` ``None`` or float ``[Hq]``. With ``check_values`` also rejects NaN/inf in ``q`` and ``alibi_slopes``
     and out-of-range ``seqlens`` (both synchronise).
     """
     check_tensor("q", q)
@@ -162,8 +172,11 @@ def check_decode_inputs(
     check_same_device("q", q, k_cache=k_cache, v_cache=v_cache)
     check_seqlens(seqlens, batch, k_cache.shape[2], device=q.device, check_values=check_values)
     check_alibi_slopes(alibi_slopes, q_heads, device=q.device)
-    if check_values and not bool(torch.isfinite(q).all()):
-        raise ValueError("q must be finite, but it contains NaN or inf")
+    if check_values and has_values(q):
+        if not bool(torch.isfinite(q).all()):
+            raise ValueError("q must be finite, but it contains NaN or inf")
+        if alibi_slopes is not None and not bool(torch.isfinite(alibi_slopes).all()):
+            raise ValueError("alibi_slopes must be finite, but they contain NaN or inf")
 
 
 def check_stats_buffers(
@@ -186,6 +199,18 @@ def check_stats_buffers(
     if km2.dtype != kmean.dtype:
         raise TypeError(f"km2 must have the dtype of kmean ({kmean.dtype}), got {km2.dtype}")
     check_same_device("kmin", kmin, kmax=kmax, kmean=kmean, km2=km2)
+
+
+def check_stats_valid(stats_valid: Any, batch: int, device: torch.device) -> None:
+    """``stats_valid`` is None or a bool ``[B]`` tensor on ``device`` (see ``KVPageStats.valid_for``)."""
+    if stats_valid is None:
+        return
+    check_tensor("stats_valid", stats_valid)
+    if stats_valid.dtype != torch.bool or tuple(stats_valid.shape) != (batch,):
+        raise ValueError(f"stats_valid must be a bool tensor of shape [B] = [{batch}], got "
+                         f"{stats_valid.dtype} {tuple(stats_valid.shape)}")
+    if stats_valid.device != device:
+        raise ValueError(f"stats_valid must be on device {device}, got {stats_valid.device}")
 
 
 def num_pages_for(max_seqlen: int, page_size: int) -> int:

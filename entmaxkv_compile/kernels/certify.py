@@ -22,6 +22,8 @@ from .checks import (
     check_slopes,
     check_stats,
 )
+from ..decode import certificate_inputs_ok
+from ..validation import check_stats_valid
 from .select import launch_quest
 
 
@@ -29,7 +31,7 @@ from .select import launch_quest
 def triton_certify(
     q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_indices: Tensor,
     num_selected: Tensor, tau: Tensor, alibi_slopes: Optional[Tensor], page_size: int,
-    alpha: float, scale: float,
+    alpha: float, scale: float, stats_valid: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """The registered op (positional ``alibi_slopes``); see :func:`certify`."""
     batch, hq = q.shape[:2]
@@ -45,21 +47,25 @@ def triton_certify(
     counts = (seqlens.to(torch.int64)[:, None] - slots[None, :] * page_size).clamp(0, page_size)
     unselected = ~selected & (counts > 0)[:, None, :]
     excess = (alpha - 1.0) * bounds - tau.to(torch.float32)[..., None]
-    certified = ~(unselected & (excess > 0)).any(-1)
+    trusted = certificate_inputs_ok(excess, tau, seqlens, page_size, stats_valid)
+    certified = trusted & ~(unselected & (excess > 0)).any(-1)
     mass = counts[:, None, :].to(torch.float32) * excess.clamp(min=0) ** (1.0 / (alpha - 1.0))
-    delta = torch.where(unselected, mass, 0.0).sum(-1).clamp(max=1.0)
-    return certified, delta
+    delta = torch.where(unselected & trusted[..., None], mass, 0.0).sum(-1).clamp(max=1.0)
+    return certified, torch.where(trusted, delta, 1.0)
 
 
 def certify(
     q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_indices: Tensor,
     num_selected: Tensor, tau: Tensor, *, page_size: int, alpha: float, scale: float,
-    alibi_slopes: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None, stats_valid: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """``(certified bool [B, Hq], delta_bound float32 [B, Hq])`` of a selection.
 
     Certified when every unselected valid page has ``(alpha-1) u_p <= tau``; ``delta_bound =
-    min(1, sum_unselected n_p [(alpha-1) u_p - tau]_+^beta)``.
+    min(1, sum_unselected n_p [(alpha-1) u_p - tau]_+^beta)``. As the reference
+    ``decode.certify``: never certified (and ``delta_bound = 1``) where q, the slope, the stats of
+    a valid page or tau are not finite, the length is outside ``[1, Npages * P]`` or
+    ``stats_valid`` (bool ``[B]``) is False.
     """
     check_page_size(page_size)
     if not isinstance(kmin, Tensor) or kmin.dim() != 4:
@@ -77,5 +83,6 @@ def certify(
         raise ValueError(f"tau must be a float tensor of shape {list(q.shape[:2])}")
     check_slopes(alibi_slopes, q)
     check_scalars(alpha, scale)
+    check_stats_valid(stats_valid, batch, q.device)
     return triton_certify(q, kmin, kmax, seqlens, page_indices, num_selected, tau, alibi_slopes,
-                          int(page_size), float(alpha), float(scale))
+                          int(page_size), float(alpha), float(scale), stats_valid)

@@ -23,13 +23,14 @@ from .tuned import lookup
 def _prefill_kernel(
     k_ptr, seqlens_ptr, kmin_ptr, kmax_ptr, kmean_ptr, km2_ptr,
     skb, skh, skn, skd, ssb, ssh, ssp, ssd,
-    Hkv, D, num_pages, page_size,
+    Hkv, D, num_pages, page_size, nmax,
     PAGES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     hk = pid_bh % Hkv
-    length = tl.load(seqlens_ptr + b).to(tl.int32)
+    # clamped to the capacity: a length past Nmax (no value checks) must not read past the cache
+    length = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b).to(tl.int32), 0), nmax)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
@@ -43,6 +44,7 @@ def _prefill_kernel(
             lo = tl.full([BLOCK_D], float("inf"), tl.float32)
             hi = tl.full([BLOCK_D], float("-inf"), tl.float32)
             total = tl.zeros([BLOCK_D], tl.float32)
+            nans = tl.zeros([BLOCK_D], tl.int32)
             for t in range(0, n, BLOCK_T):
                 rows = first + t + offs_t
                 rmask = (t + offs_t) < n
@@ -50,7 +52,12 @@ def _prefill_kernel(
                             mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
                 lo = tl.minimum(lo, tl.min(tl.where(rmask[:, None], x, float("inf")), axis=0))
                 hi = tl.maximum(hi, tl.max(tl.where(rmask[:, None], x, float("-inf")), axis=0))
+                nans += tl.sum((rmask[:, None] & (x != x)).to(tl.int32), axis=0)
                 total += tl.sum(x, axis=0)
+            # min/max reductions may skip NaN on a GPU; a NaN in K must reach the bound (and so
+            # the certificate), as torch.amin/amax do in the reference
+            lo = tl.where(nans > 0, float("nan"), lo)
+            hi = tl.where(nans > 0, float("nan"), hi)
             mean = total / tl.maximum(n, 1).to(tl.float32)
             m2 = tl.zeros([BLOCK_D], tl.float32)
             for t in range(0, n, BLOCK_T):
@@ -74,18 +81,21 @@ def _prefill_kernel(
 def _append_kernel(
     k_ptr, pos_ptr, kmin_ptr, kmax_ptr, kmean_ptr, km2_ptr,
     skb, skh, skn, skd, ssb, ssh, ssp, ssd,
-    Hkv, D, page_size,
+    Hkv, D, page_size, nmax,
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // Hkv
     hk = pid % Hkv
-    pos = tl.load(pos_ptr + b).to(tl.int64)
+    raw = tl.load(pos_ptr + b).to(tl.int64)
+    pos = tl.minimum(tl.maximum(raw, 0), nmax - 1)
     page = pos // page_size
     count = (pos % page_size + 1).to(tl.float32)
     fresh = count == 1.0
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
+    # a position outside [0, Nmax) (no value checks) reads and writes nothing
+    raw_d = offs_d.to(tl.int64) * 0 + raw
+    dmask = (offs_d < D) & (raw_d >= 0) & (raw_d < nmax)
     row = tl.load(k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + pos * skn + offs_d * skd,
                   mask=dmask, other=0.0)
     off = b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + page * ssp + offs_d * ssd
@@ -98,8 +108,11 @@ def _append_kernel(
     mean = tl.where(fresh, x, old_mean + delta / count)
     m2 = tl.where(fresh, 0.0, old_m2 + delta * (x - mean))
     # min/max in fp32 (exact for K values) and cast back to K's dtype.
-    new_min = tl.where(fresh, x, tl.minimum(old_min, x)).to(kmin_ptr.dtype.element_ty)
-    new_max = tl.where(fresh, x, tl.maximum(old_max, x)).to(kmax_ptr.dtype.element_ty)
+    # NaN-propagating min/max (GPU fmin/fmax would drop a NaN of K), as torch.minimum does.
+    new_min = tl.minimum(old_min, x, propagate_nan=tl.PropagateNan.ALL)
+    new_max = tl.maximum(old_max, x, propagate_nan=tl.PropagateNan.ALL)
+    new_min = tl.where(fresh, x, new_min).to(kmin_ptr.dtype.element_ty)
+    new_max = tl.where(fresh, x, new_max).to(kmax_ptr.dtype.element_ty)
     tl.store(kmin_ptr + off, new_min, mask=dmask)
     tl.store(kmax_ptr + off, new_max, mask=dmask)
     tl.store(kmean_ptr + off, mean.to(kmean_ptr.dtype.element_ty), mask=dmask)
@@ -134,7 +147,7 @@ def stats_prefill_(
     grid = (cm.cdiv(num_pages, pages_per_prog), batch * hkv)
     wrap_triton(_prefill_kernel)[grid](
         k_cache, seqlens, kmin, kmax, kmean, km2, *k_cache.stride(), *strides,
-        hkv, dim, num_pages, page_size,
+        hkv, dim, num_pages, page_size, k_cache.shape[2],
         PAGES=pages_per_prog, BLOCK_T=min(cfg["BLOCK_T"], cm.next_pow2(page_size)),
         BLOCK_D=cm.next_pow2(dim), num_warps=cfg["num_warps"],
     )
@@ -156,5 +169,5 @@ def stats_append_(
     strides = _stat_strides(kmin, kmean, km2, kmax)
     wrap_triton(_append_kernel)[(batch * hkv,)](
         k_cache, positions, kmin, kmax, kmean, km2, *k_cache.stride(), *strides,
-        hkv, dim, page_size, BLOCK_D=cm.next_pow2(dim), num_warps=1,
+        hkv, dim, page_size, k_cache.shape[2], BLOCK_D=cm.next_pow2(dim), num_warps=1,
     )

@@ -9,6 +9,7 @@ scores are 4 bytes per page and query head. Outputs have fixed capacity; nothing
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -200,8 +201,11 @@ def select_pages(
     if not isinstance(token_budget, int) or token_budget < page_size:
         raise ValueError(f"token_budget must be an int >= page_size ({page_size}), "
                          f"got {token_budget!r}")
-    if not 0.0 < float(max_quantile) < 1.0:
-        raise ValueError(f"max_quantile must lie in (0, 1), got {max_quantile!r}")
+    if isinstance(max_quantile, bool) or not isinstance(max_quantile, (int, float)) \
+            or not 0.0 < max_quantile < 1.0:
+        raise ValueError(f"max_quantile must be a float in (0, 1), got {max_quantile!r}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        raise ValueError(f"margin must be a finite float, got {margin!r}")
     for name, value in (("sink_pages", sink_pages), ("recent_pages", recent_pages),
                         ("min_context", min_context)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

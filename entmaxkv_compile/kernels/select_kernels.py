@@ -257,7 +257,10 @@ def keep_kernel(
         mu = tl.load(mu_ptr + prow, mask=pm, other=0.0)
         sg = tl.load(sigma_ptr + prow, mask=pm, other=0.0)
         z = tl.load(ztab_ptr + tl.maximum(n - 1, 0), mask=valid, other=0.0)
-        hit = (am1 * (mu + z[None, :] * sg) > thr[:, None]) & pm
+        likely_max = am1 * (mu + z[None, :] * sg)
+        # non-finite moments (NaN/inf in K, q or the slope): keep the page, as the reference
+        wild = (likely_max != likely_max) | (tl.abs(likely_max) == float("inf"))
+        hit = ((likely_max > thr[:, None]) | wild) & pm
         keep = keep | (tl.max(hit.to(tl.int32), axis=0) > 0)
     else:
         keep = keep | valid
