@@ -150,9 +150,6 @@ def test_kernels_certified_means_exact_and_match_the_reference(case):
         assert certified[finite].all() and ref_certified[finite].all()
 
 
-@pytest.mark.xfail(strict=True, reason="decode_kernels.py (being rewritten): a NaN or +inf attended score "
-                   "must make the head's out and tau NaN, and an empty head must get tau = +inf, as the "
-                   "reference (docs/EDGE_INPUTS.md)")
 @pytest.mark.parametrize("poison", ["k_nan", "k_pos_inf", "slope_nan", "empty"])
 def test_decode_kernel_follows_the_nonfinite_rule(poison):
     gen = torch.Generator().manual_seed(5)

@@ -46,7 +46,7 @@ def score_kernel(
     q_ptr, k_ptr, seqlens_ptr, idx_ptr, nsel_ptr, slopes_ptr,
     cand_z_ptr, cand_tok_ptr, cand_cnt_ptr, split_max_ptr,
     sqb, sqh, sqd, skb, skh, skn, skd, sib, sih, sip, snb, snh,
-    Hq, Hkv, G, D, num_splits, seg, page_size, zscale, am1,
+    Hq, Hkv, G, D, num_splits, seg, page_size, zscale, am1, capacity,
     HAS_ALIBI: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -55,6 +55,9 @@ def score_kernel(
     b = pid_bh // Hkv
     hk = pid_bh % Hkv
     length = tl.load(seqlens_ptr + b).to(tl.int32)
+    # Rows past the cache's capacity are never read, whatever length says (ALiBi keeps the raw
+    # length, as the reference does).
+    readable = tl.minimum(tl.maximum(length, 0), capacity)
     nsel = tl.load(nsel_ptr + b * snb + hk * snh).to(tl.int32)
     pages_per_split = (nsel + num_splits - 1) // num_splits
     p0 = tl.minimum(split * pages_per_split, nsel)
@@ -82,13 +85,14 @@ def score_kernel(
     idx_base = idx_ptr + b * sib + hk * sih
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    nonfinite = tl.zeros([BLOCK_G], tl.int32)
     count = tl.zeros([], tl.int32)
     for j in range(j0, j1, BLOCK_N):
         jj = j + offs_n
         nmask = jj < j1
         page = tl.load(idx_base + (jj // page_size) * sip, mask=nmask, other=0)
         row = page * page_size + jj % page_size
-        valid = nmask & (row < length) & (page >= 0)
+        valid = nmask & (row < readable) & (page >= 0)
         k = tl.load(k_base + row.to(tl.int64)[:, None] * skn + offs_d[None, :] * skd,
                     mask=valid[:, None] & dmask[None, :], other=0.0)
         if UPCAST:
@@ -97,6 +101,11 @@ def score_kernel(
         if HAS_ALIBI:
             z += slope[:, None] * (row - (length - 1)).to(tl.float32)[None, :]
         z = tl.where(valid[None, :] & gmask[:, None], z, float("-inf"))
+        # An attended NaN or +inf score makes the head's result NaN (docs/EDGE_INPUTS.md): flag
+        # it, and keep it out of the max and the candidates.
+        bad = (z != z) | (z == float("inf"))
+        nonfinite = tl.maximum(nonfinite, tl.max(bad.to(tl.int32), axis=1))
+        z = tl.where(bad, float("-inf"), z)
         m = tl.maximum(m, tl.max(z, axis=1))
         thr = tl.where(m > float("-inf"), m - 1.0, float("inf"))
         keep = tl.max((z > thr[:, None]).to(tl.int32), axis=0)
@@ -106,6 +115,7 @@ def score_kernel(
         tl.store(z_base + pos[None, :], z, mask=keep_b[None, :] & gmask[:, None])
         count += tl.sum(keep, axis=0)
     tl.store(cand_cnt_ptr + pid_bh * num_splits + split, count)
+    m = tl.where(nonfinite > 0, float("nan"), m)  # the tau levels read NaN as "poisoned head"
     tl.store(split_max_ptr + (b * Hq + heads) * num_splits + split, m, mask=gmask)
 
 
@@ -157,7 +167,7 @@ def output_kernel(
 
 @triton.jit
 def reduce_kernel(
-    o_part_ptr, l_part_ptr, out_ptr, sob, soh, sod,
+    o_part_ptr, l_part_ptr, tau_ptr, out_ptr, sob, soh, sod,
     Hq, D, num_splits,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -172,5 +182,7 @@ def reduce_kernel(
                 mask=smask[:, None] & dmask[None, :], other=0.0)
     l_sum = tl.sum(tl.load(l_part_ptr + pid * num_splits + offs_s, mask=smask, other=0.0), axis=0)
     res = tl.sum(o, axis=0) / tl.where(l_sum > 0, l_sum, 1.0)
+    tau = tl.load(tau_ptr + pid)
+    res = tl.where(tau != tau, float("nan"), res)  # a poisoned head reports NaN, not a value
     tl.store(out_ptr + b * sob + h * soh + offs_d * sod, res.to(out_ptr.dtype.element_ty),
              mask=dmask)

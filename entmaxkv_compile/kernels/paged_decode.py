@@ -121,6 +121,7 @@ def triton_paged_decode(
         page_indices.stride(0), page_indices.stride(1), page_indices.stride(2),
         num_selected.stride(0), num_selected.stride(1),
         hq, hkv, group, dim, splits, seg, page_size, (alpha - 1.0) * scale, alpha - 1.0,
+        k_cache.shape[2],
         HAS_ALIBI=has_alibi, BLOCK_G=block_g, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d,
         DOT_PREC=cm.dot_precision(dev, q.dtype), UPCAST=cm.dot_upcast(dev, q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -134,7 +135,7 @@ def triton_paged_decode(
         DOT_PREC=cm.exact_fp32_dot(dev), num_warps=cfg["num_warps"],
     )
     wrap_triton(reduce_kernel)[(batch * hq,)](
-        o_part, l_part, out, out.stride(0), out.stride(1), out.stride(3),
+        o_part, l_part, tau, out, out.stride(0), out.stride(1), out.stride(3),
         hq, dim, splits, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
     )
     return out, tau

@@ -67,14 +67,15 @@ def tau_level_kernel(
     if FIRST:
         offs_s = tl.arange(0, BLOCK_S)
         smask = offs_s < num_splits
-        big_m = tl.max(tl.load(split_max_ptr + pid * num_splits + offs_s, mask=smask,
-                               other=float("-inf")), axis=0)
+        smax = tl.load(split_max_ptr + pid * num_splits + offs_s, mask=smask, other=float("-inf"))
+        poisoned = tl.max((smax != smax).to(tl.int32), axis=0) > 0  # an attended NaN/+inf score
+        big_m = tl.max(tl.where(smax != smax, float("-inf"), smax), axis=0)
         n_cand = tl.sum(tl.load(src_cnt_ptr + (b * Hkv + hk) * num_splits + offs_s, mask=smask,
                                 other=0), axis=0)
         # d_k = M - t_k, log-spaced from 1 down to C^(1-alpha) (tau's proven range).
         log_dmin = -alpha_m1 * tl.log2(tl.maximum(n_cand, 1).to(tl.float32))
         t = big_m - tl.exp2(log_dmin * kf / (NP - 1))
-        live = big_m > float("-inf")
+        live = (big_m > float("-inf")) & (poisoned == 0)
         lo = big_m - 1.0
     else:
         lo = tl.load(state_ptr + pid * 4)
@@ -145,7 +146,9 @@ def tau_level_kernel(
             tl.store(state_ptr + pid * 4, lo)
             tl.store(state_ptr + pid * 4 + 1, tl.max(t, axis=0))
             tl.store(state_ptr + pid * 4 + 2, tl.where(live, 0.0, 1.0))
-            tl.store(state_ptr + pid * 4 + 3, float("nan"))
+            # A head that never runs keeps this tau: NaN if poisoned, +inf if it has nothing to
+            # attend (its output is then 0).
+            tl.store(state_ptr + pid * 4 + 3, tl.where(poisoned, float("nan"), float("inf")))
 
 
 @triton.jit
