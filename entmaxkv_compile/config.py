@@ -57,6 +57,12 @@ class EntmaxKVConfig:
             still in float32: half the selector's bytes for fp16/bf16 caches, at a rounding error
             of a few ulps of the cache dtype per page, which only affects which pages are chosen,
             never the exactness of the attention over them or of the certificate).
+        report_bound: for the approximate selectors (``gaussian``, ``topk``), also compute the
+            support certificate and the dropped-mass bound ``delta_bound`` of the selection. It
+            costs one read of kmin/kmax for every page per step (as much as the selection
+            itself), so it is off by default: the step then reports ``certified=False`` and the
+            trivial bound ``delta_bound=1``. ``certified`` always computes it; ``dense`` needs no
+            bound (every page is read: certified wherever tau is finite).
     """
 
     selector: Selector = "gaussian"
@@ -71,6 +77,7 @@ class EntmaxKVConfig:
     certify_max_rounds: int = 1
     min_context: int = 0
     moment_dtype: MomentDtype = "float32"
+    report_bound: bool = False
 
     def __post_init__(self) -> None:
         if self.selector not in SELECTORS:
@@ -100,6 +107,8 @@ class EntmaxKVConfig:
         _check_int("min_context", self.min_context, minimum=0)
         if self.moment_dtype not in MOMENT_DTYPES:
             raise ValueError(f"moment_dtype must be one of {MOMENT_DTYPES}, got {self.moment_dtype!r}")
+        if not isinstance(self.report_bound, bool):
+            raise TypeError(f"report_bound must be a bool, got {type(self.report_bound).__name__}")
 
     @property
     def budget_pages(self) -> int:

@@ -115,5 +115,14 @@ def run_step(
             page_indices, num_selected = selection.compact_page_mask(page_mask | violates.any(2))
             out, tau = impl.paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry)
             tau_floor = torch.maximum(tau_floor, tau)
-    certified, delta = impl.certify(q, kmin, kmax, seqlens, page_indices, num_selected, tau_floor, **geometry)
+    if config.selector == "dense":
+        # Every valid page was read: the output is full entmax wherever tau is a number.
+        certified = torch.isfinite(tau)
+        delta = torch.where(certified, 0.0, 1.0)
+    elif config.selector == "certified" or config.report_bound:
+        certified, delta = impl.certify(q, kmin, kmax, seqlens, page_indices, num_selected, tau_floor,
+                                        **geometry)
+    else:  # the bound costs a full kmin/kmax read: only on request (EntmaxKVConfig.report_bound)
+        certified = torch.zeros_like(tau, dtype=torch.bool)
+        delta = torch.ones_like(tau)
     return DecodeResult(out, page_indices, num_selected, certified, delta, tau)

@@ -166,7 +166,8 @@ def test_one_round_certifies_even_from_a_minimal_selection(rounds):
 )
 def test_delta_bound_bounds_the_dropped_mass(seed, group, alpha, alibi, structured, selector, margin):
     q, k, v, seqlens, slopes = random_case(seed, group=group, nmax=70, dim=16, alibi=alibi, structured=structured)
-    config = EntmaxKVConfig(selector=selector, page_size=4, alpha=alpha, token_budget=12, margin=margin)
+    config = EntmaxKVConfig(selector=selector, page_size=4, alpha=alpha, token_budget=12, margin=margin,
+                            report_bound=True)
     result = sparse_decode(q, k, v, seqlens, config, alibi_slopes=slopes)
     _, probs = full_entmax_decode(q, k, v, seqlens, alpha, 0.25, slopes)
     tokens = selected_token_mask(result.page_indices, result.num_selected, seqlens, page_size=4, max_seqlen=70)

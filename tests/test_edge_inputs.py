@@ -192,7 +192,7 @@ def test_nonfinite_inputs_are_never_certified(where, selector):
     ref_stats = KVPageStats.from_cache(k, seqlens, 16)
     for a, b in zip(stats.buffers(), ref_stats.buffers()):
         assert torch.equal(a.isnan(), b.isnan())
-    config = EntmaxKVConfig(selector=selector, token_budget=16)
+    config = EntmaxKVConfig(selector=selector, token_budget=16, report_bound=True)
     result = decode.sparse_decode(q, k, v, seqlens, config, stats=stats, alibi_slopes=slopes, scale=0.25,
                                   check_values=False)
     untrusted = torch.zeros(2, 2, dtype=torch.bool)  # heads whose certificate rests on the bad value
@@ -202,8 +202,14 @@ def test_nonfinite_inputs_are_never_certified(where, selector):
         untrusted[0, 1] = True
     else:
         untrusted[0] = True
-    assert not result.certified[untrusted].any() and (result.delta_bound[untrusted] == 1.0).all()
-    if selector != "topk":  # the other heads are untouched (top-k with one page need not certify)
+    if selector == "dense":
+        # Dense reads every page: no bound is involved, so a head is certified exactly where its
+        # tau is a number (a NaN/+inf score poisons it; a -inf score only drops its token).
+        assert torch.equal(result.certified, torch.isfinite(result.tau))
+        assert not result.certified[torch.isnan(result.out).any(-1).any(-1)].any()
+    else:
+        assert not result.certified[untrusted].any() and (result.delta_bound[untrusted] == 1.0).all()
+    if selector not in ("topk", "dense"):  # the other heads are untouched (top-k with one page need not certify)
         assert result.certified[~untrusted].all()
     for certified, delta in _certify_both(q, stats, seqlens, result, slopes):
         assert not certified[untrusted].any() and (delta[untrusted] == 1.0).all()

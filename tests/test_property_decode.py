@@ -63,7 +63,8 @@ def decode_cases(draw, allow_empty: bool = True):
         slopes = torch.rand(hq, generator=gen) * 0.5
         slopes[0] = NAN
     config = EntmaxKVConfig(selector=draw(st.sampled_from(SELECTORS)), page_size=page_size,
-                            token_budget=page_size * draw(st.integers(1, 2)), alpha=draw(st.sampled_from(ALPHAS)))
+                            token_budget=page_size * draw(st.integers(1, 2)), alpha=draw(st.sampled_from(ALPHAS)),
+                            report_bound=True)
     return q, k, v, seqlens, slopes, config, offset
 
 
