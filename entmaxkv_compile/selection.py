@@ -154,11 +154,11 @@ def head_normalized_group_score(bounds: torch.Tensor, kv_heads: int) -> torch.Te
     return relative.reshape(batch, kv_heads, q_heads // kv_heads, num_pages).amax(2)
 
 
-def _top_pages_lowest_id_ties(score: torch.Tensor, count: int) -> torch.Tensor:
+def top_pages_lowest_id_ties(score: torch.Tensor, count: int) -> torch.Tensor:
     """bool mask of the ``count`` highest scores along the last axis, ties to the lowest index.
 
     Written with a value-only top-k, comparisons and a cumsum (no stable sort), so it exports to
-    ONNX and matches the radix-select kernel index for index.
+    ONNX; the kernel path calls it too (on device, sync-free).
     """
     kth = score.topk(count, dim=-1).values[..., -1:]
     above = score > kth
@@ -307,7 +307,7 @@ def select_pages(
         bounds = quest_bounds_in(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes, compute_dtype(q))
         score = head_normalized_group_score(bounds, kv_heads)
         score = torch.where(forced, float("inf"), score)
-        chosen = _top_pages_lowest_id_ties(score, min(token_budget // page_size, num_pages))
+        chosen = top_pages_lowest_id_ties(score, min(token_budget // page_size, num_pages))
     else:
         mixture = tau_estimate == "mixture" or (tau_estimate == "auto" and alibi_slopes is not None)
         keep = _gaussian_keep(q, kmean, km2, seqlens, page_size, alpha, scale, float(max_quantile),

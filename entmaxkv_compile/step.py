@@ -1,7 +1,7 @@
 """One decode step: select -> decode -> certify, and the certified loop, over any implementation.
 
 The step is written once against a small "implementation" namespace (``select_pages``,
-``quest_bounds``, ``paged_decode``, ``certify``), which is either the pure-torch reference
+``compact_page_mask``, ``quest_bounds``, ``paged_decode``, ``certify``), which is either the pure-torch reference
 (``REFERENCE``) or the Triton kernels (``entmaxkv_compile.kernels``). So the eager API, the
 ``entmaxkv::decode_step`` op and the tests all run the same logic, and the kernels only have to
 match the reference function by function.
@@ -32,6 +32,7 @@ def reference_implementation() -> SimpleNamespace:
     return SimpleNamespace(
         select_pages=selection.select_pages,
         quest_bounds=selection.quest_bounds,
+        compact_page_mask=selection.compact_page_mask,
         paged_decode=decode.paged_decode,
         certify=decode.certify,
     )
@@ -112,7 +113,7 @@ def run_step(
         for _ in range(config.certify_max_rounds):
             violates = ((alpha - 1.0) * bounds > tau_floor[..., None]).reshape(batch, kv_heads, -1, num_pages)
             page_mask = selection.page_mask_from_indices(page_indices, num_selected, num_pages)
-            page_indices, num_selected = selection.compact_page_mask(page_mask | violates.any(2))
+            page_indices, num_selected = impl.compact_page_mask(page_mask | violates.any(2))
             out, tau = impl.paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry)
             tau_floor = torch.maximum(tau_floor, tau)
     if config.selector == "dense":

@@ -16,11 +16,12 @@ import torch
 from .certify import certify
 from .page_stats import stats_append_, stats_prefill_
 from .paged_decode import paged_decode
-from .select import quest_bounds, select_pages
+from .select import compact_page_mask, quest_bounds, select_pages
 
 __all__ = [
     "available",
     "certify",
+    "compact_page_mask",
     "paged_decode",
     "quest_bounds",
     "select_pages",

@@ -10,9 +10,8 @@
 - ``keep_kernel`` + ``compact_kernel`` (page block, batch x KV head): the dense or gaussian keep
   rule (union over the group, forced pages) with per-block counts, then a parallel compaction into
   the fixed-capacity ``page_indices`` (ascending, -1 padded) and ``num_selected``.
-- ``topk_kernel`` (batch x KV head): top-k within the budget by a four-pass radix select on the
-  order-preserving integer key of the group score (ties to the lowest page id), then one
-  compaction pass; each pass is serial over pages in blocks of ``BLOCK_P``.
+
+The top-k ranking itself is torch's multi-block top-k (``select.py``), not a kernel here.
 """
 
 from __future__ import annotations
@@ -144,88 +143,6 @@ def moments_kernel(
     mom = mom_ptr + ((b * Hq + heads).to(tl.int64) * nblocks + blk) * 2
     tl.store(mom, s1, mask=gmask)
     tl.store(mom + 1, s2, mask=gmask)
-
-
-@triton.jit
-def _order_key(x):
-    """A float32 -> int32 map that preserves order (for the top-k bisection)."""
-    bits = x.to(tl.int32, bitcast=True)
-    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-
-
-@triton.jit
-def topk_kernel(
-    group_ptr, seqlens_ptr, idx_ptr, nsel_ptr,
-    Hkv, num_pages, page_size, budget_pages, sink, recent, min_context,
-    BLOCK_P: tl.constexpr,
-):
-    """Top-k within the page budget for one (batch, KV head): forced pages, then the best
-    ``budget - forced`` others (ties to the lowest page id), compacted in page order. The cut
-    (the key of the ``need``-th best candidate) comes from a radix select: four passes over the
-    group scores, each a histogram of one byte of the order-preserving key among the candidates
-    that match the bytes fixed so far (instead of a 32-step bisection, 33 passes)."""
-    pid = tl.program_id(0)
-    length = tl.load(seqlens_ptr + pid // Hkv).to(tl.int32)
-    last = (length - 1) // page_size
-    short = length < min_context
-    offs = tl.arange(0, BLOCK_P)
-    bins = tl.arange(0, 512)  # 256 byte values; masked entries land in bin 256 and are ignored
-    byte_bin = bins < 256
-    row = pid.to(tl.int64) * num_pages
-    n_valid = last + 1
-    n_sink = tl.minimum(sink, n_valid)
-    tail0 = tl.maximum(last - recent, 0)
-    n_forced = n_sink + (last - tail0 + 1) - tl.maximum(n_sink - tail0, 0)
-    need = tl.maximum(budget_pages - n_forced, 0)
-    prefix = tl.zeros([], tl.int64)
-    remaining = need
-    n_cand = tl.zeros([], tl.int32)
-    for rnd in tl.static_range(4):
-        shift = 24 - 8 * rnd
-        hist = tl.zeros([512], tl.int32)
-        for p0 in range(0, num_pages, BLOCK_P):
-            pages = p0 + offs
-            valid = _page_counts(pages, length, page_size, num_pages) > 0
-            forced = (pages == last) | (pages < sink) | ((pages >= last - recent) & (pages < last))
-            cand = valid & ~forced
-            key = _order_key(tl.load(group_ptr + row + pages, mask=cand, other=0.0))
-            ukey = key.to(tl.int64) + 2147483648  # unsigned order, in [0, 2^32)
-            match = cand & ((ukey >> (shift + 8)) == prefix)
-            byte = tl.where(match, (ukey >> shift) & 255, 256).to(tl.int32)
-            hist += tl.histogram(byte, 512)
-        hist = tl.where(byte_bin, hist, 0)
-        total = tl.sum(hist, axis=0)
-        if rnd == 0:
-            n_cand = total
-        at_or_above = total - tl.cumsum(hist, axis=0) + hist  # candidates with byte >= b
-        pick = tl.sum((byte_bin & (at_or_above >= remaining)).to(tl.int32), axis=0) - 1
-        remaining -= tl.sum(tl.where(byte_bin & (bins > pick), hist, 0), axis=0)
-        prefix = prefix * 256 + pick.to(tl.int64)
-    take_all = (n_cand <= need) | short
-    cut = (prefix - 2147483648).to(tl.int32)
-    ties_left = remaining
-    ties_seen = tl.zeros([], tl.int32)
-    count = tl.zeros([], tl.int32)
-    for p0 in range(0, num_pages, BLOCK_P):
-        pages = p0 + offs
-        valid = _page_counts(pages, length, page_size, num_pages) > 0
-        forced = (pages == last) | (pages < sink) | ((pages >= last - recent) & (pages < last))
-        cand = valid & ~forced
-        key = _order_key(tl.load(group_ptr + row + pages, mask=cand, other=0.0))
-        tie = (cand & (key == cut)).to(tl.int32)
-        rank = ties_seen + tl.cumsum(tie, axis=0) - tie
-        ties_seen += tl.sum(tie, axis=0)
-        win = cand & ((key > cut) | ((tie > 0) & (rank < ties_left)))
-        keep = ((forced | tl.where(take_all, cand, win)) & valid) != 0
-        k32 = keep.to(tl.int32)
-        pos = count + tl.cumsum(k32, axis=0) - k32
-        tl.store(idx_ptr + row + pos, pages, mask=keep)
-        count += tl.sum(k32, axis=0)
-    for p0 in range(0, num_pages, BLOCK_P):
-        slots = p0 + offs
-        tl.store(idx_ptr + row + slots, tl.full([BLOCK_P], -1, tl.int32),
-                 mask=(slots >= count) & (slots < num_pages))
-    tl.store(nsel_ptr + pid, count)
 
 
 @triton.jit

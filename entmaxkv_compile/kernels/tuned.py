@@ -28,7 +28,7 @@ DEFAULTS: dict[str, dict[str, int]] = {
     "paged_decode": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "BLOCK_T": 32,
                      "BLOCK_TAU": 128, "tau_warps": 4},
     "page_stats": {"BLOCK_T": 16, "num_warps": 4},
-    "select": {"BLOCK_P": 64, "BLOCK_PM": 32, "BLOCK_PS": 256, "BLOCK_PT": 1024,
+    "select": {"BLOCK_P": 64, "BLOCK_PM": 32, "BLOCK_PS": 256,
                "num_warps": 4, "MOMENTS_DOT": 0},
 }
 
@@ -37,7 +37,7 @@ INTERPRETER: dict[str, dict[str, int]] = {
     "paged_decode": {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "BLOCK_T": 16,
                      "BLOCK_TAU": 16, "tau_warps": 1},
     "page_stats": {"BLOCK_T": 16, "num_warps": 1},
-    "select": {"BLOCK_P": 16, "BLOCK_PM": 16, "BLOCK_PS": 16, "BLOCK_PT": 16, "num_warps": 1,
+    "select": {"BLOCK_P": 16, "BLOCK_PM": 16, "BLOCK_PS": 16, "num_warps": 1,
                "MOMENTS_DOT": 0},
 }
 
