@@ -37,8 +37,10 @@ from .guards import MASK_FLOOR, Guard, MaskGuard, StateGuard
 from .ir import concrete, dtype_of, is_impure, shape_of
 from .match_attention import AttentionMatch
 from .subgraph import NotExtractable, extract, needed_placeholders
-from .symbolic import QK, Evaluator, Sym, Unproven, index_symbol, is_boolean, is_opaque
+from .symbolic import FRESH, QK, Evaluator, Sym, Unproven, index_symbol, is_boolean, is_opaque, kind_of
 
+#: The key index and the write index (the position) of the decision procedure.
+J = sympy.Symbol("j", integer=True)
 W = sympy.Symbol("w", integer=True)
 
 
@@ -58,13 +60,25 @@ class _Leaves:
         self.gm, self.example, self.key_len = gm, example, key_len
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.index = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
-        self.first_write = _first_in_place_writes(gm)
+        self.alias, self.mutations = _memory(gm)
         self.positions: dict[sympy.Symbol, Node] = {}
         self.opaque_bound: dict[sympy.Symbol, float] = {}
         self.guards: list[Guard] = []
         self.notes: list[str] = []
         self.mask_inputs: list[Node] = []
         self.ev: Optional[Evaluator] = None
+
+    def evaluator(self, product: Optional[Node] = None, axis: Any = None) -> Evaluator:
+        self.ev = Evaluator(self, product, axis, self.check_read)
+        return self.ev
+
+    def check_read(self, value: Node, reader: Node) -> None:
+        """Refuse a read of ``value`` after an in-place write to its memory (its graph value is stale)."""
+        root = _find(self.alias, value)
+        for mutation in self.mutations:
+            if _find(self.alias, mutation.args[0]) is root and \
+                    self.order[value] < self.order[mutation] < self.order[reader]:
+                raise Unproven(f"{value.name} is modified in place by {mutation.name} before {reader.name} reads it")
 
     def _value(self, node: Node) -> Any:
         if node.op == "get_attr":
@@ -79,9 +93,6 @@ class _Leaves:
         if not isinstance(value, torch.Tensor):
             raise Unproven(f"input {node.name} is not a tensor")
         shape = tuple(concrete(s) for s in value.shape)
-        written = self.first_write.get(node)
-        if written is not None and reader is not None and self.order[written] < self.order[reader]:
-            raise Unproven(f"input {node.name} is modified in place before the mask reads it")
         if not value.dtype.is_floating_point and value.dtype != torch.bool:
             if value.numel() != 1:
                 raise Unproven(f"integer input {node.name} holds more than one position")
@@ -114,8 +125,10 @@ class _Leaves:
 
     def _opaque(self, node: Node, value: torch.Tensor, shape) -> Sym:
         symbol = sympy.Symbol(f"in_{node.name}", real=True, finite=True)
-        finite = value.detach()
-        if not _is_real(value) or not bool(torch.isfinite(finite).all()):
+        if not _is_real(value):
+            raise Unproven(f"input {node.name} has no value to bound")
+        finite = value.detach().to(torch.float64)
+        if not bool(torch.isfinite(finite).all()):
             raise Unproven(f"input {node.name} is not known to be finite")
         self.opaque_bound[symbol] = float(finite.abs().max()) if finite.numel() else 0.0
         self._state_guard(node, value, f"input {node.name} unchanged")
@@ -150,13 +163,25 @@ def _triangular(value: torch.Tensor) -> Any:
     return (-sympy.oo if top == -math.inf else sympy.Float(top)) if top <= MASK_FLOOR else None
 
 
-def _first_in_place_writes(gm: GraphModule) -> dict[Node, Node]:
-    writes: dict[Node, Node] = {}
+def _memory(gm: GraphModule) -> tuple[dict[Node, Node], list[Node]]:
+    """Alias classes (union-find: every op not known to return fresh memory may be a view of its
+    first input) and the in-place writes of the graph."""
+    parent: dict[Node, Node] = {}
+    mutations = []
     for node in gm.graph.nodes:
-        if is_impure(node) and node.op not in ("placeholder", "output"):
-            for parent in node.all_input_nodes[:1]:
-                writes.setdefault(parent, node)
-    return writes
+        first = next(iter(node.all_input_nodes), None)
+        if node.op in ("call_function", "call_method") and first is not None:
+            if kind_of(node) not in FRESH:
+                parent[_find(parent, node)] = _find(parent, first)
+            if is_impure(node):
+                mutations.append(node)
+    return parent, mutations
+
+
+def _find(parent: dict[Node, Node], node: Node) -> Node:
+    while node in parent:
+        node = parent[node]
+    return node
 
 
 def prove_decode_site(gm: GraphModule, match: AttentionMatch, product: Node, example: dict[Node, Any],
@@ -169,10 +194,9 @@ def prove_decode_site(gm: GraphModule, match: AttentionMatch, product: Node, exa
     try:
         leaves = _Leaves(gm, example, key_len)
         write = _write_index(leaves, match)
-        leaves.ev = Evaluator(leaves, product, sympy.Symbol("j", integer=True))
-        scores = leaves.ev.value(match.weights.scores)
+        scores = leaves.evaluator(product, J).value(match.weights.scores)
         expr = _in_write_index(scores, write, leaves)
-        _decide(expr, key_len, leaves.opaque_bound)
+        decide_causal(expr, key_len, leaves.opaque_bound)
         guards = list(leaves.guards)
         for node in leaves.mask_inputs:
             guards.append(_mask_guard(gm, leaves, node, match, key_len))
@@ -190,8 +214,7 @@ def prove_decode_site(gm: GraphModule, match: AttentionMatch, product: Node, exa
 
 def _write_index(leaves: _Leaves, match: AttentionMatch) -> Any:
     """The symbolic index K (and V) are written at this step."""
-    ev = Evaluator(leaves)
-    leaves.ev = ev
+    ev = leaves.evaluator()
     k = _scalar(ev.value(match.k.positions), "the K write index")
     v = _scalar(ev.value(match.v.positions), "the V write index")
     if sympy.simplify(k - v) != 0:
@@ -218,7 +241,7 @@ def _in_write_index(scores: Sym, write: Any, leaves: _Leaves) -> Any:
         raise Unproven("the scores do not depend on the key index")
     if any(index_symbol(t) is not None for t in scores.axes[:-1]):
         raise Unproven("the scores depend on an index other than the key index")
-    expr = scores.expr.subs(j, sympy.Symbol("j", integer=True))
+    expr = scores.expr.subs(j, J)
     used = expr.free_symbols & set(leaves.positions)
     if used:
         base = write.free_symbols & set(leaves.positions)
@@ -235,11 +258,14 @@ def _in_write_index(scores: Sym, write: Any, leaves: _Leaves) -> Any:
     return expr
 
 
-J = sympy.Symbol("j", integer=True)
 
+def decide_causal(expr: Any, n: int, bounds: Optional[dict[sympy.Symbol, float]] = None) -> None:
+    """Decide that scores ``expr(J, W, QK, ...)`` are causal (ALiBi allowed) on ``0 <= J, W < n``.
 
-def _decide(expr: Any, n: int, bounds: dict[sympy.Symbol, float]) -> None:
-    """Decide the causal-mask property of ``expr(j, w)`` on the integer box ``[0, n)^2``."""
+    Raises :class:`Unproven` with a counterexample otherwise. ``bounds``: the magnitude of each
+    opaque input symbol, used to check that a finite mask value stays hidden.
+    """
+    bounds = bounds or {}
     expr = sympy.piecewise_fold(expr)
     starts = {"d": {-(n - 1), 0, 1}, "j": {0}, "w": {0}}
     for atom in expr.atoms(sympy.core.relational.Relational):
@@ -248,19 +274,20 @@ def _decide(expr: Any, n: int, bounds: dict[sympy.Symbol, float]) -> None:
             starts[var].update(_cuts(t))
     limits = {"d": (-(n - 1), n - 1), "j": (0, n - 1), "w": (0, n - 1)}
     intervals = {v: _intervals(starts[v], *limits[v]) for v in limits}
+    points = [_point(*d, *j, *w) for d in intervals["d"] for j in intervals["j"] for w in intervals["w"]]
     visible: Optional[tuple[Any, Any]] = None
-    for dl, dh in intervals["d"]:
-        for jl, jh in intervals["j"]:
-            for wl, wh in intervals["w"]:
-                point = _point(dl, dh, jl, jh, wl, wh)
-                if point is None:
-                    continue
-                j0, w0 = point
-                value = _branch(expr, j0, w0)
-                if j0 <= w0:
-                    visible = _check_visible(value, j0, w0, visible)
-                else:
-                    _check_hidden(value, j0, w0, n, bounds)
+    failures = []
+    for j0, w0 in sorted(p for p in points if p is not None):
+        try:
+            value = _branch(expr, j0, w0)
+            if j0 <= w0:
+                visible = _check_visible(value, j0, w0, visible)
+            else:
+                _check_hidden(value, j0, w0, n, bounds)
+        except Unproven as why:
+            failures.append((w0, abs(j0 - w0), why))
+    if failures:  # report the first position where the rewrite would go wrong
+        raise min(failures, key=lambda f: f[:2])[2]
 
 
 def _threshold(atom: Any) -> tuple[Optional[str], Any]:
@@ -300,10 +327,15 @@ def _intervals(starts: set[int], low: int, high: int) -> list[tuple[int, int]]:
 
 
 def _point(dl, dh, jl, jh, wl, wh) -> Optional[tuple[int, int]]:
-    """An integer ``(j, w)`` with ``j`` in [jl, jh], ``w`` in [wl, wh], ``j - w`` in [dl, dh]."""
-    d = max(dl, jl - wh)
-    if d > min(dh, jh - wl):
+    """An integer ``(j, w)`` with ``j`` in [jl, jh], ``w`` in [wl, wh], ``j - w`` in [dl, dh].
+
+    The one with ``j - w`` nearest 0 and the smallest ``w``: the first position a counterexample
+    shows up at, which is what a refusal reports.
+    """
+    low, high = max(dl, jl - wh), min(dh, jh - wl)
+    if low > high:
         return None
+    d = high if high <= 0 else low
     w = max(wl, jl - d)
     return w + d, w
 

@@ -107,7 +107,14 @@ _EXTRA_ATEN = {
     "logical_not": "not", "bitwise_and": "and", "logical_and": "and", "bitwise_or": "or", "logical_or": "or",
     "remainder": "mod", "arange": "arange", "index": "index", "slice": "slice", "select": "select",
     "type_as": "cast", "lift_fresh_copy": "identity", "scalar_tensor": "scalar_tensor", "full": "full",
+    "zeros": "zeros", "ones": "ones",
 }
+#: Operations whose result never shares memory with an input (everything else may be a view).
+FRESH = frozenset({
+    "add", "sub", "mul", "div", "neg", "mod", "le", "lt", "ge", "gt", "eq", "ne", "not", "and", "or", "where",
+    "masked_fill", "arange", "full", "zeros", "ones", "scalar_tensor", "matmul", "einsum", "baddbmm", "index",
+    "entmax", "softmax", "cat", "pow", "clamp", "clamp_min", "relu",
+})
 
 
 def kind_of(node: Any) -> Optional[str]:
@@ -140,8 +147,9 @@ class Evaluator:
     """
 
     def __init__(self, leaf: Callable[[Node, Node], Sym], product: Optional[Node] = None,
-                 product_axis: Any = None) -> None:
+                 product_axis: Any = None, check_read: Optional[Callable[[Node, Node], None]] = None) -> None:
         self.leaf = leaf
+        self.check_read = check_read
         self.product = product
         self.product_axis = product_axis
         self.memo: dict[Node, Sym] = {}
@@ -154,6 +162,8 @@ class Evaluator:
     def value(self, x: Any, reader: Optional[Node] = None) -> Sym:
         if not isinstance(x, Node):
             return _scalar(x)
+        if self.check_read is not None and reader is not None:
+            self.check_read(x, reader)
         if x.op in ("placeholder", "get_attr"):
             return self.leaf(x, reader)
         if x not in self.memo:
@@ -436,6 +446,20 @@ def _scalar_tensor(ev: Evaluator, node: Node) -> Sym:
     return _scalar(arg(node, 0))
 
 
+def _filled(value: int) -> Callable[[Evaluator, Node], Sym]:
+    def handler(ev: Evaluator, node: Node) -> Sym:
+        shape = ev._shape(node)
+        return Sym(sympy.Integer(value), (None,) * len(shape), shape)
+
+    return handler
+
+
+def _copy(ev: Evaluator, node: Node) -> Sym:
+    """``dst.copy_(src)`` evaluates to ``src`` broadcast to ``dst``'s shape."""
+    exprs, axes = broadcast(ev._shape(node), ev.operand(node, 1))
+    return Sym(exprs[0], axes, ev._shape(node))
+
+
 def _mul(a: Any, b: Any) -> Any:
     return a * b
 
@@ -450,4 +474,5 @@ _HANDLERS: dict[str, Callable[[Evaluator, Node], Sym]] = {
     "where": _where, "masked_fill": _masked_fill, "arange": _arange, "reshape": _reshape,
     "unsqueeze": _unsqueeze, "expand": _expand, "getitem": _getitem, "index": _aten_index,
     "slice": _aten_slice, "select": _aten_select, "full": _full, "scalar_tensor": _scalar_tensor,
+    "zeros": _filled(0), "ones": _filled(1), "copy_": _copy,
 }
