@@ -15,6 +15,7 @@ maintained) and the failure is reported once with a warning, so nothing falls ba
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -40,15 +41,20 @@ class MaskGuard:
         mask = args[self.input_index]
         with torch.no_grad():
             position = self.position(*(args[i] for i in self.arg_indices))
-        pos = position.reshape(-1)[-1:].to(torch.int64)
-        keys = torch.arange(self.key_len, device=mask.device)
-        visible = keys <= pos
+        pos = position.reshape(-1)[-1:].to(device=mask.device, dtype=torch.int64)
+        visible = _keys(self.key_len, mask.device) <= pos
         row = mask[..., : self.key_len]
         if row.dtype == torch.bool:
             wrong = row != visible
         else:
             wrong = torch.where(visible, row != 0, ~(row <= MASK_FLOOR))
         return not bool(wrong.any())
+
+
+@functools.lru_cache(maxsize=32)
+def _keys(key_len: int, device: torch.device) -> torch.Tensor:
+    """``arange(key_len)`` on ``device``, made once (the guard runs every step)."""
+    return torch.arange(key_len, device=device)
 
 
 @dataclass(frozen=True)
