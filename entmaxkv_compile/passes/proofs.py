@@ -369,8 +369,8 @@ def _check_visible(value: Any, j0: int, w0: int, seen: Optional[tuple[Any, Any]]
         a, bias = _split(value)
         hidden_here = a == 0 or (bias.is_number and bias <= MASK_FLOOR)
     if hidden_here:
-        raise Unproven(f"the mask hides key {j0} at position {w0} although it is written and causal "
-                       "(a sliding window or another mask the rewrite does not implement)")
+        raise Unproven(f"the mask hides positions already written (key {j0} at position {w0}): a sliding "
+                       "window or another mask the rewrite does not implement")
     slope = sympy.diff(bias, J)
     if slope.has(J) or slope.has(W):
         raise Unproven("the bias on visible keys is not linear in the key index (not ALiBi)")
