@@ -202,6 +202,8 @@ def prove_decode_site(gm: GraphModule, match: AttentionMatch, product: Node, exa
             guards.append(_mask_guard(gm, leaves, node, match, key_len))
     except Unproven as why:
         return SiteProof(str(why))
+    except (TypeError, ValueError, AttributeError, sympy.SympifyError) as error:  # never rewrite on a crash
+        return SiteProof(f"the proof could not be carried out ({type(error).__name__}: {error})")
     notes = list(leaves.notes)
     if leaves.mask_inputs:
         if not allow_guards:

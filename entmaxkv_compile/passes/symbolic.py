@@ -205,13 +205,6 @@ class Evaluator:
 # ---------------------------------------------------------------- broadcasting and axis bookkeeping
 
 
-def _sub_index(sym: Sym, axis: int, value: Any) -> Sym:
-    """Fix axis ``axis``'s index symbol to ``value`` and drop it from the axes."""
-    tag = sym.axes[axis]
-    expr = sym.expr.subs(tag, value) if isinstance(tag, sympy.Symbol) else sym.expr
-    return Sym(expr, sym.axes, sym.shape)
-
-
 def _squeeze_singletons(sym: Sym) -> Sym:
     """An index symbol on an axis of size 1 only takes the value 0."""
     expr, axes = sym.expr, list(sym.axes)
@@ -239,13 +232,13 @@ def broadcast(out_shape: tuple[int, ...], *syms: Sym) -> tuple[list[Any], tuple[
             if current is None or current == tag:
                 axes[j] = tag
             elif tag == OPAQUE or current == OPAQUE:
-                axes[j] = _merge_opaque(current, tag, exprs)
+                axes[j] = _merge_opaque(current, tag)
             else:  # two index symbols on one axis: they index the same elements
                 exprs = [e.subs(tag, current) for e in exprs]
     return exprs, tuple(axes)
 
 
-def _merge_opaque(current: Any, tag: Any, exprs: list[Any]) -> Any:
+def _merge_opaque(current: Any, tag: Any) -> Any:
     """An axis that is both indexed and opaque: keep the index symbol, mark the mix in the tag."""
     index = current if isinstance(current, sympy.Symbol) else tag
     return (index, OPAQUE) if isinstance(index, sympy.Symbol) else OPAQUE
@@ -278,6 +271,10 @@ def _cast(ev: Evaluator, node: Node) -> Sym:
     source = ev.operand(node, 0)
     value = node.meta.get("example_value", node.meta.get("val"))
     dtype = getattr(value, "dtype", None)
+    before = getattr(arg(node, 0), "meta", {}).get("example_value", getattr(arg(node, 0), "meta", {}).get("val"))
+    if dtype is not None and not dtype.is_floating_point and dtype != torch.bool \
+            and getattr(before, "dtype", torch.float32).is_floating_point:
+        raise Unproven(f"{node.name} casts floats to integers (rounding is not modelled)")
     if dtype is not None and dtype != torch.bool:
         return Sym(as_number(source.expr), source.axes, source.shape)
     if dtype == torch.bool and not is_boolean(source.expr):
@@ -319,12 +316,19 @@ def _masked_fill(ev: Evaluator, node: Node) -> Sym:
 
 
 def _arange(ev: Evaluator, node: Node) -> Sym:
-    numbers = [a for a in node.args if not isinstance(a, Node)]
-    if any(isinstance(a, Node) for a in node.args) or not all(isinstance(a, int) for a in numbers):
-        raise Unproven("arange with tensor or non-integer bounds")
-    start, step = (numbers[0], numbers[2] if len(numbers) > 2 else 1) if len(numbers) > 1 else (0, 1)
-    step = node.kwargs.get("step", step)
+    args = list(node.args)
+    if len(args) == 1:
+        args = [0, args[0]]
+    bounds = dict(zip(("start", "end", "step"), args))
+    bounds.update({k: v for k, v in node.kwargs.items() if k in ("start", "end", "step")})
+    bounds = {"start": 0, "step": 1, **bounds}
+    if not all(isinstance(bounds.get(k), int) and not isinstance(bounds.get(k), bool)
+               for k in ("start", "end", "step")) or bounds["step"] == 0:
+        raise Unproven("arange with tensor, non-integer or missing bounds")
     shape = ev._shape(node)
+    start, end, step = bounds["start"], bounds["end"], bounds["step"]
+    if shape != (max(0, -(-(end - start) // step)),):
+        raise Unproven(f"{node.name}: arange({start}, {end}, {step}) does not match its recorded shape {shape}")
     index = ev.fresh_index("i")
     return _squeeze_singletons(Sym(start + step * index, (index,), shape))
 
@@ -364,10 +368,6 @@ def _expand(ev: Evaluator, node: Node) -> Sym:
     return Sym(exprs[0], axes, ev._shape(node))
 
 
-def _mod(ev: Evaluator, node: Node) -> Sym:
-    return _binary(lambda a, b: sympy.Mod(a, b))(ev, node)
-
-
 def _getitem(ev: Evaluator, node: Node) -> Sym:
     source = ev.operand(node, 0)
     index = node.args[1]
@@ -401,7 +401,7 @@ def _index(ev: Evaluator, node: Node, source: Sym, items: list[Any]) -> Sym:
         at = items.index(Ellipsis)
         used = sum(1 for i in items if i is not None and i is not Ellipsis)
         items = items[:at] + [slice(None)] * (source.ndim - used) + items[at + 1:]
-    expr, axes, dim = source.expr, [], 0
+    expr, axes, dim, tensors = source.expr, [], 0, 0
     for item in items:
         if item is None:
             axes.append(None)
@@ -412,15 +412,17 @@ def _index(ev: Evaluator, node: Node, source: Sym, items: list[Any]) -> Sym:
         symbol = index_symbol(tag)
         if isinstance(item, slice):
             start, step = item.start or 0, 1 if item.step is None else item.step
-            if not isinstance(start, int) or step != 1:
-                raise Unproven(f"{node.name} slices with a step or a tensor bound")
+            if not isinstance(start, int) or start < 0 or step != 1:
+                raise Unproven(f"{node.name} slices with a step, a negative start or a tensor bound")
             if symbol is not None and start:
                 expr = expr.subs(symbol, symbol + start)
             axes.append(tag)
         elif isinstance(item, int) or isinstance(item, Node):
-            position = _const(item) if isinstance(item, int) else ev.value(item, node)
-            if isinstance(item, Node) and any(t is not None for t in _squeeze_singletons(position).axes):
-                raise Unproven(f"{node.name} indexes with a tensor that is not a single position")
+            if isinstance(item, int):
+                position = _const(item + source.shape[dim] if item < 0 else item)
+            else:
+                position = _position_index(ev, node, item, tensors)
+                tensors += 1
             if is_opaque(tag):
                 raise Unproven(f"{node.name} picks a row of a tensor whose content is not described")
             if symbol is not None:
@@ -435,6 +437,17 @@ def _index(ev: Evaluator, node: Node, source: Sym, items: list[Any]) -> Sym:
     if len(axes) != len(shape):
         raise Unproven(f"{node.name}: could not follow the axes of the indexing")
     return _squeeze_singletons(Sym(expr, tuple(axes), shape))
+
+
+def _position_index(ev: Evaluator, node: Node, item: Node, earlier: int) -> Sym:
+    """A tensor index: one single non-negative position (``x + c``, ``c >= 0``, ``x`` an input)."""
+    position = ev.value(item, node)
+    if earlier or any(t is not None for t in _squeeze_singletons(position).axes) or is_boolean(position.expr):
+        raise Unproven(f"{node.name} indexes with a tensor that is not a single position")
+    offset = position.expr - sum(position.expr.free_symbols)
+    if len(position.expr.free_symbols) > 1 or not offset.is_number or offset < 0:
+        raise Unproven(f"{node.name} indexes at {position.expr}, which may be negative (wraps around)")
+    return position
 
 
 def _full(ev: Evaluator, node: Node) -> Sym:
@@ -460,14 +473,10 @@ def _copy(ev: Evaluator, node: Node) -> Sym:
     return Sym(exprs[0], axes, ev._shape(node))
 
 
-def _mul(a: Any, b: Any) -> Any:
-    return a * b
-
-
 _HANDLERS: dict[str, Callable[[Evaluator, Node], Sym]] = {
-    "identity": _identity, "cast": _cast, "dropout": _identity,
-    "add": _binary(operator.add), "sub": _binary(operator.sub), "mul": _binary(_mul),
-    "div": _binary(operator.truediv), "neg": _neg, "mod": _mod,
+    "identity": _identity, "cast": _cast,
+    "add": _binary(operator.add), "sub": _binary(operator.sub), "mul": _binary(operator.mul),
+    "div": _binary(operator.truediv), "neg": _neg, "mod": _binary(sympy.Mod),
     "le": _binary(sympy.Le, True), "lt": _binary(sympy.Lt, True), "ge": _binary(sympy.Ge, True),
     "gt": _binary(sympy.Gt, True), "eq": _binary(sympy.Eq, True), "ne": _binary(sympy.Ne, True),
     "not": _not, "and": _binary(sympy.And, True), "or": _binary(sympy.Or, True),
