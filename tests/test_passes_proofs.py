@@ -190,3 +190,16 @@ def test_offline_analysis_refuses_a_mask_it_could_only_check_per_call():
     assert site.status == "refused" and "the offline rewrite has no run-time guards" in site.reason
     [site] = analyze(gm, inputs, EntmaxKVConfig(), allow_guards=True).sites
     assert site.status == "rewritten"
+
+
+@pytest.mark.parametrize("name, reason", [("sliding_window", "hides positions already written"),
+                                          ("rolling_buffer", "write index is not proved to be the position")])
+def test_offline_rewrite_refuses_window_and_rolling_buffer(name, reason):
+    from entmaxkv_compile.rewrite import UnsupportedModelError, rewrite
+
+    model = ZOO[name].build()
+    prompt = torch.randint(1, 96, (2, PROMPT), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model(prompt, torch.arange(PROMPT))
+    with pytest.raises(UnsupportedModelError, match=reason):
+        rewrite(model, (prompt[:, -1:], torch.tensor([PROMPT])), EntmaxKVConfig(selector="certified"))

@@ -107,7 +107,7 @@ _EXTRA_ATEN = {
     "logical_not": "not", "bitwise_and": "and", "logical_and": "and", "bitwise_or": "or", "logical_or": "or",
     "remainder": "mod", "arange": "arange", "index": "index", "slice": "slice", "select": "select",
     "type_as": "cast", "lift_fresh_copy": "identity", "scalar_tensor": "scalar_tensor", "full": "full",
-    "zeros": "zeros", "ones": "ones",
+    "zeros": "zeros", "ones": "ones", "__and__": "and", "__or__": "or",
 }
 #: Operations whose result never shares memory with an input (everything else may be a view).
 FRESH = frozenset({
