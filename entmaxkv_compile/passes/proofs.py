@@ -135,7 +135,7 @@ class _Leaves:
         return Sym(symbol, tuple("opaque" if s != 1 else None for s in shape), shape)
 
     def _state_guard(self, node: Node, value: torch.Tensor, text: str) -> None:
-        if node.op == "placeholder" and value.device.type != "meta" and not _is_fake(value):
+        if node.op == "placeholder" and _is_real(value):
             guard = StateGuard.of(self.index[node], value, text)
             if guard not in self.guards:
                 self.guards.append(guard)
