@@ -203,3 +203,42 @@ def test_offline_rewrite_refuses_window_and_rolling_buffer(name, reason):
         model(prompt, torch.arange(PROMPT))
     with pytest.raises(UnsupportedModelError, match=reason):
         rewrite(model, (prompt[:, -1:], torch.tensor([PROMPT])), EntmaxKVConfig(selector="certified"))
+
+
+class _BoolMaskInput(torch.nn.Module):
+    """A static cache whose boolean mask is an argument of the step (as a serving loop passes it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("k", torch.randn(1, 2, 32, 8))
+        self.register_buffer("v", torch.randn(1, 2, 32, 8))
+
+    def forward(self, q, k_new, v_new, pos, mask):
+        import entmax
+
+        self.k.index_copy_(2, pos, k_new)
+        self.v.index_copy_(2, pos, v_new)
+        scores = (q @ self.k.transpose(-2, -1) * 0.5).masked_fill(~mask, float("-inf"))
+        return entmax.entmax15(scores, dim=-1) @ self.v
+
+
+def test_bool_mask_input_is_checked_at_every_call():
+    torch.manual_seed(0)
+    eager, model = _BoolMaskInput(), _BoolMaskInput()
+    model.load_state_dict(eager.state_dict())
+    keys = torch.arange(32).view(1, 1, 1, 32)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="entmaxkv", options=OPTIONS)
+    with recording() as report:
+        for pos in range(10, 14):
+            args = (torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), torch.tensor([pos]))
+            mask = keys <= pos
+            if pos == 13:  # hide a written row: the guard fails, the model's own attention runs
+                mask = mask & (keys != 4)
+                with pytest.warns(RuntimeWarning, match="bool mask input"):
+                    got = compiled(*args, mask)
+            else:
+                got = compiled(*args, mask)
+            torch.testing.assert_close(got, eager(*args, mask), atol=1e-6, rtol=0)
+    [graph] = report.graphs
+    assert [s.status for s in graph.sites] == ["rewritten"] and "checked causal at each call" in graph.sites[0].reason
