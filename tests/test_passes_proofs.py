@@ -242,3 +242,38 @@ def test_bool_mask_input_is_checked_at_every_call():
             torch.testing.assert_close(got, eager(*args, mask), atol=1e-6, rtol=0)
     [graph] = report.graphs
     assert [s.status for s in graph.sites] == ["rewritten"] and "checked causal at each call" in graph.sites[0].reason
+
+
+class _InGraphTriangle(torch.nn.Module):
+    """The causal mask built inside the step from a triangle of a constant matrix."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+        self.register_buffer("k", torch.randn(1, 2, 32, 8))
+        self.register_buffer("v", torch.randn(1, 2, 32, 8))
+
+    def forward(self, q, k_new, v_new, pos):
+        import entmax
+
+        self.k.index_copy_(2, pos, k_new)
+        self.v.index_copy_(2, pos, v_new)
+        scores = q @ self.k.transpose(-2, -1) * 0.5
+        if self.spelling == "tril":
+            scores = scores.masked_fill(~torch.ones(32, 32, dtype=torch.bool).tril()[pos], float("-inf"))
+        elif self.spelling == "tril(-1)":  # hides the diagonal: the token just written
+            scores = scores.masked_fill(~torch.ones(32, 32, dtype=torch.bool).tril(-1)[pos], float("-inf"))
+        else:  # additive: -inf strictly above the diagonal
+            scores = scores + torch.triu(torch.full((32, 32), float("-inf")), diagonal=1)[pos]
+        return entmax.entmax15(scores, dim=-1) @ self.v
+
+
+@pytest.mark.parametrize("spelling, status, reason", [
+    ("tril", "rewritten", ""), ("triu-additive", "rewritten", ""),
+    ("tril(-1)", "refused", "hides positions already written (key 0 at position 0)"),
+])
+def test_in_graph_triangular_masks(spelling, status, reason):
+    args = (torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), torch.tensor([9]))
+    [(gm, inputs)] = capture_graphs(_InGraphTriangle(spelling), *args)
+    [site] = analyze(gm, inputs, EntmaxKVConfig()).sites
+    assert site.status == status and reason in site.reason, site.reason

@@ -94,26 +94,28 @@ _EXTRA_FUNCTIONS: dict[Any, str] = {
     torch.ne: "ne", operator.invert: "not", torch.logical_not: "not", torch.bitwise_not: "not",
     operator.and_: "and", torch.logical_and: "and", torch.bitwise_and: "and", operator.or_: "or",
     torch.logical_or: "or", torch.bitwise_or: "or", operator.mod: "mod", torch.remainder: "mod",
-    torch.arange: "arange", torch.unsqueeze: "unsqueeze",
+    torch.arange: "arange", torch.unsqueeze: "unsqueeze", torch.ones: "ones", torch.zeros: "zeros",
+    torch.full: "full", torch.tril: "tril", torch.triu: "triu",
 }
 _EXTRA_METHODS = {
     "le": "le", "lt": "lt", "ge": "ge", "gt": "gt", "eq": "eq", "ne": "ne", "__le__": "le", "__lt__": "lt",
     "__ge__": "ge", "__gt__": "gt", "logical_not": "not", "bitwise_not": "not", "__invert__": "not",
     "logical_and": "and", "__and__": "and", "logical_or": "or", "__or__": "or", "remainder": "mod",
     "__mod__": "mod", "bool": "cast", "long": "cast", "int": "cast", "view": "reshape", "expand": "expand",
+    "tril": "tril", "triu": "triu",
 }
 _EXTRA_ATEN = {
     "le": "le", "lt": "lt", "ge": "ge", "gt": "gt", "eq": "eq", "ne": "ne", "bitwise_not": "not",
     "logical_not": "not", "bitwise_and": "and", "logical_and": "and", "bitwise_or": "or", "logical_or": "or",
     "remainder": "mod", "arange": "arange", "index": "index", "slice": "slice", "select": "select",
     "type_as": "cast", "lift_fresh_copy": "identity", "scalar_tensor": "scalar_tensor", "full": "full",
-    "zeros": "zeros", "ones": "ones", "__and__": "and", "__or__": "or",
+    "zeros": "zeros", "ones": "ones", "__and__": "and", "__or__": "or", "tril": "tril", "triu": "triu",
 }
 #: Operations whose result never shares memory with an input (everything else may be a view).
 FRESH = frozenset({
     "add", "sub", "mul", "div", "neg", "mod", "le", "lt", "ge", "gt", "eq", "ne", "not", "and", "or", "where",
-    "masked_fill", "arange", "full", "zeros", "ones", "scalar_tensor", "matmul", "einsum", "baddbmm", "index",
-    "entmax", "softmax", "cat", "pow", "clamp", "clamp_min", "relu",
+    "masked_fill", "arange", "full", "zeros", "ones", "scalar_tensor", "tril", "triu", "matmul", "einsum",
+    "baddbmm", "index", "entmax", "softmax", "cat", "pow", "clamp", "clamp_min", "relu",
 })
 
 
@@ -467,6 +469,35 @@ def _filled(value: int) -> Callable[[Evaluator, Node], Sym]:
     return handler
 
 
+def _triangle(lower: bool) -> Callable[[Evaluator, Node], Sym]:
+    """``tril``/``triu``: keep element ``(r, c)`` of the last two axes when ``c <= r + k``
+    (``c >= r + k``), else 0; axes without an index symbol get a fresh one."""
+
+    def handler(ev: Evaluator, node: Node) -> Sym:
+        source = ev.operand(node, 0)
+        if source.ndim < 2:
+            raise Unproven(f"{node.name}: tril/triu of a tensor with fewer than 2 axes")
+        k = arg(node, 1, node.kwargs.get("diagonal", 0))
+        if not isinstance(k, int):
+            raise Unproven(f"{node.name}: tril/triu with a non-constant diagonal")
+        axes, index = list(source.axes), []
+        for i in (-2, -1):
+            symbol = index_symbol(axes[i])
+            if symbol is None:
+                symbol = ev.fresh_index("t")
+                axes[i] = (symbol, OPAQUE) if is_opaque(axes[i]) else symbol
+            index.append(symbol)
+        row, col = index
+        keep = sympy.Le(col, row + k) if lower else sympy.Ge(col, row + k)
+        if is_boolean(source.expr):
+            expr = sympy.And(source.expr, keep)
+        else:
+            expr = sympy.Piecewise((source.expr, keep), (0, True))
+        return _squeeze_singletons(Sym(expr, tuple(axes), ev._shape(node)))
+
+    return handler
+
+
 def _copy(ev: Evaluator, node: Node) -> Sym:
     """``dst.copy_(src)`` evaluates to ``src`` broadcast to ``dst``'s shape."""
     exprs, axes = broadcast(ev._shape(node), ev.operand(node, 1))
@@ -483,5 +514,5 @@ _HANDLERS: dict[str, Callable[[Evaluator, Node], Sym]] = {
     "where": _where, "masked_fill": _masked_fill, "arange": _arange, "reshape": _reshape,
     "unsqueeze": _unsqueeze, "expand": _expand, "getitem": _getitem, "index": _aten_index,
     "slice": _aten_slice, "select": _aten_select, "full": _full, "scalar_tensor": _scalar_tensor,
-    "zeros": _filled(0), "ones": _filled(1), "copy_": _copy,
+    "zeros": _filled(0), "ones": _filled(1), "copy_": _copy, "tril": _triangle(True), "triu": _triangle(False),
 }
