@@ -16,6 +16,7 @@ key (e.g. ``"max_autotune"``, ``"triton.cudagraphs"``), passed through as a conf
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -27,6 +28,7 @@ from .config import EntmaxKVConfig
 from .passes.analyze import Plan, analyze
 from .cache import KVPageStats
 from .passes.decode_rewrite import CatchUp, RewriteResult, rewrite
+from .passes.fallback import bookkeeping_only
 from .passes.static_state import STATS
 
 __all__ = ["BackendSettings", "entmaxkv_backend"]
@@ -107,7 +109,12 @@ def entmaxkv_backend(
     settings = BackendSettings.parse(options, mode)
     original_code = gm.code
     gm = copy_graph_module(gm)  # Dynamo reads its own graph again after the backend returns
-    plan = analyze(gm, example_inputs, settings.config)
+    plan = analyze(gm, example_inputs, settings.config, allow_guards=True)
+    fallback = None
+    if any(action.guards for action in plan.actions):  # planned before ``rewrite`` changes ``gm``
+        mapping: dict[torch.fx.Node, torch.fx.Node] = {}
+        copy = copy_graph_module(gm, mapping)
+        fallback = rewrite(copy, bookkeeping_only(plan, mapping), settings.config)
     result = rewrite(gm, plan, settings.config) if plan.changes_graph else RewriteResult(gm)
     for observer in list(_OBSERVERS):
         observer(plan, original_code, gm.code)
@@ -115,7 +122,7 @@ def entmaxkv_backend(
     if any(isinstance(x, torch.Tensor) and x.is_cuda for x in extra):
         prewarm(result, example_inputs, extra)
     compiled = _hand_off(gm, [*example_inputs, *extra], settings)
-    return _Runner(compiled, result) if result.extra_inputs else compiled
+    return _Runner(compiled, result, fallback, settings) if result.extra_inputs else compiled
 
 
 def prewarm(result: RewriteResult, inputs: Sequence[Any], extra: Sequence[torch.Tensor]) -> None:
@@ -136,10 +143,13 @@ def prewarm(result: RewriteResult, inputs: Sequence[Any], extra: Sequence[torch.
             torch.ops.entmaxkv.decode_step(q, k_cache, v_cache, seqlens, *stats, slopes, *call.constants)
 
 
-def copy_graph_module(gm: GraphModule) -> GraphModule:
-    """A copy with its own graph (node meta, Dynamo sources and module metadata carried over)."""
+def copy_graph_module(gm: GraphModule, mapping: Optional[dict[torch.fx.Node, torch.fx.Node]] = None) -> GraphModule:
+    """A copy with its own graph (node meta, Dynamo sources and module metadata carried over).
+
+    ``mapping``, when given, is filled with each original node's copy.
+    """
     graph = torch.fx.Graph()
-    mapping: dict[torch.fx.Node, torch.fx.Node] = {}
+    mapping = {} if mapping is None else mapping
     output = graph.graph_copy(gm.graph, mapping)
     graph.output(output)
     for old, new in mapping.items():
@@ -191,14 +201,37 @@ def _catch_up(catch_up: CatchUp, args: Sequence[Any], stats: KVPageStats) -> Non
 
 
 class _Runner:
-    """Calls the compiled graph with the page statistics of the caches it is given."""
+    """Calls the compiled graph with the page statistics of the caches it is given.
 
-    def __init__(self, compiled: Callable[..., Any], result: RewriteResult) -> None:
+    A rewrite with run-time guards (``passes/guards.py``) checks them first; a call where one
+    fails runs ``fallback`` (the model's attention, statistics still maintained; compiled on
+    first use) and warns once, naming the guard. ``fallback_calls`` counts those calls.
+    """
+
+    def __init__(self, compiled: Callable[..., Any], result: RewriteResult,
+                 fallback: Optional[RewriteResult] = None, settings: Optional[BackendSettings] = None) -> None:
         self.compiled = compiled
         self.result = result
+        self.fallback = fallback
+        self.settings = settings or BackendSettings()
+        self.fallback_calls = 0
+        self._fallback_compiled: Optional[Callable[..., Any]] = None
 
     def __call__(self, *args: Any) -> Any:
+        failed = next((g for g in self.result.guards if not g.holds(args)), None)
+        if failed is not None:
+            return self._fall_back(failed, args)
         return self.compiled(*args, *extra_inputs_for(self.result, args))  # compile_fx takes positional args
+
+    def _fall_back(self, guard: Any, args: Sequence[Any]) -> Any:
+        if self.fallback_calls == 0:
+            warnings.warn(f"entmaxkv: run-time guard failed ({guard.description}); this call and any other "
+                          "where a guard fails run the model's own attention", RuntimeWarning, stacklevel=3)
+        self.fallback_calls += 1
+        extra = extra_inputs_for(self.fallback, args)
+        if self._fallback_compiled is None:
+            self._fallback_compiled = _hand_off(self.fallback.gm, [*args, *extra], self.settings)
+        return self._fallback_compiled(*args, *extra)
 
 
 install_capture()

@@ -3,7 +3,9 @@
 Statuses (what ``explain`` prints):
 
 - ``rewritten``: an entmax decode step (query length proven 1) over a static cache written at a
-  position tensor, numerically checked on the example inputs: becomes stats append + decode_step;
+  position tensor, whose mask and write index are proved from the graph for every position
+  (``proofs.py``; some conditions become run-time guards) and numerically checked on the example
+  inputs: becomes stats append + decode_step;
 - ``bookkeeping``: an entmax prefill (query length > 1 or not provably 1): the attention stays, the
   page statistics of its cache are filled after the write;
 - ``refused``: entmax attention the rewrite cannot take (the reason says which rule failed);
@@ -22,6 +24,7 @@ from ..config import EntmaxKVConfig
 from .ir import proves_equal, shape_of, where_of
 from .match_attention import AttentionMatch, match_attention
 from .match_entmax import WeightsSite, find_weight_sites
+from .proofs import prove_decode_site
 from .verify import check_decode_site, record, watched_nodes
 
 REWRITTEN, BOOKKEEPING, REFUSED, NOT_ENTMAX = "rewritten", "bookkeeping", "refused", "not-entmax"
@@ -47,6 +50,7 @@ class SitePlan:
     match: AttentionMatch
     alpha: float
     slopes: Optional[torch.Tensor] = None
+    guards: list[Any] = field(default_factory=list)  # run-time conditions of the rewrite (guards.py)
 
 
 @dataclass
@@ -69,8 +73,12 @@ def _kind(weights: WeightsSite) -> str:
     return "entmax"
 
 
-def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: EntmaxKVConfig) -> Plan:
+def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: EntmaxKVConfig,
+            allow_guards: bool = False) -> Plan:
     """The :class:`Plan` for ``gm``; decode sites are checked on ``example_inputs`` when given.
+
+    ``allow_guards``: the caller can check run-time guards before each call and fall back (the
+    torch.compile backend); otherwise sites that need a guard on an input are refused.
 
     Without example inputs (a graph with no real tensors, e.g. under export) decode sites that
     pass every structural rule are reported ``refused`` with the reason that they could not be
@@ -104,7 +112,7 @@ def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: En
             site.status, site.reason = REFUSED, "decode writes more than one position per step (per-row positions)"
         else:
             decode.append(action)
-    _check_decode_sites(gm, example_inputs, decode, plan)
+    _check_decode_sites(gm, example_inputs, decode, plan, allow_guards)
     _dedupe_bookkeeping(plan)
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     plan.actions.sort(key=lambda a: order[a.match.out])
@@ -132,16 +140,30 @@ def _config_conflict(config: EntmaxKVConfig, alpha: float) -> str:
     return ""
 
 
-def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan], plan: Plan) -> None:
+def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan], plan: Plan,
+                        allow_guards: bool) -> None:
+    """Prove each decode site from the graph (every position), then check it on the examples."""
     if not decode:
         return
     if example_inputs is None:
         for action in decode:
             action.site.status, action.site.reason = REFUSED, "no example inputs to check the decode step numerically"
         return
-    watch = [n for action in decode for n in watched_nodes(action.match)]
-    values = record(gm, example_inputs, watch)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    example = dict(zip(placeholders, example_inputs))
+    proved = []
     for action in decode:
+        proof = prove_decode_site(gm, action.match, action.match.product, example, allow_guards)
+        if proof.reason:
+            action.site.status, action.site.reason = REFUSED, "not proved for every position: " + proof.reason
+        else:
+            action.guards = proof.guards
+            proved.append((action, proof.notes))
+    if not proved:
+        return
+    watch = [n for action, _ in proved for n in watched_nodes(action.match)]
+    values = record(gm, example_inputs, watch)
+    for action, notes in proved:
         slopes, why = check_decode_site(action.match, values, action.alpha)
         if why:
             action.site.status, action.site.reason = REFUSED, why
@@ -151,6 +173,8 @@ def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan],
         action.site.reason = "decode step -> page_stats_append + decode_step"
         if slopes is not None:
             action.site.reason += " (ALiBi slopes recovered)"
+        if notes:
+            action.site.reason += "; " + "; ".join(notes)
         plan.actions.append(action)
 
 

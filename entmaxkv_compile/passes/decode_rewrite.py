@@ -66,6 +66,7 @@ class RewriteResult:
     extra_inputs: list[ExtraInput] = field(default_factory=list)
     catch_ups: list[CatchUp] = field(default_factory=list)
     decode_calls: list[DecodeCall] = field(default_factory=list)
+    guards: list[Any] = field(default_factory=list)  # run-time conditions of the rewritten sites
 
 
 def batch_positions(positions: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -109,6 +110,7 @@ def rewrite(gm: GraphModule, plan: Plan, config: EntmaxKVConfig) -> RewriteResul
                 slopes_extra = len(result.extra_inputs)
                 slopes = _add_input(gm, result, ExtraInput("constant", tensor=action.slopes.to(_device(action))),
                                     f"entmaxkv_alibi_{slopes_extra}", fake_mode)
+            result.guards.extend(g for g in action.guards if g not in result.guards)
             constants = _replace_attention(gm, action, stats_nodes[action.match.k.cache], slopes, config)
             stats_extra = tuple(i for i, e in enumerate(result.extra_inputs) if e.kind == "stats"
                                 and e.cache_index == index_of[action.match.k.cache])

@@ -34,6 +34,7 @@ class AttentionMatch:
     k: CacheRead = field(default_factory=lambda: CacheRead(None))
     v: CacheRead = field(default_factory=lambda: CacheRead(None))
     has_bias: bool = False
+    product: Optional[Node] = None  # the q.k product (matmul, einsum or baddbmm) under the scores
     refusal: str = ""
 
 
@@ -53,6 +54,7 @@ def match_attention(site: WeightsSite) -> AttentionMatch:
     if producer is None:
         match.refusal = why
         return match
+    match.product = producer
     q, k_read, extra_scale, why = _q_and_k(producer)
     if q is None:
         match.refusal = why

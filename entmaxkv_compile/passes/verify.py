@@ -11,6 +11,10 @@ contract of ``decode_step``:
   ``slope_h * (j - (L-1))`` up to a per-row constant (entmax is shift invariant), and at least
   ``1e3`` below the largest on ``j >= L`` (a causal static-cache mask); the slopes are recovered here;
 - the attention output equals exact entmax attention computed from those pieces.
+
+These checks hold for the example only. They run after ``proofs.py`` has proved the mask and the
+write index for every position (a compiled graph is reused for every later step); they add what
+the proof leaves to data: the GQA layout of the cache, the ALiBi slopes' values, the output.
 """
 
 from __future__ import annotations

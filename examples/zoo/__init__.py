@@ -75,6 +75,14 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
          n_layer=1, weights="own_entmax_2"),
     _gpt("handwritten", "hand-written sort-based 1.5-entmax (found structurally, confirmed numerically)",
          "hand-written entmax", 1.5, "rewritten", "bookkeeping", n_layer=1, weights="handwritten"),
+    _gpt("gpt_fast_mask_buffer", "gpt-fast's own mask: causal_mask[None, None, input_pos] over a torch.tril(ones) "
+         "buffer (proved from the whole buffer's content)", "entmax", 1.5, "rewritten", "bookkeeping",
+         n_layer=1, mask="buffer"),
+    _gpt("sliding_window", "entmax15 with a sliding window of 52 keys: hides nothing until position 52, so it "
+         "must be refused, never rewritten as causal", "entmax", 1.5, "refused", "bookkeeping", n_layer=1,
+         window=52),
+    _gpt("rolling_buffer", "entmax15 over a Mistral-style rolling cache of 52 slots written at pos % 52: the "
+         "write index is not the position", "entmax", 1.5, "refused", "bookkeeping", n_layer=1, rolling=52),
     _gpt("not_quite", "an entmax-like tail thresholded at the row mean: not entmax, never rewritten",
          "hand-written entmax", None, "not-entmax", "not-entmax", n_layer=1, weights="not_quite"),
     _gpt("softmax", "the same decoder with softmax: the graph must be left untouched", "softmax", None,

@@ -31,10 +31,12 @@ class ModelArgs:
     weights: str = "entmax15"
     scores: str = "matmul"  # matmul | einsum | bmm | baddbmm
     gqa: str = "repeat_interleave"  # repeat_interleave | expand
-    mask: str = "masked_fill"  # masked_fill | additive | where
+    mask: str = "masked_fill"  # masked_fill | additive | where | buffer (gpt-fast's tril buffer) | none
     scale_on: str = "scores"  # scores | q
     alibi: str = "none"  # none | all | half (ALiBi on the first half of the heads, NoPE on the rest)
     kv_write: str = "setitem"  # setitem | index_copy
+    window: int = 0  # > 0: sliding window, key j visible from query i when i - window < j <= i
+    rolling: int = 0  # > 0: rolling-buffer cache of that many slots written at pos % rolling (Mistral)
     temperature: float = 4.0  # scales the scores so the random model's entmax is sparse
 
     @property
@@ -44,14 +46,17 @@ class ModelArgs:
 
 class KVCache(nn.Module):
     def __init__(self, batch: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype,
-                 write: str) -> None:
+                 write: str, rolling: int = 0) -> None:
         super().__init__()
-        shape = (batch, kv_heads, max_seq_len, head_dim)
+        shape = (batch, kv_heads, rolling or max_seq_len, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.write = write
+        self.rolling = rolling
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        if self.rolling:  # slot pos % W holds the newest token; once wrapped, every slot is valid
+            input_pos = input_pos % self.rolling
         if self.write == "index_copy":
             self.k_cache.index_copy_(2, input_pos, k)
             self.v_cache.index_copy_(2, input_pos, v)
@@ -80,6 +85,9 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
         if args.alibi != "none":
             self.register_buffer("slopes", alibi_slopes(args.n_head, args.alibi), persistent=False)
+        if args.mask == "buffer":  # gpt-fast: a [max_seq_len, max_seq_len] tril buffer indexed by input_pos
+            ones = torch.ones(args.max_seq_len, args.max_seq_len, dtype=torch.bool)
+            self.register_buffer("causal_mask", torch.tril(ones), persistent=False)
 
     def forward(self, x: torch.Tensor, freqs: Optional[torch.Tensor], input_pos: torch.Tensor) -> torch.Tensor:
         a = self.args
@@ -111,7 +119,9 @@ class Attention(nn.Module):
         scale = a.temperature / math.sqrt(d)
         i = input_pos.view(1, 1, seqlen, 1)
         j = torch.arange(n, device=q.device).view(1, 1, 1, n)
-        causal = j <= i
+        causal = self.causal_mask[None, None, input_pos] if a.mask == "buffer" else j <= i
+        if a.window:
+            causal = causal & (i - j < a.window)
         bias = None
         if a.alibi != "none":
             bias = self.slopes.view(1, heads, 1, 1) * (j - i).to(q.dtype)
@@ -142,6 +152,8 @@ class Attention(nn.Module):
             s = s + torch.where(causal, 0.0, torch.finfo(s.dtype).min).to(s.dtype)
         elif a.mask == "where":
             s = torch.where(causal, s, float("-inf"))
+        elif a.mask == "none":  # attends every cache row, written or not
+            pass
         else:
             s = s.masked_fill(~causal, float("-inf"))
         p = self.weights(s)
@@ -192,8 +204,8 @@ class Transformer(nn.Module):
     def setup_caches(self, batch: int, dtype: torch.dtype = torch.float32) -> None:
         a = self.args
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch, a.n_kv_head, a.max_seq_len, a.head_dim, dtype, a.kv_write).to(
-                self.output.weight.device)
+            layer.attention.kv_cache = KVCache(batch, a.n_kv_head, a.max_seq_len, a.head_dim, dtype, a.kv_write,
+                                               a.rolling).to(self.output.weight.device)
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         freqs = self.freqs[input_pos] if self.args.rope else None
