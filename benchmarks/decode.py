@@ -24,11 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from entmaxkv_compile import kernels, reference  # noqa: E402
-from entmaxkv_compile.cache import KVPageStats  # noqa: E402
+from entmaxkv_compile.math import reference  # noqa: E402
+from entmaxkv_compile.runtime import kernels  # noqa: E402
+from entmaxkv_compile.runtime.stats.reference import KVPageStats  # noqa: E402
 from entmaxkv_compile.config import EntmaxKVConfig  # noqa: E402
-from entmaxkv_compile.kernels import tuned  # noqa: E402
-from entmaxkv_compile.step import run_step  # noqa: E402
+from entmaxkv_compile.runtime.tuning import tuned  # noqa: E402
+from entmaxkv_compile.runtime.step import run_step  # noqa: E402
 
 PAGE = 16
 ALPHA = 1.5

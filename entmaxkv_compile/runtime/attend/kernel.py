@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from . import _common as cm
-from .checks import check_decode_inputs
+from .. import _common as cm
+from ..kernel_checks import check_decode_inputs
 from .decode_kernels import (
     TAU_ABS_TOL,
     TAU_MAX_ITERS,
@@ -23,7 +23,7 @@ from .decode_kernels import (
     score_kernel,
     tau_kernel,
 )
-from .tuned import decode_config
+from ..tuning.tuned import decode_config
 
 
 @triton_op("entmaxkv::triton_paged_decode", mutates_args=())

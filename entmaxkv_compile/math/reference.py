@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import check_alpha
+from ..config import check_alpha
 
 __all__ = ["entmax", "entmax_threshold", "entmax_probs"]
 
