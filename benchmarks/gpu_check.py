@@ -49,7 +49,7 @@ def main() -> int:
                     *TESTS], args.out / "tests.log", env)
     if not args.skip_autotune:
         rc |= _run([sys.executable, "-c",
-                    "import sys; from entmaxkv_compile.kernels.autotune import autotune_main; "
+                    "import sys; from entmaxkv_compile.runtime.tuning.autotune import autotune_main; "
                     f"sys.exit(autotune_main(['--quick', '--out-dir', {str(args.out)!r}]))"],
                    args.out / "autotune.log", env)
         for cfg in args.out.glob("*.json"):

@@ -5,7 +5,7 @@ window are decoded teacher-forced (``examples/tiny_lm/teacher_forced.py``: exact
 variant's own queries through all layers). Variants:
 
 - softmax model: ``softmax full``; ``softmax topk b`` (Quest bounds from
-  ``entmaxkv_compile.selection``, softmax over the selected pages) at each KV budget ``b``;
+  ``entmaxkv_compile.runtime.select.reference``, softmax over the selected pages) at each KV budget ``b``;
 - entmax15 model: ``entmax full`` (``metrics.full_entmax_decode``); ``entmax gaussian`` (adaptive
   budget) and ``entmax certified`` via ``decode.sparse_decode``; ``entmax topk b`` via
   ``select_pages`` + ``decode.paged_decode`` + ``decode.certify``;
@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 
 from entmaxkv_compile import EntmaxKVConfig
-from entmaxkv_compile.cache import KVPageStats
-from entmaxkv_compile.decode import certify, paged_decode, sparse_decode
+from entmaxkv_compile.runtime.stats.reference import KVPageStats
+from entmaxkv_compile.runtime.decode import certify, paged_decode, sparse_decode
 from entmaxkv_compile.metrics import dropped_mass, full_entmax_decode, relative_error, support_recall
-from entmaxkv_compile.selection import compact_page_mask, quest_bounds, select_pages, selected_token_mask
+from entmaxkv_compile.runtime.select.reference import compact_page_mask, quest_bounds, select_pages, selected_token_mask
 from examples.tiny_lm.data import eval_windows, load_split
 from examples.tiny_lm.model import TinyLM, load_checkpoint
 from examples.tiny_lm.teacher_forced import AttendFn, decode_positions, prefill

@@ -6,15 +6,15 @@ The public surface is small: the math (:func:`entmax`, :func:`entmax_threshold`,
 Importing the package registers the ``entmaxkv`` torch.library ops.
 """
 
-from . import ops  # noqa: F401  (registers torch.ops.entmaxkv.*)
-from .cache import KVPageStats
+from .runtime import ops  # noqa: F401  (registers torch.ops.entmaxkv.*)
+from .runtime.stats.reference import KVPageStats
 from .config import EntmaxKVConfig
-from .decode import sparse_decode
-from .explain import explain
-from .gaussian import gaussian_threshold
-from .reference import entmax, entmax_threshold
-from .rewrite import RewriteResult, UnsupportedModelError, rewrite
-from .step import DecodeResult
+from .runtime.decode import sparse_decode
+from .compiler.explain import explain
+from .math.gaussian import gaussian_threshold
+from .math.reference import entmax, entmax_threshold
+from .compiler.rewrite import RewriteResult, UnsupportedModelError, rewrite
+from .runtime.step import DecodeResult
 
 __all__ = [
     "DecodeResult",

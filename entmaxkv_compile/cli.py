@@ -133,13 +133,13 @@ def _config_from(args: argparse.Namespace) -> EntmaxKVConfig:
 
 
 def _progress(args: argparse.Namespace) -> Optional[Callable[[str], None]]:
-    from .rewrite import print_progress
+    from .compiler.rewrite import print_progress
 
     return None if args.quiet else print_progress
 
 
 def _cmd_rewrite(args: argparse.Namespace) -> int:
-    from .rewrite import rewrite
+    from .compiler.rewrite import rewrite
 
     check_output_path(args.output)
     config = _config_from(args)
@@ -153,7 +153,7 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .rewrite import rewrite
+    from .compiler.rewrite import rewrite
 
     check_output_path(args.output)
     config = _config_from(args)
@@ -187,7 +187,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     try:
-        from .explain import explain
+        from .compiler.explain import explain
     except ImportError as error:
         raise CommandError(f"explain is not available in this installation ({error})") from error
     model, example = load_factory(args.target)
@@ -206,7 +206,7 @@ def _time_steps(step: Callable[[], Any], steps: int) -> float:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .rewrite import rewrite
+    from .compiler.rewrite import rewrite
 
     if args.steps < 1:
         raise CommandError(f"--steps must be >= 1, got {args.steps}")
@@ -232,7 +232,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _run_autotune(argv: list[str]) -> int:
     """Forward ``argv`` to the kernels' autotuner (it has its own options: ``autotune --help``)."""
     try:
-        from .kernels.autotune import autotune_main
+        from .runtime.tuning.autotune import autotune_main
     except ImportError as error:
         print(f"entmaxkv-compile autotune: error: autotune is not available in this installation ({error}); "
               "it needs the Triton kernels (pip install triton) and a CUDA GPU", file=sys.stderr)
@@ -300,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _run_autotune(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .rewrite import UnsupportedModelError
+    from .compiler.rewrite import UnsupportedModelError
 
     try:
         return args.run(args)

@@ -90,7 +90,7 @@ def _entmaxkv_backend():
     """The backend by name when the package is installed (entry point), else by import."""
     if "entmaxkv" in torch._dynamo.list_backends():
         return "entmaxkv"
-    from entmaxkv_compile.backend import entmaxkv_backend
+    from entmaxkv_compile.compiler.backend import entmaxkv_backend
 
     return entmaxkv_backend
 

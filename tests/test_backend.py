@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
-from entmaxkv_compile.backend import BackendSettings, entmaxkv_backend
+from entmaxkv_compile.compiler.backend import BackendSettings, entmaxkv_backend
 from entmaxkv_compile.config import EntmaxKVConfig
-from entmaxkv_compile.explain import explain, recording
+from entmaxkv_compile.compiler.explain import explain, recording
 from examples.zoo import gpt_fast
 
 
@@ -46,7 +46,7 @@ def test_bad_options_raise_clear_errors(options, mode, error, match):
 
 @pytest.mark.parametrize("kwargs", [dict(mode="reduce-overhead"), dict(options={"mode": "reduce-overhead"})])
 def test_mode_reaches_inductor_through_torch_compile(kwargs, monkeypatch):
-    import entmaxkv_compile.backend as backend
+    import entmaxkv_compile.compiler.backend as backend
 
     seen = []
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from entmaxkv_compile.cache import KVPageStats, page_token_counts, stats_append_, stats_prefill_
+from entmaxkv_compile.runtime.stats.reference import KVPageStats, page_token_counts, stats_append_, stats_prefill_
 
 
 def brute_force_stats(k_cache: torch.Tensor, seqlens: torch.Tensor, page_size: int):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import entmaxkv_compile
-from entmaxkv_compile import reference
-from entmaxkv_compile.capture import install_capture
-from entmaxkv_compile.passes.ir import op_of
+from entmaxkv_compile.math import reference
+from entmaxkv_compile.compiler.capture import install_capture
+from entmaxkv_compile.compiler.passes.ir import op_of
 
 
 def _graphs_of(fn, *args, fullgraph=True):

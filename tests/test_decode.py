@@ -9,12 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from entmaxkv_compile.cache import KVPageStats
+from entmaxkv_compile.runtime.stats.reference import KVPageStats
 from entmaxkv_compile.config import EntmaxKVConfig
-from entmaxkv_compile.decode import DecodeResult, certify, paged_decode, sparse_decode
+from entmaxkv_compile.runtime.decode import DecodeResult, certify, paged_decode, sparse_decode
 from entmaxkv_compile.metrics import dropped_mass, full_entmax_decode, relative_error, support_recall
-from entmaxkv_compile.reference import entmax
-from entmaxkv_compile.selection import compact_page_mask, select_pages, selected_token_mask
+from entmaxkv_compile.math.reference import entmax
+from entmaxkv_compile.runtime.select.reference import compact_page_mask, select_pages, selected_token_mask
 
 ALPHAS = [1.25, 4 / 3, 1.5, 2.0]
 

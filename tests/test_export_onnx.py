@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from entmaxkv_compile import EntmaxKVConfig
-from entmaxkv_compile.cache import KVPageStats
+from entmaxkv_compile.runtime.stats.reference import KVPageStats
 from entmaxkv_compile.export.explicit_state import explicit_state_module
 from entmaxkv_compile.export.functional_ops import to_plugin_form
 from entmaxkv_compile.export.onnx import _bool_where_to_logic, _standard_op_forms, export_onnx
 from entmaxkv_compile.export.onnx_schemas import DOMAIN, SCHEMAS, register_schemas
 from entmaxkv_compile.export.references import bool_cumprod, ndtri_rational, prod_over_dims
-from entmaxkv_compile.rewrite import rewrite
+from entmaxkv_compile.compiler.rewrite import rewrite
 from examples.zoo import ZOO, gpt_fast
 
 

@@ -173,7 +173,7 @@ def test_export_without_tensorrt_says_what_to_install(tmp_path):
                     reason="building a TensorRT engine needs torch-tensorrt, TensorRT >= 10.7 and a CUDA GPU")
 def test_tensorrt_engine_matches_pytorch(tmp_path):
     from entmaxkv_compile import EntmaxKVConfig
-    from entmaxkv_compile.rewrite import rewrite
+    from entmaxkv_compile.compiler.rewrite import rewrite
     from examples.zoo import gpt_fast
 
     model = gpt_fast.build(gpt_fast.ModelArgs(), batch=1, device="cuda")

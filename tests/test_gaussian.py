@@ -1,4 +1,4 @@
-"""Tests of the Gaussian threshold estimates (entmaxkv_compile.gaussian) and the generated moments."""
+"""Tests of the Gaussian threshold estimates (entmaxkv_compile.math.gaussian) and the generated moments."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from entmaxkv_compile.gaussian import (
+from entmaxkv_compile.math.gaussian import (
     gaussian_threshold,
     mixture_threshold,
     page_max_quantile_z,

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():  # keep the other kernel test modules on the i
 
 import pytest  # noqa: E402
 
-from entmaxkv_compile import kernels  # noqa: E402
+from entmaxkv_compile.runtime import kernels  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and kernels.available("cuda")),
@@ -22,7 +22,9 @@ pytestmark = pytest.mark.skipif(
 
 def _compiled_variants() -> int:
     """How many compiled specializations the decode/select/stats kernels hold."""
-    from entmaxkv_compile.kernels import decode_kernels, page_stats, select_kernels, tau_hat
+    from entmaxkv_compile.runtime.attend import decode_kernels
+    from entmaxkv_compile.runtime.select import select_kernels, tau_hat
+    from entmaxkv_compile.runtime.stats import kernel as page_stats
 
     fns = [decode_kernels.score_kernel, decode_kernels.tau_kernel, decode_kernels.output_kernel,
            decode_kernels.reduce_kernel, page_stats._append_kernel, select_kernels.moments_kernel,
@@ -41,7 +43,7 @@ class _Step:
         self.v = torch.randn(batch, hkv, nmax, dim, generator=gen, device=dev).to(dtype)
         self.pos = start.clone()
         self.seqlens = start + 1
-        from entmaxkv_compile.cache import KVPageStats
+        from entmaxkv_compile.runtime.stats.reference import KVPageStats
 
         self.stats = KVPageStats.allocate(batch, hkv, nmax, dim, page, dtype, dev)
         kernels.stats_prefill_(self.k, self.seqlens, page, *self.stats.buffers())

@@ -15,7 +15,8 @@ if DEVICE == "cpu":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from entmaxkv_compile import decode, kernels, metrics  # noqa: E402
+from entmaxkv_compile import metrics  # noqa: E402
+from entmaxkv_compile.runtime import decode, kernels  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not kernels.available(DEVICE),

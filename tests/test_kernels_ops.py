@@ -29,7 +29,7 @@ FAKE_SCRIPT = textwrap.dedent("""
     os.environ.pop("TRITON_INTERPRET", None)
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from entmaxkv_compile import kernels
+    from entmaxkv_compile.runtime import kernels
     B, Hq, Hkv, N, D, P = 2, 8, 2, 64, 16, 16
     with FakeTensorMode():
         q = torch.randn(B, Hq, 1, D)

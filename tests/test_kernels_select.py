@@ -17,8 +17,10 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from entmaxkv_compile import cache, decode, kernels, selection  # noqa: E402
-from entmaxkv_compile.kernels.tau_hat import _gaussian_newton  # noqa: E402
+from entmaxkv_compile.runtime import decode, kernels  # noqa: E402
+from entmaxkv_compile.runtime.select import reference as selection  # noqa: E402
+from entmaxkv_compile.runtime.stats import reference as cache  # noqa: E402
+from entmaxkv_compile.runtime.select.tau_hat import _gaussian_newton  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not kernels.available(DEVICE),
@@ -112,7 +114,7 @@ def test_select_pages_matches_reference(selector, alpha, dtype, alibi, over):
 def test_gaussian_with_compact_moments_matches_reference(dtype, alibi, moments_dot, over):
     """fp16/bf16 kmean/km2 read by the kernel (both moment forms: FMA and 16-row dot) and by the
     reference selector give the same pages."""
-    from entmaxkv_compile.kernels import tuned
+    from entmaxkv_compile.runtime.tuning import tuned
 
     batch, hq, hkv, nmax, dim, page = LARGE if REAL else SMALL
     q, st, seqlens, slopes = _case(7, batch, hq, hkv, nmax, dim, page, dtype, alibi)
@@ -200,7 +202,7 @@ def test_certified_step_on_kernels_is_exact(alpha, alibi):
     reports every head certified."""
     from entmaxkv_compile import metrics
     from entmaxkv_compile.config import EntmaxKVConfig
-    from entmaxkv_compile.step import run_step
+    from entmaxkv_compile.runtime.step import run_step
 
     batch, hq, hkv, nmax, dim, page = LARGE if REAL else SMALL
     q, st, seqlens, slopes = _case(6, batch, hq, hkv, nmax, dim, page, torch.float32, alibi)
@@ -244,9 +246,9 @@ def test_gaussian_tau_kernel_matches_reference_threshold(alpha):
     """The warm-started (fp32 log-space pass, then fp64 Newton) device tau_hat equals a cold
     fp64 solve bit for bit and the reference's float64 solve within the erfc fit's accuracy, over
     a wide range of means, spreads and lengths."""
-    from entmaxkv_compile.gaussian import gaussian_threshold
-    from entmaxkv_compile.kernels import select as kselect
-    from entmaxkv_compile.kernels.tau_hat import MAX_ITERS, gaussian_tau_kernel
+    from entmaxkv_compile.math.gaussian import gaussian_threshold
+    from entmaxkv_compile.runtime.select import kernel as kselect
+    from entmaxkv_compile.runtime.select.tau_hat import MAX_ITERS, gaussian_tau_kernel
 
     gen = torch.Generator().manual_seed(9)
     rows = 24

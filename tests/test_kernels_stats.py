@@ -12,7 +12,8 @@ if DEVICE == "cpu":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from entmaxkv_compile import cache, kernels  # noqa: E402
+from entmaxkv_compile.runtime import kernels  # noqa: E402
+from entmaxkv_compile.runtime.stats import reference as cache  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not kernels.available(DEVICE),

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from entmaxkv_compile.kernels import tuned
+from entmaxkv_compile.runtime.tuning import tuned
 
 
 def test_shipped_configs_parse_and_cover_the_benchmarked_classes():
@@ -65,7 +65,7 @@ def test_malformed_file_raises(monkeypatch, tmp_path):
 def test_autotune_without_gpu_returns_2(capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: autotune would run for real")
-    from entmaxkv_compile.kernels.autotune import autotune_main
+    from entmaxkv_compile.runtime.tuning.autotune import autotune_main
 
     assert autotune_main(["--quick"]) == 2
     assert "CUDA GPU" in capsys.readouterr().err

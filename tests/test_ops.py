@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-import entmaxkv_compile.ops  # noqa: F401  (registers the ops)
+import entmaxkv_compile.runtime.ops  # noqa: F401  (registers the ops)
 from entmaxkv_compile import EntmaxKVConfig
-from entmaxkv_compile.cache import KVPageStats
-from entmaxkv_compile.decode import sparse_decode
-from entmaxkv_compile.reference import entmax
+from entmaxkv_compile.runtime.stats.reference import KVPageStats
+from entmaxkv_compile.runtime.decode import sparse_decode
+from entmaxkv_compile.math.reference import entmax
 
 OPS = torch.ops.entmaxkv
 B, HQ, HKV, N, D, P = 2, 6, 2, 45, 8, 8

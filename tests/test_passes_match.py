@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from entmaxkv_compile.config import EntmaxKVConfig
-from entmaxkv_compile.passes import BOOKKEEPING, NOT_ENTMAX, REFUSED, REWRITTEN, analyze
-from entmaxkv_compile.passes.match_entmax import find_weight_sites
-from entmaxkv_compile.passes.match_kv_write import CONCAT_REASON
+from entmaxkv_compile.compiler.passes import BOOKKEEPING, NOT_ENTMAX, REFUSED, REWRITTEN, analyze
+from entmaxkv_compile.compiler.passes.match_entmax import find_weight_sites
+from entmaxkv_compile.compiler.passes.match_kv_write import CONCAT_REASON
 from examples.zoo import gpt_fast
 from examples.zoo.tracing import capture_graphs
 

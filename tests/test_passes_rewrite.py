@@ -9,13 +9,13 @@ import sympy
 import torch
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from entmaxkv_compile.backend import copy_graph_module, extra_inputs_for, prewarm
-from entmaxkv_compile.cache import KVPageStats
+from entmaxkv_compile.compiler.backend import copy_graph_module, extra_inputs_for, prewarm
+from entmaxkv_compile.runtime.stats.reference import KVPageStats
 from entmaxkv_compile.config import EntmaxKVConfig
-from entmaxkv_compile.explain import recording
-from entmaxkv_compile.passes import REWRITTEN, StatsRegistry, analyze, rewrite
-from entmaxkv_compile.passes.ir import op_of, proves_equal
-from entmaxkv_compile.passes.static_state import STATS
+from entmaxkv_compile.compiler.explain import recording
+from entmaxkv_compile.compiler.passes import REWRITTEN, StatsRegistry, analyze, rewrite
+from entmaxkv_compile.compiler.passes.ir import op_of, proves_equal
+from entmaxkv_compile.compiler.passes.static_state import STATS
 from examples.zoo import gpt_fast
 from examples.zoo.tracing import capture_graphs
 

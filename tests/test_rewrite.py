@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from entmaxkv_compile import EntmaxKVConfig
-from entmaxkv_compile.cache import KVPageStats
-from entmaxkv_compile.rewrite import RewriteResult, UnsupportedModelError, rewrite
+from entmaxkv_compile.runtime.stats.reference import KVPageStats
+from entmaxkv_compile.compiler.rewrite import RewriteResult, UnsupportedModelError, rewrite
 from examples.zoo import ZOO, gpt_fast
 
 

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from entmaxkv_compile.cache import KVPageStats
-from entmaxkv_compile.selection import (
+from entmaxkv_compile.runtime.stats.reference import KVPageStats
+from entmaxkv_compile.runtime.select.reference import (
     compact_page_mask,
     page_mask_from_indices,
     quest_bounds,

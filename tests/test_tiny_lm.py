@@ -179,8 +179,8 @@ def test_quality_softmax_attention_matches_model_attention():
 
 @pytest.mark.parametrize("ranking", ["oracle", "topk-headnorm", "topk"])
 def test_quality_page_rankings_respect_budget_and_length(ranking):
-    from entmaxkv_compile.cache import KVPageStats
-    from entmaxkv_compile.selection import page_mask_from_indices
+    from entmaxkv_compile.runtime.stats.reference import KVPageStats
+    from entmaxkv_compile.runtime.select.reference import page_mask_from_indices
 
     from benchmarks.quality import rank_pages, softmax_attention
 
@@ -212,7 +212,7 @@ def test_quality_page_rankings_respect_budget_and_length(ranking):
 @pytest.mark.parametrize("selector", ["certified", "dense"])
 def test_pretrained_certified_decode_is_exact_on_real_activations(selector):
     from entmaxkv_compile import EntmaxKVConfig
-    from entmaxkv_compile.decode import sparse_decode
+    from entmaxkv_compile.runtime.decode import sparse_decode
 
     model = load_pretrained()
     text = (b"class Stack:\n    def __init__(self):\n        self.items = []\n\n"

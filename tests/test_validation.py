@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from entmaxkv_compile.config import EntmaxKVConfig
-from entmaxkv_compile.decode import sparse_decode
-from entmaxkv_compile.validation import (
+from entmaxkv_compile.runtime.decode import sparse_decode
+from entmaxkv_compile.checks import (
     check_decode_inputs,
     check_page_size,
     check_positions,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from entmaxkv_compile.explain import recording
+from entmaxkv_compile.compiler.explain import recording
 from examples.zoo import ZOO
 
 STEPS = 64

@@ -7,7 +7,7 @@ For Y ~ N(m, s^2) and t = m / s, the truncated moment m_k = E[Y_+^k] is
 with A_k, B_k polynomials. This script derives them by integrating (m + s x)^k phi(x) over
 x > -t, rewrites erf/exp in terms of Phi and phi, checks the result (polynomial coefficients,
 d m_k / d m = k m_{k-1}, and the Y ~ N(0, 1) values against sympy's own integral), and writes
-``entmaxkv_compile/_truncated_moments.py``: plain ``+ - *`` functions that work unchanged on
+``entmaxkv_compile/math/_truncated_moments.py``: plain ``+ - *`` functions that work unchanged on
 floats, torch tensors and Triton values.
 
 Usage:
@@ -25,7 +25,7 @@ import sympy as sp
 from sympy.printing.pycode import PythonCodePrinter
 
 MAX_ORDER = 4
-TARGET = Path(__file__).resolve().parents[1] / "entmaxkv_compile" / "_truncated_moments.py"
+TARGET = Path(__file__).resolve().parents[1] / "entmaxkv_compile" / "math" / "_truncated_moments.py"
 
 MEAN = sp.Symbol("m", real=True)
 STD = sp.Symbol("s", positive=True)

@@ -23,7 +23,7 @@ import operator
 import torch
 from torch import Tensor
 
-from ..ops import decode_step_outputs_like  # also registers the base ops wrapped here
+from ..runtime.ops import decode_step_outputs_like  # also registers the base ops wrapped here
 
 __all__ = [
     "PLUGIN_FORMS",

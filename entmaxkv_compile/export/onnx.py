@@ -38,7 +38,7 @@ from .references import (
 )
 
 if TYPE_CHECKING:
-    from ..rewrite import RewriteResult
+    from ..compiler.rewrite import RewriteResult
 
 __all__ = ["OnnxExport", "export_onnx"]
 
@@ -232,7 +232,7 @@ def export_onnx(
     """
     import onnx
 
-    from ..rewrite import timed_step
+    from ..compiler.rewrite import timed_step
 
     path = Path(path)
     args = tuple(result.example_args)

@@ -15,9 +15,12 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from .. import cache, decode, reference, selection, step
-from .. import ops as _ops  # noqa: F401  (registers torch.ops.entmaxkv.*)
+from ..math import reference
+from ..runtime import decode, step
+from ..runtime import ops as _ops  # noqa: F401  (registers torch.ops.entmaxkv.*)
 from ..config import EntmaxKVConfig
+from ..runtime.select import reference as selection
+from ..runtime.stats import reference as cache
 
 __all__ = [
     "STANDARD_OP_DECOMPOSITIONS", "bool_cumprod", "erf_rational", "erfc_rational", "ndtri_rational", "prod_over_dims",

@@ -33,7 +33,7 @@ import torch
 from .functional_ops import to_plugin_form
 
 if TYPE_CHECKING:
-    from ..rewrite import RewriteResult
+    from ..compiler.rewrite import RewriteResult
 
 __all__ = [
     "PLUGINS",
@@ -235,7 +235,7 @@ def export_tensorrt(
     *inputs)`` and returns ``(*new_state, *outputs)`` (see :mod:`.explicit_state`). Raises
     :class:`TensorRTUnavailableError` when torch-tensorrt, TensorRT or a CUDA GPU is missing.
     """
-    from ..rewrite import timed_step
+    from ..compiler.rewrite import timed_step
     from .explicit_state import explicit_state_module, tensor_inputs
     from .references import substitute_references
 

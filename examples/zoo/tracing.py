@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import torch
 
-from entmaxkv_compile.capture import install_capture
+from entmaxkv_compile.compiler.capture import install_capture
 
 
 def capture_graphs(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[tuple[torch.fx.GraphModule, list[Any]]]:

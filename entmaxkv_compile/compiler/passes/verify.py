@@ -24,7 +24,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
-from .. import reference
+from ...math import reference
 from .ir import is_impure
 from .match_attention import AttentionMatch
 

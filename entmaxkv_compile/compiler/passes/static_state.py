@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..cache import KVPageStats, resolve_moment_dtype
+from ...runtime.stats.reference import KVPageStats, resolve_moment_dtype
 
 
 class StatsRegistry:

@@ -42,7 +42,7 @@ def _time_decode(dtype: torch.dtype, dim: int, group: int, page: int, length: in
     """Median ms of a CUDA-graphed dense decode with ``params`` (inf when it fails to run)."""
     import triton.testing
 
-    from .paged_decode import paged_decode
+    from ..attend.kernel import paged_decode
 
     kv_heads = 8
     gen = torch.Generator(device="cuda").manual_seed(0)

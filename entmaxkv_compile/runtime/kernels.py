@@ -13,10 +13,10 @@ import os
 
 import torch
 
-from .certify import certify
-from .page_stats import stats_append_, stats_prefill_
-from .paged_decode import paged_decode
-from .select import compact_page_mask, quest_bounds, select_pages
+from .attend.kernel import paged_decode
+from .certify.kernel import certify
+from .select.kernel import compact_page_mask, quest_bounds, select_pages
+from .stats.kernel import stats_append_, stats_prefill_
 
 __all__ = [
     "available",
@@ -36,7 +36,7 @@ def interpreter_enabled() -> bool:
     imported (by anything, e.g. torch.compile), not only before this package."""
     import triton.language.standard as triton_standard
 
-    from .decode_kernels import score_kernel
+    from .attend.decode_kernels import score_kernel
 
     return (os.environ.get("TRITON_INTERPRET", "0") == "1"
             and type(score_kernel).__name__ == "InterpretedFunction"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .validation import (
+from ...checks import (
     FLOAT_DTYPES,
     check_kv_cache,
     check_page_size,

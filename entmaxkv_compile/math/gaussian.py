@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ._truncated_moments import MOMENTS
-from .config import check_alpha
+from ..config import check_alpha
 
 Number = float | int
 TensorOrFloat = torch.Tensor | float

@@ -16,15 +16,15 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ..config import SELECTORS, TAU_ESTIMATES
-from ..selection import (
+from ...config import SELECTORS, TAU_ESTIMATES
+from .reference import (
     forced_page_mask,
     head_normalized_group_score,
     top_pages_lowest_id_ties,
     valid_page_mask,
 )
-from . import _common as cm
-from .checks import (
+from .. import _common as cm
+from ..kernel_checks import (
     check_lengths,
     check_page_size,
     check_query,
@@ -34,7 +34,7 @@ from .checks import (
 )
 from .select_kernels import compact_kernel, keep_kernel, moments_kernel, quest_kernel
 from .tau_hat import MAX_ITERS, gaussian_tau_kernel, mixture_tau_kernel
-from .tuned import lookup
+from ..tuning.tuned import lookup
 
 PAGE_SELECTORS = tuple(s for s in SELECTORS if s != "certified")
 # Integer beta = 1/(alpha-1) the closed-form gaussian estimate supports (alpha 2, 1.5, 4/3, 1.25).
@@ -237,7 +237,7 @@ def select_pages(
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     if selector == "gaussian" and integer_beta(float(alpha)) is None:
-        from ..selection import select_pages as reference_select
+        from .reference import select_pages as reference_select
         return reference_select(
             q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha, scale=scale,
             selector=selector, token_budget=token_budget, max_quantile=max_quantile,

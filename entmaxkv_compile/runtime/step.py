@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import selection
-from .config import EntmaxKVConfig
+from .select import reference as selection
+from ..config import EntmaxKVConfig
 
 __all__ = ["DecodeResult", "implementation_for", "reference_implementation", "run_step"]
 

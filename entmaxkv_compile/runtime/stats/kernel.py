@@ -14,9 +14,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from . import _common as cm
-from .checks import check_cache, check_lengths, check_page_size, check_stats, stats_shape
-from .tuned import lookup
+from .. import _common as cm
+from ..kernel_checks import check_cache, check_lengths, check_page_size, check_stats, stats_shape
+from ..tuning.tuned import lookup
 
 
 @triton.jit

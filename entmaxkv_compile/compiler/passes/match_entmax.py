@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from .. import reference
+from ...math import reference
 from .ir import PASS_THROUGH, ancestors, arg, as_number, concrete, dtype_of, op_of, shape_of
 from .subgraph import try_extract
 

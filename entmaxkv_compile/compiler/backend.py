@@ -24,9 +24,9 @@ import torch
 from torch.fx import GraphModule
 
 from .capture import install_capture
-from .config import EntmaxKVConfig
+from ..config import EntmaxKVConfig
 from .passes.analyze import Plan, analyze
-from .cache import KVPageStats
+from ..runtime.stats.reference import KVPageStats
 from .passes.decode_rewrite import CatchUp, RewriteResult, rewrite
 from .passes.fallback import bookkeeping_only
 from .passes.static_state import STATS

@@ -62,7 +62,7 @@ def _install_entmax_package() -> None:
 
 def _install_own() -> None:
     """Our public ``entmaxkv_compile.entmax`` (the reference) traces to the marker as well."""
-    reference = importlib.import_module("entmaxkv_compile.reference")
+    reference = importlib.import_module("entmaxkv_compile.math.reference")
     own = getattr(reference, "entmax", None)
     if own is None:
         return
@@ -79,7 +79,7 @@ def install_capture() -> tuple[str, ...]:
     """Register the marker-op polyfills once; return the names of the captured functions."""
     global _DONE
     if not _DONE:
-        importlib.import_module("entmaxkv_compile.ops")  # defines torch.ops.entmaxkv.*
+        importlib.import_module("entmaxkv_compile.runtime.ops")  # defines torch.ops.entmaxkv.*
         _install_entmax_package()
         _install_own()
         _DONE = True

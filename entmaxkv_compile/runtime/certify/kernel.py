@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from .checks import (
+from ..kernel_checks import (
     check_lengths,
     check_page_size,
     check_query,
@@ -22,9 +22,9 @@ from .checks import (
     check_slopes,
     check_stats,
 )
+from ...checks import check_stats_valid
 from ..decode import certificate_inputs_ok
-from ..validation import check_stats_valid
-from .select import launch_quest
+from ..select.kernel import launch_quest
 
 
 @triton_op("entmaxkv::triton_certify", mutates_args=())

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .config import check_alpha
+from ..config import check_alpha
 
 __all__ = ["entmax", "entmax_threshold", "entmax_probs", "entmax_probs_and_threshold"]
 

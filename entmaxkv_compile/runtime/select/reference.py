@@ -12,10 +12,10 @@ import math
 
 import torch
 
-from .cache import page_token_counts
-from .config import SELECTORS, TAU_ESTIMATES, check_alpha
-from .gaussian import gaussian_threshold, mixture_threshold, page_max_quantile_z
-from .validation import (
+from ..stats.reference import page_token_counts
+from ...config import SELECTORS, TAU_ESTIMATES, check_alpha
+from ...math.gaussian import gaussian_threshold, mixture_threshold, page_max_quantile_z
+from ...checks import (
     check_alibi_slopes,
     check_float_dtype,
     check_int_arg,

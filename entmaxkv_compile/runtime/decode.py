@@ -14,18 +14,18 @@ import math
 
 import torch
 
-from .cache import KVPageStats, page_token_counts
-from .config import EntmaxKVConfig, check_alpha
-from .reference import entmax_beta, entmax_probs_and_threshold
+from .stats.reference import KVPageStats, page_token_counts
+from ..config import EntmaxKVConfig, check_alpha
+from ..math.reference import entmax_beta, entmax_probs_and_threshold
 from .step import DecodeResult, implementation_for, run_step
-from .selection import (
+from .select.reference import (
     check_bound_inputs,
     compute_dtype,
     page_mask_from_indices,
     quest_bounds_in,
     valid_page_mask,
 )
-from .validation import (
+from ..checks import (
     check_decode_inputs,
     check_page_size,
     check_page_table,

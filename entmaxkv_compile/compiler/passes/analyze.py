@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch.fx import GraphModule, Node
 
-from ..config import EntmaxKVConfig
+from ...config import EntmaxKVConfig
 from .ir import proves_equal, shape_of, where_of
 from .match_attention import AttentionMatch, match_attention
 from .match_entmax import WeightsSite, find_weight_sites

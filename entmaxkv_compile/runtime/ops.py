@@ -21,8 +21,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import cache, decode, reference, selection, step
-from .config import EntmaxKVConfig
+from . import decode, step
+from ..math import reference
+from .select import reference as selection
+from .stats import reference as cache
+from ..config import EntmaxKVConfig
 
 __all__ = [
     "entmax",
