@@ -6,7 +6,7 @@ These ops are what the graph passes insert and what export sees. Each one has:
   ``mutates_args``, so functionalization, CUDA graphs and export see the truth);
 - a fake implementation giving output shapes/dtypes without computing (for tracing);
 - an eager implementation that runs the Triton kernels on CUDA when they are usable and the pure
-  torch reference (``cache.py``, ``selection.py``, ``decode.py``) everywhere else.
+  torch reference of each stage (``runtime/<stage>/reference.py``) everywhere else.
 
 All ops are fixed-shape and sync-free, so a decode step built from them can be captured in a CUDA
 graph. The value checks of the public API (NaN, lengths beyond capacity) are not repeated here.
@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import decode, step
+from . import step
 from ..math import reference
 from .select import reference as selection
 from .stats import reference as cache
@@ -167,7 +167,7 @@ def paged_decode(
     page_size: int,
 ) -> tuple[Tensor, Tensor]:
     """Exact entmax attention over the selected pages: ``(out [B,Hq,1,D], tau [B,Hq] f32)``."""
-    impl = _kernels_for(q.device, q.dtype) or decode
+    impl = _kernels_for(q.device, q.dtype) or step.reference_implementation()
     return impl.paged_decode(
         q, k_cache, v_cache, seqlens, page_indices, num_selected,
         page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes,
@@ -195,7 +195,7 @@ def certify(
     page_size: int,
 ) -> tuple[Tensor, Tensor]:
     """The support certificate: ``(certified [B,Hq] bool, delta_bound [B,Hq] f32)``."""
-    impl = _kernels_for(q.device, q.dtype) or decode
+    impl = _kernels_for(q.device, q.dtype) or step.reference_implementation()
     return impl.certify(
         q, kmin, kmax, seqlens, page_indices, num_selected, tau,
         page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes,

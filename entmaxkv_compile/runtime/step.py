@@ -2,7 +2,7 @@
 
 The step is written once against a small "implementation" namespace (``select_pages``,
 ``quest_bounds``, ``paged_decode``, ``certify``), which is either the pure-torch reference
-(``REFERENCE``) or the Triton kernels (``entmaxkv_compile.kernels``). So the eager API, the
+(:func:`reference_implementation`) or the Triton kernels (``entmaxkv_compile.runtime.kernels``). So the eager API, the
 ``entmaxkv::decode_step`` op and the tests all run the same logic, and the kernels only have to
 match the reference function by function.
 
@@ -18,22 +18,22 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .select import reference as selection
 from ..config import EntmaxKVConfig
+from .attend import reference as attend_reference
+from .certify import reference as certify_reference
+from .select import reference as selection
 
 __all__ = ["DecodeResult", "implementation_for", "reference_implementation", "run_step"]
 
 
 @functools.cache
 def reference_implementation() -> SimpleNamespace:
-    """The pure-torch implementation (imported lazily: ``decode`` builds on this module)."""
-    from . import decode
-
+    """The pure-torch implementation: the reference of each stage package."""
     return SimpleNamespace(
         select_pages=selection.select_pages,
         quest_bounds=selection.quest_bounds,
-        paged_decode=decode.paged_decode,
-        certify=decode.certify,
+        paged_decode=attend_reference.paged_decode,
+        certify=certify_reference.certify,
     )
 
 

@@ -1,4 +1,4 @@
-"""The support certificate on device: op ``entmaxkv::triton_certify``, as ``decode.certify``.
+"""The support certificate on device: op ``entmaxkv::triton_certify``, as ``certify.reference.certify``.
 
 The Quest bounds of all pages come from one read of kmin/kmax per KV head (``quest_kernel``);
 the certificate and the dropped-mass bound are fixed-shape elementwise work on the

@@ -1,5 +1,5 @@
 """Page scoring and selection on device: ops ``entmaxkv::triton_quest_bounds`` and
-``entmaxkv::triton_select_pages``; same arguments and results as the reference ``selection.py``.
+``entmaxkv::triton_select_pages``; same arguments and results as the reference ``select/reference.py``.
 
 Bytes per step and KV head: the gaussian selector reads kmean + km2 (2 x 4 x D bytes per page,
 or 2 x 2 x D with compact fp16/bf16 moments),

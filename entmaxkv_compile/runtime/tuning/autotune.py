@@ -3,7 +3,7 @@
 Tuning happens here, offline, never on the hot path: for each shape class (dtype, head dim, GQA
 group, page size) every candidate config of the fused decode is timed on a dense decode over
 ``--length`` tokens (``triton.testing.do_bench`` median, CUDA graph replay) and the fastest is
-stored in ``kernels/configs/<gpu>.json`` (or ``--out-dir``), which ``tuned.lookup`` reads at run
+stored in ``runtime/tuning/configs/<gpu>.json`` (or ``--out-dir``), which ``tuned.lookup`` reads at run
 time.
 """
 

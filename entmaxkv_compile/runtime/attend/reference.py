@@ -1,0 +1,81 @@
+"""Stage 4, the reference: exact entmax attention over the valid tokens of the selected pages.
+
+Pure torch, fixed-shape, no host sync: the CPU path of the ``entmaxkv::paged_decode`` op and the
+oracle of the Triton kernel in :mod:`.kernel` (same arguments, same results).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...checks import check_decode_inputs, check_page_size, check_page_table, check_scale, num_pages_for
+from ...config import check_alpha
+from ...math.reference import entmax_beta, entmax_threshold
+from ..select.reference import compute_dtype, page_mask_from_indices
+
+__all__ = ["paged_decode"]
+
+
+def _decode_in(q, k_cache, v_cache, seqlens, page_mask, page_size, alpha, scale, alibi_slopes):
+    """Exact entmax over the tokens of ``page_mask`` (bool ``[B, Hkv, Npages]``).
+
+    Returns ``out`` in q's dtype and ``tau [B, Hq]`` in the compute dtype. Scores of all rows are
+    computed, then masked; unattended rows never reach the output (their V rows are zeroed, so
+    garbage past a sequence's end cannot leak through ``0 * NaN``).
+    """
+    dtype = compute_dtype(q)
+    batch, q_heads, _, head_dim = q.shape
+    kv_heads, max_seqlen = k_cache.shape[1], k_cache.shape[2]
+    group = q_heads // kv_heads
+    rows = torch.arange(max_seqlen, device=q.device)
+    inside = rows[None, :] < seqlens.to(torch.int64)[:, None]  # [B, N]
+    tokens = page_mask.repeat_interleave(page_size, dim=-1)[..., :max_seqlen] & inside[:, None, :]
+    mask = tokens[:, :, None, :]  # [B, Hkv, 1, N], shared by the query group
+
+    qg = q.reshape(batch, kv_heads, group, head_dim).to(dtype)
+    scores = (qg @ k_cache.to(dtype).transpose(-1, -2)) * scale  # [B, Hkv, G, N]
+    if alibi_slopes is not None:
+        rel = (rows[None, :] - (seqlens.to(torch.int64)[:, None] - 1)).to(dtype)  # [B, N]
+        scores = scores + alibi_slopes.to(dtype).reshape(1, kv_heads, group, 1) * rel[:, None, None, :]
+    scores = torch.where(mask, scores, float("-inf"))
+    tau = entmax_threshold(scores, alpha, dim=-1, mask=mask.expand_as(scores)).to(dtype)
+    p = torch.where(mask, ((alpha - 1.0) * scores - tau[..., None]).clamp(min=0) ** entmax_beta(alpha), 0.0)
+    v = torch.where(tokens[..., None], v_cache.to(dtype), 0.0)
+    out = (p @ v) / p.sum(-1, keepdim=True)
+    return out.reshape(batch, q_heads, 1, head_dim).to(q.dtype), tau.reshape(batch, q_heads)
+
+
+def _check_common(q, k_cache, v_cache, seqlens, page_size, alpha, scale, alibi_slopes) -> tuple[int, float, float]:
+    check_decode_inputs(q, k_cache, v_cache, seqlens, alibi_slopes, check_values=False)
+    return check_page_size(page_size), check_alpha(alpha), check_scale(scale)
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seqlens: torch.Tensor,
+    page_indices: torch.Tensor,
+    num_selected: torch.Tensor,
+    *,
+    page_size: int,
+    alpha: float,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact entmax attention over the valid tokens of the selected pages.
+
+    Query head ``h`` attends the pages selected for KV head ``h // G``; ``tau`` is solved exactly
+    on those tokens (float32, float64 for float64 inputs) and the output is divided by ``sum p``.
+    Returns ``out [B, Hq, 1, D]`` in q's dtype and ``tau`` float32 ``[B, Hq]``. A KV head with no
+    selected valid token has nothing to attend: its rows come out NaN (``select_pages`` always
+    selects the last valid page, so this only happens with hand-made page tables).
+    """
+    page_size, alpha, scale = _check_common(q, k_cache, v_cache, seqlens, page_size, alpha, scale, alibi_slopes)
+    batch, kv_heads, max_seqlen, _ = k_cache.shape
+    num_pages = num_pages_for(max_seqlen, page_size)
+    check_page_table(page_indices, num_selected, batch=batch, kv_heads=kv_heads, num_pages=num_pages,
+                     device=q.device)
+    page_mask = page_mask_from_indices(page_indices, num_selected, num_pages)
+    out, tau = _decode_in(q, k_cache, v_cache, seqlens, page_mask, page_size, alpha, scale, alibi_slopes)
+    return out, tau.to(torch.float32)

@@ -1,0 +1,74 @@
+"""Stage 5, the reference: the support certificate of a selection and the bound of the mass it drops.
+
+Pure torch, fixed-shape, no host sync: the CPU path of the ``entmaxkv::certify`` op and the oracle
+of the Triton kernel in :mod:`.kernel` (same arguments, same results).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...checks import check_page_table, check_tensor
+from ...config import check_alpha
+from ...math.reference import entmax_beta
+from ..select.reference import check_bound_inputs, page_mask_from_indices, quest_bounds_in, valid_page_mask
+from ..stats.reference import page_token_counts
+
+__all__ = ["certify"]
+
+
+def _page_excess(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes):
+    """``((alpha-1) u_p - tau)`` ``[B, Hq, Npages]`` and the mask of unselected valid pages."""
+    dtype = torch.float64 if torch.float64 in (q.dtype, tau.dtype) else torch.float32
+    batch, q_heads = q.shape[:2]
+    kv_heads, num_pages = kmin.shape[1], kmin.shape[2]
+    bounds = quest_bounds_in(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes, dtype)
+    excess = (alpha - 1.0) * bounds - tau.to(dtype)[..., None]
+    selected = page_mask.repeat_interleave(q_heads // kv_heads, dim=1)
+    unselected = ~selected & valid_page_mask(seqlens, page_size, num_pages)[:, None, :]
+    return excess, unselected
+
+
+def _certify_in(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes):
+    """``certified [B, Hq]`` and ``delta_bound [B, Hq]`` (compute dtype); see :func:`certify`."""
+    excess, unselected = _page_excess(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes)
+    certified = ~(unselected & (excess > 0)).any(-1)
+    counts = page_token_counts(seqlens, page_size, kmin.shape[2]).to(excess.dtype)[:, None, :]
+    dropped = torch.where(unselected, counts * excess.clamp(min=0) ** entmax_beta(alpha), 0.0)
+    return certified, dropped.sum(-1).clamp(max=1.0)
+
+
+def certify(
+    q: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    seqlens: torch.Tensor,
+    page_indices: torch.Tensor,
+    num_selected: torch.Tensor,
+    tau: torch.Tensor,
+    *,
+    page_size: int,
+    alpha: float,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The support certificate of a selection, per query head.
+
+    ``certified[b, h]``: every unselected valid page has ``(alpha-1) u_p <= tau`` (``u_p`` the
+    Quest bound), so no unselected token can be in the full-entmax support (tau only grows when
+    tokens are added) and the sparse output equals full entmax. ``delta_bound[b, h] =
+    min(1, sum_{unselected p} n_p [(alpha-1) u_p - tau]_+^beta)`` bounds the full-entmax mass of
+    the unselected tokens. Returns (bool ``[B, Hq]``, float32 ``[B, Hq]``).
+    """
+    page_size, scale = check_bound_inputs(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes)
+    alpha = check_alpha(alpha)
+    batch, kv_heads, num_pages, _ = kmin.shape
+    check_page_table(page_indices, num_selected, batch=batch, kv_heads=kv_heads, num_pages=num_pages,
+                     device=q.device)
+    check_tensor("tau", tau)
+    if tuple(tau.shape) != tuple(q.shape[:2]) or not tau.dtype.is_floating_point:
+        raise ValueError(f"tau must be a float tensor of shape [B, Hq] = {list(q.shape[:2])}, got "
+                         f"{tau.dtype} {tuple(tau.shape)}")
+    page_mask = page_mask_from_indices(page_indices, num_selected, num_pages)
+    certified, delta = _certify_in(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes)
+    return certified, delta.to(torch.float32)
