@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .. import _common as cm
-from ..kernel_checks import check_decode_inputs
+from ...checks import check_kernel_decode_inputs as check_decode_inputs
 from .decode_kernels import (
     TAU_ABS_TOL,
     TAU_MAX_ITERS,

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ...checks import check_decode_inputs, check_page_size, check_page_table, check_scale, num_pages_for
-from ...config import check_alpha
+from ...checks import check_attend_inputs, check_page_table, num_pages_for
 from ...math.reference import entmax_beta, entmax_threshold
 from ..select.reference import compute_dtype, page_mask_from_indices
 
@@ -45,11 +44,6 @@ def _decode_in(q, k_cache, v_cache, seqlens, page_mask, page_size, alpha, scale,
     return out.reshape(batch, q_heads, 1, head_dim).to(q.dtype), tau.reshape(batch, q_heads)
 
 
-def _check_common(q, k_cache, v_cache, seqlens, page_size, alpha, scale, alibi_slopes) -> tuple[int, float, float]:
-    check_decode_inputs(q, k_cache, v_cache, seqlens, alibi_slopes, check_values=False)
-    return check_page_size(page_size), check_alpha(alpha), check_scale(scale)
-
-
 def paged_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -71,7 +65,7 @@ def paged_decode(
     selected valid token has nothing to attend: its rows come out NaN (``select_pages`` always
     selects the last valid page, so this only happens with hand-made page tables).
     """
-    page_size, alpha, scale = _check_common(q, k_cache, v_cache, seqlens, page_size, alpha, scale, alibi_slopes)
+    page_size, alpha, scale = check_attend_inputs(q, k_cache, v_cache, seqlens, page_size, alpha, scale, alibi_slopes)
     batch, kv_heads, max_seqlen, _ = k_cache.shape
     num_pages = num_pages_for(max_seqlen, page_size)
     check_page_table(page_indices, num_selected, batch=batch, kv_heads=kv_heads, num_pages=num_pages,

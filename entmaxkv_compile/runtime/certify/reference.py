@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from ...checks import check_page_table, check_tensor
+from ...checks import check_bound_inputs, check_page_table, check_tau
 from ...config import check_alpha
 from ...math.reference import entmax_beta
-from ..select.reference import check_bound_inputs, page_mask_from_indices, quest_bounds_in, valid_page_mask
+from ..select.reference import page_mask_from_indices, quest_bounds_in, valid_page_mask
 from ..stats.reference import page_token_counts
 
 __all__ = ["certify"]
@@ -65,10 +65,7 @@ def certify(
     batch, kv_heads, num_pages, _ = kmin.shape
     check_page_table(page_indices, num_selected, batch=batch, kv_heads=kv_heads, num_pages=num_pages,
                      device=q.device)
-    check_tensor("tau", tau)
-    if tuple(tau.shape) != tuple(q.shape[:2]) or not tau.dtype.is_floating_point:
-        raise ValueError(f"tau must be a float tensor of shape [B, Hq] = {list(q.shape[:2])}, got "
-                         f"{tau.dtype} {tuple(tau.shape)}")
+    check_tau(tau, q)
     page_mask = page_mask_from_indices(page_indices, num_selected, num_pages)
     certified, delta = _certify_in(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes)
     return certified, delta.to(torch.float32)

@@ -18,14 +18,7 @@ from torch.library import triton_op, wrap_triton
 from ...config import SELECTORS, TAU_ESTIMATES
 from .reference import head_normalized_group_score
 from .. import _common as cm
-from ..kernel_checks import (
-    check_lengths,
-    check_page_size,
-    check_query,
-    check_scalars,
-    check_slopes,
-    check_stats,
-)
+from ...checks import check_kernel_bound_inputs
 from .select_kernels import compact_kernel, keep_kernel, moments_kernel, quest_kernel, topk_kernel
 from .tau_hat import MAX_ITERS, gaussian_tau_kernel, mixture_tau_kernel
 from ..tuning.tuned import lookup
@@ -187,12 +180,8 @@ def select_pages(
     The gaussian estimate runs on device for integer beta (alpha 2, 1.5, 4/3, 1.25); other alphas
     use the reference selector, which is pure torch on the same device (still sync-free).
     """
-    check_page_size(page_size)
-    _check_stats_of(kmin, kmax, kmean, km2)
-    q = check_query(q, kmin)
-    check_lengths("seqlens", seqlens, q.shape[0], q.device)
-    check_slopes(alibi_slopes, q)
-    check_scalars(alpha, scale)
+    q = check_kernel_bound_inputs(q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha,
+                                  scale=scale, alibi_slopes=alibi_slopes)
     if selector not in PAGE_SELECTORS:
         raise ValueError(f"selector must be one of {PAGE_SELECTORS}, got {selector!r}")
     if tau_estimate not in TAU_ESTIMATES:
@@ -231,19 +220,6 @@ def triton_quest_bounds(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor,
 def quest_bounds(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, *, page_size: int,
                  scale: float, alibi_slopes: Optional[Tensor] = None) -> Tensor:
     """Quest bound per query head and page, float32 ``[B, Hq, Npages]``, -inf on invalid pages."""
-    check_page_size(page_size)
-    _check_stats_of(kmin, kmax, None, None)
-    q = check_query(q, kmin)
-    check_lengths("seqlens", seqlens, q.shape[0], q.device)
-    check_slopes(alibi_slopes, q)
-    check_scalars(2.0, scale)
+    q = check_kernel_bound_inputs(q, kmin, kmax, None, None, seqlens, page_size=page_size, alpha=2.0,
+                                  scale=scale, alibi_slopes=alibi_slopes)
     return triton_quest_bounds(q, kmin, kmax, seqlens, alibi_slopes, int(page_size), float(scale))
-
-
-def _check_stats_of(kmin: Tensor, kmax: Tensor, kmean: Optional[Tensor],
-                   km2: Optional[Tensor]) -> None:
-    """The stat buffers agree with kmin's shape, dtype and device."""
-    if not isinstance(kmin, Tensor) or kmin.dim() != 4:
-        raise ValueError("kmin must be a [B, Hkv, Npages, D] tensor")
-    check_stats(kmin, kmax, kmean, km2, shape=tuple(kmin.shape), dtype=kmin.dtype,
-                device=kmin.device)

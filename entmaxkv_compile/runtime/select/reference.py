@@ -15,19 +15,9 @@ import torch
 from ..stats.reference import page_token_counts
 from ...config import SELECTORS, TAU_ESTIMATES, check_alpha
 from ...math.gaussian import gaussian_threshold, mixture_threshold, page_max_quantile_z
-from ...checks import (
-    check_alibi_slopes,
-    check_float_dtype,
-    check_int_arg,
-    check_page_size,
-    check_scale,
-    check_seqlens,
-    check_stats_buffers,
-    check_tensor,
-)
+from ...checks import check_bound_inputs, check_int_arg, check_stats_buffers
 
 __all__ = [
-    "check_bound_inputs",
     "compact_page_mask",
     "page_mask_from_indices",
     "quest_bounds",
@@ -158,35 +148,6 @@ def _top_pages_lowest_id_ties(score: torch.Tensor, count: int) -> torch.Tensor:
     tied = score == kth
     room = count - above.sum(-1, keepdim=True)
     return above | (tied & (tied.cumsum(-1) <= room))
-
-
-def check_bound_inputs(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes) -> tuple[int, float]:
-    """Metadata checks (no sync) of the inputs of a Quest bound; returns ``(page_size, scale)``."""
-    check_tensor("q", q)
-    if q.dim() != 4 or q.shape[2] != 1:
-        raise ValueError(f"q must have shape [B, Hq, 1, D] (one decode query), got {tuple(q.shape)}")
-    check_float_dtype("q", q)
-    page_size = check_page_size(page_size)
-    scale = check_scale(scale)
-    check_tensor("kmin", kmin)
-    if kmin.dim() != 4:
-        raise ValueError(f"kmin must have shape [B, Hkv, Npages, D], got {tuple(kmin.shape)}")
-    batch, q_heads, _, head_dim = q.shape
-    kv_heads, num_pages = kmin.shape[1], kmin.shape[2]
-    if kmin.shape[0] != batch or kmin.shape[3] != head_dim:
-        raise ValueError(f"kmin must have shape [B={batch}, Hkv, Npages, D={head_dim}], got {tuple(kmin.shape)}")
-    if q_heads % kv_heads:
-        raise ValueError(f"q heads ({q_heads}) must be a multiple of the stats' KV heads ({kv_heads})")
-    check_tensor("kmax", kmax)
-    if kmax.shape != kmin.shape or kmax.dtype != kmin.dtype:
-        raise ValueError(f"kmax must match kmin's shape {tuple(kmin.shape)} and dtype {kmin.dtype}")
-    check_float_dtype("kmin", kmin)
-    for name, tensor in (("kmin", kmin), ("kmax", kmax)):
-        if tensor.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {tensor.device}")
-    check_seqlens(seqlens, batch, num_pages * page_size, device=q.device, check_values=False)
-    check_alibi_slopes(alibi_slopes, q_heads, device=q.device)
-    return page_size, scale
 
 
 def quest_bounds(
