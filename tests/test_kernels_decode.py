@@ -6,25 +6,17 @@ GPU at real shapes.
 """
 
 import math
-import os
 
-DEVICE = os.environ.get("ENTMAXKV_KERNEL_TEST_DEVICE", "cpu")
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+from conftest import KERNEL_DEVICE as DEVICE
+from conftest import KERNEL_REAL_SHAPES as REAL
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from entmaxkv_compile import metrics
+from entmaxkv_compile.runtime import kernels
+from entmaxkv_compile.runtime.attend import reference as attend_reference
 
-from entmaxkv_compile import metrics  # noqa: E402
-from entmaxkv_compile.runtime import kernels  # noqa: E402
-from entmaxkv_compile.runtime.attend import reference as attend_reference  # noqa: E402
-
-pytestmark = pytest.mark.skipif(
-    not kernels.available(DEVICE),
-    reason=f"Triton kernels cannot run on {DEVICE} (on a CPU, TRITON_INTERPRET=1 must be set "
-           "before anything imports triton)",
-)
-REAL = DEVICE != "cpu"
+pytestmark = pytest.mark.kernels
 
 
 def _random_selection(gen, seqlens, kv_heads, num_pages, page_size, keep):
