@@ -14,7 +14,7 @@ path passes ``False``. Every error names the argument and says what was expected
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -278,6 +278,15 @@ def check_tau(tau: Any, q: torch.Tensor) -> None:
     if tuple(tau.shape) != tuple(q.shape[:2]) or not tau.dtype.is_floating_point:
         raise ValueError(f"tau must be a float tensor of shape [B, Hq] = {list(q.shape[:2])}, got "
                          f"{tau.dtype} {tuple(tau.shape)}")
+
+def check_step_inputs(q: Any, k_cache: Any, v_cache: Any, seqlens: Any, stats: Sequence[Any], *, page_size: Any,
+                      alpha: Any, scale: Any, alibi_slopes: Any) -> None:
+    """Metadata checks (no sync) of one whole decode step: the decode inputs, the four page
+    statistics ``(kmin, kmax, kmean, km2)`` of that cache, page size, alpha and scale."""
+    page_size, _, _ = check_attend_inputs(q, k_cache, v_cache, seqlens, page_size, alpha, scale, alibi_slopes)
+    batch, kv_heads, max_seqlen, head_dim = k_cache.shape
+    check_stats_buffers(*stats, batch=batch, kv_heads=kv_heads, num_pages=num_pages_for(max_seqlen, page_size),
+                        head_dim=head_dim)
 
 # ------------------------------------------------------------------------- the launchers' demands
 

@@ -28,12 +28,13 @@ __all__ = ["DecodeResult", "implementation_for", "reference_implementation", "ru
 
 @functools.cache
 def reference_implementation() -> SimpleNamespace:
-    """The pure-torch implementation: the reference of each stage package."""
+    """The pure-torch implementation: each stage's reference core, which trusts its caller (the
+    step's entries, ``sparse_decode`` and the ``decode_step`` op, validate once)."""
     return SimpleNamespace(
-        select_pages=selection.select_pages,
-        quest_bounds=selection.quest_bounds,
-        paged_decode=attend_reference.paged_decode,
-        certify=certify_reference.certify,
+        select_pages=selection.select_pages_unchecked,
+        quest_bounds=selection.quest_bounds_unchecked,
+        paged_decode=attend_reference.paged_decode_unchecked,
+        certify=certify_reference.certify_unchecked,
     )
 
 

@@ -12,7 +12,7 @@ from ...checks import check_attend_inputs, check_page_table, num_pages_for
 from ...math.reference import entmax_beta, entmax_threshold
 from ..select.reference import compute_dtype, page_mask_from_indices
 
-__all__ = ["paged_decode"]
+__all__ = ["paged_decode", "paged_decode_unchecked"]
 
 
 def _decode_in(q, k_cache, v_cache, seqlens, page_mask, page_size, alpha, scale, alibi_slopes):
@@ -70,6 +70,14 @@ def paged_decode(
     num_pages = num_pages_for(max_seqlen, page_size)
     check_page_table(page_indices, num_selected, batch=batch, kv_heads=kv_heads, num_pages=num_pages,
                      device=q.device)
+    return paged_decode_unchecked(q, k_cache, v_cache, seqlens, page_indices, num_selected, page_size=page_size,
+                                  alpha=alpha, scale=scale, alibi_slopes=alibi_slopes)
+
+
+def paged_decode_unchecked(q, k_cache, v_cache, seqlens, page_indices, num_selected, *, page_size, alpha, scale,
+                           alibi_slopes=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`paged_decode` for a caller that has validated its arguments (the step)."""
+    num_pages = num_pages_for(k_cache.shape[2], page_size)
     page_mask = page_mask_from_indices(page_indices, num_selected, num_pages)
     out, tau = _decode_in(q, k_cache, v_cache, seqlens, page_mask, page_size, alpha, scale, alibi_slopes)
     return out, tau.to(torch.float32)

@@ -14,7 +14,7 @@ from ...math.reference import entmax_beta
 from ..select.reference import page_mask_from_indices, quest_bounds_in, valid_page_mask
 from ..stats.reference import page_token_counts
 
-__all__ = ["certify"]
+__all__ = ["certify", "certify_unchecked"]
 
 
 def _page_excess(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes):
@@ -66,6 +66,13 @@ def certify(
     check_page_table(page_indices, num_selected, batch=batch, kv_heads=kv_heads, num_pages=num_pages,
                      device=q.device)
     check_tau(tau, q)
-    page_mask = page_mask_from_indices(page_indices, num_selected, num_pages)
+    return certify_unchecked(q, kmin, kmax, seqlens, page_indices, num_selected, tau, page_size=page_size,
+                             alpha=alpha, scale=scale, alibi_slopes=alibi_slopes)
+
+
+def certify_unchecked(q, kmin, kmax, seqlens, page_indices, num_selected, tau, *, page_size, alpha, scale,
+                      alibi_slopes=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`certify` for a caller that has validated its arguments (the step)."""
+    page_mask = page_mask_from_indices(page_indices, num_selected, kmin.shape[2])
     certified, delta = _certify_in(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes)
     return certified, delta.to(torch.float32)

@@ -166,6 +166,11 @@ def quest_bounds(
     page; ``-inf`` on pages with no valid token. Query head ``h`` reads KV head ``h // G``.
     """
     page_size, scale = check_bound_inputs(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes)
+    return quest_bounds_unchecked(q, kmin, kmax, seqlens, page_size=page_size, scale=scale, alibi_slopes=alibi_slopes)
+
+
+def quest_bounds_unchecked(q, kmin, kmax, seqlens, *, page_size, scale, alibi_slopes=None) -> torch.Tensor:
+    """:func:`quest_bounds` for a caller that has validated its arguments (the step)."""
     return quest_bounds_in(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes, compute_dtype(q)).to(torch.float32)
 
 
@@ -249,7 +254,18 @@ def select_pages(
         raise ValueError(f"margin must be a finite float, got {margin!r}")
     for name, value in (("sink_pages", sink_pages), ("recent_pages", recent_pages), ("min_context", min_context)):
         check_int_arg(name, value, minimum=0)
+    return select_pages_unchecked(
+        q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha, scale=scale, selector=selector,
+        token_budget=token_budget, max_quantile=max_quantile, margin=margin, tau_estimate=tau_estimate,
+        sink_pages=sink_pages, recent_pages=recent_pages, min_context=min_context, alibi_slopes=alibi_slopes)
 
+
+def select_pages_unchecked(q, kmin, kmax, kmean, km2, seqlens, *, page_size, alpha, scale, selector, token_budget,
+                           max_quantile, margin, tau_estimate, sink_pages, recent_pages, min_context,
+                           alibi_slopes=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_pages` for a caller that has validated its arguments (the step: its entry
+    checked the tensors, ``EntmaxKVConfig`` the options)."""
+    batch, kv_heads, num_pages = kmin.shape[:3]
     valid = valid_page_mask(seqlens, page_size, num_pages)[:, None, :]  # [B, 1, Np]
     forced = forced_page_mask(seqlens, page_size, num_pages, sink_pages, recent_pages)[:, None, :]
     if selector == "dense":
