@@ -21,14 +21,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import step
 from ..checks import check_step_inputs
+from ..config import EntmaxKVConfig
+from ..math import reference
+from . import step
 from .attend import reference as attend_reference
 from .certify import reference as certify_reference
-from ..math import reference
 from .select import reference as selection
 from .stats import reference as cache
-from ..config import EntmaxKVConfig
 
 __all__ = [
     "entmax",

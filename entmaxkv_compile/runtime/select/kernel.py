@@ -15,13 +15,13 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ...config import SELECTORS, TAU_ESTIMATES
-from .reference import head_normalized_group_score
-from .. import _common as cm
 from ...checks import check_kernel_bound_inputs
+from ...config import SELECTORS, TAU_ESTIMATES
+from .. import _common as cm
+from ..tuning.tuned import lookup
+from .reference import head_normalized_group_score
 from .select_kernels import compact_kernel, keep_kernel, moments_kernel, quest_kernel, topk_kernel
 from .tau_hat import MAX_ITERS, gaussian_tau_kernel, mixture_tau_kernel
-from ..tuning.tuned import lookup
 
 PAGE_SELECTORS = tuple(s for s in SELECTORS if s != "certified")
 # Integer beta = 1/(alpha-1) the closed-form gaussian estimate supports (alpha 2, 1.5, 4/3, 1.25).

@@ -12,10 +12,10 @@ import math
 
 import torch
 
-from ..stats.reference import page_token_counts
+from ...checks import check_bound_inputs, check_int_arg, check_stats_buffers
 from ...config import SELECTORS, TAU_ESTIMATES, check_alpha
 from ...math.gaussian import gaussian_threshold, mixture_threshold, page_max_quantile_z
-from ...checks import check_bound_inputs, check_int_arg, check_stats_buffers
+from ..stats.reference import page_token_counts
 
 __all__ = [
     "compact_page_mask",

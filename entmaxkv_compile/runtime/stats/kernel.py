@@ -14,8 +14,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .. import _common as cm
 from ...checks import check_kernel_cache, check_kernel_stats, check_lengths, check_page_size, stats_shape
+from .. import _common as cm
 from ..tuning.tuned import lookup
 
 
