@@ -37,8 +37,8 @@ def sparse_decode(
     Validates the inputs (``check_values=False`` skips the checks that synchronise), builds the
     page statistics from the cache when ``stats`` is None, selects pages with ``config.selector``
     (alpha defaults to 1.5, ``scale`` to ``1/sqrt(D)``), decodes exactly over them and certifies,
-    through :func:`entmaxkv_compile.runtime.step.run_step` on the Triton kernels when they can run on q's
-    device and on the stages' references otherwise. ``"certified"`` output equals full entmax.
+    through :func:`entmaxkv_compile.step.run_step` on the Triton kernels when they can run on q's
+    device and on this module's reference otherwise. ``"certified"`` output equals full entmax.
     """
     check_decode_inputs(q, k_cache, v_cache, seqlens, alibi_slopes, check_values=check_values)
     if config is None:

@@ -2,7 +2,7 @@
 
 The step is written once against a small "implementation" namespace (``select_pages``,
 ``quest_bounds``, ``paged_decode``, ``certify``), which is either the pure-torch reference
-(:func:`reference_implementation`) or the Triton kernels (``entmaxkv_compile.runtime.kernels``). So the eager API, the
+(``REFERENCE``) or the Triton kernels (``entmaxkv_compile.kernels``). So the eager API, the
 ``entmaxkv::decode_step`` op and the tests all run the same logic, and the kernels only have to
 match the reference function by function.
 
