@@ -22,8 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from entmaxkv_compile import kernels, reference  # noqa: E402
-from entmaxkv_compile.kernels import tuned  # noqa: E402
+from entmaxkv_compile.math import reference  # noqa: E402
+from entmaxkv_compile.runtime import kernels  # noqa: E402
+from entmaxkv_compile.runtime.tuning import tuned  # noqa: E402
 
 PAGE = 16
 DIM = 128

@@ -158,7 +158,7 @@ def _backend():
     """The ``entmaxkv`` backend: by name through its entry point, else the documented object."""
     if "entmaxkv" in torch._dynamo.list_backends():
         return "entmaxkv"
-    from entmaxkv_compile.backend import entmaxkv_backend
+    from entmaxkv_compile.compiler.backend import entmaxkv_backend
 
     return entmaxkv_backend
 

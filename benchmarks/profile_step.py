@@ -62,7 +62,7 @@ def profile_case(family: str, n: int, hq: int, hkv: int, selectors: list[str], s
         except Exception as exc:  # no CUPTI: keep the timing
             row["kernels_us"] = {"profiler unavailable": type(exc).__name__}
         if sweep and selector == "gaussian":
-            from entmaxkv_compile.kernels import tuned
+            from entmaxkv_compile.runtime.tuning import tuned
             row["sweep_ms"] = {}
             for params in SELECT_SWEEP:
                 merged = {**tuned.lookup("select", dev, "default"), **params}

@@ -7,8 +7,8 @@ variant's own queries through all layers). Variants:
 - softmax model: ``softmax full``; ``softmax topk b`` (Quest bounds from
   ``entmaxkv_compile.runtime.select.reference``, softmax over the selected pages) at each KV budget ``b``;
 - entmax15 model: ``entmax full`` (``metrics.full_entmax_decode``); ``entmax gaussian`` (adaptive
-  budget) and ``entmax certified`` via ``decode.sparse_decode``; ``entmax topk b`` via
-  ``select_pages`` + ``decode.paged_decode`` + ``decode.certify``;
+  budget) and ``entmax certified`` via ``sparse_decode``; ``entmax topk b`` via
+  ``select_pages`` + ``paged_decode`` + ``certify`` (the stage references);
 - with ``--extra-rankings``, both models also get ``topk-headnorm b`` and ``oracle b`` (see
   :func:`rank_pages`): is a failure of top-k the budget's or the page ranking's?
 
@@ -37,7 +37,9 @@ import torch
 
 from entmaxkv_compile import EntmaxKVConfig
 from entmaxkv_compile.runtime.stats.reference import KVPageStats
-from entmaxkv_compile.runtime.decode import certify, paged_decode, sparse_decode
+from entmaxkv_compile.runtime.attend.reference import paged_decode
+from entmaxkv_compile.runtime.certify.reference import certify
+from entmaxkv_compile.runtime.decode import sparse_decode
 from entmaxkv_compile.metrics import dropped_mass, full_entmax_decode, relative_error, support_recall
 from entmaxkv_compile.runtime.select.reference import compact_page_mask, quest_bounds, select_pages, selected_token_mask
 from examples.tiny_lm.data import eval_windows, load_split

@@ -7,13 +7,13 @@ Importing the package registers the ``entmaxkv`` torch.library ops.
 """
 
 from .runtime import ops  # noqa: F401  (registers torch.ops.entmaxkv.*)
-from .runtime.stats.reference import KVPageStats
-from .config import EntmaxKVConfig
-from .runtime.decode import sparse_decode
 from .compiler.explain import explain
+from .compiler.rewrite import RewriteResult, UnsupportedModelError, rewrite
+from .config import EntmaxKVConfig
 from .math.gaussian import gaussian_threshold
 from .math.reference import entmax, entmax_threshold
-from .compiler.rewrite import RewriteResult, UnsupportedModelError, rewrite
+from .runtime.decode import sparse_decode
+from .runtime.stats.reference import KVPageStats
 from .runtime.step import DecodeResult
 
 __all__ = [

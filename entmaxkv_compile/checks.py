@@ -1,4 +1,10 @@
-"""Argument checks shared by every public entry point.
+"""The one validation module: every check of an argument lives here, once.
+
+Two tiers. The public checks (``check_decode_inputs``, ``check_stats_buffers``, ...) state the
+contract of the public API and of the pure-torch references. The launcher checks at the end
+(``check_kernel_*``) add what the Triton launchers need on top (fp16/bf16/fp32 only, q in the
+cache's dtype, int32 page tables), so bad input becomes an error naming the argument instead of
+a Triton crash or a silent out-of-bounds read. Both tiers share the helpers at the top.
 
 Shape, dtype and device checks read only metadata and never synchronise. Checks that must look at
 values (NaN in ``q``, lengths beyond the cache capacity, positions out of range) synchronise with
@@ -8,12 +14,16 @@ path passes ``False``. Every error names the argument and says what was expected
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 
+from .config import check_alpha
+
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES: tuple[torch.dtype, ...] = (torch.int32, torch.int64)
+# What the Triton launchers compute in (float64 stays on the reference: it is the exactness path).
+KERNEL_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_tensor(name: str, value: Any) -> torch.Tensor:
@@ -84,16 +94,22 @@ def has_values(tensor: torch.Tensor) -> bool:
     return not is_fake(tensor)
 
 
+def check_lengths(name: str, lengths: Any, batch: int, *, device: torch.device) -> torch.Tensor:
+    """``lengths`` is an int ``[B]`` tensor on ``device`` (per-sequence lengths or positions)."""
+    check_tensor(name, lengths)
+    check_int_dtype(name, lengths)
+    if lengths.shape != (batch,):
+        raise ValueError(f"{name} must have shape [B] = [{batch}], got {tuple(lengths.shape)}")
+    if lengths.device != device:
+        raise ValueError(f"{name} must be on device {device}, got {lengths.device}")
+    return lengths
+
+
 def check_seqlens(
     seqlens: Any, batch: int, max_seqlen: int, *, device: torch.device, check_values: bool = True
 ) -> None:
     """``seqlens`` is an int ``[B]`` tensor with ``1 <= seqlens <= max_seqlen`` (value check syncs)."""
-    check_tensor("seqlens", seqlens)
-    check_int_dtype("seqlens", seqlens)
-    if seqlens.shape != (batch,):
-        raise ValueError(f"seqlens must have shape [B] = [{batch}], got {tuple(seqlens.shape)}")
-    if seqlens.device != device:
-        raise ValueError(f"seqlens must be on device {device}, got {seqlens.device}")
+    check_lengths("seqlens", seqlens, batch, device=device)
     if check_values and batch > 0 and has_values(seqlens):
         lo, hi = int(seqlens.min()), int(seqlens.max())
         if lo < 1 or hi > max_seqlen:
@@ -106,12 +122,7 @@ def check_positions(
     positions: Any, batch: int, max_seqlen: int, *, device: torch.device, check_values: bool = True
 ) -> None:
     """``positions`` is an int ``[B]`` tensor with ``0 <= positions < max_seqlen`` (value check syncs)."""
-    check_tensor("positions", positions)
-    check_int_dtype("positions", positions)
-    if positions.shape != (batch,):
-        raise ValueError(f"positions must have shape [B] = [{batch}], got {tuple(positions.shape)}")
-    if positions.device != device:
-        raise ValueError(f"positions must be on device {device}, got {positions.device}")
+    check_lengths("positions", positions, batch, device=device)
     if check_values and batch > 0 and has_values(positions):
         lo, hi = int(positions.min()), int(positions.max())
         if lo < 0 or hi >= max_seqlen:
@@ -247,3 +258,164 @@ def check_page_table(
     for name, tensor in (("page_indices", page_indices), ("num_selected", num_selected)):
         if tensor.device != device:
             raise ValueError(f"{name} must be on device {device}, got {tensor.device}")
+
+
+def check_bound_inputs(q: Any, kmin: Any, kmax: Any, seqlens: Any, page_size: Any, scale: Any,
+                       alibi_slopes: Any) -> tuple[int, float]:
+    """Metadata checks (no sync) of the inputs of a Quest bound; returns ``(page_size, scale)``."""
+    check_tensor("q", q)
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"q must have shape [B, Hq, 1, D] (one decode query), got {tuple(q.shape)}")
+    check_float_dtype("q", q)
+    page_size = check_page_size(page_size)
+    scale = check_scale(scale)
+    check_tensor("kmin", kmin)
+    if kmin.dim() != 4:
+        raise ValueError(f"kmin must have shape [B, Hkv, Npages, D], got {tuple(kmin.shape)}")
+    batch, q_heads, _, head_dim = q.shape
+    kv_heads, num_pages = kmin.shape[1], kmin.shape[2]
+    if kmin.shape[0] != batch or kmin.shape[3] != head_dim:
+        raise ValueError(f"kmin must have shape [B={batch}, Hkv, Npages, D={head_dim}], got {tuple(kmin.shape)}")
+    if q_heads % kv_heads:
+        raise ValueError(f"q heads ({q_heads}) must be a multiple of the stats' KV heads ({kv_heads})")
+    check_tensor("kmax", kmax)
+    if kmax.shape != kmin.shape or kmax.dtype != kmin.dtype:
+        raise ValueError(f"kmax must match kmin's shape {tuple(kmin.shape)} and dtype {kmin.dtype}")
+    check_float_dtype("kmin", kmin)
+    for name, tensor in (("kmin", kmin), ("kmax", kmax)):
+        if tensor.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {tensor.device}")
+    check_seqlens(seqlens, batch, num_pages * page_size, device=q.device, check_values=False)
+    check_alibi_slopes(alibi_slopes, q_heads, device=q.device)
+    return page_size, scale
+
+
+def check_attend_inputs(q: Any, k_cache: Any, v_cache: Any, seqlens: Any, page_size: Any, alpha: Any,
+                        scale: Any, alibi_slopes: Any) -> tuple[int, float, float]:
+    """Metadata checks (no sync) of an attend step's inputs; returns ``(page_size, alpha, scale)``."""
+    check_decode_inputs(q, k_cache, v_cache, seqlens, alibi_slopes, check_values=False)
+    return check_page_size(page_size), check_alpha(alpha), check_scale(scale)
+
+
+def check_tau(tau: Any, q: torch.Tensor) -> None:
+    """``tau`` is a float ``[B, Hq]`` tensor (one threshold per query head)."""
+    check_tensor("tau", tau)
+    if tuple(tau.shape) != tuple(q.shape[:2]) or not tau.dtype.is_floating_point:
+        raise ValueError(f"tau must be a float tensor of shape [B, Hq] = {list(q.shape[:2])}, got "
+                         f"{tau.dtype} {tuple(tau.shape)}")
+
+def check_step_inputs(q: Any, k_cache: Any, v_cache: Any, seqlens: Any, stats: Sequence[Any], *, page_size: Any,
+                      alpha: Any, scale: Any, alibi_slopes: Any) -> None:
+    """Metadata checks (no sync) of one whole decode step: the decode inputs, the four page
+    statistics ``(kmin, kmax, kmean, km2)`` of that cache, page size, alpha and scale."""
+    page_size, _, _ = check_attend_inputs(q, k_cache, v_cache, seqlens, page_size, alpha, scale, alibi_slopes)
+    batch, kv_heads, max_seqlen, head_dim = k_cache.shape
+    check_stats_buffers(*stats, batch=batch, kv_heads=kv_heads, num_pages=num_pages_for(max_seqlen, page_size),
+                        head_dim=head_dim)
+
+# ------------------------------------------------------------------------- the launchers' demands
+
+
+def check_kernel_cache(name: str, cache: Any) -> torch.Tensor:
+    """A KV buffer the kernels can read: ``[B, Hkv, Nmax, D]`` of fp16/bf16/fp32."""
+    check_kv_cache(name, cache)
+    if cache.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32 for the Triton kernels, got {cache.dtype}")
+    return cache
+
+
+def stats_shape(k_cache: torch.Tensor, page_size: int) -> tuple[int, int, int, int]:
+    """``[B, Hkv, ceil(Nmax / P), D]``, the stats shape of a cache."""
+    batch, hkv, nmax, dim = k_cache.shape
+    return batch, hkv, num_pages_for(nmax, page_size), dim
+
+
+def check_kernel_stats(kmin: torch.Tensor, kmax: torch.Tensor, kmean: Optional[torch.Tensor],
+                       km2: Optional[torch.Tensor], *, shape: tuple[int, int, int, int], dtype: torch.dtype,
+                       device: torch.device) -> None:
+    """Page-statistic buffers of ``shape`` ``[B, Hkv, Npages, D]``: kmin/kmax in the cache's
+    ``dtype``, kmean/km2 both float32 or both ``dtype`` (compact moments; None skips a buffer),
+    all on ``device``."""
+    moment = (torch.float32, dtype)
+    for name, buf, want in (("kmin", kmin, (dtype,)), ("kmax", kmax, (dtype,)),
+                            ("kmean", kmean, moment), ("km2", km2, moment)):
+        if buf is None:
+            continue
+        check_tensor(name, buf)
+        if tuple(buf.shape) != tuple(shape) or buf.dtype not in want:
+            allowed = " or ".join(str(w) for w in dict.fromkeys(want))
+            raise ValueError(f"{name} must be {allowed} of shape {list(shape)}, "
+                             f"got {buf.dtype} {list(buf.shape)}")
+        if buf.device != device:
+            raise ValueError(f"{name} must be on {device}, got {buf.device}")
+    if kmean is not None and km2 is not None and kmean.dtype != km2.dtype:
+        raise ValueError(f"km2 must have kmean's dtype {kmean.dtype}, got {km2.dtype}")
+
+
+def check_kernel_query(q: Any, k_cache: torch.Tensor) -> torch.Tensor:
+    """q ``[B, Hq, 1, D]`` in the cache's dtype (fp16/bf16/fp32), matching its batch and head dim,
+    on its device; ``Hq % Hkv == 0``."""
+    check_tensor("q", q)
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"q must have shape [B, Hq, 1, D], got {tuple(q.shape)}")
+    if q.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    if q.dtype != k_cache.dtype:
+        raise TypeError(f"q and the caches must share a dtype, got {q.dtype} and {k_cache.dtype}")
+    if q.shape[0] != k_cache.shape[0] or q.shape[3] != k_cache.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} does not match the cache {tuple(k_cache.shape)} "
+                         "in batch or head dim")
+    if q.shape[1] % k_cache.shape[1]:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of the cache's KV heads "
+                         f"({k_cache.shape[1]})")
+    check_same_device("q", q, k_cache=k_cache)
+    return q
+
+
+def check_kernel_page_table(page_indices: Any, num_selected: Any, *, batch: int, kv_heads: int,
+                            num_pages: int, device: torch.device) -> None:
+    """A selection as the kernels read it: :func:`check_page_table`, in int32."""
+    check_page_table(page_indices, num_selected, batch=batch, kv_heads=kv_heads, num_pages=num_pages,
+                     device=device)
+    for name, tensor in (("page_indices", page_indices), ("num_selected", num_selected)):
+        if tensor.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32 for the Triton kernels, got {tensor.dtype}")
+
+
+def check_kernel_decode_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               seqlens: torch.Tensor, page_indices: torch.Tensor, num_selected: torch.Tensor,
+                               *, page_size: int, alpha: float, scale: float,
+                               alibi_slopes: Optional[torch.Tensor]) -> None:
+    """All arguments of the fused decode launcher (metadata only)."""
+    check_page_size(page_size)
+    check_kernel_cache("k_cache", k_cache)
+    check_kernel_cache("v_cache", v_cache)
+    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"v_cache {tuple(v_cache.shape)} {v_cache.dtype} must match k_cache "
+                         f"{tuple(k_cache.shape)} {k_cache.dtype}")
+    q = check_kernel_query(q, k_cache)
+    check_same_device("q", q, v_cache=v_cache)
+    batch, kv_heads, max_seqlen, _ = k_cache.shape
+    check_lengths("seqlens", seqlens, batch, device=q.device)
+    check_kernel_page_table(page_indices, num_selected, batch=batch, kv_heads=kv_heads,
+                            num_pages=num_pages_for(max_seqlen, page_size), device=q.device)
+    check_alibi_slopes(alibi_slopes, q.shape[1], device=q.device)
+    check_alpha(alpha)
+    check_scale(scale)
+
+
+def check_kernel_bound_inputs(q: Any, kmin: Any, kmax: Any, kmean: Optional[torch.Tensor],
+                              km2: Optional[torch.Tensor], seqlens: Any, *, page_size: int, alpha: float,
+                              scale: float, alibi_slopes: Optional[torch.Tensor]) -> torch.Tensor:
+    """The arguments the scoring launchers share (selection, Quest bounds, certificate): the stat
+    buffers agree with kmin's shape, dtype and device, q matches them. Returns q."""
+    check_page_size(page_size)
+    if not isinstance(kmin, torch.Tensor) or kmin.dim() != 4:
+        raise ValueError("kmin must be a [B, Hkv, Npages, D] tensor")
+    check_kernel_stats(kmin, kmax, kmean, km2, shape=tuple(kmin.shape), dtype=kmin.dtype, device=kmin.device)
+    q = check_kernel_query(q, kmin)
+    check_lengths("seqlens", seqlens, q.shape[0], device=q.device)
+    check_alibi_slopes(alibi_slopes, q.shape[1], device=q.device)
+    check_alpha(alpha)
+    check_scale(scale)
+    return q

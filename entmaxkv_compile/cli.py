@@ -6,8 +6,7 @@ path to a ``.py`` file, ``FACTORY`` a zero-argument callable in it returning
 positional arguments of one decode step). Config options (``--selector``, ``--page-size``, ...)
 are the fields of :class:`~entmaxkv_compile.config.EntmaxKVConfig`.
 
-Exit status: 0 on success, 1 when the model cannot be handled (the message says why), 2 on
-usage errors.
+Exit status (also in ``--help``): see ``EXIT_CODES``.
 """
 
 from __future__ import annotations
@@ -17,15 +16,24 @@ import copy
 import dataclasses
 import importlib
 import importlib.util
+import re
 import sys
-import time
 import typing
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from . import __version__
 from .config import SELECTORS, TAU_ESTIMATES, EntmaxKVConfig
 
-__all__ = ["load_factory", "main"]
+__all__ = ["EXIT_CODES", "build_parser", "load_factory", "main"]
+
+EXIT_CODES = """exit status:
+  0    success
+  1    the model, the factory or a value cannot be handled, or an optional dependency is
+       missing (one line on stderr says why)
+  2    the command line is wrong (argparse's usage error), or the command cannot run on this
+       machine (autotune without a CUDA GPU)
+  130  interrupted (Ctrl-C)"""
 
 _CHOICES = {"selector": SELECTORS, "tau_estimate": TAU_ESTIMATES}
 
@@ -114,9 +122,17 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _field_help() -> dict[str, str]:
+    """The first sentence of each field's entry in ``EntmaxKVConfig``'s docstring."""
+    attributes = (EntmaxKVConfig.__doc__ or "").split("Attributes:", 1)[-1]
+    entries = re.findall(r"^\s{8}(\w+): (.*?)(?=^\s{8}\w+: |\Z)", attributes, re.M | re.S)
+    return {name: " ".join(text.replace("``", "").split()).split(". ")[0].rstrip(".") for name, text in entries}
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decode config (EntmaxKVConfig fields)")
     hints = typing.get_type_hints(EntmaxKVConfig)
+    described = _field_help()
     for field in dataclasses.fields(EntmaxKVConfig):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
@@ -124,7 +140,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, dest=f"cfg_{field.name}", type=value_type, default=None,
                            choices=_CHOICES.get(field.name),
                            metavar=None if field.name in _CHOICES else field.name.upper(),
-                           help=f"default: {field.default!r}")
+                           help=f"{described.get(field.name, field.name)} (default: {field.default!r})")
 
 
 def _config_from(args: argparse.Namespace) -> EntmaxKVConfig:
@@ -196,17 +212,18 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _time_steps(step: Callable[[], Any], steps: int) -> float:
-    step()  # warm-up
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
+    """Seconds per call of ``step`` over ``steps`` calls after a warm-up, by
+    ``torch.utils.benchmark`` (which synchronises CUDA around the timed calls)."""
+    from torch.utils.benchmark import Timer
+
+    return Timer(stmt="step()", globals={"step": step}).timeit(steps).mean
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .compiler.rewrite import rewrite
+    from .tables import render_table
 
     if args.steps < 1:
         raise CommandError(f"--steps must be >= 1, got {args.steps}")
@@ -221,9 +238,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             if isinstance(a, torch.Tensor)), default=0.0)
         eager_s = _time_steps(lambda: eager(*example), args.steps)
         rewritten_s = _time_steps(lambda: rewritten(*example), args.steps)
-    print(f"{'step':<12}{'ms/step':>10}")
-    print(f"{'eager':<12}{eager_s * 1e3:>10.3f}")
-    print(f"{'rewritten':<12}{rewritten_s * 1e3:>10.3f}")
+    print(render_table(("step", "ms/step"), [("eager", f"{eager_s * 1e3:.3f}"),
+                                              ("rewritten", f"{rewritten_s * 1e3:.3f}")], right=("ms/step",)))
     print(f"max abs difference of the first step's outputs: {error:.3g} "
           "(both repeat the same step; timings include the cache write)")
     return 0
@@ -248,11 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="entmaxkv-compile",
         description="Rewrite entmax-attention decode steps into support-aware sparse decoding.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    with_exit_codes = dict(epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     target_help = "MODULE:FACTORY, FACTORY() -> (model, example_decode_args); MODULE: module name or .py path"
 
-    rewrite_p = commands.add_parser("rewrite", help="rewrite a decode step and save it as a .pt2 program")
+    rewrite_p = commands.add_parser(
+        "rewrite", help="rewrite a decode step and save it as a .pt2 program", **with_exit_codes)
     rewrite_p.add_argument("target", metavar="MODULE:FACTORY", help=target_help)
     rewrite_p.add_argument("-o", "--output", required=True,
                            help="the .pt2 file to write (checked first; missing directories are created)")
@@ -260,9 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(rewrite_p)
     rewrite_p.set_defaults(run=_cmd_rewrite)
 
-    export_p = commands.add_parser("export", help="export the rewritten decode step (ONNX or TensorRT)")
+    export_p = commands.add_parser(
+        "export", help="export the rewritten decode step (ONNX or TensorRT)", **with_exit_codes)
     export_p.add_argument("target", metavar="MODULE:FACTORY", help=target_help)
-    export_p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
+    export_p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx",
+                          help="onnx: a .onnx model (default); tensorrt: a TensorRT program")
     export_p.add_argument("-o", "--output", required=True,
                           help="the file to write (checked first; missing directories are created)")
     export_p.add_argument("--decompose", action=argparse.BooleanOptionalAction, default=True,
@@ -277,11 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(export_p)
     export_p.set_defaults(run=_cmd_export)
 
-    explain_p = commands.add_parser("explain", help="list every attention site and what the passes do with it")
+    explain_p = commands.add_parser(
+        "explain", help="list every attention site and what the passes do with it", **with_exit_codes)
     explain_p.add_argument("target", metavar="MODULE:FACTORY", help=target_help)
     explain_p.set_defaults(run=_cmd_explain)
 
-    bench_p = commands.add_parser("bench", help="time the eager and the rewritten decode step on this machine")
+    bench_p = commands.add_parser(
+        "bench", help="time the eager and the rewritten decode step on this machine", **with_exit_codes)
     bench_p.add_argument("target", metavar="MODULE:FACTORY", help=target_help)
     bench_p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     bench_p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -307,6 +332,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (CommandError, UnsupportedModelError, ValueError, TypeError) as error:
         print(f"entmaxkv-compile {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"entmaxkv-compile {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

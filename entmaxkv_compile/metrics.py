@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_decode_inputs, check_scale, check_tensor
 from .config import check_alpha
 from .math.reference import entmax
-from .checks import check_decode_inputs, check_scale, check_tensor
 
 __all__ = ["dropped_mass", "full_entmax_decode", "relative_error", "support_recall"]
 

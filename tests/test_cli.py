@@ -177,3 +177,26 @@ def test_parser_maps_every_config_field():
 
     args = build_parser().parse_args(["rewrite", "m:f", "-o", "x"])
     assert {name[4:] for name in vars(args) if name.startswith("cfg_")} == {f.name for f in fields(EntmaxKVConfig)}
+
+
+def test_version_flag_prints_the_package_version(capsys):
+    import entmaxkv_compile
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"entmaxkv-compile {entmaxkv_compile.__version__}"
+
+
+def test_every_flag_has_help_and_the_epilog_lists_the_exit_codes():
+    import argparse
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in [("", parser), *((n, p) for n, p in commands.choices.items() if n != "autotune")]:
+        for action in sub._actions:
+            if action.option_strings:
+                assert action.help, f"{name} {action.option_strings} has no help"
+        if sub is not parser:
+            for code in ("0 ", "1 ", "2 ", "130"):
+                assert f"  {code}" in sub.format_help(), f"{name}: exit code {code} missing from --help"

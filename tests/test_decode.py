@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from entmaxkv_compile.runtime.stats.reference import KVPageStats
 from entmaxkv_compile.config import EntmaxKVConfig
-from entmaxkv_compile.runtime.decode import DecodeResult, certify, paged_decode, sparse_decode
+from entmaxkv_compile.runtime.attend.reference import paged_decode
+from entmaxkv_compile.runtime.certify.reference import certify
+from entmaxkv_compile.runtime.decode import DecodeResult, sparse_decode
 from entmaxkv_compile.metrics import dropped_mass, full_entmax_decode, relative_error, support_recall
 from entmaxkv_compile.math.reference import entmax
 from entmaxkv_compile.runtime.select.reference import compact_page_mask, select_pages, selected_token_mask

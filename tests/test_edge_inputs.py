@@ -12,9 +12,12 @@ import pytest
 import torch
 
 from entmaxkv_compile import EntmaxKVConfig, KVPageStats, entmax, entmax_threshold, gaussian_threshold
-from entmaxkv_compile import decode, kernels, selection
+from entmaxkv_compile import sparse_decode
+from entmaxkv_compile.runtime import kernels
+from entmaxkv_compile.runtime.certify import reference as certify_reference
+from entmaxkv_compile.runtime.select import reference as selection
 from entmaxkv_compile.cli import check_output_path, main
-from entmaxkv_compile.validation import check_decode_inputs, check_positions, check_seqlens
+from entmaxkv_compile.checks import check_decode_inputs, check_positions, check_seqlens
 
 ALPHAS = [1.25, 4 / 3, 1.5, 1.75, 2.0]
 NAN, INF = float("nan"), float("inf")
@@ -155,7 +158,7 @@ def test_value_checks_skip_meta_tensors():
 def test_nonfinite_alibi_slopes_are_rejected_by_the_value_checks():
     q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 1, 16, 8)
     with pytest.raises(ValueError, match="alibi_slopes must be finite"):
-        decode.sparse_decode(q, k, k, torch.tensor([16]), alibi_slopes=torch.tensor([NAN, 0.1]))
+        sparse_decode(q, k, k, torch.tensor([16]), alibi_slopes=torch.tensor([NAN, 0.1]))
 
 
 # -------------------------------------------------------------------------------- decode
@@ -173,7 +176,7 @@ def _certify_both(q, stats, seqlens, result, slopes=None, stats_valid=None):
     """The certificate of ``result``'s selection by the reference and by the kernel."""
     args = (q, stats.kmin, stats.kmax, seqlens, result.page_indices, result.num_selected, result.tau)
     kw = dict(page_size=stats.page_size, alpha=1.5, scale=0.25, alibi_slopes=slopes, stats_valid=stats_valid)
-    return decode.certify(*args, **kw), kernels.certify(*args, **kw)
+    return certify_reference.certify(*args, **kw), kernels.certify(*args, **kw)
 
 
 @pytest.mark.parametrize("where", ["k_nan", "k_pos_inf", "k_neg_inf", "q_nan", "slope_nan"])
@@ -193,7 +196,7 @@ def test_nonfinite_inputs_are_never_certified(where, selector):
     for a, b in zip(stats.buffers(), ref_stats.buffers()):
         assert torch.equal(a.isnan(), b.isnan())
     config = EntmaxKVConfig(selector=selector, token_budget=16, report_bound=True)
-    result = decode.sparse_decode(q, k, v, seqlens, config, stats=stats, alibi_slopes=slopes, scale=0.25,
+    result = sparse_decode(q, k, v, seqlens, config, stats=stats, alibi_slopes=slopes, scale=0.25,
                                   check_values=False)
     untrusted = torch.zeros(2, 2, dtype=torch.bool)  # heads whose certificate rests on the bad value
     if where == "slope_nan":
@@ -238,7 +241,7 @@ def test_zero_length_gives_zero_output_and_no_certificate():
     q, k, v, _ = _case()
     seqlens = torch.tensor([0, 40])
     stats = KVPageStats.from_cache(k, seqlens, 16, check_values=False)
-    result = decode.sparse_decode(q, k, v, seqlens, EntmaxKVConfig(selector="dense"), stats=stats,
+    result = sparse_decode(q, k, v, seqlens, EntmaxKVConfig(selector="dense"), stats=stats,
                                   check_values=False)
     assert torch.equal(result.out[0], torch.zeros_like(result.out[0]))
     assert torch.isinf(result.tau[0]).all() and (result.tau[0] > 0).all()
@@ -260,7 +263,7 @@ def test_length_beyond_capacity_reads_nothing_and_is_not_certified():
     assert stats.valid.tolist() == [False, True]
     valid = stats.valid_for(seqlens)
     assert valid.tolist() == [False, True]
-    result = decode.sparse_decode(q, k, v, seqlens, EntmaxKVConfig(selector="dense"), stats=stats,
+    result = sparse_decode(q, k, v, seqlens, EntmaxKVConfig(selector="dense"), stats=stats,
                                   check_values=False)
     for certified, delta in _certify_both(q, stats, seqlens, result, stats_valid=valid):
         assert not certified[0].any() and (delta[0] == 1.0).all() and certified[1].all()
@@ -289,7 +292,7 @@ def test_out_of_order_append_is_flagged_and_never_certified(order):
     stats.append(k, torch.tensor([position]), check_values=False)
     assert not stats.valid.any()
     seqlens = torch.tensor([position + 1])
-    result = decode.sparse_decode(q, k, v, seqlens, EntmaxKVConfig(selector="dense"), stats=stats)
+    result = sparse_decode(q, k, v, seqlens, EntmaxKVConfig(selector="dense"), stats=stats)
     for certified, delta in _certify_both(q, stats, seqlens, result, stats_valid=stats.valid_for(seqlens)):
         assert not certified.any() and (delta == 1.0).all()
     stats.prefill(k, seqlens)  # a prefill rebuilds the statistics and the flag
@@ -309,12 +312,12 @@ def test_in_order_appends_and_page_boundary_rollback_stay_valid():
 
 def test_nonfinite_v_outside_every_support_is_ignored():
     q, k, v, seqlens = _case()
-    full = decode.sparse_decode(q, k, v, seqlens, EntmaxKVConfig(selector="dense"))
+    full = sparse_decode(q, k, v, seqlens, EntmaxKVConfig(selector="dense"))
     p = entmax(torch.einsum("bhd,bnd->bhn", q[:, :, 0], k[:, 0]) * 0.25, 1.5)
     outside = (p == 0).all(1)  # [B, N]: in no head's support
     assert outside.any()
     v_bad = torch.where(outside[:, None, :, None], NAN, v)
-    again = decode.sparse_decode(q, k, v_bad, seqlens, EntmaxKVConfig(selector="dense"))
+    again = sparse_decode(q, k, v_bad, seqlens, EntmaxKVConfig(selector="dense"))
     torch.testing.assert_close(again.out, full.out)
 
 

@@ -17,23 +17,11 @@ from entmaxkv_compile.export.onnx import _bool_where_to_logic, _standard_op_form
 from entmaxkv_compile.export.onnx_schemas import DOMAIN, SCHEMAS, register_schemas
 from entmaxkv_compile.export.references import bool_cumprod, ndtri_rational, prod_over_dims
 from entmaxkv_compile.compiler.rewrite import rewrite
-from examples.zoo import ZOO, gpt_fast
-
-
-def zoo_step(context: int = 21, batch: int = 2, seed: int = 0, **model_args):
-    """A prefilled gpt-fast zoo model and the arguments of its next decode step."""
-    args = gpt_fast.ModelArgs(**model_args)
-    model = gpt_fast.build(args, batch=batch, seed=seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    prompt = torch.randint(0, args.vocab_size, (batch, context), generator=generator)
-    with torch.no_grad():
-        model(prompt, torch.arange(context))
-    token = torch.randint(0, args.vocab_size, (batch, 1), generator=generator)
-    return model, (token, torch.tensor([context]))
+from examples.zoo import ZOO
 
 
 @pytest.fixture(scope="module")
-def alibi_topk_step():
+def alibi_topk_step(zoo_step):
     model, args = zoo_step(alibi="half", rope=False, seed=2)
     return rewrite(model, args, EntmaxKVConfig(selector="topk", page_size=8, token_budget=16))
 
@@ -247,7 +235,7 @@ def test_explicit_state_needs_a_functional_program():
         explicit_state_module(program)
 
 
-def test_plugin_form_equals_the_original_ops():
+def test_plugin_form_equals_the_original_ops(zoo_step):
     model, args = zoo_step(context=11, n_layer=1, seed=5)
     result = rewrite(model, args, EntmaxKVConfig(selector="gaussian", page_size=4))
     reference = copy.deepcopy(result.program.module())

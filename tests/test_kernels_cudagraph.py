@@ -3,16 +3,11 @@ replayed for 1000 steps while the cache grows past many page boundaries: equal t
 step, and no Triton recompilation after warm-up. GPU only (run by benchmarks/gpu_check.py)."""
 
 import math
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # keep the other kernel test modules on the interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from entmaxkv_compile.runtime import kernels  # noqa: E402
+from entmaxkv_compile.runtime import kernels
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and kernels.available("cuda")),
@@ -22,12 +17,12 @@ pytestmark = pytest.mark.skipif(
 
 def _compiled_variants() -> int:
     """How many compiled specializations the decode/select/stats kernels hold."""
-    from entmaxkv_compile.runtime.attend import decode_kernels
+    from entmaxkv_compile.runtime.attend import decode_kernels, tau_kernels
     from entmaxkv_compile.runtime.select import select_kernels, tau_hat
     from entmaxkv_compile.runtime.stats import kernel as page_stats
 
-    fns = [decode_kernels.score_kernel, decode_kernels.tau_kernel, decode_kernels.output_kernel,
-           decode_kernels.reduce_kernel, page_stats._append_kernel, select_kernels.moments_kernel,
+    fns = [decode_kernels.score_kernel, tau_kernels.tau_level_kernel, tau_kernels.tau_merge_kernel,
+           decode_kernels.output_kernel, decode_kernels.reduce_kernel, page_stats._append_kernel, select_kernels.moments_kernel,
            select_kernels.keep_kernel, select_kernels.compact_kernel,
            tau_hat.gaussian_tau_kernel]
     return sum(len(entry[0]) for fn in fns for entry in fn.device_caches.values())

@@ -1,4 +1,4 @@
-"""The fused sparse entmax decode kernel against the reference ``decode.paged_decode``.
+"""The fused sparse entmax decode kernel against the reference ``runtime.attend.reference.paged_decode``.
 
 On CPU the kernels run under the Triton interpreter at tiny shapes; with
 ``ENTMAXKV_KERNEL_TEST_DEVICE=cuda`` (benchmarks/gpu_check.py) the same tests run compiled on a
@@ -6,24 +6,17 @@ GPU at real shapes.
 """
 
 import math
-import os
 
-DEVICE = os.environ.get("ENTMAXKV_KERNEL_TEST_DEVICE", "cpu")
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+from conftest import KERNEL_DEVICE as DEVICE
+from conftest import KERNEL_REAL_SHAPES as REAL
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from entmaxkv_compile import metrics
+from entmaxkv_compile.runtime import kernels
+from entmaxkv_compile.runtime.attend import reference as attend_reference
 
-from entmaxkv_compile import metrics  # noqa: E402
-from entmaxkv_compile.runtime import decode, kernels  # noqa: E402
-
-pytestmark = pytest.mark.skipif(
-    not kernels.available(DEVICE),
-    reason=f"Triton kernels cannot run on {DEVICE} (on a CPU, TRITON_INTERPRET=1 must be set "
-           "before anything imports triton)",
-)
-REAL = DEVICE != "cpu"
+pytestmark = pytest.mark.kernels
 
 
 def _random_selection(gen, seqlens, kv_heads, num_pages, page_size, keep):
@@ -82,7 +75,7 @@ def test_paged_decode_matches_reference(shape, structured):
     slopes = (torch.rand(hq, generator=gen) * 0.1).to(DEVICE) if alibi else None
     kw = dict(page_size=page, alpha=alpha, scale=1 / math.sqrt(dim), alibi_slopes=slopes)
     out, tau = kernels.paged_decode(q, k, v, seqlens, idx, nsel, **kw)
-    ref_out, ref_tau = decode.paged_decode(q, k, v, seqlens, idx, nsel, **kw)
+    ref_out, ref_tau = attend_reference.paged_decode(q, k, v, seqlens, idx, nsel, **kw)
     assert out.dtype == q.dtype and out.shape == q.shape and tau.dtype == torch.float32
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     assert float(metrics.relative_error(out.float(), ref_out.float())) < tol

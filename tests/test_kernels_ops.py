@@ -11,6 +11,8 @@ import textwrap
 
 import torch
 
+from entmaxkv_compile.runtime import kernels  # noqa: F401  (registers the entmaxkv::triton_* ops)
+
 OPS = ("triton_paged_decode", "triton_select_pages", "triton_quest_bounds", "triton_certify",
        "triton_stats_prefill_", "triton_stats_append_")
 

@@ -1,33 +1,26 @@
-"""Scoring, selection and certificate kernels against the reference ``selection.py`` /
-``decode.py``.
+"""Scoring, selection and certificate kernels against the references ``runtime/select/reference.py`` /
+``runtime/certify/reference.py``.
 
 CPU: Triton interpreter, tiny shapes. ``ENTMAXKV_KERNEL_TEST_DEVICE=cuda``: compiled, real shapes.
 """
 
 import math
-import os
 
-DEVICE = os.environ.get("ENTMAXKV_KERNEL_TEST_DEVICE", "cpu")
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+from conftest import KERNEL_DEVICE as DEVICE
+from conftest import KERNEL_REAL_SHAPES as REAL
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import triton
+import triton.language as tl
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+from entmaxkv_compile.runtime import kernels
+from entmaxkv_compile.runtime.certify import reference as certify_reference
+from entmaxkv_compile.runtime.select import reference as selection
+from entmaxkv_compile.runtime.stats import reference as cache
+from entmaxkv_compile.runtime.select.tau_hat import _gaussian_newton
 
-from entmaxkv_compile.runtime import decode, kernels  # noqa: E402
-from entmaxkv_compile.runtime.select import reference as selection  # noqa: E402
-from entmaxkv_compile.runtime.stats import reference as cache  # noqa: E402
-from entmaxkv_compile.runtime.select.tau_hat import _gaussian_newton  # noqa: E402
-
-pytestmark = pytest.mark.skipif(
-    not kernels.available(DEVICE),
-    reason=f"Triton kernels cannot run on {DEVICE} (on a CPU, TRITON_INTERPRET=1 must be set "
-           "before anything imports triton)",
-)
-REAL = DEVICE != "cpu"
+pytestmark = pytest.mark.kernels
 
 
 def _case(seed, batch, hq, hkv, nmax, dim, page, dtype, alibi):
@@ -177,7 +170,7 @@ def test_certify_matches_reference(alpha, dtype, alibi):
     tau = (torch.randn(batch, hq, generator=gen) + 0.5).to(DEVICE)
     args = (q, st.kmin, st.kmax, seqlens, idx, n, tau)
     ckw = dict(page_size=page, alpha=alpha, scale=1 / math.sqrt(dim), alibi_slopes=slopes)
-    ref_cert, ref_delta = decode.certify(*args, **ckw)
+    ref_cert, ref_delta = certify_reference.certify(*args, **ckw)
     cert, delta = kernels.certify(*args, **ckw)
     assert torch.equal(cert, ref_cert)
     assert torch.allclose(delta, ref_delta, rtol=1e-4, atol=1e-6)

@@ -1,26 +1,18 @@
-"""Page-statistics kernels (prefill, append) against the reference ``cache.py``.
+"""Page-statistics kernels (prefill, append) against the reference ``runtime/stats/reference.py``.
 
 CPU: Triton interpreter, tiny shapes. ``ENTMAXKV_KERNEL_TEST_DEVICE=cuda``: compiled, real shapes.
 """
 
-import os
 
-DEVICE = os.environ.get("ENTMAXKV_KERNEL_TEST_DEVICE", "cpu")
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+from conftest import KERNEL_DEVICE as DEVICE
+from conftest import KERNEL_REAL_SHAPES as REAL
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from entmaxkv_compile.runtime import kernels
+from entmaxkv_compile.runtime.stats import reference as cache
 
-from entmaxkv_compile.runtime import kernels  # noqa: E402
-from entmaxkv_compile.runtime.stats import reference as cache  # noqa: E402
-
-pytestmark = pytest.mark.skipif(
-    not kernels.available(DEVICE),
-    reason=f"Triton kernels cannot run on {DEVICE} (on a CPU, TRITON_INTERPRET=1 must be set "
-           "before anything imports triton)",
-)
-REAL = DEVICE != "cpu"
+pytestmark = pytest.mark.kernels
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 

@@ -16,7 +16,9 @@ if DEVICE == "cpu":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from entmaxkv_compile import kernels, metrics, reference  # noqa: E402
+from entmaxkv_compile import metrics  # noqa: E402
+from entmaxkv_compile.math import reference  # noqa: E402
+from entmaxkv_compile.runtime import kernels  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not kernels.available(DEVICE),
                                 reason=f"Triton kernels cannot run on {DEVICE}")

@@ -11,10 +11,10 @@ import torch
 from sympy import And, Piecewise, oo
 
 from entmaxkv_compile.config import EntmaxKVConfig
-from entmaxkv_compile.explain import recording
-from entmaxkv_compile.passes import analyze
-from entmaxkv_compile.passes.proofs import J, W, decide_causal
-from entmaxkv_compile.passes.symbolic import QK, Unproven
+from entmaxkv_compile.compiler.explain import recording
+from entmaxkv_compile.compiler.passes import analyze
+from entmaxkv_compile.compiler.passes.proofs import J, W, decide_causal
+from entmaxkv_compile.compiler.passes.symbolic import QK, Unproven
 from examples.zoo import ZOO, gpt_fast
 from examples.zoo.tracing import capture_graphs
 
@@ -172,7 +172,7 @@ def test_alibi_slopes_modified_after_compilation_fail_over():
 
 
 def test_offline_analysis_refuses_a_mask_it_could_only_check_per_call():
-    from entmaxkv_compile.capture import install_capture
+    from entmaxkv_compile.compiler.capture import install_capture
 
     model = ZOO["hf_llama"].build()
     prompt = torch.randint(1, 96, (2, 6), generator=torch.Generator().manual_seed(1))
@@ -195,7 +195,7 @@ def test_offline_analysis_refuses_a_mask_it_could_only_check_per_call():
 @pytest.mark.parametrize("name, reason", [("sliding_window", "hides positions already written"),
                                           ("rolling_buffer", "write index is not proved to be the position")])
 def test_offline_rewrite_refuses_window_and_rolling_buffer(name, reason):
-    from entmaxkv_compile.rewrite import UnsupportedModelError, rewrite
+    from entmaxkv_compile.compiler.rewrite import UnsupportedModelError, rewrite
 
     model = ZOO[name].build()
     prompt = torch.randint(1, 96, (2, PROMPT), generator=torch.Generator().manual_seed(2))

@@ -20,7 +20,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from entmaxkv_compile import EntmaxKVConfig, KVPageStats, decode, kernels, sparse_decode
+from entmaxkv_compile import EntmaxKVConfig, KVPageStats, sparse_decode
+from entmaxkv_compile.runtime import kernels
+from entmaxkv_compile.runtime.attend import reference as attend_reference
+from entmaxkv_compile.runtime.certify import reference as certify_reference
 
 NAN, INF = float("nan"), float("inf")
 DIM, SCALE = 16, 0.25
@@ -137,9 +140,9 @@ def test_kernels_certified_means_exact_and_match_the_reference(case):
         tau_estimate=config.tau_estimate, sink_pages=0, recent_pages=0, min_context=0, alibi_slopes=slopes)
     geometry = dict(page_size=page_size, alpha=alpha, scale=SCALE, alibi_slopes=slopes)
     out, tau = kernels.paged_decode(q, k, v, seqlens, indices, count, **geometry)
-    ref_out, ref_tau = decode.paged_decode(q, k, v, seqlens, indices, count, **geometry)
+    ref_out, ref_tau = attend_reference.paged_decode(q, k, v, seqlens, indices, count, **geometry)
     certified, delta = kernels.certify(q, stats.kmin, stats.kmax, seqlens, indices, count, tau, **geometry)
-    ref_certified, ref_delta = decode.certify(q, stats.kmin, stats.kmax, seqlens, indices, count, tau, **geometry)
+    ref_certified, ref_delta = certify_reference.certify(q, stats.kmin, stats.kmax, seqlens, indices, count, tau, **geometry)
     check_certified_is_exact(out, certified, delta, q, k, v, seqlens, slopes, alpha, offset)
     check_certified_is_exact(ref_out, ref_certified, ref_delta, q, k, v, seqlens, slopes, alpha, offset)
     _, poisoned, empty = full_entmax64(q, k, v, seqlens, slopes, alpha)
@@ -171,6 +174,6 @@ def test_decode_kernel_follows_the_nonfinite_rule(poison):
     count = torch.tensor([[2]], dtype=torch.int32)
     geometry = dict(page_size=16, alpha=1.5, scale=SCALE, alibi_slopes=slopes)
     out, tau = kernels.paged_decode(q, k, v, seqlens, indices, count, **geometry)
-    ref_out, ref_tau = decode.paged_decode(q, k, v, seqlens, indices, count, **geometry)
+    ref_out, ref_tau = attend_reference.paged_decode(q, k, v, seqlens, indices, count, **geometry)
     torch.testing.assert_close(out, ref_out, equal_nan=True)
     torch.testing.assert_close(tau, ref_tau, equal_nan=True)

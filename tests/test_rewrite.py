@@ -13,18 +13,6 @@ from entmaxkv_compile.compiler.rewrite import RewriteResult, UnsupportedModelErr
 from examples.zoo import ZOO, gpt_fast
 
 
-def zoo_step(context: int = 21, batch: int = 2, seed: int = 0, **model_args):
-    """A prefilled gpt-fast zoo model and the arguments of its next decode step."""
-    args = gpt_fast.ModelArgs(**model_args)
-    model = gpt_fast.build(args, batch=batch, seed=seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    prompt = torch.randint(0, args.vocab_size, (batch, context), generator=generator)
-    with torch.no_grad():
-        model(prompt, torch.arange(context))
-    token = torch.randint(0, args.vocab_size, (batch, 1), generator=generator)
-    return model, (token, torch.tensor([context]))
-
-
 def greedy_steps(step, first_args: tuple, steps: int) -> list[torch.Tensor]:
     """Logits of ``steps`` greedy decode steps starting with ``first_args``."""
     token, position = first_args
@@ -78,7 +66,7 @@ def test_models_without_entmax_are_refused_with_the_site_table(entry):
     assert "no attention site" in message and "not-entmax" in message and "What to change" in message
 
 
-def test_program_state_holds_prefilled_page_statistics():
+def test_program_state_holds_prefilled_page_statistics(zoo_step):
     model, args = zoo_step(context=13, n_layer=1)
     result = rewrite(model, args, EntmaxKVConfig(page_size=4))
     state = result.program.state_dict
@@ -93,7 +81,7 @@ def test_program_state_holds_prefilled_page_statistics():
     assert "layers.0.attention.kv_cache.k_cache" in {**state, **result.program.constants}
 
 
-def test_rewrite_matches_the_compiled_backend():
+def test_rewrite_matches_the_compiled_backend(zoo_step):
     model, args = zoo_step(seed=3)
     compiled_model = copy.deepcopy(model)
     options = {"selector": "gaussian", "page_size": 8, "compiler": "eager"}
@@ -127,7 +115,7 @@ def test_bad_arguments_name_the_argument(model, args, config, error, match):
         rewrite(model, args, config)
 
 
-def test_progress_reports_each_long_step():
+def test_progress_reports_each_long_step(zoo_step):
     model, args = zoo_step(n_layer=1)
     lines: list[str] = []
     rewrite(model, args, progress=lines.append)

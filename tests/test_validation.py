@@ -106,3 +106,32 @@ def test_positions_and_scalars():
     assert check_scale(2) == 2.0
     with pytest.raises(ValueError, match="scale"):
         check_scale(float("inf"))
+
+
+@pytest.mark.parametrize("selector", ["gaussian", "topk", "certified"])
+def test_one_eager_step_validates_its_inputs_once(selector, monkeypatch):
+    """sparse_decode checks the decode inputs once; the stages under it (select, attend, certify)
+    trust their caller instead of checking the same tensors again."""
+    import entmaxkv_compile.checks as checks
+    import entmaxkv_compile.runtime.certify.reference as certify_reference
+    import entmaxkv_compile.runtime.decode as decode
+    import entmaxkv_compile.runtime.select.reference as select_reference
+
+    calls = []
+
+    def counting(module, name):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counting(decode, "check_decode_inputs")
+    counting(checks, "check_decode_inputs")  # what check_attend_inputs and check_step_inputs call
+    counting(select_reference, "check_bound_inputs")
+    counting(certify_reference, "check_bound_inputs")
+    result = sparse_decode(**inputs(), config=EntmaxKVConfig(selector=selector, page_size=4, token_budget=8))
+    assert result.out.shape == (2, 4, 1, 8)
+    assert calls == ["check_decode_inputs"]

@@ -23,10 +23,10 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch.fx import GraphModule
 
-from .capture import install_capture
 from ..config import EntmaxKVConfig
-from .passes.analyze import Plan, analyze
 from ..runtime.stats.reference import KVPageStats
+from .capture import install_capture
+from .passes.analyze import Plan, analyze
 from .passes.decode_rewrite import CatchUp, RewriteResult, rewrite
 from .passes.fallback import bookkeeping_only
 from .passes.static_state import STATS

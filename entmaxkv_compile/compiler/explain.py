@@ -2,8 +2,9 @@
 
 >>> report = explain(model, token, input_pos)          # doctest: +SKIP
 >>> print(report)                                        # doctest: +SKIP
-graph  phase   where               kind     alpha  status     reason
-0      decode  layers.0.attention  entmax   1.5    rewritten  decode step -> page_stats_append + decode_step
+graph   phase    where                kind     alpha   status      reason
+───────────────────────────────────────────────────────────────────────────────────────────────────
+    0   decode   layers.0.attention   entmax     1.5   rewritten   decode step -> page_stats_append + decode_step
 
 ``explain`` runs the model once through the backend (rewritten graphs run eagerly, no Inductor),
 so the call has the model's usual side effects (its cache is written). To see what a longer run
@@ -19,6 +20,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 
+from ..tables import render_table
 from .passes.analyze import Plan, Site
 
 _COLUMNS = ("graph", "phase", "where", "kind", "alpha", "status", "reason")
@@ -56,12 +58,10 @@ class ExplainReport:
         return rows
 
     def __str__(self) -> str:
-        rows = [_COLUMNS, *self.rows()]
-        if len(rows) == 1:
+        rows = self.rows()
+        if not rows:
             return "no attention site found (no graph was compiled, or it has no attention)"
-        widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS) - 1)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
-        return "\n".join(line.rstrip() for line in lines)
+        return render_table(_COLUMNS, rows, right=("graph", "alpha"))
 
 
 @contextlib.contextmanager

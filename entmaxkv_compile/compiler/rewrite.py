@@ -28,8 +28,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, TensorArgument
 
-from ..runtime.stats.reference import KVPageStats
 from ..config import EntmaxKVConfig
+from ..runtime.stats.reference import KVPageStats
 from .explain import ExplainReport, GraphRecord
 from .passes.analyze import REWRITTEN
 from .passes.decode_rewrite import STAT_FIELDS as STATS_FIELDS

@@ -3,7 +3,7 @@
 Exports that must run on standard ops only (ONNX for onnxruntime, any backend without our
 kernels) substitute these for the custom ops *before* ``torch.export`` traces the graph, so the
 traced program holds nothing but aten ops. They call the same reference modules as the ops' CPU
-implementations (``reference``, ``cache``, ``selection``, ``decode``), so a decomposed program
+implementations (the math and each stage's ``reference``), so a decomposed program
 computes exactly what the custom ops compute on CPU. In-place references (the page-statistics
 updates) are fine: ``torch.export`` functionalizes them into state outputs.
 """
@@ -16,7 +16,9 @@ import torch
 from torch import Tensor
 
 from ..math import reference
-from ..runtime import decode, step
+from ..runtime import step
+from ..runtime.attend import reference as attend_reference
+from ..runtime.certify import reference as certify_reference
 from ..runtime import ops as _ops  # noqa: F401  (registers torch.ops.entmaxkv.*)
 from ..config import EntmaxKVConfig
 from ..runtime.select import reference as selection
@@ -55,7 +57,7 @@ def paged_decode_reference(
     num_selected: Tensor, alibi_slopes: Optional[Tensor], scale: float, alpha: float, page_size: int,
 ) -> tuple[Tensor, Tensor]:
     """``entmaxkv::paged_decode``."""
-    return decode.paged_decode(
+    return attend_reference.paged_decode(
         q, k_cache, v_cache, seqlens, page_indices, num_selected,
         page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes,
     )
@@ -66,7 +68,7 @@ def certify_reference(
     tau: Tensor, alibi_slopes: Optional[Tensor], scale: float, alpha: float, page_size: int,
 ) -> tuple[Tensor, Tensor]:
     """``entmaxkv::certify``."""
-    return decode.certify(
+    return certify_reference.certify(
         q, kmin, kmax, seqlens, page_indices, num_selected, tau,
         page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes,
     )

@@ -1,7 +1,7 @@
 """Triton kernels of entmaxkv_compile: the CUDA implementations of the ``entmaxkv`` ops.
 
 Each launcher takes the same arguments and returns the same results as its reference in
-``cache.py``, ``selection.py`` and ``decode.py``, and is registered as a
+``runtime/<stage>/reference.py`` (stats, select, attend, certify), and is registered as a
 ``torch.library.triton_op`` named ``entmaxkv::triton_<name>`` (so Inductor and torch.export see
 one op per launcher). On a CPU they run only under the Triton interpreter (``TRITON_INTERPRET=1``
 set before this package is imported), which is how CI tests them.

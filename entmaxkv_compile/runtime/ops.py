@@ -6,7 +6,7 @@ These ops are what the graph passes insert and what export sees. Each one has:
   ``mutates_args``, so functionalization, CUDA graphs and export see the truth);
 - a fake implementation giving output shapes/dtypes without computing (for tracing);
 - an eager implementation that runs the Triton kernels on CUDA when they are usable and the pure
-  torch reference (``cache.py``, ``selection.py``, ``decode.py``) everywhere else.
+  torch reference of each stage (``runtime/<stage>/reference.py``) everywhere else.
 
 All ops are fixed-shape and sync-free, so a decode step built from them can be captured in a CUDA
 graph. The value checks of the public API (NaN, lengths beyond capacity) are not repeated here.
@@ -21,11 +21,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import decode, step
+from ..checks import check_step_inputs
+from ..config import EntmaxKVConfig
 from ..math import reference
+from . import step
+from .attend import reference as attend_reference
+from .certify import reference as certify_reference
 from .select import reference as selection
 from .stats import reference as cache
-from ..config import EntmaxKVConfig
 
 __all__ = [
     "entmax",
@@ -167,7 +170,7 @@ def paged_decode(
     page_size: int,
 ) -> tuple[Tensor, Tensor]:
     """Exact entmax attention over the selected pages: ``(out [B,Hq,1,D], tau [B,Hq] f32)``."""
-    impl = _kernels_for(q.device, q.dtype) or decode
+    impl = _kernels_for(q.device, q.dtype) or attend_reference
     return impl.paged_decode(
         q, k_cache, v_cache, seqlens, page_indices, num_selected,
         page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes,
@@ -195,7 +198,7 @@ def certify(
     page_size: int,
 ) -> tuple[Tensor, Tensor]:
     """The support certificate: ``(certified [B,Hq] bool, delta_bound [B,Hq] f32)``."""
-    impl = _kernels_for(q.device, q.dtype) or decode
+    impl = _kernels_for(q.device, q.dtype) or certify_reference
     return impl.certify(
         q, kmin, kmax, seqlens, page_indices, num_selected, tau,
         page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes,
@@ -241,10 +244,12 @@ def decode_step(
     """Select, decode and certify one step (the op the graph rewrite inserts).
 
     Returns ``(out [B,Hq,1,D], page_indices [B,Hkv,Npages], num_selected [B,Hkv],
-    certified [B,Hq], delta_bound [B,Hq])``; see :func:`entmaxkv_compile.step.run_step`.
+    certified [B,Hq], delta_bound [B,Hq])``; see :func:`entmaxkv_compile.runtime.step.run_step`.
     """
     config = _config(page_size, selector, token_budget, max_quantile, margin, tau_estimate,
                      sink_pages, recent_pages, certify_max_rounds, min_context)
+    check_step_inputs(q, k_cache, v_cache, seqlens, (kmin, kmax, kmean, km2), page_size=page_size, alpha=alpha,
+                      scale=scale, alibi_slopes=alibi_slopes)
     result = step.run_step(
         step.implementation_for(q.device, q.dtype), q, k_cache, v_cache, seqlens, (kmin, kmax, kmean, km2),
         config, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes,

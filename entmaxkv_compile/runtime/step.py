@@ -18,23 +18,24 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .select import reference as selection
 from ..config import EntmaxKVConfig
+from .attend import reference as attend_reference
+from .certify import reference as certify_reference
+from .select import reference as selection
 
 __all__ = ["DecodeResult", "implementation_for", "reference_implementation", "run_step"]
 
 
 @functools.cache
 def reference_implementation() -> SimpleNamespace:
-    """The pure-torch implementation (imported lazily: ``decode`` builds on this module)."""
-    from . import decode
-
+    """The pure-torch implementation: each stage's reference core, which trusts its caller (the
+    step's entries, ``sparse_decode`` and the ``decode_step`` op, validate once)."""
     return SimpleNamespace(
-        select_pages=selection.select_pages,
-        quest_bounds=selection.quest_bounds,
+        select_pages=selection.select_pages_unchecked,
+        quest_bounds=selection.quest_bounds_unchecked,
         compact_page_mask=selection.compact_page_mask,
-        paged_decode=decode.paged_decode,
-        certify=decode.certify,
+        paged_decode=attend_reference.paged_decode_unchecked,
+        certify=certify_reference.certify_unchecked,
     )
 
 

@@ -16,8 +16,8 @@ from typing import Any, Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from ...runtime.stats.reference import resolve_moment_dtype
 from ...config import EntmaxKVConfig
+from ...runtime.stats.reference import resolve_moment_dtype
 from .analyze import REWRITTEN, Plan, SitePlan
 from .ir import concrete, dtype_of, is_impure, op_of, shape_of
 from .subgraph import NotExtractable, extract, needed_placeholders

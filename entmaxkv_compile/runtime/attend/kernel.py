@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .. import _common as cm
-from ..kernel_checks import check_decode_inputs
+from ...checks import check_kernel_decode_inputs as check_decode_inputs
 from ..tuning.tuned import decode_config
 from .decode_kernels import output_kernel, reduce_kernel, score_kernel
 from .tau_kernels import NEWTON_STEPS, NUM_PIVOTS, NUM_SLOTS, tau_level_kernel, tau_merge_kernel

@@ -1,4 +1,4 @@
-"""The support certificate on device: op ``entmaxkv::triton_certify``, as ``decode.certify``.
+"""The support certificate on device: op ``entmaxkv::triton_certify``, as ``certify.reference.certify``.
 
 The Quest bounds of all pages come from one read of kmin/kmax per KV head (``quest_kernel``);
 the certificate and the dropped-mass bound are fixed-shape elementwise work on the
@@ -13,18 +13,9 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from ..kernel_checks import (
-    check_lengths,
-    check_page_size,
-    check_query,
-    check_scalars,
-    check_selection,
-    check_slopes,
-    check_stats,
-)
-from ...checks import check_stats_valid
-from ..decode import certificate_inputs_ok
+from ...checks import check_kernel_bound_inputs, check_kernel_page_table, check_stats_valid
 from ..select.kernel import launch_quest
+from .reference import certificate_inputs_ok
 
 
 @triton_op("entmaxkv::triton_certify", mutates_args=())
@@ -63,26 +54,18 @@ def certify(
 
     Certified when every unselected valid page has ``(alpha-1) u_p <= tau``; ``delta_bound =
     min(1, sum_unselected n_p [(alpha-1) u_p - tau]_+^beta)``. As the reference
-    ``decode.certify``: never certified (and ``delta_bound = 1``) where q, the slope, the stats of
+    ``certify.reference.certify``: never certified (and ``delta_bound = 1``) where q, the slope, the stats of
     a valid page or tau are not finite, the length is outside ``[1, Npages * P]`` or
     ``stats_valid`` (bool ``[B]``) is False.
     """
-    check_page_size(page_size)
-    if not isinstance(kmin, Tensor) or kmin.dim() != 4:
-        raise ValueError("kmin must be a [B, Hkv, Npages, D] tensor")
-    check_stats(kmin, kmax, None, None, shape=tuple(kmin.shape), dtype=kmin.dtype,
-                device=kmin.device)
-    q = check_query(q, kmin)
-    check_lengths("seqlens", seqlens, q.shape[0], q.device)
-    batch, hkv, num_pages, dim = kmin.shape
-    check_selection(page_indices, num_selected,
-                    torch.empty((batch, hkv, num_pages * page_size, dim), device="meta"),
-                    page_size, device=q.device)
+    q = check_kernel_bound_inputs(q, kmin, kmax, None, None, seqlens, page_size=page_size, alpha=alpha,
+                                  scale=scale, alibi_slopes=alibi_slopes)
+    batch, hkv, num_pages, _ = kmin.shape
+    check_kernel_page_table(page_indices, num_selected, batch=batch, kv_heads=hkv, num_pages=num_pages,
+                            device=q.device)
     if not isinstance(tau, Tensor) or tuple(tau.shape) != tuple(q.shape[:2]) \
             or not tau.is_floating_point():
         raise ValueError(f"tau must be a float tensor of shape {list(q.shape[:2])}")
-    check_slopes(alibi_slopes, q)
-    check_scalars(alpha, scale)
     check_stats_valid(stats_valid, batch, q.device)
     return triton_certify(q, kmin, kmax, seqlens, page_indices, num_selected, tau, alibi_slopes,
                           int(page_size), float(alpha), float(scale), stats_valid)

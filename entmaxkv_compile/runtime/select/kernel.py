@@ -1,5 +1,5 @@
 """Page scoring and selection on device: ops ``entmaxkv::triton_quest_bounds`` and
-``entmaxkv::triton_select_pages``; same arguments and results as the reference ``selection.py``.
+``entmaxkv::triton_select_pages``; same arguments and results as the reference ``select/reference.py``.
 
 Bytes per step and KV head: the gaussian selector reads kmean + km2 (2 x 4 x D bytes per page,
 or 2 x 2 x D with compact fp16/bf16 moments),
@@ -16,25 +16,18 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from ...checks import check_kernel_bound_inputs
 from ...config import SELECTORS, TAU_ESTIMATES
+from .. import _common as cm
+from ..tuning.tuned import lookup
 from .reference import (
     forced_page_mask,
     head_normalized_group_score,
     top_pages_lowest_id_ties,
     valid_page_mask,
 )
-from .. import _common as cm
-from ..kernel_checks import (
-    check_lengths,
-    check_page_size,
-    check_query,
-    check_scalars,
-    check_slopes,
-    check_stats,
-)
 from .select_kernels import compact_kernel, keep_kernel, moments_kernel, quest_kernel
 from .tau_hat import MAX_ITERS, gaussian_tau_kernel, mixture_tau_kernel
-from ..tuning.tuned import lookup
 
 PAGE_SELECTORS = tuple(s for s in SELECTORS if s != "certified")
 # Integer beta = 1/(alpha-1) the closed-form gaussian estimate supports (alpha 2, 1.5, 4/3, 1.25).
@@ -214,12 +207,8 @@ def select_pages(
     The gaussian estimate runs on device for integer beta (alpha 2, 1.5, 4/3, 1.25); other alphas
     use the reference selector, which is pure torch on the same device (still sync-free).
     """
-    check_page_size(page_size)
-    _check_stats_of(kmin, kmax, kmean, km2)
-    q = check_query(q, kmin)
-    check_lengths("seqlens", seqlens, q.shape[0], q.device)
-    check_slopes(alibi_slopes, q)
-    check_scalars(alpha, scale)
+    q = check_kernel_bound_inputs(q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha,
+                                  scale=scale, alibi_slopes=alibi_slopes)
     if selector not in PAGE_SELECTORS:
         raise ValueError(f"selector must be one of {PAGE_SELECTORS}, got {selector!r}")
     if tau_estimate not in TAU_ESTIMATES:
@@ -261,19 +250,6 @@ def triton_quest_bounds(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor,
 def quest_bounds(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, *, page_size: int,
                  scale: float, alibi_slopes: Optional[Tensor] = None) -> Tensor:
     """Quest bound per query head and page, float32 ``[B, Hq, Npages]``, -inf on invalid pages."""
-    check_page_size(page_size)
-    _check_stats_of(kmin, kmax, None, None)
-    q = check_query(q, kmin)
-    check_lengths("seqlens", seqlens, q.shape[0], q.device)
-    check_slopes(alibi_slopes, q)
-    check_scalars(2.0, scale)
+    q = check_kernel_bound_inputs(q, kmin, kmax, None, None, seqlens, page_size=page_size, alpha=2.0,
+                                  scale=scale, alibi_slopes=alibi_slopes)
     return triton_quest_bounds(q, kmin, kmax, seqlens, alibi_slopes, int(page_size), float(scale))
-
-
-def _check_stats_of(kmin: Tensor, kmax: Tensor, kmean: Optional[Tensor],
-                   km2: Optional[Tensor]) -> None:
-    """The stat buffers agree with kmin's shape, dtype and device."""
-    if not isinstance(kmin, Tensor) or kmin.dim() != 4:
-        raise ValueError("kmin must be a [B, Hkv, Npages, D] tensor")
-    check_stats(kmin, kmax, kmean, km2, shape=tuple(kmin.shape), dtype=kmin.dtype,
-                device=kmin.device)

@@ -12,22 +12,12 @@ import math
 
 import torch
 
-from ..stats.reference import page_token_counts
+from ...checks import check_bound_inputs, check_int_arg, check_stats_buffers
 from ...config import SELECTORS, TAU_ESTIMATES, check_alpha
 from ...math.gaussian import gaussian_threshold, mixture_threshold, page_max_quantile_z
-from ...checks import (
-    check_alibi_slopes,
-    check_float_dtype,
-    check_int_arg,
-    check_page_size,
-    check_scale,
-    check_seqlens,
-    check_stats_buffers,
-    check_tensor,
-)
+from ..stats.reference import page_token_counts
 
 __all__ = [
-    "check_bound_inputs",
     "compact_page_mask",
     "page_mask_from_indices",
     "quest_bounds",
@@ -167,35 +157,6 @@ def top_pages_lowest_id_ties(score: torch.Tensor, count: int) -> torch.Tensor:
     return above | (tied & (tied.cumsum(-1) <= room))
 
 
-def check_bound_inputs(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes) -> tuple[int, float]:
-    """Metadata checks (no sync) of the inputs of a Quest bound; returns ``(page_size, scale)``."""
-    check_tensor("q", q)
-    if q.dim() != 4 or q.shape[2] != 1:
-        raise ValueError(f"q must have shape [B, Hq, 1, D] (one decode query), got {tuple(q.shape)}")
-    check_float_dtype("q", q)
-    page_size = check_page_size(page_size)
-    scale = check_scale(scale)
-    check_tensor("kmin", kmin)
-    if kmin.dim() != 4:
-        raise ValueError(f"kmin must have shape [B, Hkv, Npages, D], got {tuple(kmin.shape)}")
-    batch, q_heads, _, head_dim = q.shape
-    kv_heads, num_pages = kmin.shape[1], kmin.shape[2]
-    if kmin.shape[0] != batch or kmin.shape[3] != head_dim:
-        raise ValueError(f"kmin must have shape [B={batch}, Hkv, Npages, D={head_dim}], got {tuple(kmin.shape)}")
-    if q_heads % kv_heads:
-        raise ValueError(f"q heads ({q_heads}) must be a multiple of the stats' KV heads ({kv_heads})")
-    check_tensor("kmax", kmax)
-    if kmax.shape != kmin.shape or kmax.dtype != kmin.dtype:
-        raise ValueError(f"kmax must match kmin's shape {tuple(kmin.shape)} and dtype {kmin.dtype}")
-    check_float_dtype("kmin", kmin)
-    for name, tensor in (("kmin", kmin), ("kmax", kmax)):
-        if tensor.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {tensor.device}")
-    check_seqlens(seqlens, batch, num_pages * page_size, device=q.device, check_values=False)
-    check_alibi_slopes(alibi_slopes, q_heads, device=q.device)
-    return page_size, scale
-
-
 def quest_bounds(
     q: torch.Tensor,
     kmin: torch.Tensor,
@@ -212,6 +173,11 @@ def quest_bounds(
     page; ``-inf`` on pages with no valid token. Query head ``h`` reads KV head ``h // G``.
     """
     page_size, scale = check_bound_inputs(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes)
+    return quest_bounds_unchecked(q, kmin, kmax, seqlens, page_size=page_size, scale=scale, alibi_slopes=alibi_slopes)
+
+
+def quest_bounds_unchecked(q, kmin, kmax, seqlens, *, page_size, scale, alibi_slopes=None) -> torch.Tensor:
+    """:func:`quest_bounds` for a caller that has validated its arguments (the step)."""
     return quest_bounds_in(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes, compute_dtype(q)).to(torch.float32)
 
 
@@ -298,7 +264,18 @@ def select_pages(
         raise ValueError(f"margin must be a finite float, got {margin!r}")
     for name, value in (("sink_pages", sink_pages), ("recent_pages", recent_pages), ("min_context", min_context)):
         check_int_arg(name, value, minimum=0)
+    return select_pages_unchecked(
+        q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha, scale=scale, selector=selector,
+        token_budget=token_budget, max_quantile=max_quantile, margin=margin, tau_estimate=tau_estimate,
+        sink_pages=sink_pages, recent_pages=recent_pages, min_context=min_context, alibi_slopes=alibi_slopes)
 
+
+def select_pages_unchecked(q, kmin, kmax, kmean, km2, seqlens, *, page_size, alpha, scale, selector, token_budget,
+                           max_quantile, margin, tau_estimate, sink_pages, recent_pages, min_context,
+                           alibi_slopes=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_pages` for a caller that has validated its arguments (the step: its entry
+    checked the tensors, ``EntmaxKVConfig`` the options)."""
+    batch, kv_heads, num_pages = kmin.shape[:3]
     valid = valid_page_mask(seqlens, page_size, num_pages)[:, None, :]  # [B, 1, Np]
     forced = forced_page_mask(seqlens, page_size, num_pages, sink_pages, recent_pages)[:, None, :]
     if selector == "dense":

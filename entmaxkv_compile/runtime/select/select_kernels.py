@@ -1,4 +1,4 @@
-"""Triton kernels of page scoring and selection (launched by ``select.py`` and ``certify.py``).
+"""Triton kernels of page scoring and selection (launched by ``select/kernel.py`` and ``certify/kernel.py``).
 
 - ``quest_kernel`` (page block, batch x KV head): the Quest bound of every page for all G query
   heads of the group from one read of kmin/kmax (``u = scale (q+ . kmax + q- . kmin)`` plus the

@@ -14,8 +14,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from ...checks import check_kernel_cache, check_kernel_stats, check_lengths, check_page_size, stats_shape
 from .. import _common as cm
-from ..kernel_checks import check_cache, check_lengths, check_page_size, check_stats, stats_shape
 from ..tuning.tuned import lookup
 
 
@@ -135,9 +135,9 @@ def stats_prefill_(
 ) -> None:
     """Fill the four page-stat buffers from the first ``seqlens[b]`` rows of ``k_cache``."""
     check_page_size(page_size)
-    check_cache("k_cache", k_cache)
-    check_lengths("seqlens", seqlens, k_cache.shape[0], k_cache.device)
-    check_stats(kmin, kmax, kmean, km2, shape=stats_shape(k_cache, page_size),
+    check_kernel_cache("k_cache", k_cache)
+    check_lengths("seqlens", seqlens, k_cache.shape[0], device=k_cache.device)
+    check_kernel_stats(kmin, kmax, kmean, km2, shape=stats_shape(k_cache, page_size),
                 dtype=k_cache.dtype, device=k_cache.device)
     batch, hkv, _, dim = k_cache.shape
     num_pages = kmin.shape[2]
@@ -161,9 +161,9 @@ def stats_append_(
 ) -> None:
     """Fold the row written at ``positions[b]`` into its page (reset when it starts a page)."""
     check_page_size(page_size)
-    check_cache("k_cache", k_cache)
-    check_lengths("positions", positions, k_cache.shape[0], k_cache.device)
-    check_stats(kmin, kmax, kmean, km2, shape=stats_shape(k_cache, page_size),
+    check_kernel_cache("k_cache", k_cache)
+    check_lengths("positions", positions, k_cache.shape[0], device=k_cache.device)
+    check_kernel_stats(kmin, kmax, kmean, km2, shape=stats_shape(k_cache, page_size),
                 dtype=k_cache.dtype, device=k_cache.device)
     batch, hkv, _, dim = k_cache.shape
     strides = _stat_strides(kmin, kmean, km2, kmax)

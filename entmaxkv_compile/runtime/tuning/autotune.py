@@ -3,7 +3,7 @@
 Tuning happens here, offline, never on the hot path: for each shape class (dtype, head dim, GQA
 group, page size) every candidate config of the fused decode is timed on a dense decode over
 ``--length`` tokens (``triton.testing.do_bench`` median, CUDA graph replay) and the fastest is
-stored in ``kernels/configs/<gpu>.json`` (or ``--out-dir``), which ``tuned.lookup`` reads at run
+stored in ``runtime/tuning/configs/<gpu>.json`` (or ``--out-dir``), which ``tuned.lookup`` reads at run
 time.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from tqdm import tqdm
 
 from . import tuned
 
@@ -28,13 +29,6 @@ QUICK_SPACE = {"BLOCK_N": (64, 128), "num_warps": (4, 8), "num_stages": (2,), "B
 SHAPE_CLASSES = ((torch.float16, 128, 4), (torch.bfloat16, 128, 4), (torch.float16, 128, 1),
                  (torch.bfloat16, 128, 1))
 DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _progress(done: int, total: int, label: str) -> None:
-    width = 30
-    filled = width * done // max(total, 1)
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:28s}")
-    sys.stderr.flush()
 
 
 def _time_decode(dtype: torch.dtype, dim: int, group: int, page: int, length: int,
@@ -77,7 +71,7 @@ def autotune_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=tuned.CONFIG_DIR,
                         help="where to write <gpu>.json (default: the package's configs)")
     parser.add_argument("--length", type=int, default=131072, help="tokens of the timed decode")
-    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default 16)")
     parser.add_argument("--quick", action="store_true", help="a smaller search space")
     args = parser.parse_args(list(argv) if argv is not None else None)
     if not torch.cuda.is_available():
@@ -92,19 +86,15 @@ def autotune_main(argv: Sequence[str] | None = None) -> int:
     total = len(candidates) * len(SHAPE_CLASSES)
     best: dict[str, dict[str, int]] = {}
     timings: dict[str, float] = {}
-    done = 0
-    for dtype, dim, group in SHAPE_CLASSES:
+    trials = tqdm(itertools.product(SHAPE_CLASSES, candidates), total=total, unit="config", file=sys.stderr)
+    for (dtype, dim, group), params in trials:
         key = tuned.shape_class(dtype, dim, group, args.page_size)
+        trials.set_postfix_str(key)
         base = dict(tuned.DEFAULTS["paged_decode"])
-        for params in candidates:
-            _progress(done, total, key)
-            ms = _time_decode(dtype, dim, group, args.page_size, args.length, {**base, **params})
-            if ms < timings.get(key, float("inf")):
-                timings[key] = ms
-                best[key] = {**base, **params}
-            done += 1
-    _progress(done, total, "done")
-    sys.stderr.write("\n")
+        ms = _time_decode(dtype, dim, group, args.page_size, args.length, {**base, **params})
+        if ms < timings.get(key, float("inf")):
+            timings[key] = ms
+            best[key] = {**base, **params}
     name = torch.cuda.get_device_name()
     payload = {"device": name, "triton": triton.__version__, "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d", time.gmtime()), "length": args.length,

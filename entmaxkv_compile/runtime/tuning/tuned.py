@@ -1,4 +1,4 @@
-"""The tuned-config store: JSON files in ``kernels/configs/``, one per GPU, read at run time.
+"""The tuned-config store: JSON files in ``runtime/tuning/configs/``, one per GPU, read at run time.
 
 A file is named after the GPU (``torch.cuda.get_device_name``, slugged) and maps a kernel family to
 shape classes to launch parameters::

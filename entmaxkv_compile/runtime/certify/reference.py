@@ -1,0 +1,113 @@
+"""Stage 5, the reference: the support certificate of a selection and the bound of the mass it drops.
+
+Pure torch, fixed-shape, no host sync: the CPU path of the ``entmaxkv::certify`` op and the oracle
+of the Triton kernel in :mod:`.kernel` (same arguments, same results).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...checks import check_bound_inputs, check_page_table, check_stats_valid, check_tau
+from ...config import check_alpha
+from ...math.reference import entmax_beta
+from ..select.reference import page_mask_from_indices, quest_bounds_in, valid_page_mask
+from ..stats.reference import page_token_counts
+
+__all__ = ["certificate_inputs_ok", "certify", "certify_unchecked"]
+
+
+def _page_excess(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes):
+    """``((alpha-1) u_p - tau)`` ``[B, Hq, Npages]`` and the mask of unselected valid pages."""
+    dtype = torch.float64 if torch.float64 in (q.dtype, tau.dtype) else torch.float32
+    batch, q_heads = q.shape[:2]
+    kv_heads, num_pages = kmin.shape[1], kmin.shape[2]
+    bounds = quest_bounds_in(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes, dtype)
+    excess = (alpha - 1.0) * bounds - tau.to(dtype)[..., None]
+    selected = page_mask.repeat_interleave(q_heads // kv_heads, dim=1)
+    unselected = ~selected & valid_page_mask(seqlens, page_size, num_pages)[:, None, :]
+    return excess, unselected
+
+
+def _certify_in(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes, stats_valid=None):
+    """``certified [B, Hq]`` and ``delta_bound [B, Hq]`` (compute dtype); see :func:`certify`."""
+    excess, unselected = _page_excess(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes)
+    trusted = certificate_inputs_ok(excess, tau, seqlens, page_size, stats_valid)
+    certified = trusted & ~(unselected & (excess > 0)).any(-1)
+    counts = page_token_counts(seqlens, page_size, kmin.shape[2]).to(excess.dtype)[:, None, :]
+    dropped = torch.where(unselected & trusted[..., None], counts * excess.clamp(min=0) ** entmax_beta(alpha), 0.0)
+    return certified, torch.where(trusted, dropped.sum(-1).clamp(max=1.0), 1.0)
+
+
+def certificate_inputs_ok(
+    excess: torch.Tensor,
+    tau: torch.Tensor,
+    seqlens: torch.Tensor,
+    page_size: int,
+    stats_valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """bool ``[B, Hq]``: everything the certificate rests on is sound for that head.
+
+    ``excess [B, Hq, Npages]`` is ``(alpha-1) u_p - tau`` with ``-inf`` on pages past the length;
+    it is finite on every valid page iff the bounds are, i.e. iff q, the ALiBi slope, kmin and kmax
+    are finite there (a non-finite stat or q entry makes the bound NaN or infinite: ``0 * inf`` is
+    NaN) and tau is finite (NaN when an attended score was, +inf when nothing was attended). The
+    length must lie in ``[1, Npages * P]`` and ``stats_valid`` (bool ``[B]``, e.g.
+    ``KVPageStats.valid_for(seqlens)``), when given, must hold. Shared by the kernels' certify.
+    """
+    num_pages = excess.shape[-1]
+    valid_pages = valid_page_mask(seqlens, page_size, num_pages)[:, None, :]
+    finite = (torch.isfinite(excess) | ~valid_pages).all(-1) & torch.isfinite(tau)
+    length = seqlens.to(torch.int64)
+    in_range = (length >= 1) & (length <= num_pages * page_size)
+    if stats_valid is not None:
+        in_range = in_range & stats_valid
+    return finite & in_range[:, None]
+
+
+def certify(
+    q: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    seqlens: torch.Tensor,
+    page_indices: torch.Tensor,
+    num_selected: torch.Tensor,
+    tau: torch.Tensor,
+    *,
+    page_size: int,
+    alpha: float,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
+    stats_valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The support certificate of a selection, per query head.
+
+    ``certified[b, h]``: every unselected valid page has ``(alpha-1) u_p <= tau`` (``u_p`` the
+    Quest bound), so no unselected token can be in the full-entmax support (tau only grows when
+    tokens are added) and the sparse output equals full entmax. ``delta_bound[b, h] =
+    min(1, sum_{unselected p} n_p [(alpha-1) u_p - tau]_+^beta)`` bounds the full-entmax mass of
+    the unselected tokens. Returns (bool ``[B, Hq]``, float32 ``[B, Hq]``).
+
+    A certificate needs sound inputs (:func:`certificate_inputs_ok`): where q, the ALiBi slope,
+    kmin/kmax of a valid page or tau are not finite, the length lies outside ``[1, Npages * P]``
+    or ``stats_valid`` (optional bool ``[B]``, see ``KVPageStats.valid_for``) is False, the head
+    gets ``certified = False`` and ``delta_bound = 1`` (the trivial bound).
+    """
+    page_size, scale = check_bound_inputs(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes)
+    alpha = check_alpha(alpha)
+    batch, kv_heads, num_pages, _ = kmin.shape
+    check_page_table(page_indices, num_selected, batch=batch, kv_heads=kv_heads, num_pages=num_pages,
+                     device=q.device)
+    check_tau(tau, q)
+    check_stats_valid(stats_valid, batch, q.device)
+    return certify_unchecked(q, kmin, kmax, seqlens, page_indices, num_selected, tau, page_size=page_size,
+                             alpha=alpha, scale=scale, alibi_slopes=alibi_slopes, stats_valid=stats_valid)
+
+
+def certify_unchecked(q, kmin, kmax, seqlens, page_indices, num_selected, tau, *, page_size, alpha, scale,
+                      alibi_slopes=None, stats_valid=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`certify` for a caller that has validated its arguments (the step)."""
+    page_mask = page_mask_from_indices(page_indices, num_selected, kmin.shape[2])
+    certified, delta = _certify_in(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes,
+                                   stats_valid)
+    return certified, delta.to(torch.float32)
