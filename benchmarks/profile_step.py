@@ -1,7 +1,7 @@
 """Where a selector's decode step spends its time: per-kernel split and launch-config sweep.
 
-For each (family, N, selector) this times the public ``sparse_decode(..., check_values=False)``
-captured in a CUDA graph (do_bench median) and profiles one eager step with ``torch.profiler``,
+For each (family, N, selector) this times a planned ``Decoder``'s ``run`` captured in a CUDA
+graph and eagerly (do_bench medians) and profiles one eager step with ``torch.profiler``,
 summing device time per kernel name, so a miss against the byte floor can be attributed to a
 kernel. ``--sweep`` also times the gaussian step under a few launch configs of the selection
 kernels. GPU only.
@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.data_families import generate  # noqa: E402
 from benchmarks.dense_decode import kernel_breakdown  # noqa: E402
 from benchmarks.timing import bench, capture  # noqa: E402
-from entmaxkv_compile import EntmaxKVConfig, KVPageStats, sparse_decode  # noqa: E402
+from entmaxkv_compile import EntmaxKVConfig, KVPageStats  # noqa: E402
+from entmaxkv_compile.runtime.decoder import Decoder  # noqa: E402
 
 PAGE = 16
 SELECT_SWEEP = [
@@ -36,8 +37,10 @@ SELECT_SWEEP = [
 
 
 def _step(q, k, v, seqlens, config, stats):
+    decoder = Decoder.for_cache(k, q.shape[1], config, stats=stats)
+
     def run():
-        return sparse_decode(q, k, v, seqlens, config, stats, check_values=False)
+        return decoder.run(q, k, v, seqlens)
     return run
 
 
@@ -55,7 +58,7 @@ def profile_case(family: str, n: int, hq: int, hkv: int, selectors: list[str], s
         step = _step(q, k, v, seqlens, config, stats)
         replay, result, note = capture(step, dev)
         row = dict(family=family, n=n, hq=hq, hkv=hkv, method=name, note=note,
-                   ms=bench(replay, dev),
+                   ms=bench(replay, dev), eager_ms=bench(step, dev),
                    pages_read=float(result.num_selected.float().mean()) / (n // PAGE))
         try:
             row["kernels_us"] = kernel_breakdown(step)
@@ -96,10 +99,11 @@ def main() -> None:
             rows += profile_case(family, n, 32, 8, args.selectors.split(","), args.sweep,
                                  torch.device(args.device))
     (args.out / "profile_step.json").write_text(json.dumps(rows, indent=1))
-    print(f"\n{'family':>9} {'N':>8} {'method':>11} {'ms':>7} {'pages':>6}  kernels (us)")
+    print(f"\n{'family':>9} {'N':>8} {'method':>11} {'ms':>7} {'eager':>7} {'pages':>6}  kernels (us)")
     for r in rows:
         top = ", ".join(f"{k[:22]}={v}" for k, v in list(r["kernels_us"].items())[:7])
-        print(f"{r['family']:>9} {r['n']:>8} {r['method']:>11} {r['ms']:7.3f} {100 * r['pages_read']:5.1f}%  {top}")
+        print(f"{r['family']:>9} {r['n']:>8} {r['method']:>11} {r['ms']:7.3f} {r['eager_ms']:7.3f} "
+              f"{100 * r['pages_read']:5.1f}%  {top}")
         if "sweep_ms" in r:
             print("      sweep:", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r["sweep_ms"].items()})
 

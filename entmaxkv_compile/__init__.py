@@ -2,7 +2,8 @@
 
 The public surface is small: the math (:func:`entmax`, :func:`entmax_threshold`,
 :func:`gaussian_threshold`), the config (:class:`EntmaxKVConfig`), the runtime state
-(:class:`KVPageStats`), the eager decode (:func:`sparse_decode`) and the compiler front doors.
+(:class:`KVPageStats`), the eager decode (:func:`sparse_decode`; :class:`Decoder` plans once and
+runs per step) and the compiler front doors.
 Importing the package registers the ``entmaxkv`` torch.library ops.
 """
 
@@ -13,11 +14,13 @@ from .config import EntmaxKVConfig
 from .math.gaussian import gaussian_threshold
 from .math.reference import entmax, entmax_threshold
 from .runtime.decode import sparse_decode
+from .runtime.decoder import Decoder
 from .runtime.stats.reference import KVPageStats
 from .runtime.step import DecodeResult
 
 __all__ = [
     "DecodeResult",
+    "Decoder",
     "EntmaxKVConfig",
     "KVPageStats",
     "RewriteResult",

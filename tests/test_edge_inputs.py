@@ -13,6 +13,7 @@ import torch
 
 from entmaxkv_compile import EntmaxKVConfig, KVPageStats, entmax, entmax_threshold, gaussian_threshold
 from entmaxkv_compile import sparse_decode
+from entmaxkv_compile.runtime.stats.reference import stats_state_after_prefill_
 from entmaxkv_compile.runtime import kernels
 from entmaxkv_compile.runtime.certify import reference as certify_reference
 from entmaxkv_compile.runtime.select import reference as selection
@@ -192,6 +193,7 @@ def test_nonfinite_inputs_are_never_certified(where, selector):
         slopes = torch.tensor([NAN, 0.1])
     stats = KVPageStats.allocate(2, 1, 40, 16, page_size=16)
     kernels.stats_prefill_(k, seqlens, 16, *stats.buffers())  # the kernel keeps NaN, like the reference
+    stats_state_after_prefill_(seqlens, 40, stats.last_position, stats.valid)  # as KVPageStats.prefill does
     ref_stats = KVPageStats.from_cache(k, seqlens, 16)
     for a, b in zip(stats.buffers(), ref_stats.buffers()):
         assert torch.equal(a.isnan(), b.isnan())

@@ -15,7 +15,8 @@ import torch
 from ..checks import check_decode_inputs, check_scale
 from ..config import EntmaxKVConfig
 from .stats.reference import KVPageStats
-from .step import DecodeResult, implementation_for, run_step
+from .decoder import Decoder
+from .step import DecodeResult
 
 __all__ = ["DecodeResult", "sparse_decode"]
 
@@ -37,26 +38,19 @@ def sparse_decode(
     Validates the inputs (``check_values=False`` skips the checks that synchronise), builds the
     page statistics from the cache when ``stats`` is None, selects pages with ``config.selector``
     (alpha defaults to 1.5, ``scale`` to ``1/sqrt(D)``), decodes exactly over them and certifies,
-    through :func:`entmaxkv_compile.step.run_step` on the Triton kernels when they can run on q's
-    device and on this module's reference otherwise. ``"certified"`` output equals full entmax.
+    through a :class:`~entmaxkv_compile.runtime.decoder.Decoder` planned for these inputs (the Triton
+    kernels when they can run on q's device, the stage references otherwise). ``"certified"`` output
+    equals full entmax. The checks and the plan cost host time on every call (with the default
+    ``check_values=True``, also a host sync): a decode loop should build one ``Decoder`` and call
+    its ``run``, which validates nothing and can be captured in a CUDA graph.
     """
     check_decode_inputs(q, k_cache, v_cache, seqlens, alibi_slopes, check_values=check_values)
     if config is None:
         config = EntmaxKVConfig()
     elif not isinstance(config, EntmaxKVConfig):
         raise TypeError(f"config must be an EntmaxKVConfig or None, got {type(config).__name__}")
-    alpha = config.resolved_alpha(1.5)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_scale(scale)
-    page_size = config.page_size
     if stats is None:
-        stats = KVPageStats.from_cache(k_cache, seqlens, page_size, check_values=False)
-    elif not isinstance(stats, KVPageStats):
-        raise TypeError(f"stats must be a KVPageStats or None, got {type(stats).__name__}")
-    elif stats.page_size != page_size:
-        raise ValueError(f"stats.page_size ({stats.page_size}) must equal config.page_size ({page_size})")
-    else:
-        stats.check_cache(k_cache)
-
-    impl = implementation_for(q.device, q.dtype)
-    return run_step(impl, q, k_cache, v_cache, seqlens, stats.buffers(), config, alpha=alpha, scale=scale,
-                    alibi_slopes=alibi_slopes)
+        stats = KVPageStats.from_cache(k_cache, seqlens, config.page_size, check_values=False)
+    decoder = Decoder.for_cache(k_cache, q.shape[1], config, scale=scale, alibi_slopes=alibi_slopes,
+                                stats=stats)
+    return decoder.run(q, k_cache, v_cache, seqlens)

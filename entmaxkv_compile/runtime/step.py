@@ -81,6 +81,7 @@ def run_step(
     alpha: float,
     scale: float,
     alibi_slopes: torch.Tensor | None = None,
+    stats_valid: torch.Tensor | None = None,
 ) -> DecodeResult:
     """Select pages with ``config.selector``, decode exactly over them and certify.
 
@@ -91,7 +92,9 @@ def run_step(
     left-out token can reach the support and the output equals full entmax. The certificate is
     therefore checked against ``max(tau0, tau1)`` (equal in exact arithmetic; the max removes
     rounding noise). Further rounds (``certify_max_rounds`` > 1) repeat the step and change nothing
-    in exact arithmetic. ``stats`` is ``(kmin, kmax, kmean, km2)``.
+    in exact arithmetic. ``stats`` is ``(kmin, kmax, kmean, km2)``; ``stats_valid`` (bool ``[B]``,
+    ``KVPageStats.valid_for``) withholds the certificate from sequences whose statistics were not
+    maintained in order.
     """
     kmin, kmax, kmean, km2 = stats
     page_size = config.page_size
@@ -123,7 +126,7 @@ def run_step(
         delta = torch.where(certified, 0.0, 1.0)
     elif config.selector == "certified" or config.report_bound:
         certified, delta = impl.certify(q, kmin, kmax, seqlens, page_indices, num_selected, tau_floor,
-                                        **geometry)
+                                        stats_valid=stats_valid, **geometry)
     else:  # the bound costs a full kmin/kmax read: only on request (EntmaxKVConfig.report_bound)
         certified = torch.zeros_like(tau, dtype=torch.bool)
         delta = torch.ones_like(tau)

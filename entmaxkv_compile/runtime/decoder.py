@@ -1,0 +1,141 @@
+"""Plan once, run per step: the decoder object of one attention layer (the FlashInfer pattern).
+
+A :class:`Decoder` is built for (config, batch, heads, KV heads, head dim, capacity, dtype,
+device). Building it validates all of that once, picks the implementation (Triton kernels on a
+GPU, the pure-torch stage references elsewhere) and allocates the page statistics it owns. Its
+per-step calls then validate nothing and never synchronise with the host:
+
+* :meth:`Decoder.append` folds the rows the model just wrote into their pages (O(D) per token);
+* :meth:`Decoder.run` is one decode step (select, attend, certify) through
+  :func:`~entmaxkv_compile.runtime.step.run_step`, the one implementation that the eager API
+  (:func:`~entmaxkv_compile.sparse_decode`), the ``entmaxkv::decode_step`` op and the compiled
+  graphs share.
+
+So ``append`` + ``run`` can be captured in a CUDA graph as they are (see
+``tests/test_decoder.py``). The kernels' scratch buffers still come from PyTorch's caching
+allocator (from the graph's private pool under capture), not from the plan: moving them into the
+plan is what remains for a zero-allocation eager step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..checks import check_alibi_slopes, check_decode_inputs, check_scale
+from ..config import EntmaxKVConfig
+from .stats.reference import KVPageStats
+from .step import DecodeResult, implementation_for, run_step
+
+__all__ = ["Decoder"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class Decoder:
+    """The planned decode step of one attention layer over a static KV cache.
+
+    Args:
+        config: the decode config (``None``: the defaults); alpha defaults to 1.5.
+        batch, q_heads, kv_heads, head_dim: the shapes of ``q [B, Hq, 1, D]`` and of the caches
+            ``[B, Hkv, capacity, D]`` (``Hq`` a multiple of ``Hkv``).
+        capacity: the caches' ``Nmax`` (tokens per sequence they can hold).
+        dtype, device: of q and the caches.
+        scale: the score scale, default ``1/sqrt(D)``.
+        alibi_slopes: optional float ``[Hq]`` on ``device``.
+        stats: adopt these page statistics instead of allocating new ones (they must describe a
+            cache of the planned shape with ``config.page_size``).
+    """
+
+    def __init__(
+        self,
+        config: EntmaxKVConfig | None = None,
+        *,
+        batch: int,
+        q_heads: int,
+        kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        scale: float | None = None,
+        alibi_slopes: torch.Tensor | None = None,
+        stats: KVPageStats | None = None,
+    ) -> None:
+        if config is None:
+            config = EntmaxKVConfig()
+        elif not isinstance(config, EntmaxKVConfig):
+            raise TypeError(f"config must be an EntmaxKVConfig or None, got {type(config).__name__}")
+        for name, value in (("batch", batch), ("q_heads", q_heads), ("kv_heads", kv_heads),
+                            ("head_dim", head_dim), ("capacity", capacity)):
+            _positive_int(name, value)
+        if q_heads % kv_heads:
+            raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
+        if dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"dtype must be one of {_FLOAT_DTYPES}, got {dtype!r}")
+        device = torch.device(device)
+        check_alibi_slopes(alibi_slopes, q_heads, device=device)
+        self.config = config
+        self.alpha = config.resolved_alpha(1.5)
+        self.scale = 1.0 / math.sqrt(head_dim) if scale is None else check_scale(scale)
+        self.alibi_slopes = alibi_slopes
+        self.q_shape = (batch, q_heads, 1, head_dim)
+        self.cache_shape = (batch, kv_heads, capacity, head_dim)
+        self.dtype, self.device = dtype, device
+        self.impl = implementation_for(device, dtype)
+        if stats is None:
+            moments = dtype if config.moment_dtype == "cache" else None
+            stats = KVPageStats.allocate(batch, kv_heads, capacity, head_dim, page_size=config.page_size,
+                                         dtype=dtype, device=device, moment_dtype=moments)
+        elif not isinstance(stats, KVPageStats):
+            raise TypeError(f"stats must be a KVPageStats or None, got {type(stats).__name__}")
+        elif stats.page_size != config.page_size:
+            raise ValueError(f"stats.page_size ({stats.page_size}) must equal config.page_size "
+                             f"({config.page_size})")
+        else:
+            stats.check_cache(torch.empty(self.cache_shape, dtype=dtype, device="meta"))
+        self.stats = stats
+
+    @classmethod
+    def for_cache(cls, k_cache: torch.Tensor, q_heads: int, config: EntmaxKVConfig | None = None,
+                  **kwargs: Any) -> "Decoder":
+        """A decoder planned for ``k_cache [B, Hkv, Nmax, D]`` and ``q_heads`` query heads."""
+        batch, kv_heads, capacity, head_dim = k_cache.shape
+        return cls(config, batch=batch, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
+                   capacity=capacity, dtype=k_cache.dtype, device=k_cache.device, **kwargs)
+
+    def check(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              seqlens: torch.Tensor, *, check_values: bool = True) -> None:
+        """Validate one step's inputs against the plan (``check_values`` also checks values,
+        which synchronises). :meth:`run` does not call this: it trusts its caller."""
+        check_decode_inputs(q, k_cache, v_cache, seqlens, self.alibi_slopes, check_values=check_values)
+        if tuple(q.shape) != self.q_shape or tuple(k_cache.shape) != self.cache_shape:
+            raise ValueError(f"this decoder is planned for q {self.q_shape} and caches {self.cache_shape}, "
+                             f"got q {tuple(q.shape)} and caches {tuple(k_cache.shape)}")
+        if q.dtype != self.dtype or q.device != self.device:
+            raise ValueError(f"this decoder is planned for {self.dtype} on {self.device}, got {q.dtype} "
+                             f"on {q.device}")
+
+    def prefill(self, k_cache: torch.Tensor, seqlens: torch.Tensor) -> None:
+        """Rebuild the page statistics from the first ``seqlens`` rows of ``k_cache`` (one pass)."""
+        self.stats.prefill(k_cache, seqlens, check_values=False)
+
+    def append(self, k_cache: torch.Tensor, positions: torch.Tensor) -> None:
+        """Fold the rows just written at ``positions`` (int ``[B]``) into their pages; an append
+        out of order marks that sequence's statistics invalid (never certified) on device."""
+        self.stats.append(k_cache, positions, check_values=False)
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            seqlens: torch.Tensor) -> DecodeResult:
+        """One decode step over the first ``seqlens`` rows: no validation, no host sync."""
+        return run_step(self.impl, q, k_cache, v_cache, seqlens, self.stats.buffers(), self.config,
+                        alpha=self.alpha, scale=self.scale, alibi_slopes=self.alibi_slopes,
+                        stats_valid=self.stats.valid_for(seqlens))
