@@ -40,6 +40,7 @@ from benchmarks import report, timing  # noqa: E402
 from benchmarks.data_families import CHUNK, FAMILIES, generate  # noqa: E402
 from benchmarks.exact import exact_entmax_decode  # noqa: E402
 from entmaxkv_compile import EntmaxKVConfig, KVPageStats, sparse_decode  # noqa: E402
+from entmaxkv_compile.runtime.stats.reference import stats_state_after_prefill_  # noqa: E402
 
 PAGE = 16
 ALPHA = 1.5
@@ -72,6 +73,10 @@ def page_stats(k: torch.Tensor, moment_dtype: torch.dtype | None) -> KVPageStats
         first, last = start // PAGE, -(-stop // PAGE)
         for dst, src in zip(stats.buffers(), part.buffers()):
             dst[:, :, first:last].copy_(src)
+    # Buffers filled by hand: record that they describe all n rows, as KVPageStats.prefill does
+    # (statistics of unknown provenance are never certified).
+    full = torch.full((batch,), n, dtype=torch.int32, device=k.device)
+    stats_state_after_prefill_(full, n, stats.last_position, stats.valid)
     return stats
 
 

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import capture  # noqa: E402
 from entmaxkv_compile.math import reference  # noqa: E402
 from entmaxkv_compile.runtime import kernels  # noqa: E402
 from entmaxkv_compile.runtime.tuning import tuned  # noqa: E402
@@ -80,17 +81,11 @@ def exact_entmax(q, k, v, alpha, scale, chunk=1 << 16):
 
 
 def graphed(fn):
-    """Capture ``fn`` in a CUDA graph after a warm-up; return the replay callable."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    """The CUDA-graph replay of ``fn`` (see :func:`benchmarks.timing.capture`)."""
+    replay, _, note = capture(fn, torch.device("cuda"))
+    if note:
+        print("  " + note, flush=True)
+    return replay
 
 
 def kernel_breakdown(fn):

@@ -240,7 +240,7 @@ def test_gaussian_tau_kernel_matches_reference_threshold(alpha):
     fp64 solve bit for bit and the reference's float64 solve within the erfc fit's accuracy, over
     a wide range of means, spreads and lengths."""
     from entmaxkv_compile.math.gaussian import gaussian_threshold
-    from entmaxkv_compile.runtime.select import kernel as kselect
+    from entmaxkv_compile.runtime._common import integer_beta
     from entmaxkv_compile.runtime.select.tau_hat import MAX_ITERS, gaussian_tau_kernel
 
     gen = torch.Generator().manual_seed(9)
@@ -255,10 +255,10 @@ def test_gaussian_tau_kernel_matches_reference_threshold(alpha):
     tau = torch.empty(rows, device=DEVICE, dtype=torch.float32)
     seqlens = n.to(torch.int32).to(DEVICE)
     gaussian_tau_kernel[(rows,)](mom, seqlens, tau, 1, 1, alpha - 1.0,
-                                 BETA=kselect.integer_beta(alpha), BLOCK_B=1, MAX_IT=MAX_ITERS)
+                                 BETA=integer_beta(alpha), BLOCK_B=1, MAX_IT=MAX_ITERS)
     cold = torch.empty_like(tau)
     _cold_gaussian_tau[(rows,)](mom, seqlens, cold, alpha - 1.0,
-                                BETA=kselect.integer_beta(alpha), MAX_IT=MAX_ITERS)
+                                BETA=integer_beta(alpha), MAX_IT=MAX_ITERS)
     assert torch.equal(tau, cold), "the warm start must not change the float64 root"
     want = gaussian_threshold(mu, sigma, n.double(), alpha, check_values=False)
     # The kernel's erfc fit (1.2e-7 relative) is amplified in the far tail for beta 3 and 4

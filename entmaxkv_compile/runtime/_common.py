@@ -28,6 +28,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-int(a) // int(b))
 
 
+def integer_beta(alpha: float, largest: int = 4) -> int | None:
+    """beta = 1/(alpha-1) when it is an integer in ``1..largest`` (alpha 2, 1.5, 4/3, 1.25): the
+    closed-form paths of the gaussian estimate and of the certified tau; else None."""
+    beta = 1.0 / (alpha - 1.0)
+    rounded = round(beta)
+    return rounded if 1 <= rounded <= largest and abs(beta - rounded) < 1e-9 else None
+
+
 def alpha_kind(alpha: float) -> int:
     """The constexpr fast-path id of an entmax alpha (see ALPHA_* above)."""
     if alpha == 2.0:

@@ -20,17 +20,10 @@ from .decode_kernels import output_kernel, reduce_kernel, score_kernel
 from .tau_kernels import NEWTON_STEPS, NUM_PIVOTS, NUM_SLOTS, tau_level_kernel, tau_merge_kernel
 
 
-def integer_beta(alpha: float) -> int:
-    """beta = 1/(alpha-1) when it is an integer in 1..4 (the certified closed-form path), else 0."""
-    beta = 1.0 / (alpha - 1.0)
-    r = round(beta)
-    return r if 1 <= r <= 4 and abs(beta - r) < 1e-9 else 0
-
-
 def tau_levels(alpha: float) -> int:
     """Pivot levels of the tau search: each narrows the bracket >= 15-fold and, for integer beta,
     most heads certify at level 1-3; general beta needs the bracket under float32 resolution."""
-    return 5 if integer_beta(alpha) else 8
+    return 5 if cm.integer_beta(alpha) else 8
 
 
 def _solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, seg, alpha, cfg):
@@ -48,7 +41,7 @@ def _solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, 
     part = torch.empty((rows, chunks, NUM_SLOTS, NUM_PIVOTS), device=dev, dtype=f32)
     survivors = [torch.empty_like(cand_z), torch.empty_like(cand_z)]
     surv_cnt = [torch.empty((rows, splits), device=dev, dtype=torch.int32) for _ in range(2)]
-    rmax = integer_beta(alpha)
+    rmax = cm.integer_beta(alpha) or 0  # 0: general beta, no closed-form certificate
     levels = tau_levels(alpha)
     block_s = cm.next_pow2(splits)
     merge_block_s = min(cm.next_pow2(chunks), 64)

@@ -42,6 +42,14 @@ NEWTON_STEPS = 30
 
 
 @triton.jit
+def _empty_sums(NP: tl.constexpr):
+    """Per-pivot accumulators of a level: count, M_1..M_4, f, nearest score below, above."""
+    zero = tl.zeros([NP], tl.float32)
+    return (zero, zero, zero, zero, zero, zero, tl.full([NP], float("-inf"), tl.float32),
+            tl.full([NP], float("inf"), tl.float32))
+
+
+@triton.jit
 def tau_level_kernel(
     src_z_ptr, src_cnt_ptr, dst_z_ptr, dst_cnt_ptr, split_max_ptr, state_ptr, part_ptr, piv_ptr,
     Hq, Hkv, G, num_splits, seg, alpha_m1, beta, splits_per_prog, num_chunks,
@@ -83,14 +91,7 @@ def tau_level_kernel(
         live = tl.load(state_ptr + pid * 4 + 2) == 0
         t = lo + (hi - lo) * kf / (NP - 1)
 
-    c0 = tl.zeros([NP], tl.float32)
-    c1 = tl.zeros([NP], tl.float32)
-    c2 = tl.zeros([NP], tl.float32)
-    c3 = tl.zeros([NP], tl.float32)
-    c4 = tl.zeros([NP], tl.float32)
-    cf = tl.zeros([NP], tl.float32)
-    below = tl.full([NP], float("-inf"), tl.float32)
-    above = tl.full([NP], float("inf"), tl.float32)
+    c0, c1, c2, c3, c4, cf, below, above = _empty_sums(NP)
     offs_t = tl.arange(0, BLOCK_T)
     split_end = tl.minimum((chunk + 1) * splits_per_prog, num_splits)
     for split in range(chunk * splits_per_prog, split_end):
@@ -202,14 +203,7 @@ def tau_merge_kernel(
     offs_k = tl.arange(0, NP)
     offs_s = tl.arange(0, BLOCK_S)
     pivots = tl.load(piv_ptr + pid * NP + offs_k)
-    c0 = tl.zeros([NP], tl.float32)
-    c1 = tl.zeros([NP], tl.float32)
-    c2 = tl.zeros([NP], tl.float32)
-    c3 = tl.zeros([NP], tl.float32)
-    c4 = tl.zeros([NP], tl.float32)
-    cf = tl.zeros([NP], tl.float32)
-    below = tl.full([NP], float("-inf"), tl.float32)
-    above = tl.full([NP], float("inf"), tl.float32)
+    c0, c1, c2, c3, c4, cf, below, above = _empty_sums(NP)
     row = part_ptr + pid.to(tl.int64) * num_chunks * (8 * NP)
     n_read = tl.where(done, 0, num_chunks)  # a finished head keeps its state: read nothing
     for s0 in range(0, n_read, BLOCK_S):

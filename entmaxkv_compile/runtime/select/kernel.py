@@ -30,15 +30,6 @@ from .select_kernels import compact_kernel, keep_kernel, moments_kernel, quest_k
 from .tau_hat import MAX_ITERS, gaussian_tau_kernel, mixture_tau_kernel
 
 PAGE_SELECTORS = tuple(s for s in SELECTORS if s != "certified")
-# Integer beta = 1/(alpha-1) the closed-form gaussian estimate supports (alpha 2, 1.5, 4/3, 1.25).
-KERNEL_BETAS = (1, 2, 3, 4)
-
-
-def integer_beta(alpha: float) -> Optional[int]:
-    """beta = 1/(alpha-1) when it is one of KERNEL_BETAS, else None."""
-    beta = 1.0 / (alpha - 1.0)
-    rounded = round(beta)
-    return rounded if rounded in KERNEL_BETAS and abs(beta - rounded) < 1e-9 else None
 
 
 def _stats_view(q: Tensor, kmin: Tensor) -> tuple[int, int, int, int, int]:
@@ -156,7 +147,7 @@ def triton_select_pages(
     if gaussian:
         mixture = tau_estimate == "mixture" or (tau_estimate == "auto" and alibi_slopes is not None)
         mu, sigma, tau = _gaussian_tau(q, kmean, km2, seqlens, page_size, alpha, scale, mixture,
-                                       integer_beta(alpha), alibi_slopes)
+                                       cm.integer_beta(alpha), alibi_slopes)
         ztab = page_max_z(dev, page_size, max_quantile)
     nblocks = cm.cdiv(num_pages, cfg["BLOCK_PS"])
     flags = torch.empty((batch, hkv, num_pages), device=dev, dtype=torch.int8)
@@ -225,7 +216,7 @@ def select_pages(
                         ("min_context", min_context)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    if selector == "gaussian" and integer_beta(float(alpha)) is None:
+    if selector == "gaussian" and cm.integer_beta(float(alpha)) is None:
         from .reference import select_pages as reference_select
         return reference_select(
             q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha, scale=scale,
