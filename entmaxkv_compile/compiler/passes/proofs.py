@@ -37,7 +37,8 @@ from .guards import MASK_FLOOR, Guard, MaskGuard, StateGuard
 from .ir import concrete, dtype_of, is_impure, shape_of
 from .match_attention import AttentionMatch
 from .subgraph import NotExtractable, extract, needed_placeholders
-from .symbolic import FRESH, QK, Evaluator, Sym, Unproven, index_symbol, is_boolean, is_opaque, kind_of
+from .evaluator import Evaluator
+from .symbolic import FRESH, QK, Sym, Unproven, index_symbol, is_boolean, is_opaque, kind_of
 
 #: The key index and the write index (the position) of the decision procedure.
 J = sympy.Symbol("j", integer=True)
