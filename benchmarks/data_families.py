@@ -38,18 +38,13 @@ from typing import Callable
 
 import torch
 
-__all__ = ["CHUNK", "FAMILIES", "generate", "planted_page_mask", "rope"]
+from benchmarks.seeding import CHUNK, _gen
 
-CHUNK = 1 << 16  # tokens generated per seeded chunk
+__all__ = ["CHUNK", "FAMILIES", "generate", "planted_page_mask", "rope"]  # CHUNK from seeding.py
+
 PAGE = 16  # the page size the planted spans are laid out in (the benchmark's page size)
 
 Generator = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-def _gen(device: torch.device | str, seed: int, *parts: object) -> torch.Generator:
-    """A generator on ``device`` seeded by ``seed`` and a stable hash of ``parts``."""
-    salt = zlib.crc32(repr(parts).encode())
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + salt) % (1 << 62))
 
 
 def _chunks(n: int):

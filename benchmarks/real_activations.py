@@ -102,7 +102,7 @@ def record(length: int, device: str, queries: int = 4) -> tuple[torch.Tensor, to
 
 def real(b: int, hq: int, hkv: int, n: int, d: int, dtype: torch.dtype, device, seed: int = 0):
     """``(q [B, Hq, 1, D], K, V [B, Hkv, N, D])`` from the recording, as the module doc says."""
-    from benchmarks.data_families import CHUNK, _gen
+    from benchmarks.seeding import CHUNK, _gen
 
     device = torch.device(device)
     length = min(REAL_CONTEXT, n)
