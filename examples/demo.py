@@ -112,7 +112,8 @@ def probe_step(opts: argparse.Namespace) -> None:
     print(f"\nOne attention step at {n} tokens (GQA 8/2, D=64, alpha=1.5, segmented keys):")
     print(f"  {'selector':10s} {'pages read':>10s} {'certified':>10s} {'delta bound':>12s} {'rel. error':>11s}")
     for selector in ("dense",) + SELECTORS:
-        cfg = EntmaxKVConfig(selector=selector, token_budget=1024)
+        # report_bound: also certify the approximate selectors (costs a min/max read of every page)
+        cfg = EntmaxKVConfig(selector=selector, token_budget=1024, report_bound=True)
         res = sparse_decode(q, k, v, seqlens, cfg, stats)
         share = res.num_selected.float().mean().item() / stats.num_pages
         print(f"  {selector:10s} {share:10.1%} {res.certified.float().mean().item():10.0%} "
