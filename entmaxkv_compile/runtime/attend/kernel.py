@@ -1,6 +1,6 @@
 """Fused sparse entmax decode over selected KV pages: the ``entmaxkv::triton_paged_decode`` op.
 
-Same arguments and results as the reference ``decode.paged_decode``. Over all pages it is the dense
+Same arguments and results as the reference ``attend.reference.paged_decode``. Over all pages it is the dense
 entmax decode. Bytes moved per step: the selected K rows once, 4 bytes per head for each candidate
 score (written once, read twice), and V only for rows inside the support of some head of the group.
 """
