@@ -59,14 +59,22 @@ def test_decode_loop_with_appends_is_certified_full_entmax():
         assert torch.allclose(result.out.double(), full, atol=1e-5)
 
 
-def test_out_of_order_append_is_never_certified():
+def test_out_of_order_append_is_never_certified_and_still_exact():
+    from entmaxkv_compile.metrics import full_entmax_decode
+
     q, k, v = _cache(4)
     seqlens = torch.tensor([30, 30], dtype=torch.int32)
     decoder = Decoder.for_cache(k, q.shape[1], EntmaxKVConfig(selector="certified", page_size=8))
     decoder.prefill(k, seqlens)
-    decoder.append(k, torch.tensor([33, 30], dtype=torch.int32))  # sequence 0 skips 3 rows
-    result = decoder.run(q, k, v, torch.tensor([34, 31], dtype=torch.int32))
+    # Sequence 0 writes rows 30..47 but appends only row 47: page 4 (rows 32..39, given a strong
+    # match with the query) never reaches the statistics, whose zeros would bound it below tau.
+    k[0, :, 32:40] = 4.0 * q[0, ::2, 0][:, None, :]
+    decoder.append(k, torch.tensor([47, 30], dtype=torch.int32))
+    lengths = torch.tensor([48, 31], dtype=torch.int32)
+    result = decoder.run(q, k, v, lengths)
     assert not result.certified[0].any() and result.certified[1].all()
+    full, _ = full_entmax_decode(q.double(), k.double(), v.double(), lengths, 1.5, 0.25)
+    assert torch.allclose(result.out.double(), full, atol=1e-5)  # sequence 0 read every page
 
 
 @pytest.mark.parametrize("change, error, match", [

@@ -93,8 +93,9 @@ def run_step(
     therefore checked against ``max(tau0, tau1)`` (equal in exact arithmetic; the max removes
     rounding noise). Further rounds (``certify_max_rounds`` > 1) repeat the step and change nothing
     in exact arithmetic. ``stats`` is ``(kmin, kmax, kmean, km2)``; ``stats_valid`` (bool ``[B]``,
-    ``KVPageStats.valid_for``) withholds the certificate from sequences whose statistics were not
-    maintained in order.
+    ``KVPageStats.valid_for``) marks sequences whose statistics were not maintained in order: they
+    are never certified, and in ``"certified"`` mode they read every page, so their output is
+    still full entmax.
     """
     kmin, kmax, kmean, km2 = stats
     page_size = config.page_size
@@ -114,8 +115,14 @@ def run_step(
         batch, kv_heads = kmin.shape[:2]
         bounds = impl.quest_bounds(q, kmin, kmax, seqlens, page_size=page_size, scale=scale,
                                    alibi_slopes=alibi_slopes)  # [B, Hq, Npages], -inf on invalid
+        valid_pages = selection.valid_page_mask(seqlens, page_size, num_pages)[:, None, None, :]
         for _ in range(config.certify_max_rounds):
-            violates = ((alpha - 1.0) * bounds > tau_floor[..., None]).reshape(batch, kv_heads, -1, num_pages)
+            # A NaN bound may hide anything: its page is read (and shows the NaN, as full entmax
+            # would). Statistics not kept in order bound nothing: such a sequence reads every page.
+            violates = ~((alpha - 1.0) * bounds <= tau_floor[..., None])
+            violates = violates.reshape(batch, kv_heads, -1, num_pages) & valid_pages
+            if stats_valid is not None:
+                violates = violates | (~stats_valid[:, None, None, None] & valid_pages)
             page_mask = selection.page_mask_from_indices(page_indices, num_selected, num_pages)
             page_indices, num_selected = impl.compact_page_mask(page_mask | violates.any(2))
             out, tau = impl.paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry)
