@@ -117,3 +117,25 @@ def test_explain_prints_a_table_of_every_site():
     assert "layers.1.attention" in text and text.count("rewritten") == 2
     with pytest.raises(TypeError, match="model must be callable"):
         explain(42)
+
+
+def test_compiled_step_tracks_append_order_and_stays_exact_when_a_position_is_skipped(zoo_step):
+    """The backend's graphs keep each cache's append order on device: a skipped position is
+    flagged (statistics not valid), the certified step then reads every page, and the logits
+    stay the model's."""
+    import copy
+
+    from entmaxkv_compile.compiler.passes.static_state import STATS
+
+    model, (token, pos) = zoo_step(context=21, batch=2, n_layer=1)
+    reference = copy.deepcopy(model)
+    torch._dynamo.reset()
+    decode = torch.compile(model, backend="entmaxkv", options={"selector": "certified", "page_size": 16})
+    k_cache = model.layers[0].attention.kv_cache.k_cache
+    with torch.no_grad():
+        for position in (21, 22, 23, 40, 41):  # 24..39 are skipped: never written, never appended
+            at = torch.tensor([position])
+            got, want = decode(token, at), reference(token, at)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            valid = STATS.lookup(k_cache, 16).valid
+            assert bool(valid.all()) == (position < 40), position

@@ -114,8 +114,8 @@ def entmaxkv_backend(
     if any(action.guards for action in plan.actions):  # planned before ``rewrite`` changes ``gm``
         mapping: dict[torch.fx.Node, torch.fx.Node] = {}
         copy = copy_graph_module(gm, mapping)
-        fallback = rewrite(copy, bookkeeping_only(plan, mapping), settings.config)
-    result = rewrite(gm, plan, settings.config) if plan.changes_graph else RewriteResult(gm)
+        fallback = rewrite(copy, bookkeeping_only(plan, mapping), settings.config, track_order=True)
+    result = rewrite(gm, plan, settings.config, track_order=True) if plan.changes_graph else RewriteResult(gm)
     for observer in list(_OBSERVERS):
         observer(plan, original_code, gm.code)
     extra = extra_inputs_for(result, example_inputs)
@@ -186,7 +186,8 @@ def extra_inputs_for(result: RewriteResult, args: Sequence[Any]) -> list[torch.T
         stats, created = STATS.get(args[extra.cache_index], extra.page_size, extra.moment_dtype)
         if created and extra.cache_index in catch_ups:
             _catch_up(catch_ups[extra.cache_index], args, stats)
-        values.append(stats.buffers()[extra.field])
+        state = stats.buffers() if extra.kind == "stats" else (stats.last_position, stats.valid)
+        values.append(state[extra.field])
     return values
 
 
@@ -198,6 +199,7 @@ def _catch_up(catch_up: CatchUp, args: Sequence[Any], stats: KVPageStats) -> Non
     written = position.reshape(-1)[-1:].to(torch.int64).expand(cache.shape[0]).contiguous()
     if int(written.max()) > 0:
         torch.ops.entmaxkv.page_stats_prefill(cache, written, catch_up.page_size, *stats.buffers())
+    torch.ops.entmaxkv.page_stats_mark_prefilled(written, cache.shape[2], stats.last_position, stats.valid)
 
 
 class _Runner:

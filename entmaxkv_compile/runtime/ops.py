@@ -110,6 +110,31 @@ def _(k_cache, positions, page_size, kmin, kmax, kmean, km2) -> None:
     return None
 
 
+@torch.library.custom_op("entmaxkv::page_stats_track", mutates_args=("last_position", "valid"))
+def page_stats_track(
+    positions: Tensor, page_size: int, max_seqlen: int, last_position: Tensor, valid: Tensor
+) -> None:
+    """Record an append at ``positions`` in the statistics' order state: ``valid`` drops to False
+    (until the next prefill) for a sequence whose append did not continue it (no sync)."""
+    cache.stats_track_(positions, page_size, max_seqlen, last_position, valid)
+
+
+@page_stats_track.register_fake
+def _(positions, page_size, max_seqlen, last_position, valid) -> None:
+    return None
+
+
+@torch.library.custom_op("entmaxkv::page_stats_mark_prefilled", mutates_args=("last_position", "valid"))
+def page_stats_mark_prefilled(seqlens: Tensor, max_seqlen: int, last_position: Tensor, valid: Tensor) -> None:
+    """The order state after a prefill of ``seqlens`` rows (last position ``L - 1``, valid)."""
+    cache.stats_state_after_prefill_(seqlens, max_seqlen, last_position, valid)
+
+
+@page_stats_mark_prefilled.register_fake
+def _(seqlens, max_seqlen, last_position, valid) -> None:
+    return None
+
+
 # ------------------------------------------------------------------------------------------ selection
 
 
@@ -240,11 +265,13 @@ def decode_step(
     recent_pages: int,
     certify_max_rounds: int,
     min_context: int,
+    stats_valid: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Select, decode and certify one step (the op the graph rewrite inserts).
 
     Returns ``(out [B,Hq,1,D], page_indices [B,Hkv,Npages], num_selected [B,Hkv],
     certified [B,Hq], delta_bound [B,Hq])``; see :func:`entmaxkv_compile.runtime.step.run_step`.
+    ``stats_valid`` (bool ``[B]``, optional): the statistics were kept in order for that sequence.
     """
     config = _config(page_size, selector, token_budget, max_quantile, margin, tau_estimate,
                      sink_pages, recent_pages, certify_max_rounds, min_context)
@@ -252,7 +279,7 @@ def decode_step(
                       scale=scale, alibi_slopes=alibi_slopes)
     result = step.run_step(
         step.implementation_for(q.device, q.dtype), q, k_cache, v_cache, seqlens, (kmin, kmax, kmean, km2),
-        config, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes,
+        config, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes, stats_valid=stats_valid,
     )
     return tuple(result[:5])
 

@@ -29,7 +29,7 @@ STAT_FIELDS = ("kmin", "kmax", "kmean", "km2")
 class ExtraInput:
     """A tensor the rewritten graph takes after the original inputs."""
 
-    kind: str  # "stats" (one of the four buffers of a cache) or "constant"
+    kind: str  # "stats" (one of the four buffers of a cache), "order" (its append-order state) or "constant"
     cache_index: int = -1
     page_size: int = 0
     field: int = 0
@@ -87,20 +87,29 @@ def decode_output(result: tuple[torch.Tensor, ...], trailing: tuple[int, ...], d
     return out.to(dtype)
 
 
-def rewrite(gm: GraphModule, plan: Plan, config: EntmaxKVConfig) -> RewriteResult:
-    """Apply ``plan`` to ``gm`` in place and return what the runner must feed the new inputs."""
+def rewrite(gm: GraphModule, plan: Plan, config: EntmaxKVConfig, *, track_order: bool = False) -> RewriteResult:
+    """Apply ``plan`` to ``gm`` in place and return what the runner must feed the new inputs.
+
+    ``track_order`` (the backend's graphs) also threads each cache's append-order state
+    (``KVPageStats.last_position``/``valid``) through the graph: every append records itself, a
+    prefill resets it, and ``decode_step`` gets ``stats_valid``, so a position fed out of order
+    is never certified and, in certified mode, reads every page.
+    """
     result = RewriteResult(gm)
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     index_of = {node: i for i, node in enumerate(placeholders)}
     fake_mode = _fake_mode(placeholders)
     stats_nodes: dict[Node, list[Node]] = {}
+    order_nodes: dict[Node, list[Node]] = {}
     for action in plan.actions:
         cache = action.match.k.cache
         if cache in stats_nodes:
             continue
         stats_nodes[cache] = _add_stats_inputs(gm, result, cache, index_of[cache], config, fake_mode)
-        _insert_bookkeeping(gm, plan, action, stats_nodes[cache], config)
+        order_nodes[cache] = (_add_order_inputs(gm, result, cache, index_of[cache], config, fake_mode)
+                              if track_order else [])
+        _insert_bookkeeping(gm, plan, action, stats_nodes[cache], order_nodes[cache], config)
         if action.site.phase == "decode":
             _add_catch_up(gm, result, action, index_of, config.page_size)
     for action in plan.actions:
@@ -111,7 +120,8 @@ def rewrite(gm: GraphModule, plan: Plan, config: EntmaxKVConfig) -> RewriteResul
                 slopes = _add_input(gm, result, ExtraInput("constant", tensor=action.slopes.to(_device(action))),
                                     f"entmaxkv_alibi_{slopes_extra}", fake_mode)
             result.guards.extend(g for g in action.guards if g not in result.guards)
-            constants = _replace_attention(gm, action, stats_nodes[action.match.k.cache], slopes, config)
+            constants = _replace_attention(gm, action, stats_nodes[action.match.k.cache],
+                                           order_nodes[action.match.k.cache], slopes, config)
             stats_extra = tuple(i for i, e in enumerate(result.extra_inputs) if e.kind == "stats"
                                 and e.cache_index == index_of[action.match.k.cache])
             result.decode_calls.append(DecodeCall(
@@ -172,6 +182,25 @@ def _add_stats_inputs(gm, result, cache: Node, cache_index: int, config: EntmaxK
     return nodes
 
 
+def _add_order_inputs(gm, result, cache: Node, cache_index: int, config: EntmaxKVConfig, fake_mode) -> list[Node]:
+    """The cache's append-order state as two graph inputs: last position (int64 ``[B]``), valid (bool)."""
+    value = cache.meta.get("example_value", cache.meta.get("val"))
+    nodes = []
+    for field, (name, dtype) in enumerate((("last_position", torch.int64), ("valid", torch.bool))):
+        like = None
+        if isinstance(value, torch.Tensor):
+            like = _MetaLike(torch.empty((concrete(value.shape[0]),), dtype=dtype, device="meta"), value.device)
+        extra = ExtraInput("order", cache_index, config.page_size, field, moment_dtype=config.moment_dtype)
+        nodes.append(_add_input(gm, result, extra, f"entmaxkv_{cache.name}_{name}", fake_mode, like))
+    return nodes
+
+
+def stats_valid_for(last_position: torch.Tensor, valid: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
+    """bool ``[B]``: the statistics describe the first ``seqlens`` rows (as ``KVPageStats.valid_for``)."""
+    length = seqlens.to(torch.int64)
+    return valid & (length >= 1) & (length <= last_position + 1)
+
+
 class _MetaLike:
     """Shape/stride/dtype of a tensor to fake, on the cache's device."""
 
@@ -183,25 +212,33 @@ class _MetaLike:
         return self._stride
 
 
-def _insert_bookkeeping(gm: GraphModule, plan: Plan, action: SitePlan, stats: list[Node],
+def _insert_bookkeeping(gm: GraphModule, plan: Plan, action: SitePlan, stats: list[Node], order: list[Node],
                         config: EntmaxKVConfig) -> None:
-    """One statistics update per cache, before the first attention that reads it."""
+    """One statistics update per cache, before the first attention that reads it (and, with
+    ``order``, the update of its append-order state)."""
     cache = action.match.k.cache
     first_out = next(a.match.out for a in plan.actions if a.match.k.cache is cache)
+    capacity = concrete(shape_of(cache)[2]) if order else 0
     graph = gm.graph
     with graph.inserting_before(first_out):
         if action.site.phase == "decode":
             positions = graph.call_function(batch_positions, (action.match.k.positions, action.match.q))
             graph.call_function(torch.ops.entmaxkv.page_stats_append.default,
                                 (cache, positions, config.page_size, *stats))
+            if order:
+                graph.call_function(torch.ops.entmaxkv.page_stats_track.default,
+                                    (positions, config.page_size, capacity, *order))
         else:
             seqlens = graph.call_function(seqlens_after, (action.match.k.positions, action.match.q))
             graph.call_function(torch.ops.entmaxkv.page_stats_prefill.default,
                                 (cache, seqlens, config.page_size, *stats))
+            if order:
+                graph.call_function(torch.ops.entmaxkv.page_stats_mark_prefilled.default,
+                                    (seqlens, capacity, *order))
 
 
-def _replace_attention(gm: GraphModule, action: SitePlan, stats: list[Node], slopes: Optional[Node],
-                       config: EntmaxKVConfig) -> tuple[Any, ...]:
+def _replace_attention(gm: GraphModule, action: SitePlan, stats: list[Node], order: list[Node],
+                       slopes: Optional[Node], config: EntmaxKVConfig) -> tuple[Any, ...]:
     """Insert ``decode_step`` for ``action``; return its constant arguments."""
     match = action.match
     graph = gm.graph
@@ -214,8 +251,9 @@ def _replace_attention(gm: GraphModule, action: SitePlan, stats: list[Node], slo
     )
     with graph.inserting_before(match.out):
         seqlens = graph.call_function(seqlens_after, (match.k.positions, match.q))
+        valid = (graph.call_function(stats_valid_for, (*order, seqlens)),) if order else ()
         step = graph.call_function(torch.ops.entmaxkv.decode_step.default, (
-            match.q, match.k.cache, match.v.cache, seqlens, *stats, slopes, *constants))
+            match.q, match.k.cache, match.v.cache, seqlens, *stats, slopes, *constants, *valid))
         out = graph.call_function(decode_output, (step, trailing, dtype_of(match.out)))
     out.meta.update({k: v for k, v in match.out.meta.items() if k in ("example_value", "val", "nn_module_stack")})
     match.out.replace_all_uses_with(out)
