@@ -187,7 +187,7 @@ def _plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results)
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(names)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(names)), 5))
     width = 0.8 / (len(BOUNDS) + 1)
     for i, bound in enumerate(BOUNDS):
         vals = [100 * results[f]["bounds"][bound]["clearable"] for f in names]
@@ -198,8 +198,8 @@ def _plot(results: dict, path: Path) -> None:
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, rotation=20, fontsize=8)
     ax.set_ylabel("pages clearable, % (per query head)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"Pages each bound proves outside the entmax support (alpha={ALPHA}, page {PAGE}, CPU float64)")
-    ax.legend(fontsize=7, ncol=4, loc="upper left")
+    ax.set_title(f"Pages each bound proves outside the entmax support\n(alpha={ALPHA}, page {PAGE}, CPU float64)", fontsize=10)
+    ax.legend(fontsize=7, ncol=7, loc="upper center", bbox_to_anchor=(0.5, -0.22))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -229,7 +229,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--families", nargs="+", default=list(SYNTHETIC))
     parser.add_argument("--no-twin", action="store_true", help="skip the tiny_lm twin")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replot", type=Path, default=None,
+                        help="only re-render the table and plot from an existing bound_margins.json")
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        payload = json.loads(args.replot.read_text())
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(_table(payload["results"], payload["bytes_per_page_per_head"]))
+        _plot(payload["results"], args.plot or args.out / "bound_margins.png")
+        return payload
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     results, costs, setup = {}, {}, {}
     start = time.perf_counter()
