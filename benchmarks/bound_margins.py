@@ -170,11 +170,11 @@ def _synthetic(family: str, n: int, hq: int, hkv: int, d: int, seed: int):
     return q[0, :, 0].reshape(hkv, hq // hkv, d), k[0], 1 / math.sqrt(d)
 
 
-def _twin():
-    """The tiny_lm entmax twin's 12 recorded KV heads at its longest context, native head dim 64."""
-    from benchmarks.real_activations import REAL_CONTEXT, record
+def _twin(context: int):
+    """The tiny_lm entmax twin's 12 recorded KV heads at ``context`` tokens, native head dim 64."""
+    from benchmarks.real_activations import record
 
-    rq, rk, _ = record(REAL_CONTEXT, "cpu")
+    rq, rk, _ = record(context, "cpu")
     qs = [torch.unique(rq[i], dim=0) for i in range(rq.shape[0])]  # drop the padding repeats
     g = min(t.shape[0] for t in qs)
     return torch.stack([t[:g] for t in qs]), rk, 1 / math.sqrt(rk.shape[-1]), g
@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--families", nargs="+", default=list(SYNTHETIC))
     parser.add_argument("--no-twin", action="store_true", help="skip the tiny_lm twin")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--twin-context", type=int, default=16384,
+                        help="tokens of the twin's recording (16384, its longest evaluated context)")
     parser.add_argument("--replot", type=Path, default=None,
                         help="only re-render the table and plot from an existing bound_margins.json")
     args = parser.parse_args(argv)
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
             setup[key] = {"N": n, "Hq": args.hq, "Hkv": args.hkv, "D": args.dim}
             print(f"{key}: {time.perf_counter() - start:.1f} s", flush=True)
     if not args.no_twin:
-        q, k, scale, g = _twin()
+        q, k, scale, g = _twin(args.twin_context)
         key = f"tiny_lm twin N={k.shape[1]}"
         results[key] = measure(q, k, scale)
         costs[key] = bytes_per_page(k.shape[-1], k.shape[1] // PAGE)
