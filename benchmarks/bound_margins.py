@@ -20,8 +20,9 @@ Bound families (all valid upper bounds of every key's ``q.k`` in the page; ``sca
 
 Costs are stated in fp16 storage bytes per page per KV head; the measurement itself is float64.
 Data: the synthetic families of :mod:`benchmarks.data_families` and the trained entmax twin of
-``examples/tiny_lm`` (its 12 recorded KV heads at 16384 tokens, native head dim 64, every distinct
-NoPE query of the last 4 positions).
+``examples/tiny_lm`` (its 12 recorded KV heads at 16384 tokens, native head dim 64, 4 distinct NoPE
+queries per KV head from the last 4 positions: all of them for KV head 0 of a layer, 4 of the 8 for
+KV head 1, in ``torch.unique`` order).
 
 Usage: ``python -m benchmarks.bound_margins --out DIR [--tokens 16384 65536] [--hq 32 --hkv 8]``.
 """
