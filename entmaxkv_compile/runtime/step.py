@@ -1,10 +1,10 @@
 """One decode step: select -> decode -> certify, and the certified loop, over any implementation.
 
 The step is written once against a small "implementation" namespace (``select_pages``,
-``compact_page_mask``, ``quest_bounds``, ``paged_decode``, ``certify``), which is either the pure-torch reference
-(``REFERENCE``) or the Triton kernels (``entmaxkv_compile.kernels``). So the eager API, the
-``entmaxkv::decode_step`` op and the tests all run the same logic, and the kernels only have to
-match the reference function by function.
+``compact_page_mask``, ``quest_bounds``, ``paged_decode``, ``certify``), which is either the stage
+references (:func:`reference_implementation`) or the Triton kernels (``runtime/kernels.py``). So
+the eager API (through ``Decoder``), the ``entmaxkv::decode_step`` op and the tests all run the
+same logic, and the kernels only have to match the reference function by function.
 
 Every round is fixed-shape (no data-dependent Python control flow, no host sync), so a compiled
 step can be captured in a CUDA graph.

@@ -17,7 +17,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ...config import EntmaxKVConfig
-from ...runtime.stats.reference import resolve_moment_dtype
+from ...runtime.stats.reference import resolve_moment_dtype, stats_valid_for
 from .analyze import REWRITTEN, Plan, SitePlan
 from .ir import concrete, dtype_of, is_impure, op_of, shape_of
 from .subgraph import NotExtractable, extract, needed_placeholders
@@ -186,19 +186,13 @@ def _add_order_inputs(gm, result, cache: Node, cache_index: int, config: EntmaxK
     """The cache's append-order state as two graph inputs: last position (int64 ``[B]``), valid (bool)."""
     value = cache.meta.get("example_value", cache.meta.get("val"))
     nodes = []
-    for field, (name, dtype) in enumerate((("last_position", torch.int64), ("valid", torch.bool))):
+    for index, (name, dtype) in enumerate((("last_position", torch.int64), ("valid", torch.bool))):
         like = None
         if isinstance(value, torch.Tensor):
             like = _MetaLike(torch.empty((concrete(value.shape[0]),), dtype=dtype, device="meta"), value.device)
-        extra = ExtraInput("order", cache_index, config.page_size, field, moment_dtype=config.moment_dtype)
+        extra = ExtraInput("order", cache_index, config.page_size, index, moment_dtype=config.moment_dtype)
         nodes.append(_add_input(gm, result, extra, f"entmaxkv_{cache.name}_{name}", fake_mode, like))
     return nodes
-
-
-def stats_valid_for(last_position: torch.Tensor, valid: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
-    """bool ``[B]``: the statistics describe the first ``seqlens`` rows (as ``KVPageStats.valid_for``)."""
-    length = seqlens.to(torch.int64)
-    return valid & (length >= 1) & (length <= last_position + 1)
 
 
 class _MetaLike:

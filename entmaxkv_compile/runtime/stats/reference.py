@@ -205,6 +205,13 @@ def stats_state_after_prefill_(seqlens: torch.Tensor, max_seqlen: int, last_posi
     last_position.copy_(length.clamp(0, max_seqlen) - 1)
 
 
+def stats_valid_for(last_position: torch.Tensor, valid: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
+    """bool ``[B]``: statistics with this order state soundly describe the first ``seqlens`` rows
+    (``valid`` and ``1 <= seqlens <= last_position + 1``); on device, no sync."""
+    length = seqlens.to(torch.int64)
+    return valid & (length >= 1) & (length <= last_position + 1)
+
+
 class KVPageStats:
     """The page statistics of one attention layer's K cache: four ``[B, Hkv, Npages, D]`` buffers.
 
@@ -337,10 +344,9 @@ class KVPageStats:
         stats_track_(positions, self.page_size, k_cache.shape[2], self.last_position, self.valid)
 
     def valid_for(self, seqlens: torch.Tensor) -> torch.Tensor:
-        """bool ``[B]``: the statistics soundly describe the first ``seqlens`` rows (``valid`` and
-        ``1 <= seqlens <= last_position + 1``); on device, no sync."""
-        length = seqlens.to(torch.int64)
-        return self.valid & (length >= 1) & (length <= self.last_position + 1)
+        """bool ``[B]``: the statistics soundly describe the first ``seqlens`` rows (see
+        :func:`stats_valid_for`); on device, no sync."""
+        return stats_valid_for(self.last_position, self.valid, seqlens)
 
     def check_cache(self, k_cache: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``k_cache`` has the shape these stats describe."""
