@@ -1,7 +1,8 @@
 """Where a selector's decode step spends its time: per-kernel split and launch-config sweep.
 
 For each (family, N, selector) this times a planned ``Decoder``'s ``run`` captured in a CUDA
-graph and eagerly (do_bench medians) and profiles one eager step with ``torch.profiler``,
+graph, eagerly without its own graph (``cuda_graph=False``) and as a user calls it by default
+(its ``run`` replaying the graph it recorded, results copied out) (do_bench medians) and profiles one eager step with ``torch.profiler``,
 summing device time per kernel name, so a miss against the byte floor can be attributed to a
 kernel. ``--sweep`` also times the gaussian step under a few launch configs of the selection
 kernels. GPU only.
@@ -36,8 +37,8 @@ SELECT_SWEEP = [
 ]
 
 
-def _step(q, k, v, seqlens, config, stats):
-    decoder = Decoder.for_cache(k, q.shape[1], config, stats=stats)
+def _step(q, k, v, seqlens, config, stats, cuda_graph=False):
+    decoder = Decoder.for_cache(k, q.shape[1], config, stats=stats, cuda_graph=cuda_graph)
 
     def run():
         return decoder.run(q, k, v, seqlens)
@@ -59,6 +60,7 @@ def profile_case(family: str, n: int, hq: int, hkv: int, selectors: list[str], s
         replay, result, note = capture(step, dev)
         row = dict(family=family, n=n, hq=hq, hkv=hkv, method=name, note=note,
                    ms=bench(replay, dev), eager_ms=bench(step, dev),
+                   graphed_run_ms=bench(_step(q, k, v, seqlens, config, stats, cuda_graph=dev.type == "cuda"), dev),
                    pages_read=float(result.num_selected.float().mean()) / (n // PAGE))
         try:
             row["kernels_us"] = kernel_breakdown(step)
@@ -99,10 +101,10 @@ def main() -> None:
             rows += profile_case(family, n, 32, 8, args.selectors.split(","), args.sweep,
                                  torch.device(args.device))
     (args.out / "profile_step.json").write_text(json.dumps(rows, indent=1))
-    print(f"\n{'family':>9} {'N':>8} {'method':>11} {'ms':>7} {'eager':>7} {'pages':>6}  kernels (us)")
+    print(f"\n{'family':>9} {'N':>8} {'method':>11} {'ms':>7} {'eager':>7} {'run':>7} {'pages':>6}  kernels (us)")
     for r in rows:
         top = ", ".join(f"{k[:22]}={v}" for k, v in list(r["kernels_us"].items())[:7])
-        print(f"{r['family']:>9} {r['n']:>8} {r['method']:>11} {r['ms']:7.3f} {r['eager_ms']:7.3f} "
+        print(f"{r['family']:>9} {r['n']:>8} {r['method']:>11} {r['ms']:7.3f} {r['eager_ms']:7.3f} {r['graphed_run_ms']:7.3f} "
               f"{100 * r['pages_read']:5.1f}%  {top}")
         if "sweep_ms" in r:
             print("      sweep:", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r["sweep_ms"].items()})

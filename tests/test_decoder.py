@@ -119,8 +119,8 @@ def test_graph_replay_of_append_and_run_equals_eager_for_1000_steps():
     q, k, v = _cache(7, batch, hq, hkv, nmax, dim, torch.float16, "cuda")
     start = torch.tensor([1000, 1517], dtype=torch.int32, device="cuda")
     config = EntmaxKVConfig(selector="certified")
-    eager = Decoder.for_cache(k, hq, config)
-    graphed = Decoder.for_cache(k, hq, config)
+    eager = Decoder.for_cache(k, hq, config, cuda_graph=False)
+    graphed = Decoder.for_cache(k, hq, config, cuda_graph=False)
     k2, v2 = k.clone(), v.clone()
     eager.prefill(k, start)
     graphed.prefill(k2, start)
@@ -156,3 +156,40 @@ def test_graph_replay_of_append_and_run_equals_eager_for_1000_steps():
         assert torch.equal(captured.out, want.out) and torch.equal(captured.certified, want.certified)
         pos += 1
     assert math.isfinite(float(captured.out.float().abs().max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph capture)")
+@pytest.mark.parametrize("selector", ["gaussian", "certified"])
+def test_run_replaying_its_own_graph_equals_eager_and_keeps_results(selector):
+    """``run`` on a GPU records itself once per cache and replays: the same results as the eager
+    step after appends, a second cache gets its own recording, and a result kept from an earlier
+    step is not overwritten by later ones."""
+    batch, hq, hkv, nmax, dim = 2, 8, 2, 2048, 64
+    q, k, v = _cache(8, batch, hq, hkv, nmax, dim, torch.float16, "cuda")
+    start = torch.tensor([700, 1301], dtype=torch.int32, device="cuda")
+    config = EntmaxKVConfig(selector=selector)
+    eager = Decoder.for_cache(k, hq, config, cuda_graph=False)
+    graphed = Decoder.for_cache(k, hq, config)
+    eager.prefill(k, start)
+    graphed.prefill(k, start)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    rows = torch.arange(batch, device="cuda")
+    pos, kept = start.clone(), []
+    for _ in range(20):
+        k[rows, :, pos.long()] = torch.randn(batch, hkv, dim, generator=gen, device="cuda").half()
+        v[rows, :, pos.long()] = torch.randn(batch, hkv, dim, generator=gen, device="cuda").half()
+        eager.append(k, pos)
+        graphed.append(k, pos)
+        step_q = torch.randn(q.shape, generator=gen, device="cuda").half()
+        want, got = eager.run(step_q, k, v, pos + 1), graphed.run(step_q, k, v, pos + 1)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        kept.append((got.out, want.out))
+        pos += 1
+    assert all(torch.equal(a, b) for a, b in kept)
+    assert len(graphed._graphed.recordings) == 1
+    other_k, other_v = k.clone(), v.clone()
+    got = graphed.run(q, other_k, other_v, pos)
+    assert len(graphed._graphed.recordings) == 2
+    assert torch.equal(got.out, eager.run(q, other_k, other_v, pos).out)

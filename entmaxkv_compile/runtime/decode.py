@@ -42,7 +42,7 @@ def sparse_decode(
     kernels when they can run on q's device, the stage references otherwise). ``"certified"`` output
     equals full entmax. The checks and the plan cost host time on every call (with the default
     ``check_values=True``, also a host sync): a decode loop should build one ``Decoder`` and call
-    its ``run``, which validates nothing and can be captured in a CUDA graph.
+    its ``run``, which validates nothing and replays a CUDA graph on a GPU.
     """
     check_decode_inputs(q, k_cache, v_cache, seqlens, alibi_slopes, check_values=check_values)
     if config is None:
@@ -52,5 +52,5 @@ def sparse_decode(
     if stats is None:
         stats = KVPageStats.from_cache(k_cache, seqlens, config.page_size, check_values=False)
     decoder = Decoder.for_cache(k_cache, q.shape[1], config, scale=scale, alibi_slopes=alibi_slopes,
-                                stats=stats)
+                                stats=stats, cuda_graph=False)
     return decoder.run(q, k_cache, v_cache, seqlens)

@@ -12,9 +12,10 @@ per-step calls then validate nothing and never synchronise with the host:
   graphs share.
 
 So ``append`` + ``run`` can be captured in a CUDA graph as they are (see
-``tests/test_decoder.py``). The kernels' scratch buffers still come from PyTorch's caching
-allocator (from the graph's private pool under capture), not from the plan: moving them into the
-plan is what remains for a zero-allocation eager step.
+``tests/test_decoder.py``). On a GPU the decoder does that itself by default (``cuda_graph``):
+``run`` records the step once per cache (``runtime/graphed.py``) and replays it, so an eager call
+costs one graph launch and a few copies instead of ~15 kernel launches and their Python wrappers.
+The kernels' scratch buffers come from that graph's private memory pool.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from ..checks import check_alibi_slopes, check_decode_inputs, check_scale
 from ..config import EntmaxKVConfig
 from .stats.reference import KVPageStats
+from .graphed import GraphedStep
 from .step import DecodeResult, implementation_for, run_step
 
 __all__ = ["Decoder"]
@@ -53,6 +55,9 @@ class Decoder:
         alibi_slopes: optional float ``[Hq]`` on ``device``.
         stats: adopt these page statistics instead of allocating new ones (they must describe a
             cache of the planned shape with ``config.page_size``).
+        cuda_graph: on a CUDA device, record ``run`` in a CUDA graph on its first call for a
+            cache and replay it afterwards (results are copied out, so they stay valid across
+            steps). Inside another capture ``run`` is recorded by that capture instead.
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class Decoder:
         scale: float | None = None,
         alibi_slopes: torch.Tensor | None = None,
         stats: KVPageStats | None = None,
+        cuda_graph: bool = True,
     ) -> None:
         if config is None:
             config = EntmaxKVConfig()
@@ -103,6 +109,7 @@ class Decoder:
         else:
             stats.check_cache(torch.empty(self.cache_shape, dtype=dtype, device="meta"))
         self.stats = stats
+        self._graphed = GraphedStep(self._step) if cuda_graph and device.type == "cuda" else None
 
     @classmethod
     def for_cache(cls, k_cache: torch.Tensor, q_heads: int, config: EntmaxKVConfig | None = None,
@@ -136,6 +143,12 @@ class Decoder:
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             seqlens: torch.Tensor) -> DecodeResult:
         """One decode step over the first ``seqlens`` rows: no validation, no host sync."""
+        if self._graphed is not None:
+            return DecodeResult(*self._graphed(q, k_cache, v_cache, seqlens))
+        return self._step(q, k_cache, v_cache, seqlens)
+
+    def _step(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              seqlens: torch.Tensor) -> DecodeResult:
         return run_step(self.impl, q, k_cache, v_cache, seqlens, self.stats.buffers(), self.config,
                         alpha=self.alpha, scale=self.scale, alibi_slopes=self.alibi_slopes,
                         stats_valid=self.stats.valid_for(seqlens))
