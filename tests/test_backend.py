@@ -139,3 +139,20 @@ def test_compiled_step_tracks_append_order_and_stays_exact_when_a_position_is_sk
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
             valid = STATS.lookup(k_cache, 16).valid
             assert bool(valid.all()) == (position < 40), position
+
+
+
+def test_a_refused_site_is_logged_with_its_reason(caplog):
+    """A site the backend cannot rewrite keeps dense attention: that is logged, never silent."""
+    import logging
+
+    model = gpt_fast.build(gpt_fast.ModelArgs(n_layer=1, window=8), batch=1)  # sliding window
+    with torch.no_grad():
+        model(torch.zeros(1, 12, dtype=torch.long), torch.arange(12))  # prefill, eager
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING, logger="entmaxkv_compile.compiler.backend"), torch.no_grad():
+        compiled = torch.compile(model, backend="entmaxkv", options={"compiler": "eager"})
+        compiled(torch.zeros(1, 1, dtype=torch.long), torch.tensor([12]))
+    torch._dynamo.reset()
+    [record] = [r for r in caplog.records if "not rewritten" in r.getMessage()]
+    assert "layers.0.attention" in record.getMessage() and "keeps the model's dense attention" in record.getMessage()

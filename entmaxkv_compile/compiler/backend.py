@@ -16,6 +16,7 @@ key (e.g. ``"max_autotune"``, ``"triton.cudagraphs"``), passed through as a conf
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -26,12 +27,14 @@ from torch.fx import GraphModule
 from ..config import EntmaxKVConfig
 from ..runtime.stats.reference import KVPageStats
 from .capture import install_capture
-from .passes.analyze import Plan, analyze
+from .passes.analyze import REFUSED, Plan, analyze
 from .passes.decode_rewrite import CatchUp, RewriteResult, rewrite
 from .passes.fallback import bookkeeping_only
 from .passes.static_state import STATS
 
 __all__ = ["BackendSettings", "entmaxkv_backend"]
+
+log = logging.getLogger(__name__)
 
 _COMPILERS = ("inductor", "eager")
 
@@ -110,6 +113,10 @@ def entmaxkv_backend(
     original_code = gm.code
     gm = copy_graph_module(gm)  # Dynamo reads its own graph again after the backend returns
     plan = analyze(gm, example_inputs, settings.config, allow_guards=True)
+    for site in plan.sites:
+        if site.status == REFUSED:  # that site keeps the model's own (dense) attention
+            log.warning("entmaxkv: %s attention at %s not rewritten (it keeps the model's dense "
+                        "attention): %s", site.kind, site.where, site.reason)
     fallback = None
     if any(action.guards for action in plan.actions):  # planned before ``rewrite`` changes ``gm``
         mapping: dict[torch.fx.Node, torch.fx.Node] = {}
