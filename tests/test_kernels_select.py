@@ -176,6 +176,44 @@ def test_certify_matches_reference(alpha, dtype, alibi):
     assert torch.allclose(delta, ref_delta, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("alpha, dtype, alibi", [(1.5, torch.float16, False), (2.0, torch.float32, True),
+                                                 (4 / 3, torch.bfloat16, False)])
+def test_certify_pages_matches_reference(alpha, dtype, alibi):
+    """The certified round's page flags: selected pages kept, violating pages added, read-all
+    sequences read every valid page (without reading their bounds), a NaN key's page read and
+    its heads' bounds reported not finite; the same pages as the reference."""
+    batch, hq, hkv, nmax, dim, page = LARGE if REAL else SMALL
+    q, st, seqlens, slopes = _case(7, batch, hq, hkv, nmax, dim, page, dtype, alibi)
+    kw = _select_kwargs(page, alpha, dim, "topk")
+    idx, n = selection.select_pages(q, *st.buffers(), seqlens, alibi_slopes=slopes, **kw)
+    num_pages = st.kmin.shape[2]
+    page_mask = selection.page_mask_from_indices(idx, n, num_pages)
+    gen = torch.Generator().manual_seed(1)
+    bounds = selection.quest_bounds(q, st.kmin, st.kmax, seqlens, page_size=page, scale=1 / math.sqrt(dim),
+                                    alibi_slopes=slopes)
+    # tau between the bounds' quantiles, so some pages violate and some clear; exactly on a bound
+    # for one head (the comparison is <=: that page clears)
+    finite = torch.where(torch.isfinite(bounds), bounds, float("nan"))
+    tau = (alpha - 1) * finite.nanquantile(0.7, dim=-1).float()
+    tau += 0.01 * torch.randn(tau.shape, generator=gen).to(DEVICE)
+    read_all = torch.zeros(batch, dtype=torch.bool, device=DEVICE)
+    read_all[-1] = True
+    st.kmax[0, 0, 1, 2] = float("nan")  # page 1 of (0, KV head 0): read, its group's bounds not finite
+    args = (q, st.kmin, st.kmax, seqlens, page_mask, tau, read_all)
+    ckw = dict(page_size=page, alpha=alpha, scale=1 / math.sqrt(dim), alibi_slopes=slopes)
+    want_idx, want_n, want_finite = certify_reference.certify_pages(*args, **ckw)
+    got_idx, got_n, got_finite = kernels.certify_pages(*args, **ckw)
+    assert torch.equal(got_n, want_n) and torch.equal(got_idx, want_idx)
+    assert torch.equal(got_finite, want_finite)
+    group = hq // hkv
+    assert not got_finite[0, :group].any() and got_finite[0, group:].all() and got_finite[1:].all()
+    got = selection.page_mask_from_indices(got_idx, got_n, num_pages)
+    valid = selection.valid_page_mask(seqlens, page, num_pages)[:, None, :]
+    assert torch.equal(got[-1], valid[-1].expand_as(got[-1]))  # read-all: every valid page
+    assert (got | ~page_mask).all() and got[0, 0, 1]
+    assert 0 < int(got[:-1].sum()) < int(valid[:-1].expand_as(got[:-1]).sum())  # some, not all
+
+
 def test_select_bad_inputs_raise():
     batch, hq, hkv, nmax, dim, page = SMALL
     q, st, seqlens, _ = _case(5, batch, hq, hkv, nmax, dim, page, torch.float32, False)

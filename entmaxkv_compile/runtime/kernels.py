@@ -14,13 +14,14 @@ import os
 import torch
 
 from .attend.kernel import paged_decode
-from .certify.kernel import certify
+from .certify.kernel import certify, certify_pages
 from .select.kernel import compact_page_mask, quest_bounds, select_pages
 from .stats.kernel import stats_append_, stats_prefill_
 
 __all__ = [
     "available",
     "certify",
+    "certify_pages",
     "compact_page_mask",
     "paged_decode",
     "quest_bounds",

@@ -1,8 +1,11 @@
-"""The support certificate on device: op ``entmaxkv::triton_certify``, as ``certify.reference.certify``.
+"""The support certificate on device, as ``certify.reference``.
 
-The Quest bounds of all pages come from one read of kmin/kmax per KV head (``quest_kernel``);
-the certificate and the dropped-mass bound are fixed-shape elementwise work on the
-``[B, Hq, Npages]`` bounds (4 bytes per page and head), with no host sync.
+- ``entmaxkv::triton_certify`` (:func:`certify`, the certificate and dropped-mass bound of any
+  selection): the Quest bounds of all pages come from one read of kmin/kmax per KV head
+  (``quest_kernel``), then fixed-shape elementwise work on the ``[B, Hq, Npages]`` bounds.
+- ``entmaxkv::triton_certify_pages`` (:func:`certify_pages`, the certified round): one kernel
+  reads kmin/kmax, bounds every page in registers and flags the pages to read; the flags are
+  compacted in place (``compact_kernel``). No bounds tensor, no elementwise passes, no host sync.
 """
 
 from __future__ import annotations
@@ -11,10 +14,14 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.library import triton_op
+from torch.library import triton_op, wrap_triton
 
 from ...checks import check_kernel_bound_inputs, check_kernel_page_table, check_stats_valid
+from .. import _common as cm
 from ..select.kernel import launch_quest
+from ..select.select_kernels import compact_kernel
+from ..tuning.tuned import lookup
+from .certify_kernels import violation_kernel
 from .reference import certificate_inputs_ok
 
 
@@ -69,3 +76,48 @@ def certify(
     check_stats_valid(stats_valid, batch, q.device)
     return triton_certify(q, kmin, kmax, seqlens, page_indices, num_selected, tau, alibi_slopes,
                           int(page_size), float(alpha), float(scale), stats_valid)
+
+
+@triton_op("entmaxkv::triton_certify_pages", mutates_args=())
+def triton_certify_pages(
+    q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_mask: Tensor, tau: Tensor,
+    read_all: Tensor, alibi_slopes: Optional[Tensor], page_size: int, alpha: float, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The registered op (positional ``alibi_slopes``); see :func:`certify_pages`."""
+    batch, hq = q.shape[:2]
+    hkv, num_pages, dim = kmin.shape[1], kmin.shape[2], kmin.shape[3]
+    dev = q.device
+    block = lookup("select", dev, "default")["BLOCK_P"]
+    nblocks = cm.cdiv(num_pages, block)
+    flags = torch.empty((batch, hkv, num_pages), device=dev, dtype=torch.int8)
+    counts = torch.empty((batch, hkv, nblocks), device=dev, dtype=torch.int32)
+    finite = torch.ones((batch, hq), device=dev, dtype=torch.int8)
+    page_indices = torch.empty((batch, hkv, num_pages), device=dev, dtype=torch.int32)
+    num_selected = torch.empty((batch, hkv), device=dev, dtype=torch.int32)
+    wrap_triton(violation_kernel)[(nblocks, batch * hkv)](
+        q, kmin, kmax, seqlens, alibi_slopes if alibi_slopes is not None else q,
+        tau.to(torch.float32), page_mask.to(torch.int8), read_all.to(torch.int8),
+        flags, counts, finite,
+        q.stride(0), q.stride(1), q.stride(3), *kmin.stride(),
+        hq, hkv, hq // hkv, dim, num_pages, page_size, scale, alpha - 1.0,
+        HAS_ALIBI=alibi_slopes is not None, BLOCK_G=max(16, cm.next_pow2(hq // hkv)),
+        BLOCK_P=block, BLOCK_D=max(16, cm.next_pow2(dim)),
+        DOT_PREC=cm.dot_precision(dev, q.dtype), UPCAST=cm.dot_upcast(dev, q.dtype),
+        num_warps=4,
+    )
+    wrap_triton(compact_kernel)[(nblocks, batch * hkv)](
+        flags, counts, page_indices, num_selected, num_pages,
+        BLOCK_P=block, BLOCK_NB=max(16, cm.next_pow2(nblocks)), num_warps=4,
+    )
+    return page_indices, num_selected, finite != 0
+
+
+def certify_pages(
+    q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_mask: Tensor, tau: Tensor,
+    read_all: Tensor, *, page_size: int, alpha: float, scale: float,
+    alibi_slopes: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The pages a certified round reads, as the reference ``certify.reference.certify_pages``:
+    ``(page_indices, num_selected, bounds_finite)``. Trusts its caller (the step)."""
+    return triton_certify_pages(q, kmin, kmax, seqlens, page_mask, tau, read_all, alibi_slopes,
+                                int(page_size), float(alpha), float(scale))

@@ -11,10 +11,10 @@ import torch
 from ...checks import check_bound_inputs, check_page_table, check_stats_valid, check_tau
 from ...config import check_alpha
 from ...math.reference import entmax_beta
-from ..select.reference import page_mask_from_indices, quest_bounds_in, valid_page_mask
+from ..select.reference import compact_page_mask, page_mask_from_indices, quest_bounds_in, valid_page_mask
 from ..stats.reference import page_token_counts
 
-__all__ = ["certificate_inputs_ok", "certify", "certify_unchecked"]
+__all__ = ["certificate_inputs_ok", "certify", "certify_pages", "certify_unchecked"]
 
 
 def _page_excess(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes):
@@ -111,3 +111,43 @@ def certify_unchecked(q, kmin, kmax, seqlens, page_indices, num_selected, tau, *
     certified, delta = _certify_in(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes,
                                    stats_valid)
     return certified, delta.to(torch.float32)
+
+
+def certify_pages(
+    q: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    seqlens: torch.Tensor,
+    page_mask: torch.Tensor,
+    tau: torch.Tensor,
+    read_all: torch.Tensor,
+    *,
+    page_size: int,
+    alpha: float,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pages a certified round must read: ``(page_indices, num_selected, bounds_finite)``.
+
+    A valid page is read when it is in ``page_mask`` (bool ``[B, Hkv, Npages]``, the pages
+    already selected), when its sequence is marked ``read_all`` (bool ``[B]``: statistics that
+    bound nothing, or a step that reads everything anyway), or when some query head of its group
+    has ``(alpha-1) u_p > tau`` (``u_p`` the Quest bound; ``tau`` float32 ``[B, Hq]``, a lower
+    bound of the exact threshold); a NaN bound is read too. Every page left out then has
+    ``(alpha-1) u_p <= tau`` for every head, so no token of it is in the full-entmax support.
+    ``bounds_finite`` (bool ``[B, Hq]``) is False where a bound of a valid page of a sequence that
+    is not read-all is not finite: the certificate does not rest on such a bound. Trusts its
+    caller (the step); the oracle of the ``triton_certify_pages`` kernel.
+    """
+    dtype = torch.float64 if torch.float64 in (q.dtype, tau.dtype) else torch.float32
+    batch, q_heads = q.shape[:2]
+    kv_heads, num_pages = kmin.shape[1], kmin.shape[2]
+    bounds = quest_bounds_in(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes, dtype)
+    bounded = valid_page_mask(seqlens, page_size, num_pages)[:, None, :] & ~read_all[:, None, None]
+    violates = bounded & ~((alpha - 1.0) * bounds <= tau.to(dtype)[..., None])
+    hit = violates.reshape(batch, kv_heads, q_heads // kv_heads, num_pages).any(2)
+    valid = valid_page_mask(seqlens, page_size, num_pages)[:, None, :]
+    read = valid & (page_mask | read_all[:, None, None] | hit)
+    finite = ~(bounded & ~torch.isfinite(bounds)).any(-1)
+    page_indices, num_selected = compact_page_mask(read)
+    return page_indices, num_selected, finite

@@ -1,0 +1,79 @@
+"""Triton kernel of the certified round: which pages must be read for the certificate to hold.
+
+``violation_kernel`` (page block, batch x KV head) reads kmin/kmax once per page, forms the Quest
+bound of all G query heads of the group in registers (never written out) and flags a page when it
+is valid and either already selected, or read-all for its sequence, or some head of the group has
+``(alpha-1) u > tau`` (a NaN bound counts: such a page is read). It also writes the block's flag
+count for the parallel compaction (``select_kernels.compact_kernel``) and clears a head's
+``bounds_finite`` flag when one of its bounds is not finite. A sequence marked read-all loads
+nothing: its flags are its valid pages.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..select.select_kernels import _page_counts
+
+
+@triton.jit
+def violation_kernel(
+    q_ptr, kmin_ptr, kmax_ptr, seqlens_ptr, slopes_ptr, tau_ptr, sel_ptr, read_all_ptr,
+    flag_ptr, count_ptr, finite_ptr,
+    sqb, sqh, sqd, ssb, ssh, ssp, ssd,
+    Hq, Hkv, G, D, num_pages, page_size, scale, am1,
+    HAS_ALIBI: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    length = tl.load(seqlens_ptr + b).to(tl.int32)
+    read_all_flag = tl.load(read_all_ptr + b)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+    gmask = offs_g < G
+    dmask = offs_d < D
+    heads = hk * G + offs_g
+    inside = pages < num_pages
+    valid = _page_counts(pages, length, page_size, num_pages) > 0
+    read_all = (pages * 0 + read_all_flag) != 0  # a vector: the interpreter's masks reject a scalar bool
+    need = valid & ~read_all
+    row = pid_bh.to(tl.int64) * num_pages
+    selected = tl.load(sel_ptr + row + pages, mask=inside, other=0) != 0
+    q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd,
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    off = (b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + pages.to(tl.int64)[:, None] * ssp
+           + offs_d[None, :] * ssd)
+    lmask = need[:, None] & dmask[None, :]
+    kmx = tl.load(kmax_ptr + off, mask=lmask, other=0.0)
+    kmn = tl.load(kmin_ptr + off, mask=lmask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        kmx = kmx.to(tl.float32)
+        kmn = kmn.to(tl.float32)
+    q_pos = tl.where(q > 0, q, 0.0).to(q.dtype)
+    q_neg = tl.where(q < 0, q, 0.0).to(q.dtype)
+    u = tl.dot(q_pos, tl.trans(kmx), input_precision=DOT_PREC)
+    u += tl.dot(q_neg, tl.trans(kmn), input_precision=DOT_PREC)
+    u = u * scale
+    if HAS_ALIBI:
+        slope = tl.load(slopes_ptr + heads, mask=gmask, other=0.0).to(tl.float32)
+        first = (pages * page_size - (length - 1)).to(tl.float32)
+        last = (tl.minimum(pages * page_size + page_size - 1, length - 1) - (length - 1)).to(
+            tl.float32)
+        u += tl.maximum(slope[:, None] * first[None, :], slope[:, None] * last[None, :])
+    tau = tl.load(tau_ptr + b * Hq + heads, mask=gmask, other=float("inf"))
+    bounded = gmask[:, None] & need[None, :]
+    violates = bounded & ~(am1 * u <= tau[:, None])
+    hit = tl.max(violates.to(tl.int32), axis=0) > 0
+    keep = valid & (selected | read_all | hit)
+    flags = keep.to(tl.int8)
+    tl.store(flag_ptr + row + pages, flags, mask=inside)
+    tl.store(count_ptr + pid_bh * tl.num_programs(0) + blk, tl.sum(flags.to(tl.int32), axis=0))
+    wild = bounded & ~(tl.abs(u) < float("inf"))
+    tl.store(finite_ptr + b * Hq + heads, tl.zeros([BLOCK_G], tl.int8),
+             mask=gmask & (tl.max(wild.to(tl.int32), axis=1) > 0))
