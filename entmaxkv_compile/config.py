@@ -51,6 +51,11 @@ class EntmaxKVConfig:
         certify_max_rounds: rounds of "add the pages violating the certificate, decode again" in
             certified mode. One round always certifies (see ``step.run_step``); more rounds are
             allowed for experiments and change nothing in exact arithmetic.
+        certify_dense_above: in certified mode, a step that had to read more than this fraction
+            of a sequence's pages (its bounds cleared too few) makes the sequence's next
+            ``certify_probe_every - 1`` steps read every page directly, skipping the selection and
+            the bounds (exact either way; see ``runtime/certify/policy.py``). 1.0 never does.
+        certify_probe_every: the period of that fallback: one step in this many tries the bounds.
         min_context: sequences shorter than this many tokens use dense entmax decode.
         moment_dtype: storage of the per-page key means and M2 the gaussian selector reads:
             ``"float32"`` (default, exact Welford) or ``"cache"`` (the K cache's dtype, arithmetic
@@ -75,6 +80,8 @@ class EntmaxKVConfig:
     sink_pages: int = 0
     recent_pages: int = 0
     certify_max_rounds: int = 1
+    certify_dense_above: float = 0.5
+    certify_probe_every: int = 32
     min_context: int = 0
     moment_dtype: MomentDtype = "float32"
     report_bound: bool = False
@@ -104,6 +111,10 @@ class EntmaxKVConfig:
         _check_int("sink_pages", self.sink_pages, minimum=0)
         _check_int("recent_pages", self.recent_pages, minimum=0)
         _check_int("certify_max_rounds", self.certify_max_rounds, minimum=1)
+        _check_real("certify_dense_above", self.certify_dense_above)
+        if not (0.0 <= float(self.certify_dense_above) <= 1.0):
+            raise ValueError(f"certify_dense_above must lie in [0, 1], got {self.certify_dense_above}")
+        _check_int("certify_probe_every", self.certify_probe_every, minimum=1)
         _check_int("min_context", self.min_context, minimum=0)
         if self.moment_dtype not in MOMENT_DTYPES:
             raise ValueError(f"moment_dtype must be one of {MOMENT_DTYPES}, got {self.moment_dtype!r}")

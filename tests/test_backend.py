@@ -156,3 +156,27 @@ def test_a_refused_site_is_logged_with_its_reason(caplog):
     torch._dynamo.reset()
     [record] = [r for r in caplog.records if "not rewritten" in r.getMessage()]
     assert "layers.0.attention" in record.getMessage() and "keeps the model's dense attention" in record.getMessage()
+
+
+def test_compiled_certified_step_runs_the_read_everything_fallback_and_stays_exact(zoo_step):
+    """With ``certify_dense_above=0`` every probe step that reads a page sends the sequence to
+    the dense fallback for ``certify_probe_every - 1`` steps: the compiled graph advances the
+    counter it keeps with the statistics, and the logits stay the model's throughout."""
+    import copy
+
+    from entmaxkv_compile.compiler.passes.static_state import STATS
+
+    model, (token, _) = zoo_step(context=40, batch=2, n_layer=1)
+    reference = copy.deepcopy(model)
+    torch._dynamo.reset()
+    options = {"selector": "certified", "page_size": 16, "certify_dense_above": 0.0, "certify_probe_every": 3}
+    decode = torch.compile(model, backend="entmaxkv", options=options)
+    k_cache = model.layers[0].attention.kv_cache.k_cache
+    skips = []
+    with torch.no_grad():
+        for position in range(40, 46):
+            at = torch.tensor([position])
+            torch.testing.assert_close(decode(token, at), reference(token, at), atol=1e-5, rtol=0)
+            skips.append(STATS.lookup(k_cache, 16).certify_skip.tolist())
+    torch._dynamo.reset()
+    assert skips == [[2, 2], [1, 1], [0, 0], [2, 2], [1, 1], [0, 0]]

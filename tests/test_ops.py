@@ -53,12 +53,23 @@ def test_step_ops_opcheck(selector, alibi):
     stats = KVPageStats.from_cache(k, seqlens, P).buffers()
     params = (0.3, 1.5, P, selector, 16, 0.99, 0.0, "auto", 0, 0, 2, 0)
     torch.library.opcheck(OPS.decode_step, (q, k, v, seqlens, *stats, slopes, *params))
+    valid, dense_rows = torch.ones(B, dtype=torch.bool), torch.tensor([True] + [False] * (B - 1))
+    torch.library.opcheck(OPS.decode_step, (q, k, v, seqlens, *stats, slopes, *params, valid, dense_rows))
     sel_params = (0.3, 1.5, P, "topk" if selector == "certified" else selector, 16, 0.99, 0.0, "auto", 0, 0, 0)
     idx, cnt = OPS.select_pages(q, *stats, seqlens, slopes, *sel_params)
     torch.library.opcheck(OPS.select_pages, (q, *stats, seqlens, slopes, *sel_params))
     torch.library.opcheck(OPS.paged_decode, (q, k, v, seqlens, idx, cnt, slopes, 0.3, 1.5, P))
     out, tau = OPS.paged_decode(q, k, v, seqlens, idx, cnt, slopes, 0.3, 1.5, P)
     torch.library.opcheck(OPS.certify, (q, stats[0], stats[1], seqlens, idx, cnt, tau, slopes, 0.3, 1.5, P))
+
+
+def test_certify_policy_update_opcheck_and_effect():
+    skip = torch.tensor([0, 2], dtype=torch.int32)
+    args = (skip.clone(), skip > 0, torch.tensor([[6, 6], [1, 1]], dtype=torch.int32), torch.tensor([64, 64]),
+            P, 8, 0.5, 4)
+    torch.library.opcheck(OPS.certify_policy_update, args)
+    OPS.certify_policy_update(skip, *args[1:])
+    assert skip.tolist() == [3, 1]
 
 
 @pytest.mark.parametrize("selector", ["gaussian", "topk", "certified"])

@@ -9,7 +9,8 @@ per-step calls then validate nothing and never synchronise with the host:
 * :meth:`Decoder.run` is one decode step (select, attend, certify) through
   :func:`~entmaxkv_compile.runtime.step.run_step`, the one implementation that the eager API
   (:func:`~entmaxkv_compile.sparse_decode`), the ``entmaxkv::decode_step`` op and the compiled
-  graphs share.
+  graphs share; in certified mode it also advances the read-everything policy
+  (``certify/policy.py``) kept with the statistics.
 
 So ``append`` + ``run`` can be captured in a CUDA graph as they are (see
 ``tests/test_decoder.py``). On a GPU the decoder does that itself by default (``cuda_graph``):
@@ -28,6 +29,7 @@ import torch
 from ..checks import check_alibi_slopes, check_decode_inputs, check_scale
 from ..config import EntmaxKVConfig
 from .stats.reference import KVPageStats
+from .certify.policy import certify_policy_update_, dense_rows_for
 from .graphed import GraphedStep
 from .step import DecodeResult, implementation_for, run_step
 
@@ -109,7 +111,8 @@ class Decoder:
         else:
             stats.check_cache(torch.empty(self.cache_shape, dtype=dtype, device="meta"))
         self.stats = stats
-        self._graphed = GraphedStep(self._step) if cuda_graph and device.type == "cuda" else None
+        self._graphed = (GraphedStep(self._step, state=(stats.certify_skip,))
+                         if cuda_graph and device.type == "cuda" else None)
 
     @classmethod
     def for_cache(cls, k_cache: torch.Tensor, q_heads: int, config: EntmaxKVConfig | None = None,
@@ -149,6 +152,14 @@ class Decoder:
 
     def _step(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               seqlens: torch.Tensor) -> DecodeResult:
-        return run_step(self.impl, q, k_cache, v_cache, seqlens, self.stats.buffers(), self.config,
-                        alpha=self.alpha, scale=self.scale, alibi_slopes=self.alibi_slopes,
-                        stats_valid=self.stats.valid_for(seqlens))
+        certified = self.config.selector == "certified"
+        dense_rows = dense_rows_for(self.stats.certify_skip) if certified else None
+        result = run_step(self.impl, q, k_cache, v_cache, seqlens, self.stats.buffers(), self.config,
+                          alpha=self.alpha, scale=self.scale, alibi_slopes=self.alibi_slopes,
+                          stats_valid=self.stats.valid_for(seqlens), dense_rows=dense_rows)
+        if certified:
+            certify_policy_update_(
+                self.stats.certify_skip, dense_rows, result.num_selected, seqlens,
+                page_size=self.config.page_size, num_pages=self.stats.kmin.shape[2],
+                dense_above=self.config.certify_dense_above, probe_every=self.config.certify_probe_every)
+        return result

@@ -11,7 +11,7 @@ steps exactly as with an eager call.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -32,12 +32,16 @@ class GraphedStep:
 
     ``step`` must be capturable (no host sync, fixed shapes) and must read nothing but its
     arguments and state whose addresses never change (the decoder's statistics and slopes).
+    ``state``: tensors the step updates in place (the certified mode's policy counter); the
+    warm-up calls before a recording restore them, so recording changes nothing.
     Called while another graph is being captured (``torch.compile``'s CUDA graphs, a user's own
     capture), it runs ``step`` directly: that outer graph records it.
     """
 
-    def __init__(self, step: Callable[..., tuple[torch.Tensor, ...]], max_recordings: int = 4) -> None:
+    def __init__(self, step: Callable[..., tuple[torch.Tensor, ...]], state: Sequence[torch.Tensor] = (),
+                 max_recordings: int = 4) -> None:
         self.step = step
+        self.state = tuple(state)
         self.max_recordings = max_recordings
         self.recordings: dict[tuple, _Recording] = {}
         self.pool = torch.cuda.graph_pool_handle()
@@ -63,8 +67,11 @@ class GraphedStep:
         side = torch.cuda.Stream(device=q.device)
         side.wait_stream(torch.cuda.current_stream(q.device))
         with torch.cuda.stream(side):  # compile and autotune the kernels outside the capture
+            saved = [t.clone() for t in self.state]
             for _ in range(_WARMUP_CALLS):
                 self.step(static_q, k_cache, v_cache, static_seqlens)
+            for t, value in zip(self.state, saved):
+                t.copy_(value)
         torch.cuda.current_stream(q.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):

@@ -26,6 +26,7 @@ from ..config import EntmaxKVConfig
 from ..math import reference
 from . import step
 from .attend import reference as attend_reference
+from .certify import policy
 from .certify import reference as certify_reference
 from .select import reference as selection
 from .stats import reference as cache
@@ -38,6 +39,7 @@ __all__ = [
     "paged_decode",
     "certify",
     "decode_step",
+    "certify_policy_update",
 ]
 
 
@@ -266,12 +268,15 @@ def decode_step(
     certify_max_rounds: int,
     min_context: int,
     stats_valid: Optional[Tensor] = None,
+    dense_rows: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Select, decode and certify one step (the op the graph rewrite inserts).
 
     Returns ``(out [B,Hq,1,D], page_indices [B,Hkv,Npages], num_selected [B,Hkv],
     certified [B,Hq], delta_bound [B,Hq])``; see :func:`entmaxkv_compile.runtime.step.run_step`.
     ``stats_valid`` (bool ``[B]``, optional): the statistics were kept in order for that sequence.
+    ``dense_rows`` (bool ``[B]``, optional, certified mode): sequences that read every page
+    directly this step (``runtime/certify/policy.py``).
     """
     config = _config(page_size, selector, token_budget, max_quantile, margin, tau_estimate,
                      sink_pages, recent_pages, certify_max_rounds, min_context)
@@ -280,6 +285,7 @@ def decode_step(
     result = step.run_step(
         step.implementation_for(q.device, q.dtype), q, k_cache, v_cache, seqlens, (kmin, kmax, kmean, km2),
         config, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes, stats_valid=stats_valid,
+        dense_rows=dense_rows,
     )
     return tuple(result[:5])
 
@@ -287,6 +293,21 @@ def decode_step(
 @decode_step.register_fake
 def _(q, k_cache, v_cache, seqlens, kmin, kmax, kmean, km2, *rest):
     return decode_step_outputs_like(q, kmin)
+
+
+@torch.library.custom_op("entmaxkv::certify_policy_update", mutates_args=("certify_skip",))
+def certify_policy_update(
+    certify_skip: Tensor, dense_rows: Tensor, num_selected: Tensor, seqlens: Tensor, page_size: int,
+    num_pages: int, dense_above: float, probe_every: int,
+) -> None:
+    """Advance the certified mode's read-everything counter after a step (``certify/policy.py``)."""
+    policy.certify_policy_update_(certify_skip, dense_rows, num_selected, seqlens, page_size=page_size,
+                                  num_pages=num_pages, dense_above=dense_above, probe_every=probe_every)
+
+
+@certify_policy_update.register_fake
+def _(certify_skip, dense_rows, num_selected, seqlens, page_size, num_pages, dense_above, probe_every) -> None:
+    return None
 
 
 def decode_step_outputs_like(q: Tensor, kmin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

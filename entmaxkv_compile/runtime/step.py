@@ -1,7 +1,7 @@
 """One decode step: select -> decode -> certify, and the certified loop, over any implementation.
 
 The step is written once against a small "implementation" namespace (``select_pages``,
-``compact_page_mask``, ``quest_bounds``, ``paged_decode``, ``certify``), which is either the stage
+``compact_page_mask``, ``quest_bounds``, ``paged_decode``, ``certify``, ``certify_pages``), which is either the stage
 references (:func:`reference_implementation`) or the Triton kernels (``runtime/kernels.py``). So
 the eager API (through ``Decoder``), the ``entmaxkv::decode_step`` op and the tests all run the
 same logic, and the kernels only have to match the reference function by function.
@@ -36,6 +36,7 @@ def reference_implementation() -> SimpleNamespace:
         compact_page_mask=selection.compact_page_mask,
         paged_decode=attend_reference.paged_decode_unchecked,
         certify=certify_reference.certify_unchecked,
+        certify_pages=certify_reference.certify_pages,
     )
 
 
@@ -82,6 +83,7 @@ def run_step(
     scale: float,
     alibi_slopes: torch.Tensor | None = None,
     stats_valid: torch.Tensor | None = None,
+    dense_rows: torch.Tensor | None = None,
 ) -> DecodeResult:
     """Select pages with ``config.selector``, decode exactly over them and certify.
 
@@ -95,46 +97,69 @@ def run_step(
     in exact arithmetic. ``stats`` is ``(kmin, kmax, kmean, km2)``; ``stats_valid`` (bool ``[B]``,
     ``KVPageStats.valid_for``) marks sequences whose statistics were not maintained in order: they
     are never certified, and in ``"certified"`` mode they read every page, so their output is
-    still full entmax.
+    still full entmax. ``dense_rows`` (bool ``[B]``, certified mode only; see
+    ``certify/policy.py``) marks sequences that read every page directly this step, without the
+    selection or the bounds: certified wherever tau is finite, as the dense selector.
     """
     kmin, kmax, kmean, km2 = stats
     page_size = config.page_size
     geometry = dict(page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes)
     first = "gaussian" if config.selector == "certified" else config.selector
+    dense_rows = dense_rows if config.selector == "certified" else None
+    # a row read densely selects nothing first: length 0 makes the selection load nothing for it
+    select_lengths = seqlens if dense_rows is None else torch.where(dense_rows, 0, seqlens)
     page_indices, num_selected = impl.select_pages(
-        q, kmin, kmax, kmean, km2, seqlens, selector=first, token_budget=config.token_budget,
+        q, kmin, kmax, kmean, km2, select_lengths, selector=first, token_budget=config.token_budget,
         max_quantile=config.max_quantile, margin=config.margin, tau_estimate=config.tau_estimate,
         sink_pages=config.sink_pages, recent_pages=config.recent_pages,
         min_context=config.min_context, **geometry,
     )
 
     out, tau = impl.paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry)
-    tau_floor = tau
     if config.selector == "certified":
-        num_pages = kmin.shape[2]
-        batch, kv_heads = kmin.shape[:2]
-        bounds = impl.quest_bounds(q, kmin, kmax, seqlens, page_size=page_size, scale=scale,
-                                   alibi_slopes=alibi_slopes)  # [B, Hq, Npages], -inf on invalid
-        valid_pages = selection.valid_page_mask(seqlens, page_size, num_pages)[:, None, None, :]
-        for _ in range(config.certify_max_rounds):
-            # A NaN bound may hide anything: its page is read (and shows the NaN, as full entmax
-            # would). Statistics not kept in order bound nothing: such a sequence reads every page.
-            violates = ~((alpha - 1.0) * bounds <= tau_floor[..., None])
-            violates = violates.reshape(batch, kv_heads, -1, num_pages) & valid_pages
-            if stats_valid is not None:
-                violates = violates | (~stats_valid[:, None, None, None] & valid_pages)
-            page_mask = selection.page_mask_from_indices(page_indices, num_selected, num_pages)
-            page_indices, num_selected = impl.compact_page_mask(page_mask | violates.any(2))
-            out, tau = impl.paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry)
-            tau_floor = torch.maximum(tau_floor, tau)
-    if config.selector == "dense":
+        out, tau, page_indices, num_selected, certified = _certified_rounds(
+            impl, q, k_cache, v_cache, seqlens, stats, config, out, tau, page_indices, num_selected,
+            stats_valid, dense_rows, geometry)
+        delta = torch.where(certified, 0.0, 1.0)
+    elif config.selector == "dense":
         # Every valid page was read: the output is full entmax wherever tau is a number.
         certified = torch.isfinite(tau)
         delta = torch.where(certified, 0.0, 1.0)
-    elif config.selector == "certified" or config.report_bound:
-        certified, delta = impl.certify(q, kmin, kmax, seqlens, page_indices, num_selected, tau_floor,
+    elif config.report_bound:  # the bound costs a full kmin/kmax read: only on request
+        certified, delta = impl.certify(q, kmin, kmax, seqlens, page_indices, num_selected, tau,
                                         stats_valid=stats_valid, **geometry)
-    else:  # the bound costs a full kmin/kmax read: only on request (EntmaxKVConfig.report_bound)
+    else:
         certified = torch.zeros_like(tau, dtype=torch.bool)
         delta = torch.ones_like(tau)
     return DecodeResult(out, page_indices, num_selected, certified, delta, tau)
+
+
+def _certified_rounds(impl, q, k_cache, v_cache, seqlens, stats, config, out, tau, page_indices,
+                      num_selected, stats_valid, dense_rows, geometry):
+    """Add every page whose bound violates the certificate at the current tau, decode again.
+
+    Returns ``(out, tau, page_indices, num_selected, certified)``. After a round, every page left
+    out has ``(alpha-1) u_p <= tau_floor <= tau(S1)`` for every head, so the output equals full
+    entmax: a head is certified when that argument rests on sound inputs (its bounds finite, its
+    tau finite, its length within the cache, its sequence's statistics kept in order). A sequence
+    whose statistics are not valid reads every page (its output is still full entmax) and is never
+    certified; a ``dense_rows`` sequence reads every page (it selected nothing: its first tau is
+    no bound) and rests on no bound.
+    """
+    kmin, kmax = stats[0], stats[1]
+    batch = q.shape[0]
+    num_pages = kmin.shape[2]
+    stats_ok = torch.ones(batch, dtype=torch.bool, device=q.device) if stats_valid is None else stats_valid
+    read_all = ~stats_ok if dense_rows is None else ~stats_ok | dense_rows
+    tau_floor = tau if dense_rows is None else torch.where(dense_rows[:, None], float("-inf"), tau)
+    bounds_finite = torch.ones_like(tau, dtype=torch.bool)
+    for _ in range(config.certify_max_rounds):
+        page_mask = selection.page_mask_from_indices(page_indices, num_selected, num_pages)
+        page_indices, num_selected, bounds_finite = impl.certify_pages(
+            q, kmin, kmax, seqlens, page_mask, tau_floor, read_all, **geometry)
+        out, tau = impl.paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry)
+        tau_floor = torch.maximum(tau_floor, tau)
+    length = seqlens.to(torch.int64)
+    sound = (length >= 1) & (length <= num_pages * config.page_size) & stats_ok
+    certified = bounds_finite & torch.isfinite(tau_floor) & sound[:, None]
+    return out, tau, page_indices, num_selected, certified

@@ -10,6 +10,8 @@ GQA expansion of the cache become dead and are removed, so no full-cache copy is
 
 from __future__ import annotations
 
+import operator
+
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -17,6 +19,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ...config import EntmaxKVConfig
+from ...runtime.certify.policy import dense_rows_for
 from ...runtime.stats.reference import resolve_moment_dtype, stats_valid_for
 from .analyze import REWRITTEN, Plan, SitePlan
 from .ir import concrete, dtype_of, is_impure, op_of, shape_of
@@ -93,7 +96,9 @@ def rewrite(gm: GraphModule, plan: Plan, config: EntmaxKVConfig, *, track_order:
     ``track_order`` (the backend's graphs) also threads each cache's append-order state
     (``KVPageStats.last_position``/``valid``) through the graph: every append records itself, a
     prefill resets it, and ``decode_step`` gets ``stats_valid``, so a position fed out of order
-    is never certified and, in certified mode, reads every page.
+    is never certified and, in certified mode, reads every page. In certified mode it also
+    threads the read-everything counter (``certify_skip``, ``runtime/certify/policy.py``):
+    ``decode_step`` gets ``dense_rows`` and ``certify_policy_update`` advances the counter.
     """
     result = RewriteResult(gm)
     graph = gm.graph
@@ -182,11 +187,16 @@ def _add_stats_inputs(gm, result, cache: Node, cache_index: int, config: EntmaxK
     return nodes
 
 
+ORDER_FIELDS = (("last_position", torch.int64), ("valid", torch.bool), ("certify_skip", torch.int32))
+
+
 def _add_order_inputs(gm, result, cache: Node, cache_index: int, config: EntmaxKVConfig, fake_mode) -> list[Node]:
-    """The cache's append-order state as two graph inputs: last position (int64 ``[B]``), valid (bool)."""
+    """The cache's per-sequence decode state as graph inputs (``KVPageStats``' fields of
+    :data:`ORDER_FIELDS`): last appended position (int64 ``[B]``), valid (bool), and the certified
+    mode's read-everything counter (int32)."""
     value = cache.meta.get("example_value", cache.meta.get("val"))
     nodes = []
-    for index, (name, dtype) in enumerate((("last_position", torch.int64), ("valid", torch.bool))):
+    for index, (name, dtype) in enumerate(ORDER_FIELDS):
         like = None
         if isinstance(value, torch.Tensor):
             like = _MetaLike(torch.empty((concrete(value.shape[0]),), dtype=dtype, device="meta"), value.device)
@@ -221,14 +231,14 @@ def _insert_bookkeeping(gm: GraphModule, plan: Plan, action: SitePlan, stats: li
                                 (cache, positions, config.page_size, *stats))
             if order:
                 graph.call_function(torch.ops.entmaxkv.page_stats_track.default,
-                                    (positions, config.page_size, capacity, *order))
+                                    (positions, config.page_size, capacity, *order[:2]))
         else:
             seqlens = graph.call_function(seqlens_after, (action.match.k.positions, action.match.q))
             graph.call_function(torch.ops.entmaxkv.page_stats_prefill.default,
                                 (cache, seqlens, config.page_size, *stats))
             if order:
                 graph.call_function(torch.ops.entmaxkv.page_stats_mark_prefilled.default,
-                                    (seqlens, capacity, *order))
+                                    (seqlens, capacity, *order[:2]))
 
 
 def _replace_attention(gm: GraphModule, action: SitePlan, stats: list[Node], order: list[Node],
@@ -243,11 +253,21 @@ def _replace_attention(gm: GraphModule, action: SitePlan, stats: list[Node], ord
         float(config.max_quantile), float(config.margin), config.tau_estimate, config.sink_pages,
         config.recent_pages, config.certify_max_rounds, config.min_context,
     )
+    policy = bool(order) and config.selector == "certified"
     with graph.inserting_before(match.out):
         seqlens = graph.call_function(seqlens_after, (match.k.positions, match.q))
-        valid = (graph.call_function(stats_valid_for, (*order, seqlens)),) if order else ()
+        state = (graph.call_function(stats_valid_for, (*order[:2], seqlens)),) if order else ()
+        if policy:
+            dense = graph.call_function(dense_rows_for, (order[2],))
+            state += (dense,)
         step = graph.call_function(torch.ops.entmaxkv.decode_step.default, (
-            match.q, match.k.cache, match.v.cache, seqlens, *stats, slopes, *constants, *valid))
+            match.q, match.k.cache, match.v.cache, seqlens, *stats, slopes, *constants, *state))
+        if policy:
+            num_pages = -(-concrete(shape_of(match.k.cache)[2]) // config.page_size)
+            num_selected = graph.call_function(operator.getitem, (step, 2))
+            graph.call_function(torch.ops.entmaxkv.certify_policy_update.default, (
+                order[2], dense, num_selected, seqlens, config.page_size, num_pages,
+                float(config.certify_dense_above), config.certify_probe_every))
         out = graph.call_function(decode_output, (step, trailing, dtype_of(match.out)))
     out.meta.update({k: v for k, v in match.out.meta.items() if k in ("example_value", "val", "nn_module_stack")})
     match.out.replace_all_uses_with(out)

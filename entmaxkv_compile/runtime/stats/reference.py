@@ -226,6 +226,9 @@ class KVPageStats:
     :func:`append_in_order`) sets ``valid`` to False on device, without a host sync, until the
     next ``prefill``; with ``check_values=True`` it raises instead. Pass :meth:`valid_for` of the
     decode lengths to ``certify(stats_valid=...)`` so no certificate rests on corrupted stats.
+    ``certify_skip`` (int32 ``[B]``, zero at first) is the certified mode's read-everything
+    counter (``runtime/certify/policy.py``): decode state of the same cache, kept here so that
+    every path that owns the statistics owns it too.
     """
 
     def __init__(
@@ -257,6 +260,7 @@ class KVPageStats:
                 raise ValueError(f"{name} must be a {dtype} tensor of shape [B] = [{batch}] on {kmin.device}, "
                                  f"got {buf.dtype} {tuple(buf.shape)} on {buf.device}")
         self.last_position, self.valid = last_position, valid
+        self.certify_skip = torch.zeros((batch,), dtype=torch.int32, device=kmin.device)
 
     @classmethod
     def allocate(

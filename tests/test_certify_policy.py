@@ -1,0 +1,84 @@
+"""The certified mode's read-everything fallback (``runtime/certify/policy.py``).
+
+When the bounds clear too few pages, the next steps read every page directly (the dense exact
+step) and a later step tries the bounds again; the output equals full entmax throughout, and a
+densely read step is certified wherever tau is finite.
+"""
+
+import pytest
+import torch
+
+from entmaxkv_compile import EntmaxKVConfig
+from entmaxkv_compile.metrics import full_entmax_decode
+from entmaxkv_compile.runtime.certify.policy import certify_policy_update_, dense_rows_for
+from entmaxkv_compile.runtime.decoder import Decoder
+from entmaxkv_compile.runtime.step import reference_implementation, run_step
+from entmaxkv_compile.runtime.stats.reference import KVPageStats
+
+
+def _flat_cache(seed, batch=2, hq=4, hkv=2, nmax=96, dim=16):
+    """Keys with tiny norms: every token is near the maximum score, so the Quest bounds clear
+    nothing and a certified step must read every page."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, hq, 1, dim, generator=gen, dtype=torch.float64)
+    k = 0.01 * torch.randn(batch, hkv, nmax, dim, generator=gen, dtype=torch.float64)
+    v = torch.randn(batch, hkv, nmax, dim, generator=gen, dtype=torch.float64)
+    return q, k, v
+
+
+def _planted_cache(seed, batch=2, hq=4, hkv=2, nmax=96, dim=16):
+    """A strong span on page 2: the bounds clear most pages."""
+    q, k, v = _flat_cache(seed, batch, hq, hkv, nmax, dim)
+    group = hq // hkv
+    q = q[:, ::group].repeat_interleave(group, 1) + 0.1 * q  # the heads of a group look alike
+    k = 20 * k
+    k[:, :, 16:24] += 3.0 * q[:, ::group, 0][:, :, None, :]
+    return q, k, v
+
+
+def test_update_counts_down_and_sets_after_a_heavy_step():
+    skip = torch.tensor([0, 0, 3, 1], dtype=torch.int32)
+    dense = dense_rows_for(skip)
+    seqlens = torch.tensor([64, 64, 64, 0])  # 4 pages each (page 16), 2 KV heads -> 8 page reads
+    num_selected = torch.tensor([[4, 1], [1, 1], [4, 4], [0, 0]], dtype=torch.int32)
+    certify_policy_update_(skip, dense, num_selected, seqlens, page_size=16, num_pages=4,
+                           dense_above=0.5, probe_every=8)
+    assert skip.tolist() == [7, 0, 2, 0]  # 5/8 > 0.5 -> 7 dense steps; 2/8 -> none; counting down
+    never = torch.zeros(4, dtype=torch.int32)
+    certify_policy_update_(never, dense_rows_for(never), num_selected * 0 + 4, torch.full((4,), 64),
+                           page_size=16, num_pages=4, dense_above=1.0, probe_every=8)
+    assert never.tolist() == [0, 0, 0, 0]  # dense_above = 1 disables the fallback
+
+
+def test_dense_rows_read_every_page_and_are_certified_exactly():
+    q, k, v = _planted_cache(1)
+    seqlens = torch.tensor([96, 70])
+    stats = KVPageStats.from_cache(k, seqlens, 16)
+    config = EntmaxKVConfig(selector="certified", page_size=16)
+    dense_rows = torch.tensor([True, False])
+    result = run_step(reference_implementation(), q, k, v, seqlens, stats.buffers(), config, alpha=1.5,
+                      scale=0.25, dense_rows=dense_rows)
+    full, _ = full_entmax_decode(q, k, v, seqlens, 1.5, 0.25)
+    assert torch.allclose(result.out, full, atol=1e-10)
+    assert result.certified.all() and (result.delta_bound == 0).all()
+    assert (result.num_selected[0] == 6).all()  # every valid page of the dense row
+    assert (result.num_selected[1] < 5).all()  # the other row still skips pages
+
+
+@pytest.mark.parametrize("make, expect_dense", [(_flat_cache, True), (_planted_cache, False)])
+def test_decoder_falls_back_only_when_the_bounds_clear_too_little(make, expect_dense):
+    q, k, v = make(2)
+    seqlens = torch.tensor([96, 96])
+    config = EntmaxKVConfig(selector="certified", page_size=16, certify_probe_every=4)
+    decoder = Decoder.for_cache(k, q.shape[1], config)
+    decoder.prefill(k, seqlens)
+    full, _ = full_entmax_decode(q, k, v, seqlens, 1.5, 0.25)
+    skips = []
+    for _ in range(6):
+        result = decoder.run(q, k, v, seqlens)
+        skips.append(decoder.stats.certify_skip.tolist())
+        assert result.certified.all() and torch.allclose(result.out, full, atol=1e-10)
+    if expect_dense:  # probe, 3 dense steps, probe again, ...
+        assert [s[0] for s in skips] == [3, 2, 1, 0, 3, 2]
+    else:
+        assert all(s == [0, 0] for s in skips)
