@@ -199,7 +199,7 @@ def test_certify_pages_matches_reference(alpha, dtype, alibi):
     read_all = torch.zeros(batch, dtype=torch.bool, device=DEVICE)
     read_all[-1] = True
     st.kmax[0, 0, 1, 2] = float("nan")  # page 1 of (0, KV head 0): read, its group's bounds not finite
-    args = (q, st.kmin, st.kmax, seqlens, page_mask, tau, read_all)
+    args = (q, st.kmin, st.kmax, seqlens, idx, n, tau, read_all)
     ckw = dict(page_size=page, alpha=alpha, scale=1 / math.sqrt(dim), alibi_slopes=slopes)
     want_idx, want_n, want_finite = certify_reference.certify_pages(*args, **ckw)
     got_idx, got_n, got_finite = kernels.certify_pages(*args, **ckw)

@@ -154,9 +154,8 @@ def _certified_rounds(impl, q, k_cache, v_cache, seqlens, stats, config, out, ta
     tau_floor = tau if dense_rows is None else torch.where(dense_rows[:, None], float("-inf"), tau)
     bounds_finite = torch.ones_like(tau, dtype=torch.bool)
     for _ in range(config.certify_max_rounds):
-        page_mask = selection.page_mask_from_indices(page_indices, num_selected, num_pages)
         page_indices, num_selected, bounds_finite = impl.certify_pages(
-            q, kmin, kmax, seqlens, page_mask, tau_floor, read_all, **geometry)
+            q, kmin, kmax, seqlens, page_indices, num_selected, tau_floor, read_all, **geometry)
         out, tau = impl.paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry)
         tau_floor = torch.maximum(tau_floor, tau)
     length = seqlens.to(torch.int64)

@@ -40,9 +40,13 @@ def violation_kernel(
     heads = hk * G + offs_g
     inside = pages < num_pages
     valid = _page_counts(pages, length, page_size, num_pages) > 0
-    read_all = (pages * 0 + read_all_flag) != 0  # a vector: the interpreter's masks reject a scalar bool
-    need = valid & ~read_all
     row = pid_bh.to(tl.int64) * num_pages
+    if read_all_flag != 0:  # every valid page, no bound read
+        flags = valid.to(tl.int8)
+        tl.store(flag_ptr + row + pages, flags, mask=inside)
+        tl.store(count_ptr + pid_bh * tl.num_programs(0) + blk, tl.sum(flags.to(tl.int32), axis=0))
+        return
+    need = valid
     selected = tl.load(sel_ptr + row + pages, mask=inside, other=0) != 0
     q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd,
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
@@ -70,10 +74,24 @@ def violation_kernel(
     bounded = gmask[:, None] & need[None, :]
     violates = bounded & ~(am1 * u <= tau[:, None])
     hit = tl.max(violates.to(tl.int32), axis=0) > 0
-    keep = valid & (selected | read_all | hit)
+    keep = valid & (selected | hit)
     flags = keep.to(tl.int8)
     tl.store(flag_ptr + row + pages, flags, mask=inside)
     tl.store(count_ptr + pid_bh * tl.num_programs(0) + blk, tl.sum(flags.to(tl.int32), axis=0))
     wild = bounded & ~(tl.abs(u) < float("inf"))
     tl.store(finite_ptr + b * Hq + heads, tl.zeros([BLOCK_G], tl.int8),
              mask=gmask & (tl.max(wild.to(tl.int32), axis=1) > 0))
+
+
+@triton.jit
+def mark_pages_kernel(idx_ptr, nsel_ptr, flag_ptr, num_pages, BLOCK: tl.constexpr):
+    """``flag[page_indices[s]] = 1`` for the first ``num_selected`` slots of one (batch, KV head)
+    row (flags zeroed by the caller): the selected pages as flags, for ``violation_kernel``."""
+    blk = tl.program_id(0)
+    pid = tl.program_id(1)
+    slots = blk * BLOCK + tl.arange(0, BLOCK)
+    used = slots < tl.load(nsel_ptr + pid)
+    row = pid.to(tl.int64) * num_pages
+    pages = tl.load(idx_ptr + row + slots, mask=used & (slots < num_pages), other=-1)
+    ok = used & (pages >= 0) & (pages < num_pages)
+    tl.store(flag_ptr + row + pages, tl.full([BLOCK], 1, tl.int8), mask=ok)

@@ -3,9 +3,10 @@
 - ``entmaxkv::triton_certify`` (:func:`certify`, the certificate and dropped-mass bound of any
   selection): the Quest bounds of all pages come from one read of kmin/kmax per KV head
   (``quest_kernel``), then fixed-shape elementwise work on the ``[B, Hq, Npages]`` bounds.
-- ``entmaxkv::triton_certify_pages`` (:func:`certify_pages`, the certified round): one kernel
-  reads kmin/kmax, bounds every page in registers and flags the pages to read; the flags are
-  compacted in place (``compact_kernel``). No bounds tensor, no elementwise passes, no host sync.
+- ``entmaxkv::triton_certify_pages`` (:func:`certify_pages`, the certified round): the selected
+  pages become flags (``mark_pages_kernel``), one kernel reads kmin/kmax, bounds every page in
+  registers and flags the pages to read, and the flags are compacted (``compact_kernel``). No
+  bounds tensor, no elementwise passes, no host sync.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .. import _common as cm
 from ..select.kernel import launch_quest
 from ..select.select_kernels import compact_kernel
 from ..tuning.tuned import lookup
-from .certify_kernels import violation_kernel
+from .certify_kernels import mark_pages_kernel, violation_kernel
 from .reference import certificate_inputs_ok
 
 
@@ -80,8 +81,9 @@ def certify(
 
 @triton_op("entmaxkv::triton_certify_pages", mutates_args=())
 def triton_certify_pages(
-    q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_mask: Tensor, tau: Tensor,
-    read_all: Tensor, alibi_slopes: Optional[Tensor], page_size: int, alpha: float, scale: float,
+    q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_indices: Tensor, num_selected: Tensor,
+    tau: Tensor, read_all: Tensor, alibi_slopes: Optional[Tensor], page_size: int, alpha: float,
+    scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The registered op (positional ``alibi_slopes``); see :func:`certify_pages`."""
     batch, hq = q.shape[:2]
@@ -89,6 +91,9 @@ def triton_certify_pages(
     dev = q.device
     block = lookup("select", dev, "default")["BLOCK_P"]
     nblocks = cm.cdiv(num_pages, block)
+    selected = torch.zeros((batch, hkv, num_pages), device=dev, dtype=torch.int8)
+    wrap_triton(mark_pages_kernel)[(nblocks, batch * hkv)](
+        page_indices, num_selected, selected, num_pages, BLOCK=block, num_warps=4)
     flags = torch.empty((batch, hkv, num_pages), device=dev, dtype=torch.int8)
     counts = torch.empty((batch, hkv, nblocks), device=dev, dtype=torch.int32)
     finite = torch.ones((batch, hq), device=dev, dtype=torch.int8)
@@ -96,7 +101,7 @@ def triton_certify_pages(
     num_selected = torch.empty((batch, hkv), device=dev, dtype=torch.int32)
     wrap_triton(violation_kernel)[(nblocks, batch * hkv)](
         q, kmin, kmax, seqlens, alibi_slopes if alibi_slopes is not None else q,
-        tau.to(torch.float32), page_mask.to(torch.int8), read_all.to(torch.int8),
+        tau.to(torch.float32), selected, read_all.view(torch.int8),
         flags, counts, finite,
         q.stride(0), q.stride(1), q.stride(3), *kmin.stride(),
         hq, hkv, hq // hkv, dim, num_pages, page_size, scale, alpha - 1.0,
@@ -113,11 +118,11 @@ def triton_certify_pages(
 
 
 def certify_pages(
-    q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_mask: Tensor, tau: Tensor,
-    read_all: Tensor, *, page_size: int, alpha: float, scale: float,
+    q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_indices: Tensor, num_selected: Tensor,
+    tau: Tensor, read_all: Tensor, *, page_size: int, alpha: float, scale: float,
     alibi_slopes: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The pages a certified round reads, as the reference ``certify.reference.certify_pages``:
     ``(page_indices, num_selected, bounds_finite)``. Trusts its caller (the step)."""
-    return triton_certify_pages(q, kmin, kmax, seqlens, page_mask, tau, read_all, alibi_slopes,
-                                int(page_size), float(alpha), float(scale))
+    return triton_certify_pages(q, kmin, kmax, seqlens, page_indices, num_selected, tau, read_all,
+                                alibi_slopes, int(page_size), float(alpha), float(scale))

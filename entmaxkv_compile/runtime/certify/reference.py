@@ -118,7 +118,8 @@ def certify_pages(
     kmin: torch.Tensor,
     kmax: torch.Tensor,
     seqlens: torch.Tensor,
-    page_mask: torch.Tensor,
+    page_indices: torch.Tensor,
+    num_selected: torch.Tensor,
     tau: torch.Tensor,
     read_all: torch.Tensor,
     *,
@@ -129,8 +130,8 @@ def certify_pages(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pages a certified round must read: ``(page_indices, num_selected, bounds_finite)``.
 
-    A valid page is read when it is in ``page_mask`` (bool ``[B, Hkv, Npages]``, the pages
-    already selected), when its sequence is marked ``read_all`` (bool ``[B]``: statistics that
+    A valid page is read when it is among the first ``num_selected`` of ``page_indices`` (the
+    pages already selected, as ``select_pages`` returns them), when its sequence is marked ``read_all`` (bool ``[B]``: statistics that
     bound nothing, or a step that reads everything anyway), or when some query head of its group
     has ``(alpha-1) u_p > tau`` (``u_p`` the Quest bound; ``tau`` float32 ``[B, Hq]``, a lower
     bound of the exact threshold); a NaN bound is read too. Every page left out then has
@@ -147,6 +148,7 @@ def certify_pages(
     violates = bounded & ~((alpha - 1.0) * bounds <= tau.to(dtype)[..., None])
     hit = violates.reshape(batch, kv_heads, q_heads // kv_heads, num_pages).any(2)
     valid = valid_page_mask(seqlens, page_size, num_pages)[:, None, :]
+    page_mask = page_mask_from_indices(page_indices, num_selected, num_pages)
     read = valid & (page_mask | read_all[:, None, None] | hit)
     finite = ~(bounded & ~torch.isfinite(bounds)).any(-1)
     page_indices, num_selected = compact_page_mask(read)

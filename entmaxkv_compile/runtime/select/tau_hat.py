@@ -91,6 +91,9 @@ def gaussian_tau_kernel(
     result is the one a cold fp64 solve reaches, in a few iterations instead of dozens."""
     pid = tl.program_id(0)
     b = pid // Hq
+    if tl.load(seqlens_ptr + b) == 0:  # nothing to select (a certified step reading densely)
+        tl.store(tau_ptr + pid, float("inf"))
+        return
     offs = tl.arange(0, BLOCK_B)
     s1 = tl.zeros([BLOCK_B], tl.float64)
     s2 = tl.zeros([BLOCK_B], tl.float64)
@@ -126,6 +129,9 @@ def mixture_tau_kernel(
     pid = tl.program_id(0)
     b = pid // Hq
     length = tl.load(seqlens_ptr + b).to(tl.int32)
+    if length == 0:  # nothing to select (a certified step reading densely)
+        tl.store(tau_ptr + pid, float("inf"))
+        return
     base = pid.to(tl.int64) * num_pages
     offs = tl.arange(0, BLOCK_P)
     top = tl.full([BLOCK_P], float("-inf"), tl.float32)
