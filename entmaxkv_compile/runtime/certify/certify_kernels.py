@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..select.select_kernels import _page_counts
+from ..select.select_kernels import _page_counts, group_page_bounds
 
 
 @triton.jit
@@ -33,10 +33,8 @@ def violation_kernel(
     length = tl.load(seqlens_ptr + b).to(tl.int32)
     read_all_flag = tl.load(read_all_ptr + b)
     offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
     pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
     gmask = offs_g < G
-    dmask = offs_d < D
     heads = hk * G + offs_g
     inside = pages < num_pages
     valid = _page_counts(pages, length, page_size, num_pages) > 0
@@ -46,32 +44,12 @@ def violation_kernel(
         tl.store(flag_ptr + row + pages, flags, mask=inside)
         tl.store(count_ptr + pid_bh * tl.num_programs(0) + blk, tl.sum(flags.to(tl.int32), axis=0))
         return
-    need = valid
     selected = tl.load(sel_ptr + row + pages, mask=inside, other=0) != 0
-    q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd,
-                mask=gmask[:, None] & dmask[None, :], other=0.0)
-    off = (b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + pages.to(tl.int64)[:, None] * ssp
-           + offs_d[None, :] * ssd)
-    lmask = need[:, None] & dmask[None, :]
-    kmx = tl.load(kmax_ptr + off, mask=lmask, other=0.0)
-    kmn = tl.load(kmin_ptr + off, mask=lmask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        kmx = kmx.to(tl.float32)
-        kmn = kmn.to(tl.float32)
-    q_pos = tl.where(q > 0, q, 0.0).to(q.dtype)
-    q_neg = tl.where(q < 0, q, 0.0).to(q.dtype)
-    u = tl.dot(q_pos, tl.trans(kmx), input_precision=DOT_PREC)
-    u += tl.dot(q_neg, tl.trans(kmn), input_precision=DOT_PREC)
-    u = u * scale
-    if HAS_ALIBI:
-        slope = tl.load(slopes_ptr + heads, mask=gmask, other=0.0).to(tl.float32)
-        first = (pages * page_size - (length - 1)).to(tl.float32)
-        last = (tl.minimum(pages * page_size + page_size - 1, length - 1) - (length - 1)).to(
-            tl.float32)
-        u += tl.maximum(slope[:, None] * first[None, :], slope[:, None] * last[None, :])
+    u = group_page_bounds(q_ptr, kmin_ptr, kmax_ptr, slopes_ptr, b, hk, pages, valid, length,
+                          sqb, sqh, sqd, ssb, ssh, ssp, ssd, G, D, page_size, scale,
+                          HAS_ALIBI, BLOCK_G, BLOCK_D, DOT_PREC, UPCAST)
     tau = tl.load(tau_ptr + b * Hq + heads, mask=gmask, other=float("inf"))
-    bounded = gmask[:, None] & need[None, :]
+    bounded = gmask[:, None] & valid[None, :]
     violates = bounded & ~(am1 * u <= tau[:, None])
     hit = tl.max(violates.to(tl.int32), axis=0) > 0
     keep = valid & (selected | hit)

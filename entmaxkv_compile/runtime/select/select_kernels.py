@@ -27,31 +27,25 @@ def _page_counts(pages, length, page_size, num_pages):
 
 
 @triton.jit
-def quest_kernel(
-    q_ptr, kmin_ptr, kmax_ptr, seqlens_ptr, slopes_ptr, bound_ptr, group_ptr,
-    sqb, sqh, sqd, ssb, ssh, ssp, ssd,
-    Hq, Hkv, G, D, num_pages, page_size, scale,
-    HAS_ALIBI: tl.constexpr, WRITE_HEADS: tl.constexpr, WRITE_GROUP: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+def group_page_bounds(
+    q_ptr, kmin_ptr, kmax_ptr, slopes_ptr, b, hk, pages, load_mask, length,
+    sqb, sqh, sqd, ssb, ssh, ssp, ssd, G, D, page_size, scale,
+    HAS_ALIBI: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hkv
-    hk = pid_bh % Hkv
-    length = tl.load(seqlens_ptr + b).to(tl.int32)
+    """Quest bounds ``[BLOCK_G, BLOCK_P]`` of one page block for the G query heads of KV head
+    ``hk``: ``scale (q+ . kmax + q- . kmin)`` plus the page's largest ALiBi bias, from one read of
+    kmin/kmax (pages outside ``load_mask`` are not read; their bound is meaningless)."""
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
-    pages = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     gmask = offs_g < G
     dmask = offs_d < D
     heads = hk * G + offs_g
-    n = _page_counts(pages, length, page_size, num_pages)
-    valid = n > 0
     q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd,
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
     off = (b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + pages.to(tl.int64)[:, None] * ssp
            + offs_d[None, :] * ssd)
-    lmask = (pages < num_pages)[:, None] & dmask[None, :]
+    lmask = load_mask[:, None] & dmask[None, :]
     kmx = tl.load(kmax_ptr + off, mask=lmask, other=0.0)
     kmn = tl.load(kmin_ptr + off, mask=lmask, other=0.0)
     if UPCAST:
@@ -69,6 +63,30 @@ def quest_kernel(
         last = (tl.minimum(pages * page_size + page_size - 1, length - 1) - (length - 1)).to(
             tl.float32)
         u += tl.maximum(slope[:, None] * first[None, :], slope[:, None] * last[None, :])
+    return u
+
+
+@triton.jit
+def quest_kernel(
+    q_ptr, kmin_ptr, kmax_ptr, seqlens_ptr, slopes_ptr, bound_ptr, group_ptr,
+    sqb, sqh, sqd, ssb, ssh, ssp, ssd,
+    Hq, Hkv, G, D, num_pages, page_size, scale,
+    HAS_ALIBI: tl.constexpr, WRITE_HEADS: tl.constexpr, WRITE_GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    length = tl.load(seqlens_ptr + b).to(tl.int32)
+    offs_g = tl.arange(0, BLOCK_G)
+    gmask = offs_g < G
+    heads = hk * G + offs_g
+    pages = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    valid = _page_counts(pages, length, page_size, num_pages) > 0
+    u = group_page_bounds(q_ptr, kmin_ptr, kmax_ptr, slopes_ptr, b, hk, pages, pages < num_pages, length,
+                          sqb, sqh, sqd, ssb, ssh, ssp, ssd, G, D, page_size, scale,
+                          HAS_ALIBI, BLOCK_G, BLOCK_D, DOT_PREC, UPCAST)
     u = tl.where(valid[None, :] & gmask[:, None], u, float("-inf"))
     if WRITE_HEADS:
         tl.store(bound_ptr + (b * Hq + heads[:, None]).to(tl.int64) * num_pages + pages[None, :],
