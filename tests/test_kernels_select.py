@@ -214,6 +214,31 @@ def test_certify_pages_matches_reference(alpha, dtype, alibi):
     assert 0 < int(got[:-1].sum()) < int(valid[:-1].expand_as(got[:-1]).sum())  # some, not all
 
 
+def test_certified_heads_and_policy_update_match_reference():
+    from entmaxkv_compile.runtime.certify import policy
+
+    gen = torch.Generator().manual_seed(3)
+    tau = torch.randn(4, 6, generator=gen)
+    tau[0, 1], tau[1, 2], tau[2, 0] = float("nan"), float("inf"), float("-inf")
+    finite = torch.rand(4, 6, generator=gen) > 0.2
+    seqlens = torch.tensor([0, 17, 64, 80])
+    stats_ok = torch.tensor([True, True, False, True])
+    args = [x.to(DEVICE) for x in (tau, finite, seqlens, stats_ok)]
+    want = certify_reference.certified_heads(*args, capacity=64)
+    got = kernels.certified_heads(*args, capacity=64)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not got[0][[0, 2, 3]].any()  # empty, unsound statistics, beyond capacity
+    skip = torch.tensor([0, 0, 5, 1], dtype=torch.int32, device=DEVICE)
+    dense = skip > 0
+    num_selected = torch.tensor([[1, 1], [2, 1], [4, 4], [0, 0]], dtype=torch.int32, device=DEVICE)
+    kw = dict(page_size=16, num_pages=4, dense_above=0.5, probe_every=32)
+    lengths = torch.tensor([64, 17, 64, 64], device=DEVICE)
+    want_skip = skip.clone()
+    policy.certify_policy_update_(want_skip, dense, num_selected, lengths, **kw)
+    kernels.certify_policy_update_(skip, dense, num_selected, lengths, **kw)
+    assert torch.equal(skip, want_skip) and skip.tolist() == [0, 31, 4, 0]
+
+
 def test_select_bad_inputs_raise():
     batch, hq, hkv, nmax, dim, page = SMALL
     q, st, seqlens, _ = _case(5, batch, hq, hkv, nmax, dim, page, torch.float32, False)

@@ -29,7 +29,7 @@ import torch
 from ..checks import check_alibi_slopes, check_decode_inputs, check_scale
 from ..config import EntmaxKVConfig
 from .stats.reference import KVPageStats
-from .certify.policy import certify_policy_update_, dense_rows_for
+from .certify.policy import dense_rows_for
 from .graphed import GraphedStep
 from .step import DecodeResult, implementation_for, run_step
 
@@ -158,7 +158,7 @@ class Decoder:
                           alpha=self.alpha, scale=self.scale, alibi_slopes=self.alibi_slopes,
                           stats_valid=self.stats.valid_for(seqlens), dense_rows=dense_rows)
         if certified:
-            certify_policy_update_(
+            self.impl.certify_policy_update_(
                 self.stats.certify_skip, dense_rows, result.num_selected, seqlens,
                 page_size=self.config.page_size, num_pages=self.stats.kmin.shape[2],
                 dense_above=self.config.certify_dense_above, probe_every=self.config.certify_probe_every)

@@ -14,14 +14,16 @@ import os
 import torch
 
 from .attend.kernel import paged_decode
-from .certify.kernel import certify, certify_pages
+from .certify.kernel import certified_heads, certify, certify_pages, certify_policy_update_
 from .select.kernel import compact_page_mask, quest_bounds, select_pages
 from .stats.kernel import stats_append_, stats_prefill_
 
 __all__ = [
     "available",
+    "certified_heads",
     "certify",
     "certify_pages",
+    "certify_policy_update_",
     "compact_page_mask",
     "paged_decode",
     "quest_bounds",

@@ -26,7 +26,6 @@ from ..config import EntmaxKVConfig
 from ..math import reference
 from . import step
 from .attend import reference as attend_reference
-from .certify import policy
 from .certify import reference as certify_reference
 from .select import reference as selection
 from .stats import reference as cache
@@ -301,7 +300,7 @@ def certify_policy_update(
     num_pages: int, dense_above: float, probe_every: int,
 ) -> None:
     """Advance the certified mode's read-everything counter after a step (``certify/policy.py``)."""
-    policy.certify_policy_update_(certify_skip, dense_rows, num_selected, seqlens, page_size=page_size,
+    step.implementation_for(certify_skip.device).certify_policy_update_(certify_skip, dense_rows, num_selected, seqlens, page_size=page_size,
                                   num_pages=num_pages, dense_above=dense_above, probe_every=probe_every)
 
 

@@ -1,7 +1,8 @@
 """One decode step: select -> decode -> certify, and the certified loop, over any implementation.
 
 The step is written once against a small "implementation" namespace (``select_pages``,
-``compact_page_mask``, ``quest_bounds``, ``paged_decode``, ``certify``, ``certify_pages``), which is either the stage
+``compact_page_mask``, ``quest_bounds``, ``paged_decode``, ``certify``, ``certify_pages``,
+``certified_heads``, ``certify_policy_update_``), which is either the stage
 references (:func:`reference_implementation`) or the Triton kernels (``runtime/kernels.py``). So
 the eager API (through ``Decoder``), the ``entmaxkv::decode_step`` op and the tests all run the
 same logic, and the kernels only have to match the reference function by function.
@@ -20,6 +21,7 @@ import torch
 
 from ..config import EntmaxKVConfig
 from .attend import reference as attend_reference
+from .certify import policy as certify_policy
 from .certify import reference as certify_reference
 from .select import reference as selection
 
@@ -37,6 +39,8 @@ def reference_implementation() -> SimpleNamespace:
         paged_decode=attend_reference.paged_decode_unchecked,
         certify=certify_reference.certify_unchecked,
         certify_pages=certify_reference.certify_pages,
+        certified_heads=certify_reference.certified_heads,
+        certify_policy_update_=certify_policy.certify_policy_update_,
     )
 
 
@@ -117,10 +121,9 @@ def run_step(
 
     out, tau = impl.paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry)
     if config.selector == "certified":
-        out, tau, page_indices, num_selected, certified = _certified_rounds(
+        out, tau, page_indices, num_selected, certified, delta = _certified_rounds(
             impl, q, k_cache, v_cache, seqlens, stats, config, out, tau, page_indices, num_selected,
             stats_valid, dense_rows, geometry)
-        delta = torch.where(certified, 0.0, 1.0)
     elif config.selector == "dense":
         # Every valid page was read: the output is full entmax wherever tau is a number.
         certified = torch.isfinite(tau)
@@ -138,7 +141,7 @@ def _certified_rounds(impl, q, k_cache, v_cache, seqlens, stats, config, out, ta
                       num_selected, stats_valid, dense_rows, geometry):
     """Add every page whose bound violates the certificate at the current tau, decode again.
 
-    Returns ``(out, tau, page_indices, num_selected, certified)``. After a round, every page left
+    Returns ``(out, tau, page_indices, num_selected, certified, delta_bound)``. After a round, every page left
     out has ``(alpha-1) u_p <= tau_floor <= tau(S1)`` for every head, so the output equals full
     entmax: a head is certified when that argument rests on sound inputs (its bounds finite, its
     tau finite, its length within the cache, its sequence's statistics kept in order). A sequence
@@ -158,7 +161,6 @@ def _certified_rounds(impl, q, k_cache, v_cache, seqlens, stats, config, out, ta
             q, kmin, kmax, seqlens, page_indices, num_selected, tau_floor, read_all, **geometry)
         out, tau = impl.paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry)
         tau_floor = torch.maximum(tau_floor, tau)
-    length = seqlens.to(torch.int64)
-    sound = (length >= 1) & (length <= num_pages * config.page_size) & stats_ok
-    certified = bounds_finite & torch.isfinite(tau_floor) & sound[:, None]
-    return out, tau, page_indices, num_selected, certified
+    certified, delta = impl.certified_heads(tau_floor, bounds_finite, seqlens, stats_ok,
+                                            capacity=num_pages * config.page_size)
+    return out, tau, page_indices, num_selected, certified, delta

@@ -73,3 +73,40 @@ def mark_pages_kernel(idx_ptr, nsel_ptr, flag_ptr, num_pages, BLOCK: tl.constexp
     pages = tl.load(idx_ptr + row + slots, mask=used & (slots < num_pages), other=-1)
     ok = used & (pages >= 0) & (pages < num_pages)
     tl.store(flag_ptr + row + pages, tl.full([BLOCK], 1, tl.int8), mask=ok)
+
+
+@triton.jit
+def certified_heads_kernel(
+    tau_ptr, finite_ptr, seqlens_ptr, ok_ptr, cert_ptr, delta_ptr, Hq, capacity,
+    BLOCK_H: tl.constexpr,
+):
+    """One sequence's certificate after a certified round: a head is certified when its tau and
+    bounds are finite, the length lies in ``[1, capacity]`` and the statistics are sound; delta is
+    0 where certified, else 1 (one launch for what was ten elementwise passes)."""
+    b = tl.program_id(0)
+    heads = tl.arange(0, BLOCK_H)
+    hmask = heads < Hq
+    length = tl.load(seqlens_ptr + b).to(tl.int64)
+    sound = (length >= 1) & (length <= capacity) & (tl.load(ok_ptr + b) != 0)
+    tau = tl.load(tau_ptr + b * Hq + heads, mask=hmask, other=float("nan"))
+    finite = tl.load(finite_ptr + b * Hq + heads, mask=hmask, other=0) != 0
+    cert = finite & (tl.abs(tau) < float("inf")) & sound
+    tl.store(cert_ptr + b * Hq + heads, cert.to(tl.int8), mask=hmask)
+    tl.store(delta_ptr + b * Hq + heads, tl.where(cert, 0.0, 1.0), mask=hmask)
+
+
+@triton.jit
+def policy_update_kernel(
+    skip_ptr, dense_ptr, nsel_ptr, seqlens_ptr, Hkv, num_pages, page_size, dense_above, probe_every,
+    BLOCK_K: tl.constexpr,
+):
+    """``certify/policy.certify_policy_update_`` for one sequence, in one launch."""
+    b = tl.program_id(0)
+    heads = tl.arange(0, BLOCK_K)
+    read = tl.sum(tl.load(nsel_ptr + b * Hkv + heads, mask=heads < Hkv, other=0).to(tl.int64), axis=0)
+    length = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b).to(tl.int64), 0), num_pages * page_size)
+    pages = (length + page_size - 1) // page_size * Hkv
+    heavy = read.to(tl.float32) > dense_above * pages.to(tl.float32)
+    skip = tl.load(skip_ptr + b)
+    after = tl.where(tl.load(dense_ptr + b) != 0, skip - 1, tl.where(heavy, probe_every - 1, 0))
+    tl.store(skip_ptr + b, tl.maximum(after, 0))

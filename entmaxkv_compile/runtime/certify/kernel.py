@@ -22,7 +22,7 @@ from .. import _common as cm
 from ..select.kernel import launch_quest
 from ..select.select_kernels import compact_kernel
 from ..tuning.tuned import lookup
-from .certify_kernels import mark_pages_kernel, violation_kernel
+from .certify_kernels import certified_heads_kernel, mark_pages_kernel, policy_update_kernel, violation_kernel
 from .reference import certificate_inputs_ok
 
 
@@ -126,3 +126,40 @@ def certify_pages(
     ``(page_indices, num_selected, bounds_finite)``. Trusts its caller (the step)."""
     return triton_certify_pages(q, kmin, kmax, seqlens, page_indices, num_selected, tau, read_all,
                                 alibi_slopes, int(page_size), float(alpha), float(scale))
+
+
+@triton_op("entmaxkv::triton_certified_heads", mutates_args=())
+def triton_certified_heads(tau: Tensor, bounds_finite: Tensor, seqlens: Tensor, stats_ok: Tensor,
+                           capacity: int) -> tuple[Tensor, Tensor]:
+    """The registered op; see :func:`certified_heads`."""
+    batch, hq = tau.shape
+    certified = torch.empty((batch, hq), device=tau.device, dtype=torch.bool)
+    delta = torch.empty((batch, hq), device=tau.device, dtype=torch.float32)
+    wrap_triton(certified_heads_kernel)[(batch,)](
+        tau, bounds_finite.view(torch.int8), seqlens, stats_ok.view(torch.int8), certified.view(torch.int8),
+        delta, hq, capacity, BLOCK_H=max(16, cm.next_pow2(hq)), num_warps=1)
+    return certified, delta
+
+
+def certified_heads(tau: Tensor, bounds_finite: Tensor, seqlens: Tensor, stats_ok: Tensor, *,
+                    capacity: int) -> tuple[Tensor, Tensor]:
+    """``(certified, delta_bound)`` after a certified round, as ``certify.reference.certified_heads``."""
+    return triton_certified_heads(tau.to(torch.float32), bounds_finite, seqlens, stats_ok, int(capacity))
+
+
+@triton_op("entmaxkv::triton_certify_policy_update", mutates_args=("certify_skip",))
+def triton_certify_policy_update(certify_skip: Tensor, dense_rows: Tensor, num_selected: Tensor,
+                                 seqlens: Tensor, page_size: int, num_pages: int, dense_above: float,
+                                 probe_every: int) -> None:
+    """The registered op; see ``certify/policy.certify_policy_update_`` (same arguments)."""
+    batch, hkv = num_selected.shape
+    wrap_triton(policy_update_kernel)[(batch,)](
+        certify_skip, dense_rows.view(torch.int8), num_selected, seqlens, hkv, num_pages, page_size,
+        dense_above, probe_every, BLOCK_K=max(16, cm.next_pow2(hkv)), num_warps=1)
+
+
+def certify_policy_update_(certify_skip: Tensor, dense_rows: Tensor, num_selected: Tensor, seqlens: Tensor, *,
+                           page_size: int, num_pages: int, dense_above: float, probe_every: int) -> None:
+    """``certify/policy.certify_policy_update_`` in one launch."""
+    triton_certify_policy_update(certify_skip, dense_rows, num_selected, seqlens, int(page_size),
+                                 int(num_pages), float(dense_above), int(probe_every))

@@ -14,7 +14,7 @@ from ...math.reference import entmax_beta
 from ..select.reference import compact_page_mask, page_mask_from_indices, quest_bounds_in, valid_page_mask
 from ..stats.reference import page_token_counts
 
-__all__ = ["certificate_inputs_ok", "certify", "certify_pages", "certify_unchecked"]
+__all__ = ["certificate_inputs_ok", "certified_heads", "certify", "certify_pages", "certify_unchecked"]
 
 
 def _page_excess(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes):
@@ -153,3 +153,18 @@ def certify_pages(
     finite = ~(bounded & ~torch.isfinite(bounds)).any(-1)
     page_indices, num_selected = compact_page_mask(read)
     return page_indices, num_selected, finite
+
+
+def certified_heads(tau: torch.Tensor, bounds_finite: torch.Tensor, seqlens: torch.Tensor,
+                    stats_ok: torch.Tensor, *, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(certified bool [B, Hq], delta_bound float32 [B, Hq])`` after a certified round.
+
+    Every page left out of the round has ``(alpha-1) u_p <= tau``, so the output is full entmax
+    when that argument rests on sound inputs: ``bounds_finite`` and ``tau`` finite, the length in
+    ``[1, capacity]`` and ``stats_ok`` (bool ``[B]``). Where certified the dropped mass is 0, else
+    the trivial bound 1.
+    """
+    length = seqlens.to(torch.int64)
+    sound = (length >= 1) & (length <= capacity) & stats_ok
+    certified = bounds_finite & torch.isfinite(tau) & sound[:, None]
+    return certified, torch.where(certified, 0.0, 1.0).to(torch.float32)
