@@ -82,3 +82,39 @@ def test_decoder_falls_back_only_when_the_bounds_clear_too_little(make, expect_d
         assert [s[0] for s in skips] == [3, 2, 1, 0, 3, 2]
     else:
         assert all(s == [0, 0] for s in skips)
+
+
+def test_the_decoders_dense_form_equals_its_certified_step_in_fallback_mode():
+    """What a graphed Decoder replays when every sequence is in the fallback (``_dense_step``)
+    gives the certified step's results and advances the counter the same way."""
+    q, k, v = _flat_cache(3)
+    seqlens = torch.tensor([96, 57])
+    config = EntmaxKVConfig(selector="certified", page_size=16)
+    one, two = (Decoder.for_cache(k, q.shape[1], config) for _ in range(2))
+    for decoder in (one, two):
+        decoder.prefill(k, seqlens)
+        decoder.stats.certify_skip.fill_(5)
+    want = one._step(q, k, v, seqlens)
+    got = two._step(q, k, v, seqlens, "dense")
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert torch.equal(one.stats.certify_skip, two.stats.certify_skip) and two.stats.certify_skip.tolist() == [4, 4]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph capture)")
+def test_graphed_decoder_replays_the_dense_form_in_fallback_mode_with_the_same_results():
+    q, k, v = (x.float().cuda() for x in _flat_cache(4, nmax=1024, dim=64))
+    seqlens = torch.tensor([1024, 900], device="cuda")
+    config = EntmaxKVConfig(selector="certified", page_size=16, certify_probe_every=4)
+    eager = Decoder.for_cache(k, q.shape[1], config, cuda_graph=False)
+    graphed = Decoder.for_cache(k, q.shape[1], config)
+    for decoder in (eager, graphed):
+        decoder.prefill(k, seqlens)
+    for _ in range(10):
+        want, got = eager.run(q, k, v, seqlens), graphed.run(q, k, v, seqlens)
+        torch.cuda.synchronize()
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        assert got.certified.all()
+    assert any(key[-1] == "dense" for key in graphed._graphed.recordings)

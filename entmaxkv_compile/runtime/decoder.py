@@ -111,8 +111,14 @@ class Decoder:
         else:
             stats.check_cache(torch.empty(self.cache_shape, dtype=dtype, device="meta"))
         self.stats = stats
-        self._graphed = (GraphedStep(self._step, state=(stats.certify_skip,))
-                         if cuda_graph and device.type == "cuda" else None)
+        graphed = cuda_graph and device.type == "cuda"
+        self._graphed = GraphedStep(self._step, state=(stats.certify_skip,)) if graphed else None
+        # certified + graphs: the fallback counter as last copied to the host (maybe a step late),
+        # so that a step every sequence reads densely replays the dense step's graph, which
+        # launches none of the selection and bound kernels (``_variant``)
+        certified = config.selector == "certified"
+        self._host_skip = (torch.zeros(batch, dtype=torch.int32).pin_memory()
+                           if graphed and certified else None)
 
     @classmethod
     def for_cache(cls, k_cache: torch.Tensor, q_heads: int, config: EntmaxKVConfig | None = None,
@@ -146,12 +152,26 @@ class Decoder:
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             seqlens: torch.Tensor) -> DecodeResult:
         """One decode step over the first ``seqlens`` rows: no validation, no host sync."""
-        if self._graphed is not None:
-            return DecodeResult(*self._graphed(q, k_cache, v_cache, seqlens))
-        return self._step(q, k_cache, v_cache, seqlens)
+        if self._graphed is None:
+            return self._step(q, k_cache, v_cache, seqlens)
+        result = DecodeResult(*self._graphed(q, k_cache, v_cache, seqlens, self._variant()))
+        if self._host_skip is not None:  # asynchronous: read at a later step, never waited for
+            self._host_skip.copy_(self.stats.certify_skip, non_blocking=True)
+        return result
+
+    def _variant(self) -> str:
+        """``"dense"`` when every sequence's fallback counter, as last seen on the host, is
+        running: the certified step then equals the dense step (exact, no selection, no bounds),
+        and replaying that step's own graph skips the launches a device-side choice would pay.
+        A stale host value only picks the slower form, never a different answer."""
+        if self._host_skip is not None and int(self._host_skip.min()) > 0:
+            return "dense"
+        return "step"
 
     def _step(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              seqlens: torch.Tensor) -> DecodeResult:
+              seqlens: torch.Tensor, variant: str = "step") -> DecodeResult:
+        if variant == "dense":
+            return self._dense_step(q, k_cache, v_cache, seqlens)
         certified = self.config.selector == "certified"
         dense_rows = dense_rows_for(self.stats.certify_skip) if certified else None
         result = run_step(self.impl, q, k_cache, v_cache, seqlens, self.stats.buffers(), self.config,
@@ -163,3 +183,20 @@ class Decoder:
                 page_size=self.config.page_size, num_pages=self.stats.kmin.shape[2],
                 dense_above=self.config.certify_dense_above, probe_every=self.config.certify_probe_every)
         return result
+
+    def _dense_step(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    seqlens: torch.Tensor) -> DecodeResult:
+        """The certified step of sequences that all read every page: the dense step, with the
+        certified mode's certificate (sound inputs, finite tau) and its counter counted down."""
+        stats_ok = self.stats.valid_for(seqlens)
+        result = run_step(self.impl, q, k_cache, v_cache, seqlens, self.stats.buffers(),
+                          self.config.replace(selector="dense"), alpha=self.alpha, scale=self.scale,
+                          alibi_slopes=self.alibi_slopes, stats_valid=stats_ok)
+        num_pages = self.stats.kmin.shape[2]
+        certified, delta = self.impl.certified_heads(result.tau, torch.ones_like(result.certified), seqlens,
+                                                     stats_ok, capacity=num_pages * self.config.page_size)
+        self.impl.certify_policy_update_(
+            self.stats.certify_skip, torch.ones_like(stats_ok), result.num_selected, seqlens,
+            page_size=self.config.page_size, num_pages=num_pages,
+            dense_above=self.config.certify_dense_above, probe_every=self.config.certify_probe_every)
+        return result._replace(certified=certified, delta_bound=delta)

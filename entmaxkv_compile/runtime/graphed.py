@@ -11,7 +11,7 @@ steps exactly as with an eager call.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Hashable, NamedTuple, Sequence
 
 import torch
 
@@ -28,7 +28,8 @@ class _Recording(NamedTuple):
 
 
 class GraphedStep:
-    """``step(q, k_cache, v_cache, seqlens)`` recorded in a CUDA graph on first use per cache.
+    """``step(q, k_cache, v_cache, seqlens, variant)`` recorded in a CUDA graph on first use per
+    cache and ``variant`` (a hashable the caller picks on the host, e.g. which form of the step).
 
     ``step`` must be capturable (no host sync, fixed shapes) and must read nothing but its
     arguments and state whose addresses never change (the decoder's statistics and slopes).
@@ -39,7 +40,7 @@ class GraphedStep:
     """
 
     def __init__(self, step: Callable[..., tuple[torch.Tensor, ...]], state: Sequence[torch.Tensor] = (),
-                 max_recordings: int = 4) -> None:
+                 max_recordings: int = 8) -> None:
         self.step = step
         self.state = tuple(state)
         self.max_recordings = max_recordings
@@ -47,20 +48,21 @@ class GraphedStep:
         self.pool = torch.cuda.graph_pool_handle()
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 seqlens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                 seqlens: torch.Tensor, variant: Hashable = None) -> tuple[torch.Tensor, ...]:
         if torch.cuda.is_current_stream_capturing():
-            return self.step(q, k_cache, v_cache, seqlens)
-        key = (k_cache.data_ptr(), k_cache.stride(), v_cache.data_ptr(), v_cache.stride(), seqlens.dtype)
+            return self.step(q, k_cache, v_cache, seqlens, variant)
+        key = (k_cache.data_ptr(), k_cache.stride(), v_cache.data_ptr(), v_cache.stride(), seqlens.dtype,
+               variant)
         recording = self.recordings.get(key)
         if recording is None:
-            recording = self._record(key, q, k_cache, v_cache, seqlens)
+            recording = self._record(key, q, k_cache, v_cache, seqlens, variant)
         recording.q.copy_(q)
         recording.seqlens.copy_(seqlens)
         recording.graph.replay()
         return tuple(t.clone() for t in recording.result)
 
     def _record(self, key: tuple, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                seqlens: torch.Tensor) -> _Recording:
+                seqlens: torch.Tensor, variant: Hashable) -> _Recording:
         if len(self.recordings) >= self.max_recordings:  # caches come and go: keep the newest few
             self.recordings.pop(next(iter(self.recordings)))
         static_q, static_seqlens = q.clone(), seqlens.clone()
@@ -69,13 +71,13 @@ class GraphedStep:
         with torch.cuda.stream(side):  # compile and autotune the kernels outside the capture
             saved = [t.clone() for t in self.state]
             for _ in range(_WARMUP_CALLS):
-                self.step(static_q, k_cache, v_cache, static_seqlens)
+                self.step(static_q, k_cache, v_cache, static_seqlens, variant)
             for t, value in zip(self.state, saved):
                 t.copy_(value)
         torch.cuda.current_stream(q.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            result = tuple(self.step(static_q, k_cache, v_cache, static_seqlens))
+            result = tuple(self.step(static_q, k_cache, v_cache, static_seqlens, variant))
         recording = _Recording(graph, static_q, static_seqlens, result)
         self.recordings[key] = recording
         return recording
