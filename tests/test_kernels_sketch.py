@@ -6,6 +6,9 @@ CPU: Triton interpreter, tiny shapes. ``ENTMAXKV_KERNEL_TEST_DEVICE=cuda``: comp
 """
 
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -107,3 +110,35 @@ def test_page_bounds_of_non_finite_keys_and_garbage_past_the_length():
     rest = got[1][:, : -(-length // 16)]
     assert bool(torch.isfinite(rest).all())
     assert bool((got[1][:, -(-length // 16):] == float("-inf")).all())
+
+
+FAKE_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from entmaxkv_compile.runtime.sketch import kernel, reference
+    B, Hq, Hkv, N, D, P = 2, 8, 2, 70, 48, 16
+    with FakeTensorMode():
+        q, k = torch.randn(B, Hq, 1, D), torch.randn(B, Hkv, N, D)
+        seqlens = torch.full((B,), N, dtype=torch.int32)
+        sketch = reference.KeySketch.allocate(B, Hkv, N, D, dtype=k.dtype, device="cpu")
+        kernel.sketch_prefill_(k, seqlens, *sketch.buffers())
+        kernel.sketch_append_(k, seqlens - 1, *sketch.buffers())
+        cand = torch.ones(B, Hkv, 5, dtype=torch.bool)
+        ub = kernel.sketch_page_bounds(q, *sketch.buffers(), seqlens, cand, page_size=P, scale=0.25)
+        print(tuple(ub.shape), ub.dtype)
+""")
+
+
+def test_ops_are_registered_with_fake_shapes():
+    for name, mutated in (("triton_sketch_prefill_", {"codes", "scales"}),
+                          ("triton_sketch_append_", {"codes", "scales"}),
+                          ("triton_sketch_page_bounds", set())):
+        schema = getattr(torch.ops.entmaxkv, name).default._schema
+        writes = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+        assert writes == mutated, name
+    proc = subprocess.run([sys.executable, "-c", FAKE_SCRIPT], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "(2, 8, 5) torch.float32"

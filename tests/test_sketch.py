@@ -32,7 +32,8 @@ def sketch_case(family, *, seed=0, batch=2, hq=8, hkv=2, nmax=75, dim=48, page=1
         for b in range(batch):
             start = int(torch.randint(0, nmax - page, (1,), generator=gen))
             direction = q[b, ::group, 0]  # [Hkv, D]
-            k[b, :, start:start + page] += 4.0 * direction[:, None] / direction.norm(dim=-1)[:, None, None] * math.sqrt(dim)
+            direction = direction / direction.norm(dim=-1, keepdim=True)
+            k[b, :, start:start + page] += 4.0 * math.sqrt(dim) * direction[:, None]
     elif family == "student_t":
         # Student-t with 3 degrees of freedom: z / sqrt(chi2_3 / 3)
         chi2 = (torch.randn(3, batch, hkv, nmax, dim, generator=gen) ** 2).sum(0)
