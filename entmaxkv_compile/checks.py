@@ -419,3 +419,63 @@ def check_kernel_bound_inputs(q: Any, kmin: Any, kmax: Any, kmean: Optional[torc
     check_alpha(alpha)
     check_scale(scale)
     return q
+
+
+# ------------------------------------------------------------------ the token-level key sketch
+
+SKETCH_GROUP = 32  # channels per int8 group of the key sketch (one absmax scale each)
+
+
+def sketch_groups(head_dim: int) -> int:
+    """Scale groups per token of the key sketch: ``ceil(head_dim / 32)`` (a short last group)."""
+    return -(-int(head_dim) // SKETCH_GROUP)
+
+
+def check_sketch_buffers(codes: Any, scales: Any, *, batch: Optional[int] = None,
+                         kv_heads: Optional[int] = None, capacity: Optional[int] = None,
+                         head_dim: Optional[int] = None) -> None:
+    """The key sketch: int8 ``codes [B, Hkv, Nmax, D]`` and bfloat16 ``scales [B, Hkv, Nmax,
+    ceil(D/32)]`` on one device; each given size must match."""
+    check_tensor("codes", codes)
+    check_tensor("scales", scales)
+    if codes.dim() != 4 or codes.dtype != torch.int8:
+        raise ValueError(f"codes must be an int8 tensor [B, Hkv, Nmax, D], got {codes.dtype} "
+                         f"{tuple(codes.shape)}")
+    for name, want, got in (("batch", batch, codes.shape[0]), ("kv_heads", kv_heads, codes.shape[1]),
+                            ("capacity", capacity, codes.shape[2]), ("head_dim", head_dim, codes.shape[3])):
+        if want is not None and want != got:
+            raise ValueError(f"codes must have {name} {want} (shape [B, Hkv, Nmax, D]), got "
+                             f"{tuple(codes.shape)}")
+    expected = (*codes.shape[:3], sketch_groups(codes.shape[3]))
+    if tuple(scales.shape) != expected or scales.dtype != torch.bfloat16:
+        raise ValueError(f"scales must be a bfloat16 tensor of shape [B, Hkv, Nmax, ceil(D/32)] = "
+                         f"{list(expected)}, got {scales.dtype} {tuple(scales.shape)}")
+    check_same_device("codes", codes, scales=scales)
+
+
+def check_sketch_bound_inputs(q: Any, codes: Any, scales: Any, seqlens: Any, candidates: Any,
+                              page_size: Any, scale: Any, alibi_slopes: Any) -> tuple[int, float]:
+    """Metadata checks (no sync) of a sketch page bound: q ``[B, Hq, 1, D]`` floating, the sketch
+    of that batch and head dim with ``Hq % Hkv == 0``, int ``seqlens [B]``, bool ``candidates
+    [B, Hkv, ceil(Nmax / P)]``, all on one device. Returns ``(page_size, scale)``."""
+    check_tensor("q", q)
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"q must have shape [B, Hq, 1, D] (one decode query), got {tuple(q.shape)}")
+    check_float_dtype("q", q)
+    page_size = check_page_size(page_size)
+    scale = check_scale(scale)
+    batch, q_heads, _, head_dim = q.shape
+    check_sketch_buffers(codes, scales, batch=batch, head_dim=head_dim)
+    kv_heads, capacity = codes.shape[1], codes.shape[2]
+    if q_heads % kv_heads:
+        raise ValueError(f"q heads ({q_heads}) must be a multiple of the sketch's KV heads ({kv_heads})")
+    check_same_device("q", q, codes=codes)
+    check_lengths("seqlens", seqlens, batch, device=q.device)
+    check_tensor("candidates", candidates)
+    expected = (batch, kv_heads, num_pages_for(capacity, page_size))
+    if candidates.dtype != torch.bool or tuple(candidates.shape) != expected:
+        raise ValueError(f"candidates must be a bool tensor of shape [B, Hkv, Npages] = {list(expected)}, "
+                         f"got {candidates.dtype} {tuple(candidates.shape)}")
+    check_same_device("q", q, candidates=candidates)
+    check_alibi_slopes(alibi_slopes, q_heads, device=q.device)
+    return page_size, scale

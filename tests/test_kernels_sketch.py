@@ -1,0 +1,144 @@
+"""The int8 key sketch kernels (``runtime/sketch/kernel.py``) against the reference
+``runtime/sketch/reference.py``: codes and scales bit for bit, page bounds to float32 rounding
+and, like the reference, never below the float64 page max.
+
+CPU: Triton interpreter, tiny shapes. ``ENTMAXKV_KERNEL_TEST_DEVICE=cuda``: compiled, real shapes.
+"""
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import KERNEL_DEVICE as DEVICE
+from conftest import KERNEL_REAL_SHAPES as REAL
+from test_sketch import all_pages, check_valid, sketch_case, true_page_max
+
+from entmaxkv_compile.runtime.sketch import kernel
+from entmaxkv_compile.runtime.sketch import reference
+
+pytestmark = pytest.mark.kernels
+
+NMAX = 4093 if REAL else 75
+
+
+def _same_scales(a, b):
+    """Bitwise equal bfloat16 scales, any NaN equal to any NaN."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a.view(torch.int16)[~nan], b.view(torch.int16)[~nan])
+
+
+def _kernel_sketch(k, seqlens):
+    sketch = reference.KeySketch.allocate(*k.shape, dtype=k.dtype, device=k.device)
+    kernel.sketch_prefill_(k, seqlens, *sketch.buffers())
+    return sketch
+
+
+@pytest.mark.parametrize("dtype, dim, family", [
+    (torch.float16, 16, "iid"), (torch.bfloat16, 48, "student_t"), (torch.float32, 80, "offset"),
+    (torch.float32, 64, "planted"),
+])
+def test_prefill_and_append_match_reference(dtype, dim, family):
+    _, k, seqlens, _ = sketch_case(family, seed=dim, nmax=NMAX, dim=dim, dtype=dtype, device=DEVICE)
+    k[0, 1, 7, 3] = float("nan")
+    k[1, 0, 2, 1] = float("inf")
+    k[0, 0, 9] = 0.0
+    k[1, 1, NMAX - 1] = float("nan")  # past sequence 1's length: never quantised
+    short = (seqlens - 6).clamp(min=1)
+    ref = reference.KeySketch.from_cache(k, short)
+    got = _kernel_sketch(k, short)
+    assert torch.equal(ref.codes, got.codes) and _same_scales(ref.scales, got.scales)
+    for step in range(6):
+        pos = short + step
+        ref.append(k, pos)
+        kernel.sketch_append_(k, pos, *got.buffers())
+    assert torch.equal(ref.codes, got.codes) and _same_scales(ref.scales, got.scales)
+    fresh = reference.KeySketch.from_cache(k, short + 6)
+    assert torch.equal(fresh.codes, got.codes) and _same_scales(fresh.scales, got.scales)
+
+
+def test_append_outside_the_cache_writes_nothing():
+    _, k, seqlens, _ = sketch_case("iid", seed=1, nmax=NMAX, device=DEVICE)
+    got = _kernel_sketch(k, seqlens)
+    codes, scales = got.codes.clone(), got.scales.clone()
+    kernel.sketch_append_(k, torch.tensor([NMAX, -1], dtype=torch.int32, device=DEVICE), *got.buffers())
+    assert torch.equal(codes, got.codes) and torch.equal(scales, got.scales)
+
+
+@pytest.mark.parametrize("family, dtype, dim, gqa, alibi, page", [
+    ("iid", torch.float16, 16, 1, False, 16),
+    ("planted", torch.bfloat16, 48, 4, True, 16),
+    ("student_t", torch.float32, 64, 4, False, 8),
+    ("offset", torch.float32, 80, 1, True, 16),
+    ("offset", torch.float16, 48, 4, False, 32),
+])
+def test_page_bounds_match_reference_and_are_valid(family, dtype, dim, gqa, alibi, page):
+    hkv = 8 if REAL else 2
+    q, k, seqlens, slopes = sketch_case(family, seed=dim + page, hq=hkv * gqa, hkv=hkv, nmax=NMAX,
+                                        dim=dim, page=page, dtype=dtype, alibi=alibi, device=DEVICE)
+    sketch = reference.KeySketch.from_cache(k, seqlens)
+    gen = torch.Generator().manual_seed(dim)
+    cand = (torch.rand(*all_pages(sketch.codes, page).shape, generator=gen) < 0.7).to(DEVICE)
+    scale = 1 / math.sqrt(dim)
+    kw = dict(page_size=page, scale=scale, alibi_slopes=slopes)
+    ref = reference.sketch_page_bounds(q, *sketch.buffers(), seqlens, cand, **kw)
+    got = kernel.sketch_page_bounds(q, *sketch.buffers(), seqlens, cand, **kw)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert torch.equal(ref == float("-inf"), got == float("-inf"))
+    finite = torch.isfinite(ref)
+    assert bool(finite.any()) and torch.equal(finite, torch.isfinite(got))
+    assert torch.allclose(got[finite], ref[finite], rtol=2e-6, atol=1e-5)
+    full = kernel.sketch_page_bounds(q, *sketch.buffers(), seqlens, all_pages(sketch.codes, page), **kw)
+    check_valid(full, true_page_max(q, k, seqlens, page, scale, slopes))
+
+
+def test_page_bounds_of_non_finite_keys_and_garbage_past_the_length():
+    q, k, seqlens, _ = sketch_case("iid", seed=2, nmax=NMAX, device=DEVICE)
+    k[0, 1, 21, 5] = float("nan")  # page 1 of KV head 1: query heads 4..7
+    k[0, 0, 40, 0] = float("inf")  # page 2 of KV head 0: query heads 0..3
+    sketch = reference.KeySketch.from_cache(k, seqlens)
+    length = int(seqlens[1])
+    sketch.scales[1, :, length:] = float("nan")  # garbage that must never be read
+    cand = all_pages(sketch.codes, 16)
+    cand[0, 0, 3] = False
+    got = kernel.sketch_page_bounds(q, *sketch.buffers(), seqlens, cand, page_size=16, scale=0.2)
+    for hit in (got[0, 4:, 1], got[0, :4, 2]):
+        assert bool((hit.isnan() | (hit == float("inf"))).all()), hit
+    assert bool((got[0, :4, 3] == float("-inf")).all())
+    rest = got[1][:, : -(-length // 16)]
+    assert bool(torch.isfinite(rest).all())
+    assert bool((got[1][:, -(-length // 16):] == float("-inf")).all())
+
+
+FAKE_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from entmaxkv_compile.runtime.sketch import kernel, reference
+    B, Hq, Hkv, N, D, P = 2, 8, 2, 70, 48, 16
+    with FakeTensorMode():
+        q, k = torch.randn(B, Hq, 1, D), torch.randn(B, Hkv, N, D)
+        seqlens = torch.full((B,), N, dtype=torch.int32)
+        sketch = reference.KeySketch.allocate(B, Hkv, N, D, dtype=k.dtype, device="cpu")
+        kernel.sketch_prefill_(k, seqlens, *sketch.buffers())
+        kernel.sketch_append_(k, seqlens - 1, *sketch.buffers())
+        cand = torch.ones(B, Hkv, 5, dtype=torch.bool)
+        ub = kernel.sketch_page_bounds(q, *sketch.buffers(), seqlens, cand, page_size=P, scale=0.25)
+        print(tuple(ub.shape), ub.dtype)
+""")
+
+
+def test_ops_are_registered_with_fake_shapes():
+    for name, mutated in (("triton_sketch_prefill_", {"codes", "scales"}),
+                          ("triton_sketch_append_", {"codes", "scales"}),
+                          ("triton_sketch_page_bounds", set())):
+        schema = getattr(torch.ops.entmaxkv, name).default._schema
+        writes = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+        assert writes == mutated, name
+    proc = subprocess.run([sys.executable, "-c", FAKE_SCRIPT], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "(2, 8, 5) torch.float32"
