@@ -14,10 +14,12 @@ from typing import Any, Literal, Mapping
 Selector = Literal["gaussian", "topk", "certified", "dense"]
 TauEstimate = Literal["auto", "global", "mixture"]
 MomentDtype = Literal["float32", "cache"]
+CertifySketch = Literal["off", "int8"]
 
 SELECTORS: tuple[str, ...] = ("gaussian", "topk", "certified", "dense")
 TAU_ESTIMATES: tuple[str, ...] = ("auto", "global", "mixture")
 MOMENT_DTYPES: tuple[str, ...] = ("float32", "cache")
+CERTIFY_SKETCHES: tuple[str, ...] = ("off", "int8")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,13 @@ class EntmaxKVConfig:
             ``certify_probe_every - 1`` steps read every page directly, skipping the selection and
             the bounds (exact either way; see ``runtime/certify/policy.py``). 1.0 never does.
         certify_probe_every: the period of that fallback: one step in this many tries the bounds.
+        certify_sketch: ``"int8"`` keeps, beside the page statistics, a per-token int8 copy of K
+            (groups of 32 channels, bf16 scales: 136 B per token and KV head at D = 128, 53% of
+            an fp16 K row; ``runtime/sketch/``) and, in certified mode, re-bounds every page the
+            Quest bound could not clear token by token before reading it at full precision: far
+            fewer pages read where page boxes are loose. ``"off"`` (default) keeps none. Supported
+            by :class:`~entmaxkv_compile.Decoder` and ``sparse_decode``; the compiled paths refuse
+            it.
         min_context: sequences shorter than this many tokens use dense entmax decode.
         moment_dtype: storage of the per-page key means and M2 the gaussian selector reads:
             ``"float32"`` (default, exact Welford) or ``"cache"`` (the K cache's dtype, arithmetic
@@ -82,6 +91,7 @@ class EntmaxKVConfig:
     certify_max_rounds: int = 1
     certify_dense_above: float = 0.5
     certify_probe_every: int = 32
+    certify_sketch: CertifySketch = "off"
     min_context: int = 0
     moment_dtype: MomentDtype = "float32"
     report_bound: bool = False
@@ -115,11 +125,21 @@ class EntmaxKVConfig:
         if not (0.0 <= float(self.certify_dense_above) <= 1.0):
             raise ValueError(f"certify_dense_above must lie in [0, 1], got {self.certify_dense_above}")
         _check_int("certify_probe_every", self.certify_probe_every, minimum=1)
+        if self.certify_sketch not in CERTIFY_SKETCHES:
+            raise ValueError(f"certify_sketch must be one of {CERTIFY_SKETCHES}, got {self.certify_sketch!r}")
         _check_int("min_context", self.min_context, minimum=0)
         if self.moment_dtype not in MOMENT_DTYPES:
             raise ValueError(f"moment_dtype must be one of {MOMENT_DTYPES}, got {self.moment_dtype!r}")
         if not isinstance(self.report_bound, bool):
             raise TypeError(f"report_bound must be a bool, got {type(self.report_bound).__name__}")
+
+    def check_compiled(self) -> "EntmaxKVConfig":
+        """Raise for the options the compiled step (backend, offline rewrite, exports) does not
+        implement yet, instead of ignoring them; return ``self``."""
+        if self.certify_sketch != "off":
+            raise ValueError(f"certify_sketch={self.certify_sketch!r} is supported by Decoder and sparse_decode "
+                             "only; the compiled step does not keep a key sketch yet (use 'off')")
+        return self
 
     @property
     def budget_pages(self) -> int:

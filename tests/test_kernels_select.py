@@ -252,10 +252,12 @@ def test_select_bad_inputs_raise():
                              **_select_kwargs(page, 1.5, dim, "topk", token_budget=page - 1))
 
 
-@pytest.mark.parametrize("alpha, alibi", [(1.5, False), (2.0, True)])
-def test_certified_step_on_kernels_is_exact(alpha, alibi):
-    """The certified loop of ``step.run_step`` composed from the kernels equals full entmax and
-    reports every head certified."""
+@pytest.mark.parametrize("alpha, alibi, sketch", [(1.5, False, False), (2.0, True, False), (1.5, True, True)])
+def test_certified_step_on_kernels_is_exact(alpha, alibi, sketch):
+    """The certified loop of ``step.run_step`` composed from the kernels (with the int8 key
+    sketch re-bounding the pages the Quest bound keeps, or not) equals full entmax and reports
+    every head certified."""
+    from entmaxkv_compile.runtime.sketch.reference import KeySketch
     from entmaxkv_compile import metrics
     from entmaxkv_compile.config import EntmaxKVConfig
     from entmaxkv_compile.runtime.step import run_step
@@ -269,8 +271,9 @@ def test_certified_step_on_kernels_is_exact(alpha, alibi):
     st = cache.KVPageStats.from_cache(k, seqlens, page)
     config = EntmaxKVConfig(selector="certified", page_size=page, alpha=alpha,
                             certify_max_rounds=1)
+    sketch_buffers = KeySketch.from_cache(k, seqlens).buffers() if sketch else None
     res = run_step(kernels, q, k, v, seqlens, st.buffers(), config, alpha=alpha,
-                   scale=1 / math.sqrt(dim), alibi_slopes=slopes)
+                   scale=1 / math.sqrt(dim), alibi_slopes=slopes, sketch=sketch_buffers)
     full, _ = metrics.full_entmax_decode(q, k, v, seqlens, alpha, 1 / math.sqrt(dim), slopes)
     wide = [x.double() if x is not None else None for x in (q, k, v, slopes)]
     exact, _ = metrics.full_entmax_decode(*wide[:3], seqlens, alpha, 1 / math.sqrt(dim), wide[3])

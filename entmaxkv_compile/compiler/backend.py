@@ -60,7 +60,7 @@ class BackendSettings:
         if compiler not in _COMPILERS:
             raise ValueError(f"options['compiler'] must be one of {_COMPILERS}, got {compiler!r}")
         known = {f.name for f in dataclasses.fields(EntmaxKVConfig)}
-        config = EntmaxKVConfig.from_options({k: v for k, v in options.items() if k in known})
+        config = EntmaxKVConfig.from_options({k: v for k, v in options.items() if k in known}).check_compiled()
         inductor = {k: v for k, v in options.items() if k not in known}
         if inductor:
             _check_inductor_keys(inductor)

@@ -273,6 +273,7 @@ def rewrite(
         config = EntmaxKVConfig()
     elif not isinstance(config, EntmaxKVConfig):
         raise TypeError(f"config must be an EntmaxKVConfig or None, got {type(config).__name__}")
+    config.check_compiled()
 
     program = export_decode_step(model, args, progress=progress)
     with timed_step(progress, "applying the graph passes"):

@@ -14,6 +14,7 @@ import torch
 
 from ..checks import check_decode_inputs, check_scale
 from ..config import EntmaxKVConfig
+from .sketch.reference import KeySketch
 from .stats.reference import KVPageStats
 from .decoder import Decoder
 from .step import DecodeResult
@@ -51,6 +52,9 @@ def sparse_decode(
         raise TypeError(f"config must be an EntmaxKVConfig or None, got {type(config).__name__}")
     if stats is None:
         stats = KVPageStats.from_cache(k_cache, seqlens, config.page_size, check_values=False)
+    sketch = None
+    if config.selector == "certified" and config.certify_sketch == "int8":  # rebuilt per call, like stats=None
+        sketch = KeySketch.from_cache(k_cache, seqlens, check_values=False)
     decoder = Decoder.for_cache(k_cache, q.shape[1], config, scale=scale, alibi_slopes=alibi_slopes,
-                                stats=stats, cuda_graph=False)
+                                stats=stats, sketch=sketch, cuda_graph=False)
     return decoder.run(q, k_cache, v_cache, seqlens)

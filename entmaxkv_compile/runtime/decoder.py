@@ -28,6 +28,7 @@ import torch
 
 from ..checks import check_alibi_slopes, check_decode_inputs, check_scale
 from ..config import EntmaxKVConfig
+from .sketch.reference import KeySketch
 from .stats.reference import KVPageStats
 from .certify.policy import dense_rows_for
 from .graphed import GraphedStep
@@ -57,6 +58,8 @@ class Decoder:
         alibi_slopes: optional float ``[Hq]`` on ``device``.
         stats: adopt these page statistics instead of allocating new ones (they must describe a
             cache of the planned shape with ``config.page_size``).
+        sketch: adopt this int8 key sketch (``config.certify_sketch="int8"``) instead of
+            allocating one; it must describe the same cache.
         cuda_graph: on a CUDA device, record ``run`` in a CUDA graph on its first call for a
             cache and replay it afterwards (results are copied out, so they stay valid across
             steps). Inside another capture ``run`` is recorded by that capture instead.
@@ -76,6 +79,7 @@ class Decoder:
         scale: float | None = None,
         alibi_slopes: torch.Tensor | None = None,
         stats: KVPageStats | None = None,
+        sketch: KeySketch | None = None,
         cuda_graph: bool = True,
     ) -> None:
         if config is None:
@@ -111,6 +115,7 @@ class Decoder:
         else:
             stats.check_cache(torch.empty(self.cache_shape, dtype=dtype, device="meta"))
         self.stats = stats
+        self.sketch = self._plan_sketch(sketch)
         graphed = cuda_graph and device.type == "cuda"
         self._graphed = GraphedStep(self._step, state=(stats.certify_skip,)) if graphed else None
         # certified + graphs: the fallback counter as last copied to the host (maybe a step late),
@@ -119,6 +124,21 @@ class Decoder:
         certified = config.selector == "certified"
         self._host_skip = (torch.zeros(batch, dtype=torch.int32).pin_memory()
                            if graphed and certified else None)
+
+    def _plan_sketch(self, sketch: KeySketch | None) -> KeySketch | None:
+        """The key sketch a certified step with ``certify_sketch="int8"`` re-bounds pages with."""
+        wanted = self.config.selector == "certified" and self.config.certify_sketch == "int8"
+        if sketch is None:
+            if not wanted:
+                return None
+            batch, kv_heads, capacity, head_dim = self.cache_shape
+            return KeySketch.allocate(batch, kv_heads, capacity, head_dim, dtype=self.dtype, device=self.device)
+        if not isinstance(sketch, KeySketch):
+            raise TypeError(f"sketch must be a KeySketch or None, got {type(sketch).__name__}")
+        if not wanted:
+            raise ValueError("sketch is used only by the certified selector with certify_sketch='int8'")
+        sketch.check_cache(torch.empty(self.cache_shape, dtype=self.dtype, device=self.device))
+        return sketch
 
     @classmethod
     def for_cache(cls, k_cache: torch.Tensor, q_heads: int, config: EntmaxKVConfig | None = None,
@@ -141,13 +161,18 @@ class Decoder:
                              f"on {q.device}")
 
     def prefill(self, k_cache: torch.Tensor, seqlens: torch.Tensor) -> None:
-        """Rebuild the page statistics from the first ``seqlens`` rows of ``k_cache`` (one pass)."""
+        """Rebuild the page statistics (and the key sketch) from the first ``seqlens`` rows of
+        ``k_cache`` (one pass)."""
         self.stats.prefill(k_cache, seqlens, check_values=False)
+        if self.sketch is not None:
+            self.sketch.prefill(k_cache, seqlens, check_values=False)
 
     def append(self, k_cache: torch.Tensor, positions: torch.Tensor) -> None:
         """Fold the rows just written at ``positions`` (int ``[B]``) into their pages; an append
         out of order marks that sequence's statistics invalid (never certified) on device."""
         self.stats.append(k_cache, positions, check_values=False)
+        if self.sketch is not None:
+            self.sketch.append(k_cache, positions, check_values=False)
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             seqlens: torch.Tensor) -> DecodeResult:
@@ -176,7 +201,8 @@ class Decoder:
         dense_rows = dense_rows_for(self.stats.certify_skip) if certified else None
         result = run_step(self.impl, q, k_cache, v_cache, seqlens, self.stats.buffers(), self.config,
                           alpha=self.alpha, scale=self.scale, alibi_slopes=self.alibi_slopes,
-                          stats_valid=self.stats.valid_for(seqlens), dense_rows=dense_rows)
+                          stats_valid=self.stats.valid_for(seqlens), dense_rows=dense_rows,
+                          sketch=None if self.sketch is None else self.sketch.buffers())
         if certified:
             self.impl.certify_policy_update_(
                 self.stats.certify_skip, dense_rows, result.num_selected, seqlens,

@@ -16,6 +16,7 @@ import torch
 from .attend.kernel import paged_decode
 from .certify.kernel import certified_heads, certify, certify_pages, certify_policy_update_
 from .select.kernel import compact_page_mask, quest_bounds, select_pages
+from .sketch.kernel import sketch_page_bounds
 from .stats.kernel import stats_append_, stats_prefill_
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "paged_decode",
     "quest_bounds",
     "select_pages",
+    "sketch_page_bounds",
     "stats_append_",
     "stats_prefill_",
 ]

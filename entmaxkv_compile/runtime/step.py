@@ -24,6 +24,7 @@ from .attend import reference as attend_reference
 from .certify import policy as certify_policy
 from .certify import reference as certify_reference
 from .select import reference as selection
+from .sketch import reference as sketch_reference
 
 __all__ = ["DecodeResult", "implementation_for", "reference_implementation", "run_step"]
 
@@ -40,6 +41,7 @@ def reference_implementation() -> SimpleNamespace:
         certify=certify_reference.certify_unchecked,
         certify_pages=certify_reference.certify_pages,
         certified_heads=certify_reference.certified_heads,
+        sketch_page_bounds=sketch_reference.sketch_page_bounds,
         certify_policy_update_=certify_policy.certify_policy_update_,
     )
 
@@ -88,6 +90,7 @@ def run_step(
     alibi_slopes: torch.Tensor | None = None,
     stats_valid: torch.Tensor | None = None,
     dense_rows: torch.Tensor | None = None,
+    sketch: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> DecodeResult:
     """Select pages with ``config.selector``, decode exactly over them and certify.
 
@@ -104,6 +107,8 @@ def run_step(
     still full entmax. ``dense_rows`` (bool ``[B]``, certified mode only; see
     ``certify/policy.py``) marks sequences that read every page directly this step, without the
     selection or the bounds: certified wherever tau is finite, as the dense selector.
+    ``sketch`` (``KeySketch.buffers()``, certified mode only): the pages the Quest bound cannot
+    clear are bounded again token by token from the int8 sketch before they are read.
     """
     kmin, kmax, kmean, km2 = stats
     page_size = config.page_size
@@ -123,7 +128,7 @@ def run_step(
     if config.selector == "certified":
         out, tau, page_indices, num_selected, certified, delta = _certified_rounds(
             impl, q, k_cache, v_cache, seqlens, stats, config, out, tau, page_indices, num_selected,
-            stats_valid, dense_rows, geometry)
+            stats_valid, dense_rows, sketch, geometry)
     elif config.selector == "dense":
         # Every valid page was read: the output is full entmax wherever tau is a number.
         certified = torch.isfinite(tau)
@@ -138,7 +143,7 @@ def run_step(
 
 
 def _certified_rounds(impl, q, k_cache, v_cache, seqlens, stats, config, out, tau, page_indices,
-                      num_selected, stats_valid, dense_rows, geometry):
+                      num_selected, stats_valid, dense_rows, sketch, geometry):
     """Add every page whose bound violates the certificate at the current tau, decode again.
 
     Returns ``(out, tau, page_indices, num_selected, certified, delta_bound)``. After a round, every page left
@@ -157,10 +162,31 @@ def _certified_rounds(impl, q, k_cache, v_cache, seqlens, stats, config, out, ta
     tau_floor = tau if dense_rows is None else torch.where(dense_rows[:, None], float("-inf"), tau)
     bounds_finite = torch.ones_like(tau, dtype=torch.bool)
     for _ in range(config.certify_max_rounds):
+        chosen = page_indices, num_selected
         page_indices, num_selected, bounds_finite = impl.certify_pages(
             q, kmin, kmax, seqlens, page_indices, num_selected, tau_floor, read_all, **geometry)
+        if sketch is not None:
+            page_indices, num_selected = _sketch_prune(impl, q, sketch, seqlens, chosen, (page_indices, num_selected),
+                                                       tau_floor, read_all, geometry)
         out, tau = impl.paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry)
         tau_floor = torch.maximum(tau_floor, tau)
     certified, delta = impl.certified_heads(tau_floor, bounds_finite, seqlens, stats_ok,
                                             capacity=num_pages * config.page_size)
     return out, tau, page_indices, num_selected, certified, delta
+
+
+def _sketch_prune(impl, q, sketch, seqlens, chosen, to_read, tau_floor, read_all, geometry):
+    """Drop from ``to_read`` the added pages whose int8-sketch bound clears them: a page not in
+    ``chosen`` (the selection) that the Quest bound could not clear stays only if some head of
+    its group has ``(alpha-1) ub > tau_floor`` with ``ub`` the page's token-level sketch bound
+    (a NaN bound keeps it). Read-all sequences keep every page."""
+    num_pages = to_read[0].shape[-1]
+    before = selection.page_mask_from_indices(*chosen, num_pages)
+    after = selection.page_mask_from_indices(*to_read, num_pages)
+    candidates = after & ~before & ~read_all[:, None, None]
+    bounds = impl.sketch_page_bounds(q, *sketch, seqlens, candidates, page_size=geometry["page_size"],
+                                     scale=geometry["scale"], alibi_slopes=geometry["alibi_slopes"])
+    batch, kv_heads = candidates.shape[:2]
+    violates = ~((geometry["alpha"] - 1.0) * bounds <= tau_floor[..., None])
+    needed = violates.reshape(batch, kv_heads, -1, num_pages).any(2) & candidates
+    return impl.compact_page_mask((after & ~candidates) | needed)

@@ -1,0 +1,79 @@
+"""The int8 key sketch inside the certified step (``config.certify_sketch="int8"``).
+
+Pages the Quest box cannot clear are re-bounded token by token from the sketch before they are
+read: the output stays full entmax, every head certified, and far fewer pages are read on keys
+whose page boxes are loose (iid keys here). The compiled paths refuse the option.
+"""
+
+import pytest
+import torch
+
+from entmaxkv_compile import EntmaxKVConfig, sparse_decode
+from entmaxkv_compile.metrics import full_entmax_decode
+from entmaxkv_compile.runtime.decoder import Decoder
+
+
+def _case(seed, batch=2, hq=8, hkv=2, nmax=512, dim=32):
+    """iid keys and a planted span: the exact support is the span (and a few outliers), but
+    every page's box bound is far above tau."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, hkv, 1, 1, dim, generator=gen, dtype=torch.float64)
+    q = (q + 0.2 * torch.randn(batch, hkv, hq // hkv, 1, dim, generator=gen, dtype=torch.float64))
+    q = q.reshape(batch, hq, 1, dim)
+    k = torch.randn(batch, hkv, nmax, dim, generator=gen, dtype=torch.float64)
+    v = torch.randn(batch, hkv, nmax, dim, generator=gen, dtype=torch.float64)
+    k[:, :, 100:116] += 1.5 * q[:, :: hq // hkv, 0][:, :, None, :]
+    return q, k, v
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_sketch_keeps_certified_output_exact_and_reads_fewer_pages(alpha):
+    q, k, v = _case(0)
+    seqlens = torch.tensor([512, 437])
+    scale = 1 / 32 ** 0.5
+    full, _ = full_entmax_decode(q, k, v, seqlens, alpha, scale)
+    read = {}
+    for sketch in ("off", "int8"):
+        config = EntmaxKVConfig(selector="certified", alpha=alpha, certify_sketch=sketch, certify_dense_above=1.0)
+        result = sparse_decode(q, k, v, seqlens, config, scale=scale)
+        assert result.certified.all() and (result.delta_bound == 0).all()
+        assert torch.allclose(result.out, full, atol=1e-10)
+        read[sketch] = int(result.num_selected.sum())
+    assert read["int8"] < 0.5 * read["off"], read
+
+
+def test_decoder_keeps_its_sketch_in_step_with_appends():
+    q, k, v = _case(1, nmax=256)
+    seqlens = torch.tensor([180, 97])
+    config = EntmaxKVConfig(selector="certified", certify_sketch="int8", certify_dense_above=1.0)
+    decoder = Decoder.for_cache(k, q.shape[1], config)
+    decoder.prefill(k, seqlens)
+    gen = torch.Generator().manual_seed(2)
+    rows = torch.arange(2)
+    for _ in range(12):
+        pos = seqlens.clone()
+        k[rows, :, pos] = 3.0 * torch.randn(2, 2, 32, generator=gen, dtype=torch.float64)
+        v[rows, :, pos] = torch.randn(2, 2, 32, generator=gen, dtype=torch.float64)
+        decoder.append(k, pos)
+        seqlens = pos + 1
+        step_q = q + 0.1 * torch.randn(q.shape, generator=gen, dtype=torch.float64)
+        result = decoder.run(step_q, k, v, seqlens)
+        full, _ = full_entmax_decode(step_q, k, v, seqlens, 1.5, 1 / 32 ** 0.5)
+        assert result.certified.all() and torch.allclose(result.out, full, atol=1e-10)
+
+
+def test_sketch_option_is_refused_where_it_is_not_implemented():
+    config = EntmaxKVConfig(selector="certified", certify_sketch="int8")
+    with pytest.raises(ValueError, match="certify_sketch"):
+        config.check_compiled()
+    from entmaxkv_compile.compiler.backend import BackendSettings
+
+    with pytest.raises(ValueError, match="certify_sketch"):
+        BackendSettings.parse({"selector": "certified", "certify_sketch": "int8"})
+    with pytest.raises(ValueError, match="certify_sketch must be one of"):
+        EntmaxKVConfig(certify_sketch="int4")
+    q, k, v = _case(3, nmax=64)
+    with pytest.raises(ValueError, match="only by the certified selector"):
+        from entmaxkv_compile.runtime.sketch.reference import KeySketch
+
+        Decoder.for_cache(k, q.shape[1], EntmaxKVConfig(), sketch=KeySketch.from_cache(k, torch.tensor([64, 64])))
