@@ -121,15 +121,20 @@ def register_entmax_attention(name: str = "entmax15", alpha: float = 1.5) -> str
     return name
 
 
-def compile_config(options: Optional[dict[str, Any]] = None, *, mode: Optional[str] = None, **kwargs: Any) -> Any:
+def compile_config(options: Optional[dict[str, Any]] = None, *, mode: Optional[str] = None,
+                   dynamic: Optional[bool] = False, **kwargs: Any) -> Any:
     """A ``transformers.CompileConfig`` that makes ``generate()`` compile with the ``entmaxkv`` backend.
 
     ``options`` are the backend's options (``{"selector": "certified", ...}``), ``mode`` an Inductor
     mode (e.g. ``"reduce-overhead"``), other keyword arguments go to ``CompileConfig``
-    (``fullgraph``, ``dynamic``). Why not ``CompileConfig(backend="entmaxkv", options=...)``:
+    (``fullgraph``). Why not ``CompileConfig(backend="entmaxkv", options=...)``:
     ``CompileConfig``'s ``mode`` defaults to ``"reduce-overhead"`` and ``torch.compile`` refuses
     ``mode`` together with ``options`` ("Either mode or options can be specified"), so the mode is
     moved into the options, where the backend reads it.
+
+    ``dynamic`` defaults to False (``CompileConfig``'s default is None, automatic): a later
+    ``generate()`` with another cache length would otherwise recompile with a symbolic cache
+    length, which the backend cannot prove its mask rules for, and the decode sites would be refused.
     """
     from transformers import CompileConfig
 
@@ -140,7 +145,7 @@ def compile_config(options: Optional[dict[str, Any]] = None, *, mode: Optional[s
         if options.get("mode") not in (None, mode):
             raise ValueError(f"mode given twice: mode={mode!r} and options['mode']={options['mode']!r}")
         options["mode"] = mode
-    return CompileConfig(backend="entmaxkv", mode=None, options=options or None, **kwargs)
+    return CompileConfig(backend="entmaxkv", mode=None, options=options or None, dynamic=dynamic, **kwargs)
 
 
 #: Names registered by :func:`register_entmax_attention` (they may be registered again).
