@@ -180,8 +180,9 @@ def test_compile_config_moves_the_mode_into_the_options():
 
 @pytest.mark.parametrize("family", list(MODELS))
 @pytest.mark.parametrize("way", ["compiled_forward", "compile_config"])
-def test_generate_certified_equals_uncompiled(family, way):
-    """16 greedy tokens through the backend equal the uncompiled model's; every decode site rewritten."""
+def test_generate_certified_equals_uncompiled(family, way, caplog):
+    """16 greedy tokens through the backend equal the uncompiled model's; every decode site
+    rewritten, a compiled prefill labelled bookkeeping, and no site refused (nothing logged)."""
     model = _model(family)
     ids, mask = _prompt()
     want = _generate(model, ids, mask, disable_compile=True)
@@ -193,7 +194,7 @@ def test_generate_certified_equals_uncompiled(family, way):
         config = compile_config(OPTIONS)
         config._compile_all_devices = True  # transformers compiles only on accelerators otherwise
         generation = {"compile_config": config, "cache_implementation": "static"}
-    with recording() as report:
+    with recording() as report, caplog.at_level(logging.WARNING, logger=BACKEND_LOG):
         got = _generate(model, ids, mask, **generation)
     _assert_same(got, want)
     decode = [site for site in report.sites if site.phase == "decode"]
@@ -201,6 +202,10 @@ def test_generate_certified_equals_uncompiled(family, way):
     for site in decode:
         assert site.status == "rewritten", site.reason
         assert site.alpha == pytest.approx(MODELS[family][1])
+    prefill = [site for site in report.sites if site.phase == "prefill"]
+    assert len(prefill) == (model.config.num_hidden_layers if way == "compiled_forward" else 0)
+    assert all(site.status == "bookkeeping" for site in prefill), [site.reason for site in prefill]
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
     assert [graph for graph in report.graphs if graph.changed]
 
 
