@@ -209,6 +209,19 @@ def test_generate_certified_equals_uncompiled(family, way, caplog):
     assert [graph for graph in report.graphs if graph.changed]
 
 
+def test_generate_bf16_gives_the_uncompiled_tokens():
+    """bf16 Llama: the same greedy tokens as the uncompiled model (logits within bf16 rounding)."""
+    model = _model("llama").to(torch.bfloat16)
+    ids, mask = _prompt()
+    want = _generate(model, ids, mask, disable_compile=True)
+    _compile_forward(model)
+    with recording() as report:
+        got = _generate(model, ids, mask, disable_compile=True)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], atol=2e-2, rtol=0)
+    assert [site.status for site in report.sites if site.phase == "decode"] == ["rewritten"] * 2
+
+
 def test_left_padded_batch_decodes_exactly(caplog):
     """Batch 2, prompts of 12 and 8 tokens (left padding): the tokens equal the uncompiled model's.
 

@@ -41,6 +41,9 @@ _UNSUPPORTED_KWARGS = {
     "s_aux": "attention sinks",
 }
 
+#: Names registered by :func:`register_entmax_attention` (they may be registered again).
+_REGISTERED: set[str] = set()
+
 
 def _repeat_kv(hidden: torch.Tensor, groups: int) -> torch.Tensor:
     """GQA: ``[B, Hkv, N, D] -> [B, Hkv*groups, N, D]``, query head ``h`` reading KV head ``h // groups``.
@@ -62,7 +65,8 @@ def entmax_attention(alpha: float) -> Callable[..., tuple[torch.Tensor, torch.Te
     weights [B, H, T, N])`` exactly like transformers' ``eager_attention_forward`` with softmax
     replaced by ``entmax(·, alpha)``: GQA through ``module.num_key_value_groups``, scores scaled by
     ``scaling``, the additive ``attention_mask`` added (its key axis cut to the keys given), and
-    dropout on the weights in training mode.
+    dropout on the weights in training mode. One difference: entmax runs in the scores' dtype,
+    where transformers' eager softmax upcasts to float32 first.
     """
     alpha = check_alpha(alpha)
 
@@ -147,6 +151,3 @@ def compile_config(options: Optional[dict[str, Any]] = None, *, mode: Optional[s
         options["mode"] = mode
     return CompileConfig(backend="entmaxkv", mode=None, options=options or None, dynamic=dynamic, **kwargs)
 
-
-#: Names registered by :func:`register_entmax_attention` (they may be registered again).
-_REGISTERED: set[str] = set()
