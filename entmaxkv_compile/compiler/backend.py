@@ -11,6 +11,9 @@ capture polyfills (Dynamo looks the backend up before it traces anything).
 ``options=``, so this is how to combine them), ``"compiler"`` (``"inductor"``, default, or
 ``"eager"`` to run the rewritten graph without Inductor, for debugging), and any Inductor config
 key (e.g. ``"max_autotune"``, ``"triton.cudagraphs"``), passed through as a config patch.
+
+A graph that records autograd (grad mode on, an input requiring grad) is not given sparse decode
+sites (the decode step has no backward): see :func:`keep_attention_for_autograd`.
 """
 
 from __future__ import annotations
