@@ -180,3 +180,18 @@ def test_compiled_certified_step_runs_the_read_everything_fallback_and_stays_exa
             skips.append(STATS.lookup(k_cache, 16).certify_skip.tolist())
     torch._dynamo.reset()
     assert skips == [[2, 2], [1, 1], [0, 0], [2, 2], [1, 1], [0, 0]]
+
+
+def test_explain_reports_its_own_call_after_other_shapes_were_compiled():
+    """explain compiles with static shapes: an earlier compilation of the same model code with
+    other sizes or constants (no torch._dynamo.reset between) must not make this call's sizes or
+    constants (here the score temperature) symbolic graph inputs."""
+    torch._dynamo.reset()
+    for dim, max_seq_len, context, temperature in ((64, 96, 6, 4.0), (128, 160, 9, 1.0)):
+        args = gpt_fast.ModelArgs(n_layer=1, dim=dim, max_seq_len=max_seq_len, temperature=temperature)
+        model = gpt_fast.build(args, batch=1)
+        prompt = torch.randint(0, 96, (1, context))
+        with torch.no_grad():
+            model(prompt, torch.arange(context))
+        report = explain(model, prompt[:, -1:], torch.tensor([context]))
+        assert [(s.status, s.phase) for s in report.sites] == [("rewritten", "decode")], str(report)

@@ -11,6 +11,9 @@ capture polyfills (Dynamo looks the backend up before it traces anything).
 ``options=``, so this is how to combine them), ``"compiler"`` (``"inductor"``, default, or
 ``"eager"`` to run the rewritten graph without Inductor, for debugging), and any Inductor config
 key (e.g. ``"max_autotune"``, ``"triton.cudagraphs"``), passed through as a config patch.
+
+A graph that records autograd (grad mode on, an input requiring grad) is not given sparse decode
+sites (the decode step has no backward): see :func:`keep_attention_for_autograd`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch.fx import GraphModule
 from ..config import EntmaxKVConfig
 from ..runtime.stats.reference import KVPageStats
 from .capture import install_capture
-from .passes.analyze import REFUSED, Plan, analyze
+from .passes.analyze import REFUSED, REWRITTEN, Plan, analyze
 from .passes.decode_rewrite import CatchUp, RewriteResult, rewrite
 from .passes.fallback import bookkeeping_only
 from .passes.static_state import STATS
@@ -113,6 +116,8 @@ def entmaxkv_backend(
     original_code = gm.code
     gm = copy_graph_module(gm)  # Dynamo reads its own graph again after the backend returns
     plan = analyze(gm, example_inputs, settings.config, allow_guards=True)
+    if records_autograd(example_inputs):
+        keep_attention_for_autograd(plan)
     for site in plan.sites:
         if site.status == REFUSED:  # that site keeps the model's own (dense) attention
             log.warning("entmaxkv: %s attention at %s not rewritten (it keeps the model's dense "
@@ -130,6 +135,32 @@ def entmaxkv_backend(
         prewarm(result, example_inputs, extra)
     compiled = _hand_off(gm, [*example_inputs, *extra], settings)
     return _Runner(compiled, result, fallback, settings) if result.extra_inputs else compiled
+
+
+#: Why a decode site of a graph that records autograd keeps the model's attention.
+AUTOGRAD_REASON = (
+    "the graph records autograd (grad mode is on and an input requires grad) and the sparse decode "
+    "step has no backward: the model's attention is kept (page statistics are still updated); "
+    "decode under torch.no_grad() or torch.inference_mode() to rewrite it"
+)
+
+
+def records_autograd(example_inputs: Sequence[Any]) -> bool:
+    """Whether Inductor will build a backward for this graph: AOTAutograd's own test (grad mode
+    on at compile time and some input requiring grad). Dynamo guards on grad mode, so the same
+    code called under ``torch.no_grad()`` is a separate graph, rewritten as usual."""
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+
+
+def keep_attention_for_autograd(plan: Plan) -> None:
+    """Refuse, in place, every decode rewrite of ``plan``: the graph may be differentiated, and
+    ``decode_step`` (selection, certificate, sparse kernels) has no derivative. A refused decode
+    site stays in ``plan.actions`` so its statistics append is kept (``rewrite`` replaces only
+    ``rewritten`` sites): later decode steps under ``no_grad`` see statistics in order."""
+    for action in plan.actions:
+        if action.site.status == REWRITTEN:
+            action.site.status, action.site.reason = REFUSED, AUTOGRAD_REASON
+            action.guards = []
 
 
 def prewarm(result: RewriteResult, inputs: Sequence[Any], extra: Sequence[torch.Tensor]) -> None:

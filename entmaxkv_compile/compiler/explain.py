@@ -86,14 +86,16 @@ def explain(model: Callable[..., Any], *args: Any, options: Optional[Mapping[str
     """Run ``model(*args, **kwargs)`` once through the backend and report every attention site.
 
     ``options`` are the backend's (see :mod:`entmaxkv_compile.backend`); ``"compiler"`` is forced
-    to ``"eager"`` so nothing is code-generated.
+    to ``"eager"`` so nothing is code-generated. Shapes are static (``dynamic=False``): the report
+    describes this call, and an earlier compilation of the same code with other shapes must not
+    turn its sizes symbolic (Dynamo's automatic dynamic shapes), which changes what is proved.
     """
     from . import backend
 
     if not callable(model):
         raise TypeError(f"model must be callable (a module or function), got {type(model).__name__}")
     opts = {**dict(options or {}), "compiler": "eager"}
-    compiled = torch.compile(model, backend=functools.partial(backend.entmaxkv_backend, options=opts))
+    compiled = torch.compile(model, backend=functools.partial(backend.entmaxkv_backend, options=opts), dynamic=False)
     with recording() as report, torch.no_grad():
         compiled(*args, **kwargs)
     return report

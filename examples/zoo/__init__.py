@@ -54,7 +54,7 @@ def _gpt(name: str, description: str, kind: str, alpha: Optional[float], decode:
                     kind, alpha, decode, prefill)
 
 
-_LAZY = "refused"  # transformers 5.x allocates the StaticCache inside the prefill graph
+_LAZY = "bookkeeping"  # transformers 5.x allocates the StaticCache inside the prefill graph: decode fills the stats
 
 ZOO: dict[str, ZooEntry] = {e.name: e for e in (
     _gpt("gpt_fast_entmax15", "gpt-fast decoder, entmax.entmax15, RoPE, GQA 2:1 (repeat_interleave), "

@@ -7,7 +7,8 @@ Statuses (what ``explain`` prints):
   (``proofs.py``; some conditions become run-time guards) and numerically checked on the example
   inputs: becomes stats append + decode_step;
 - ``bookkeeping``: an entmax prefill (query length > 1 or not provably 1): the attention stays, the
-  page statistics of its cache are filled after the write;
+  page statistics of its cache are filled after the write (or, for a cache the graph allocates
+  itself, by the first decode step that reads it);
 - ``refused``: entmax attention the rewrite cannot take (the reason says which rule failed);
 - ``not-entmax``: softmax, or a hand-written candidate the numeric check did not confirm.
 """
@@ -24,10 +25,18 @@ from ...config import EntmaxKVConfig
 from .ir import proves_equal, shape_of, where_of
 from .match_attention import AttentionMatch, match_attention
 from .match_entmax import WeightsSite, find_weight_sites
+from .match_kv_write import LAZY_REASON
 from .proofs import prove_decode_site
 from .verify import check_decode_site, record, watched_nodes
 
 REWRITTEN, BOOKKEEPING, REFUSED, NOT_ENTMAX = "rewritten", "bookkeeping", "refused", "not-entmax"
+
+#: A prefill that allocates its cache inside the graph (transformers 5.x ``StaticCache``): the
+#: statistics cannot be registered for a buffer that does not exist yet, but nothing is lost.
+LAZY_PREFILL_REASON = (
+    "query length is not 1: prefill keeps its attention; its KV cache is allocated inside this graph, "
+    "so the page statistics are filled when the first decode step reads the cache"
+)
 
 
 @dataclass
@@ -100,6 +109,9 @@ def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: En
         if match.out is not None:
             site.where = where_of(match.out)
         reason = match.refusal or _config_conflict(config, alpha)
+        if reason == LAZY_REASON and site.phase == "prefill":  # nothing refused: decode fills the stats
+            site.status, site.reason = BOOKKEEPING, LAZY_PREFILL_REASON
+            continue
         if reason:
             site.status, site.reason = REFUSED, reason
             continue
