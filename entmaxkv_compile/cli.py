@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from . import __version__
-from .config import SELECTORS, TAU_ESTIMATES, EntmaxKVConfig
+from .config import CERTIFY_SKETCHES, MOMENT_DTYPES, SELECTORS, TAU_ESTIMATES, EntmaxKVConfig
 
 __all__ = ["EXIT_CODES", "build_parser", "load_factory", "main"]
 
@@ -35,7 +35,8 @@ EXIT_CODES = """exit status:
        machine (autotune without a CUDA GPU)
   130  interrupted (Ctrl-C)"""
 
-_CHOICES = {"selector": SELECTORS, "tau_estimate": TAU_ESTIMATES}
+_CHOICES = {"selector": SELECTORS, "tau_estimate": TAU_ESTIMATES, "moment_dtype": MOMENT_DTYPES,
+            "certify_sketch": CERTIFY_SKETCHES}
 
 
 class CommandError(Exception):
@@ -126,7 +127,8 @@ def _field_help() -> dict[str, str]:
     """The first sentence of each field's entry in ``EntmaxKVConfig``'s docstring."""
     attributes = (EntmaxKVConfig.__doc__ or "").split("Attributes:", 1)[-1]
     entries = re.findall(r"^\s{8}(\w+): (.*?)(?=^\s{8}\w+: |\Z)", attributes, re.M | re.S)
-    return {name: " ".join(text.replace("``", "").split()).split(". ")[0].rstrip(".") for name, text in entries}
+    return {name: " ".join(text.replace("``", "").split()).split(". ")[0].rstrip(".").replace("%", "%%")
+            for name, text in entries}  # argparse formats help with %
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -136,7 +138,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(EntmaxKVConfig):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
-        value_type = float if field.name in ("alpha", "max_quantile", "margin") else (int if kind is int else str)
+        floats = ("alpha", "max_quantile", "margin", "certify_dense_above")
+        value_type = float if field.name in floats else (int if kind is int else str)
         group.add_argument(flag, dest=f"cfg_{field.name}", type=value_type, default=None,
                            choices=_CHOICES.get(field.name),
                            metavar=None if field.name in _CHOICES else field.name.upper(),
