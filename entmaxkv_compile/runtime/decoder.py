@@ -124,6 +124,7 @@ class Decoder:
         certified = config.selector == "certified"
         self._host_skip = (torch.zeros(batch, dtype=torch.int32).pin_memory()
                            if graphed and certified else None)
+        self._host_copied = torch.cuda.Event() if self._host_skip is not None else None
 
     def _plan_sketch(self, sketch: KeySketch | None) -> KeySketch | None:
         """The key sketch a certified step with ``certify_sketch="int8"`` re-bounds pages with."""
@@ -182,14 +183,16 @@ class Decoder:
         result = DecodeResult(*self._graphed(q, k_cache, v_cache, seqlens, self._variant()))
         if self._host_skip is not None:  # asynchronous: read at a later step, never waited for
             self._host_skip.copy_(self.stats.certify_skip, non_blocking=True)
+            self._host_copied.record()
         return result
 
     def _variant(self) -> str:
-        """``"dense"`` when every sequence's fallback counter, as last seen on the host, is
-        running: the certified step then equals the dense step (exact, no selection, no bounds),
-        and replaying that step's own graph skips the launches a device-side choice would pay.
-        A stale host value only picks the slower form, never a different answer."""
-        if self._host_skip is not None and int(self._host_skip.min()) > 0:
+        """``"dense"`` when every sequence's fallback counter is running: the certified step then
+        equals the dense step (exact, no selection, no bounds, bit for bit the same results), and
+        replaying that step's own graph skips the launches the device-side choice pays. The host
+        looks only at a copy that has landed (an event query, no wait), i.e. the counter after the
+        previous step; while the copy is in flight the device decides, as it would anyway."""
+        if self._host_skip is not None and self._host_copied.query() and int(self._host_skip.min()) > 0:
             return "dense"
         return "step"
 
