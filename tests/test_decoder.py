@@ -188,8 +188,12 @@ def test_run_replaying_its_own_graph_equals_eager_and_keeps_results(selector):
         kept.append((got.out, want.out))
         pos += 1
     assert all(torch.equal(a, b) for a, b in kept)
-    assert len(graphed._graphed.recordings) == 1
+
+    def caches_recorded():  # a recording per cache (and per form of the step: certified has two)
+        return {key[:4] for key in graphed._graphed.recordings}
+
+    assert len(caches_recorded()) == 1
     other_k, other_v = k.clone(), v.clone()
     got = graphed.run(q, other_k, other_v, pos)
-    assert len(graphed._graphed.recordings) == 2
+    assert len(caches_recorded()) == 2
     assert torch.equal(got.out, eager.run(q, other_k, other_v, pos).out)

@@ -89,7 +89,10 @@ def test_page_bounds_match_reference_and_are_valid(family, dtype, dim, gqa, alib
     assert torch.equal(ref == float("-inf"), got == float("-inf"))
     finite = torch.isfinite(ref)
     assert bool(finite.any()) and torch.equal(finite, torch.isfinite(got))
-    assert torch.allclose(got[finite], ref[finite], rtol=2e-6, atol=1e-5)
+    # float32 sums in another order: the difference scales with the largest term, not with the
+    # bound itself (offset keys cancel to small bounds); validity is checked exactly below
+    tol = 1e-5 + 4e-6 * float(ref[finite].abs().max())
+    assert float((got[finite] - ref[finite]).abs().max()) <= tol
     full = kernel.sketch_page_bounds(q, *sketch.buffers(), seqlens, all_pages(sketch.codes, page), **kw)
     check_valid(full, true_page_max(q, k, seqlens, page, scale, slopes))
 
