@@ -159,10 +159,7 @@ def check_decode_inputs(
     ``alibi_slopes`` ``None`` or float ``[Hq]``. With ``check_values`` also rejects NaN/inf in ``q`` and ``alibi_slopes``
     and out-of-range ``seqlens`` (both synchronise).
     """
-    check_tensor("q", q)
-    if q.dim() != 4 or q.shape[2] != 1:
-        raise ValueError(f"q must have shape [B, Hq, 1, D] (one decode query), got {tuple(q.shape)}")
-    check_float_dtype("q", q)
+    check_decode_query(q)
     check_kv_cache("k_cache", k_cache)
     check_kv_cache("v_cache", v_cache)
     if v_cache.shape != k_cache.shape:
@@ -210,6 +207,14 @@ def check_stats_buffers(
     if km2.dtype != kmean.dtype:
         raise TypeError(f"km2 must have the dtype of kmean ({kmean.dtype}), got {km2.dtype}")
     check_same_device("kmin", kmin, kmax=kmax, kmean=kmean, km2=km2)
+
+
+def check_decode_query(q: Any) -> None:
+    """``q`` is a floating tensor ``[B, Hq, 1, D]``: one decode query per sequence and head."""
+    check_tensor("q", q)
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"q must have shape [B, Hq, 1, D] (one decode query), got {tuple(q.shape)}")
+    check_float_dtype("q", q)
 
 
 def check_stats_valid(stats_valid: Any, batch: int, device: torch.device) -> None:
@@ -263,10 +268,7 @@ def check_page_table(
 def check_bound_inputs(q: Any, kmin: Any, kmax: Any, seqlens: Any, page_size: Any, scale: Any,
                        alibi_slopes: Any) -> tuple[int, float]:
     """Metadata checks (no sync) of the inputs of a Quest bound; returns ``(page_size, scale)``."""
-    check_tensor("q", q)
-    if q.dim() != 4 or q.shape[2] != 1:
-        raise ValueError(f"q must have shape [B, Hq, 1, D] (one decode query), got {tuple(q.shape)}")
-    check_float_dtype("q", q)
+    check_decode_query(q)
     page_size = check_page_size(page_size)
     scale = check_scale(scale)
     check_tensor("kmin", kmin)
@@ -458,10 +460,7 @@ def check_sketch_bound_inputs(q: Any, codes: Any, scales: Any, seqlens: Any, can
     """Metadata checks (no sync) of a sketch page bound: q ``[B, Hq, 1, D]`` floating, the sketch
     of that batch and head dim with ``Hq % Hkv == 0``, int ``seqlens [B]``, bool ``candidates
     [B, Hkv, ceil(Nmax / P)]``, all on one device. Returns ``(page_size, scale)``."""
-    check_tensor("q", q)
-    if q.dim() != 4 or q.shape[2] != 1:
-        raise ValueError(f"q must have shape [B, Hq, 1, D] (one decode query), got {tuple(q.shape)}")
-    check_float_dtype("q", q)
+    check_decode_query(q)
     page_size = check_page_size(page_size)
     scale = check_scale(scale)
     batch, q_heads, _, head_dim = q.shape
