@@ -82,3 +82,18 @@ def test_decode_step_matches_sparse_decode(selector):
     want = sparse_decode(q, k, v, seqlens, cfg, stats, alibi_slopes=slopes, scale=0.3)
     for a, b in zip(got, want[:5]):
         torch.testing.assert_close(a, b)
+
+
+def test_export_reference_of_certify_matches_the_op():
+    """The pure-torch stand-in that exports substitute for ``entmaxkv::certify`` (it once called
+    itself instead of the certify stage)."""
+    from entmaxkv_compile.export.references import certify_reference
+
+    q, k, v, seqlens, slopes = _inputs(alibi=True)
+    stats = KVPageStats.from_cache(k, seqlens, P).buffers()
+    sel_params = (0.3, 1.5, P, "topk", 16, 0.99, 0.0, "auto", 0, 0, 0)
+    idx, cnt = OPS.select_pages(q, *stats, seqlens, slopes, *sel_params)
+    tau = torch.randn(B, HQ)
+    want = OPS.certify(q, stats[0], stats[1], seqlens, idx, cnt, tau, slopes, 0.3, 1.5, P)
+    got = certify_reference(q, stats[0], stats[1], seqlens, idx, cnt, tau, slopes, 0.3, 1.5, P)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

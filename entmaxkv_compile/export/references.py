@@ -18,7 +18,7 @@ from torch import Tensor
 from ..math import reference
 from ..runtime import step
 from ..runtime.attend import reference as attend_reference
-from ..runtime.certify import reference as certify_reference
+from ..runtime.certify import reference as certify_stage
 from ..runtime import ops as _ops  # noqa: F401  (registers torch.ops.entmaxkv.*)
 from ..config import EntmaxKVConfig
 from ..runtime.select import reference as selection
@@ -68,7 +68,7 @@ def certify_reference(
     tau: Tensor, alibi_slopes: Optional[Tensor], scale: float, alpha: float, page_size: int,
 ) -> tuple[Tensor, Tensor]:
     """``entmaxkv::certify``."""
-    return certify_reference.certify(
+    return certify_stage.certify(
         q, kmin, kmax, seqlens, page_indices, num_selected, tau,
         page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes,
     )

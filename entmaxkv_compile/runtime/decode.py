@@ -8,11 +8,10 @@ run on q's device and on the pure-torch references of the stage packages otherwi
 
 from __future__ import annotations
 
-import math
 
 import torch
 
-from ..checks import check_decode_inputs, check_scale
+from ..checks import check_decode_inputs
 from ..config import EntmaxKVConfig
 from .sketch.reference import KeySketch
 from .stats.reference import KVPageStats
