@@ -118,3 +118,20 @@ def test_graphed_decoder_replays_the_dense_form_in_fallback_mode_with_the_same_r
             assert torch.equal(a, b)
         assert got.certified.all()
     assert any(key[-1] == "dense" for key in graphed._graphed.recordings)
+
+
+def test_a_round_that_adds_no_page_keeps_the_first_decode():
+    """When the bounds clear every page outside the selection, the certified round reads nothing
+    new: its result is the first decode's (not repeated), exact and certified."""
+    q, k, v = _planted_cache(5)
+    seqlens = torch.tensor([96, 70])
+    stats = KVPageStats.from_cache(k, seqlens, 16)
+    impl = reference_implementation()
+    kw = dict(alpha=1.5, scale=0.25)
+    gaussian = run_step(impl, q, k, v, seqlens, stats.buffers(), EntmaxKVConfig(page_size=16), **kw)
+    certified = run_step(impl, q, k, v, seqlens, stats.buffers(),
+                         EntmaxKVConfig(selector="certified", page_size=16), **kw)
+    assert torch.equal(certified.num_selected, gaussian.num_selected)  # nothing added
+    assert torch.equal(certified.out, gaussian.out) and torch.equal(certified.tau, gaussian.tau)
+    full, _ = full_entmax_decode(q, k, v, seqlens, 1.5, 0.25)
+    assert certified.certified.all() and torch.allclose(certified.out, full, atol=1e-10)

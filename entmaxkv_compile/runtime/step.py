@@ -168,7 +168,13 @@ def _certified_rounds(impl, q, k_cache, v_cache, seqlens, stats, config, out, ta
         if sketch is not None:
             page_indices, num_selected = _sketch_prune(impl, q, sketch, seqlens, chosen, (page_indices, num_selected),
                                                        tau_floor, read_all, geometry)
-        out, tau = impl.paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry)
+        # The round only adds pages (the selection is kept), so a row whose counts did not grow
+        # read exactly what it had read: its decode is not repeated (its kernels get no pages).
+        grew = (num_selected != chosen[1]).any(1)
+        fresh_out, fresh_tau = impl.paged_decode(q, k_cache, v_cache, seqlens, page_indices,
+                                                 torch.where(grew[:, None], num_selected, 0), **geometry)
+        out = torch.where(grew[:, None, None, None], fresh_out, out)
+        tau = torch.where(grew[:, None], fresh_tau, tau)
         tau_floor = torch.maximum(tau_floor, tau)
     certified, delta = impl.certified_heads(tau_floor, bounds_finite, seqlens, stats_ok,
                                             capacity=num_pages * config.page_size)
