@@ -138,8 +138,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(EntmaxKVConfig):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
-        floats = ("alpha", "max_quantile", "margin", "certify_dense_above")
-        value_type = float if field.name in floats else (int if kind is int else str)
+        value_type = float if float in (kind, *typing.get_args(kind)) else (int if kind is int else str)
         group.add_argument(flag, dest=f"cfg_{field.name}", type=value_type, default=None,
                            choices=_CHOICES.get(field.name),
                            metavar=None if field.name in _CHOICES else field.name.upper(),

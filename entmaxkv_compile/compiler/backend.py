@@ -224,7 +224,7 @@ def extra_inputs_for(result: RewriteResult, args: Sequence[Any]) -> list[torch.T
         stats, created = STATS.get(args[extra.cache_index], extra.page_size, extra.moment_dtype)
         if created and extra.cache_index in catch_ups:
             _catch_up(catch_ups[extra.cache_index], args, stats)
-        state = stats.buffers() if extra.kind == "stats" else (stats.last_position, stats.valid, stats.certify_skip)
+        state = stats.buffers() if extra.kind == "stats" else stats.sequence_state()
         values.append(state[extra.field])
     return values
 

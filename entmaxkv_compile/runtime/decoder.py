@@ -207,11 +207,15 @@ class Decoder:
                           stats_valid=self.stats.valid_for(seqlens), dense_rows=dense_rows,
                           sketch=None if self.sketch is None else self.sketch.buffers())
         if certified:
-            self.impl.certify_policy_update_(
-                self.stats.certify_skip, dense_rows, result.num_selected, seqlens,
-                page_size=self.config.page_size, num_pages=self.stats.kmin.shape[2],
-                dense_above=self.config.certify_dense_above, probe_every=self.config.certify_probe_every)
+            self._advance_policy(dense_rows, result.num_selected, seqlens)
         return result
+
+    def _advance_policy(self, dense_rows: torch.Tensor, num_selected: torch.Tensor, seqlens: torch.Tensor) -> None:
+        """Count the read-everything fallback on after a certified step (``certify/policy.py``)."""
+        self.impl.certify_policy_update_(
+            self.stats.certify_skip, dense_rows, num_selected, seqlens, page_size=self.config.page_size,
+            num_pages=self.stats.kmin.shape[2], dense_above=self.config.certify_dense_above,
+            probe_every=self.config.certify_probe_every)
 
     def _dense_step(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     seqlens: torch.Tensor) -> DecodeResult:
@@ -221,11 +225,8 @@ class Decoder:
         result = run_step(self.impl, q, k_cache, v_cache, seqlens, self.stats.buffers(),
                           self.config.replace(selector="dense"), alpha=self.alpha, scale=self.scale,
                           alibi_slopes=self.alibi_slopes, stats_valid=stats_ok)
-        num_pages = self.stats.kmin.shape[2]
+        capacity = self.stats.kmin.shape[2] * self.config.page_size
         certified, delta = self.impl.certified_heads(result.tau, torch.ones_like(result.certified), seqlens,
-                                                     stats_ok, capacity=num_pages * self.config.page_size)
-        self.impl.certify_policy_update_(
-            self.stats.certify_skip, torch.ones_like(stats_ok), result.num_selected, seqlens,
-            page_size=self.config.page_size, num_pages=num_pages,
-            dense_above=self.config.certify_dense_above, probe_every=self.config.certify_probe_every)
+                                                     stats_ok, capacity=capacity)
+        self._advance_policy(torch.ones_like(stats_ok), result.num_selected, seqlens)
         return result._replace(certified=certified, delta_bound=delta)

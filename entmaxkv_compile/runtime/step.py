@@ -160,7 +160,6 @@ def _certified_rounds(impl, q, k_cache, v_cache, seqlens, stats, config, out, ta
     stats_ok = torch.ones(batch, dtype=torch.bool, device=q.device) if stats_valid is None else stats_valid
     read_all = ~stats_ok if dense_rows is None else ~stats_ok | dense_rows
     tau_floor = tau if dense_rows is None else torch.where(dense_rows[:, None], float("-inf"), tau)
-    bounds_finite = torch.ones_like(tau, dtype=torch.bool)
     for _ in range(config.certify_max_rounds):
         chosen = page_indices, num_selected
         page_indices, num_selected, bounds_finite = impl.certify_pages(

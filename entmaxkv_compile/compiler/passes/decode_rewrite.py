@@ -187,6 +187,7 @@ def _add_stats_inputs(gm, result, cache: Node, cache_index: int, config: EntmaxK
     return nodes
 
 
+#: ``KVPageStats.sequence_state()``: names and dtypes, in order.
 ORDER_FIELDS = (("last_position", torch.int64), ("valid", torch.bool), ("certify_skip", torch.int32))
 
 

@@ -38,7 +38,7 @@ class StatsRegistry:
         moments = resolve_moment_dtype(moment_dtype, k_cache.dtype)
         stats = KVPageStats.allocate(batch, kv_heads, max_seqlen, head_dim, page_size, dtype=k_cache.dtype,
                                      device=k_cache.device, moment_dtype=moments)
-        for buffer in (*stats.buffers(), stats.last_position, stats.valid, stats.certify_skip):
+        for buffer in (*stats.buffers(), *stats.sequence_state()):
             torch._dynamo.mark_static_address(buffer, guard=False)
         per_cache[(page_size, moment_dtype)] = stats
         return stats, True

@@ -347,6 +347,11 @@ class KVPageStats:
         stats_append_(k_cache, positions, self.page_size, *self.buffers())
         stats_track_(positions, self.page_size, k_cache.shape[2], self.last_position, self.valid)
 
+    def sequence_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(last_position, valid, certify_skip)``: the per-sequence decode state kept beside the
+        four buffers, in the order the compiled graphs take it as inputs."""
+        return self.last_position, self.valid, self.certify_skip
+
     def valid_for(self, seqlens: torch.Tensor) -> torch.Tensor:
         """bool ``[B]``: the statistics soundly describe the first ``seqlens`` rows (see
         :func:`stats_valid_for`); on device, no sync."""
