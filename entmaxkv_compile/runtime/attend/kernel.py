@@ -2,11 +2,13 @@
 
 Same arguments and results as the reference ``attend.reference.paged_decode``. Over all pages it is the dense
 entmax decode. Bytes moved per step: the selected K rows once, 4 bytes per head for each candidate
-score (written once, read twice), and V only for rows inside the support of some head of the group.
+score (written once, read twice; the candidates are few once the K pass shares its maxima), and V
+only for rows inside the support of some head of the group.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -17,7 +19,7 @@ from .. import _common as cm
 from ...checks import check_kernel_decode_inputs as check_decode_inputs
 from ..tuning.tuned import decode_config
 from .decode_kernels import output_kernel, reduce_kernel, score_kernel
-from .tau_kernels import NEWTON_STEPS, NUM_PIVOTS, NUM_SLOTS, tau_level_kernel, tau_merge_kernel
+from .tau_kernels import NEWTON_STEPS, NUM_PIVOTS, NUM_SLOTS, tau_finish_kernel, tau_first_kernel
 
 
 def tau_levels(alpha: float) -> int:
@@ -27,10 +29,13 @@ def tau_levels(alpha: float) -> int:
 
 
 def _solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, seg, alpha, cfg):
-    """The exact threshold of every query head from the K pass's candidates (tau_kernels.py)."""
+    """The exact threshold of every query head from the K pass's candidates (tau_kernels.py):
+    level 1 over all candidates, split-parallel; the rest in one program per head. Returns the
+    survivor buffer ``[2, B * Hq, cap]``, free for the output pass's use."""
     dev = cand_z.device
     f32 = torch.float32
     rows = batch * hq
+    cap = splits * seg
     state = torch.empty((rows, 4), device=dev, dtype=f32)
     pivots = torch.empty((rows, NUM_PIVOTS), device=dev, dtype=f32)
     # About eight programs per multiprocessor, each walking a run of splits: enough to hide
@@ -39,30 +44,24 @@ def _solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, 
     per_prog = cm.cdiv(splits, chunks)
     chunks = cm.cdiv(splits, per_prog)
     part = torch.empty((rows, chunks, NUM_SLOTS, NUM_PIVOTS), device=dev, dtype=f32)
-    survivors = [torch.empty_like(cand_z), torch.empty_like(cand_z)]
-    surv_cnt = [torch.empty((rows, splits), device=dev, dtype=torch.int32) for _ in range(2)]
+    survivors = torch.empty((2, rows, cap), device=dev, dtype=f32)
+    surv_cnt = torch.empty((rows, chunks), device=dev, dtype=torch.int32)
     rmax = cm.integer_beta(alpha) or 0  # 0: general beta, no closed-form certificate
-    levels = tau_levels(alpha)
-    block_s = cm.next_pow2(splits)
-    merge_block_s = min(cm.next_pow2(chunks), 64)
-    src_z, src_cnt = cand_z, cand_cnt
-    for level in range(levels):
-        # Every level keeps only the candidates above its lower bound (level 1: M - 1, with the
-        # global max M, far tighter than the K pass's running split max), so later levels read
-        # the survivors alone.
-        dst_z, dst_cnt = survivors[level % 2], surv_cnt[level % 2]
-        wrap_triton(tau_level_kernel)[(rows, chunks)](
-            src_z, src_cnt, dst_z, dst_cnt, split_max, state, part, pivots,
-            hq, hkv, group, splits, seg, alpha - 1.0, 1.0 / (alpha - 1.0), per_prog, chunks,
-            FIRST=level == 0, FROM_CAND=level == 0, RMAX=rmax, NP=NUM_PIVOTS,
-            BLOCK_S=block_s, BLOCK_T=cfg["BLOCK_TAU"], num_warps=cfg["tau_warps"],
-        )
-        wrap_triton(tau_merge_kernel)[(rows,)](
-            part, pivots, state, tau, chunks,
-            RMAX=rmax, LAST=level == levels - 1, NP=NUM_PIVOTS, BLOCK_S=merge_block_s,
-            STEPS=NEWTON_STEPS, num_warps=4,
-        )
-        src_z, src_cnt = dst_z, dst_cnt
+    beta = 1.0 / (alpha - 1.0)
+    wrap_triton(tau_first_kernel)[(rows, chunks)](
+        cand_z, cand_cnt, split_max, survivors, surv_cnt, state, part, pivots,
+        hq, hkv, group, splits, seg, alpha - 1.0, beta, math.log2(cap), per_prog, chunks,
+        RMAX=rmax, NP=NUM_PIVOTS, BLOCK_S=cm.next_pow2(splits), BLOCK_T=cfg["BLOCK_TAU"],
+        num_warps=cfg["tau_warps"],
+    )
+    block_c = cm.next_pow2(chunks)
+    wrap_triton(tau_finish_kernel)[(rows,)](
+        part, pivots, state, survivors, surv_cnt, tau,
+        rows, cap, per_prog * seg, chunks, beta, tau_levels(alpha),
+        RMAX=rmax, NP=NUM_PIVOTS, BLOCK_C=block_c, BLOCK_TC=max(1, 1024 // block_c),
+        BLOCK_T=cfg["BLOCK_TAU"], STEPS=NEWTON_STEPS, num_warps=4,
+    )
+    return survivors
 
 
 @triton_op("entmaxkv::triton_paged_decode", mutates_args=())
@@ -93,6 +92,8 @@ def triton_paged_decode(
     cand_tok = torch.empty((batch, hkv, cap), device=dev, dtype=torch.int32)
     cand_cnt = torch.empty((batch, hkv, splits), device=dev, dtype=torch.int32)
     split_max = torch.empty((batch, hq, splits), device=dev, dtype=f32)
+    shared_max = torch.full((batch, hq), float("-inf"), device=dev, dtype=f32)
+    live_tok = torch.empty((batch, hkv, cap), device=dev, dtype=torch.int32)
     tau = torch.empty((batch, hq), device=dev, dtype=f32)
     o_part = torch.empty((batch, hq, splits, dim), device=dev, dtype=f32)
     l_part = torch.empty((batch, hq, splits), device=dev, dtype=f32)
@@ -108,7 +109,7 @@ def triton_paged_decode(
 
     wrap_triton(score_kernel)[(batch * hkv, splits)](
         q, k_cache, seqlens, page_indices, num_selected, slopes,
-        cand_z, cand_tok, cand_cnt, split_max,
+        cand_z, cand_tok, cand_cnt, split_max, shared_max,
         q.stride(0), q.stride(1), q.stride(3),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         page_indices.stride(0), page_indices.stride(1), page_indices.stride(2),
@@ -119,9 +120,10 @@ def triton_paged_decode(
         DOT_PREC=cm.dot_precision(dev, q.dtype), UPCAST=cm.dot_upcast(dev, q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    _solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, seg, alpha, cfg)
+    live_z = _solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, seg,
+                        alpha, cfg)[0]
     wrap_triton(output_kernel)[(batch * hkv, splits)](
-        v_cache, cand_z, cand_tok, cand_cnt, tau, o_part, l_part,
+        v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, live_tok, o_part, l_part,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         hq, hkv, group, dim, splits, seg, beta,
         KIND=kind, BLOCK_G=block_g, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=block_d,

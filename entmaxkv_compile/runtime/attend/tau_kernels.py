@@ -1,32 +1,34 @@
-"""The exact entmax threshold of one decode query, split-parallel: pivot levels and their merge.
+"""The exact entmax threshold of one decode query in two launches: a parallel first level, then
+one program per head that merges it and finishes in place.
 
 The candidates of a query head (scores ``z`` kept by the K pass, compacted per split) are searched
-for ``tau`` solving ``f(tau) = sum_i [z_i - tau]_+^beta = 1`` in a fixed number of *levels*. One
-level is two launches:
+for ``tau`` solving ``f(tau) = sum_i [z_i - tau]_+^beta = 1`` by *pivot levels*: a level evaluates,
+at NP pivots ``t_k`` spread over the head's bracket ``[lo, hi]``, the power sums
+``M_r(t_k) = sum_{z > t_k} (z - t_k)^r`` (``r <= beta`` for integer beta, else ``f(t_k)``
+directly) and the nearest scores on each side of every pivot; the bracket then narrows to the
+pivot interval holding tau, and the level tries to **certify**: with the support taken as
+``A = {z > t_k+1}`` (or ``A' = {z > t_k}``), the root of ``sum_A (z - t)^beta = 1`` is solved from
+the power sums by a monotone Newton iteration on a scalar; if it lies on the right side of the
+nearest excluded (included) score, that support is the support of full entmax and the root *is*
+tau (up to float32 rounding of the sums).
 
-* ``tau_level_kernel`` (batch x query head, run of splits): every program evaluates, on the
-  candidates of its splits, NP pivots ``t_k`` spread over the head's current bracket ``[lo, hi]``: the power
-  sums ``M_r(t_k) = sum_{z > t_k} (z - t_k)^r`` (``r <= beta`` for integer beta, else ``f(t_k)``
-  directly), and the nearest scores on each side of every pivot. It also copies the candidates
-  above the bracket's lower end ``lo`` (the others can never be in the support; at level 1
-  ``lo = M - 1`` with the global max) into a compacted buffer, so later levels read only them.
-* ``tau_merge_kernel`` (batch x query head): adds the programs' partials in a fixed order
-  (deterministic), narrows the bracket to the pivot interval ``[t_k, t_k+1]`` holding tau, and
-  **certifies**: with the support taken as ``A = {z > t_k+1}`` (or ``A' = {z > t_k}``), the root
-  of ``sum_A (z - t)^beta = 1`` is solved from the power sums by a monotone Newton iteration on a
-  scalar; if it lies on the right side of the nearest excluded (included) score, that support is
-  the support of full entmax and the root *is* tau (up to float32 rounding of the sums). The
-  head is then done and later levels skip it.
+* ``tau_first_kernel`` (batch x query head, run of splits) runs level 1 where the candidates are:
+  its pivots are log-spaced in ``M - t`` over the proven bracket
+  ``M - 1 <= tau <= M - n^(1-alpha)`` (``M`` the head's max over the split maxima, ``n`` the
+  candidate capacity). It first compacts the candidates above ``lo = M - 1`` (the only ones that
+  can be in the support) into its run's region of a survivor buffer, then sums over that compacted
+  list, so its partial sums do not depend on how many extra candidates the K pass kept (the K
+  pass's filter depends on the timing of the other programs; see ``score_kernel``).
+* ``tau_finish_kernel`` (batch x query head) adds the partials in a fixed order, narrows and tries
+  to certify. A head left open gathers its survivors above the new ``lo`` (a few hundred on every
+  family we measure) into a scratch row and runs the remaining levels over them in the same
+  program, each level compacting the values above its ``lo`` for the next.
 
-The first level needs no state: its pivots are log-spaced in ``M - t`` over the proven bracket
-``M - 1 <= tau <= M - C^(1-alpha)`` (``M`` the head's max, ``C`` its candidate count). Later
-levels space their pivots evenly over the narrowed bracket, which shrinks at least (NP - 1)-fold
-per level. The cost of a level is one read of its candidates plus NP multiply-adds each,
-spread over the whole grid (the serial solve it replaces ran one program per head); it grows with
-the number of candidates the K pass keeps, which is what remains to be cut on flat heads. For
-non-integer beta there is no closed certificate; eight levels bring the bracket near float32
-resolution and tau is its midpoint. A head still uncertified after the last level (integer beta,
-more than ~10^4 distinct scores packed within ~1e-5 of tau) also gets the bracket's midpoint.
+The cost of level 1 is one read of the candidates; the finish reads only the survivors of open
+heads. For non-integer beta there is no closed certificate: eight levels bring the bracket near
+float32 resolution and tau is its midpoint. A head still uncertified after the last level
+(integer beta, more than ~10^4 distinct scores packed within ~1e-5 of tau) also gets the bracket's
+midpoint.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import triton
 import triton.language as tl
 
 # Pivots per level; the slots of a partial (count, M_1..M_4, f for general beta, nearest score
-# below, above); Newton steps of the scalar root solve in the merge.
+# below, above); Newton steps of the scalar root solve.
 NUM_PIVOTS = 16
 NUM_SLOTS = 8
 NEWTON_STEPS = 30
@@ -50,106 +52,28 @@ def _empty_sums(NP: tl.constexpr):
 
 
 @triton.jit
-def tau_level_kernel(
-    src_z_ptr, src_cnt_ptr, dst_z_ptr, dst_cnt_ptr, split_max_ptr, state_ptr, part_ptr, piv_ptr,
-    Hq, Hkv, G, num_splits, seg, alpha_m1, beta, splits_per_prog, num_chunks,
-    FIRST: tl.constexpr, FROM_CAND: tl.constexpr,
-    RMAX: tl.constexpr, NP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """One pivot level over a run of splits' candidates of one query head (see the module doc).
-
-    ``src_cnt`` is indexed by (batch, KV head, split) when ``FROM_CAND`` (the K pass's counts,
-    shared by the group) and by (batch, query head, split) otherwise. ``state`` holds per head
-    ``lo, hi, done, tau``; the first program writes the level's pivots to ``piv`` for the merge (and, at
-    level 1, the initial state). ``RMAX`` is beta for integer beta <= 4 and 0 for general beta.
-    """
-    pid = tl.program_id(0)
-    chunk = tl.program_id(1)
-    b = pid // Hq
-    h = pid % Hq
-    hk = h // G
-    cap = num_splits * seg
-    offs_k = tl.arange(0, NP)
-    kf = offs_k.to(tl.float32)
-
-    if FIRST:
-        offs_s = tl.arange(0, BLOCK_S)
-        smask = offs_s < num_splits
-        smax = tl.load(split_max_ptr + pid * num_splits + offs_s, mask=smask, other=float("-inf"))
-        poisoned = tl.max((smax != smax).to(tl.int32), axis=0) > 0  # an attended NaN/+inf score
-        big_m = tl.max(tl.where(smax != smax, float("-inf"), smax), axis=0)
-        n_cand = tl.sum(tl.load(src_cnt_ptr + (b * Hkv + hk) * num_splits + offs_s, mask=smask,
-                                other=0), axis=0)
-        # d_k = M - t_k, log-spaced from 1 down to C^(1-alpha) (tau's proven range).
-        log_dmin = -alpha_m1 * tl.log2(tl.maximum(n_cand, 1).to(tl.float32))
-        t = big_m - tl.exp2(log_dmin * kf / (NP - 1))
-        live = (big_m > float("-inf")) & (poisoned == 0)
-        lo = big_m - 1.0
-    else:
-        lo = tl.load(state_ptr + pid * 4)
-        hi = tl.load(state_ptr + pid * 4 + 1)
-        live = tl.load(state_ptr + pid * 4 + 2) == 0
-        t = lo + (hi - lo) * kf / (NP - 1)
-
-    c0, c1, c2, c3, c4, cf, below, above = _empty_sums(NP)
-    offs_t = tl.arange(0, BLOCK_T)
-    split_end = tl.minimum((chunk + 1) * splits_per_prog, num_splits)
-    for split in range(chunk * splits_per_prog, split_end):
-        if FROM_CAND:
-            count = tl.load(src_cnt_ptr + (b * Hkv + hk) * num_splits + split)
-        else:
-            count = tl.load(src_cnt_ptr + pid * num_splits + split)
-        count = tl.where(live, count, 0)
-        src = src_z_ptr + pid.to(tl.int64) * cap + split * seg
-        dst = dst_z_ptr + pid.to(tl.int64) * cap + split * seg
-        kept = tl.zeros([], tl.int32)
-        for i in range(0, count, BLOCK_T):
-            ii = i + offs_t
-            z = tl.load(src + ii, mask=ii < count, other=float("-inf"))
-            if tl.max(z, axis=0) > lo:  # a tile at or below lo adds nothing and keeps nothing
-                keep = (z > lo).to(tl.int32)
-                pos = kept + tl.cumsum(keep, axis=0) - keep
-                tl.store(dst + pos, z, mask=keep > 0)
-                kept += tl.sum(keep, axis=0)
-                u = z[:, None] - t[None, :]
-                pos_u = u > 0
-                up = tl.where(pos_u, u, 0.0)
-                c0 += tl.sum(pos_u.to(tl.float32), axis=0)
-                if RMAX >= 1:
-                    c1 += tl.sum(up, axis=0)
-                if RMAX >= 2:
-                    u2 = up * up
-                    c2 += tl.sum(u2, axis=0)
-                    if RMAX >= 3:
-                        c3 += tl.sum(u2 * up, axis=0)
-                    if RMAX >= 4:
-                        c4 += tl.sum(u2 * u2, axis=0)
-                if RMAX == 0:
-                    pw = tl.exp2(beta * tl.log2(tl.where(pos_u, u, 1.0)))
-                    cf += tl.sum(tl.where(pos_u, pw, 0.0), axis=0)
-                zz = z[:, None] + tl.zeros([BLOCK_T, NP], tl.float32)
-                below = tl.maximum(below, tl.max(tl.where(pos_u, float("-inf"), zz), axis=0))
-                above = tl.minimum(above, tl.min(tl.where(pos_u, zz, float("inf")), axis=0))
-        tl.store(dst_cnt_ptr + pid * num_splits + split, kept)
-
-    base = part_ptr + (pid.to(tl.int64) * num_chunks + chunk) * (8 * NP) + offs_k
-    tl.store(base + 0 * NP, c0)
-    tl.store(base + 1 * NP, c1)
-    tl.store(base + 2 * NP, c2)
-    tl.store(base + 3 * NP, c3)
-    tl.store(base + 4 * NP, c4)
-    tl.store(base + 5 * NP, cf)
-    tl.store(base + 6 * NP, below)
-    tl.store(base + 7 * NP, above)
-    if chunk == 0:
-        tl.store(piv_ptr + pid * NP + offs_k, t)
-        if FIRST:
-            tl.store(state_ptr + pid * 4, lo)
-            tl.store(state_ptr + pid * 4 + 1, tl.max(t, axis=0))
-            tl.store(state_ptr + pid * 4 + 2, tl.where(live, 0.0, 1.0))
-            # A head that never runs keeps this tau: NaN if poisoned, +inf if it has nothing to
-            # attend (its output is then 0).
-            tl.store(state_ptr + pid * 4 + 3, tl.where(poisoned, float("nan"), float("inf")))
+def _pivot_sums(z, t, beta, c0, c1, c2, c3, c4, cf, below, above, RMAX: tl.constexpr):
+    """Add one tile of scores ``z [T]`` (-inf where empty) to the per-pivot sums at ``t [NP]``."""
+    u = z[:, None] - t[None, :]
+    pos_u = u > 0
+    up = tl.where(pos_u, u, 0.0)
+    c0 += tl.sum(pos_u.to(tl.float32), axis=0)
+    if RMAX >= 1:
+        c1 += tl.sum(up, axis=0)
+    if RMAX >= 2:
+        u2 = up * up
+        c2 += tl.sum(u2, axis=0)
+        if RMAX >= 3:
+            c3 += tl.sum(u2 * up, axis=0)
+        if RMAX >= 4:
+            c4 += tl.sum(u2 * u2, axis=0)
+    if RMAX == 0:
+        pw = tl.exp2(beta * tl.log2(tl.where(pos_u, u, 1.0)))
+        cf += tl.sum(tl.where(pos_u, pw, 0.0), axis=0)
+    zz = z[:, None] + tl.zeros_like(u)
+    below = tl.maximum(below, tl.max(tl.where(pos_u, float("-inf"), zz), axis=0))
+    above = tl.minimum(above, tl.min(tl.where(pos_u, zz, float("inf")), axis=0))
+    return c0, c1, c2, c3, c4, cf, below, above
 
 
 @triton.jit
@@ -189,36 +113,14 @@ def _root_from_right(s0, c0, c1, c2, c3, c4, RMAX: tl.constexpr, STEPS: tl.const
 
 
 @triton.jit
-def tau_merge_kernel(
-    part_ptr, piv_ptr, state_ptr, tau_ptr, num_chunks,
-    RMAX: tl.constexpr, LAST: tl.constexpr, NP: tl.constexpr, BLOCK_S: tl.constexpr,
-    STEPS: tl.constexpr,
-):
-    """Merge one level's partials of a query head, narrow its bracket and try to certify tau."""
-    pid = tl.program_id(0)
-    lo = tl.load(state_ptr + pid * 4)
-    hi = tl.load(state_ptr + pid * 4 + 1)
-    done = tl.load(state_ptr + pid * 4 + 2) != 0
-    tau_prev = tl.load(state_ptr + pid * 4 + 3)
+def _narrow(c0, c1, c2, c3, c4, cf, below, above, pivots, last,
+            RMAX: tl.constexpr, NP: tl.constexpr, STEPS: tl.constexpr):
+    """One level's outcome from its summed partials: ``(lo, hi, done, tau)``.
+
+    The bracket narrows to the pivot interval holding tau; with integer beta the two candidate
+    supports on its ends are tried for a closed-form certificate (see the module doc).
+    """
     offs_k = tl.arange(0, NP)
-    offs_s = tl.arange(0, BLOCK_S)
-    pivots = tl.load(piv_ptr + pid * NP + offs_k)
-    c0, c1, c2, c3, c4, cf, below, above = _empty_sums(NP)
-    row = part_ptr + pid.to(tl.int64) * num_chunks * (8 * NP)
-    n_read = tl.where(done, 0, num_chunks)  # a finished head keeps its state: read nothing
-    for s0 in range(0, n_read, BLOCK_S):
-        ss = s0 + offs_s
-        m2d = (ss < num_chunks)[:, None]
-        ptr = row + ss[:, None] * (8 * NP) + offs_k[None, :]
-        c0 += tl.sum(tl.load(ptr + 0 * NP, mask=m2d, other=0.0), axis=0)
-        c1 += tl.sum(tl.load(ptr + 1 * NP, mask=m2d, other=0.0), axis=0)
-        c2 += tl.sum(tl.load(ptr + 2 * NP, mask=m2d, other=0.0), axis=0)
-        c3 += tl.sum(tl.load(ptr + 3 * NP, mask=m2d, other=0.0), axis=0)
-        c4 += tl.sum(tl.load(ptr + 4 * NP, mask=m2d, other=0.0), axis=0)
-        cf += tl.sum(tl.load(ptr + 5 * NP, mask=m2d, other=0.0), axis=0)
-        below = tl.maximum(below, tl.max(tl.load(ptr + 6 * NP, mask=m2d, other=float("-inf")), axis=0))
-        above = tl.minimum(above, tl.min(tl.load(ptr + 7 * NP, mask=m2d, other=float("inf")), axis=0))
-    was_done = done
     if RMAX == 1:
         f = c1
     elif RMAX == 2:
@@ -237,8 +139,7 @@ def tau_merge_kernel(
     at_top = k_lo == NP - 1  # f(hi) >= 1 and tau <= hi: tau = hi
 
     new_lo = t_lo
-    new_hi = t_hi
-    new_done = at_top
+    new_done = at_top | last
     new_tau = tl.where(at_top, t_hi, 0.5 * (t_lo + t_hi))
     if RMAX > 0:
         # Support A = {z > t_hi}: h_A(s) = sum_A (z - t_hi + s)^beta, tau = t_hi - s.
@@ -266,15 +167,159 @@ def tau_merge_kernel(
         certified = (ok_a | ok_b) & (at_top == 0)
         new_tau = tl.where(certified, tl.where(ok_a, tau_a, tau_b), new_tau)
         new_done = new_done | certified
-    if LAST:
-        new_done = tl.full([], 1, tl.int1)
-    # A head finished at an earlier level keeps its state.
-    lo_out = tl.where(was_done, lo, new_lo)
-    hi_out = tl.where(was_done, hi, new_hi)
-    done_out = was_done | new_done
-    tau_out = tl.where(was_done, tau_prev, new_tau)
-    tl.store(state_ptr + pid * 4, lo_out)
-    tl.store(state_ptr + pid * 4 + 1, hi_out)
-    tl.store(state_ptr + pid * 4 + 2, done_out.to(tl.float32))
-    tl.store(state_ptr + pid * 4 + 3, tau_out)
-    tl.store(tau_ptr + pid, tau_out)
+    return new_lo, t_hi, new_done, new_tau
+
+
+@triton.jit
+def tau_first_kernel(
+    cand_z_ptr, cand_cnt_ptr, split_max_ptr, surv_ptr, surv_cnt_ptr, state_ptr, part_ptr, piv_ptr,
+    Hq, Hkv, G, num_splits, seg, alpha_m1, beta, log2_cap, splits_per_prog, num_chunks,
+    RMAX: tl.constexpr, NP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Level 1 over a run of splits' candidates of one query head (see the module doc).
+
+    ``cand_cnt`` is indexed by (batch, KV head, split): the group shares the K pass's counts.
+    ``state`` receives per head ``lo, hi, live, tau`` (tau: what a head that never runs keeps).
+    """
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = pid // Hq
+    h = pid % Hq
+    hk = h // G
+    cap = num_splits * seg
+    offs_k = tl.arange(0, NP)
+    kf = offs_k.to(tl.float32)
+
+    offs_s = tl.arange(0, BLOCK_S)
+    smask = offs_s < num_splits
+    smax = tl.load(split_max_ptr + pid * num_splits + offs_s, mask=smask, other=float("-inf"))
+    poisoned = tl.max((smax != smax).to(tl.int32), axis=0) > 0  # an attended NaN/+inf score
+    big_m = tl.max(tl.where(smax != smax, float("-inf"), smax), axis=0)
+    # d_k = M - t_k, log-spaced from 1 down to n^(1-alpha) (tau's proven range).
+    t = big_m - tl.exp2(-alpha_m1 * log2_cap * kf / (NP - 1))
+    live = (big_m > float("-inf")) & (poisoned == 0)
+    lo = big_m - 1.0
+
+    # 1. Compact the candidates above lo into this run's region, in token order.
+    offs_t = tl.arange(0, BLOCK_T)
+    first_split = chunk * splits_per_prog
+    out = surv_ptr + pid.to(tl.int64) * cap + first_split * seg
+    kept = tl.zeros([], tl.int32)
+    for split in range(first_split, tl.minimum(first_split + splits_per_prog, num_splits)):
+        count = tl.load(cand_cnt_ptr + (b * Hkv + hk) * num_splits + split)
+        count = tl.where(live, count, 0)
+        src = cand_z_ptr + pid.to(tl.int64) * cap + split * seg
+        for i in range(0, count, BLOCK_T):
+            ii = i + offs_t
+            z = tl.load(src + ii, mask=ii < count, other=float("-inf"))
+            keep = (z > lo).to(tl.int32)
+            pos = kept + tl.cumsum(keep, axis=0) - keep
+            tl.store(out + pos, z, mask=keep > 0)
+            kept += tl.sum(keep, axis=0)
+    tl.store(surv_cnt_ptr + pid * num_chunks + chunk, kept)
+    tl.debug_barrier()  # the sums below read what the other threads just wrote
+
+    # 2. The level's sums over the compacted list (its order does not depend on the K pass).
+    c0, c1, c2, c3, c4, cf, below, above = _empty_sums(NP)
+    for i in range(0, kept, BLOCK_T):
+        ii = i + offs_t
+        z = tl.load(out + ii, mask=ii < kept, other=float("-inf"))
+        c0, c1, c2, c3, c4, cf, below, above = _pivot_sums(
+            z, t, beta, c0, c1, c2, c3, c4, cf, below, above, RMAX)
+
+    base = part_ptr + (pid.to(tl.int64) * num_chunks + chunk) * (8 * NP) + offs_k
+    tl.store(base + 0 * NP, c0)
+    tl.store(base + 1 * NP, c1)
+    tl.store(base + 2 * NP, c2)
+    tl.store(base + 3 * NP, c3)
+    tl.store(base + 4 * NP, c4)
+    tl.store(base + 5 * NP, cf)
+    tl.store(base + 6 * NP, below)
+    tl.store(base + 7 * NP, above)
+    if chunk == 0:
+        tl.store(piv_ptr + pid * NP + offs_k, t)
+        tl.store(state_ptr + pid * 4, lo)
+        tl.store(state_ptr + pid * 4 + 1, tl.max(t, axis=0))
+        tl.store(state_ptr + pid * 4 + 2, tl.where(live, 1.0, 0.0))
+        # A head that never runs keeps this tau: NaN if poisoned, +inf if it has nothing to
+        # attend (its output is then 0).
+        tl.store(state_ptr + pid * 4 + 3, tl.where(poisoned, float("nan"), float("inf")))
+
+
+@triton.jit
+def tau_finish_kernel(
+    part_ptr, piv_ptr, state_ptr, surv_ptr, surv_cnt_ptr, tau_ptr,
+    rows, cap, chunk_len, num_chunks, beta, levels,
+    RMAX: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_TC: tl.constexpr,
+    BLOCK_T: tl.constexpr, STEPS: tl.constexpr,
+):
+    """Merge level 1 of one query head, then run levels 2..``levels`` over its survivors.
+
+    ``surv`` is ``[2, rows, cap]``: plane 0 holds level 1's survivors by run (``chunk_len``
+    apart), plane 1 is scratch; the later levels alternate between the two planes' rows.
+    """
+    pid = tl.program_id(0)
+    live = tl.load(state_ptr + pid * 4 + 2) != 0
+    tau = tl.load(state_ptr + pid * 4 + 3)
+    if live:
+        offs_k = tl.arange(0, NP)
+        kf = offs_k.to(tl.float32)
+        offs_c = tl.arange(0, BLOCK_C)
+        cmask = offs_c < num_chunks
+        # 1. Level 1's partials, added in chunk order (deterministic).
+        c0, c1, c2, c3, c4, cf, below, above = _empty_sums(NP)
+        row = part_ptr + pid.to(tl.int64) * num_chunks * (8 * NP)
+        ptr = row + offs_c[:, None] * (8 * NP) + offs_k[None, :]
+        m2d = cmask[:, None]
+        c0 += tl.sum(tl.load(ptr + 0 * NP, mask=m2d, other=0.0), axis=0)
+        c1 += tl.sum(tl.load(ptr + 1 * NP, mask=m2d, other=0.0), axis=0)
+        c2 += tl.sum(tl.load(ptr + 2 * NP, mask=m2d, other=0.0), axis=0)
+        c3 += tl.sum(tl.load(ptr + 3 * NP, mask=m2d, other=0.0), axis=0)
+        c4 += tl.sum(tl.load(ptr + 4 * NP, mask=m2d, other=0.0), axis=0)
+        cf += tl.sum(tl.load(ptr + 5 * NP, mask=m2d, other=0.0), axis=0)
+        below = tl.maximum(below, tl.max(tl.load(ptr + 6 * NP, mask=m2d, other=float("-inf")), axis=0))
+        above = tl.minimum(above, tl.min(tl.load(ptr + 7 * NP, mask=m2d, other=float("inf")), axis=0))
+        pivots = tl.load(piv_ptr + pid * NP + offs_k)
+        lo, hi, done, tau = _narrow(c0, c1, c2, c3, c4, cf, below, above, pivots, levels <= 1,
+                                    RMAX, NP, STEPS)
+        if done == 0:
+            # 2. Gather the survivors above lo from the runs' regions into the scratch row.
+            surv = surv_ptr + pid.to(tl.int64) * cap
+            plane = (pid.to(tl.int64) * 0 + rows) * cap  # rows may arrive as a constexpr 1
+            counts = tl.load(surv_cnt_ptr + pid * num_chunks + offs_c, mask=cmask, other=0)
+            offs_tc = tl.arange(0, BLOCK_TC)
+            n = tl.zeros([], tl.int32)
+            for i in range(0, tl.max(counts, axis=0), BLOCK_TC):
+                ii = i + offs_tc
+                z = tl.load(surv + offs_c[:, None] * chunk_len + ii[None, :],
+                            mask=ii[None, :] < counts[:, None], other=float("-inf"))
+                z = tl.reshape(z, (BLOCK_C * BLOCK_TC,))
+                keep = (z > lo).to(tl.int32)
+                pos = n + tl.cumsum(keep, axis=0) - keep
+                tl.store(surv + plane + pos, z, mask=keep > 0)
+                n += tl.sum(keep, axis=0)
+            tl.debug_barrier()
+            # 3. The remaining levels, each over the values above its lo, alternating between
+            # the scratch plane and the survivor plane (level 1 no longer needs it).
+            offs_t = tl.arange(0, BLOCK_T)
+            for level in range(1, levels):
+                if done == 0:
+                    src = surv + (level % 2) * plane
+                    dst = surv + (1 - level % 2) * plane
+                    t = lo + (hi - lo) * kf / (NP - 1)
+                    s0, s1, s2, s3, s4, sf, sb, sa = _empty_sums(NP)
+                    kept = tl.zeros([], tl.int32)
+                    for i in range(0, n, BLOCK_T):
+                        ii = i + offs_t
+                        z = tl.load(src + ii, mask=ii < n, other=float("-inf"))
+                        keep = (z > lo).to(tl.int32)
+                        pos = kept + tl.cumsum(keep, axis=0) - keep
+                        tl.store(dst + pos, z, mask=keep > 0)
+                        kept += tl.sum(keep, axis=0)
+                        s0, s1, s2, s3, s4, sf, sb, sa = _pivot_sums(
+                            z, t, beta, s0, s1, s2, s3, s4, sf, sb, sa, RMAX)
+                    tl.debug_barrier()
+                    n = kept
+                    lo, hi, done, tau = _narrow(s0, s1, s2, s3, s4, sf, sb, sa, t,
+                                                level == levels - 1, RMAX, NP, STEPS)
+    tl.store(tau_ptr + pid, tau)
