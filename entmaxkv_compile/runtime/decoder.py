@@ -202,9 +202,12 @@ class Decoder:
             return self._dense_step(q, k_cache, v_cache, seqlens)
         certified = self.config.selector == "certified"
         dense_rows = dense_rows_for(self.stats.certify_skip) if certified else None
+        # Only the certificate reads the statistics' order state (5 small launches otherwise).
+        wants_order = certified or self.config.report_bound
         result = run_step(self.impl, q, k_cache, v_cache, seqlens, self.stats.buffers(), self.config,
                           alpha=self.alpha, scale=self.scale, alibi_slopes=self.alibi_slopes,
-                          stats_valid=self.stats.valid_for(seqlens), dense_rows=dense_rows,
+                          stats_valid=self.stats.valid_for(seqlens) if wants_order else None,
+                          dense_rows=dense_rows,
                           sketch=None if self.sketch is None else self.sketch.buffers())
         if certified:
             self._advance_policy(dense_rows, result.num_selected, seqlens)

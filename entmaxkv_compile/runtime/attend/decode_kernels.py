@@ -117,10 +117,14 @@ def score_kernel(
         tl.store(tok_base + pos, row, mask=keep_b)
         tl.store(z_base + pos[None, :], z, mask=keep_b[None, :] & gmask[:, None])
         count += tl.sum(keep, axis=0)
-        # Publish this split's max and read the others' (used from the next tile on, so the
-        # atomic's round trip overlaps the next K load).
-        seen = tl.atomic_max(shared_max_ptr + b * Hq + heads, m, mask=gmask)
-        seen = tl.where(gmask, seen, float("-inf"))
+        # Publish this split's max when it grew, else just read the others' (used from the
+        # next tile on, so the round trip overlaps the next K load). Atomics only on growth keep
+        # the 100+ splits of a head from queueing on one address every tile.
+        if tl.max((m > seen).to(tl.int32), axis=0) > 0:
+            seen = tl.atomic_max(shared_max_ptr + b * Hq + heads, m, mask=gmask)
+        else:
+            seen = tl.load(shared_max_ptr + b * Hq + heads, mask=gmask, volatile=True)
+        seen = tl.maximum(tl.where(gmask, seen, float("-inf")), m)
     tl.store(cand_cnt_ptr + pid_bh * num_splits + split, count)
     m = tl.where(nonfinite > 0, float("nan"), m)  # the tau levels read NaN as "poisoned head"
     tl.store(split_max_ptr + (b * Hq + heads) * num_splits + split, m, mask=gmask)

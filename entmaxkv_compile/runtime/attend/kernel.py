@@ -19,7 +19,8 @@ from .. import _common as cm
 from ...checks import check_kernel_decode_inputs as check_decode_inputs
 from ..tuning.tuned import decode_config
 from .decode_kernels import output_kernel, reduce_kernel, score_kernel
-from .tau_kernels import NEWTON_STEPS, NUM_PIVOTS, NUM_SLOTS, tau_finish_kernel, tau_first_kernel
+from .tau_kernels import (NEWTON_STEPS, NUM_PIVOTS, NUM_SLOTS, tau_finish_kernel, tau_first_kernel,
+                          tau_second_kernel)
 
 
 def tau_levels(alpha: float) -> int:
@@ -30,36 +31,42 @@ def tau_levels(alpha: float) -> int:
 
 def _solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, seg, alpha, cfg):
     """The exact threshold of every query head from the K pass's candidates (tau_kernels.py):
-    level 1 over all candidates, split-parallel; the rest in one program per head. Returns the
-    survivor buffer ``[2, B * Hq, cap]``, free for the output pass's use."""
+    levels 1 and 2 split-parallel, the rest in one program per head. Returns the survivor buffer
+    ``[2, B * Hq, cap]``, free for the output pass's use."""
     dev = cand_z.device
     f32 = torch.float32
     rows = batch * hq
     cap = splits * seg
-    state = torch.empty((rows, 4), device=dev, dtype=f32)
-    pivots = torch.empty((rows, NUM_PIVOTS), device=dev, dtype=f32)
+    state = torch.empty((2, rows, 4), device=dev, dtype=f32)
+    pivots = torch.empty((2, rows, NUM_PIVOTS), device=dev, dtype=f32)
     # About eight programs per multiprocessor, each walking a run of splits: enough to hide
     # latency when every token is a candidate, few enough that a light level is one wave.
     chunks = max(1, min(splits, cm.cdiv(8 * cm.sm_count(dev), rows)))
     per_prog = cm.cdiv(splits, chunks)
     chunks = cm.cdiv(splits, per_prog)
-    part = torch.empty((rows, chunks, NUM_SLOTS, NUM_PIVOTS), device=dev, dtype=f32)
+    part = torch.empty((2, rows, chunks, NUM_SLOTS, NUM_PIVOTS), device=dev, dtype=f32)
     survivors = torch.empty((2, rows, cap), device=dev, dtype=f32)
-    surv_cnt = torch.empty((rows, chunks), device=dev, dtype=torch.int32)
+    counts = torch.empty((2, rows, chunks), device=dev, dtype=torch.int32)
     rmax = cm.integer_beta(alpha) or 0  # 0: general beta, no closed-form certificate
     beta = 1.0 / (alpha - 1.0)
-    wrap_triton(tau_first_kernel)[(rows, chunks)](
-        cand_z, cand_cnt, split_max, survivors, surv_cnt, state, part, pivots,
-        hq, hkv, group, splits, seg, alpha - 1.0, beta, math.log2(cap), per_prog, chunks,
-        RMAX=rmax, NP=NUM_PIVOTS, BLOCK_S=cm.next_pow2(splits), BLOCK_T=cfg["BLOCK_TAU"],
-        num_warps=cfg["tau_warps"],
-    )
+    block_t = cfg["BLOCK_TAU"]
     block_c = cm.next_pow2(chunks)
+    common = dict(RMAX=rmax, NP=NUM_PIVOTS, num_warps=cfg["tau_warps"])
+    wrap_triton(tau_first_kernel)[(rows, chunks)](
+        cand_z, cand_cnt, split_max, survivors, counts[0], state[0], part[0], pivots[0],
+        hq, hkv, group, splits, seg, alpha - 1.0, beta, math.log2(cap), per_prog, chunks,
+        BLOCK_S=cm.next_pow2(splits), BLOCK_T=block_t, BLOCK_K=4 * block_t, **common,
+    )
+    wrap_triton(tau_second_kernel)[(rows, chunks)](
+        part[0], pivots[0], state[0], survivors, counts[0], part[1], pivots[1], state[1],
+        counts[1], rows, cap, per_prog * seg, chunks, beta,
+        BLOCK_C=block_c, BLOCK_T=block_t, STEPS=NEWTON_STEPS, **common,
+    )
     wrap_triton(tau_finish_kernel)[(rows,)](
-        part, pivots, state, survivors, surv_cnt, tau,
+        part[1], pivots[1], state[1], survivors, counts[1], tau,
         rows, cap, per_prog * seg, chunks, beta, tau_levels(alpha),
-        RMAX=rmax, NP=NUM_PIVOTS, BLOCK_C=block_c, BLOCK_TC=max(1, 1024 // block_c),
-        BLOCK_T=cfg["BLOCK_TAU"], STEPS=NEWTON_STEPS, num_warps=4,
+        BLOCK_C=block_c, BLOCK_TC=max(1, 1024 // block_c), BLOCK_T=block_t, STEPS=NEWTON_STEPS,
+        RMAX=rmax, NP=NUM_PIVOTS, num_warps=4,
     )
     return survivors
 

@@ -1,5 +1,5 @@
-"""The exact entmax threshold of one decode query in two launches: a parallel first level, then
-one program per head that merges it and finishes in place.
+"""The exact entmax threshold of one decode query in three launches: two split-parallel levels,
+then one program per head that finishes in place.
 
 The candidates of a query head (scores ``z`` kept by the K pass, compacted per split) are searched
 for ``tau`` solving ``f(tau) = sum_i [z_i - tau]_+^beta = 1`` by *pivot levels*: a level evaluates,
@@ -19,13 +19,16 @@ tau (up to float32 rounding of the sums).
   can be in the support) into its run's region of a survivor buffer, then sums over that compacted
   list, so its partial sums do not depend on how many extra candidates the K pass kept (the K
   pass's filter depends on the timing of the other programs; see ``score_kernel``).
-* ``tau_finish_kernel`` (batch x query head) adds the partials in a fixed order, narrows and tries
-  to certify. A head left open gathers its survivors above the new ``lo`` (a few hundred on every
-  family we measure) into a scratch row and runs the remaining levels over them in the same
-  program, each level compacting the values above its ``lo`` for the next.
+* ``tau_second_kernel`` (same grid): every program merges level 1 (same sums, same order, so
+  they agree), narrows and tries to certify; an open head's programs compact their run's
+  survivors above the new ``lo`` and sum them at the level-2 pivots. On flat heads (low-rank keys)
+  thousands of scores survive level 1; this keeps them spread over the grid.
+* ``tau_finish_kernel`` (batch x query head) merges level 2 the same way. A head still open
+  gathers its survivors above the new ``lo`` (tens to hundreds) into one row and runs the
+  remaining levels over them in the same program, each compacting the values above its ``lo``.
 
-The cost of level 1 is one read of the candidates; the finish reads only the survivors of open
-heads. For non-integer beta there is no closed certificate: eight levels bring the bracket near
+The cost of level 1 is one read of the candidates; the later levels read only the survivors of
+open heads. For non-integer beta there is no closed certificate: eight levels bring the bracket near
 float32 resolution and tau is its midpoint. A head still uncertified after the last level
 (integer beta, more than ~10^4 distinct scores packed within ~1e-5 of tau) also gets the bracket's
 midpoint.
@@ -175,6 +178,7 @@ def tau_first_kernel(
     cand_z_ptr, cand_cnt_ptr, split_max_ptr, surv_ptr, surv_cnt_ptr, state_ptr, part_ptr, piv_ptr,
     Hq, Hkv, G, num_splits, seg, alpha_m1, beta, log2_cap, splits_per_prog, num_chunks,
     RMAX: tl.constexpr, NP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Level 1 over a run of splits' candidates of one query head (see the module doc).
 
@@ -200,8 +204,9 @@ def tau_first_kernel(
     live = (big_m > float("-inf")) & (poisoned == 0)
     lo = big_m - 1.0
 
-    # 1. Compact the candidates above lo into this run's region, in token order.
-    offs_t = tl.arange(0, BLOCK_T)
+    # 1. Compact the candidates above lo into this run's region, in token order (tiles of
+    # BLOCK_K: on flat heads most tokens are candidates and this loop streams them).
+    offs_c = tl.arange(0, BLOCK_K)
     first_split = chunk * splits_per_prog
     out = surv_ptr + pid.to(tl.int64) * cap + first_split * seg
     kept = tl.zeros([], tl.int32)
@@ -209,8 +214,8 @@ def tau_first_kernel(
         count = tl.load(cand_cnt_ptr + (b * Hkv + hk) * num_splits + split)
         count = tl.where(live, count, 0)
         src = cand_z_ptr + pid.to(tl.int64) * cap + split * seg
-        for i in range(0, count, BLOCK_T):
-            ii = i + offs_t
+        for i in range(0, count, BLOCK_K):
+            ii = i + offs_c
             z = tl.load(src + ii, mask=ii < count, other=float("-inf"))
             keep = (z > lo).to(tl.int32)
             pos = kept + tl.cumsum(keep, axis=0) - keep
@@ -220,6 +225,7 @@ def tau_first_kernel(
     tl.debug_barrier()  # the sums below read what the other threads just wrote
 
     # 2. The level's sums over the compacted list (its order does not depend on the K pass).
+    offs_t = tl.arange(0, BLOCK_T)
     c0, c1, c2, c3, c4, cf, below, above = _empty_sums(NP)
     for i in range(0, kept, BLOCK_T):
         ii = i + offs_t
@@ -227,15 +233,8 @@ def tau_first_kernel(
         c0, c1, c2, c3, c4, cf, below, above = _pivot_sums(
             z, t, beta, c0, c1, c2, c3, c4, cf, below, above, RMAX)
 
-    base = part_ptr + (pid.to(tl.int64) * num_chunks + chunk) * (8 * NP) + offs_k
-    tl.store(base + 0 * NP, c0)
-    tl.store(base + 1 * NP, c1)
-    tl.store(base + 2 * NP, c2)
-    tl.store(base + 3 * NP, c3)
-    tl.store(base + 4 * NP, c4)
-    tl.store(base + 5 * NP, cf)
-    tl.store(base + 6 * NP, below)
-    tl.store(base + 7 * NP, above)
+    _store_sums(part_ptr + (pid.to(tl.int64) * num_chunks + chunk) * (8 * NP),
+                c0, c1, c2, c3, c4, cf, below, above, NP)
     if chunk == 0:
         tl.store(piv_ptr + pid * NP + offs_k, t)
         tl.store(state_ptr + pid * 4, lo)
@@ -247,65 +246,143 @@ def tau_first_kernel(
 
 
 @triton.jit
+def _merged_sums(part_ptr, pid, num_chunks, BLOCK_C: tl.constexpr, NP: tl.constexpr):
+    """A level's partials of one query head, added in chunk order (deterministic)."""
+    offs_k = tl.arange(0, NP)
+    offs_c = tl.arange(0, BLOCK_C)
+    ptr = part_ptr + pid.to(tl.int64) * num_chunks * (8 * NP) + offs_c[:, None] * (8 * NP) \
+        + offs_k[None, :]
+    m2d = (offs_c < num_chunks)[:, None]
+    c0 = tl.sum(tl.load(ptr + 0 * NP, mask=m2d, other=0.0), axis=0)
+    c1 = tl.sum(tl.load(ptr + 1 * NP, mask=m2d, other=0.0), axis=0)
+    c2 = tl.sum(tl.load(ptr + 2 * NP, mask=m2d, other=0.0), axis=0)
+    c3 = tl.sum(tl.load(ptr + 3 * NP, mask=m2d, other=0.0), axis=0)
+    c4 = tl.sum(tl.load(ptr + 4 * NP, mask=m2d, other=0.0), axis=0)
+    cf = tl.sum(tl.load(ptr + 5 * NP, mask=m2d, other=0.0), axis=0)
+    below = tl.max(tl.load(ptr + 6 * NP, mask=m2d, other=float("-inf")), axis=0)
+    above = tl.min(tl.load(ptr + 7 * NP, mask=m2d, other=float("inf")), axis=0)
+    return c0, c1, c2, c3, c4, cf, below, above
+
+
+@triton.jit
+def _store_sums(base, c0, c1, c2, c3, c4, cf, below, above, NP: tl.constexpr):
+    """One program's partial of a level (8 slots of NP pivots at ``base``)."""
+    offs_k = tl.arange(0, NP)
+    tl.store(base + 0 * NP + offs_k, c0)
+    tl.store(base + 1 * NP + offs_k, c1)
+    tl.store(base + 2 * NP + offs_k, c2)
+    tl.store(base + 3 * NP + offs_k, c3)
+    tl.store(base + 4 * NP + offs_k, c4)
+    tl.store(base + 5 * NP + offs_k, cf)
+    tl.store(base + 6 * NP + offs_k, below)
+    tl.store(base + 7 * NP + offs_k, above)
+
+
+@triton.jit
+def tau_second_kernel(
+    part1_ptr, piv1_ptr, state1_ptr, surv_ptr, cnt1_ptr,
+    part2_ptr, piv2_ptr, state2_ptr, cnt2_ptr,
+    rows, cap, chunk_len, num_chunks, beta,
+    RMAX: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+    STEPS: tl.constexpr,
+):
+    """Level 2, split-parallel like level 1: every program merges level 1 (the same sums in the
+    same order, so all agree), and an open head's programs compact their run's survivors above
+    the new lo from plane 0 into plane 1 of ``surv`` ``[2, rows, cap]`` and sum them at the new
+    pivots. Flat heads keep thousands of survivors after level 1; this level spreads them over
+    the grid before the single-program finish."""
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offs_k = tl.arange(0, NP)
+    kf = offs_k.to(tl.float32)
+    live = tl.load(state1_ptr + pid * 4 + 2) != 0
+    tau = tl.load(state1_ptr + pid * 4 + 3)
+    lo = tl.load(state1_ptr + pid * 4)
+    hi = tl.load(state1_ptr + pid * 4 + 1)
+    done = live == 0
+    kept = tl.zeros([], tl.int32)
+    s0, s1, s2, s3, s4, sf, sb, sa = _empty_sums(NP)
+    if live:
+        c0, c1, c2, c3, c4, cf, below, above = _merged_sums(part1_ptr, pid, num_chunks, BLOCK_C, NP)
+        pivots = tl.load(piv1_ptr + pid * NP + offs_k)
+        lo, hi, done, tau = _narrow(c0, c1, c2, c3, c4, cf, below, above, pivots, pid < 0,
+                                    RMAX, NP, STEPS)
+        if done == 0:
+            t = lo + (hi - lo) * kf / (NP - 1)
+            off = pid.to(tl.int64) * cap + chunk * chunk_len
+            src = surv_ptr + off
+            dst = surv_ptr + (pid.to(tl.int64) * 0 + rows) * cap + off
+            count = tl.load(cnt1_ptr + pid * num_chunks + chunk)
+            offs_t = tl.arange(0, BLOCK_T)
+            for i in range(0, count, BLOCK_T):
+                ii = i + offs_t
+                z = tl.load(src + ii, mask=ii < count, other=float("-inf"))
+                keep = (z > lo).to(tl.int32)
+                pos = kept + tl.cumsum(keep, axis=0) - keep
+                tl.store(dst + pos, z, mask=keep > 0)
+                kept += tl.sum(keep, axis=0)
+                s0, s1, s2, s3, s4, sf, sb, sa = _pivot_sums(
+                    z, t, beta, s0, s1, s2, s3, s4, sf, sb, sa, RMAX)
+            if chunk == 0:
+                tl.store(piv2_ptr + pid * NP + offs_k, t)
+    _store_sums(part2_ptr + (pid.to(tl.int64) * num_chunks + chunk) * (8 * NP),
+                s0, s1, s2, s3, s4, sf, sb, sa, NP)
+    tl.store(cnt2_ptr + pid * num_chunks + chunk, kept)
+    if chunk == 0:
+        tl.store(state2_ptr + pid * 4, lo)
+        tl.store(state2_ptr + pid * 4 + 1, hi)
+        tl.store(state2_ptr + pid * 4 + 2, tl.where(done, 0.0, 1.0))
+        tl.store(state2_ptr + pid * 4 + 3, tau)
+
+
+@triton.jit
 def tau_finish_kernel(
     part_ptr, piv_ptr, state_ptr, surv_ptr, surv_cnt_ptr, tau_ptr,
     rows, cap, chunk_len, num_chunks, beta, levels,
     RMAX: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_TC: tl.constexpr,
     BLOCK_T: tl.constexpr, STEPS: tl.constexpr,
 ):
-    """Merge level 1 of one query head, then run levels 2..``levels`` over its survivors.
+    """Merge level 2 of one query head, then run levels 3..``levels`` over its survivors.
 
-    ``surv`` is ``[2, rows, cap]``: plane 0 holds level 1's survivors by run (``chunk_len``
-    apart), plane 1 is scratch; the later levels alternate between the two planes' rows.
+    ``surv`` is ``[2, rows, cap]``: plane 1 holds level 2's survivors by run (``chunk_len``
+    apart); they are gathered into plane 0's row, and the later levels alternate between the
+    two planes' rows.
     """
     pid = tl.program_id(0)
-    live = tl.load(state_ptr + pid * 4 + 2) != 0
+    open_ = tl.load(state_ptr + pid * 4 + 2) != 0
     tau = tl.load(state_ptr + pid * 4 + 3)
-    if live:
+    if open_:
         offs_k = tl.arange(0, NP)
         kf = offs_k.to(tl.float32)
-        offs_c = tl.arange(0, BLOCK_C)
-        cmask = offs_c < num_chunks
-        # 1. Level 1's partials, added in chunk order (deterministic).
-        c0, c1, c2, c3, c4, cf, below, above = _empty_sums(NP)
-        row = part_ptr + pid.to(tl.int64) * num_chunks * (8 * NP)
-        ptr = row + offs_c[:, None] * (8 * NP) + offs_k[None, :]
-        m2d = cmask[:, None]
-        c0 += tl.sum(tl.load(ptr + 0 * NP, mask=m2d, other=0.0), axis=0)
-        c1 += tl.sum(tl.load(ptr + 1 * NP, mask=m2d, other=0.0), axis=0)
-        c2 += tl.sum(tl.load(ptr + 2 * NP, mask=m2d, other=0.0), axis=0)
-        c3 += tl.sum(tl.load(ptr + 3 * NP, mask=m2d, other=0.0), axis=0)
-        c4 += tl.sum(tl.load(ptr + 4 * NP, mask=m2d, other=0.0), axis=0)
-        cf += tl.sum(tl.load(ptr + 5 * NP, mask=m2d, other=0.0), axis=0)
-        below = tl.maximum(below, tl.max(tl.load(ptr + 6 * NP, mask=m2d, other=float("-inf")), axis=0))
-        above = tl.minimum(above, tl.min(tl.load(ptr + 7 * NP, mask=m2d, other=float("inf")), axis=0))
+        c0, c1, c2, c3, c4, cf, below, above = _merged_sums(part_ptr, pid, num_chunks, BLOCK_C, NP)
         pivots = tl.load(piv_ptr + pid * NP + offs_k)
-        lo, hi, done, tau = _narrow(c0, c1, c2, c3, c4, cf, below, above, pivots, levels <= 1,
+        lo, hi, done, tau = _narrow(c0, c1, c2, c3, c4, cf, below, above, pivots, levels <= 2,
                                     RMAX, NP, STEPS)
         if done == 0:
-            # 2. Gather the survivors above lo from the runs' regions into the scratch row.
-            surv = surv_ptr + pid.to(tl.int64) * cap
+            # Gather the survivors above lo from the runs' regions of plane 1 into plane 0.
             plane = (pid.to(tl.int64) * 0 + rows) * cap  # rows may arrive as a constexpr 1
-            counts = tl.load(surv_cnt_ptr + pid * num_chunks + offs_c, mask=cmask, other=0)
+            row0 = surv_ptr + pid.to(tl.int64) * cap
+            offs_c = tl.arange(0, BLOCK_C)
+            counts = tl.load(surv_cnt_ptr + pid * num_chunks + offs_c, mask=offs_c < num_chunks,
+                             other=0)
             offs_tc = tl.arange(0, BLOCK_TC)
             n = tl.zeros([], tl.int32)
             for i in range(0, tl.max(counts, axis=0), BLOCK_TC):
                 ii = i + offs_tc
-                z = tl.load(surv + offs_c[:, None] * chunk_len + ii[None, :],
+                z = tl.load(row0 + plane + offs_c[:, None] * chunk_len + ii[None, :],
                             mask=ii[None, :] < counts[:, None], other=float("-inf"))
                 z = tl.reshape(z, (BLOCK_C * BLOCK_TC,))
                 keep = (z > lo).to(tl.int32)
                 pos = n + tl.cumsum(keep, axis=0) - keep
-                tl.store(surv + plane + pos, z, mask=keep > 0)
+                tl.store(row0 + pos, z, mask=keep > 0)
                 n += tl.sum(keep, axis=0)
             tl.debug_barrier()
-            # 3. The remaining levels, each over the values above its lo, alternating between
-            # the scratch plane and the survivor plane (level 1 no longer needs it).
+            # The remaining levels, each over the values above its lo.
             offs_t = tl.arange(0, BLOCK_T)
-            for level in range(1, levels):
+            for level in range(2, levels):
                 if done == 0:
-                    src = surv + (level % 2) * plane
-                    dst = surv + (1 - level % 2) * plane
+                    src = row0 + (level % 2) * plane
+                    dst = row0 + (1 - level % 2) * plane
                     t = lo + (hi - lo) * kf / (NP - 1)
                     s0, s1, s2, s3, s4, sf, sb, sa = _empty_sums(NP)
                     kept = tl.zeros([], tl.int32)
