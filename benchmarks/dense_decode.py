@@ -29,9 +29,9 @@ from entmaxkv_compile.runtime.tuning import tuned  # noqa: E402
 
 PAGE = 16
 DIM = 128
-# K-pass tile, warps, pipeline stages, V-pass tile.
-SWEEP = [(64, 4, 2, 32), (128, 4, 2, 32), (128, 4, 2, 64), (128, 4, 2, 128), (128, 8, 2, 64),
-         (256, 8, 2, 64), (256, 4, 2, 64), (128, 4, 1, 64)]
+# Launch parameters tried on top of the shipped config: how often the K pass shares its maxima
+# across splits (0 = never), and the K-pass tile.
+SWEEP = [{"SHARE_EVERY": s} for s in (0, 1, 2, 4, 8)] + [{"BLOCK_N": 64}, {"BLOCK_N": 256}]
 
 
 def make_family(name, batch, hq, hkv, n, dtype, seed=0):
@@ -145,15 +145,15 @@ def run_case(n, hq, hkv, family, dtype, alpha, sweep):
         row["kernels_us"] = {"profiler unavailable": type(exc).__name__}
     if sweep:
         best = {}
-        for block_n, warps, stages, block_t in SWEEP:
-            params = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages, BLOCK_T=block_t)
-            with tuned.override("paged_decode", {**tuned.DEFAULTS["paged_decode"], **params}):
+        shipped = tuned.decode_config(q.device, q.dtype, DIM, hq // hkv, PAGE)
+        for params in SWEEP:
+            with tuned.override("paged_decode", {**shipped, **params}):
                 try:
                     ms = do_bench(graphed(ours), warmup=10, rep=50, return_mode="median")
                 except Exception as exc:  # a config that does not compile is skipped
                     ms = float("nan")
                     print("  config failed", params, type(exc).__name__, flush=True)
-            best[f"n{block_n}w{warps}s{stages}t{block_t}"] = ms
+            best[",".join(f"{k}={v}" for k, v in params.items())] = ms
         row["sweep_ms"] = best
     return row
 

@@ -5,9 +5,10 @@ One decode step is a fixed sequence of launches over fixed grids:
 1. ``score_kernel`` (batch x KV head, split): reads each selected K page once, scores it for all
    G query heads of the group with one ``tl.dot``, adds ALiBi, and keeps the *candidates*: tokens
    whose score is above (max - 1) for some head of the group. Only candidates can be in the
-   support, since tau >= max z - 1. The max is the largest seen so far by *any* split: each tile
-   publishes its heads' maxima with an atomic max and reads back the others', so after the first
-   tiles every split filters against nearly the global max (on iid keys at 128k tokens this keeps
+   support, since tau >= max z - 1. The max is the largest seen so far by *any* split: every
+   ``SHARE_EVERY`` tiles (a tuned launch parameter; 0 = each split alone) a split publishes its
+   heads' maxima with an atomic max and reads back the others', so after the first tiles every
+   split filters against nearly the global max (on iid keys at 128k tokens this keeps
    ~5% of the tokens instead of ~55% with each split's own running max). Candidates' scores
    (4 bytes per head) and row ids are compacted into a per-split segment; the split's own max per
    head is written too. Which extra candidates a split keeps depends on timing; nothing
@@ -50,6 +51,7 @@ def score_kernel(
     Hq, Hkv, G, D, num_splits, seg, page_size, zscale, am1, capacity,
     HAS_ALIBI: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    SHARE_EVERY: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -117,14 +119,17 @@ def score_kernel(
         tl.store(tok_base + pos, row, mask=keep_b)
         tl.store(z_base + pos[None, :], z, mask=keep_b[None, :] & gmask[:, None])
         count += tl.sum(keep, axis=0)
-        # Publish this split's max when it grew, else just read the others' (used from the
-        # next tile on, so the round trip overlaps the next K load). Atomics only on growth keep
-        # the 100+ splits of a head from queueing on one address every tile.
-        if tl.max((m > seen).to(tl.int32), axis=0) > 0:
-            seen = tl.atomic_max(shared_max_ptr + b * Hq + heads, m, mask=gmask)
-        else:
-            seen = tl.load(shared_max_ptr + b * Hq + heads, mask=gmask, volatile=True)
-        seen = tl.maximum(tl.where(gmask, seen, float("-inf")), m)
+        if SHARE_EVERY > 0:
+            # Every SHARE_EVERY tiles: publish this split's max where it grew (a predicated
+            # atomic, no traffic when nothing grew, so the 100+ splits of a head do not queue
+            # on one address), and read the others' from L2. Used from the next tile on, so the
+            # round trip overlaps the next K load. (An atomic under a branch here miscompiled
+            # on the H200 with Triton 3.6; masks keep it branch-free.)
+            refresh = ((offs_g * 0 + (j - j0) // BLOCK_N) % SHARE_EVERY) == 0
+            shared = shared_max_ptr + b * Hq + heads
+            tl.atomic_max(shared, m, mask=gmask & refresh & (m > seen))
+            got = tl.load(shared, mask=gmask & refresh, other=float("-inf"), cache_modifier=".cg")
+            seen = tl.maximum(tl.maximum(seen, got), m)
     tl.store(cand_cnt_ptr + pid_bh * num_splits + split, count)
     m = tl.where(nonfinite > 0, float("nan"), m)  # the tau levels read NaN as "poisoned head"
     tl.store(split_max_ptr + (b * Hq + heads) * num_splits + split, m, mask=gmask)
