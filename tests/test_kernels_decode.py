@@ -140,3 +140,22 @@ def test_bad_inputs_raise(change, error):
         q = q[:, :3]
     with pytest.raises(error):
         kernels.paged_decode(q, k, v, seqlens, idx, nsel, **kw)
+
+
+def test_results_do_not_depend_on_the_candidates_the_k_pass_keeps():
+    """Sharing maxima across splits changes which extra candidates each split keeps (here: the
+    interpreter runs splits in order, so later ones filter against earlier maxima); the tau levels
+    and the output compact the tokens that matter first, so the results are bit for bit equal."""
+    from entmaxkv_compile.runtime.tuning import tuned
+
+    batch, hq, hkv, nmax, dim, page = (1, 32, 8, 8192, 128, 16) if REAL else (2, 8, 2, 96, 16, 16)
+    gen, q, k, v, seqlens = _case(5, batch, hq, hkv, nmax, dim, torch.float16, structured=False)
+    idx, nsel = _random_selection(gen, seqlens.cpu(), hkv, -(-nmax // page), page, keep=1.0)
+    kw = dict(page_size=page, alpha=1.5, scale=1 / math.sqrt(dim))
+    results = []
+    for share_every in (0, 1, 3):
+        cfg = tuned.decode_config(q.device, q.dtype, dim, hq // hkv, page)
+        with tuned.override("paged_decode", {**cfg, "SHARE_EVERY": share_every}):
+            results.append(kernels.paged_decode(q, k, v, seqlens, idx, nsel, **kw))
+    for out, tau in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(tau, results[0][1])

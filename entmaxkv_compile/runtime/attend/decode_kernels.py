@@ -141,8 +141,8 @@ def output_kernel(
     o_part_ptr, l_part_ptr,
     svb, svh, svn, svd,
     Hq, Hkv, G, D, num_splits, seg, beta,
-    KIND: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    KIND: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_SCAN: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -151,6 +151,7 @@ def output_kernel(
     cap = num_splits * seg
     offs_g = tl.arange(0, BLOCK_G)
     offs_t = tl.arange(0, BLOCK_T)
+    offs_scan = tl.arange(0, BLOCK_SCAN)
     offs_d = tl.arange(0, BLOCK_D)
     gmask = offs_g < G
     dmask = offs_d < D
@@ -165,10 +166,11 @@ def output_kernel(
     v_base = v_ptr + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
 
     # 1. The candidates in the support of some head of the group, in token order: the sums
-    # below then group the same tokens into the same tiles whatever else the K pass kept.
+    # below then group the same tokens into the same tiles whatever else the K pass kept. Wide
+    # tiles: on flat keys most tokens are candidates and this loop streams them.
     n = tl.zeros([], tl.int32)
-    for t in range(0, count, BLOCK_T):
-        tt = t + offs_t
+    for t in range(0, count, BLOCK_SCAN):
+        tt = t + offs_scan
         tmask = tt < count
         z = tl.load(z_base + tt[None, :], mask=gmask[:, None] & tmask[None, :],
                     other=float("-inf"))

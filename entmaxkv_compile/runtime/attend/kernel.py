@@ -133,7 +133,8 @@ def triton_paged_decode(
         v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, live_tok, o_part, l_part,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         hq, hkv, group, dim, splits, seg, beta,
-        KIND=kind, BLOCK_G=block_g, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=block_d,
+        KIND=kind, BLOCK_G=block_g, BLOCK_T=cfg["BLOCK_T"], BLOCK_SCAN=4 * cfg["BLOCK_T"],
+        BLOCK_D=block_d,
         DOT_PREC=cm.exact_fp32_dot(dev), num_warps=cfg["num_warps"],
     )
     wrap_triton(reduce_kernel)[(batch * hq,)](

@@ -26,7 +26,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # Built-in defaults per kernel family; GPU files override them key by key.
 DEFAULTS: dict[str, dict[str, int]] = {
     "paged_decode": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "BLOCK_T": 32,
-                     "BLOCK_TAU": 128, "tau_warps": 4, "SHARE_EVERY": 2},
+                     "BLOCK_TAU": 128, "tau_warps": 4, "SHARE_EVERY": 0},
     "page_stats": {"BLOCK_T": 16, "num_warps": 4},
     "select": {"BLOCK_P": 64, "BLOCK_PM": 32, "BLOCK_PS": 256,
                "num_warps": 4, "MOMENTS_DOT": 0},
