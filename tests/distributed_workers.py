@@ -1,0 +1,70 @@
+"""What each spawned rank runs in the distributed tests (module-level, so spawn can import it).
+
+Every rank builds the same global data from a seed, keeps its shard and returns its results; the
+tests compare them in the parent with the single-process references.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from entmaxkv_compile import EntmaxKVConfig
+from entmaxkv_compile.distributed import ContextParallelDecoder
+from entmaxkv_compile.runtime.step import reference_implementation
+
+CAPACITY = 96
+PAGE = 8
+SHAPE = dict(batch=3, q_heads=4, kv_heads=2, head_dim=8)
+LENGTHS = (90, 37, 5)  # ragged: the last sequence lives on rank 0 alone
+CASES = (  # (selector, alpha, extra config)
+    ("dense", 1.5, {}),
+    ("dense", 2.0, {}),
+    ("dense", 1.3, {}),
+    ("topk", 1.5, {"token_budget": 16}),
+    ("gaussian", 1.5, {}),
+    ("gaussian", 2.0, {"report_bound": True}),
+    ("certified", 1.5, {}),
+    ("certified", 2.0, {"sink_pages": 1, "recent_pages": 1}),
+)
+APPENDS = 6
+
+
+def global_data(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The global cache, the queries of the steps and the appended rows, in float64."""
+    g = torch.Generator().manual_seed(seed)
+    b, hq, hkv, d = (SHAPE[k] for k in ("batch", "q_heads", "kv_heads", "head_dim"))
+    k = torch.randn(b, hkv, CAPACITY, d, generator=g, dtype=torch.float64)
+    k[:, :, 40:48] += 1.5 * torch.randn(b, hkv, 1, d, generator=g, dtype=torch.float64)  # a planted span
+    return dict(k=k, v=torch.randn(b, hkv, CAPACITY, d, generator=g, dtype=torch.float64),
+                q=3.0 * torch.randn(APPENDS + 1, b, hq, 1, d, generator=g, dtype=torch.float64),
+                k_new=torch.randn(APPENDS, b, hkv, 1, d, generator=g, dtype=torch.float64),
+                v_new=torch.randn(APPENDS, b, hkv, 1, d, generator=g, dtype=torch.float64),
+                lengths=torch.tensor(LENGTHS))
+
+
+def context_parallel_cases(rank: int, world: int) -> dict:
+    """Run every case once on the loaded cache, then a certified decode loop that appends a token
+    per step (lengths crossing rank boundaries). Returns the results by case."""
+    data = global_data()
+    impl = reference_implementation()
+    results = {}
+    for selector, alpha, extra in CASES:
+        config = EntmaxKVConfig(selector=selector, alpha=alpha, page_size=PAGE, **extra)
+        decoder = ContextParallelDecoder(config, **SHAPE, capacity=CAPACITY, dtype=torch.float64, device="cpu",
+                                         implementation=impl)
+        decoder.load(data["k"], data["v"], data["lengths"])
+        result = decoder.run(data["q"][0], data["lengths"])
+        results[(selector, alpha)] = dict(result._asdict(), start=decoder.start, calls=decoder.collective_calls())
+    config = EntmaxKVConfig(selector="certified", alpha=1.5, page_size=PAGE)
+    decoder = ContextParallelDecoder(config, **SHAPE, capacity=CAPACITY, dtype=torch.float64, device="cpu",
+                                     implementation=impl)
+    lengths = torch.tensor([44, 23, 0])
+    decoder.load(data["k"][:, :, :44], data["v"][:, :, :44], lengths)
+    steps = []
+    for step in range(APPENDS):
+        decoder.append(data["k_new"][step], data["v_new"][step], lengths)
+        lengths = lengths + 1
+        steps.append(decoder.run(data["q"][step + 1], lengths)._asdict())
+    results["appends"] = steps
+    results["valid"] = decoder.stats.valid.clone()
+    return results
