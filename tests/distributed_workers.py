@@ -68,3 +68,31 @@ def context_parallel_cases(rank: int, world: int) -> dict:
     results["appends"] = steps
     results["valid"] = decoder.stats.valid.clone()
     return results
+
+
+def tensor_parallel_generate(rank: int, world: int, steps: int, options: dict) -> dict:
+    """Shard the zoo's gpt-fast model over the ranks, compile it with the entmaxkv backend and
+    decode greedily; returns the tokens, logits and the backend's report of every site."""
+    from entmaxkv_compile.compiler.explain import recording
+    from examples.zoo import gpt_fast, gpt_fast_tp
+
+    torch._dynamo.reset()
+    model = gpt_fast_tp.shard(gpt_fast.build(tensor_parallel_args(), batch=2))
+    prompt = tensor_parallel_prompt()
+    decode = torch.compile(model, backend="entmaxkv", options=options)
+    with recording() as report:
+        tokens, logits = gpt_fast.generate(model, prompt, steps, decode=decode)
+    sites = [(s.where, s.status, s.phase) for s in report.sites]
+    collectives = [graph.code_after.count("_c10d_functional.all_reduce") for graph in report.graphs]
+    return dict(tokens=tokens, logits=logits, sites=sites, collectives=collectives,
+                cache_heads=model.layers[0].attention.kv_cache.k_cache.shape[1])
+
+
+def tensor_parallel_args():
+    from examples.zoo import gpt_fast
+
+    return gpt_fast.ModelArgs(n_layer=2, n_head=8, n_kv_head=4, dim=64, max_seq_len=64)
+
+
+def tensor_parallel_prompt() -> torch.Tensor:
+    return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
