@@ -34,8 +34,9 @@ threshold ``tau0``, every rank adds its own pages whose Quest bound violates ``t
 threshold of that selection and the output. Every page left out on any rank then has
 ``(alpha-1) u_p <= tau0 <= tau``, so the output is full entmax; the certificate is the AND over
 the ranks of their flags (sound statistics, finite bounds) and holds only where the solve was
-exact. Collectives per step: ``levels + 3`` (``2*levels + 5`` certified), each a few KiB for
-``B*Hq`` heads, whatever the sequence length.
+exact. Collectives per step: ``levels + 3`` (``2*levels + 5`` certified), whatever the sequence
+length; the largest are the levels' power sums, ``B*Hq*(bins+1)*(beta+1)`` float64 each (197 KiB
+for 32 heads, 256 bins, alpha 1.5), the gather ``W*B*Hq*gather_cap`` scores.
 
 The new token's K/V is written by the rank that owns its position (:meth:`append`). The step is
 fixed-shape and free of host syncs; it is pure torch around the selection (the local scores are

@@ -53,6 +53,7 @@ from .collectives import Collectives
 __all__ = ["GlobalThreshold", "TauSettings", "combine_output", "global_threshold"]
 
 _NEWTON_STEPS = 30
+_SPARE_SLOTS = 64
 
 
 class TauSettings(NamedTuple):
@@ -187,13 +188,16 @@ def _bin_power_sums(u: torch.Tensor, valid: torch.Tensor, edges: torch.Tensor, b
     bin_of = (index - 1).clamp(0, bins)
     origin = edges.gather(-1, bin_of)
     d = torch.where(candidate, (u - origin).clamp(min=0.0), 0.0).to(torch.float64)
-    weight = candidate.to(torch.float64)
-    sums = torch.zeros(*u.shape[:-1], bins + 1, beta + 1, dtype=torch.float64, device=u.device)
-    power = weight
+    # The scores below the bracket (most of them) add zeros; spreading them over spare slots
+    # instead of one bin keeps a GPU's atomic adds from all hitting one address.
+    spare = bins + 1 + torch.arange(u.shape[-1], device=u.device) % _SPARE_SLOTS
+    slot = torch.where(candidate, bin_of, spare)
+    sums = torch.zeros(*u.shape[:-1], bins + 1 + _SPARE_SLOTS, beta + 1, dtype=torch.float64, device=u.device)
+    power = candidate.to(torch.float64)
     for r in range(beta + 1):
-        sums[..., r].scatter_add_(-1, bin_of, power)
+        sums[..., r].scatter_add_(-1, slot, power)
         power = power * d
-    return sums
+    return sums[..., :bins + 1, :].contiguous()
 
 
 def _power_sums_at_edges(sums: torch.Tensor, edges: torch.Tensor, beta: int) -> torch.Tensor:

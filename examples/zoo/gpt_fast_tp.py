@@ -20,7 +20,8 @@ from .gpt_fast import KVCache, Transformer
 
 
 def shard(model: Transformer, group: Optional[Any] = None) -> Transformer:
-    """Shard ``model`` (caches set up) in place for this rank of ``group``; returns it."""
+    """Shard ``model`` (caches set up, possibly filled) in place for this rank of ``group``;
+    returns it."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     args = model.args
     if args.dim % world:
@@ -28,6 +29,7 @@ def shard(model: Transformer, group: Optional[Any] = None) -> Transformer:
     local = dataclasses.replace(args, n_head=args.n_head // world, n_kv_head=args.n_kv_head // world,
                                 dim=args.dim // world)  # keeps head_dim = dim / n_head
     q0, q1 = head_range(args.n_head, rank, world, "n_head")
+    k0, k1 = head_range(args.n_kv_head, rank, world, "n_kv_head")
     for block in model.layers:
         attention = block.attention
         attention.wqkv = shard_qkv_projection(attention.wqkv, q_heads=args.n_head, kv_heads=args.n_kv_head,
@@ -39,6 +41,8 @@ def shard(model: Transformer, group: Optional[Any] = None) -> Transformer:
         cache = attention.kv_cache
         attention.kv_cache = KVCache(cache.k_cache.shape[0], local.n_kv_head, args.max_seq_len, args.head_dim,
                                      cache.k_cache.dtype, cache.write, cache.rolling).to(cache.k_cache.device)
+        attention.kv_cache.k_cache.copy_(cache.k_cache[:, k0:k1])  # a filled cache keeps this rank's heads
+        attention.kv_cache.v_cache.copy_(cache.v_cache[:, k0:k1])
         all_reduce_outputs(attention, group)
         up, act, down = block.feed_forward
         up, down = shard_mlp(up, down, rank, world)
