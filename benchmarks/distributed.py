@@ -106,47 +106,55 @@ def _fill(decoder: ContextParallelDecoder, q: torch.Tensor, seed: int, length: i
     return lengths
 
 
+def _sharded(plan: dict, selector: str, q: torch.Tensor, device: torch.device, cuda_graphs: bool) -> dict:
+    """The step over ``W x N`` tokens sharded over the ranks, with and without its collectives."""
+    world, rank, n = dist.get_world_size(), dist.get_rank(), plan["per_rank"]
+    decoder = _cp_decoder(plan, selector, world * n, None, device)
+    lengths = _fill(decoder, q, seed=1 + rank, length=world * n)
+    calls0, bytes0 = decoder.collective_calls()
+    result = decoder.run(q, lengths)
+    calls1, bytes1 = decoder.collective_calls()
+    ms_cp = _time_ms(lambda: decoder.run(q, lengths), device, plan["reps"], cuda_graphs)
+    comm, decoder.comm = decoder.comm, Collectives.local()
+    ms_compute = _time_ms(lambda: decoder.run(q, lengths), device, plan["reps"], cuda_graphs)
+    decoder.comm = comm
+    return dict(ms_cp=ms_cp, ms_compute=ms_compute, collective_share=max(0.0, 1 - ms_compute / ms_cp),
+                collective_calls=calls1 - calls0, collective_bytes=bytes1 - bytes0,
+                selected=float(result.num_selected.sum()) / (plan["hkv"] * decoder.stats.num_pages),
+                certified=float(result.certified.float().mean()))
+
+
+def _one_rank(plan: dict, selector: str, q: torch.Tensor, group, device: torch.device, cuda_graphs: bool) -> dict:
+    """The same code over ``N`` tokens on this rank alone, and (GPU) the single-GPU kernel Decoder."""
+    decoder = _cp_decoder(plan, selector, plan["per_rank"], group, device)
+    lengths = _fill(decoder, q, seed=1 + dist.get_rank(), length=plan["per_rank"])
+    ms_one = _time_ms(lambda: decoder.run(q, lengths), device, plan["reps"], cuda_graphs)
+    ms_kernels = None
+    if device.type == "cuda":
+        k, v = decoder.k_cache, decoder.v_cache
+        kernels = Decoder.for_cache(k, plan["hq"], EntmaxKVConfig(selector=selector, page_size=PAGE))
+        kernels.prefill(k, lengths)
+        ms_kernels = _time_ms(lambda: kernels.run(q, k, v, lengths), device, plan["reps"], False)
+    return dict(ms_one_rank=ms_one, ms_kernels_one_gpu=ms_kernels)
+
+
 def context_parallel(plan: dict, device: torch.device, cuda_graphs: bool) -> list[dict]:
-    world, rank = dist.get_world_size(), dist.get_rank()
-    n = plan["per_rank"]
+    world, n = dist.get_world_size(), plan["per_rank"]
     dtype = getattr(torch, plan["dtype"])
     q = planted(1, plan["hq"], plan["hkv"], PAGE, plan["dim"], dtype, device, seed=0)[0]  # the same on every rank
     singles = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
+    kv_bytes = 2 * plan["hkv"] * n * plan["dim"] * torch.tensor([], dtype=dtype).element_size()
     rows = []
     for selector in plan["selectors"]:
-        sharded = _cp_decoder(plan, selector, world * n, None, device)
-        lengths = _fill(sharded, q, seed=1 + rank, length=world * n)
-        calls0 = sharded.collective_calls()
-        result = sharded.run(q, lengths)
-        calls1 = sharded.collective_calls()
-        ms_cp = _time_ms(lambda: sharded.run(q, lengths), device, plan["reps"], cuda_graphs)
-        comm, sharded.comm = sharded.comm, Collectives.local()
-        ms_compute = _time_ms(lambda: sharded.run(q, lengths), device, plan["reps"], cuda_graphs)
-        sharded.comm = comm
-        selected = float(result.num_selected.sum()) / (plan["hkv"] * sharded.stats.num_pages)
-        certified = float(result.certified.float().mean())
-        del sharded
-        single = _cp_decoder(plan, selector, n, singles[rank], device)
-        one_lengths = _fill(single, q, seed=1 + rank, length=n)
-        ms_one = _time_ms(lambda: single.run(q, one_lengths), device, plan["reps"], cuda_graphs)
-        k_one, v_one = single.k_cache, single.v_cache
-        del single
-        ms_kernels = None
-        if device.type == "cuda":
-            decoder = Decoder.for_cache(k_one, plan["hq"], EntmaxKVConfig(selector=selector, page_size=PAGE))
-            decoder.prefill(k_one, one_lengths)
-            ms_kernels = _time_ms(lambda: decoder.run(q, k_one, v_one, one_lengths), device, plan["reps"], False)
-            del decoder
-        del k_one, v_one
-        kv_bytes = 2 * plan["hkv"] * n * plan["dim"] * torch.tensor([], dtype=dtype).element_size()
-        rows.append(dict(selector=selector, world=world, n_global=world * n, n_per_rank=n, ms_cp=ms_cp,
-                         ms_compute=ms_compute, collective_share=max(0.0, 1 - ms_compute / ms_cp),
-                         ms_one_rank=ms_one, weak_scaling=ms_cp / ms_one, ms_kernels_one_gpu=ms_kernels,
-                         kv_bytes_per_rank=kv_bytes, gbps_per_rank=kv_bytes / ms_cp / 1e6,
-                         collective_calls=calls1[0] - calls0[0], collective_bytes=calls1[1] - calls0[1],
-                         selected=selected, certified=certified))
+        row = dict(selector=selector, world=world, n_global=world * n, n_per_rank=n, kv_bytes_per_rank=kv_bytes)
+        row.update(_sharded(plan, selector, q, device, cuda_graphs))
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        row.update(_one_rank(plan, selector, q, singles[dist.get_rank()], device, cuda_graphs))
+        row.update(weak_scaling=row["ms_cp"] / row["ms_one_rank"], gbps_per_rank=kv_bytes / row["ms_cp"] / 1e6)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        rows.append(row)
     return rows
 
 
