@@ -67,7 +67,23 @@ def context_parallel_cases(rank: int, world: int) -> dict:
         steps.append(decoder.run(data["q"][step + 1], lengths)._asdict())
     results["appends"] = steps
     results["valid"] = decoder.stats.valid.clone()
+    results["gap"] = _append_with_a_gap(data, impl)
     return results
+
+
+def _append_with_a_gap(data: dict, impl) -> dict:
+    """Sequence 0 skips a position: the rank owning it loses the order of its statistics."""
+    config = EntmaxKVConfig(selector="certified", alpha=1.5, page_size=PAGE)
+    decoder = ContextParallelDecoder(config, **SHAPE, capacity=CAPACITY, dtype=torch.float64, device="cpu",
+                                     implementation=impl)
+    lengths = torch.tensor([44, 23, 60])
+    decoder.load(data["k"][:, :, :60], data["v"][:, :, :60], lengths)
+    positions = lengths + torch.tensor([1, 0, 0])
+    decoder.check(data["q"][1], positions + 1, data["k_new"][0], data["v_new"][0], positions)
+    decoder.append(data["k_new"][0], data["v_new"][0], positions)
+    result = decoder.run(data["q"][1], positions + 1)
+    return dict(result._asdict(), lengths=positions + 1, k=decoder.k_cache.clone(), v=decoder.v_cache.clone(),
+                valid=decoder.stats.valid.clone())
 
 
 def tensor_parallel_generate(rank: int, world: int, steps: int, options: dict) -> dict:

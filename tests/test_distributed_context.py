@@ -126,6 +126,41 @@ def test_appends_land_on_the_owning_rank_and_certified_steps_stay_exact(ranks):
     assert all(results[rank]["valid"].all() for rank in range(world))
 
 
+def test_an_append_out_of_order_is_never_certified_and_still_exact(ranks):
+    """The owning rank's statistics lose their order: it reads all its pages (the output stays
+    full entmax) and its flag withdraws the certificate of that sequence only."""
+    world, results = ranks
+    data = workers.global_data()
+    gap = results[0]["gap"]
+    k = torch.cat([results[r]["gap"]["k"] for r in range(world)], 2)
+    v = torch.cat([results[r]["gap"]["v"] for r in range(world)], 2)
+    want = exact_entmax(data["q"][1], k, v, gap["lengths"], 1.5)
+    torch.testing.assert_close(gap["out"], want, **TOL)
+    assert not gap["certified"][0].any() and gap["certified"][1:].all()
+    owner = 45 // (workers.CAPACITY // world)
+    assert [bool(results[r]["gap"]["valid"][0]) for r in range(world)] == [r != owner for r in range(world)]
+
+
+def test_one_process_float32_matches_the_unsharded_step():
+    """Without a process group the decoder is the whole cache on one rank; float32 in, float32
+    arithmetic as the single-process step (within float32 rounding)."""
+    data = workers.global_data()
+    q, k, v = (data[name].float() for name in ("q", "k", "v"))
+    for selector in ("dense", "certified"):
+        config = EntmaxKVConfig(selector=selector, alpha=1.5, page_size=workers.PAGE)
+        decoder = ContextParallelDecoder(config, **workers.SHAPE, capacity=workers.CAPACITY, dtype=torch.float32,
+                                         device="cpu", implementation=reference_implementation())
+        assert decoder.comm.world_size == 1 and decoder.local_capacity == workers.CAPACITY
+        decoder.load(k, v, data["lengths"])
+        got = decoder.run(q[0], data["lengths"])
+        single = unsharded_step(config, q[0], k, v, data["lengths"])
+        torch.testing.assert_close(got.out, single.out, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(got.out.double(), exact_entmax(data["q"][0], data["k"], data["v"],
+                                                                  data["lengths"], 1.5), atol=1e-4, rtol=1e-4)
+        assert got.certified.all() and got.out.dtype == torch.float32
+        assert decoder.collective_calls()[0] == (5 if selector == "dense" else 9)
+
+
 @pytest.mark.parametrize("alpha", [2.0, 1.5, 4 / 3, 1.25, 1.3, 1.7])
 def test_global_threshold_on_one_process_is_the_exact_threshold(alpha):
     g = torch.Generator().manual_seed(3)
@@ -173,5 +208,12 @@ def test_bad_arguments_raise_clear_errors():
     decoder = ContextParallelDecoder(**workers.SHAPE, capacity=32, dtype=torch.float32, device="cpu")
     with pytest.raises(ValueError, match="k and v must both be"):
         decoder.load(torch.zeros(3, 2, 40, 8), torch.zeros(3, 2, 40, 8), torch.tensor([1, 1, 1]))
+    q = torch.zeros(3, 4, 1, 8)
+    with pytest.raises(ValueError, match=r"seqlens must lie in \[1, 32\]"):
+        decoder.check(q, torch.tensor([1, 33, 2]))
+    with pytest.raises(ValueError, match="q must be torch.float32"):
+        decoder.check(q.double(), torch.tensor([1, 2, 2]))
+    with pytest.raises(ValueError, match=r"k_new must be a tensor \(3, 2, 1, 8\)"):
+        decoder.check(q, torch.tensor([1, 2, 2]), torch.zeros(3, 2, 8), torch.zeros(3, 2, 1, 8), torch.tensor([0, 1, 1]))
     with pytest.raises(ValueError, match="group was given"):
         Collectives(group=object())

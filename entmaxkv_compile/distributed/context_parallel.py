@@ -29,7 +29,8 @@ lengths:
 3. the output: one ``all_reduce(SUM)`` of ``sum p v`` and ``sum p`` (the certificate flags ride
    along in the same tensor).
 
-``certified`` mode runs the single-GPU certified round with ranks: gaussian selection, the global
+``certified`` mode runs one single-GPU certified round (the proof needs one;
+``certify_max_rounds`` is not used here) with ranks: gaussian selection, the global
 threshold ``tau0``, every rank adds its own pages whose Quest bound violates ``tau0``, the global
 threshold of that selection and the output. Every page left out on any rank then has
 ``(alpha-1) u_p <= tau0 <= tau``, so the output is full entmax; the certificate is the AND over
@@ -51,7 +52,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..checks import check_int_arg, check_scale
+from ..checks import check_decode_query, check_int_arg, check_positions, check_scale, check_seqlens
 from ..config import EntmaxKVConfig
 from ..runtime.select.reference import compute_dtype, page_mask_from_indices, selected_token_mask
 from ..runtime.stats.reference import KVPageStats, append_in_order, stats_append_
@@ -168,6 +169,24 @@ class ContextParallelDecoder:
         in_order = append_in_order(local, self.stats.last_position, self.stats.page_size, self.local_capacity)
         self.stats.valid.logical_and_(in_order | ~owned)
         self.stats.last_position.copy_(torch.where(owned, local, self.stats.last_position))
+
+    def check(self, q: torch.Tensor, seqlens: torch.Tensor, k_new: torch.Tensor | None = None,
+              v_new: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> None:
+        """Validate one step's inputs against the plan (their values too, which synchronises):
+        ``q`` and the global ``seqlens`` of :meth:`run`, optionally ``k_new``/``v_new``/``positions``
+        of :meth:`append`. :meth:`run` and :meth:`append` do not call this: they trust their caller."""
+        check_decode_query(q)
+        if tuple(q.shape) != self.q_shape or q.dtype != self.dtype or q.device != self.device:
+            raise ValueError(f"q must be {self.dtype} {self.q_shape} on {self.device}, got {q.dtype} "
+                             f"{tuple(q.shape)} on {q.device}")
+        check_seqlens(seqlens, self.q_shape[0], self.capacity, device=self.device)
+        if positions is not None:
+            check_positions(positions, self.q_shape[0], self.capacity, device=self.device)
+            row = (self.q_shape[0], self.k_cache.shape[1], 1, self.q_shape[3])
+            for name, new in (("k_new", k_new), ("v_new", v_new)):
+                if not isinstance(new, torch.Tensor) or tuple(new.shape) != row or new.device != self.device:
+                    raise ValueError(f"{name} must be a tensor {row} on {self.device}, got "
+                                     f"{tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__}")
 
     # --- one decode step ------------------------------------------------------------------------
 
