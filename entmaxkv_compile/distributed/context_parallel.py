@@ -19,8 +19,10 @@ lengths:
 1. local selection with the configured selector on the rank's own statistics (the
    implementation's ``select_pages``: the Triton kernels on a GPU, the references elsewhere). The
    selectors' per-rank view: ``topk`` keeps ``token_budget`` tokens *per rank*; ``gaussian``
-   estimates the threshold from the rank's pages (fewer tokens give a lower estimate, so it keeps
-   at least as much as from the whole sequence); every rank keeps its last valid page; the sink
+   estimates the threshold from the rank's pages (on a stationary sequence fewer tokens give a
+   lower estimate, so it keeps more than the whole sequence's estimate would; a rank whose scores
+   run higher than the rest estimates higher and keeps less); every rank keeps its last valid page;
+   the sink
    pages are the sequence's first pages (on the ranks that hold them); ``min_context`` compares
    the global length;
 2. local scores of the selected tokens and the exact *global* threshold (``global_tau.py``): one
