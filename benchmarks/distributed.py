@@ -1,7 +1,7 @@
 """Decode beyond one GPU: context parallel weak scaling and tensor parallel end to end.
 
-    torchrun --nproc_per_node 2 -m benchmarks.distributed --out OUT     # 2 GPUs, NCCL
-    python -m benchmarks.distributed --smoke --out OUT                  # CPU: spawns 2 gloo ranks
+    torchrun --nproc_per_node 2 benchmarks/distributed.py --out OUT     # 2 GPUs, NCCL
+    python benchmarks/distributed.py --smoke --out OUT                  # CPU: spawns 2 gloo ranks
 
 (on the lent machine keep NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and
 NVSHMEM_DISABLE_NVLS=1 set.) Two parts, every rank taking part, rank 0 reporting:
@@ -141,7 +141,8 @@ def _one_rank(plan: dict, selector: str, q: torch.Tensor, group, device: torch.d
 def context_parallel(plan: dict, device: torch.device, cuda_graphs: bool) -> list[dict]:
     world, n = dist.get_world_size(), plan["per_rank"]
     dtype = getattr(torch, plan["dtype"])
-    q = planted(1, plan["hq"], plan["hkv"], PAGE, plan["dim"], dtype, device, seed=0)[0]  # the same on every rank
+    q = planted(1, plan["hq"], plan["hkv"], PAGE, plan["dim"], dtype, device, seed=0)[0]
+    dist.broadcast(q, src=0)  # the same query on every rank, whatever each device's generator does
     singles = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
     kv_bytes = 2 * plan["hkv"] * n * plan["dim"] * torch.tensor([], dtype=dtype).element_size()
     rows = []
@@ -194,6 +195,9 @@ def tensor_parallel(plan: dict, tp_mode: str | None) -> list[dict]:
     rows = []
     for context in plan["contexts"]:
         fill = e2e.planted_fill(plan, context, seed=0)
+        for k, v in fill:  # every rank starts from rank 0's caches
+            dist.broadcast(k, src=0)
+            dist.broadcast(v, src=0)
         results = {}
         for name in ("one_gpu", "tensor_parallel"):
             torch._dynamo.reset()
