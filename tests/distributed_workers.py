@@ -112,3 +112,24 @@ def tensor_parallel_args():
 
 def tensor_parallel_prompt() -> torch.Tensor:
     return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+def context_parallel_on_gpus(rank: int, world: int, selectors: tuple[str, ...]) -> dict:
+    """Each rank on its own GPU (NCCL), fp16, the default implementation (the Triton kernels
+    select): the global cache is built on the CPU from a seed, so every rank has the same data."""
+    torch.cuda.set_device(rank)
+    g = torch.Generator().manual_seed(7)
+    batch, hq, hkv, dim, capacity = 2, 8, 2, 64, 4096
+    k = torch.randn(batch, hkv, capacity, dim, generator=g).half()
+    v = torch.randn(batch, hkv, capacity, dim, generator=g).half()
+    q = (2.0 * torch.randn(batch, hq, 1, dim, generator=g)).half()
+    lengths = torch.tensor([4000, 1500])
+    results = {}
+    for selector in selectors:
+        decoder = ContextParallelDecoder(EntmaxKVConfig(selector=selector, page_size=16), batch=batch, q_heads=hq,
+                                         kv_heads=hkv, head_dim=dim, capacity=capacity, dtype=torch.float16,
+                                         device="cuda")
+        decoder.load(k.cuda(), v.cuda(), lengths.cuda())
+        result = decoder.run(q.cuda(), lengths.cuda())
+        results[selector] = {name: value.cpu() for name, value in result._asdict().items()}
+    return dict(results, q=q, k=k, v=v, lengths=lengths)

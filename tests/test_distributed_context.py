@@ -161,6 +161,25 @@ def test_one_process_float32_matches_the_unsharded_step():
         assert decoder.collective_calls()[0] == (5 if selector == "dense" else 9)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
+def test_two_gpus_over_nccl_equal_full_entmax(monkeypatch):
+    """fp16 on two GPUs: dense and certified equal full entmax (computed in float64 from the same
+    fp16 data) within fp16 output rounding; the selection runs the Triton kernels."""
+    for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+        monkeypatch.setenv(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")
+    selectors = ("dense", "gaussian", "certified")
+    ranks = spawn(workers.context_parallel_on_gpus, 2, args=(selectors,), backend="nccl", timeout_s=300)
+    data = ranks[0]
+    want = exact_entmax(data["q"].double(), data["k"].double(), data["v"].double(), data["lengths"], 1.5)
+    for selector in selectors:
+        got = ranks[0][selector]
+        assert torch.equal(got["out"], ranks[1][selector]["out"])
+        if selector != "gaussian":
+            torch.testing.assert_close(got["out"].double(), want, atol=2e-3, rtol=2e-3)
+            assert got["certified"].all()
+
+
 @pytest.mark.parametrize("alpha", [2.0, 1.5, 4 / 3, 1.25, 1.3, 1.7])
 def test_global_threshold_on_one_process_is_the_exact_threshold(alpha):
     g = torch.Generator().manual_seed(3)
