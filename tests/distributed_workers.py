@@ -1,0 +1,135 @@
+"""What each spawned rank runs in the distributed tests (module-level, so spawn can import it).
+
+Every rank builds the same global data from a seed, keeps its shard and returns its results; the
+tests compare them in the parent with the single-process references.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from entmaxkv_compile import EntmaxKVConfig
+from entmaxkv_compile.distributed import ContextParallelDecoder
+from entmaxkv_compile.runtime.step import reference_implementation
+
+CAPACITY = 96
+PAGE = 8
+SHAPE = dict(batch=3, q_heads=4, kv_heads=2, head_dim=8)
+LENGTHS = (90, 37, 5)  # ragged: the last sequence lives on rank 0 alone
+CASES = (  # (selector, alpha, extra config)
+    ("dense", 1.5, {}),
+    ("dense", 2.0, {}),
+    ("dense", 1.3, {}),
+    ("topk", 1.5, {"token_budget": 16}),
+    ("gaussian", 1.5, {}),
+    ("gaussian", 2.0, {"report_bound": True}),
+    ("certified", 1.5, {}),
+    ("certified", 2.0, {"sink_pages": 1, "recent_pages": 1}),
+)
+APPENDS = 6
+
+
+def global_data(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The global cache, the queries of the steps and the appended rows, in float64."""
+    g = torch.Generator().manual_seed(seed)
+    b, hq, hkv, d = (SHAPE[k] for k in ("batch", "q_heads", "kv_heads", "head_dim"))
+    k = torch.randn(b, hkv, CAPACITY, d, generator=g, dtype=torch.float64)
+    k[:, :, 40:48] += 1.5 * torch.randn(b, hkv, 1, d, generator=g, dtype=torch.float64)  # a planted span
+    return dict(k=k, v=torch.randn(b, hkv, CAPACITY, d, generator=g, dtype=torch.float64),
+                q=3.0 * torch.randn(APPENDS + 1, b, hq, 1, d, generator=g, dtype=torch.float64),
+                k_new=torch.randn(APPENDS, b, hkv, 1, d, generator=g, dtype=torch.float64),
+                v_new=torch.randn(APPENDS, b, hkv, 1, d, generator=g, dtype=torch.float64),
+                lengths=torch.tensor(LENGTHS))
+
+
+def context_parallel_cases(rank: int, world: int) -> dict:
+    """Run every case once on the loaded cache, then a certified decode loop that appends a token
+    per step (lengths crossing rank boundaries). Returns the results by case."""
+    data = global_data()
+    impl = reference_implementation()
+    results = {}
+    for selector, alpha, extra in CASES:
+        config = EntmaxKVConfig(selector=selector, alpha=alpha, page_size=PAGE, **extra)
+        decoder = ContextParallelDecoder(config, **SHAPE, capacity=CAPACITY, dtype=torch.float64, device="cpu",
+                                         implementation=impl)
+        decoder.load(data["k"], data["v"], data["lengths"])
+        result = decoder.run(data["q"][0], data["lengths"])
+        results[(selector, alpha)] = dict(result._asdict(), start=decoder.start, calls=decoder.collective_calls())
+    config = EntmaxKVConfig(selector="certified", alpha=1.5, page_size=PAGE)
+    decoder = ContextParallelDecoder(config, **SHAPE, capacity=CAPACITY, dtype=torch.float64, device="cpu",
+                                     implementation=impl)
+    lengths = torch.tensor([44, 23, 0])
+    decoder.load(data["k"][:, :, :44], data["v"][:, :, :44], lengths)
+    steps = []
+    for step in range(APPENDS):
+        decoder.append(data["k_new"][step], data["v_new"][step], lengths)
+        lengths = lengths + 1
+        steps.append(decoder.run(data["q"][step + 1], lengths)._asdict())
+    results["appends"] = steps
+    results["valid"] = decoder.stats.valid.clone()
+    results["gap"] = _append_with_a_gap(data, impl)
+    return results
+
+
+def _append_with_a_gap(data: dict, impl) -> dict:
+    """Sequence 0 skips a position: the rank owning it loses the order of its statistics."""
+    config = EntmaxKVConfig(selector="certified", alpha=1.5, page_size=PAGE)
+    decoder = ContextParallelDecoder(config, **SHAPE, capacity=CAPACITY, dtype=torch.float64, device="cpu",
+                                     implementation=impl)
+    lengths = torch.tensor([44, 23, 60])
+    decoder.load(data["k"][:, :, :60], data["v"][:, :, :60], lengths)
+    positions = lengths + torch.tensor([1, 0, 0])
+    decoder.check(data["q"][1], positions + 1, data["k_new"][0], data["v_new"][0], positions)
+    decoder.append(data["k_new"][0], data["v_new"][0], positions)
+    result = decoder.run(data["q"][1], positions + 1)
+    return dict(result._asdict(), lengths=positions + 1, k=decoder.k_cache.clone(), v=decoder.v_cache.clone(),
+                valid=decoder.stats.valid.clone())
+
+
+def tensor_parallel_generate(rank: int, world: int, steps: int, options: dict) -> dict:
+    """Shard the zoo's gpt-fast model over the ranks, compile it with the entmaxkv backend and
+    decode greedily; returns the tokens, logits and the backend's report of every site."""
+    from entmaxkv_compile.compiler.explain import recording
+    from examples.zoo import gpt_fast, gpt_fast_tp
+
+    torch._dynamo.reset()
+    model = gpt_fast_tp.shard(gpt_fast.build(tensor_parallel_args(), batch=2))
+    prompt = tensor_parallel_prompt()
+    decode = torch.compile(model, backend="entmaxkv", options=options)
+    with recording() as report:
+        tokens, logits = gpt_fast.generate(model, prompt, steps, decode=decode)
+    sites = [(s.where, s.status, s.phase) for s in report.sites]
+    collectives = [graph.code_after.count("_c10d_functional.all_reduce") for graph in report.graphs]
+    return dict(tokens=tokens, logits=logits, sites=sites, collectives=collectives,
+                cache_heads=model.layers[0].attention.kv_cache.k_cache.shape[1])
+
+
+def tensor_parallel_args():
+    from examples.zoo import gpt_fast
+
+    return gpt_fast.ModelArgs(n_layer=2, n_head=8, n_kv_head=4, dim=64, max_seq_len=64)
+
+
+def tensor_parallel_prompt() -> torch.Tensor:
+    return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+def context_parallel_on_gpus(rank: int, world: int, selectors: tuple[str, ...]) -> dict:
+    """Each rank on its own GPU (NCCL), fp16, the default implementation (the Triton kernels
+    select): the global cache is built on the CPU from a seed, so every rank has the same data."""
+    torch.cuda.set_device(rank)
+    g = torch.Generator().manual_seed(7)
+    batch, hq, hkv, dim, capacity = 2, 8, 2, 64, 4096
+    k = torch.randn(batch, hkv, capacity, dim, generator=g).half()
+    v = torch.randn(batch, hkv, capacity, dim, generator=g).half()
+    q = (2.0 * torch.randn(batch, hq, 1, dim, generator=g)).half()
+    lengths = torch.tensor([4000, 1500])
+    results = {}
+    for selector in selectors:
+        decoder = ContextParallelDecoder(EntmaxKVConfig(selector=selector, page_size=16), batch=batch, q_heads=hq,
+                                         kv_heads=hkv, head_dim=dim, capacity=capacity, dtype=torch.float16,
+                                         device="cuda")
+        decoder.load(k.cuda(), v.cuda(), lengths.cuda())
+        result = decoder.run(q.cuda(), lengths.cuda())
+        results[selector] = {name: value.cpu() for name, value in result._asdict().items()}
+    return dict(results, q=q, k=k, v=v, lengths=lengths)
