@@ -187,7 +187,12 @@ def _compile(model: torch.nn.Module, plan: dict, mode: str | None):
         options["mode"] = mode
     if not plan["inductor"]:
         options["compiler"] = "eager"
-    return torch.compile(model, backend="entmaxkv", options=options, fullgraph=True)
+    # by name through the package's entry point, or the documented object where the package is
+    # used from a checkout without being installed
+    from entmaxkv_compile.compiler.backend import entmaxkv_backend
+
+    backend = "entmaxkv" if "entmaxkv" in torch._dynamo.list_backends() else entmaxkv_backend
+    return torch.compile(model, backend=backend, options=options, fullgraph=True)
 
 
 def tensor_parallel(plan: dict, tp_mode: str | None) -> list[dict]:
