@@ -138,6 +138,12 @@ def _one_rank(plan: dict, selector: str, q: torch.Tensor, group, device: torch.d
     return dict(ms_one_rank=ms_one, ms_kernels_one_gpu=ms_kernels)
 
 
+def _say(message: str) -> None:
+    """Progress on rank 0, flushed at once (a long run shows where it is, even if it is cut)."""
+    if dist.get_rank() == 0:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
 def context_parallel(plan: dict, device: torch.device, cuda_graphs: bool) -> list[dict]:
     world, n = dist.get_world_size(), plan["per_rank"]
     dtype = getattr(torch, plan["dtype"])
@@ -148,11 +154,15 @@ def context_parallel(plan: dict, device: torch.device, cuda_graphs: bool) -> lis
     rows = []
     for selector in plan["selectors"]:
         row = dict(selector=selector, world=world, n_global=world * n, n_per_rank=n, kv_bytes_per_rank=kv_bytes)
+        _say(f"context parallel, {selector}: {world} x {n} tokens sharded")
         row.update(_sharded(plan, selector, q, device, cuda_graphs))
+        _say(f"context parallel, {selector}: {row['ms_cp']:.3f} ms sharded; now {n} tokens on one rank")
         if device.type == "cuda":
             torch.cuda.empty_cache()
         row.update(_one_rank(plan, selector, q, singles[dist.get_rank()], device, cuda_graphs))
         row.update(weak_scaling=row["ms_cp"] / row["ms_one_rank"], gbps_per_rank=kv_bytes / row["ms_cp"] / 1e6)
+        _say(f"context parallel, {selector}: {row['ms_one_rank']:.3f} ms on one rank, "
+             f"weak scaling {row['weak_scaling']:.2f}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
         rows.append(row)
@@ -205,6 +215,7 @@ def tensor_parallel(plan: dict, tp_mode: str | None) -> list[dict]:
             dist.broadcast(v, src=0)
         results = {}
         for name in ("one_gpu", "tensor_parallel"):
+            _say(f"tensor parallel, context {context}: {name} (compiling, then {plan['steps']} tokens)")
             torch._dynamo.reset()
             model = e2e.build(plan, context, "own_entmax15", fill)
             if name == "tensor_parallel":
