@@ -60,9 +60,12 @@ class EntmaxKVConfig:
         certify_probe_every: the period of that fallback: one step in this many tries the bounds.
         certify_sketch: ``"int8"`` keeps, beside the page statistics, a per-token int8 copy of K
             (groups of 32 channels, bf16 scales: 136 B per token and KV head at D = 128, 53% of
-            an fp16 K row; ``runtime/sketch/``) and, in certified mode, re-bounds every page the
-            Quest bound could not clear token by token before reading it at full precision: far
-            fewer pages read where page boxes are loose. ``"off"`` (default) keeps none. Supported
+            an fp16 K row; ``runtime/sketch/``). In certified mode the step then selects the pages
+            whose token-level sketch bound exceeds the exact threshold of every token's *lower*
+            sketch bound (a floor of the full threshold: no gaussian estimate), and re-bounds
+            token by token every page the Quest bound could not clear before reading it at full
+            precision: 1.1-1.7x the pages holding the support on the measured families, against
+            9-70x without it (benchmarks/RESULTS.md). ``"off"`` (default) keeps none. Supported
             by :class:`~entmaxkv_compile.Decoder` and ``sparse_decode``; the compiled paths refuse
             it.
         min_context: sequences shorter than this many tokens use dense entmax decode.

@@ -77,3 +77,40 @@ def test_sketch_option_is_refused_where_it_is_not_implemented():
         from entmaxkv_compile.runtime.sketch.reference import KeySketch
 
         Decoder.for_cache(k, q.shape[1], EntmaxKVConfig(), sketch=KeySketch.from_cache(k, torch.tensor([64, 64])))
+
+
+def _support_pages(probs, hkv, page):
+    """Pages per KV head holding a support token of some head of its group."""
+    batch, hq, n = probs.shape
+    pages = -(-n // page)
+    padded = torch.nn.functional.pad(probs, (0, pages * page - n))
+    return (padded.reshape(batch, hkv, hq // hkv, pages, page) > 0).any(-1).any(2).sum()
+
+
+@pytest.mark.parametrize("alpha", [1.25, 4 / 3, 1.5, 1.75, 2.0])
+@pytest.mark.parametrize("alibi", [False, True])
+def test_sketch_selection_reads_near_the_support_and_stays_exact(alpha, alibi):
+    """With a sketch the first selection is the pages whose sketch bound clears the sketch's
+    floor of the full threshold (no gaussian estimate): exact on every head, and the pages read
+    stay within a small factor of the pages that hold the support."""
+    q, k, v = _case(3, batch=3, hq=12, hkv=3, dim=48)
+    seqlens = torch.tensor([512, 301, 17])
+    slopes = torch.linspace(0.01, 0.2, 12, dtype=torch.float64) if alibi else None
+    scale = 1 / 48 ** 0.5
+    full, probs = full_entmax_decode(q, k, v, seqlens, alpha, scale, alibi_slopes=slopes)
+    config = EntmaxKVConfig(selector="certified", alpha=alpha, certify_sketch="int8", certify_dense_above=1.0)
+    result = sparse_decode(q, k, v, seqlens, config, scale=scale, alibi_slopes=slopes)
+    assert result.certified.all() and (result.delta_bound == 0).all()
+    assert torch.allclose(result.out, full, atol=1e-10)
+    support = int(_support_pages(probs, 3, config.page_size))
+    assert int(result.num_selected.sum()) <= 3 * support, (int(result.num_selected.sum()), support)
+
+
+def test_sketch_selection_never_certifies_over_a_non_finite_key():
+    q, k, v = _case(4, nmax=128)
+    k[1, 0, 40, 3] = float("nan")
+    seqlens = torch.tensor([128, 128])
+    config = EntmaxKVConfig(selector="certified", certify_sketch="int8", certify_dense_above=1.0)
+    result = sparse_decode(q, k, v, seqlens, config, scale=0.2, check_values=False)
+    assert result.certified[0].all()
+    assert not result.certified[1, :4].any()

@@ -42,6 +42,7 @@ def reference_implementation() -> SimpleNamespace:
         certify_pages=certify_reference.certify_pages,
         certified_heads=certify_reference.certified_heads,
         sketch_page_bounds=sketch_reference.sketch_page_bounds,
+        sketch_tau_floor=sketch_reference.sketch_tau_floor,
         certify_policy_update_=certify_policy.certify_policy_update_,
     )
 
@@ -107,8 +108,11 @@ def run_step(
     still full entmax. ``dense_rows`` (bool ``[B]``, certified mode only; see
     ``certify/policy.py``) marks sequences that read every page directly this step, without the
     selection or the bounds: certified wherever tau is finite, as the dense selector.
-    ``sketch`` (``KeySketch.buffers()``, certified mode only): the pages the Quest bound cannot
-    clear are bounded again token by token from the int8 sketch before they are read.
+    ``sketch`` (``KeySketch.buffers()``, certified mode only): the first selection is the pages
+    whose token-level sketch bound exceeds the sketch's floor of the full threshold (the exact
+    threshold of every token's lower sketch bound, ``sketch_tau_floor``), instead of the
+    gaussian estimate; the floor joins the certificate's, and the pages the Quest bound then
+    cannot clear are bounded again token by token before they are read.
     """
     kmin, kmax, kmean, km2 = stats
     page_size = config.page_size
@@ -117,18 +121,23 @@ def run_step(
     dense_rows = dense_rows if config.selector == "certified" else None
     # a row read densely selects nothing first: length 0 makes the selection load nothing for it
     select_lengths = seqlens if dense_rows is None else torch.where(dense_rows, 0, seqlens)
-    page_indices, num_selected = impl.select_pages(
-        q, kmin, kmax, kmean, km2, select_lengths, selector=first, token_budget=config.token_budget,
-        max_quantile=config.max_quantile, margin=config.margin, tau_estimate=config.tau_estimate,
-        sink_pages=config.sink_pages, recent_pages=config.recent_pages,
-        min_context=config.min_context, **geometry,
-    )
+    sketch_floor = None
+    if config.selector == "certified" and sketch is not None:
+        page_indices, num_selected, sketch_floor = _sketch_select(impl, q, sketch, select_lengths,
+                                                                  kmin.shape[2], geometry)
+    else:
+        page_indices, num_selected = impl.select_pages(
+            q, kmin, kmax, kmean, km2, select_lengths, selector=first, token_budget=config.token_budget,
+            max_quantile=config.max_quantile, margin=config.margin, tau_estimate=config.tau_estimate,
+            sink_pages=config.sink_pages, recent_pages=config.recent_pages,
+            min_context=config.min_context, **geometry,
+        )
 
     out, tau = impl.paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry)
     if config.selector == "certified":
         out, tau, page_indices, num_selected, certified, delta = _certified_rounds(
             impl, q, k_cache, v_cache, seqlens, stats, config, out, tau, page_indices, num_selected,
-            stats_valid, dense_rows, sketch, geometry)
+            stats_valid, dense_rows, sketch, sketch_floor, geometry)
     elif config.selector == "dense":
         # Every valid page was read: the output is full entmax wherever tau is a number.
         certified = tau < float("inf")  # tau is finite, +inf (nothing to attend) or NaN
@@ -142,8 +151,28 @@ def run_step(
     return DecodeResult(out, page_indices, num_selected, certified, delta, tau)
 
 
+def _sketch_select(impl, q, sketch, seqlens, num_pages, geometry):
+    """The certified step's first selection when it keeps an int8 key sketch: every page whose
+    token-level sketch bound exceeds the sketch's floor of the full threshold for some head of
+    its group, whatever its statistics say (the gaussian estimate is not needed: a page at or
+    below the floor holds no support token of full entmax). Returns ``(page_indices,
+    num_selected, floor)``; a zero-length row selects nothing and has no floor."""
+    page_size = geometry["page_size"]
+    floor = impl.sketch_tau_floor(q, *sketch, seqlens, alpha=geometry["alpha"], scale=geometry["scale"],
+                                  alibi_slopes=geometry["alibi_slopes"])
+    batch, kv_heads = q.shape[0], sketch[0].shape[1]
+    pages = torch.arange(num_pages, device=q.device)
+    valid = (pages[None, :] * page_size < seqlens[:, None]).unsqueeze(1).expand(batch, kv_heads, num_pages)
+    bounds = impl.sketch_page_bounds(q, *sketch, seqlens, valid, page_size=page_size, scale=geometry["scale"],
+                                     alibi_slopes=geometry["alibi_slopes"])
+    above = ~((geometry["alpha"] - 1.0) * bounds <= floor[..., None])  # a NaN bound keeps its page
+    needed = above.reshape(batch, kv_heads, -1, num_pages).any(2) & valid
+    page_indices, num_selected = impl.compact_page_mask(needed)
+    return page_indices, num_selected, floor
+
+
 def _certified_rounds(impl, q, k_cache, v_cache, seqlens, stats, config, out, tau, page_indices,
-                      num_selected, stats_valid, dense_rows, sketch, geometry):
+                      num_selected, stats_valid, dense_rows, sketch, sketch_floor, geometry):
     """Add every page whose bound violates the certificate at the current tau, decode again.
 
     Returns ``(out, tau, page_indices, num_selected, certified, delta_bound)``. After a round, every page left
@@ -160,6 +189,10 @@ def _certified_rounds(impl, q, k_cache, v_cache, seqlens, stats, config, out, ta
     stats_ok = torch.ones(batch, dtype=torch.bool, device=q.device) if stats_valid is None else stats_valid
     read_all = ~stats_ok if dense_rows is None else ~stats_ok | dense_rows
     tau_floor = tau if dense_rows is None else torch.where(dense_rows[:, None], float("-inf"), tau)
+    if sketch_floor is not None:
+        # tau over the sketch's lower score bounds of every token is a floor of the full tau
+        # that does not depend on what the selection found (sketch/reference.py)
+        tau_floor = torch.maximum(tau_floor, torch.where(read_all[:, None], float("-inf"), sketch_floor))
     for _ in range(config.certify_max_rounds):
         chosen = page_indices, num_selected
         page_indices, num_selected, bounds_finite = impl.certify_pages(
