@@ -79,7 +79,9 @@ class EntmaxKVConfig:
             costs one read of kmin/kmax for every page per step (as much as the selection
             itself), so it is off by default: the step then reports ``certified=False`` and the
             trivial bound ``delta_bound=1``. ``certified`` always computes it; ``dense`` needs no
-            bound (every page is read: certified wherever tau is finite).
+            bound (every page is read: certified wherever tau is finite). With
+            ``certify_sketch="int8"`` the bound is also taken token by token from the key
+            sketch (``sketch_delta_bound``), far tighter than the page-level one.
     """
 
     selector: Selector = "gaussian"
@@ -135,6 +137,13 @@ class EntmaxKVConfig:
             raise ValueError(f"moment_dtype must be one of {MOMENT_DTYPES}, got {self.moment_dtype!r}")
         if not isinstance(self.report_bound, bool):
             raise TypeError(f"report_bound must be a bool, got {type(self.report_bound).__name__}")
+
+    @property
+    def keeps_sketch(self) -> bool:
+        """Whether a step with this config keeps the int8 key sketch: the certified selector, or
+        an approximate one that reports its bound, with ``certify_sketch="int8"``."""
+        reports = self.report_bound and self.selector in ("gaussian", "topk")
+        return self.certify_sketch == "int8" and (self.selector == "certified" or reports)
 
     def check_compiled(self) -> "EntmaxKVConfig":
         """Raise for the options the compiled step (backend, offline rewrite, exports) does not

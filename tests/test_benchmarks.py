@@ -232,3 +232,17 @@ def test_e2e_planted_fill_is_aligned_with_each_layer():
     with torch.no_grad():
         model(torch.zeros(1, 1, dtype=torch.long), torch.tensor([context]))
     assert len(masses) == plan["layers"] and min(masses) > 0.9, masses
+
+
+def test_certificate_benchmarks_run_small(tmp_path):
+    """The CPU benchmarks of the certificate (pages read, dropped-mass bounds, candidate counts)
+    run end to end at a small size and check what they report."""
+    from benchmarks import candidate_counts, certified_pages, delta_bounds
+
+    assert certified_pages.main(["--out", str(tmp_path), "--tokens", "1024", "--families", "planted2"]) == 0
+    assert delta_bounds.main(["--out", str(tmp_path), "--tokens", "1024", "--families", "iid"]) == 0
+    rows = json.loads((tmp_path / "delta_bounds.json").read_text())["rows"]
+    assert {r["selector"] for r in rows} == {"gaussian", "topk"}
+    assert all(r["token_bound_mean"] <= r["page_bound_mean"] + 1e-6 for r in rows)
+    counts = candidate_counts.counts("iid", 128 * 128)
+    assert counts["global_rule"] <= counts["split_rule"] and counts["support_median"] >= 1

@@ -73,7 +73,7 @@ def test_sketch_option_is_refused_where_it_is_not_implemented():
     with pytest.raises(ValueError, match="certify_sketch must be one of"):
         EntmaxKVConfig(certify_sketch="int4")
     q, k, v = _case(3, nmax=64)
-    with pytest.raises(ValueError, match="only by the certified selector"):
+    with pytest.raises(ValueError, match="used only with certify_sketch='int8' by the certified selector"):
         from entmaxkv_compile.runtime.sketch.reference import KeySketch
 
         Decoder.for_cache(k, q.shape[1], EntmaxKVConfig(), sketch=KeySketch.from_cache(k, torch.tensor([64, 64])))
@@ -114,3 +114,40 @@ def test_sketch_selection_never_certifies_over_a_non_finite_key():
     result = sparse_decode(q, k, v, seqlens, config, scale=0.2, check_values=False)
     assert result.certified[0].all()
     assert not result.certified[1, :4].any()
+
+
+@pytest.mark.parametrize("selector", ["gaussian", "topk"])
+@pytest.mark.parametrize("alpha", [1.5, 4 / 3, 1.75])
+@pytest.mark.parametrize("planted", [True, False])
+def test_token_level_delta_bound_holds_and_is_tighter(selector, alpha, planted):
+    """An approximate selector that reports its bound with a sketch: the bound is never below
+    the full-entmax mass its selection dropped (float64), never above the page-level bound, and
+    a head it certifies (bound 0) is exact."""
+    q, k, v = _case(5, batch=2, hq=8, hkv=2, nmax=384, dim=32)
+    if not planted:  # iid keys: the selection drops some support, the bound must be positive
+        k = torch.randn(k.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    seqlens = torch.tensor([384, 250])
+    scale = 1 / 32 ** 0.5
+    _, probs = full_entmax_decode(q, k, v, seqlens, alpha, scale)
+    common = dict(selector=selector, alpha=alpha, report_bound=True, token_budget=64)
+    coarse = sparse_decode(q, k, v, seqlens, EntmaxKVConfig(**common), scale=scale)
+    fine = sparse_decode(q, k, v, seqlens, EntmaxKVConfig(**common, certify_sketch="int8"), scale=scale)
+    assert torch.equal(coarse.num_selected, fine.num_selected)
+    page = 16
+    pages = probs.shape[-1] // page
+    chosen = torch.zeros(2, 2, pages, dtype=torch.bool)
+    for b in range(2):
+        for h in range(2):
+            chosen[b, h, fine.page_indices[b, h, : fine.num_selected[b, h]].long()] = True
+    token_chosen = chosen.repeat_interleave(page, -1).repeat_interleave(4, 1)  # [B, Hq, N]
+    dropped = torch.where(token_chosen, 0.0, probs).sum(-1)
+    assert bool((fine.delta_bound.double() >= dropped - 1e-6).all())
+    if not planted and selector == "topk":  # 64 of 384 iid tokens: some support is dropped
+        assert bool((dropped > 1e-3).any()) and bool((fine.delta_bound > 0).any())
+    assert bool((fine.delta_bound <= coarse.delta_bound).all())
+    if planted:  # the span holds the support: the page boxes bound nothing, the tokens do
+        assert float(fine.delta_bound.mean()) < 0.5 * max(float(coarse.delta_bound.mean()), 1e-9) or \
+            bool((fine.delta_bound == 0).all())
+    full, _ = full_entmax_decode(q, k, v, seqlens, alpha, scale)
+    exact = fine.certified[..., None, None] & ~torch.isclose(fine.out, full, atol=1e-9)
+    assert not bool(exact.any())

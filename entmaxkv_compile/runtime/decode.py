@@ -52,7 +52,7 @@ def sparse_decode(
     if stats is None:
         stats = KVPageStats.from_cache(k_cache, seqlens, config.page_size, check_values=False)
     sketch = None
-    if config.selector == "certified" and config.certify_sketch == "int8":  # rebuilt per call, like stats=None
+    if config.keeps_sketch:  # rebuilt per call, like stats=None
         sketch = KeySketch.from_cache(k_cache, seqlens, check_values=False)
     decoder = Decoder.for_cache(k_cache, q.shape[1], config, scale=scale, alibi_slopes=alibi_slopes,
                                 stats=stats, sketch=sketch, cuda_graph=False)

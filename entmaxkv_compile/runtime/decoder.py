@@ -127,8 +127,9 @@ class Decoder:
         self._host_copied = torch.cuda.Event() if self._host_skip is not None else None
 
     def _plan_sketch(self, sketch: KeySketch | None) -> KeySketch | None:
-        """The key sketch a certified step with ``certify_sketch="int8"`` re-bounds pages with."""
-        wanted = self.config.selector == "certified" and self.config.certify_sketch == "int8"
+        """The int8 key sketch of ``config.keeps_sketch``: the certified step selects and re-bounds
+        pages with it; an approximate selector that reports its bound takes it token by token."""
+        wanted = self.config.keeps_sketch
         if sketch is None:
             if not wanted:
                 return None
@@ -137,7 +138,8 @@ class Decoder:
         if not isinstance(sketch, KeySketch):
             raise TypeError(f"sketch must be a KeySketch or None, got {type(sketch).__name__}")
         if not wanted:
-            raise ValueError("sketch is used only by the certified selector with certify_sketch='int8'")
+            raise ValueError("sketch is used only with certify_sketch='int8' by the certified selector, or by "
+                             "gaussian/topk with report_bound=True")
         sketch.check_cache(torch.empty(self.cache_shape, dtype=self.dtype, device=self.device))
         return sketch
 

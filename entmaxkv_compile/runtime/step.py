@@ -43,6 +43,7 @@ def reference_implementation() -> SimpleNamespace:
         certified_heads=certify_reference.certified_heads,
         sketch_page_bounds=sketch_reference.sketch_page_bounds,
         sketch_tau_floor=sketch_reference.sketch_tau_floor,
+        sketch_delta_bound=sketch_reference.sketch_delta_bound,
         certify_policy_update_=certify_policy.certify_policy_update_,
     )
 
@@ -108,7 +109,9 @@ def run_step(
     still full entmax. ``dense_rows`` (bool ``[B]``, certified mode only; see
     ``certify/policy.py``) marks sequences that read every page directly this step, without the
     selection or the bounds: certified wherever tau is finite, as the dense selector.
-    ``sketch`` (``KeySketch.buffers()``, certified mode only): the first selection is the pages
+    ``sketch`` (``KeySketch.buffers()``, when ``config.keeps_sketch``): with ``report_bound``
+    the approximate selectors also bound their dropped mass token by token from it. In certified
+    mode the first selection is the pages
     whose token-level sketch bound exceeds the sketch's floor of the full threshold (the exact
     threshold of every token's lower sketch bound, ``sketch_tau_floor``), instead of the
     gaussian estimate; the floor joins the certificate's, and the pages the Quest bound then
@@ -145,6 +148,11 @@ def run_step(
     elif config.report_bound:  # the bound costs a full kmin/kmax read: only on request
         certified, delta = impl.certify(q, kmin, kmax, seqlens, page_indices, num_selected, tau,
                                         stats_valid=stats_valid, **geometry)
+        if sketch is not None:  # token by token: 0 only when no dropped token can be in the support
+            fine = impl.sketch_delta_bound(q, *sketch, seqlens, page_indices, num_selected, tau,
+                                           stats_valid=stats_valid, **geometry)
+            certified = certified | (fine == 0)
+            delta = torch.minimum(delta, fine)
     else:
         certified = torch.zeros_like(tau, dtype=torch.bool)
         delta = torch.ones_like(tau)

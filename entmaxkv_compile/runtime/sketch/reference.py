@@ -50,6 +50,7 @@ from typing import Optional
 import torch
 
 from ...math.reference import entmax_threshold
+from ..select.reference import selected_token_mask
 from ...checks import (
     FLOAT_DTYPES,
     SKETCH_GROUP,
@@ -74,6 +75,7 @@ __all__ = [
     "sketch_append_",
     "sketch_bytes_per_head",
     "sketch_page_bounds",
+    "sketch_delta_bound",
     "sketch_prefill_",
     "sketch_tau_floor",
 ]
@@ -266,6 +268,51 @@ def sketch_tau_floor(
     tau = entmax_threshold(lb.to(torch.float64), alpha, mask=mask).reshape(batch, hq)
     tau = tau - 2.0 ** -12 * (1.0 + tau.abs())
     return torch.where(torch.isfinite(tau) & ~silent, tau, float("-inf")).to(torch.float32)
+
+
+def sketch_delta_bound(
+    q: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    seqlens: torch.Tensor,
+    page_indices: torch.Tensor,
+    num_selected: torch.Tensor,
+    tau: torch.Tensor,
+    *,
+    page_size: int,
+    alpha: float,
+    scale: float,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    stats_valid: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """A bound on the full-entmax mass of the tokens outside the selected pages, per query head.
+
+    Full entmax gives token ``i`` the mass ``[(alpha-1) s_i - tau_full]_+^beta``; with ``ub_i``
+    the sketch's upper score bound and ``t = max(tau, sketch floor) <= tau_full`` (``tau`` the
+    threshold over the selected tokens, never above the full one), the sum of
+    ``[(alpha-1) ub_i - t]_+^beta`` over the unselected valid tokens bounds what the selection
+    dropped, token by token instead of page by page (the Quest form counts every token of a page
+    at the page's box bound). 0 means no unselected token can be in the support: the output is
+    full entmax. Float32 ``[B, Hq]`` in ``[0, 1]``; 1 (the trivial bound) where the inputs are not
+    sound: a non-finite ``tau`` or key bound, a length outside ``[1, Nmax]``, or ``stats_valid``
+    (bool ``[B]``, the statistics' order state, which the sketch's appends share) False.
+    """
+    batch, hq = q.shape[:2]
+    hkv, capacity = codes.shape[1], codes.shape[2]
+    floor = sketch_tau_floor(q, codes, scales, seqlens, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes)
+    t = torch.maximum(tau.to(torch.float64), floor.to(torch.float64)).reshape(batch, hkv, hq // hkv, 1)
+    ub, valid = _token_bounds(q, codes, scales, seqlens, float(scale), alibi_slopes, upper=True)
+    chosen = selected_token_mask(page_indices, num_selected, seqlens, page_size=page_size, max_seqlen=capacity)
+    dropped = (valid[:, None, :] & ~chosen)[:, :, None, :]  # [B, Hkv, 1, N]
+    excess = torch.clamp((alpha - 1.0) * ub.to(torch.float64) - t, min=0.0)
+    mass = torch.where(dropped, excess.pow(1.0 / (alpha - 1.0)), 0.0).sum(-1).reshape(batch, hq)
+    finite_bounds = (torch.isfinite(ub) | ~valid[:, None, None, :]).all(-1).reshape(batch, hq)
+    length = seqlens.to(torch.int64)
+    sound = (length >= 1) & (length <= capacity)
+    if stats_valid is not None:
+        sound = sound & stats_valid
+    ok = finite_bounds & torch.isfinite(tau) & sound[:, None] & torch.isfinite(mass)
+    return torch.where(ok, mass.clamp(max=1.0), 1.0).to(torch.float32)
 
 
 class KeySketch:
