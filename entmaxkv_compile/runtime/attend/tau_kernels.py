@@ -279,6 +279,25 @@ def _store_sums(base, c0, c1, c2, c3, c4, cf, below, above, NP: tl.constexpr):
 
 
 @triton.jit
+def _compact_and_sum(src, dst, n, lo, t, beta, RMAX: tl.constexpr, NP: tl.constexpr,
+                     BLOCK_T: tl.constexpr):
+    """One pivot level over the ``n`` scores at ``src``: the per-pivot sums at ``t [NP]``, and
+    the scores above ``lo`` compacted to ``dst`` in order. Returns ``(kept, sums...)``."""
+    s0, s1, s2, s3, s4, sf, sb, sa = _empty_sums(NP)
+    kept = tl.zeros([], tl.int32)
+    offs_t = tl.arange(0, BLOCK_T)
+    for i in range(0, n, BLOCK_T):
+        ii = i + offs_t
+        z = tl.load(src + ii, mask=ii < n, other=float("-inf"))
+        keep = (z > lo).to(tl.int32)
+        pos = kept + tl.cumsum(keep, axis=0) - keep
+        tl.store(dst + pos, z, mask=keep > 0)
+        kept += tl.sum(keep, axis=0)
+        s0, s1, s2, s3, s4, sf, sb, sa = _pivot_sums(z, t, beta, s0, s1, s2, s3, s4, sf, sb, sa, RMAX)
+    return kept, s0, s1, s2, s3, s4, sf, sb, sa
+
+
+@triton.jit
 def tau_second_kernel(
     part1_ptr, piv1_ptr, state1_ptr, surv_ptr, cnt1_ptr,
     part2_ptr, piv2_ptr, state2_ptr, cnt2_ptr,
@@ -310,19 +329,10 @@ def tau_second_kernel(
         if done == 0:
             t = lo + (hi - lo) * kf / (NP - 1)
             off = pid.to(tl.int64) * cap + chunk * chunk_len
-            src = surv_ptr + off
-            dst = surv_ptr + (pid.to(tl.int64) * 0 + rows) * cap + off
             count = tl.load(cnt1_ptr + pid * num_chunks + chunk)
-            offs_t = tl.arange(0, BLOCK_T)
-            for i in range(0, count, BLOCK_T):
-                ii = i + offs_t
-                z = tl.load(src + ii, mask=ii < count, other=float("-inf"))
-                keep = (z > lo).to(tl.int32)
-                pos = kept + tl.cumsum(keep, axis=0) - keep
-                tl.store(dst + pos, z, mask=keep > 0)
-                kept += tl.sum(keep, axis=0)
-                s0, s1, s2, s3, s4, sf, sb, sa = _pivot_sums(
-                    z, t, beta, s0, s1, s2, s3, s4, sf, sb, sa, RMAX)
+            kept, s0, s1, s2, s3, s4, sf, sb, sa = _compact_and_sum(
+                surv_ptr + off, surv_ptr + (pid.to(tl.int64) * 0 + rows) * cap + off, count, lo, t, beta,
+                RMAX, NP, BLOCK_T)
             if chunk == 0:
                 tl.store(piv2_ptr + pid * NP + offs_k, t)
     _store_sums(part2_ptr + (pid.to(tl.int64) * num_chunks + chunk) * (8 * NP),
@@ -378,23 +388,12 @@ def tau_finish_kernel(
                 n += tl.sum(keep, axis=0)
             tl.debug_barrier()
             # The remaining levels, each over the values above its lo.
-            offs_t = tl.arange(0, BLOCK_T)
             for level in range(2, levels):
                 if done == 0:
-                    src = row0 + (level % 2) * plane
-                    dst = row0 + (1 - level % 2) * plane
                     t = lo + (hi - lo) * kf / (NP - 1)
-                    s0, s1, s2, s3, s4, sf, sb, sa = _empty_sums(NP)
-                    kept = tl.zeros([], tl.int32)
-                    for i in range(0, n, BLOCK_T):
-                        ii = i + offs_t
-                        z = tl.load(src + ii, mask=ii < n, other=float("-inf"))
-                        keep = (z > lo).to(tl.int32)
-                        pos = kept + tl.cumsum(keep, axis=0) - keep
-                        tl.store(dst + pos, z, mask=keep > 0)
-                        kept += tl.sum(keep, axis=0)
-                        s0, s1, s2, s3, s4, sf, sb, sa = _pivot_sums(
-                            z, t, beta, s0, s1, s2, s3, s4, sf, sb, sa, RMAX)
+                    kept, s0, s1, s2, s3, s4, sf, sb, sa = _compact_and_sum(
+                        row0 + (level % 2) * plane, row0 + (1 - level % 2) * plane, n, lo, t, beta,
+                        RMAX, NP, BLOCK_T)
                     tl.debug_barrier()
                     n = kept
                     lo, hi, done, tau = _narrow(s0, s1, s2, s3, s4, sf, sb, sa, t,

@@ -58,10 +58,10 @@ def certificate_inputs_ok(
     num_pages = excess.shape[-1]
     valid_pages = valid_page_mask(seqlens, page_size, num_pages)[:, None, :]
     finite = (torch.isfinite(excess) | ~valid_pages).all(-1) & torch.isfinite(tau)
-    return finite & _sound_rows(seqlens, num_pages * page_size, stats_valid)[:, None]
+    return finite & sound_rows(seqlens, num_pages * page_size, stats_valid)[:, None]
 
 
-def _sound_rows(seqlens: torch.Tensor, capacity: int, stats_valid: torch.Tensor | None) -> torch.Tensor:
+def sound_rows(seqlens: torch.Tensor, capacity: int, stats_valid: torch.Tensor | None) -> torch.Tensor:
     """bool ``[B]``: the length lies in ``[1, capacity]`` and the statistics (when told) are valid."""
     length = seqlens.to(torch.int64)
     sound = (length >= 1) & (length <= capacity)
@@ -167,5 +167,5 @@ def certified_heads(tau: torch.Tensor, bounds_finite: torch.Tensor, seqlens: tor
     ``[1, capacity]`` and ``stats_ok`` (bool ``[B]``). Where certified the dropped mass is 0, else
     the trivial bound 1.
     """
-    certified = bounds_finite & torch.isfinite(tau) & _sound_rows(seqlens, capacity, stats_ok)[:, None]
+    certified = bounds_finite & torch.isfinite(tau) & sound_rows(seqlens, capacity, stats_ok)[:, None]
     return certified, torch.where(certified, 0.0, 1.0).to(torch.float32)

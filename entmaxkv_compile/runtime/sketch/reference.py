@@ -50,6 +50,7 @@ from typing import Optional
 import torch
 
 from ...math.reference import entmax_threshold
+from ..certify.reference import sound_rows
 from ..select.reference import selected_token_mask
 from ...checks import (
     FLOAT_DTYPES,
@@ -307,10 +308,7 @@ def sketch_delta_bound(
     excess = torch.clamp((alpha - 1.0) * ub.to(torch.float64) - t, min=0.0)
     mass = torch.where(dropped, excess.pow(1.0 / (alpha - 1.0)), 0.0).sum(-1).reshape(batch, hq)
     finite_bounds = (torch.isfinite(ub) | ~valid[:, None, None, :]).all(-1).reshape(batch, hq)
-    length = seqlens.to(torch.int64)
-    sound = (length >= 1) & (length <= capacity)
-    if stats_valid is not None:
-        sound = sound & stats_valid
+    sound = sound_rows(seqlens, capacity, stats_valid)
     ok = finite_bounds & torch.isfinite(tau) & sound[:, None] & torch.isfinite(mass)
     return torch.where(ok, mass.clamp(max=1.0), 1.0).to(torch.float32)
 
