@@ -98,6 +98,47 @@ def test_package_carries_the_statistics_across_calls(package):
     torch.testing.assert_close(again, expected[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def other_cache(package):
+    """(state, inputs file, expected): a cache filled by another 21-token prompt (same weights),
+    the package state for it, and the eager model's 8 greedy steps after it."""
+    from examples.zoo import gpt_fast
+
+    exported, first_inputs, _ = package
+    model = gpt_fast.build(gpt_fast.ModelArgs(n_layer=1, dim=32, max_seq_len=48), batch=1, seed=3)
+    prompt = torch.randint(0, 96, (1, 21), generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        model(prompt, torch.arange(21))
+    caches = {name: model.get_buffer(name).clone() for name in exported.state if name.endswith("_cache")}
+    state = exported.state_for(caches, torch.tensor([21]))
+    token, tokens, positions, expected = torch.tensor([[7]]), [], [], []
+    with torch.no_grad():
+        for step in range(8):
+            logits = model(token, torch.tensor([21 + step]))
+            tokens.append(token)
+            positions.append(torch.tensor([21 + step]))
+            expected.append(logits)
+            token = logits[:, -1].argmax(-1, keepdim=True)
+    inputs = save_runner_inputs(first_inputs.with_name("other_inputs.pt"), tokens, positions, expected, state)
+    return state, inputs, expected
+
+
+def test_package_decodes_from_a_cache_loaded_into_it(package, other_cache):
+    """Prefill elsewhere, decode in the package: the caches and their statistics (state_for) are
+    loaded as constants, and the steps match the eager model on that cache."""
+    exported, _, _ = package
+    state, inputs, expected = other_cache
+    assert sorted(state) == sorted(exported.state)  # both caches and the four statistics
+    step = exported.load()
+    step.load_constants(state, check_full_update=False)
+    data = torch.load(inputs)
+    with torch.no_grad():
+        for token, position, want in zip(data["tokens"], data["positions"], expected):
+            torch.testing.assert_close(step(token, position), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="named by the package's state"):
+        exported.state_for({"k_cache": torch.zeros(1)}, torch.tensor([1]))
+
+
 def test_export_aoti_rejects_bad_arguments(zoo_step, tmp_path):
     model, args = zoo_step(context=5, batch=1, n_layer=1, dim=32, max_seq_len=16)
     result = rewrite(model, args, EntmaxKVConfig(selector="dense", page_size=4))
@@ -111,7 +152,7 @@ def test_export_aoti_rejects_bad_arguments(zoo_step, tmp_path):
 
 @pytest.mark.skipif(os.environ.get("ENTMAXKV_TEST_AOTI_RUNNER") != "1",
                     reason="builds the C++ runner (slow); set ENTMAXKV_TEST_AOTI_RUNNER=1")
-def test_cpp_runner_runs_the_package_without_python(package, tmp_path):
+def test_cpp_runner_runs_the_package_without_python(package, other_cache, tmp_path):
     exported, inputs, _ = package
     if shutil.which("cmake") is None:
         pytest.fail("ENTMAXKV_TEST_AOTI_RUNNER=1 but cmake is not installed")
@@ -130,3 +171,9 @@ def test_cpp_runner_runs_the_package_without_python(package, tmp_path):
     assert lines["steps"] == str(STEPS)
     assert float(lines["max abs error vs expected"]) <= 1e-5
     assert float(lines["ms/token"].split()[1]) > 0
+    loaded = subprocess.run([str(build / "aoti_runner"), str(exported.path), str(other_cache[1])],
+                            capture_output=True, text=True, timeout=600)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in loaded.stdout.splitlines())
+    assert lines["state tensors loaded"] == "6" and lines["steps"] == "8"
+    assert float(lines["max abs error vs expected"]) <= 1e-5

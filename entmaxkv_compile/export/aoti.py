@@ -13,22 +13,23 @@ KV caches, the page statistics ``entmaxkv.<cache>.{kmin,kmax,kmean,km2}``, count
 the package as mutable constants, initialised to their values at export time and updated in
 place by every call; the call takes the step's own arguments (e.g. ``idx, input_pos``) and
 returns its outputs. So successive calls continue the sequence, each call reads only what the
-sparse step reads, and nothing is copied per step. To start from another cache, replace the
-constants (``loader.load_constants`` from Python, ``update_constant_buffer`` / ``load_constants``
-in C++; the names are :attr:`AotiExport.state`, the statistics of a cache come from
-:func:`entmaxkv_compile.runtime.stats.reference.KVPageStats.from_cache` or the ONNX statistics
-graph).
+sparse step reads, and nothing is copied per step. To decode from another cache (filled by a
+prefill elsewhere), load it and its page statistics into the package:
+:meth:`AotiExport.state_for` computes them, ``step.load_constants(state,
+check_full_update=False)`` loads them in Python, ``AOTIModelPackageLoader::load_constants`` in
+C++ (the runner does it when its inputs file has a ``state``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 
-from .naming import mutated_buffers
+from ..runtime.stats.reference import KVPageStats
+from .naming import STAT_FIELDS, mutated_buffers
 from .progress import ProgressFn, stage
 from .references import substitute_references
 
@@ -48,12 +49,34 @@ class AotiExport:
         input_names: the step's tensor arguments, in call order.
         state: names of the mutable constants (caches, page statistics, counters) the step
             updates in place, as ``loader.get_constant_fqns()`` lists them.
+        page_size: the page size of the statistics.
     """
 
     path: Path
     device: torch.device
     input_names: tuple[str, ...]
     state: tuple[str, ...]
+    page_size: int
+
+    def state_for(self, caches: Mapping[str, torch.Tensor], seqlens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The constants that make the package decode from ``caches`` (buffer name -> filled cache).
+
+        Returns the caches and the page statistics of each K cache among them, computed from its
+        first ``seqlens[b]`` rows (int64 ``[B]``), keyed by constant name: load them with
+        ``step.load_constants(state, check_full_update=False)``. Raises ``ValueError`` for a
+        name that is not state of the package.
+        """
+        unknown = sorted(set(caches) - set(self.state))
+        if unknown:
+            raise ValueError(f"caches must be named by the package's state {list(self.state)}, got {unknown}")
+        state: dict[str, torch.Tensor] = {}
+        for name, cache in caches.items():
+            state[name] = cache.detach().contiguous()
+            prefix = f"entmaxkv.{name.replace('.', '_')}."
+            if f"{prefix}kmin" in self.state:
+                stats = KVPageStats.from_cache(cache.detach(), seqlens.to(cache.device), self.page_size)
+                state.update({f"{prefix}{field}": t for field, t in zip(STAT_FIELDS, stats.buffers())})
+        return state
 
     def load(self) -> Any:
         """The compiled step (``torch._inductor.aoti_load_package``); calls continue the sequence."""
@@ -115,7 +138,8 @@ def export_aoti(
     with stage(progress, f"compiling and packaging with AOTInductor for {target.type} (C++ build, minutes)"):
         torch._inductor.aoti_compile_and_package(program, package_path=str(path),
                                                   inductor_configs=inductor_configs)
-    return AotiExport(path=path, device=target, input_names=tuple(result.input_names), state=state)
+    return AotiExport(path=path, device=target, input_names=tuple(result.input_names), state=state,
+                      page_size=result.config.page_size)
 
 
 def save_runner_inputs(
@@ -123,12 +147,14 @@ def save_runner_inputs(
     tokens: Sequence[torch.Tensor],
     positions: Sequence[torch.Tensor],
     expected: Optional[Sequence[torch.Tensor]] = None,
+    state: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> Path:
     """Write the decode inputs of the C++ runner (``examples/aoti_runner``): ``torch.save`` of a dict.
 
     ``tokens[i]`` and ``positions[i]`` are the arguments of step ``i``; ``expected[i]`` (optional)
-    its output, which the runner compares with what it computes. The runner reads the file with
-    ``torch::pickle_load``.
+    its output, which the runner compares with what it computes; ``state`` (optional, from
+    :meth:`AotiExport.state_for`) the constants it loads into the package before the first step.
+    The runner reads the file with ``torch::pickle_load``.
     """
     if len(tokens) != len(positions) or not tokens:
         raise ValueError(f"tokens and positions must be non-empty and of one length, got {len(tokens)} "
@@ -141,6 +167,8 @@ def save_runner_inputs(
     }
     if expected is not None:
         data["expected"] = [e.detach().cpu().contiguous() for e in expected]
+    if state is not None:
+        data["state"] = {name: t.detach().cpu().contiguous() for name, t in state.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(data, str(path))

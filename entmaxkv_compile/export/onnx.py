@@ -221,7 +221,8 @@ def simplify(model: Any) -> None:
     every rule at every node and walks the graph for each try, which on the unrolled solvers of
     the Gaussian selector (about 11 600 nodes for the 2-layer example) took 224 of the 284 s of
     the export, for fusions (MatMul+Add into Gemm and the like) that do not matter here. Constant
-    folding and common-subexpression elimination give a graph of the same size in about 2 s.
+    folding and common-subexpression elimination take under a second and leave about 7 700 nodes
+    (7 200 after the rewriter).
     """
     import onnx_ir.passes.common as common
     import onnxscript.optimizer

@@ -6,9 +6,11 @@
 // rewritten decode step with its state (KV caches, page statistics) inside, updated in place by
 // every call. INPUTS.pt is written by entmaxkv_compile.export.aoti.save_runner_inputs (torch.save
 // of a dict): "tokens" and "positions", one tensor per step, and optionally "expected", the output
-// of each step, which is compared with what the package computes. The runner calls the package
-// once per step in order (each call continues the sequence) and prints the time of the first call
-// and the mean, median and minimum ms/token of the others.
+// of each step, which is compared with what the package computes, and "state", caches and page
+// statistics (by constant name) to load into the package first: decoding then starts from that
+// cache instead of the one the package was exported with. The runner calls the package once per
+// step in order (each call continues the sequence) and prints the time of the first call and the
+// mean, median and minimum ms/token of the others.
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/serialize.h>
 #include <torch/torch.h>
@@ -20,6 +22,7 @@
 #include <iterator>
 #include <numeric>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -71,6 +74,15 @@ int main(int argc, char** argv) {
         (!expected.empty() && expected.size() != tokens.size())) {
       throw std::runtime_error("INPUTS must hold non-empty 'tokens' and 'positions' lists of one length "
                                "(and 'expected' of the same length, if present)");
+    }
+
+    if (data.contains("state")) {
+      std::unordered_map<std::string, at::Tensor> state;
+      for (const auto& entry : data.at("state").toGenericDict()) {
+        state[entry.key().toStringRef()] = entry.value().toTensor().to(device);
+      }
+      loader.load_constants(state, /*use_inactive=*/false, /*check_full_update=*/false);
+      std::printf("state tensors loaded: %zu\n", state.size());
     }
 
     std::vector<double> ms;
