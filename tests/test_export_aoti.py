@@ -177,3 +177,14 @@ def test_cpp_runner_runs_the_package_without_python(package, other_cache, tmp_pa
     lines = dict(line.split(": ", 1) for line in loaded.stdout.splitlines())
     assert lines["state tensors loaded"] == "6" and lines["steps"] == "8"
     assert float(lines["max abs error vs expected"]) <= 1e-5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_aoti_command_for_cuda_without_a_gpu_fails_clearly(tmp_path, capsys):
+    from entmaxkv_compile.cli import main
+
+    code = main(["export", str(ROOT / "examples" / "export_factory.py") + ":make", "--format", "aoti",
+                 "--device", "cuda", "-o", str(tmp_path / "step.pt2"), "-q", "--selector", "dense"])
+    assert code == 1
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
+    assert not (tmp_path / "step.pt2").exists()
