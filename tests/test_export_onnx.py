@@ -391,8 +391,9 @@ def test_statistics_graph_initialises_the_step_from_a_filled_cache(standalone_st
     session = _session(exported.stats_path)
     initial = dict(zip(exported.input_names, exported.explicit.state_values))
     assert [i.name for i in session.get_inputs()] == ["seqlens", "past_key_values.0.key"]
+    cache = initial["past_key_values.0.key"].numpy()
     stats = dict(zip([o.name for o in session.get_outputs()], session.run(None, {
-        "seqlens": np.array([13, 13], dtype=np.int64), "past_key_values.0.key": initial["past_key_values.0.key"].numpy()})))
+        "seqlens": np.array([13, 13], dtype=np.int64), "past_key_values.0.key": cache})))
     assert sorted(stats) == sorted(f"past_page_stats.0.{f}" for f in ("kmin", "kmax", "kmean", "km2"))
     for name, value in stats.items():
         np.testing.assert_allclose(value, initial[name].numpy(), rtol=1e-6, atol=1e-6)
