@@ -186,11 +186,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                opset_version=args.opset, progress=progress)
         print(f"saved ONNX model to {exported.path}: inputs {list(exported.input_names)}, "
               f"outputs {list(exported.output_names)}")
+        if exported.stats_path is not None:
+            print(f"saved its page-statistics graph to {exported.stats_path} (statistics of a filled cache; "
+                  "for an empty cache feed zeros)")
         if args.verify:
             error = exported.max_abs_error(result.example_args)
             print(f"onnxruntime vs PyTorch: max abs error {error:.3g}")
             if error > args.tolerance:
                 raise CommandError(f"onnxruntime differs from PyTorch by {error:.3g} > {args.tolerance}")
+    elif args.format == "aoti":
+        _export_aoti(args, result, progress)
     else:
         from .export.tensorrt import TensorRTUnavailableError, export_tensorrt
 
@@ -201,6 +206,26 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"saved TensorRT program to {exported.path}: inputs {list(exported.explicit.input_names)}, "
               f"outputs {list(exported.explicit.output_names)}")
     return 0
+
+
+def _export_aoti(args: argparse.Namespace, result: Any, progress: Optional[Callable[[str], None]]) -> None:
+    import torch
+
+    from .export.aoti import export_aoti
+
+    exported = export_aoti(result, args.output, device=args.device, progress=progress)
+    print(f"saved AOTInductor package to {exported.path} ({exported.device.type}): call it with "
+          f"{list(exported.input_names)}; state kept inside and updated by every call: {list(exported.state)}")
+    if args.verify:
+        step = copy.deepcopy(result.module()).to(exported.device)
+        example = [a.to(exported.device) if isinstance(a, torch.Tensor) else a for a in result.example_args]
+        with torch.no_grad():
+            expected, got = step(*example), exported.load()(*example)
+        error = max((float((a.double() - b.double()).abs().max()) for a, b in zip(
+            torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got))), default=0.0)
+        print(f"AOTInductor package vs PyTorch: max abs error {error:.3g}")
+        if error > args.tolerance:
+            raise CommandError(f"the AOTInductor package differs from PyTorch by {error:.3g} > {args.tolerance}")
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
@@ -284,10 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     rewrite_p.set_defaults(run=_cmd_rewrite)
 
     export_p = commands.add_parser(
-        "export", help="export the rewritten decode step (ONNX or TensorRT)", **with_exit_codes)
+        "export", help="export the rewritten decode step (ONNX, AOTInductor or TensorRT)", **with_exit_codes)
     export_p.add_argument("target", metavar="MODULE:FACTORY", help=target_help)
-    export_p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx",
-                          help="onnx: a .onnx model (default); tensorrt: a TensorRT program")
+    export_p.add_argument("--format", choices=("onnx", "aoti", "tensorrt"), default="onnx",
+                          help="onnx: a .onnx model (default); aoti: an AOTInductor .pt2 package; "
+                               "tensorrt: a TensorRT program")
     export_p.add_argument("-o", "--output", required=True,
                           help="the file to write (checked first; missing directories are created)")
     export_p.add_argument("--decompose", action=argparse.BooleanOptionalAction, default=True,
@@ -295,9 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
                                "keeps 'entmaxkv' custom-domain nodes for TensorRT plugins")
     export_p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     export_p.add_argument("--no-check", action="store_true", help="skip onnx.checker")
-    export_p.add_argument("--verify", action="store_true", help="ONNX: run onnxruntime and compare with PyTorch")
+    export_p.add_argument("--verify", action="store_true",
+                          help="ONNX: run onnxruntime, AOTI: load the package, and compare with PyTorch")
     export_p.add_argument("--tolerance", type=_non_negative_float, default=1e-4,
                           help="--verify: max abs error allowed (>= 0)")
+    export_p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                          help="AOTI: the device to compile for (default cpu)")
     export_p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     _add_config_options(export_p)
     export_p.set_defaults(run=_cmd_export)

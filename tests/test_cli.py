@@ -87,7 +87,8 @@ def test_export_onnx_command_verifies_against_pytorch(tmp_path, capsys):
                  "--selector", "dense", "--page-size", "8", "--quiet"])
     assert code == 0
     captured = capsys.readouterr()
-    assert out_path.exists() and "'past.layers.0.attention.kv_cache.k_cache'" in captured.out
+    assert out_path.exists() and "'past_key_values.0.key'" in captured.out  # optimum's cache names
+    assert (tmp_path / "step.stats.onnx").exists() and "page-statistics graph" in captured.out
     assert "'idx', 'input_pos']" in captured.out  # the model's argument names
     assert "onnxruntime vs PyTorch: max abs error" in captured.out
     assert captured.err == ""  # --quiet

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import re
+import shlex
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -34,9 +37,10 @@ def test_decomposed_model_runs_in_onnxruntime_and_carries_state(alibi_topk_step,
     assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
     state = exported.explicit.state
     assert any(name.endswith("k_cache") for name in state) and any(name.endswith("km2") for name in state)
-    assert exported.input_names == (*(f"past.{s}" for s in state), "idx", "input_pos")  # the model's names
+    assert exported.input_names == (*(_ecosystem_name(s, "past") for s in state), "idx", "input_pos")
     assert [i.name for i in model.graph.input] == list(exported.input_names)
-    assert exported.output_names[: len(state)] == tuple(f"present.{s}" for s in state)
+    assert exported.output_names[: len(state)] == tuple(_ecosystem_name(s, "present") for s in state)
+    assert "past_key_values.1.value" in exported.input_names and "present_page_stats.1.km2" in exported.output_names
 
     # step 1, then feed present back as past for step 2: onnxruntime == PyTorch on every output
     token, position = result.example_args
@@ -58,6 +62,17 @@ def test_decomposed_model_runs_in_onnxruntime_and_carries_state(alibi_topk_step,
         logits_2 = program(next_token, position + 1)
     np.testing.assert_allclose(ort_1[-1], logits_1.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(ort_2[-1], logits_2.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def _ecosystem_name(fqn, side):
+    """The name the zoo model's state ``fqn`` must get (optimum / onnxruntime-genai for the caches)."""
+    cache = re.fullmatch(r"layers\.(\d+)\.attention\.kv_cache\.(k|v)_cache", fqn)
+    if cache:
+        layer, kind = cache.group(1), {"k": "key", "v": "value"}[cache.group(2)]
+        return f"{'past_key_values' if side == 'past' else 'present'}.{layer}.{kind}"
+    stats = re.fullmatch(r"entmaxkv\.layers_(\d+)_attention_kv_cache_k_cache\.(kmin|kmax|kmean|km2)", fqn)
+    assert stats, f"unexpected state {fqn}"
+    return f"{side}_page_stats.{stats.group(1)}.{stats.group(2)}"
 
 
 ZOO_DECODE = [e for e in ZOO.values() if e.family == "gpt_fast" and e.decode_status == "rewritten"]
@@ -320,3 +335,101 @@ def test_hugging_face_static_cache_step_runs_in_onnxruntime(tmp_path):
     with torch.no_grad():
         expected = result.module()(*args)
     np.testing.assert_allclose(exported.run_onnxruntime(args)[-1], expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def standalone_step(zoo_step, tmp_path_factory):
+    """A 1-layer top-k step exported to ONNX (with its statistics graph) and the PyTorch step."""
+    model, args = zoo_step(context=13, batch=2, n_layer=1, seed=4)
+    result = rewrite(model, args, EntmaxKVConfig(selector="topk", page_size=4, token_budget=8))
+    exported = export_onnx(result, tmp_path_factory.mktemp("standalone") / "step.onnx")
+    return result, exported
+
+
+def _session(path):
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_standalone_onnx_runs_from_the_prompt_through_16_decode_steps(standalone_step):
+    """Only onnxruntime and the model files: an empty state (zeros), the prompt one token at a time,
+    then 16 greedy decode steps; every step's logits match the rewritten PyTorch step (1e-4)."""
+    result, exported = standalone_step
+    session = _session(exported.path)
+    assert [i.name for i in session.get_inputs()] == list(exported.input_names)
+    state_names = [name for name in exported.input_names if name not in ("idx", "input_pos")]
+    state = {i.name: np.zeros(i.shape, dtype={"tensor(float)": np.float32, "tensor(double)": np.float64}[i.type])
+             for i in session.get_inputs() if i.name in state_names}
+    step = copy.deepcopy(result.module())  # PyTorch: the same step from the same empty state
+    for fqn in exported.explicit.state:
+        step.get_buffer(fqn).zero_()
+    prompt = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(11))
+    tokens = [prompt[:, i:i + 1] for i in range(prompt.shape[1])]
+    for position in range(prompt.shape[1] + 16):
+        token = tokens[position]
+        outputs = dict(zip(exported.output_names, session.run(None, {
+            **state, "idx": token.numpy(), "input_pos": np.array([position], dtype=np.int64)})))
+        with torch.no_grad():
+            expected = step(token, torch.tensor([position]))
+        np.testing.assert_allclose(outputs["output_0"], expected.numpy(), rtol=1e-4, atol=1e-4)
+        state = {name: outputs[name.replace("past_key_values.", "present.").replace("past_page_stats.",
+                                                                                   "present_page_stats.")]
+                 for name in state_names}
+        if position >= prompt.shape[1] - 1:
+            tokens.append(torch.from_numpy(outputs["output_0"][:, -1].argmax(-1, keepdims=True)))
+    assert len(tokens) == prompt.shape[1] + 17
+    for fqn, name in zip(exported.explicit.state, state_names):  # the carried state is PyTorch's
+        np.testing.assert_allclose(state[name], step.get_buffer(fqn).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_statistics_graph_initialises_the_step_from_a_filled_cache(standalone_step):
+    """The statistics graph gives the step's statistics of the cache it was exported with (filled
+    by the model's prefill), and the step fed with them matches the rewritten PyTorch step."""
+    result, exported = standalone_step
+    assert exported.stats_path is not None and exported.stats_path.name == "step.stats.onnx"
+    session = _session(exported.stats_path)
+    initial = dict(zip(exported.input_names, exported.explicit.state_values))
+    assert [i.name for i in session.get_inputs()] == ["seqlens", "past_key_values.0.key"]
+    cache = initial["past_key_values.0.key"].numpy()
+    stats = dict(zip([o.name for o in session.get_outputs()], session.run(None, {
+        "seqlens": np.array([13, 13], dtype=np.int64), "past_key_values.0.key": cache})))
+    assert sorted(stats) == sorted(f"past_page_stats.0.{f}" for f in ("kmin", "kmax", "kmean", "km2"))
+    for name, value in stats.items():
+        np.testing.assert_allclose(value, initial[name].numpy(), rtol=1e-6, atol=1e-6)
+    feed = {name: value.numpy() for name, value in initial.items() if name not in stats} | stats
+    step = _session(exported.path)
+    token, position = result.example_args
+    outputs = step.run(None, {**feed, "idx": token.numpy(), "input_pos": position.numpy()})
+    with torch.no_grad():
+        expected = copy.deepcopy(result.module())(token, position)
+    np.testing.assert_allclose(outputs[-1], expected.numpy(), rtol=1e-4, atol=1e-4)
+    # an empty cache has all-zero statistics: the zeros of the first test are the right start
+    empty = session.run(None, {"seqlens": np.array([0, 0], dtype=np.int64),
+                               "past_key_values.0.key": initial["past_key_values.0.key"].numpy()})
+    assert all(not np.any(value) for value in empty)
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "export.md"
+
+
+def test_export_docs_commands_parse():
+    """Every entmaxkv-compile command in docs/export.md is accepted by the command line as written."""
+    from entmaxkv_compile.cli import build_parser
+
+    text = DOCS.read_text()
+    commands = [shlex.split(line)[1:] for line in re.findall(r"^entmaxkv-compile .*$", text, re.M)]
+    assert {"onnx", "aoti", "tensorrt"} <= {c[c.index("--format") + 1] for c in commands if "--format" in c}
+    for command in commands:
+        build_parser().parse_args(command)  # exits (SystemExit) on an unknown flag or value
+
+
+def test_export_docs_onnxruntime_snippet_runs_as_written(standalone_step, monkeypatch, capsys):
+    """The plain-onnxruntime block of docs/export.md, run on a step of the same interface (batch 2)."""
+    _, exported = standalone_step
+    block = next(b for b in re.findall(r"^```python\n(.*?)^```", DOCS.read_text(), re.M | re.S)
+                 if "import onnxruntime" in b)
+    monkeypatch.chdir(exported.path.parent)
+    exec(compile(block, "docs/export.md onnxruntime block", "exec"), {"__name__": "__docs__"})
+    tokens = eval(capsys.readouterr().out.strip().splitlines()[-1])
+    assert tokens[:4] == [5, 17, 3, 42] and len(tokens) == 4 + 9
