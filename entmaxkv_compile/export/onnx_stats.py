@@ -25,6 +25,7 @@ import torch
 
 from ..runtime.stats.reference import stats_prefill_
 from .naming import STAT_FIELDS
+from .onnx_simplify import simplify
 from .progress import ProgressFn, stage
 
 __all__ = ["StatsGraph", "export_stats_onnx"]
@@ -70,8 +71,6 @@ def export_stats_onnx(
     ``stats[i]`` are layer ``i``'s four statistics tensors (their shapes and dtypes are those of
     the outputs).
     """
-    from .onnx import simplify
-
     if len(k_caches) != len(stats) or not k_caches:
         raise ValueError(f"k_caches and stats must be non-empty with one entry per layer, got {len(k_caches)} "
                          f"and {len(stats)}")
