@@ -62,9 +62,9 @@ class EntmaxKVConfig:
             (groups of 32 channels, bf16 scales: 136 B per token and KV head at D = 128, 53% of
             an fp16 K row; ``runtime/sketch/``). In certified mode the step then selects the pages
             whose token-level sketch bound exceeds the exact threshold of every token's *lower*
-            sketch bound (a floor of the full threshold: no gaussian estimate), and re-bounds
-            token by token every page the Quest bound could not clear before reading it at full
-            precision: 1.1-1.7x the pages holding the support on the measured families, against
+            sketch bound (a floor of the full threshold: no gaussian estimate, no Quest round) and
+            reads them at full precision: 1.1-1.7x the pages holding the support on the measured
+            families, against
             9-70x without it (benchmarks/RESULTS.md). ``"off"`` (default) keeps none. Supported
             by :class:`~entmaxkv_compile.Decoder` and ``sparse_decode``; the compiled paths refuse
             it.

@@ -1,8 +1,8 @@
 """The int8 key sketch inside the certified step (``config.certify_sketch="int8"``).
 
-Pages the Quest box cannot clear are re-bounded token by token from the sketch before they are
-read: the output stays full entmax, every head certified, and far fewer pages are read on keys
-whose page boxes are loose (iid keys here). The compiled paths refuse the option.
+The step reads the pages whose token-level sketch bound exceeds the sketch's floor of the full
+threshold: the output stays full entmax, every head certified, and far fewer pages are read on
+keys whose page boxes are loose (iid keys here). The compiled paths refuse the option.
 """
 
 import pytest
@@ -151,3 +151,22 @@ def test_token_level_delta_bound_holds_and_is_tighter(selector, alpha, planted):
     full, _ = full_entmax_decode(q, k, v, seqlens, alpha, scale)
     exact = fine.certified[..., None, None] & ~torch.isclose(fine.out, full, atol=1e-9)
     assert not bool(exact.any())
+
+
+def test_sketch_selection_read_all_rows_stay_exact():
+    """Rows that read every page (statistics out of order; the fallback's dense rows) skip the
+    sketch's bound and stay exact: out-of-order rows are never certified, fallback rows are."""
+    q, k, v = _case(8, nmax=128)
+    seqlens = torch.tensor([100, 90])
+    config = EntmaxKVConfig(selector="certified", certify_sketch="int8", certify_dense_above=0.0)
+    decoder = Decoder.for_cache(k, q.shape[1], config)
+    decoder.prefill(k, seqlens)
+    decoder.append(k, torch.tensor([100, 60]))  # row 1 out of order: its statistics are invalid
+    seqlens = torch.tensor([101, 90])
+    full, _ = full_entmax_decode(q, k, v, seqlens, 1.5, 1 / 32 ** 0.5)
+    for step in range(2):  # step 0 probes the bounds; dense_above=0 turns the fallback on after it
+        result = decoder.run(q, k, v, seqlens)
+        assert torch.allclose(result.out, full, atol=1e-10)
+        assert result.certified[0].all() and not result.certified[1].any()
+        assert int(result.num_selected[1].min()) == -(-90 // config.page_size)
+    assert int(decoder.stats.certify_skip[0]) > 0  # row 0 ran as a fallback (dense) row on step 1

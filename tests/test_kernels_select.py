@@ -254,9 +254,8 @@ def test_select_bad_inputs_raise():
 
 @pytest.mark.parametrize("alpha, alibi, sketch", [(1.5, False, False), (2.0, True, False), (1.5, True, True)])
 def test_certified_step_on_kernels_is_exact(alpha, alibi, sketch):
-    """The certified loop of ``step.run_step`` composed from the kernels (with the int8 key
-    sketch re-bounding the pages the Quest bound keeps, or not) equals full entmax and reports
-    every head certified."""
+    """The certified step of ``step.run_step`` composed from the kernels (the Quest round, or the
+    int8 key sketch's selection) equals full entmax and reports every head certified."""
     from entmaxkv_compile.runtime.sketch.reference import KeySketch
     from entmaxkv_compile import metrics
     from entmaxkv_compile.config import EntmaxKVConfig

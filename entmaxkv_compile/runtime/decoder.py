@@ -127,8 +127,8 @@ class Decoder:
         self._host_copied = torch.cuda.Event() if self._host_skip is not None else None
 
     def _plan_sketch(self, sketch: KeySketch | None) -> KeySketch | None:
-        """The int8 key sketch of ``config.keeps_sketch``: the certified step selects and re-bounds
-        pages with it; an approximate selector that reports its bound takes it token by token."""
+        """The int8 key sketch of ``config.keeps_sketch``: the certified step selects its pages
+        with it; an approximate selector that reports its bound takes it token by token."""
         wanted = self.config.keeps_sketch
         if sketch is None:
             if not wanted:

@@ -111,11 +111,10 @@ def run_step(
     selection or the bounds: certified wherever tau is finite, as the dense selector.
     ``sketch`` (``KeySketch.buffers()``, when ``config.keeps_sketch``): with ``report_bound``
     the approximate selectors also bound their dropped mass token by token from it. In certified
-    mode the first selection is the pages
-    whose token-level sketch bound exceeds the sketch's floor of the full threshold (the exact
-    threshold of every token's lower sketch bound, ``sketch_tau_floor``), instead of the
-    gaussian estimate; the floor joins the certificate's, and the pages the Quest bound then
-    cannot clear are bounded again token by token before they are read.
+    mode the selection is the pages whose token-level sketch bound exceeds the sketch's floor of
+    the full threshold (the exact threshold of every token's lower sketch bound,
+    ``sketch_tau_floor``) instead of the gaussian estimate, and the one decode over them is
+    certified by construction (no Quest round).
     """
     kmin, kmax, kmean, km2 = stats
     page_size = config.page_size
@@ -124,9 +123,11 @@ def run_step(
     dense_rows = dense_rows if config.selector == "certified" else None
     # a row read densely selects nothing first: length 0 makes the selection load nothing for it
     select_lengths = seqlens if dense_rows is None else torch.where(dense_rows, 0, seqlens)
+    if config.selector == "certified":
+        stats_ok, read_all = _row_soundness(q, stats_valid, dense_rows)
     sketch_floor = None
     if config.selector == "certified" and sketch is not None:
-        page_indices, num_selected, sketch_floor = _sketch_select(impl, q, sketch, select_lengths,
+        page_indices, num_selected, sketch_floor = _sketch_select(impl, q, sketch, seqlens, read_all,
                                                                   kmin.shape[2], geometry)
     else:
         page_indices, num_selected = impl.select_pages(
@@ -137,10 +138,14 @@ def run_step(
         )
 
     out, tau = impl.paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry)
-    if config.selector == "certified":
+    if sketch_floor is not None:
+        # Certified by construction: every page left out has (alpha-1) ub <= floor <= full tau.
+        certified, delta = impl.certified_heads(torch.maximum(tau, sketch_floor), torch.ones_like(tau, dtype=torch.bool),
+                                                seqlens, stats_ok, capacity=kmin.shape[2] * page_size)
+    elif config.selector == "certified":
         out, tau, page_indices, num_selected, certified, delta = _certified_rounds(
             impl, q, k_cache, v_cache, seqlens, stats, config, out, tau, page_indices, num_selected,
-            stats_valid, dense_rows, sketch, sketch_floor, geometry)
+            stats_ok, read_all, dense_rows, geometry)
     elif config.selector == "dense":
         # Every valid page was read: the output is full entmax wherever tau is a number.
         certified = tau < float("inf")  # tau is finite, +inf (nothing to attend) or NaN
@@ -159,28 +164,39 @@ def run_step(
     return DecodeResult(out, page_indices, num_selected, certified, delta, tau)
 
 
-def _sketch_select(impl, q, sketch, seqlens, num_pages, geometry):
-    """The certified step's first selection when it keeps an int8 key sketch: every page whose
+def _row_soundness(q, stats_valid, dense_rows):
+    """``(stats_ok, read_all)``, bool ``[B]``: the rows whose statistics were kept in order, and
+    the rows that read every page this step (statistics not in order, or the fallback's
+    ``dense_rows``)."""
+    stats_ok = torch.ones(q.shape[0], dtype=torch.bool, device=q.device) if stats_valid is None else stats_valid
+    return stats_ok, (~stats_ok if dense_rows is None else ~stats_ok | dense_rows)
+
+
+def _sketch_select(impl, q, sketch, seqlens, read_all, num_pages, geometry):
+    """The certified step's selection when it keeps an int8 key sketch: every page whose
     token-level sketch bound exceeds the sketch's floor of the full threshold for some head of
-    its group, whatever its statistics say (the gaussian estimate is not needed: a page at or
-    below the floor holds no support token of full entmax). Returns ``(page_indices,
-    num_selected, floor)``; a zero-length row selects nothing and has no floor."""
+    its group (a NaN bound keeps its page), and every page of a ``read_all`` row. A page left out
+    holds no support token of full entmax, so the one decode over this selection is certified by
+    construction: no estimate, no bound round. Returns ``(page_indices, num_selected, floor)``
+    with the floor ``-inf`` on read-all rows (they rest on no bound)."""
     page_size = geometry["page_size"]
     floor = impl.sketch_tau_floor(q, *sketch, seqlens, alpha=geometry["alpha"], scale=geometry["scale"],
                                   alibi_slopes=geometry["alibi_slopes"])
+    floor = torch.where(read_all[:, None], float("-inf"), floor)
     batch, kv_heads = q.shape[0], sketch[0].shape[1]
     pages = torch.arange(num_pages, device=q.device)
     valid = (pages[None, :] * page_size < seqlens[:, None]).unsqueeze(1).expand(batch, kv_heads, num_pages)
-    bounds = impl.sketch_page_bounds(q, *sketch, seqlens, valid, page_size=page_size, scale=geometry["scale"],
+    bounded = valid & ~read_all[:, None, None]
+    bounds = impl.sketch_page_bounds(q, *sketch, seqlens, bounded, page_size=page_size, scale=geometry["scale"],
                                      alibi_slopes=geometry["alibi_slopes"])
-    above = ~((geometry["alpha"] - 1.0) * bounds <= floor[..., None])  # a NaN bound keeps its page
-    needed = above.reshape(batch, kv_heads, -1, num_pages).any(2) & valid
+    above = ~((geometry["alpha"] - 1.0) * bounds <= floor[..., None])
+    needed = (above.reshape(batch, kv_heads, -1, num_pages).any(2) & bounded) | (valid & read_all[:, None, None])
     page_indices, num_selected = impl.compact_page_mask(needed)
     return page_indices, num_selected, floor
 
 
 def _certified_rounds(impl, q, k_cache, v_cache, seqlens, stats, config, out, tau, page_indices,
-                      num_selected, stats_valid, dense_rows, sketch, sketch_floor, geometry):
+                      num_selected, stats_ok, read_all, dense_rows, geometry):
     """Add every page whose bound violates the certificate at the current tau, decode again.
 
     Returns ``(out, tau, page_indices, num_selected, certified, delta_bound)``. After a round, every page left
@@ -192,22 +208,12 @@ def _certified_rounds(impl, q, k_cache, v_cache, seqlens, stats, config, out, ta
     no bound) and rests on no bound.
     """
     kmin, kmax = stats[0], stats[1]
-    batch = q.shape[0]
     num_pages = kmin.shape[2]
-    stats_ok = torch.ones(batch, dtype=torch.bool, device=q.device) if stats_valid is None else stats_valid
-    read_all = ~stats_ok if dense_rows is None else ~stats_ok | dense_rows
     tau_floor = tau if dense_rows is None else torch.where(dense_rows[:, None], float("-inf"), tau)
-    if sketch_floor is not None:
-        # tau over the sketch's lower score bounds of every token is a floor of the full tau
-        # that does not depend on what the selection found (sketch/reference.py)
-        tau_floor = torch.maximum(tau_floor, torch.where(read_all[:, None], float("-inf"), sketch_floor))
     for _ in range(config.certify_max_rounds):
         chosen = page_indices, num_selected
         page_indices, num_selected, bounds_finite = impl.certify_pages(
             q, kmin, kmax, seqlens, page_indices, num_selected, tau_floor, read_all, **geometry)
-        if sketch is not None:
-            page_indices, num_selected = _sketch_prune(impl, q, sketch, seqlens, chosen, (page_indices, num_selected),
-                                                       tau_floor, read_all, geometry)
         # The round only adds pages (the selection is kept), so a row whose counts did not grow
         # read exactly what it had read: its decode is not repeated (its kernels get no pages).
         grew = (num_selected != chosen[1]).any(1)
@@ -219,20 +225,3 @@ def _certified_rounds(impl, q, k_cache, v_cache, seqlens, stats, config, out, ta
     certified, delta = impl.certified_heads(tau_floor, bounds_finite, seqlens, stats_ok,
                                             capacity=num_pages * config.page_size)
     return out, tau, page_indices, num_selected, certified, delta
-
-
-def _sketch_prune(impl, q, sketch, seqlens, chosen, to_read, tau_floor, read_all, geometry):
-    """Drop from ``to_read`` the added pages whose int8-sketch bound clears them: a page not in
-    ``chosen`` (the selection) that the Quest bound could not clear stays only if some head of
-    its group has ``(alpha-1) ub > tau_floor`` with ``ub`` the page's token-level sketch bound
-    (a NaN bound keeps it). Read-all sequences keep every page."""
-    num_pages = to_read[0].shape[-1]
-    before = selection.page_mask_from_indices(*chosen, num_pages)
-    after = selection.page_mask_from_indices(*to_read, num_pages)
-    candidates = after & ~before & ~read_all[:, None, None]
-    bounds = impl.sketch_page_bounds(q, *sketch, seqlens, candidates, page_size=geometry["page_size"],
-                                     scale=geometry["scale"], alibi_slopes=geometry["alibi_slopes"])
-    batch, kv_heads = candidates.shape[:2]
-    violates = ~((geometry["alpha"] - 1.0) * bounds <= tau_floor[..., None])
-    needed = violates.reshape(batch, kv_heads, -1, num_pages).any(2) & candidates
-    return impl.compact_page_mask((after & ~candidates) | needed)
