@@ -163,11 +163,11 @@ def sketch_append_(k_cache: torch.Tensor, positions: torch.Tensor, codes: torch.
 
 
 def _token_bounds(q: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, seqlens: torch.Tensor,
-                  scale: float, alibi_slopes: Optional[torch.Tensor], upper: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token score bounds ``[B, Hkv, Gq, Nmax]`` (upper, or lower with ``upper=False``: the
-    same float32 form with the half step and the slack subtracted) and the valid-row mask
-    ``[B, Nmax]``."""
+                  scale: float, alibi_slopes: Optional[torch.Tensor], sides: tuple[bool, ...]
+                  ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-token score bounds ``[B, Hkv, Gq, Nmax]``, one per entry of ``sides`` (True: upper,
+    False: lower, the same float32 form with the half step and the slack subtracted), from one
+    pass over the codes, and the valid-row mask ``[B, Nmax]``."""
     batch, hq, _, dim = q.shape
     hkv, capacity, groups = codes.shape[1], codes.shape[2], scales.shape[3]
     group = hq // hkv
@@ -180,23 +180,25 @@ def _token_bounds(q: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, se
     dots = torch.einsum("bhqgd,bhngd->bhqng", qf, c)  # [B, Hkv, Gq, N, G]
     qabs = qf.abs().sum(-1)[:, :, :, None, :]  # [B, Hkv, Gq, 1, G]
     s5 = s[:, :, None]
-    sign = 1.0 if upper else -1.0
-    token = (s5 * (dots + sign * HALF_STEP * qabs)).sum(-1)  # [B, Hkv, Gq, N]
     mag = (s5 * qabs).sum(-1)
     # the float32 scale as a Python number: no host-to-device copy (the step may be captured)
     scale32 = float(torch.tensor(scale, dtype=torch.float32))
-    bound = scale32 * token
     slack = (128.0 * scale32) * mag
+    bias = 0.0
     length = seqlens.to(torch.int64).clamp(0, capacity)
     if alibi_slopes is not None:
         offs = (torch.arange(capacity, device=q.device)[None, :] - (length[:, None] - 1))
         slopes = alibi_slopes.to(torch.float32).reshape(1, hkv, group, 1)
         bias = slopes * offs.to(torch.float32)[:, None, None, :]
-        bound = bound + bias
         slack = slack + bias.abs()
-    bound = bound + sign * (bound_rel_slack(dim) * slack + ABS_SLACK)
+    margin = bound_rel_slack(dim) * slack + ABS_SLACK
+    bounds = []
+    for upper in sides:
+        sign = 1.0 if upper else -1.0
+        token = (s5 * (dots + sign * HALF_STEP * qabs)).sum(-1)  # [B, Hkv, Gq, N]
+        bounds.append(scale32 * token + bias + sign * margin)
     valid = torch.arange(capacity, device=q.device)[None, :] < length[:, None]
-    return bound, valid
+    return bounds, valid
 
 
 def sketch_page_bounds(
@@ -230,7 +232,7 @@ def sketch_page_bounds(
     batch, hq = q.shape[:2]
     hkv, capacity = codes.shape[1], codes.shape[2]
     num_pages = num_pages_for(capacity, page_size)
-    ub, valid = _token_bounds(q, codes, scales, seqlens, scale, alibi_slopes, upper=True)
+    (ub,), valid = _token_bounds(q, codes, scales, seqlens, scale, alibi_slopes, sides=(True,))
     pad = num_pages * page_size - capacity
     ub = torch.nn.functional.pad(ub, (0, pad))
     valid = torch.nn.functional.pad(valid, (0, pad))
@@ -260,8 +262,13 @@ def sketch_tau_floor(
     (``(alpha-1) x - tau``), rounded down by ``2^-12 (1 + |tau|)`` for the threshold solve's own
     rounding; ``-inf`` where it says nothing (a non-finite key, nothing to attend).
     """
-    batch, hq = q.shape[:2]
-    lb, valid = _token_bounds(q, codes, scales, seqlens, float(scale), alibi_slopes, upper=False)
+    (lb,), valid = _token_bounds(q, codes, scales, seqlens, float(scale), alibi_slopes, sides=(False,))
+    return _floor_of(lb, valid, alpha)
+
+
+def _floor_of(lb: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
+    """:func:`sketch_tau_floor` from the lower bounds ``[B, Hkv, Gq, Nmax]`` and the valid rows."""
+    batch, hq = lb.shape[0], lb.shape[1] * lb.shape[2]
     mask = valid[:, None, None, :].expand_as(lb)
     # a non-finite key gives a NaN or infinite bound: that head's true scores are not finite, it
     # is never certified, and its floor says nothing
@@ -300,9 +307,9 @@ def sketch_delta_bound(
     """
     batch, hq = q.shape[:2]
     hkv, capacity = codes.shape[1], codes.shape[2]
-    floor = sketch_tau_floor(q, codes, scales, seqlens, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes)
+    (ub, lb), valid = _token_bounds(q, codes, scales, seqlens, float(scale), alibi_slopes, sides=(True, False))
+    floor = _floor_of(lb, valid, alpha)
     t = torch.maximum(tau.to(torch.float64), floor.to(torch.float64)).reshape(batch, hkv, hq // hkv, 1)
-    ub, valid = _token_bounds(q, codes, scales, seqlens, float(scale), alibi_slopes, upper=True)
     chosen = selected_token_mask(page_indices, num_selected, seqlens, page_size=page_size, max_seqlen=capacity)
     dropped = (valid[:, None, :] & ~chosen)[:, :, None, :]  # [B, Hkv, 1, N]
     excess = torch.clamp((alpha - 1.0) * ub.to(torch.float64) - t, min=0.0)
