@@ -144,8 +144,10 @@ def test_bad_inputs_raise(change, error):
 
 def test_results_do_not_depend_on_the_candidates_the_k_pass_keeps():
     """Sharing maxima across splits changes which extra candidates each split keeps (here: the
-    interpreter runs splits in order, so later ones filter against earlier maxima); the tau levels
-    and the output compact the tokens that matter first, so the results are bit for bit equal."""
+    interpreter runs splits in order, so later ones filter against earlier maxima), and the grid
+    shape changes the splits themselves; the tau levels and the output compact the tokens that
+    matter first, so the results are bit for bit equal. (The split count changes how partial
+    sums are grouped: only the candidates' path is compared bitwise across sharing periods.)"""
     from entmaxkv_compile.runtime.tuning import tuned
 
     batch, hq, hkv, nmax, dim, page = (1, 32, 8, 8192, 128, 16) if REAL else (2, 8, 2, 96, 16, 16)
@@ -153,9 +155,15 @@ def test_results_do_not_depend_on_the_candidates_the_k_pass_keeps():
     idx, nsel = _random_selection(gen, seqlens.cpu(), hkv, -(-nmax // page), page, keep=1.0)
     kw = dict(page_size=page, alpha=1.5, scale=1 / math.sqrt(dim))
     results = []
-    for share_every in (0, 1, 3):
+    for share_every, skip_empty in ((0, 0), (1, 1), (3, 0), (0, 1)):
         cfg = tuned.decode_config(q.device, q.dtype, dim, hq // hkv, page)
-        with tuned.override("paged_decode", {**cfg, "SHARE_EVERY": share_every}):
+        with tuned.override("paged_decode", {**cfg, "SHARE_EVERY": share_every, "SKIP_EMPTY": skip_empty}):
             results.append(kernels.paged_decode(q, k, v, seqlens, idx, nsel, **kw))
     for out, tau in results[1:]:
         assert torch.equal(out, results[0][0]) and torch.equal(tau, results[0][1])
+    # Other grid shapes group the partial sums differently: equal to rounding.
+    for programs_per_sm in (1, 3):
+        with tuned.override("paged_decode", {**cfg, "PROGRAMS_PER_SM": programs_per_sm}):
+            out, tau = kernels.paged_decode(q, k, v, seqlens, idx, nsel, **kw)
+        torch.testing.assert_close(out, results[0][0], rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(tau, results[0][1], rtol=1e-5, atol=1e-5)

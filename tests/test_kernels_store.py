@@ -51,6 +51,27 @@ def test_gpu_file_overrides_defaults_and_override_wins(monkeypatch, tmp_path):
         tuned.load_store.cache_clear()
 
 
+def test_length_buckets_refine_a_shape_class(monkeypatch, tmp_path):
+    name = "Test GPU Y"
+    (tmp_path / f"{tuned.gpu_slug(name)}.json").write_text(json.dumps(
+        {"device": name, "kernels": {"paged_decode": {
+            "fp16-d64-g2-p16": {"BLOCK_N": 32, "num_warps": 8},
+            "fp16-d64-g2-p16-nlong": {"BLOCK_N": 128}}}}))
+    monkeypatch.setattr(tuned, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(tuned, "device_name", lambda device: name)
+    tuned.load_store.cache_clear()
+    try:
+        cuda = torch.device("cuda")
+        assert [tuned.length_bucket(n) for n in (1, 65536, 65537, 524288, 1 << 20)] == \
+            ["n64k", "n64k", "n512k", "n512k", "nlong"]
+        short = tuned.decode_config(cuda, torch.float16, 64, 2, 16, capacity=32768)
+        long = tuned.decode_config(cuda, torch.float16, 64, 2, 16, capacity=1 << 20)
+        assert (short["BLOCK_N"], short["num_warps"]) == (32, 8)
+        assert (long["BLOCK_N"], long["num_warps"]) == (128, 8)  # the bucket refines its class
+    finally:
+        tuned.load_store.cache_clear()
+
+
 def test_malformed_file_raises(monkeypatch, tmp_path):
     (tmp_path / "broken-gpu.json").write_text(json.dumps({"device": "Broken GPU"}))
     monkeypatch.setattr(tuned, "CONFIG_DIR", tmp_path)

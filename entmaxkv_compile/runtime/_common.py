@@ -69,10 +69,12 @@ def sm_count(device: torch.device) -> int:
 
 
 def decode_splits(batch: int, kv_heads: int, num_pages: int, device: torch.device,
-                  max_splits: int = 128) -> int:
+                  programs_per_sm: int = 8, max_splits: int = 256) -> int:
     """Split-K factor of the decode kernels, from static sizes only (capacity, not lengths).
 
-    Aims at about four programs per multiprocessor, never more splits than pages.
+    Sized so that the K pass's grid (batch x KV heads x splits) is about ``programs_per_sm``
+    programs per multiprocessor (a tuned launch parameter: a grid that ends in a part-filled
+    wave leaves multiprocessors idle for a whole program's time), never more splits than pages.
     """
-    want = cdiv(4 * sm_count(device), max(1, batch * kv_heads))
-    return max(1, min(max_splits, num_pages, next_pow2(want)))
+    want = cdiv(programs_per_sm * sm_count(device), max(1, batch * kv_heads))
+    return max(1, min(max_splits, num_pages, want))

@@ -89,10 +89,10 @@ def triton_paged_decode(
     hkv = k_cache.shape[1]
     group = hq // hkv
     num_pages = page_indices.shape[2]
-    splits = cm.decode_splits(batch, hkv, num_pages, q.device)
+    cfg = decode_config(q.device, q.dtype, dim, group, page_size, num_pages * page_size)
+    splits = cm.decode_splits(batch, hkv, num_pages, q.device, cfg["PROGRAMS_PER_SM"])
     seg = cm.cdiv(num_pages, splits) * page_size
     cap = splits * seg
-    cfg = decode_config(q.device, q.dtype, dim, group, page_size)
     f32 = torch.float32
     dev = q.device
     cand_z = torch.empty((batch, hq, cap), device=dev, dtype=f32)
@@ -125,7 +125,8 @@ def triton_paged_decode(
         k_cache.shape[2],
         HAS_ALIBI=has_alibi, BLOCK_G=block_g, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d,
         DOT_PREC=cm.dot_precision(dev, q.dtype), UPCAST=cm.dot_upcast(dev, q.dtype),
-        SHARE_EVERY=cfg["SHARE_EVERY"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        SHARE_EVERY=cfg["SHARE_EVERY"], SKIP_EMPTY=cfg["SKIP_EMPTY"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     live_z = _solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, seg,
                         alpha, cfg)[0]

@@ -43,7 +43,7 @@ def launch_quest(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_si
                  group_max: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Quest bounds per query head ``[B, Hq, Np]`` and/or their group max ``[B, Hkv, Np]``."""
     batch, hq, hkv, num_pages, dim = _stats_view(q, kmin)
-    cfg = lookup("select", q.device, "default")
+    cfg = lookup("select", q.device, "default", num_pages * page_size)
     bounds = torch.empty((batch, hq, num_pages), device=q.device, dtype=torch.float32) \
         if per_head else None
     group = torch.empty((batch, hkv, num_pages), device=q.device, dtype=torch.float32) \
@@ -67,7 +67,7 @@ def _gaussian_tau(q: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, page_s
                   alibi_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """Page moments (mu, sigma) ``[B, Hq, Np]`` and tau_hat ``[B, Hq]``, all on device."""
     batch, hq, hkv, num_pages, dim = _stats_view(q, kmean)
-    cfg = lookup("select", q.device, "default")
+    cfg = lookup("select", q.device, "default", num_pages * page_size)
     nblocks = cm.cdiv(num_pages, cfg["BLOCK_PM"])
     dev = q.device
     mu = torch.empty((batch, hq, num_pages), device=dev, dtype=torch.float32)
@@ -126,7 +126,7 @@ def triton_select_pages(
     """The registered op (positional ``alibi_slopes``); see :func:`select_pages`."""
     batch, hq, hkv, num_pages, _ = _stats_view(q, kmin)
     dev = q.device
-    cfg = lookup("select", dev, "default")
+    cfg = lookup("select", dev, "default", num_pages * page_size)
     group_size = hq // hkv
     page_indices = torch.empty((batch, hkv, num_pages), device=dev, dtype=torch.int32)
     num_selected = torch.empty((batch, hkv), device=dev, dtype=torch.int32)

@@ -26,7 +26,8 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # Built-in defaults per kernel family; GPU files override them key by key.
 DEFAULTS: dict[str, dict[str, int]] = {
     "paged_decode": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "BLOCK_T": 32,
-                     "BLOCK_TAU": 128, "tau_warps": 4, "SHARE_EVERY": 0},
+                     "BLOCK_TAU": 128, "tau_warps": 4, "SHARE_EVERY": 0, "PROGRAMS_PER_SM": 8,
+                     "SKIP_EMPTY": 0},
     "page_stats": {"BLOCK_T": 16, "num_warps": 4},
     "select": {"BLOCK_P": 64, "BLOCK_PM": 32, "BLOCK_PS": 256,
                "num_warps": 4, "MOMENTS_DOT": 0},
@@ -35,7 +36,8 @@ DEFAULTS: dict[str, dict[str, int]] = {
 # Small blocks keep the CPU interpreter fast; it has no notion of warps or stages.
 INTERPRETER: dict[str, dict[str, int]] = {
     "paged_decode": {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "BLOCK_T": 16,
-                     "BLOCK_TAU": 16, "tau_warps": 1, "SHARE_EVERY": 1},
+                     "BLOCK_TAU": 16, "tau_warps": 1, "SHARE_EVERY": 1, "PROGRAMS_PER_SM": 8,
+                     "SKIP_EMPTY": 1},
     "page_stats": {"BLOCK_T": 16, "num_warps": 1},
     "select": {"BLOCK_P": 16, "BLOCK_PM": 16, "BLOCK_PS": 16, "num_warps": 1,
                "MOMENTS_DOT": 0},
@@ -88,8 +90,22 @@ def load_store(name: str) -> dict[str, Any]:
     return kernels
 
 
-def lookup(family: str, device: torch.device, key: str) -> dict[str, int]:
-    """Launch parameters of ``family`` for shape class ``key`` on ``device``."""
+# Cache capacities (tokens) that split the tuned configs into length buckets: short caches are
+# launch-bound, long ones bandwidth-bound, and their best grids differ.
+LENGTH_BUCKETS = (65536, 524288)
+
+
+def length_bucket(capacity: int) -> str:
+    """The length bucket of a cache capacity in tokens: ``n64k``, ``n512k`` or ``nlong``."""
+    for top in LENGTH_BUCKETS:
+        if capacity <= top:
+            return f"n{top // 1024}k"
+    return "nlong"
+
+
+def lookup(family: str, device: torch.device, key: str, capacity: int | None = None) -> dict[str, int]:
+    """Launch parameters of ``family`` for shape class ``key`` on ``device``: the built-in
+    defaults, then the GPU file's ``default``, ``key`` and ``key-<length bucket>`` entries."""
     if device.type != "cuda":
         cfg = dict(INTERPRETER[family])
     else:
@@ -97,11 +113,13 @@ def lookup(family: str, device: torch.device, key: str) -> dict[str, int]:
         table = load_store(device_name(device)).get(family, {})
         cfg.update(table.get("default", {}))
         cfg.update(table.get(key, {}))
+        if capacity is not None:
+            cfg.update(table.get(f"{key}-{length_bucket(capacity)}", {}))
     cfg.update(_OVERRIDES.get(family, {}))
     return cfg
 
 
 def decode_config(device: torch.device, dtype: torch.dtype, head_dim: int, group: int,
-                  page_size: int) -> dict[str, int]:
-    """Launch parameters of the fused decode kernels."""
-    return lookup("paged_decode", device, shape_class(dtype, head_dim, group, page_size))
+                  page_size: int, capacity: int | None = None) -> dict[str, int]:
+    """Launch parameters of the fused decode kernels (``capacity``: the cache's rows)."""
+    return lookup("paged_decode", device, shape_class(dtype, head_dim, group, page_size), capacity)
