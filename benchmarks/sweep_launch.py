@@ -29,8 +29,7 @@ from entmaxkv_compile.checks import stats_shape  # noqa: E402
 from entmaxkv_compile.runtime.tuning import tuned  # noqa: E402
 from entmaxkv_compile.tables import render_table  # noqa: E402
 
-DECODE_SPACE = {"PROGRAMS_PER_SM": (2, 3, 4, 6, 8, 12, 16), "SKIP_EMPTY": (0, 1),
-                "num_warps": (4, 8), "num_stages": (2, 3, 4), "BLOCK_N": (64, 128),
+DECODE_SPACE = {"PROGRAMS_PER_SM": (2, 3, 4, 6, 8, 12, 16), "num_warps": (4, 8), "num_stages": (2, 3, 4), "BLOCK_N": (64, 128),
                 "BLOCK_T": (32, 64)}
 SELECT_SPACE = {"BLOCK_PM": (16, 32, 64, 128), "num_warps": (2, 4, 8), "MOMENTS_DOT": (0, 1),
                 "BLOCK_PS": (256, 1024)}
@@ -131,7 +130,7 @@ def main() -> None:
 
     table = []
     for r in rows:
-        table.append([r["family"], r["n"], f"{r['sdpa_ms']:.4f}",
+        table.append([r["family"], str(r["n"]), f"{r['sdpa_ms']:.4f}",
                       f"{ms(r['decode_trials'], r['decode_shipped']):.4f}",
                       f"{ms(r['decode_trials'], r['decode_best']):.4f}",
                       " ".join(f"{k}={v}" for k, v in r["decode_best"].items()

@@ -44,15 +44,6 @@ def _tail_power(x, beta, KIND: tl.constexpr):
 
 
 @triton.jit
-def _store_candidates(tok_base, z_base, count, keep, row, z, gmask):
-    """Append one tile's candidates (``keep``) to the split's segment after ``count``."""
-    pos = count + tl.cumsum(keep, axis=0) - keep
-    keep_b = keep > 0
-    tl.store(tok_base + pos, row, mask=keep_b)
-    tl.store(z_base + pos[None, :], z, mask=keep_b[None, :] & gmask[:, None])
-
-
-@triton.jit
 def score_kernel(
     q_ptr, k_ptr, seqlens_ptr, idx_ptr, nsel_ptr, slopes_ptr,
     cand_z_ptr, cand_tok_ptr, cand_cnt_ptr, split_max_ptr, shared_max_ptr,
@@ -60,7 +51,7 @@ def score_kernel(
     Hq, Hkv, G, D, num_splits, seg, page_size, zscale, am1, capacity,
     HAS_ALIBI: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    SHARE_EVERY: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+    SHARE_EVERY: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -124,11 +115,13 @@ def score_kernel(
         thr = tl.where(top > float("-inf"), top - 1.0, float("inf"))
         keep = tl.max((z > thr[:, None]).to(tl.int32), axis=0)
         kept = tl.sum(keep, axis=0)
-        if SKIP_EMPTY:  # past the first tiles most hold no candidate: no scan, no stores
-            if kept > 0:
-                _store_candidates(tok_base, z_base, count, keep, row, z, gmask)
-        else:
-            _store_candidates(tok_base, z_base, count, keep, row, z, gmask)
+        # Past the first tiles most hold no candidate: no scan, no stores (1M tokens, planted
+        # keys on an H200: 0.665 -> 0.582 ms).
+        if kept > 0:
+            pos = count + tl.cumsum(keep, axis=0) - keep
+            keep_b = keep > 0
+            tl.store(tok_base + pos, row, mask=keep_b)
+            tl.store(z_base + pos[None, :], z, mask=keep_b[None, :] & gmask[:, None])
         count += kept
         if SHARE_EVERY > 0:
             # Every SHARE_EVERY tiles: publish this split's max where it grew (a predicated

@@ -125,7 +125,7 @@ def triton_paged_decode(
         k_cache.shape[2],
         HAS_ALIBI=has_alibi, BLOCK_G=block_g, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d,
         DOT_PREC=cm.dot_precision(dev, q.dtype), UPCAST=cm.dot_upcast(dev, q.dtype),
-        SHARE_EVERY=cfg["SHARE_EVERY"], SKIP_EMPTY=cfg["SKIP_EMPTY"], num_warps=cfg["num_warps"],
+        SHARE_EVERY=cfg["SHARE_EVERY"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     live_z = _solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, seg,
