@@ -115,6 +115,72 @@ def test_page_bounds_of_non_finite_keys_and_garbage_past_the_length():
     assert bool((got[1][:, -(-length // 16):] == float("-inf")).all())
 
 
+def _page_mask(idx, nsel, num_pages):
+    """bool ``[B, Hkv, Np]`` of a compacted selection."""
+    slots = torch.arange(idx.shape[-1], device=idx.device)
+    mask = torch.zeros(*idx.shape[:2], num_pages + 1, dtype=torch.bool, device=idx.device)
+    chosen = torch.where(slots < nsel[..., None], idx.long(), num_pages)
+    return mask.scatter_(2, chosen, True)[..., :num_pages]
+
+
+@pytest.mark.parametrize("family, dtype, dim, gqa, alibi, page, alpha", [
+    ("planted", torch.float16, 48, 4, False, 16, 1.5),
+    ("iid", torch.bfloat16, 16, 1, True, 16, 2.0),
+    ("student_t", torch.float32, 80, 4, False, 8, 1.25),
+    ("offset", torch.float32, 64, 1, True, 16, 4 / 3),
+    ("planted", torch.float32, 64, 2, False, 32, 1.75),
+])
+def test_selection_matches_reference_and_keeps_the_support(family, dtype, dim, gqa, alibi, page, alpha):
+    from entmaxkv_compile.math.reference import entmax_threshold
+
+    hkv = 8 if REAL else 2
+    q, k, seqlens, slopes = sketch_case(family, seed=3 * dim + page, hq=hkv * gqa, hkv=hkv, nmax=NMAX,
+                                        dim=dim, page=page, dtype=dtype, alibi=alibi, device=DEVICE)
+    sketch = reference.KeySketch.from_cache(k, seqlens)
+    scale = 1 / math.sqrt(dim)
+    kw = dict(page_size=page, alpha=alpha, scale=scale, alibi_slopes=slopes)
+    for read_all in (torch.zeros(2, dtype=torch.bool), torch.tensor([False, True])):
+        read_all = read_all.to(DEVICE)
+        ref_idx, ref_n, ref_floor = reference.sketch_select(q, *sketch.buffers(), seqlens, read_all, **kw)
+        idx, nsel, floor = kernel.sketch_select(q, *sketch.buffers(), seqlens, read_all, **kw)
+        assert torch.equal(torch.isfinite(floor), torch.isfinite(ref_floor))
+        fin = torch.isfinite(ref_floor)
+        assert float((floor[fin] - ref_floor[fin]).abs().max()) <= 2.0 ** -13 * (1 + float(ref_floor[fin].abs().max()))
+        # the floor is below the exact threshold of the true scores (float64)
+        scores = true_page_max(q, k, seqlens, 1, scale, slopes)  # page size 1: every token
+        valid = torch.isfinite(scores)
+        truth = entmax_threshold(torch.where(valid, scores, 0.0), alpha, mask=valid)
+        assert bool((floor.double() <= truth).all())
+        num_pages = -(-NMAX // page)
+        got, ref = _page_mask(idx, nsel, num_pages), _page_mask(ref_idx, ref_n, num_pages)
+        # the two selections differ only on pages whose bound lies within rounding of the floor
+        ub = reference.sketch_page_bounds(q, *sketch.buffers(), seqlens, all_pages(sketch.codes, page),
+                                          page_size=page, scale=scale, alibi_slopes=slopes)
+        gap = ((alpha - 1) * ub - ref_floor[..., None]).abs().reshape(2, hkv, gqa, num_pages).amin(2)
+        assert bool((gap[got != ref] <= 2.0 ** -12 * (1 + float(ref_floor[fin].abs().max()))).all())
+        # every page holding a support token of full entmax is read
+        p = torch.clamp((alpha - 1) * scores - truth[..., None], min=0)
+        support = torch.nn.functional.pad(p > 0, (0, num_pages * page - NMAX))
+        support = support.reshape(2, hkv, gqa, num_pages, page).any(-1).any(2)
+        assert bool(got[support].all())
+        length_pages = -(-seqlens.long() // page)
+        assert torch.equal(nsel[1], length_pages[1].expand(hkv).int()) if bool(read_all[1]) else True
+
+
+def test_selection_reads_every_page_of_a_head_group_with_a_non_finite_key():
+    hkv = 8 if REAL else 2
+    q, k, seqlens, _ = sketch_case("iid", seed=4, hq=4 * hkv, hkv=hkv, nmax=NMAX, device=DEVICE)
+    k[0, 1, 21, 5] = float("nan")
+    k[1, 0, 3, 0] = float("inf")
+    sketch = reference.KeySketch.from_cache(k, seqlens)
+    idx, nsel, floor = kernel.sketch_select(q, *sketch.buffers(), seqlens, torch.zeros(2, dtype=torch.bool, device=DEVICE),
+                                            page_size=16, alpha=1.5, scale=0.2)
+    pages = -(-seqlens.long() // 16)
+    assert bool((floor[0, 4:8] == float("-inf")).all()) and bool((floor[1, :4] == float("-inf")).all())
+    assert int(nsel[0, 1]) == int(pages[0]) and int(nsel[1, 0]) == int(pages[1])
+    assert bool(torch.isfinite(floor[0, :4]).all())
+
+
 FAKE_SCRIPT = textwrap.dedent("""
     import os
     os.environ.pop("TRITON_INTERPRET", None)
@@ -130,6 +196,9 @@ FAKE_SCRIPT = textwrap.dedent("""
         kernel.sketch_append_(k, seqlens - 1, *sketch.buffers())
         cand = torch.ones(B, Hkv, 5, dtype=torch.bool)
         ub = kernel.sketch_page_bounds(q, *sketch.buffers(), seqlens, cand, page_size=P, scale=0.25)
+        idx, nsel, floor = kernel.sketch_select(q, *sketch.buffers(), seqlens, torch.zeros(B, dtype=torch.bool),
+                                                page_size=P, alpha=1.5, scale=0.25)
+        print(tuple(idx.shape), tuple(nsel.shape), tuple(floor.shape))
         print(tuple(ub.shape), ub.dtype)
 """)
 
@@ -137,11 +206,11 @@ FAKE_SCRIPT = textwrap.dedent("""
 def test_ops_are_registered_with_fake_shapes():
     for name, mutated in (("triton_sketch_prefill_", {"codes", "scales"}),
                           ("triton_sketch_append_", {"codes", "scales"}),
-                          ("triton_sketch_page_bounds", set())):
+                          ("triton_sketch_page_bounds", set()), ("triton_sketch_select", set())):
         schema = getattr(torch.ops.entmaxkv, name).default._schema
         writes = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
         assert writes == mutated, name
     proc = subprocess.run([sys.executable, "-c", FAKE_SCRIPT], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "(2, 8, 5) torch.float32"
+    assert proc.stdout.strip().splitlines()[-2:] == ["(2, 2, 5) (2, 2) (2, 8)", "(2, 8, 5) torch.float32"]

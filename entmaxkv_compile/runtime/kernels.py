@@ -16,9 +16,9 @@ import torch
 from .attend.kernel import paged_decode
 from .certify.kernel import certified_heads, certify, certify_pages, certify_policy_update_
 from .select.kernel import compact_page_mask, quest_bounds, select_pages
-from .sketch.kernel import sketch_page_bounds
-# No kernels yet: the pure-torch floor and token-level bound run on the device (one sort per
-# head; no host sync).
+from .sketch.kernel import sketch_page_bounds, sketch_select
+# No kernels yet: the pure-torch floor and token-level bound of the approximate selectors' report
+# run on the device (one sort per head; no host sync).
 from .sketch.reference import sketch_delta_bound, sketch_tau_floor
 from .stats.kernel import stats_append_, stats_prefill_
 
@@ -34,6 +34,7 @@ __all__ = [
     "select_pages",
     "sketch_delta_bound",
     "sketch_page_bounds",
+    "sketch_select",
     "sketch_tau_floor",
     "stats_append_",
     "stats_prefill_",

@@ -42,6 +42,7 @@ def reference_implementation() -> SimpleNamespace:
         certify_pages=certify_reference.certify_pages,
         certified_heads=certify_reference.certified_heads,
         sketch_page_bounds=sketch_reference.sketch_page_bounds,
+        sketch_select=sketch_reference.sketch_select,
         sketch_tau_floor=sketch_reference.sketch_tau_floor,
         sketch_delta_bound=sketch_reference.sketch_delta_bound,
         certify_policy_update_=certify_policy.certify_policy_update_,
@@ -127,8 +128,7 @@ def run_step(
         stats_ok, read_all = _row_soundness(q, stats_valid, dense_rows)
     sketch_floor = None
     if config.selector == "certified" and sketch is not None:
-        page_indices, num_selected, sketch_floor = _sketch_select(impl, q, sketch, seqlens, read_all,
-                                                                  kmin.shape[2], geometry)
+        page_indices, num_selected, sketch_floor = impl.sketch_select(q, *sketch, seqlens, read_all, **geometry)
     else:
         page_indices, num_selected = impl.select_pages(
             q, kmin, kmax, kmean, km2, select_lengths, selector=first, token_budget=config.token_budget,
@@ -170,29 +170,6 @@ def _row_soundness(q, stats_valid, dense_rows):
     ``dense_rows``)."""
     stats_ok = torch.ones(q.shape[0], dtype=torch.bool, device=q.device) if stats_valid is None else stats_valid
     return stats_ok, (~stats_ok if dense_rows is None else ~stats_ok | dense_rows)
-
-
-def _sketch_select(impl, q, sketch, seqlens, read_all, num_pages, geometry):
-    """The certified step's selection when it keeps an int8 key sketch: every page whose
-    token-level sketch bound exceeds the sketch's floor of the full threshold for some head of
-    its group (a NaN bound keeps its page), and every page of a ``read_all`` row. A page left out
-    holds no support token of full entmax, so the one decode over this selection is certified by
-    construction: no estimate, no bound round. Returns ``(page_indices, num_selected, floor)``
-    with the floor ``-inf`` on read-all rows (they rest on no bound)."""
-    page_size = geometry["page_size"]
-    floor = impl.sketch_tau_floor(q, *sketch, seqlens, alpha=geometry["alpha"], scale=geometry["scale"],
-                                  alibi_slopes=geometry["alibi_slopes"])
-    floor = torch.where(read_all[:, None], float("-inf"), floor)
-    batch, kv_heads = q.shape[0], sketch[0].shape[1]
-    pages = torch.arange(num_pages, device=q.device)
-    valid = (pages[None, :] * page_size < seqlens[:, None]).unsqueeze(1).expand(batch, kv_heads, num_pages)
-    bounded = valid & ~read_all[:, None, None]
-    bounds = impl.sketch_page_bounds(q, *sketch, seqlens, bounded, page_size=page_size, scale=geometry["scale"],
-                                     alibi_slopes=geometry["alibi_slopes"])
-    above = ~((geometry["alpha"] - 1.0) * bounds <= floor[..., None])
-    needed = (above.reshape(batch, kv_heads, -1, num_pages).any(2) & bounded) | (valid & read_all[:, None, None])
-    page_indices, num_selected = impl.compact_page_mask(needed)
-    return page_indices, num_selected, floor
 
 
 def _certified_rounds(impl, q, k_cache, v_cache, seqlens, stats, config, out, tau, page_indices,

@@ -29,10 +29,12 @@ def tau_levels(alpha: float) -> int:
     return 5 if cm.integer_beta(alpha) else 8
 
 
-def _solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, seg, alpha, cfg):
-    """The exact threshold of every query head from the K pass's candidates (tau_kernels.py):
-    levels 1 and 2 split-parallel, the rest in one program per head. Returns the survivor buffer
-    ``[2, B * Hq, cap]``, free for the output pass's use."""
+def solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, seg, alpha, cfg):
+    """The exact threshold of every query head from the candidates of a K pass (``cand_z``
+    ``[B, Hq, splits * seg]`` compacted per split, ``cand_cnt`` ``[B, Hkv, splits]``,
+    ``split_max`` ``[B, Hq, splits]``, NaN for a poisoned head) into ``tau`` ``[B, Hq]``
+    (tau_kernels.py): levels 1 and 2 split-parallel, the rest in one program per head. Returns
+    the survivor buffer ``[2, B * Hq, cap]``, free for the output pass's use."""
     dev = cand_z.device
     f32 = torch.float32
     rows = batch * hq
@@ -128,7 +130,7 @@ def triton_paged_decode(
         SHARE_EVERY=cfg["SHARE_EVERY"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    live_z = _solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, seg,
+    live_z = solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, seg,
                         alpha, cfg)[0]
     wrap_triton(output_kernel)[(batch * hkv, splits)](
         v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, live_tok, o_part, l_part,

@@ -2,6 +2,12 @@
 ``entmaxkv::triton_sketch_append_`` and ``entmaxkv::triton_sketch_page_bounds``; same arguments and
 results as ``sketch/reference.py`` (codes and scales bit for bit, bounds to float32 rounding).
 
+``entmaxkv::triton_sketch_select`` is the certified step's selection in one pass over the whole
+sketch (``sketch_kernels.scan_kernel``: page upper bounds and the lower bounds that can reach
+the threshold), the decode's exact threshold solve on the lower bounds (the floor), then the
+keep flags and the compaction of the selection kernels: 2176 bytes per page and KV head at
+P = 16, D = 128, against 4096 for the K page the dense exact step reads.
+
 Bytes: an append reads one K row and writes ``D + 2 ceil(D/32)`` bytes per KV head; a bound step
 reads, per candidate page and KV head, ``P (D + 2 ceil(D/32))`` bytes of sketch (2176 B at P = 16,
 D = 128: 53% of the fp16 K page) and nothing for the other pages; it writes 4 bytes per page and
@@ -28,8 +34,11 @@ from ...checks import (
     sketch_groups,
 )
 from .. import _common as cm
+from ..attend.kernel import solve_tau
+from ..select.select_kernels import compact_kernel
+from ..tuning.tuned import decode_config, lookup
 from .reference import ABS_SLACK, HALF_STEP, bound_rel_slack
-from .sketch_kernels import append_kernel, bounds_kernel, prefill_kernel
+from .sketch_kernels import append_kernel, bounds_kernel, keep_kernel, prefill_kernel, scan_kernel
 
 PREFILL_ROWS = 64  # rows per prefill program
 BOUND_PAGES = 4  # pages per bound program: each non-candidate page costs one flag load
@@ -116,3 +125,87 @@ def sketch_page_bounds(
         raise TypeError(f"q must be float16, bfloat16 or float32 for the Triton kernels, got {q.dtype}")
     return triton_sketch_page_bounds(q, codes, scales, seqlens, candidates, alibi_slopes,
                                      check_page_size(page_size), float(scale))
+
+
+SCAN_BLOCK_N = 64  # sketch rows per tile of the scan
+
+
+@triton_op("entmaxkv::triton_sketch_select", mutates_args=())
+def triton_sketch_select(
+    q: Tensor,
+    codes: Tensor,
+    scales: Tensor,
+    seqlens: Tensor,
+    read_all: Tensor,
+    alibi_slopes: Optional[Tensor],
+    page_size: int,
+    alpha: float,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The registered op; see :func:`sketch_select`."""
+    batch, hq, _, dim = q.shape
+    hkv, capacity = codes.shape[1], codes.shape[2]
+    group = hq // hkv
+    num_pages = num_pages_for(capacity, page_size)
+    dev = q.device
+    f32 = torch.float32
+    cfg = decode_config(dev, q.dtype, dim, group, page_size, capacity)
+    splits = cm.decode_splits(batch, hkv, num_pages, dev, cfg["PROGRAMS_PER_SM"])
+    seg = cm.cdiv(num_pages, splits) * page_size
+    cand_z = torch.empty((batch, hq, splits * seg), device=dev, dtype=f32)
+    cand_cnt = torch.empty((batch, hkv, splits), device=dev, dtype=torch.int32)
+    split_max = torch.empty((batch, hq, splits), device=dev, dtype=f32)
+    page_ub = torch.empty((batch, hq, num_pages), device=dev, dtype=f32)
+    tau = torch.empty((batch, hq), device=dev, dtype=f32)
+    has_alibi = alibi_slopes is not None
+    bound_lengths = torch.where(read_all, 0, seqlens)  # a row read densely scans nothing
+    wrap_triton(scan_kernel)[(batch * hkv, splits)](
+        q, codes, scales, bound_lengths, alibi_slopes if has_alibi else q,
+        cand_z, cand_cnt, split_max, page_ub,
+        q.stride(0), q.stride(1), q.stride(3), *codes.stride(), *scales.stride(),
+        hq, hkv, group, dim, splits, seg, num_pages, capacity, scale, alpha - 1.0,
+        bound_rel_slack(dim), ABS_SLACK, HALF_STEP,
+        HAS_ALIBI=has_alibi, GROUPS=sketch_groups(dim), PAGE=page_size,
+        BLOCK_G=max(16, cm.next_pow2(group)), BLOCK_N=max(SCAN_BLOCK_N, page_size),
+        DOT_PREC=cm.dot_precision(dev, q.dtype), UPCAST=cm.dot_upcast(dev, q.dtype),
+        num_warps=cfg["num_warps"],
+    )
+    solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, seg, alpha, cfg)
+    block_p = lookup("select", dev, "default", capacity)["BLOCK_PS"]
+    nblocks = cm.cdiv(num_pages, block_p)
+    flags = torch.empty((batch, hkv, num_pages), device=dev, dtype=torch.int8)
+    counts = torch.empty((batch, hkv, nblocks), device=dev, dtype=torch.int32)
+    floor = torch.empty((batch, hq), device=dev, dtype=f32)
+    wrap_triton(keep_kernel)[(nblocks, batch * hkv)](
+        page_ub, tau, seqlens, read_all, flags, counts, floor,
+        hq, hkv, group, num_pages, page_size, alpha - 1.0,
+        BLOCK_G=cm.next_pow2(group), BLOCK_P=block_p,
+    )
+    page_indices = torch.empty((batch, hkv, num_pages), device=dev, dtype=torch.int32)
+    num_selected = torch.empty((batch, hkv), device=dev, dtype=torch.int32)
+    wrap_triton(compact_kernel)[(nblocks, batch * hkv)](
+        flags, counts, page_indices, num_selected, num_pages,
+        BLOCK_P=block_p, BLOCK_NB=max(16, cm.next_pow2(nblocks)),
+    )
+    return page_indices, num_selected, floor
+
+
+def sketch_select(
+    q: Tensor,
+    codes: Tensor,
+    scales: Tensor,
+    seqlens: Tensor,
+    read_all: Tensor,
+    *,
+    page_size: int,
+    alpha: float,
+    scale: float,
+    alibi_slopes: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The certified step's selection from the int8 key sketch; see
+    ``reference.sketch_select`` (same results; the floor to float32 rounding of the threshold
+    solve, which its ``2^-12`` rounding-down covers)."""
+    if q.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16 or float32 for the Triton kernels, got {q.dtype}")
+    return triton_sketch_select(q, codes, scales, seqlens, read_all, alibi_slopes,
+                                check_page_size(page_size), float(alpha), float(scale))

@@ -51,7 +51,7 @@ import torch
 
 from ...math.reference import entmax_threshold
 from ..certify.reference import sound_rows
-from ..select.reference import selected_token_mask
+from ..select.reference import compact_page_mask, selected_token_mask
 from ...checks import (
     FLOAT_DTYPES,
     SKETCH_GROUP,
@@ -78,6 +78,7 @@ __all__ = [
     "sketch_page_bounds",
     "sketch_delta_bound",
     "sketch_prefill_",
+    "sketch_select",
     "sketch_tau_floor",
 ]
 
@@ -276,6 +277,39 @@ def _floor_of(lb: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tens
     tau = entmax_threshold(lb.to(torch.float64), alpha, mask=mask).reshape(batch, hq)
     tau = tau - 2.0 ** -12 * (1.0 + tau.abs())
     return torch.where(torch.isfinite(tau) & ~silent, tau, float("-inf")).to(torch.float32)
+
+
+def sketch_select(
+    q: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    seqlens: torch.Tensor,
+    read_all: torch.Tensor,
+    *,
+    page_size: int,
+    alpha: float,
+    scale: float,
+    alibi_slopes: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The certified step's selection from the sketch: every valid page whose upper bound
+    exceeds the floor (:func:`sketch_tau_floor`) for some head of its group (a NaN bound keeps
+    its page), and every valid page of a ``read_all`` row (bool ``[B]``). A page left out holds
+    no support token of full entmax, so one decode over the selection is certified by
+    construction. Returns ``(page_indices, num_selected, floor)`` as ``compact_page_mask`` plus
+    the floor ``[B, Hq]``, ``-inf`` on read-all rows (they rest on no bound)."""
+    batch, kv_heads, capacity = codes.shape[:3]
+    num_pages = num_pages_for(capacity, page_size)
+    floor = sketch_tau_floor(q, codes, scales, seqlens, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes)
+    floor = torch.where(read_all[:, None], float("-inf"), floor)
+    pages = torch.arange(num_pages, device=q.device)
+    valid = (pages[None, :] * page_size < seqlens[:, None]).unsqueeze(1).expand(batch, kv_heads, num_pages)
+    bounded = valid & ~read_all[:, None, None]
+    bounds = sketch_page_bounds(q, codes, scales, seqlens, bounded, page_size=page_size, scale=scale,
+                                alibi_slopes=alibi_slopes)
+    above = ~((alpha - 1.0) * bounds <= floor[..., None])
+    needed = (above.reshape(batch, kv_heads, -1, num_pages).any(2) & bounded) | (valid & read_all[:, None, None])
+    page_indices, num_selected = compact_page_mask(needed)
+    return page_indices, num_selected, floor
 
 
 def sketch_delta_bound(

@@ -161,3 +161,138 @@ def bounds_kernel(
                 nans = tl.sum((ub != ub).to(tl.int32), axis=1)
                 res = tl.where(nans > 0, float("nan"), tl.max(ub, axis=1))
             tl.store(out_ptr + out_rows + page, res, mask=gmask)
+
+
+@triton.jit
+def scan_kernel(
+    q_ptr, codes_ptr, scales_ptr, seqlens_ptr, slopes_ptr,
+    cand_z_ptr, cand_cnt_ptr, split_max_ptr, page_ub_ptr,
+    sqb, sqh, sqd, scb, sch, scn, scd, ssb, ssh, ssn, ssg,
+    Hq, Hkv, G, D, num_splits, seg, num_pages, nmax, scale, am1, rel, abs_slack, half,
+    HAS_ALIBI: tl.constexpr, GROUPS: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One read of a split's sketch rows for the G query heads of a KV head: each token's lower
+    and upper score bounds (``reference._token_bounds``, the same float32 form and slack), the
+    page maxima of the upper bounds (``page_ub``, x units, NaN if a token's bound is NaN), and
+    the lower bounds in z units that can lie above their threshold (above the split's running
+    max - 1), compacted per split with the split's max, in the K pass's layout, so the exact
+    threshold solve of the decode (``attend/tau_kernels.py``) gives the floor.
+
+    Tensor-core dots are exact here: 16-bit q times integer codes |c| <= 127 are exact products,
+    accumulated in float32 (the slack's factor two covers the accumulator's rounding); fp32 q
+    uses float32 FMA dots (``DOT_PREC`` "ieee")."""
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    length = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b).to(tl.int32), 0), nmax)
+    j0 = split * seg
+    j1 = tl.minimum(j0 + seg, length)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, 32)
+    offs_pg = tl.arange(0, BLOCK_N // PAGE)
+    gmask = offs_g < G
+    heads = hk * G + offs_g
+    q_base = q_ptr + b.to(tl.int64) * sqb + heads[:, None] * sqh
+    c_base = codes_ptr + b.to(tl.int64) * scb + hk.to(tl.int64) * sch
+    s_base = scales_ptr + b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh
+    cap = num_splits * seg
+    z_base = cand_z_ptr + (b * Hq + heads[:, None]).to(tl.int64) * cap + split * seg
+    ub_rows = (b * Hq + heads[:, None]).to(tl.int64) * num_pages
+    if HAS_ALIBI:
+        slope = tl.load(slopes_ptr + heads, mask=gmask, other=0.0).to(tl.float32)
+
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    nonfinite = tl.zeros([BLOCK_G], tl.int32)
+    count = tl.zeros([], tl.int32)
+    for j in range(j0, j1, BLOCK_N):
+        rows = j + offs_n
+        tmask = rows < j1
+        acc = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+        mag = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+        for g in tl.static_range(GROUPS):
+            ch = g * 32 + offs_c
+            cmask = ch < D
+            qg = tl.load(q_base + ch[None, :] * sqd, mask=gmask[:, None] & cmask[None, :], other=0.0)
+            c = tl.load(c_base + rows.to(tl.int64)[:, None] * scn + ch[None, :] * scd,
+                        mask=tmask[:, None] & cmask[None, :], other=0)
+            if UPCAST:
+                qg = qg.to(tl.float32)
+            s = tl.load(s_base + rows.to(tl.int64) * ssn + g * ssg, mask=tmask, other=0.0).to(tl.float32)
+            dot = tl.dot(qg, tl.trans(c.to(qg.dtype)), input_precision=DOT_PREC)
+            qabs = tl.sum(tl.abs(qg.to(tl.float32)), axis=1)
+            acc += s[None, :] * dot
+            mag += s[None, :] * qabs[:, None]
+        slack = (128.0 * scale) * mag
+        bias = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+        if HAS_ALIBI:
+            bias = slope[:, None] * (rows - (length - 1)).to(tl.float32)[None, :]
+            slack += tl.abs(bias)
+        margin = rel * slack + abs_slack
+        ub = scale * (acc + half * mag) + bias + margin
+        z = am1 * (scale * (acc - half * mag) + bias - margin)
+        live = tmask[None, :] & gmask[:, None]
+        ub = tl.where(live, ub, float("-inf"))
+        # max reductions may skip NaN on a GPU: a NaN token bound must reach its page
+        ub3 = tl.reshape(ub, (BLOCK_G, BLOCK_N // PAGE, PAGE))
+        nans = tl.sum((ub3 != ub3).to(tl.int32), axis=2)
+        page_ub = tl.where(nans > 0, float("nan"), tl.max(ub3, axis=2))
+        pages = j // PAGE + offs_pg
+        tl.store(page_ub_ptr + ub_rows + pages[None, :], page_ub,
+                 mask=gmask[:, None] & (pages * PAGE < j1)[None, :])
+        # A non-finite lower bound (a non-finite key) says nothing: the head's floor is -inf.
+        bad = live & ((z != z) | (tl.abs(z) == float("inf")))
+        nonfinite = tl.maximum(nonfinite, tl.max(bad.to(tl.int32), axis=1))
+        z = tl.where(live & (bad == 0), z, float("-inf"))
+        m = tl.maximum(m, tl.max(z, axis=1))
+        thr = tl.where(m > float("-inf"), m - 1.0, float("inf"))
+        keep = tl.max((z > thr[:, None]).to(tl.int32), axis=0)
+        kept = tl.sum(keep, axis=0)
+        if kept > 0:
+            pos = count + tl.cumsum(keep, axis=0) - keep
+            tl.store(z_base + pos[None, :], z, mask=(keep > 0)[None, :] & gmask[:, None])
+        count += kept
+    tl.store(cand_cnt_ptr + pid_bh * num_splits + split, count)
+    m = tl.where(nonfinite > 0, float("nan"), m)  # the tau levels read NaN as "poisoned head"
+    tl.store(split_max_ptr + (b * Hq + heads) * num_splits + split, m, mask=gmask)
+
+
+@triton.jit
+def keep_kernel(
+    page_ub_ptr, tau_ptr, seqlens_ptr, read_all_ptr, flag_ptr, count_ptr, floor_ptr,
+    Hq, Hkv, G, num_pages, page_size, am1,
+    BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """The certified selection of one page block from the floor: a valid page is kept when its
+    upper bound is not at or below the floor for some head of the group (NaN keeps it), or when
+    its row reads every page; flags and the block's count in ``select_kernels.compact_kernel``'s
+    layout. The floor is the lower bounds' threshold rounded down by ``2^-12 (1 + |tau|)`` for
+    the solve's own rounding (``reference.sketch_tau_floor``), ``-inf`` where it is not finite
+    or the row reads every page; block 0 stores it."""
+    blk = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = pid // Hkv
+    hk = pid % Hkv
+    offs_g = tl.arange(0, BLOCK_G)
+    gmask = offs_g < G
+    heads = hk * G + offs_g
+    dense = tl.load(read_all_ptr + b).to(tl.int32)
+    tau = tl.load(tau_ptr + b * Hq + heads, mask=gmask, other=float("-inf"))
+    finite = (tau == tau) & (tl.abs(tau) != float("inf")) & ((offs_g * 0 + dense) == 0)
+    floor = tl.where(finite, tau - 2.0 ** -12 * (1.0 + tl.abs(tau)), float("-inf"))
+    length = tl.load(seqlens_ptr + b).to(tl.int32)
+    pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+    valid = (pages < num_pages) & (pages * page_size < length)
+    read_all = (pages * 0 + dense) != 0  # a vector: the interpreter rejects scalar & vector masks
+    bounded = valid & (read_all == 0)
+    ub = tl.load(page_ub_ptr + (b * Hq + heads[:, None]).to(tl.int64) * num_pages + pages[None, :],
+                 mask=gmask[:, None] & bounded[None, :], other=float("-inf"))
+    above = ((am1 * ub <= floor[:, None]) == 0) & gmask[:, None]
+    keep = valid & ((tl.max(above.to(tl.int32), axis=0) > 0) | read_all)
+    flags = keep.to(tl.int8)
+    tl.store(flag_ptr + pid.to(tl.int64) * num_pages + pages, flags, mask=pages < num_pages)
+    tl.store(count_ptr + pid * tl.num_programs(0) + blk, tl.sum(flags.to(tl.int32), axis=0))
+    if blk == 0:
+        tl.store(floor_ptr + b * Hq + heads, floor, mask=gmask)
