@@ -5,7 +5,9 @@ One run times, per configuration (data family x batch x heads x length x dtype),
 - ``flash``, ``cudnn``: torch SDPA on that backend (softmax, dense; the speed bar);
 - ``dense``, ``topk``, ``gaussian``, ``gaussian_c``, ``certified``: our public
   ``sparse_decode(..., check_values=False)`` with that selector (``gaussian_c`` reads page moments
-  stored in the cache dtype, ``gaussian`` float32 ones; ``topk`` keeps 3% of the tokens).
+  stored in the cache dtype, ``gaussian`` float32 ones; ``topk`` keeps 3% of the tokens);
+- ``certified_s``: the certified selector with the int8 key sketch (``certify_sketch="int8"``),
+  through a ``Decoder`` that keeps the sketch (``sparse_decode`` would rebuild it every call).
 
 Each step is captured in a CUDA graph and its replay timed by ``triton.testing.do_bench``
 (median; ``--eager`` also times our steps uncaptured). Next to each time: the bytes the method
@@ -40,13 +42,15 @@ from benchmarks import report, timing  # noqa: E402
 from benchmarks.data_families import CHUNK, FAMILIES, generate  # noqa: E402
 from benchmarks.exact import exact_entmax_decode  # noqa: E402
 from entmaxkv_compile import EntmaxKVConfig, KVPageStats, sparse_decode  # noqa: E402
+from entmaxkv_compile.runtime.decoder import Decoder  # noqa: E402
+from entmaxkv_compile.runtime.sketch.reference import KeySketch  # noqa: E402
 from entmaxkv_compile.runtime.stats.reference import stats_state_after_prefill_  # noqa: E402
 
 PAGE = 16
 ALPHA = 1.5
 TOPK_FRACTION = 0.03
 FLOOR_TBPS = 4.3  # the lent H200's device-copy bandwidth (shared/DESIGN.md section 5)
-METHODS = ("flash", "cudnn", "dense", "topk", "gaussian", "gaussian_c", "certified")
+METHODS = ("flash", "cudnn", "dense", "topk", "gaussian", "gaussian_c", "certified", "certified_s")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 PRESETS: dict[str, dict] = {
@@ -128,14 +132,23 @@ class Case:
     def _ours(self, method: str, row: dict) -> None:
         n, dim = self.k.shape[2], self.k.shape[3]
         batch, hkv = self.k.shape[:2]
-        selector = "gaussian" if method == "gaussian_c" else method
+        selector = {"gaussian_c": "gaussian", "certified_s": "certified"}.get(method, method)
         budget = max(PAGE, int(TOPK_FRACTION * n) // PAGE * PAGE)
-        config = EntmaxKVConfig(selector=selector, page_size=PAGE, alpha=ALPHA, token_budget=budget)
+        config = EntmaxKVConfig(selector=selector, page_size=PAGE, alpha=ALPHA, token_budget=budget,
+                                certify_sketch="int8" if method == "certified_s" else "off")
         stats = self._stats("cache" if method == "gaussian_c" else "float32")
         q, k, v, seqlens = self.q, self.k, self.v, self.seqlens
+        sketch_bytes = 0
+        if method == "certified_s":
+            sketch = KeySketch.from_cache(k, seqlens, check_values=False)
+            sketch_bytes = sum(t.numel() * t.element_size() for t in sketch.buffers())
+            decoder = Decoder.for_cache(k, q.shape[1], config, stats=stats, sketch=sketch, cuda_graph=False)
 
-        def step():
-            return sparse_decode(q, k, v, seqlens, config, stats, check_values=False)
+            def step():
+                return decoder.run(q, k, v, seqlens)
+        else:
+            def step():
+                return sparse_decode(q, k, v, seqlens, config, stats, check_values=False)
 
         replay, result, note = timing.capture(step, self.device)
         row["ms"] = timing.bench(replay, self.device)
@@ -147,17 +160,19 @@ class Case:
         selected = result.num_selected.to(torch.int64)
         pages_per_head = batch * hkv * self.pages
         stat_bytes = pages_per_head * dim * sum(t.element_size() for t in self._stat_tensors(method, stats))
-        row.update(bytes=stat_bytes + int(selected.sum()) * PAGE * dim * self.esz * 2,
+        row.update(bytes=stat_bytes + sketch_bytes + int(selected.sum()) * PAGE * dim * self.esz * 2,
                    selected=float(selected.sum()) / pages_per_head, rel_err=_rel_err(result.out, self.ref),
                    certified=float(result.certified.float().mean()),
                    graphed=note is None and self.device.type == "cuda", note=note)
 
     @staticmethod
     def _stat_tensors(method: str, stats: KVPageStats) -> list[torch.Tensor]:
-        """The statistics a selector must read: kmin/kmax (Quest bound), kmean/km2 (gaussian)."""
+        """The statistics a selector must read: kmin/kmax (Quest bound), kmean/km2 (gaussian);
+        the sketch-certified step reads none of them."""
         return {"dense": [], "topk": [stats.kmin, stats.kmax], "gaussian": [stats.kmean, stats.km2],
                 "gaussian_c": [stats.kmean, stats.km2],
-                "certified": [stats.kmin, stats.kmax, stats.kmean, stats.km2]}[method]
+                "certified": [stats.kmin, stats.kmax, stats.kmean, stats.km2],
+                "certified_s": []}[method]  # the sketch's bytes are counted by the caller
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
