@@ -31,7 +31,7 @@ from entmaxkv_compile.tables import render_table  # noqa: E402
 
 DECODE_SPACE = {"PROGRAMS_PER_SM": (2, 3, 4, 6, 8, 12, 16), "num_warps": (4, 8), "num_stages": (2, 3, 4), "BLOCK_N": (64, 128),
                 "BLOCK_T": (32, 64)}
-SELECT_SPACE = {"BLOCK_PM": (16, 32, 64, 128), "num_warps": (2, 4, 8), "MOMENTS_DOT": (0, 1),
+SELECT_SPACE = {"MOMENTS_BLOCKS": (2, 4, 8, 16, 32), "BLOCK_PM": (16, 32, 64), "num_warps": (2, 4, 8),
                 "BLOCK_PS": (256, 1024)}
 DEFAULT_CASES = "planted:32768,planted:131072,iid:131072,planted:1048576,iid:1048576"
 HQ, HKV = 32, 8

@@ -68,7 +68,8 @@ def _gaussian_tau(q: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, page_s
     """Page moments (mu, sigma) ``[B, Hq, Np]`` and tau_hat ``[B, Hq]``, all on device."""
     batch, hq, hkv, num_pages, dim = _stats_view(q, kmean)
     cfg = lookup("select", q.device, "default", num_pages * page_size)
-    nblocks = cm.cdiv(num_pages, cfg["BLOCK_PM"])
+    per_prog = cfg["MOMENTS_BLOCKS"]
+    nblocks = cm.cdiv(num_pages, cfg["BLOCK_PM"] * per_prog)  # programs along the pages
     dev = q.device
     mu = torch.empty((batch, hq, num_pages), device=dev, dtype=torch.float32)
     sigma = torch.empty_like(mu)
@@ -80,7 +81,7 @@ def _gaussian_tau(q: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, page_s
     wrap_triton(moments_kernel)[(nblocks, batch * hkv)](
         q, kmean, km2, seqlens, alibi_slopes if alibi_slopes is not None else q, mu, sigma, mom,
         q.stride(0), q.stride(1), q.stride(3), *kmean.stride(),
-        hq, hkv, hq // hkv, dim, num_pages, page_size, scale,
+        hq, hkv, hq // hkv, dim, num_pages, page_size, scale, per_prog,
         HAS_ALIBI=alibi_slopes is not None, BLOCK_G=block_g,
         BLOCK_P=cfg["BLOCK_PM"], BLOCK_D=max(16, cm.next_pow2(dim)),
         DOT_PREC=cm.exact_fp32_dot(dev), USE_DOT=use_dot, num_warps=cfg["num_warps"],
