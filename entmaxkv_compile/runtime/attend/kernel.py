@@ -18,9 +18,8 @@ from torch.library import triton_op, wrap_triton
 from .. import _common as cm
 from ...checks import check_kernel_decode_inputs as check_decode_inputs
 from ..tuning.tuned import decode_config
-from .decode_kernels import output_kernel, reduce_kernel, score_kernel
-from .tau_kernels import (NEWTON_STEPS, NUM_PIVOTS, NUM_SLOTS, tau_finish_kernel, tau_first_kernel,
-                          tau_second_kernel)
+from .decode_kernels import output_kernel, score_kernel
+from .tau_kernels import NEWTON_STEPS, NUM_PIVOTS, NUM_SLOTS, tau_first_kernel, tau_second_kernel
 
 
 def tau_levels(alpha: float) -> int:
@@ -33,7 +32,8 @@ def solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, s
     """The exact threshold of every query head from the candidates of a K pass (``cand_z``
     ``[B, Hq, splits * seg]`` compacted per split, ``cand_cnt`` ``[B, Hkv, splits]``,
     ``split_max`` ``[B, Hq, splits]``, NaN for a poisoned head) into ``tau`` ``[B, Hq]``
-    (tau_kernels.py): levels 1 and 2 split-parallel, the rest in one program per head. Returns
+    (tau_kernels.py): levels 1 and 2 split-parallel, the rest in the last program of each head
+    to finish level 2. Returns
     the survivor buffer ``[2, B * Hq, cap]``, free for the output pass's use."""
     dev = cand_z.device
     f32 = torch.float32
@@ -49,26 +49,22 @@ def solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, s
     part = torch.empty((2, rows, chunks, NUM_SLOTS, NUM_PIVOTS), device=dev, dtype=f32)
     survivors = torch.empty((2, rows, cap), device=dev, dtype=f32)
     counts = torch.empty((2, rows, chunks), device=dev, dtype=torch.int32)
+    tickets = torch.empty((rows,), device=dev, dtype=torch.int32)  # zeroed by tau_first_kernel
     rmax = cm.integer_beta(alpha) or 0  # 0: general beta, no closed-form certificate
     beta = 1.0 / (alpha - 1.0)
     block_t = cfg["BLOCK_TAU"]
     block_c = cm.next_pow2(chunks)
     common = dict(RMAX=rmax, NP=NUM_PIVOTS, num_warps=cfg["tau_warps"])
     wrap_triton(tau_first_kernel)[(rows, chunks)](
-        cand_z, cand_cnt, split_max, survivors, counts[0], state[0], part[0], pivots[0],
+        cand_z, cand_cnt, split_max, survivors, counts[0], state[0], part[0], pivots[0], tickets,
         hq, hkv, group, splits, seg, alpha - 1.0, beta, math.log2(cap), per_prog, chunks,
         BLOCK_S=cm.next_pow2(splits), BLOCK_T=block_t, BLOCK_K=4 * block_t, **common,
     )
     wrap_triton(tau_second_kernel)[(rows, chunks)](
         part[0], pivots[0], state[0], survivors, counts[0], part[1], pivots[1], state[1],
-        counts[1], rows, cap, per_prog * seg, chunks, beta,
-        BLOCK_C=block_c, BLOCK_T=block_t, STEPS=NEWTON_STEPS, **common,
-    )
-    wrap_triton(tau_finish_kernel)[(rows,)](
-        part[1], pivots[1], state[1], survivors, counts[1], tau,
-        rows, cap, per_prog * seg, chunks, beta, tau_levels(alpha),
+        counts[1], tickets, tau, rows, cap, per_prog * seg, chunks, beta, tau_levels(alpha),
         BLOCK_C=block_c, BLOCK_TC=max(1, 1024 // block_c), BLOCK_T=block_t, STEPS=NEWTON_STEPS,
-        RMAX=rmax, NP=NUM_PIVOTS, num_warps=4,
+        **common,
     )
     return survivors
 
@@ -102,6 +98,7 @@ def triton_paged_decode(
     cand_cnt = torch.empty((batch, hkv, splits), device=dev, dtype=torch.int32)
     split_max = torch.empty((batch, hq, splits), device=dev, dtype=f32)
     shared_max = torch.full((batch, hq), float("-inf"), device=dev, dtype=f32)
+    tickets = torch.empty((batch * hkv,), device=dev, dtype=torch.int32)  # zeroed by the K pass
     live_tok = torch.empty((batch, hkv, cap), device=dev, dtype=torch.int32)
     tau = torch.empty((batch, hq), device=dev, dtype=f32)
     o_part = torch.empty((batch, hq, splits, dim), device=dev, dtype=f32)
@@ -110,7 +107,7 @@ def triton_paged_decode(
 
     block_g = max(16, cm.next_pow2(group))
     block_d = max(16, cm.next_pow2(dim))
-    block_s = cm.next_pow2(splits)
+    block_s = min(32, cm.next_pow2(splits))  # splits per step of the final reduction
     beta = 1.0 / (alpha - 1.0)
     kind = cm.alpha_kind(alpha)
     has_alibi = alibi_slopes is not None
@@ -118,7 +115,7 @@ def triton_paged_decode(
 
     wrap_triton(score_kernel)[(batch * hkv, splits)](
         q, k_cache, seqlens, page_indices, num_selected, slopes,
-        cand_z, cand_tok, cand_cnt, split_max, shared_max,
+        cand_z, cand_tok, cand_cnt, split_max, shared_max, tickets,
         q.stride(0), q.stride(1), q.stride(3),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         page_indices.stride(0), page_indices.stride(1), page_indices.stride(2),
@@ -133,16 +130,13 @@ def triton_paged_decode(
     live_z = solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, seg,
                         alpha, cfg)[0]
     wrap_triton(output_kernel)[(batch * hkv, splits)](
-        v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, live_tok, o_part, l_part,
+        v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, live_tok, o_part, l_part, tickets, out,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
+        out.stride(0), out.stride(1), out.stride(3),
         hq, hkv, group, dim, splits, seg, beta,
         KIND=kind, BLOCK_G=block_g, BLOCK_T=cfg["BLOCK_T"], BLOCK_SCAN=4 * cfg["BLOCK_T"],
-        BLOCK_D=block_d,
+        BLOCK_D=block_d, BLOCK_S=block_s,
         DOT_PREC=cm.exact_fp32_dot(dev), num_warps=cfg["num_warps"],
-    )
-    wrap_triton(reduce_kernel)[(batch * hq,)](
-        o_part, l_part, tau, out, out.stride(0), out.stride(1), out.stride(3),
-        hq, dim, splits, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
     )
     return out, tau
 

@@ -1,5 +1,5 @@
-"""The exact entmax threshold of one decode query in three launches: two split-parallel levels,
-then one program per head that finishes in place.
+"""The exact entmax threshold of one decode query in two launches: two split-parallel levels,
+and the last program of each head finishes it in place.
 
 The candidates of a query head (scores ``z`` kept by the K pass, compacted per split) are searched
 for ``tau`` solving ``f(tau) = sum_i [z_i - tau]_+^beta = 1`` by *pivot levels*: a level evaluates,
@@ -23,9 +23,10 @@ entmax and the root *is* tau (up to float32 rounding of the sums).
   they agree), narrows and tries to certify; an open head's programs compact their run's
   survivors above the new ``lo`` and sum them at the level-2 pivots. On flat heads (low-rank keys)
   thousands of scores survive level 1; this keeps them spread over the grid.
-* ``tau_finish_kernel`` (batch x query head) merges level 2 the same way. A head still open
-  gathers its survivors above the new ``lo`` (tens to hundreds) into one row and runs the
-  remaining levels over them in the same program, each compacting the values above its ``lo``.
+* the last program of a head in ``tau_second_kernel`` (counted by an atomic ticket) merges
+  level 2 the same way (``_finish_head``). A head still open gathers its survivors above the new
+  ``lo`` (tens to hundreds) into one row and runs the remaining levels over them in the same
+  program, each compacting the values above its ``lo``.
 
 The cost of level 1 is one read of the candidates; the later levels read only the survivors of
 open heads. For non-integer beta there is no closed certificate: eight levels bring the bracket near
@@ -191,7 +192,7 @@ def _narrow(c0, c1, c2, c3, c4, cf, below, above, pivots, last,
 @triton.jit
 def tau_first_kernel(
     cand_z_ptr, cand_cnt_ptr, split_max_ptr, surv_ptr, surv_cnt_ptr, state_ptr, part_ptr, piv_ptr,
-    Hq, Hkv, G, num_splits, seg, alpha_m1, beta, log2_cap, splits_per_prog, num_chunks,
+    ticket_ptr, Hq, Hkv, G, num_splits, seg, alpha_m1, beta, log2_cap, splits_per_prog, num_chunks,
     RMAX: tl.constexpr, NP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -251,6 +252,7 @@ def tau_first_kernel(
     _store_sums(part_ptr + (pid.to(tl.int64) * num_chunks + chunk) * (8 * NP),
                 c0, c1, c2, c3, c4, cf, below, above, NP)
     if chunk == 0:
+        tl.store(ticket_ptr + pid, 0)
         tl.store(piv_ptr + pid * NP + offs_k, t)
         tl.store(state_ptr + pid * 4, lo)
         tl.store(state_ptr + pid * 4 + 1, tl.max(t, axis=0))
@@ -315,16 +317,19 @@ def _compact_and_sum(src, dst, n, lo, t, beta, RMAX: tl.constexpr, NP: tl.conste
 @triton.jit
 def tau_second_kernel(
     part1_ptr, piv1_ptr, state1_ptr, surv_ptr, cnt1_ptr,
-    part2_ptr, piv2_ptr, state2_ptr, cnt2_ptr,
-    rows, cap, chunk_len, num_chunks, beta,
-    RMAX: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
-    STEPS: tl.constexpr,
+    part2_ptr, piv2_ptr, state2_ptr, cnt2_ptr, ticket_ptr, tau_ptr,
+    rows, cap, chunk_len, num_chunks, beta, levels,
+    RMAX: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_TC: tl.constexpr,
+    BLOCK_T: tl.constexpr, STEPS: tl.constexpr,
 ):
     """Level 2, split-parallel like level 1: every program merges level 1 (the same sums in the
     same order, so all agree), and an open head's programs compact their run's survivors above
     the new lo from plane 0 into plane 1 of ``surv`` ``[2, rows, cap]`` and sum them at the new
     pivots. Flat heads keep thousands of survivors after level 1; this level spreads them over
-    the grid before the single-program finish."""
+    the grid. Then each program takes a ticket (an atomic add, which orders its stores before
+    it); the head's last program merges level 2 and finishes the head alone
+    (:func:`_finish_head`), so the finish costs no launch of its own. ``tau_first_kernel``
+    zeroes the tickets."""
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
     offs_k = tl.arange(0, NP)
@@ -358,22 +363,27 @@ def tau_second_kernel(
         tl.store(state2_ptr + pid * 4 + 1, hi)
         tl.store(state2_ptr + pid * 4 + 2, tl.where(done, 0.0, 1.0))
         tl.store(state2_ptr + pid * 4 + 3, tau)
+    tl.debug_barrier()  # every thread's stores are issued before the ticket releases them
+    ticket = tl.atomic_add(ticket_ptr + pid, 1)
+    if ticket == num_chunks - 1:
+        _finish_head(pid, part2_ptr, piv2_ptr, state2_ptr, surv_ptr, cnt2_ptr, tau_ptr,
+                     rows, cap, chunk_len, num_chunks, beta, levels,
+                     RMAX, NP, BLOCK_C, BLOCK_TC, BLOCK_T, STEPS)
 
 
 @triton.jit
-def tau_finish_kernel(
-    part_ptr, piv_ptr, state_ptr, surv_ptr, surv_cnt_ptr, tau_ptr,
+def _finish_head(
+    pid, part_ptr, piv_ptr, state_ptr, surv_ptr, surv_cnt_ptr, tau_ptr,
     rows, cap, chunk_len, num_chunks, beta, levels,
     RMAX: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_TC: tl.constexpr,
     BLOCK_T: tl.constexpr, STEPS: tl.constexpr,
 ):
-    """Merge level 2 of one query head, then run levels 3..``levels`` over its survivors.
+    """Merge level 2 of query head ``pid``, then run levels 3..``levels`` over its survivors.
 
     ``surv`` is ``[2, rows, cap]``: plane 1 holds level 2's survivors by run (``chunk_len``
     apart); they are gathered into plane 0's row, and the later levels alternate between the
     two planes' rows.
     """
-    pid = tl.program_id(0)
     open_ = tl.load(state_ptr + pid * 4 + 2) != 0
     tau = tl.load(state_ptr + pid * 4 + 3)
     if open_:
