@@ -17,9 +17,9 @@ One decode step is a fixed sequence of launches over fixed grids:
 2. the exact threshold in two launches (``tau_kernels.py``).
 3. ``output_kernel`` (batch x KV head, split): compacts the split's candidates in the support of
    some head of the group (z > tau), then p = [z - tau]_+^beta over that list, V rows loaded once
-   per group, partial sum p.v and sum p in fp32. The last split of a (batch, KV head) to finish
-   (an atomic ticket, zeroed by the K pass) sums the split partials of the group's heads in a
-   fixed order (deterministic) and normalizes by sum p.
+   per group, partial sum p.v and sum p in fp32.
+4. ``reduce_kernel`` (batch x query head): sums the split partials in a fixed order
+   (deterministic, no atomics) and normalizes by sum p.
 
 Lengths, counts and strides are runtime arguments; only block sizes, the alpha fast path and
 feature flags are constexpr, so the kernels never recompile as a cache grows.
@@ -46,7 +46,7 @@ def _tail_power(x, beta, KIND: tl.constexpr):
 @triton.jit
 def score_kernel(
     q_ptr, k_ptr, seqlens_ptr, idx_ptr, nsel_ptr, slopes_ptr,
-    cand_z_ptr, cand_tok_ptr, cand_cnt_ptr, split_max_ptr, shared_max_ptr, ticket_ptr,
+    cand_z_ptr, cand_tok_ptr, cand_cnt_ptr, split_max_ptr, shared_max_ptr,
     sqb, sqh, sqd, skb, skh, skn, skd, sib, sih, sip, snb, snh,
     Hq, Hkv, G, D, num_splits, seg, page_size, zscale, am1, capacity,
     HAS_ALIBI: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -137,18 +137,16 @@ def score_kernel(
     tl.store(cand_cnt_ptr + pid_bh * num_splits + split, count)
     m = tl.where(nonfinite > 0, float("nan"), m)  # the tau levels read NaN as "poisoned head"
     tl.store(split_max_ptr + (b * Hq + heads) * num_splits + split, m, mask=gmask)
-    if split == 0:
-        tl.store(ticket_ptr + pid_bh, 0)  # the output pass's ticket (see output_kernel)
 
 
 @triton.jit
 def output_kernel(
     v_ptr, cand_z_ptr, cand_tok_ptr, cand_cnt_ptr, tau_ptr, live_z_ptr, live_tok_ptr,
-    o_part_ptr, l_part_ptr, ticket_ptr, out_ptr,
-    svb, svh, svn, svd, sob, soh, sod,
+    o_part_ptr, l_part_ptr,
+    svb, svh, svn, svd,
     Hq, Hkv, G, D, num_splits, seg, beta,
     KIND: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_SCAN: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -207,36 +205,25 @@ def output_kernel(
              mask=gmask[:, None] & dmask[None, :])
     tl.store(l_part_ptr + row, l_sum, mask=gmask)
 
-    # 3. The last split of this (batch, KV head) to finish (an atomic ticket, which orders the
-    # stores above before it) sums every split's partials.
-    tl.debug_barrier()
-    ticket = tl.atomic_add(ticket_ptr + pid_bh, 1)
-    if ticket == num_splits - 1:
-        for g in range(0, G):
-            _reduce_head(o_part_ptr, l_part_ptr, tau_ptr, out_ptr, b, hk * G + g, sob, soh, sod,
-                         Hq, D, num_splits, BLOCK_S, BLOCK_D)
-
 
 @triton.jit
-def _reduce_head(o_part_ptr, l_part_ptr, tau_ptr, out_ptr, b, h, sob, soh, sod, Hq, D, num_splits,
-                 BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Sum one query head's split partials in split order, ``BLOCK_S`` splits at a time
-    (deterministic, no atomics), and normalise by sum p; a poisoned head (tau NaN) reports NaN."""
-    pid = b * Hq + h
+def reduce_kernel(
+    o_part_ptr, l_part_ptr, tau_ptr, out_ptr, sob, soh, sod,
+    Hq, D, num_splits,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // Hq
+    h = pid % Hq
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
+    smask = offs_s < num_splits
     dmask = offs_d < D
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    l_sum = tl.zeros([], tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        ss = s0 + offs_s
-        smask = ss < num_splits
-        o = tl.load(o_part_ptr + (pid * num_splits + ss)[:, None] * D + offs_d[None, :],
-                    mask=smask[:, None] & dmask[None, :], other=0.0)
-        acc += tl.sum(o, axis=0)
-        l_sum += tl.sum(tl.load(l_part_ptr + pid * num_splits + ss, mask=smask, other=0.0), axis=0)
-    res = acc / tl.where(l_sum > 0, l_sum, 1.0)
+    o = tl.load(o_part_ptr + (pid * num_splits + offs_s)[:, None] * D + offs_d[None, :],
+                mask=smask[:, None] & dmask[None, :], other=0.0)
+    l_sum = tl.sum(tl.load(l_part_ptr + pid * num_splits + offs_s, mask=smask, other=0.0), axis=0)
+    res = tl.sum(o, axis=0) / tl.where(l_sum > 0, l_sum, 1.0)
     tau = tl.load(tau_ptr + pid)
-    res = tl.where(tau != tau, float("nan"), res)
+    res = tl.where(tau != tau, float("nan"), res)  # a poisoned head reports NaN, not a value
     tl.store(out_ptr + b * sob + h * soh + offs_d * sod, res.to(out_ptr.dtype.element_ty),
              mask=dmask)

@@ -18,7 +18,7 @@ from torch.library import triton_op, wrap_triton
 from .. import _common as cm
 from ...checks import check_kernel_decode_inputs as check_decode_inputs
 from ..tuning.tuned import decode_config
-from .decode_kernels import output_kernel, score_kernel
+from .decode_kernels import output_kernel, reduce_kernel, score_kernel
 from .tau_kernels import NEWTON_STEPS, NUM_PIVOTS, NUM_SLOTS, tau_first_kernel, tau_second_kernel
 
 
@@ -98,7 +98,6 @@ def triton_paged_decode(
     cand_cnt = torch.empty((batch, hkv, splits), device=dev, dtype=torch.int32)
     split_max = torch.empty((batch, hq, splits), device=dev, dtype=f32)
     shared_max = torch.full((batch, hq), float("-inf"), device=dev, dtype=f32)
-    tickets = torch.empty((batch * hkv,), device=dev, dtype=torch.int32)  # zeroed by the K pass
     live_tok = torch.empty((batch, hkv, cap), device=dev, dtype=torch.int32)
     tau = torch.empty((batch, hq), device=dev, dtype=f32)
     o_part = torch.empty((batch, hq, splits, dim), device=dev, dtype=f32)
@@ -107,7 +106,7 @@ def triton_paged_decode(
 
     block_g = max(16, cm.next_pow2(group))
     block_d = max(16, cm.next_pow2(dim))
-    block_s = min(32, cm.next_pow2(splits))  # splits per step of the final reduction
+    block_s = cm.next_pow2(splits)
     beta = 1.0 / (alpha - 1.0)
     kind = cm.alpha_kind(alpha)
     has_alibi = alibi_slopes is not None
@@ -115,7 +114,7 @@ def triton_paged_decode(
 
     wrap_triton(score_kernel)[(batch * hkv, splits)](
         q, k_cache, seqlens, page_indices, num_selected, slopes,
-        cand_z, cand_tok, cand_cnt, split_max, shared_max, tickets,
+        cand_z, cand_tok, cand_cnt, split_max, shared_max,
         q.stride(0), q.stride(1), q.stride(3),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         page_indices.stride(0), page_indices.stride(1), page_indices.stride(2),
@@ -130,13 +129,18 @@ def triton_paged_decode(
     live_z = solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, seg,
                         alpha, cfg)[0]
     wrap_triton(output_kernel)[(batch * hkv, splits)](
-        v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, live_tok, o_part, l_part, tickets, out,
+        v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, live_tok, o_part, l_part,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
-        out.stride(0), out.stride(1), out.stride(3),
         hq, hkv, group, dim, splits, seg, beta,
         KIND=kind, BLOCK_G=block_g, BLOCK_T=cfg["BLOCK_T"], BLOCK_SCAN=4 * cfg["BLOCK_T"],
-        BLOCK_D=block_d, BLOCK_S=block_s,
+        BLOCK_D=block_d,
         DOT_PREC=cm.exact_fp32_dot(dev), num_warps=cfg["num_warps"],
+    )
+    # A kernel of its own: folding this sum into the output pass's last program (an atomic
+    # ticket) serialised the group's heads on one program and cost 4-14 us more on the H200.
+    wrap_triton(reduce_kernel)[(batch * hq,)](
+        o_part, l_part, tau, out, out.stride(0), out.stride(1), out.stride(3),
+        hq, dim, splits, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
     )
     return out, tau
 
