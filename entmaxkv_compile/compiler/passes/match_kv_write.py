@@ -2,7 +2,8 @@
 
 Accepted reads: the buffer itself, through casts, ``contiguous`` and the GQA spellings
 (``repeat_interleave`` on the head axis, ``[:, :, None].expand(...).reshape(...)`` as in HF's
-``repeat_kv``). Accepted writes, at an integer position tensor on the sequence axis (dim 2):
+``repeat_kv``, or ``.flatten(1, 2)``; a single KV head ``expand``-ed to every query head; a size-1
+head axis left for the matmul to broadcast is handled by ``match_attention``). Accepted writes, at an integer position tensor on the sequence axis (dim 2):
 ``buf[:, :, pos] = x`` (gpt-fast), ``buf.index_copy_(2, pos, x)`` (HF, either the 4.5x
 ``cache_position`` or the 5.x in-graph counter), ``buf.index_put_((None, None, pos), x)``, and their
 functional forms followed by ``copy_`` into the buffer (export graphs). A ``torch.cat`` of past
@@ -17,7 +18,7 @@ from typing import Any, Optional
 import torch
 from torch.fx import Node
 
-from .ir import PASS_THROUGH, arg, as_number, dtype_of, normalize_dim, ndim_of, op_of
+from .ir import PASS_THROUGH, arg, as_number, dtype_of, normalize_dim, ndim_of, op_of, proves_equal, shape_of
 
 CONCAT_REASON = (
     "concatenating KV cache (torch.cat of past and new keys): sparse decoding would copy the whole "
@@ -28,6 +29,11 @@ CONCAT_REASON = (
 LAZY_REASON = (
     "the KV cache is created inside this graph (a lazily allocated cache): its page statistics are "
     "filled when a decode step first reads it"
+)
+GQA_REASON = (
+    "K/V heads are expanded to the query heads in a way not proved to be the GQA map (query head h "
+    "reads KV head h // G): expected k[:, :, None].expand(B, Hkv, G, N, D) merged by reshape/flatten(1, 2), "
+    "or one KV head expanded"
 )
 _FACTORIES = frozenset({"zeros", "empty", "full", "zeros_like", "empty_like", "new_zeros", "new_empty"})
 
@@ -53,10 +59,16 @@ def trace_cache(read: Node, before: Node) -> CacheRead:
         elif kind == "repeat_interleave" and _dim(node, arg(node, 2)) == 1 and as_number(arg(node, 1)):
             group *= int(arg(node, 1))
             node = arg(node, 0)
-        elif kind == "reshape" and _expand_source(arg(node, 0)) is not None:
-            source, factor = _expand_source(arg(node, 0))
+        elif kind in ("reshape", "flatten") and _grouped_source(node) is not None:
+            source, factor = _grouped_source(node)
             group *= factor
             node = source
+        elif kind == "expand" and _broadcast_source(node) is not None:
+            source, factor = _broadcast_source(node)
+            group *= factor
+            node = source
+        elif kind == "expand" or (kind in ("reshape", "flatten") and op_of(arg(node, 0)) == "expand"):
+            return CacheRead(None, group, refusal=GQA_REASON)
         elif kind in ("index_copy_", "index_put_"):
             node = arg(node, 0)
         elif kind in ("index_copy", "index_put") and isinstance(arg(node, 0), Node):
@@ -78,23 +90,52 @@ def _dim(node: Node, dim: Any) -> Optional[int]:
     return normalize_dim(dim, ndim_of(node))
 
 
-def _expand_source(node: Any) -> Optional[tuple[Node, int]]:
-    """``(K, G)`` for ``K[:, :, None].expand(B, H, G, N, D)`` (or ``unsqueeze(2)``)."""
-    if op_of(node) != "expand":
+def _same(a: Any, b: Any) -> bool:
+    """Two sizes (ints or symbolic) provably equal."""
+    return a is not None and b is not None and proves_equal(a - b, 0)
+
+
+def _grouped_source(merge: Node) -> Optional[tuple[Node, int]]:
+    """``(K, G)`` for ``K[:, :, None].expand(B, H, G, N, D)`` (or ``unsqueeze(2)``) merged back to
+    ``[B, H*G, N, D]`` by ``reshape``/``view`` or ``flatten(1, 2)``.
+
+    Proved from the shapes alone: the new axis 2 has size 1 before the expand, so every ``g`` reads
+    the same row, and merging axes (1, 2) in row-major order gives query head ``h = kv*G + g``,
+    i.e. query head ``h`` reads KV head ``h // G`` (a tiled ``[:, None]`` expand is not accepted).
+    """
+    expand = arg(merge, 0)
+    if op_of(expand) != "expand":
         return None
-    inner = arg(node, 0)
-    sizes = node.args[1:] if len(node.args) > 2 else arg(node, 1)
-    if not isinstance(sizes, (tuple, list)) or len(sizes) != 5:
-        return None
+    inner = arg(expand, 0)
     kind = op_of(inner)
-    if kind == "unsqueeze" and _dim(inner, arg(inner, 1)) in (2, -3):
+    if kind == "unsqueeze" and _dim(inner, arg(inner, 1)) == 2:
         source = arg(inner, 0)
     elif kind == "getitem" and _is_new_axis_at_2(arg(inner, 1)):
         source = arg(inner, 0)
     else:
         return None
-    factor = sizes[2]
-    return (source, int(factor)) if isinstance(factor, int) else None
+    src, wide, out = shape_of(source), shape_of(expand), shape_of(merge)
+    if src is None or wide is None or out is None or len(src) != 4 or len(wide) != 5 or len(out) != 4:
+        return None
+    if op_of(merge) == "flatten" and (_dim(expand, arg(merge, 1)), _dim(expand, arg(merge, 2, -1))) != (1, 2):
+        return None
+    unchanged = all(_same(wide[i], src[j]) for i, j in ((0, 0), (1, 1), (3, 2), (4, 3)))
+    merged = all(_same(out[i], w) for i, w in ((0, wide[0]), (1, wide[1] * wide[2]), (2, wide[3]), (3, wide[4])))
+    if not (unchanged and merged and isinstance(wide[2], int)):
+        return None
+    return source, wide[2]
+
+
+def _broadcast_source(expand: Node) -> Optional[tuple[Node, int]]:
+    """``(K, H)`` for a single KV head ``K [B, 1, N, D]`` expanded to ``[B, H, N, D]`` (MQA):
+    every query head ``h`` reads KV head ``0 = h // H``."""
+    source = arg(expand, 0)
+    src, out = shape_of(source), shape_of(expand)
+    if src is None or out is None or len(src) != 4 or len(out) != 4 or not _same(src[1], 1):
+        return None
+    if not (all(_same(out[i], src[i]) for i in (0, 2, 3)) and isinstance(out[1], int)):
+        return None
+    return source, out[1]
 
 
 def _is_new_axis_at_2(index: Any) -> bool:

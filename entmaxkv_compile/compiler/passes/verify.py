@@ -6,7 +6,8 @@ inputs are cloned, so the caller's caches and counters are untouched) and compar
 contract of ``decode_step``:
 
 - K and V read by the attention equal the cache buffers with query head ``h`` reading KV head
-  ``h // G`` (catches tiled ``repeat`` GQA, which the kernels do not implement);
+  ``h // G`` (catches tiled ``repeat`` GQA, which the kernels do not implement; a size-1 head axis
+  the matmuls broadcast counts as read by every query head);
 - the scores minus ``scale * q.k`` are, on the written positions ``j < L``, ALiBi
   ``slope_h * (j - (L-1))`` up to a per-row constant (entmax is shift invariant), and at least
   ``1e3`` below the largest on ``j >= L`` (a causal static-cache mask); the slopes are recovered here;
@@ -96,6 +97,9 @@ def check_decode_site(
     if k_cache.dim() != 4 or k_cache.shape[0] != batch or q_heads % k_cache.shape[1]:
         return None, f"cache shape {tuple(k_cache.shape)} does not fit q {tuple(q.shape)}"
     group = q_heads // k_cache.shape[1]
+    # A single head left for the matmuls to broadcast (MQA without expand) is read by every query head.
+    k_read, v_read = (t.expand(-1, q_heads, -1, -1) if t.dim() == 4 and t.shape[1] == 1 else t
+                      for t in (k_read, v_read))
     if not (torch.equal(k_cache.repeat_interleave(group, 1), k_read)
             and torch.equal(v_cache.repeat_interleave(group, 1), v_read)):
         return None, "K/V read by the attention are not the cache with query head h reading KV head h // G"
