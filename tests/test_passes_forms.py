@@ -49,3 +49,73 @@ def test_tiled_expand_is_not_taken_for_the_gqa_head_map():
     [site] = plan.sites
     assert site.status == REFUSED
     assert "not proved to be the GQA map" in site.reason
+
+
+@pytest.mark.parametrize("kv_write", ["index_copy", "setitem"])
+def test_fused_kv_buffer_is_rewritten_with_k_and_v_as_its_two_parts(kv_write):
+    plan, gm, _ = _decode_plan(kv_fused=True, kv_write=kv_write)
+    [site] = plan.sites
+    assert site.status == REWRITTEN, site.reason
+    [action] = plan.actions
+    k, v = action.match.k, action.match.v
+    assert k.cache is v.cache and (k.part, v.part) == (0, 1)
+    assert k.cache.op == "placeholder" and k.shape() == tuple(k.cache.meta["example_value"].shape[1:])
+
+
+class _OnePartForBoth(torch.nn.Module):
+    """K and V both read from ``kv[0]``: the same memory, not a fused K/V buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("kv", torch.randn(2, 1, 2, 32, 8))
+
+    def forward(self, q, k_new, pos):
+        import entmax
+
+        self.kv[0].index_copy_(2, pos, k_new)
+        j = torch.arange(32)
+        scores = (q @ self.kv[0].transpose(-2, -1) * 0.3).masked_fill(j > pos, float("-inf"))
+        return entmax.entmax15(scores, dim=-1) @ self.kv[0]
+
+
+def test_k_and_v_read_from_one_part_are_refused():
+    args = (torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), torch.tensor([9]))
+    [(gm, inputs)] = capture_graphs(_OnePartForBoth(), *args)
+    [site] = analyze(gm, inputs, CONFIG).sites
+    assert site.status == REFUSED and "read from the same buffer" in site.reason
+
+
+def test_fused_parts_are_disjoint_only_when_the_buffer_has_no_internal_overlap():
+    from entmaxkv_compile.compiler.passes.verify import has_no_internal_overlap
+
+    contiguous = torch.zeros(2, 1, 2, 16, 4)
+    interleaved = torch.zeros(1, 2, 16, 2, 4).permute(3, 0, 1, 2, 4)  # K and V of a row side by side
+    shared = torch.zeros(1, 2, 16, 4).expand(2, 1, 2, 16, 4)  # kv[0] and kv[1] are one tensor
+    assert has_no_internal_overlap(contiguous) and has_no_internal_overlap(interleaved)
+    assert not has_no_internal_overlap(shared)
+    assert not has_no_internal_overlap(torch.zeros(4, 8).as_strided((2, 4, 4), (2, 4, 1)))
+
+
+def test_fused_statistics_are_keyed_on_the_buffer_and_part_and_follow_the_cache():
+    """A view ``kv[0]`` is a new Python object at every call: the statistics must not be."""
+    from entmaxkv_compile.compiler.passes import STATS
+    from entmaxkv_compile.runtime.stats.reference import KVPageStats
+
+    model = gpt_fast.build(gpt_fast.ModelArgs(n_layer=1, kv_fused=True, kv_write="index_copy"), batch=2)
+    prompt = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(5))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="entmaxkv", options={"compiler": "eager", "page_size": 4,
+                                                                 "selector": "certified"})
+    kv = model.layers[0].attention.kv_cache.kv
+    seen = []
+    with torch.no_grad():
+        compiled(prompt, torch.arange(13))
+        for step in range(5):
+            compiled(prompt[:, step:step + 1], torch.tensor([13 + step]))
+            seen.append(STATS.lookup(kv, 4, part=0))
+    assert seen[0] is not None and all(s is seen[0] for s in seen)
+    assert STATS.lookup(kv, 4, part=1) is None and STATS.lookup(kv, 4) is None  # K's statistics only
+    assert STATS.lookup(kv[0], 4) is None
+    fresh = KVPageStats.from_cache(kv[0], torch.full((2,), 18), 4)
+    for got, want in zip(seen[0].buffers(), fresh.buffers()):
+        torch.testing.assert_close(got[:, :, :5], want[:, :, :5], atol=1e-5, rtol=1e-5)

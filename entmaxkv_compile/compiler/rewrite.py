@@ -236,10 +236,10 @@ def _apply_passes(
             raise UnsupportedModelError(
                 f"input {extra.cache_index - len(state)} of the step is a KV cache; the offline rewrite needs "
                 "the caches as module buffers (register them with register_buffer)")
-        key = (extra.cache_index, extra.page_size)
+        key = (extra.cache_index, extra.part, extra.page_size)
         if key not in stats:
-            stats[key] = _prefilled_stats(inputs[extra.cache_index], extra.page_size, position_of[extra.cache_index])
-        cache_name = state[extra.cache_index][0].replace(".", "_")
+            stats[key] = _prefilled_stats(extra.cache_of(inputs), extra.page_size, position_of[extra.cache_index])
+        cache_name = state[extra.cache_index][0].replace(".", "_") + ("" if extra.part is None else f"_{extra.part}")
         extras.append((f"entmaxkv.{cache_name}.{STATS_FIELDS[extra.field]}", stats[key].buffers()[extra.field]))
     return RewrittenStep(graph, state, extras, in_spec, program.call_spec.out_spec), report
 

@@ -72,6 +72,10 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
          "rewritten", "bookkeeping", n_layer=1, n_head=6, n_kv_head=2, dim=48, gqa="expand_flat"),
     _gpt("mqa_broadcast", "MQA left to the matmuls: q [B, Hq, 1, D] @ k [B, 1, D, N] broadcasts the KV head",
          "entmax", 1.5, "rewritten", "bookkeeping", n_layer=1, n_head=4, n_kv_head=1, gqa="broadcast"),
+    _gpt("fused_kv", "K and V in one buffer kv[2, B, H, N, D] written by kv[0].index_copy_(2, pos, k), read as "
+         "kv[0], kv[1]", "entmax", 1.5, "rewritten", "bookkeeping", n_layer=2, kv_fused=True, kv_write="index_copy"),
+    _gpt("fused_kv_setitem", "a fused kv[2, B, H, N, D] buffer written whole: kv[:, :, :, pos] = stack([k, v])",
+         "entmax", 1.5, "rewritten", "bookkeeping", n_layer=1, kv_fused=True),
     _gpt("sparsemax", "entmax.sparsemax, bmm on [B*H, T, D] reshapes", "entmax", 2.0, "rewritten", "bookkeeping",
          n_layer=1, weights="sparsemax", scores="bmm"),
     _gpt("bisect_1.25", "entmax.entmax_bisect(alpha=1.25), ALiBi on all heads, baddbmm with the mask as input",

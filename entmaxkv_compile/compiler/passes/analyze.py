@@ -192,13 +192,13 @@ def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan],
 
 def _dedupe_bookkeeping(plan: Plan) -> None:
     """Two sites reading one cache in one graph must not both fold the same row into its stats."""
-    phases: dict[Node, set[str]] = {}
+    phases: dict[tuple[Node, Optional[int]], set[str]] = {}
     for action in plan.actions:
-        phases.setdefault(action.match.k.cache, set()).add(action.site.phase)
-    for cache, kinds in phases.items():
+        phases.setdefault(action.match.k.key, set()).add(action.site.phase)
+    for key, kinds in phases.items():
         if len(kinds) > 1:
             for action in plan.actions:
-                if action.match.k.cache is cache:
+                if action.match.k.key == key:
                     action.site.status = REFUSED
                     action.site.reason = "one cache is read by both a decode and a prefill attention in one graph"
-            plan.actions = [a for a in plan.actions if a.match.k.cache is not cache]
+            plan.actions = [a for a in plan.actions if a.match.k.key != key]

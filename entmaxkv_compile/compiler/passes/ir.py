@@ -56,7 +56,7 @@ _ATEN: dict[str, str] = {
     "relu": "relu", "clone": "identity", "contiguous": "identity", "alias": "identity",
     "_to_copy": "cast", "to": "cast", "index_copy_": "index_copy_", "index_copy": "index_copy",
     "index_put_": "index_put_", "index_put": "index_put", "copy_": "copy_", "cat": "cat",
-    "dropout": "dropout", "entmax": "entmax", "select": "select",
+    "dropout": "dropout", "entmax": "entmax", "select": "select", "flatten": "flatten",
 }
 
 #: Ops that only move or re-type data: walking through them keeps "the same tensor".

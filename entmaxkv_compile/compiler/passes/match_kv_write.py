@@ -2,12 +2,15 @@
 
 Accepted reads: the buffer itself, through casts, ``contiguous`` and the GQA spellings
 (``repeat_interleave`` on the head axis, ``[:, :, None].expand(...).reshape(...)`` as in HF's
-``repeat_kv``, or ``.flatten(1, 2)``; a single KV head ``expand``-ed to every query head; a size-1
-head axis left for the matmul to broadcast is handled by ``match_attention``). Accepted writes, at an integer position tensor on the sequence axis (dim 2):
-``buf[:, :, pos] = x`` (gpt-fast), ``buf.index_copy_(2, pos, x)`` (HF, either the 4.5x
-``cache_position`` or the 5.x in-graph counter), ``buf.index_put_((None, None, pos), x)``, and their
-functional forms followed by ``copy_`` into the buffer (export graphs). A ``torch.cat`` of past
-and new keys is refused: it cannot be made sparse without copying the whole cache every step.
+``repeat_kv`` or ``.flatten(1, 2)``, one KV head ``expand``-ed to every query head; a size-1 head
+axis the matmuls broadcast is checked in ``verify.py``). Accepted writes, at an integer position
+tensor on the sequence axis (dim 2): ``buf[:, :, pos] = x`` (gpt-fast), ``buf.index_copy_(2, pos,
+x)`` (HF, either the 4.5x ``cache_position`` or the 5.x in-graph counter),
+``buf.index_put_((None, None, pos), x)``, and their functional forms followed by ``copy_`` into the
+buffer (export graphs). A fused buffer ``kv[2, B, H, N, D]`` read as ``kv[0]``/``kv[1]`` is written
+through its parts (``kv[0].index_copy_(2, pos, k)``, ``kv[0][:, :, pos] = k``) or as a whole
+(``kv[:, :, :, pos] = x``). A ``torch.cat`` of past and new keys is refused: it cannot be made
+sparse without copying the whole cache every step.
 """
 
 from __future__ import annotations
@@ -40,22 +43,44 @@ _FACTORIES = frozenset({"zeros", "empty", "full", "zeros_like", "empty_like", "n
 
 @dataclass(frozen=True)
 class CacheRead:
-    """The static buffer an attention operand reads and how it is written this step."""
+    """The static buffer an attention operand reads and how it is written this step.
+
+    ``part``: for a fused buffer ``kv[2, B, H, N, D]`` (one allocation for K and V), the index on
+    its leading axis this operand reads (``kv[0]`` is K, ``kv[1]`` V); ``cache`` is then the fused
+    buffer and :meth:`view` takes the ``[B, H, N, D]`` part of a value of it.
+    """
 
     cache: Optional[Node]
     group: int = 1
     write: Optional[Node] = None
     positions: Optional[Node] = None
     refusal: str = ""
+    part: Optional[int] = None
+
+    @property
+    def key(self) -> tuple[Optional[Node], Optional[int]]:
+        """What identifies the cache: the buffer, and the part of a fused buffer."""
+        return self.cache, self.part
+
+    def shape(self) -> Optional[tuple[Any, ...]]:
+        """The ``[B, H, N, D]`` shape of the cache this operand reads."""
+        shape = shape_of(self.cache)
+        return shape if shape is None or self.part is None else shape[1:]
+
+    def view(self, value: Any) -> Any:
+        """The cache's ``[B, H, N, D]`` tensor, given the buffer's value."""
+        return value if self.part is None else value[self.part]
 
 
 def trace_cache(read: Node, before: Node) -> CacheRead:
     """Resolve ``read`` (a ``[B, H, N, D]`` operand) to its cache buffer and this step's write."""
-    node, group = read, 1
+    node, group, part = read, 1, None
     while True:
         kind = op_of(node)
         if kind in PASS_THROUGH:
             node = arg(node, 0)
+        elif kind in ("getitem", "select") and part is None and part_index(node) is not None:
+            part, node = part_index(node), arg(node, 0)
         elif kind == "repeat_interleave" and _dim(node, arg(node, 2)) == 1 and as_number(arg(node, 1)):
             group *= int(arg(node, 1))
             node = arg(node, 0)
@@ -71,12 +96,12 @@ def trace_cache(read: Node, before: Node) -> CacheRead:
             return CacheRead(None, group, refusal=GQA_REASON)
         elif kind in ("index_copy_", "index_put_"):
             node = arg(node, 0)
-        elif kind in ("index_copy", "index_put") and isinstance(arg(node, 0), Node):
+        elif kind in ("index_copy", "index_put") and isinstance(arg(node, 0), Node) and part is None:
             return _functional_write(node, group)
         elif kind == "cat":
             return CacheRead(None, group, refusal=CONCAT_REASON)
         elif isinstance(node, Node) and node.op in ("placeholder", "get_attr"):
-            return _with_write(node, group, before)
+            return _with_write(node, group, before, part)
         elif isinstance(node, Node) and getattr(node.target, "__name__", "") in _FACTORIES:
             return CacheRead(None, group, refusal=LAZY_REASON)
         else:
@@ -147,24 +172,48 @@ def _is_new_axis_at_2(index: Any) -> bool:
     )
 
 
-def _write_positions(write: Node) -> tuple[Optional[Node], str]:
-    """The position tensor of a write on the sequence axis, or ``(None, reason)``."""
+def part_index(node: Node) -> Optional[int]:
+    """``i`` for ``buf[i]`` / ``buf.select(0, i)`` taking a ``[B, H, N, D]`` part of a 5-D fused buffer."""
+    source = arg(node, 0)
+    shape = shape_of(source)
+    if shape is None or len(shape) != 5 or not isinstance(shape[0], int) or ndim_of(node) != 4:
+        return None
+    if op_of(node) == "select":
+        index = arg(node, 2) if _dim(source, arg(node, 1)) == 0 else None
+    else:
+        index = arg(node, 1)
+        if isinstance(index, tuple) and len(index) == 1:
+            index = index[0]
+    if isinstance(index, bool) or not isinstance(index, int) or not -shape[0] <= index < shape[0]:
+        return None
+    return index % shape[0]
+
+
+def _write_positions(write: Node, fused: bool = False) -> tuple[Optional[Node], str]:
+    """The position tensor of a write on the sequence axis, or ``(None, reason)``.
+
+    ``fused``: the write is on a whole fused buffer ``[2, B, H, N, D]`` (``kv[:, :, :, pos] = kv_new``,
+    ``kv[0, :, :, pos] = k``): one more leading axis.
+    """
     kind = op_of(write)
     full = slice(None, None, None)
+    lead = 1 if fused else 0
     if kind == "setitem":
         index = write.args[1]
-        if isinstance(index, tuple) and len(index) == 3 and index[:2] == (full, full) and isinstance(index[2], Node):
-            return _int_tensor(index[2])
-        return None, "cache write is not buf[:, :, positions] = x"
+        if isinstance(index, tuple) and len(index) == 3 + lead and all(i == full for i in index[lead:lead + 2]) \
+                and isinstance(index[-1], Node):
+            return _int_tensor(index[-1])
+        return None, "cache write is not buf[:, :, positions] = x" if not fused else \
+            "fused cache write is not kv[:, :, :, positions] = x (or kv[i, :, :, positions])"
     if kind in ("index_copy_", "index_copy"):
-        if normalize_dim(arg(write, 1), ndim_of(arg(write, 0))) != 2:
+        if normalize_dim(arg(write, 1), ndim_of(arg(write, 0))) != 2 + lead:
             return None, "cache index_copy is not on the sequence axis (dim 2)"
         return _int_tensor(arg(write, 2))
     if kind in ("index_put_", "index_put"):
         indices = arg(write, 1)
-        if isinstance(indices, (list, tuple)) and len(indices) == 3 and indices[0] is None \
-                and indices[1] is None and isinstance(indices[2], Node):
-            return _int_tensor(indices[2])
+        if isinstance(indices, (list, tuple)) and len(indices) == 3 + lead \
+                and all(i is None for i in indices[:-1]) and isinstance(indices[-1], Node):
+            return _int_tensor(indices[-1])
         return None, "cache index_put is not buf[:, :, positions]"
     return None, f"unsupported cache write {kind}"
 
@@ -176,17 +225,37 @@ def _int_tensor(node: Node) -> tuple[Optional[Node], str]:
     return node, ""
 
 
-def _with_write(cache: Node, group: int, before: Node) -> CacheRead:
+_WRITES = ("setitem", "index_copy_", "index_put_")
+
+
+def _touches(write: Node, part: int) -> bool:
+    """Whether a write on a whole fused buffer may write ``part`` (an other constant part: no)."""
+    if op_of(write) == "setitem" and isinstance(write.args[1], tuple) and write.args[1]:
+        first = write.args[1][0]
+        return not (isinstance(first, int) and not isinstance(first, bool) and first != part)
+    return True
+
+
+def _with_write(cache: Node, group: int, before: Node, part: Optional[int] = None) -> CacheRead:
+    """The last write of ``cache`` (of its ``part``, for a fused buffer) before ``before``."""
     writes = []
     for node in cache.graph.nodes:
         if node is before:
             break
-        if op_of(node) in ("setitem", "index_copy_", "index_put_") and node.args and node.args[0] is cache:
-            writes.append(node)
+        if op_of(node) not in _WRITES or not node.args:
+            continue
+        target = node.args[0]
+        if target is cache and (part is None or _touches(node, part)):
+            writes.append((node, part is not None))
+        elif part is not None and op_of(target) in ("getitem", "select") and arg(target, 0) is cache \
+                and part_index(target) == part:
+            writes.append((node, False))
     if not writes:
-        return CacheRead(cache, group, refusal="no write of this step at a position tensor was found for the cache")
-    positions, why = _write_positions(writes[-1])
-    return CacheRead(cache, group, writes[-1], positions, why)
+        return CacheRead(cache, group, refusal="no write of this step at a position tensor was found for the cache",
+                         part=part)
+    write, fused = writes[-1]
+    positions, why = _write_positions(write, fused)
+    return CacheRead(cache, group, write, positions, why, part)
 
 
 def _functional_write(write: Node, group: int) -> CacheRead:
