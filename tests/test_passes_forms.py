@@ -119,3 +119,80 @@ def test_fused_statistics_are_keyed_on_the_buffer_and_part_and_follow_the_cache(
     fresh = KVPageStats.from_cache(kv[0], torch.full((2,), 18), 4)
     for got, want in zip(seen[0].buffers(), fresh.buffers()):
         torch.testing.assert_close(got[:, :, :5], want[:, :, :5], atol=1e-5, rtol=1e-5)
+
+
+def test_per_head_alpha_is_reported_and_refused_unless_one_constant():
+    plan, _, _ = _decode_plan(head_alphas=(1.5, 1.25, 2.0, 1.5))
+    [site] = plan.sites
+    assert (site.kind, site.alpha, site.status) == ("entmax", None, REFUSED)
+    assert site.reason.startswith("per-head alpha: decode_step takes one alpha") and "1.25" in site.reason
+    plan, _, _ = _decode_plan(head_alphas=(1.25,) * 4)
+    [site] = plan.sites
+    assert (site.kind, site.status) == ("entmax", REWRITTEN), site.reason
+    assert site.alpha == pytest.approx(1.25)
+    [action] = plan.actions
+    assert any("alpha" in g.description for g in action.guards)  # a learned alpha may change: guarded
+
+
+class _ComputedAlpha(torch.nn.Module):
+    """alpha = 1 + softplus(w): computed in the graph, not provably one constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2))
+        self.register_buffer("k", torch.randn(1, 2, 16, 8))
+        self.register_buffer("v", torch.randn(1, 2, 16, 8))
+
+    def forward(self, q, k_new, v_new, pos):
+        import entmax
+
+        self.k.index_copy_(2, pos, k_new)
+        self.v.index_copy_(2, pos, v_new)
+        alpha = 1 + torch.nn.functional.softplus(self.w).view(1, 2, 1, 1)
+        scores = (q @ self.k.transpose(-2, -1) * 0.3).masked_fill(torch.arange(16) > pos, float("-inf"))
+        return entmax.entmax_bisect(scores, alpha=alpha, dim=-1) @ self.v
+
+
+def test_alpha_computed_in_the_graph_is_refused_with_reason():
+    args = (torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), torch.tensor([5]))
+    [(gm, inputs)] = capture_graphs(_ComputedAlpha(), *args)
+    [site] = analyze(gm, inputs, CONFIG).sites
+    assert (site.kind, site.status) == ("entmax", REFUSED)
+    assert "computed in the graph" in site.reason
+
+
+def test_alpha_marker_runs_and_differentiates_like_the_package():
+    import entmax
+
+    from entmaxkv_compile.compiler import markers  # noqa: F401 - defines the op
+
+    x = torch.randn(2, 3, 2, 7, dtype=torch.float64, requires_grad=True)
+    alpha = torch.tensor([1.5, 1.3, 2.0], dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 3, 2, 7, dtype=torch.float64)
+    want = entmax.entmax_bisect(x, alpha.view(1, 3, 1, 1), -1, 50, True)
+    want_grads = torch.autograd.grad((want * grad).sum(), (x, alpha))
+    got = torch.ops.entmaxkv.entmax_alpha(x, alpha.view(1, 3, 1, 1), -1, 50, True)
+    got_grads = torch.autograd.grad((got * grad).sum(), (x, alpha))
+    assert torch.equal(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
+
+
+def test_a_shared_alpha_changed_after_compiling_runs_the_models_attention():
+    """The guard: a learned alpha updated in place (now per head) must not keep the rewrite."""
+    args = gpt_fast.ModelArgs(n_layer=1, head_alphas=(1.5,) * 4)
+    reference, model = gpt_fast.build(args), gpt_fast.build(args)
+    prompt = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(2))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="entmaxkv", options={"compiler": "eager", "selector": "certified"})
+    want = gpt_fast.generate(reference, prompt, 3)
+    got = gpt_fast.generate(model, prompt, 3, decode=compiled, prefill=compiled)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        for m in (reference, model):
+            m.layers[0].attention.weights.alpha.copy_(torch.tensor([1.5, 2.0, 1.25, 1.5]))
+    with pytest.warns(RuntimeWarning, match="alpha input"):
+        got = gpt_fast.generate(model, prompt, 3, decode=compiled, prefill=compiled)
+    want = gpt_fast.generate(reference, prompt, 3)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)

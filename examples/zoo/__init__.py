@@ -76,6 +76,12 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
          "kv[0], kv[1]", "entmax", 1.5, "rewritten", "bookkeeping", n_layer=2, kv_fused=True, kv_write="index_copy"),
     _gpt("fused_kv_setitem", "a fused kv[2, B, H, N, D] buffer written whole: kv[:, :, :, pos] = stack([k, v])",
          "entmax", 1.5, "rewritten", "bookkeeping", n_layer=1, kv_fused=True),
+    _gpt("head_alpha_shared", "a learnable per-head alpha tensor passed to entmax_bisect, equal on every head "
+         "(proved one constant, guarded unchanged)", "entmax", 1.5, "rewritten", "bookkeeping", n_layer=1,
+         head_alphas=(1.5, 1.5, 1.5, 1.5)),
+    _gpt("head_alpha", "a per-head alpha tensor [1.5, 1.25, 2, 1.5] passed to entmax_bisect: decode_step takes one "
+         "alpha, so refused (the model's attention runs)", "entmax", None, "refused", "refused", n_layer=1,
+         head_alphas=(1.5, 1.25, 2.0, 1.5)),
     _gpt("sparsemax", "entmax.sparsemax, bmm on [B*H, T, D] reshapes", "entmax", 2.0, "rewritten", "bookkeeping",
          n_layer=1, weights="sparsemax", scores="bmm"),
     _gpt("bisect_1.25", "entmax.entmax_bisect(alpha=1.25), ALiBi on all heads, baddbmm with the mask as input",

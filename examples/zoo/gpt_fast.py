@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .weights import WEIGHTS
+from .weights import WEIGHTS, PerHeadAlpha
 
 
 @dataclass
@@ -40,6 +40,7 @@ class ModelArgs:
     window: int = 0  # > 0: sliding window, key j visible from query i when i - window < j <= i
     rolling: int = 0  # > 0: rolling-buffer cache of that many slots written at pos % rolling (Mistral)
     temperature: float = 4.0  # scales the scores so the random model's entmax is sparse
+    head_alphas: tuple[float, ...] = ()  # one learnable alpha per head (entmax_bisect with a tensor alpha)
 
     @property
     def head_dim(self) -> int:
@@ -95,6 +96,8 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, (args.n_head + 2 * args.n_kv_head) * d, bias=False)
         self.wo = nn.Linear(args.n_head * d, args.dim, bias=False)
         self.weights: Callable[[torch.Tensor], torch.Tensor] = WEIGHTS[args.weights][0]
+        if args.head_alphas:
+            self.weights = PerHeadAlpha(list(args.head_alphas))
         self.kv_cache: Optional[KVCache] = None
         if args.alibi != "none":
             self.register_buffer("slopes", alibi_slopes(args.n_head, args.alibi), persistent=False)

@@ -25,6 +25,7 @@ from ...config import EntmaxKVConfig
 from .ir import proves_equal, shape_of, where_of
 from .match_attention import AttentionMatch, match_attention
 from .match_entmax import WeightsSite, find_weight_sites
+from .alpha import constant_alpha
 from .match_kv_write import LAZY_REASON
 from .proofs import prove_decode_site
 from .verify import check_decode_site, record, watched_nodes
@@ -95,6 +96,8 @@ def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: En
     """
     plan = Plan()
     decode: list[SitePlan] = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    example = dict(zip(placeholders, example_inputs)) if example_inputs is not None else {}
     for weights in find_weight_sites(gm):
         anchor = weights.probs
         alpha = weights.alpha if weights.confirmed else None
@@ -103,12 +106,15 @@ def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: En
         if not weights.confirmed:
             continue
         match = match_attention(weights)
-        alpha = float(weights.alpha)
+        per_head = constant_alpha(gm, weights.alpha_tensor, example) if weights.alpha_tensor is not None else None
+        if per_head is not None:
+            site.alpha = per_head.alpha
+        alpha = float(site.alpha) if site.alpha is not None else 0.0
         if match.q is not None:
             site.phase = "decode" if _is_decode(match) else "prefill"
         if match.out is not None:
             site.where = where_of(match.out)
-        reason = match.refusal or _config_conflict(config, alpha)
+        reason = match.refusal or (per_head.reason if per_head is not None else "") or _config_conflict(config, alpha)
         if reason == LAZY_REASON and site.phase == "prefill":  # nothing refused: decode fills the stats
             site.status, site.reason = BOOKKEEPING, LAZY_PREFILL_REASON
             continue
@@ -116,6 +122,8 @@ def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: En
             site.status, site.reason = REFUSED, reason
             continue
         action = SitePlan(site, match, alpha)
+        if per_head is not None and per_head.guard is not None:
+            action.guards.append(per_head.guard)
         if site.phase == "prefill":
             site.status = BOOKKEEPING
             site.reason = "query length is not 1: prefill keeps its attention; page statistics are filled"
@@ -169,8 +177,11 @@ def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan],
         if proof.reason:
             action.site.status, action.site.reason = REFUSED, "not proved for every position: " + proof.reason
         else:
-            action.guards = proof.guards
-            proved.append((action, proof.notes))
+            action.guards = [*proof.guards, *(g for g in action.guards if g not in proof.guards)]
+            notes = list(proof.notes)
+            if action.match.weights.alpha_tensor is not None:
+                notes.append(f"per-head alpha: every head's alpha is {action.alpha:.4g}")
+            proved.append((action, notes))
     if not proved:
         return
     watch = [n for action, _ in proved for n in watched_nodes(action.match)]

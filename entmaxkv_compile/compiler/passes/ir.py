@@ -56,7 +56,8 @@ _ATEN: dict[str, str] = {
     "relu": "relu", "clone": "identity", "contiguous": "identity", "alias": "identity",
     "_to_copy": "cast", "to": "cast", "index_copy_": "index_copy_", "index_copy": "index_copy",
     "index_put_": "index_put_", "index_put": "index_put", "copy_": "copy_", "cat": "cat",
-    "dropout": "dropout", "entmax": "entmax", "select": "select", "flatten": "flatten",
+    "dropout": "dropout", "entmax": "entmax", "entmax_alpha": "entmax_alpha", "select": "select",
+    "flatten": "flatten",
 }
 
 #: Ops that only move or re-type data: walking through them keeps "the same tensor".
@@ -95,6 +96,7 @@ def _hashable(obj: Any) -> bool:
 _ARG_NAMES: dict[str, tuple[str, ...]] = {
     "softmax": ("input", "dim"),
     "entmax": ("x", "alpha", "dim"),
+    "entmax_alpha": ("x", "alpha", "dim"),
     "transpose": ("input", "dim0", "dim1"),
     "repeat_interleave": ("input", "repeats", "dim"),
     "index_copy_": ("input", "dim", "index", "source"),
