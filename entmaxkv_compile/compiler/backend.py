@@ -30,7 +30,7 @@ from torch.fx import GraphModule
 from ..config import EntmaxKVConfig
 from ..runtime.stats.reference import KVPageStats
 from .capture import install_capture
-from .passes.analyze import REFUSED, REWRITTEN, Plan, analyze
+from .passes.analyze import REFUSED, REWRITTEN, Plan, analyze, log_refused
 from .passes.decode_rewrite import CatchUp, RewriteResult, cache_view, rewrite
 from .passes.fallback import bookkeeping_only
 from .passes.static_state import STATS
@@ -118,10 +118,7 @@ def entmaxkv_backend(
     plan = analyze(gm, example_inputs, settings.config, allow_guards=True)
     if records_autograd(example_inputs):
         keep_attention_for_autograd(plan)
-    for site in plan.sites:
-        if site.status == REFUSED:  # that site keeps the model's own (dense) attention
-            log.warning("entmaxkv: %s attention at %s not rewritten (it keeps the model's dense "
-                        "attention): %s", site.kind, site.where, site.reason)
+    log_refused(plan.sites, log)
     fallback = None
     if any(action.guards for action in plan.actions):  # planned before ``rewrite`` changes ``gm``
         mapping: dict[torch.fx.Node, torch.fx.Node] = {}

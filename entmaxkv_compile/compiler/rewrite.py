@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -31,8 +32,10 @@ from torch.export.graph_signature import InputKind, TensorArgument
 from ..config import EntmaxKVConfig
 from ..runtime.stats.reference import KVPageStats
 from .explain import ExplainReport, GraphRecord
-from .passes.analyze import REWRITTEN
+from .passes.analyze import REWRITTEN, log_refused
 from .passes.decode_rewrite import STAT_FIELDS as STATS_FIELDS
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RewriteResult", "UnsupportedModelError", "rewrite", "timed_step"]
 
@@ -219,6 +222,7 @@ def _apply_passes(
     flat_args, in_spec = pytree.tree_flatten((args, {}))
     inputs = [*(t for _, t in state), *flat_args]
     plan = analyze(graph, inputs, config)
+    log_refused(plan.sites, log)
     code_before = graph.code
     if not any(site.status == REWRITTEN for site in plan.sites):
         return None, ExplainReport([GraphRecord(list(plan.sites), code_before, code_before)])

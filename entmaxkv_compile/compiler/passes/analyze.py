@@ -15,6 +15,7 @@ Statuses (what ``explain`` prints):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -137,6 +138,15 @@ def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: En
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     plan.actions.sort(key=lambda a: order[a.match.out])
     return plan
+
+
+def log_refused(sites: Sequence[Site], log: logging.Logger) -> None:
+    """A warning per refused site, with its reason: a refused site keeps the model's (dense)
+    attention, which must never happen silently."""
+    for site in sites:
+        if site.status == REFUSED:
+            log.warning("entmaxkv: %s attention at %s not rewritten (it keeps the model's dense attention): %s",
+                        site.kind, site.where, site.reason)
 
 
 def _is_decode(match: AttentionMatch) -> bool:
