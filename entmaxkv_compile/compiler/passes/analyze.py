@@ -9,7 +9,8 @@ Statuses (what ``explain`` prints):
 - ``bookkeeping``: an entmax prefill (query length > 1 or not provably 1): the attention stays, the
   page statistics of its cache are filled after the write (or, for a cache the graph allocates
   itself, by the first decode step that reads it);
-- ``refused``: entmax attention the rewrite cannot take (the reason says which rule failed);
+- ``refused``: entmax attention the rewrite cannot take (the reason says which rule failed; a
+  per-head alpha is refused unless every head's alpha is provably one constant, ``alpha.py``);
 - ``not-entmax``: softmax, or a hand-written candidate the numeric check did not confirm.
 """
 
@@ -23,10 +24,10 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ...config import EntmaxKVConfig
+from .alpha import constant_alpha
 from .ir import proves_equal, shape_of, where_of
 from .match_attention import AttentionMatch, match_attention
 from .match_entmax import WeightsSite, find_weight_sites
-from .alpha import constant_alpha
 from .match_kv_write import LAZY_REASON
 from .proofs import prove_decode_site
 from .verify import check_decode_site, record, watched_nodes
@@ -123,8 +124,8 @@ def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: En
             site.status, site.reason = REFUSED, reason
             continue
         action = SitePlan(site, match, alpha)
-        if per_head is not None and per_head.guard is not None:
-            action.guards.append(per_head.guard)
+        if per_head is not None and per_head.guard is not None and site.phase == "decode":
+            action.guards.append(per_head.guard)  # a learned alpha may be updated in place later
         if site.phase == "prefill":
             site.status = BOOKKEEPING
             site.reason = "query length is not 1: prefill keeps its attention; page statistics are filled"

@@ -5,7 +5,9 @@ up at run time by the backend, see ``static_state.py``) and one bookkeeping call
 model's own write: ``page_stats_append`` at the written position for decode graphs,
 ``page_stats_prefill`` up to the last written position for prefill graphs. Each decode site's
 ``weights @ v`` is replaced by ``decode_step(...)[0]``; the scores, the weights, the mask and the
-GQA expansion of the cache become dead and are removed, so no full-cache copy is left.
+GQA expansion of the cache become dead and are removed, so no full-cache copy is left. A fused
+K/V buffer (``kv[2, B, H, N, D]``) is one graph input: the statistics and ``decode_step`` get its
+parts ``kv[0]``, ``kv[1]`` (views, inserted where they are used).
 """
 
 from __future__ import annotations

@@ -230,9 +230,10 @@ _WRITES = ("setitem", "index_copy_", "index_put_")
 
 def _touches(write: Node, part: int) -> bool:
     """Whether a write on a whole fused buffer may write ``part`` (an other constant part: no)."""
-    if op_of(write) == "setitem" and isinstance(write.args[1], tuple) and write.args[1]:
+    shape = shape_of(write.args[0])
+    if op_of(write) == "setitem" and isinstance(write.args[1], tuple) and write.args[1] and shape:
         first = write.args[1][0]
-        return not (isinstance(first, int) and not isinstance(first, bool) and first != part)
+        return not (isinstance(first, int) and not isinstance(first, bool) and first % shape[0] != part)
     return True
 
 
