@@ -30,8 +30,8 @@ from torch.fx import GraphModule
 from ..config import EntmaxKVConfig
 from ..runtime.stats.reference import KVPageStats
 from .capture import install_capture
-from .passes.analyze import REFUSED, REWRITTEN, Plan, analyze
-from .passes.decode_rewrite import CatchUp, RewriteResult, rewrite
+from .passes.analyze import REFUSED, REWRITTEN, Plan, analyze, log_refused
+from .passes.decode_rewrite import CatchUp, RewriteResult, cache_view, rewrite
 from .passes.fallback import bookkeeping_only
 from .passes.static_state import STATS
 
@@ -118,10 +118,7 @@ def entmaxkv_backend(
     plan = analyze(gm, example_inputs, settings.config, allow_guards=True)
     if records_autograd(example_inputs):
         keep_attention_for_autograd(plan)
-    for site in plan.sites:
-        if site.status == REFUSED:  # that site keeps the model's own (dense) attention
-            log.warning("entmaxkv: %s attention at %s not rewritten (it keeps the model's dense "
-                        "attention): %s", site.kind, site.where, site.reason)
+    log_refused(plan.sites, log)
     fallback = None
     if any(action.guards for action in plan.actions):  # planned before ``rewrite`` changes ``gm``
         mapping: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -173,7 +170,8 @@ def prewarm(result: RewriteResult, inputs: Sequence[Any], extra: Sequence[torch.
     """
     with torch.no_grad():
         for call in result.decode_calls:
-            k_cache, v_cache = inputs[call.k_index], inputs[call.v_index]
+            k_cache = cache_view(inputs[call.k_index], call.k_part)
+            v_cache = cache_view(inputs[call.v_index], call.v_part)
             q = torch.zeros(call.q_shape, dtype=call.q_dtype, device=k_cache.device)
             seqlens = torch.ones(call.q_shape[0], dtype=torch.int64, device=k_cache.device)
             stats = [extra[i] for i in call.stats_extra]
@@ -215,15 +213,15 @@ def extra_inputs_for(result: RewriteResult, args: Sequence[Any]) -> list[torch.T
     Statistics come from the registry (allocated on a cache's first use; a cache first seen by a
     decode graph is caught up from the rows already written), constants from the rewrite.
     """
-    catch_ups = {c.cache_index: c for c in result.catch_ups}
+    catch_ups = {(c.cache_index, c.part): c for c in result.catch_ups}
     values = []
     for extra in result.extra_inputs:
         if extra.kind == "constant":
             values.append(extra.tensor)
             continue
-        stats, created = STATS.get(args[extra.cache_index], extra.page_size, extra.moment_dtype)
-        if created and extra.cache_index in catch_ups:
-            _catch_up(catch_ups[extra.cache_index], args, stats)
+        stats, created = STATS.get(args[extra.cache_index], extra.page_size, extra.moment_dtype, part=extra.part)
+        if created and (extra.cache_index, extra.part) in catch_ups:
+            _catch_up(catch_ups[extra.cache_index, extra.part], args, stats)
         state = stats.buffers() if extra.kind == "stats" else stats.sequence_state()
         values.append(state[extra.field])
     return values
@@ -231,7 +229,7 @@ def extra_inputs_for(result: RewriteResult, args: Sequence[Any]) -> list[torch.T
 
 def _catch_up(catch_up: CatchUp, args: Sequence[Any], stats: KVPageStats) -> None:
     """Fill the statistics of a cache first seen in a decode step (its prefill was not compiled)."""
-    cache = args[catch_up.cache_index]
+    cache = cache_view(args[catch_up.cache_index], catch_up.part)
     with torch.no_grad():
         position = catch_up.positions(*(args[i] for i in catch_up.arg_indices))
     written = position.reshape(-1)[-1:].to(torch.int64).expand(cache.shape[0]).contiguous()

@@ -6,7 +6,8 @@ unrolls ``entmax_bisect``'s 50-step loop, which hides the entmax from the graph 
 ``torch.ops.entmaxkv.entmax(x, alpha, dim)`` *only while tracing*; eager calls are untouched.
 
 The modules ``Entmax15``, ``Sparsemax`` and ``EntmaxBisect`` call these functions from their
-``forward``, so they are captured through them. :func:`install_capture` is idempotent and runs
+``forward``, so they are captured through them. ``entmax_bisect`` with a tensor alpha (per head)
+becomes ``torch.ops.entmaxkv.entmax_alpha`` (``markers.py``). :func:`install_capture` is idempotent and runs
 when the backend module is imported (which ``torch.compile(backend="entmaxkv")`` does before
 tracing).
 """
@@ -48,7 +49,8 @@ def _install_entmax_package() -> None:
     def entmax_bisect(X, alpha=1.5, dim=-1, n_iter=50, ensure_sum_one=True):  # noqa: N803
         if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and alpha > 1:
             return _marker(X, float(alpha), dim)
-        # A tensor alpha (per row) has no marker form: trace the package's own function.
+        if isinstance(alpha, torch.Tensor):  # a per-head alpha: its own marker (markers.py)
+            return torch.ops.entmaxkv.entmax_alpha(X, alpha, int(dim), int(n_iter), bool(ensure_sum_one))
         return root_finding.EntmaxBisectFunction.apply(X, alpha, dim, n_iter, ensure_sum_one)
 
     def sparsemax_bisect(X, dim=-1, n_iter=50, ensure_sum_one=True):  # noqa: N803
@@ -80,6 +82,7 @@ def install_capture() -> tuple[str, ...]:
     global _DONE
     if not _DONE:
         importlib.import_module("entmaxkv_compile.runtime.ops")  # defines torch.ops.entmaxkv.*
+        importlib.import_module("entmaxkv_compile.compiler.markers")  # entmaxkv.entmax_alpha
         _install_entmax_package()
         _install_own()
         _DONE = True

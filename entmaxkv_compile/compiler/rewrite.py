@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -31,8 +32,10 @@ from torch.export.graph_signature import InputKind, TensorArgument
 from ..config import EntmaxKVConfig
 from ..runtime.stats.reference import KVPageStats
 from .explain import ExplainReport, GraphRecord
-from .passes.analyze import REWRITTEN
+from .passes.analyze import REWRITTEN, log_refused
 from .passes.decode_rewrite import STAT_FIELDS as STATS_FIELDS
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RewriteResult", "UnsupportedModelError", "rewrite", "timed_step"]
 
@@ -219,6 +222,7 @@ def _apply_passes(
     flat_args, in_spec = pytree.tree_flatten((args, {}))
     inputs = [*(t for _, t in state), *flat_args]
     plan = analyze(graph, inputs, config)
+    log_refused(plan.sites, log)
     code_before = graph.code
     if not any(site.status == REWRITTEN for site in plan.sites):
         return None, ExplainReport([GraphRecord(list(plan.sites), code_before, code_before)])
@@ -236,10 +240,10 @@ def _apply_passes(
             raise UnsupportedModelError(
                 f"input {extra.cache_index - len(state)} of the step is a KV cache; the offline rewrite needs "
                 "the caches as module buffers (register them with register_buffer)")
-        key = (extra.cache_index, extra.page_size)
+        key = (extra.cache_index, extra.part, extra.page_size)
         if key not in stats:
-            stats[key] = _prefilled_stats(inputs[extra.cache_index], extra.page_size, position_of[extra.cache_index])
-        cache_name = state[extra.cache_index][0].replace(".", "_")
+            stats[key] = _prefilled_stats(extra.cache_of(inputs), extra.page_size, position_of[extra.cache_index])
+        cache_name = state[extra.cache_index][0].replace(".", "_") + ("" if extra.part is None else f"_{extra.part}")
         extras.append((f"entmaxkv.{cache_name}.{STATS_FIELDS[extra.field]}", stats[key].buffers()[extra.field]))
     return RewrittenStep(graph, state, extras, in_spec, program.call_spec.out_spec), report
 

@@ -66,6 +66,22 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
     _gpt("gqa_4to1", "EntmaxBisect(alpha=4/3) module, GQA 4:1 via expand+reshape, scale pre-applied to q, where",
          "entmax", 4 / 3, "rewritten", "bookkeeping", n_layer=1, n_head=8, n_kv_head=2, gqa="expand",
          scale_on="q", weights="bisect_4/3_module", mask="where"),
+    _gpt("mqa_expand", "MQA: one KV head made to match 4 query heads by k.expand(B, Hq, N, D) (no copy)",
+         "entmax", 1.5, "rewritten", "bookkeeping", n_layer=1, n_head=4, n_kv_head=1, gqa="expand_flat"),
+    _gpt("gqa_flatten", "GQA 3:1 by k.unsqueeze(2).expand(-1, -1, G, -1, -1).flatten(1, 2)", "entmax", 1.5,
+         "rewritten", "bookkeeping", n_layer=1, n_head=6, n_kv_head=2, dim=48, gqa="expand_flat"),
+    _gpt("mqa_broadcast", "MQA left to the matmuls: q [B, Hq, 1, D] @ k [B, 1, D, N] broadcasts the KV head",
+         "entmax", 1.5, "rewritten", "bookkeeping", n_layer=1, n_head=4, n_kv_head=1, gqa="broadcast"),
+    _gpt("fused_kv", "K and V in one buffer kv[2, B, H, N, D] written by kv[0].index_copy_(2, pos, k), read as "
+         "kv[0], kv[1]", "entmax", 1.5, "rewritten", "bookkeeping", n_layer=2, kv_fused=True, kv_write="index_copy"),
+    _gpt("fused_kv_setitem", "a fused kv[2, B, H, N, D] buffer written whole: kv[:, :, :, pos] = stack([k, v])",
+         "entmax", 1.5, "rewritten", "bookkeeping", n_layer=1, kv_fused=True),
+    _gpt("head_alpha_shared", "a learnable per-head alpha tensor passed to entmax_bisect, equal on every head "
+         "(proved one constant, guarded unchanged)", "entmax", 1.5, "rewritten", "bookkeeping", n_layer=1,
+         head_alphas=(1.5, 1.5, 1.5, 1.5)),
+    _gpt("head_alpha", "a per-head alpha tensor [1.5, 1.25, 2, 1.5] passed to entmax_bisect: decode_step takes one "
+         "alpha, so refused (the model's attention runs)", "entmax", None, "refused", "refused", n_layer=1,
+         head_alphas=(1.5, 1.25, 2.0, 1.5)),
     _gpt("sparsemax", "entmax.sparsemax, bmm on [B*H, T, D] reshapes", "entmax", 2.0, "rewritten", "bookkeeping",
          n_layer=1, weights="sparsemax", scores="bmm"),
     _gpt("bisect_1.25", "entmax.entmax_bisect(alpha=1.25), ALiBi on all heads, baddbmm with the mask as input",

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .weights import WEIGHTS
+from .weights import WEIGHTS, PerHeadAlpha
 
 
 @dataclass
@@ -30,14 +30,17 @@ class ModelArgs:
     rope: bool = True
     weights: str = "entmax15"
     scores: str = "matmul"  # matmul | einsum | bmm | baddbmm
-    gqa: str = "repeat_interleave"  # repeat_interleave | expand
+    gqa: str = "repeat_interleave"  # repeat_interleave | expand | expand_flat (.expand for MQA,
+    # .flatten(1, 2) for GQA) | broadcast (the matmuls broadcast a single KV head) | tiled (h reads h % Hkv)
     mask: str = "masked_fill"  # masked_fill | additive | where | buffer (gpt-fast's tril buffer) | none
     scale_on: str = "scores"  # scores | q
     alibi: str = "none"  # none | all | half (ALiBi on the first half of the heads, NoPE on the rest)
     kv_write: str = "setitem"  # setitem | index_copy
+    kv_fused: bool = False  # one buffer kv[2, B, H, N, D]: K is kv[0], V is kv[1]
     window: int = 0  # > 0: sliding window, key j visible from query i when i - window < j <= i
     rolling: int = 0  # > 0: rolling-buffer cache of that many slots written at pos % rolling (Mistral)
     temperature: float = 4.0  # scales the scores so the random model's entmax is sparse
+    head_alphas: tuple[float, ...] = ()  # one learnable alpha per head (entmax_bisect with a tensor alpha)
 
     @property
     def head_dim(self) -> int:
@@ -46,17 +49,28 @@ class ModelArgs:
 
 class KVCache(nn.Module):
     def __init__(self, batch: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype,
-                 write: str, rolling: int = 0) -> None:
+                 write: str, rolling: int = 0, fused: bool = False) -> None:
         super().__init__()
         shape = (batch, kv_heads, rolling or max_seq_len, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        if fused:
+            self.register_buffer("kv", torch.zeros((2, *shape), dtype=dtype), persistent=False)
+        else:
+            self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+            self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.write = write
         self.rolling = rolling
+        self.fused = fused
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         if self.rolling:  # slot pos % W holds the newest token; once wrapped, every slot is valid
             input_pos = input_pos % self.rolling
+        if self.fused:  # vLLM-style one allocation for K and V
+            if self.write == "index_copy":
+                self.kv[0].index_copy_(2, input_pos, k)
+                self.kv[1].index_copy_(2, input_pos, v)
+            else:
+                self.kv[:, :, :, input_pos] = torch.stack([k, v])
+            return self.kv[0], self.kv[1]
         if self.write == "index_copy":
             self.k_cache.index_copy_(2, input_pos, k)
             self.v_cache.index_copy_(2, input_pos, v)
@@ -82,6 +96,8 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, (args.n_head + 2 * args.n_kv_head) * d, bias=False)
         self.wo = nn.Linear(args.n_head * d, args.dim, bias=False)
         self.weights: Callable[[torch.Tensor], torch.Tensor] = WEIGHTS[args.weights][0]
+        if args.head_alphas:
+            self.weights = PerHeadAlpha(list(args.head_alphas))
         self.kv_cache: Optional[KVCache] = None
         if args.alibi != "none":
             self.register_buffer("slopes", alibi_slopes(args.n_head, args.alibi), persistent=False)
@@ -110,6 +126,15 @@ class Attention(nn.Module):
         if self.args.gqa == "expand":  # HF repeat_kv
             b, h, n, d = t.shape
             return t[:, :, None, :, :].expand(b, h, group, n, d).reshape(b, h * group, n, d)
+        if self.args.gqa == "expand_flat":  # MQA: one KV head expanded to every query head (no copy)
+            b, h, n, d = t.shape
+            return t.expand(b, h * group, n, d) if h == 1 else \
+                t.unsqueeze(2).expand(-1, -1, group, -1, -1).flatten(1, 2)
+        if self.args.gqa == "broadcast":  # MQA: the score/value matmuls broadcast the size-1 head axis
+            return t
+        if self.args.gqa == "tiled":  # query head h reads KV head h % Hkv: not the GQA map of the kernels
+            b, h, n, d = t.shape
+            return t[:, None].expand(b, group, h, n, d).reshape(b, h * group, n, d)
         return t.repeat_interleave(group, dim=1)
 
     def _attend(self, q, k, v, input_pos):
@@ -205,7 +230,7 @@ class Transformer(nn.Module):
         a = self.args
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch, a.n_kv_head, a.max_seq_len, a.head_dim, dtype, a.kv_write,
-                                               a.rolling).to(self.output.weight.device)
+                                               a.rolling, a.kv_fused).to(self.output.weight.device)
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         freqs = self.freqs[input_pos] if self.args.rope else None

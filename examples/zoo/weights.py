@@ -53,6 +53,18 @@ WEIGHTS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Optional[float]
     "softmax": (_softmax, None),
 }
 
+class PerHeadAlpha(torch.nn.Module):
+    """A learnable alpha per head (adaptively sparse attention), passed to ``entmax.entmax_bisect``
+    as a ``[1, H, 1, 1]`` tensor."""
+
+    def __init__(self, alphas: list[float]) -> None:
+        super().__init__()
+        self.alpha = torch.nn.Parameter(torch.tensor(alphas))
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        return entmax.entmax_bisect(scores, alpha=self.alpha.view(1, -1, 1, 1), dim=-1, n_iter=60)
+
+
 if entmax is not None:
     _ENTMAX15 = entmax.Entmax15(dim=-1)
     _BISECT_43 = entmax.EntmaxBisect(alpha=4 / 3, dim=-1, n_iter=60)

@@ -9,12 +9,14 @@ Statuses (what ``explain`` prints):
 - ``bookkeeping``: an entmax prefill (query length > 1 or not provably 1): the attention stays, the
   page statistics of its cache are filled after the write (or, for a cache the graph allocates
   itself, by the first decode step that reads it);
-- ``refused``: entmax attention the rewrite cannot take (the reason says which rule failed);
+- ``refused``: entmax attention the rewrite cannot take (the reason says which rule failed; a
+  per-head alpha is refused unless every head's alpha is provably one constant, ``alpha.py``);
 - ``not-entmax``: softmax, or a hand-written candidate the numeric check did not confirm.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -22,6 +24,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ...config import EntmaxKVConfig
+from .alpha import constant_alpha
 from .ir import proves_equal, shape_of, where_of
 from .match_attention import AttentionMatch, match_attention
 from .match_entmax import WeightsSite, find_weight_sites
@@ -95,6 +98,8 @@ def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: En
     """
     plan = Plan()
     decode: list[SitePlan] = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    example = dict(zip(placeholders, example_inputs)) if example_inputs is not None else {}
     for weights in find_weight_sites(gm):
         anchor = weights.probs
         alpha = weights.alpha if weights.confirmed else None
@@ -103,12 +108,15 @@ def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: En
         if not weights.confirmed:
             continue
         match = match_attention(weights)
-        alpha = float(weights.alpha)
+        per_head = constant_alpha(gm, weights.alpha_tensor, example) if weights.alpha_tensor is not None else None
+        if per_head is not None:
+            site.alpha = per_head.alpha
+        alpha = float(site.alpha) if site.alpha is not None else 0.0
         if match.q is not None:
             site.phase = "decode" if _is_decode(match) else "prefill"
         if match.out is not None:
             site.where = where_of(match.out)
-        reason = match.refusal or _config_conflict(config, alpha)
+        reason = match.refusal or (per_head.reason if per_head is not None else "") or _config_conflict(config, alpha)
         if reason == LAZY_REASON and site.phase == "prefill":  # nothing refused: decode fills the stats
             site.status, site.reason = BOOKKEEPING, LAZY_PREFILL_REASON
             continue
@@ -116,6 +124,8 @@ def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: En
             site.status, site.reason = REFUSED, reason
             continue
         action = SitePlan(site, match, alpha)
+        if per_head is not None and per_head.guard is not None and site.phase == "decode":
+            action.guards.append(per_head.guard)  # a learned alpha may be updated in place later
         if site.phase == "prefill":
             site.status = BOOKKEEPING
             site.reason = "query length is not 1: prefill keeps its attention; page statistics are filled"
@@ -129,6 +139,15 @@ def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: En
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     plan.actions.sort(key=lambda a: order[a.match.out])
     return plan
+
+
+def log_refused(sites: Sequence[Site], log: logging.Logger) -> None:
+    """A warning per refused site, with its reason: a refused site keeps the model's (dense)
+    attention, which must never happen silently."""
+    for site in sites:
+        if site.status == REFUSED:
+            log.warning("entmaxkv: %s attention at %s not rewritten (it keeps the model's dense attention): %s",
+                        site.kind, site.where, site.reason)
 
 
 def _is_decode(match: AttentionMatch) -> bool:
@@ -169,8 +188,11 @@ def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan],
         if proof.reason:
             action.site.status, action.site.reason = REFUSED, "not proved for every position: " + proof.reason
         else:
-            action.guards = proof.guards
-            proved.append((action, proof.notes))
+            action.guards = [*proof.guards, *(g for g in action.guards if g not in proof.guards)]
+            notes = list(proof.notes)
+            if action.match.weights.alpha_tensor is not None:
+                notes.append(f"per-head alpha: every head's alpha is {action.alpha:.4g}")
+            proved.append((action, notes))
     if not proved:
         return
     watch = [n for action, _ in proved for n in watched_nodes(action.match)]
@@ -192,13 +214,13 @@ def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan],
 
 def _dedupe_bookkeeping(plan: Plan) -> None:
     """Two sites reading one cache in one graph must not both fold the same row into its stats."""
-    phases: dict[Node, set[str]] = {}
+    phases: dict[tuple[Node, Optional[int]], set[str]] = {}
     for action in plan.actions:
-        phases.setdefault(action.match.k.cache, set()).add(action.site.phase)
-    for cache, kinds in phases.items():
+        phases.setdefault(action.match.k.key, set()).add(action.site.phase)
+    for key, kinds in phases.items():
         if len(kinds) > 1:
             for action in plan.actions:
-                if action.match.k.cache is cache:
+                if action.match.k.key == key:
                     action.site.status = REFUSED
                     action.site.reason = "one cache is read by both a decode and a prefill attention in one graph"
-            plan.actions = [a for a in plan.actions if a.match.k.cache is not cache]
+            plan.actions = [a for a in plan.actions if a.match.k.key != key]

@@ -5,7 +5,9 @@ up at run time by the backend, see ``static_state.py``) and one bookkeeping call
 model's own write: ``page_stats_append`` at the written position for decode graphs,
 ``page_stats_prefill`` up to the last written position for prefill graphs. Each decode site's
 ``weights @ v`` is replaced by ``decode_step(...)[0]``; the scores, the weights, the mask and the
-GQA expansion of the cache become dead and are removed, so no full-cache copy is left.
+GQA expansion of the cache become dead and are removed, so no full-cache copy is left. A fused
+K/V buffer (``kv[2, B, H, N, D]``) is one graph input: the statistics and ``decode_step`` get its
+parts ``kv[0]``, ``kv[1]`` (views, inserted where they are used).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ...runtime.certify.policy import dense_rows_for
 from ...runtime.stats.reference import resolve_moment_dtype, stats_valid_for
 from .analyze import REWRITTEN, Plan, SitePlan
 from .ir import concrete, dtype_of, is_impure, op_of, shape_of
+from .match_kv_write import CacheRead
 from .subgraph import NotExtractable, extract, needed_placeholders
 
 STAT_FIELDS = ("kmin", "kmax", "kmean", "km2")
@@ -38,6 +41,16 @@ class ExtraInput:
     field: int = 0
     tensor: Optional[torch.Tensor] = None
     moment_dtype: str = "float32"
+    part: Optional[int] = None  # a fused K/V buffer: the cache is ``input[part]`` (match_kv_write.CacheRead)
+
+    def cache_of(self, args: Any) -> torch.Tensor:
+        """This input's ``[B, H, N, D]`` cache among the graph's arguments."""
+        return cache_view(args[self.cache_index], self.part)
+
+
+def cache_view(buffer: torch.Tensor, part: Optional[int]) -> torch.Tensor:
+    """The cache tensor: the buffer, or its part ``buffer[part]`` for a fused K/V buffer."""
+    return buffer if part is None else buffer[part]
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,7 @@ class CatchUp:
     page_size: int
     positions: GraphModule
     arg_indices: tuple[int, ...]
+    part: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,8 @@ class DecodeCall:
     stats_extra: tuple[int, ...]  # indices into ``extra_inputs`` of kmin, kmax, kmean, km2
     slopes_extra: Optional[int]
     constants: tuple[Any, ...]  # scale, alpha, page_size, selector, ... (decode_step's order)
+    k_part: Optional[int] = None  # fused K/V buffer: K is ``input[k_index][k_part]``
+    v_part: Optional[int] = None
 
 
 @dataclass
@@ -105,16 +121,16 @@ def rewrite(gm: GraphModule, plan: Plan, config: EntmaxKVConfig, *, track_order:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     index_of = {node: i for i, node in enumerate(placeholders)}
     fake_mode = _fake_mode(placeholders)
-    stats_nodes: dict[Node, list[Node]] = {}
-    order_nodes: dict[Node, list[Node]] = {}
+    stats_nodes: dict[Any, list[Node]] = {}
+    order_nodes: dict[Any, list[Node]] = {}
     for action in plan.actions:
-        cache = action.match.k.cache
-        if cache in stats_nodes:
+        read = action.match.k
+        if read.key in stats_nodes:
             continue
-        stats_nodes[cache] = _add_stats_inputs(gm, result, cache, index_of[cache], config, fake_mode)
-        order_nodes[cache] = (_add_order_inputs(gm, result, cache, index_of[cache], config, fake_mode)
-                              if track_order else [])
-        _insert_bookkeeping(gm, plan, action, stats_nodes[cache], order_nodes[cache], config)
+        stats_nodes[read.key] = _add_stats_inputs(gm, result, read, index_of[read.cache], config, fake_mode)
+        order_nodes[read.key] = (_add_order_inputs(gm, result, read, index_of[read.cache], config, fake_mode)
+                                 if track_order else [])
+        _insert_bookkeeping(gm, plan, action, stats_nodes[read.key], order_nodes[read.key], config)
         if action.site.phase == "decode":
             _add_catch_up(gm, result, action, index_of, config.page_size)
     for action in plan.actions:
@@ -125,14 +141,13 @@ def rewrite(gm: GraphModule, plan: Plan, config: EntmaxKVConfig, *, track_order:
                 slopes = _add_input(gm, result, ExtraInput("constant", tensor=action.slopes.to(_device(action))),
                                     f"entmaxkv_alibi_{slopes_extra}", fake_mode)
             result.guards.extend(g for g in action.guards if g not in result.guards)
-            constants = _replace_attention(gm, action, stats_nodes[action.match.k.cache],
-                                           order_nodes[action.match.k.cache], slopes, config)
+            k, v = action.match.k, action.match.v
+            constants = _replace_attention(gm, action, stats_nodes[k.key], order_nodes[k.key], slopes, config)
             stats_extra = tuple(i for i, e in enumerate(result.extra_inputs) if e.kind == "stats"
-                                and e.cache_index == index_of[action.match.k.cache])
+                                and (e.cache_index, e.part) == (index_of[k.cache], k.part))
             result.decode_calls.append(DecodeCall(
                 tuple(concrete(d) for d in shape_of(action.match.q)), dtype_of(action.match.q),
-                index_of[action.match.k.cache], index_of[action.match.v.cache], stats_extra, slopes_extra,
-                constants))
+                index_of[k.cache], index_of[v.cache], stats_extra, slopes_extra, constants, k.part, v.part))
     _erase_dead(gm)
     graph.lint()
     gm.recompile()
@@ -171,19 +186,24 @@ def _add_input(gm: GraphModule, result: RewriteResult, extra: ExtraInput, name: 
     return node
 
 
-def _add_stats_inputs(gm, result, cache: Node, cache_index: int, config: EntmaxKVConfig, fake_mode) -> list[Node]:
-    value = cache.meta.get("example_value", cache.meta.get("val"))
+def _name(read: CacheRead) -> str:
+    return read.cache.name if read.part is None else f"{read.cache.name}_{read.part}"
+
+
+def _add_stats_inputs(gm, result, read: CacheRead, cache_index: int, config: EntmaxKVConfig,
+                      fake_mode) -> list[Node]:
+    value = read.cache.meta.get("example_value", read.cache.meta.get("val"))
     page_size = config.page_size
     nodes = []
     for i, name in enumerate(STAT_FIELDS):
         like = None
         if isinstance(value, torch.Tensor):
-            batch, heads, length, dim = (concrete(s) for s in value.shape)
+            batch, heads, length, dim = (concrete(s) for s in read.shape())
             shape = (batch, heads, -(-length // page_size), dim)
             dtype = value.dtype if i < 2 else resolve_moment_dtype(config.moment_dtype, value.dtype)
             like = _MetaLike(torch.empty(shape, dtype=dtype, device="meta"), value.device)
-        extra = ExtraInput("stats", cache_index, page_size, i, moment_dtype=config.moment_dtype)
-        nodes.append(_add_input(gm, result, extra, f"entmaxkv_{cache.name}_{name}", fake_mode, like))
+        extra = ExtraInput("stats", cache_index, page_size, i, moment_dtype=config.moment_dtype, part=read.part)
+        nodes.append(_add_input(gm, result, extra, f"entmaxkv_{_name(read)}_{name}", fake_mode, like))
     return nodes
 
 
@@ -191,18 +211,20 @@ def _add_stats_inputs(gm, result, cache: Node, cache_index: int, config: EntmaxK
 ORDER_FIELDS = (("last_position", torch.int64), ("valid", torch.bool), ("certify_skip", torch.int32))
 
 
-def _add_order_inputs(gm, result, cache: Node, cache_index: int, config: EntmaxKVConfig, fake_mode) -> list[Node]:
+def _add_order_inputs(gm, result, read: CacheRead, cache_index: int, config: EntmaxKVConfig,
+                      fake_mode) -> list[Node]:
     """The cache's per-sequence decode state as graph inputs (``KVPageStats``' fields of
     :data:`ORDER_FIELDS`): last appended position (int64 ``[B]``), valid (bool), and the certified
     mode's read-everything counter (int32)."""
-    value = cache.meta.get("example_value", cache.meta.get("val"))
+    value = read.cache.meta.get("example_value", read.cache.meta.get("val"))
     nodes = []
     for index, (name, dtype) in enumerate(ORDER_FIELDS):
         like = None
         if isinstance(value, torch.Tensor):
-            like = _MetaLike(torch.empty((concrete(value.shape[0]),), dtype=dtype, device="meta"), value.device)
-        extra = ExtraInput("order", cache_index, config.page_size, index, moment_dtype=config.moment_dtype)
-        nodes.append(_add_input(gm, result, extra, f"entmaxkv_{cache.name}_{name}", fake_mode, like))
+            like = _MetaLike(torch.empty((concrete(read.shape()[0]),), dtype=dtype, device="meta"), value.device)
+        extra = ExtraInput("order", cache_index, config.page_size, index, moment_dtype=config.moment_dtype,
+                           part=read.part)
+        nodes.append(_add_input(gm, result, extra, f"entmaxkv_{_name(read)}_{name}", fake_mode, like))
     return nodes
 
 
@@ -221,11 +243,12 @@ def _insert_bookkeeping(gm: GraphModule, plan: Plan, action: SitePlan, stats: li
                         config: EntmaxKVConfig) -> None:
     """One statistics update per cache, before the first attention that reads it (and, with
     ``order``, the update of its append-order state)."""
-    cache = action.match.k.cache
-    first_out = next(a.match.out for a in plan.actions if a.match.k.cache is cache)
-    capacity = concrete(shape_of(cache)[2]) if order else 0
+    read = action.match.k
+    first_out = next(a.match.out for a in plan.actions if a.match.k.key == read.key)
+    capacity = concrete(read.shape()[2]) if order else 0
     graph = gm.graph
     with graph.inserting_before(first_out):
+        cache = _cache_node(graph, read)
         if action.site.phase == "decode":
             positions = graph.call_function(batch_positions, (action.match.k.positions, action.match.q))
             graph.call_function(torch.ops.entmaxkv.page_stats_append.default,
@@ -256,15 +279,16 @@ def _replace_attention(gm: GraphModule, action: SitePlan, stats: list[Node], ord
     )
     policy = bool(order) and config.selector == "certified"
     with graph.inserting_before(match.out):
+        k_cache, v_cache = _cache_node(graph, match.k), _cache_node(graph, match.v)
         seqlens = graph.call_function(seqlens_after, (match.k.positions, match.q))
         state = (graph.call_function(stats_valid_for, (*order[:2], seqlens)),) if order else ()
         if policy:
             dense = graph.call_function(dense_rows_for, (order[2],))
             state += (dense,)
         step = graph.call_function(torch.ops.entmaxkv.decode_step.default, (
-            match.q, match.k.cache, match.v.cache, seqlens, *stats, slopes, *constants, *state))
+            match.q, k_cache, v_cache, seqlens, *stats, slopes, *constants, *state))
         if policy:
-            num_pages = -(-concrete(shape_of(match.k.cache)[2]) // config.page_size)
+            num_pages = -(-concrete(match.k.shape()[2]) // config.page_size)
             num_selected = graph.call_function(operator.getitem, (step, 2))
             graph.call_function(torch.ops.entmaxkv.certify_policy_update.default, (
                 order[2], dense, num_selected, seqlens, config.page_size, num_pages,
@@ -283,7 +307,12 @@ def _add_catch_up(gm: GraphModule, result: RewriteResult, action: SitePlan, inde
     except NotExtractable:
         return  # the step's position cannot be computed ahead; a compiled prefill must fill the stats
     args = tuple(index_of[n] for n in needed_placeholders(gm, [], positions))
-    result.catch_ups.append(CatchUp(index_of[action.match.k.cache], page_size, fn, args))
+    result.catch_ups.append(CatchUp(index_of[action.match.k.cache], page_size, fn, args, action.match.k.part))
+
+
+def _cache_node(graph: torch.fx.Graph, read: CacheRead) -> Node:
+    """The ``[B, H, N, D]`` cache as a graph value: the buffer, or ``buffer[part]`` (a view) when fused."""
+    return read.cache if read.part is None else graph.call_function(operator.getitem, (read.cache, read.part))
 
 
 def _erase_dead(gm: GraphModule) -> None:

@@ -28,7 +28,8 @@ _FUNCTIONS: dict[Any, str] = {
     operator.getitem: "getitem", operator.setitem: "setitem", torch.where: "where",
     torch.masked_fill: "masked_fill", torch.clamp: "clamp", torch.clamp_min: "clamp_min",
     torch.relu: "relu", F.relu: "relu", torch.cat: "cat", torch.concat: "cat",
-    torch.index_copy: "index_copy", torch.index_put: "index_put",
+    torch.index_copy: "index_copy", torch.index_put: "index_put", torch.flatten: "flatten",
+    torch.select: "select",
 }
 
 _METHODS: dict[str, str] = {
@@ -42,6 +43,7 @@ _METHODS: dict[str, str] = {
     "bfloat16": "cast", "double": "cast", "to": "cast", "type_as": "cast", "type": "cast",
     "index_copy_": "index_copy_", "index_copy": "index_copy", "index_put_": "index_put_",
     "index_put": "index_put", "copy_": "copy_", "baddbmm": "baddbmm", "where": "where",
+    "flatten": "flatten", "select": "select",
 }
 
 _ATEN: dict[str, str] = {
@@ -54,7 +56,8 @@ _ATEN: dict[str, str] = {
     "relu": "relu", "clone": "identity", "contiguous": "identity", "alias": "identity",
     "_to_copy": "cast", "to": "cast", "index_copy_": "index_copy_", "index_copy": "index_copy",
     "index_put_": "index_put_", "index_put": "index_put", "copy_": "copy_", "cat": "cat",
-    "dropout": "dropout", "entmax": "entmax",
+    "dropout": "dropout", "entmax": "entmax", "entmax_alpha": "entmax_alpha", "select": "select",
+    "flatten": "flatten",
 }
 
 #: Ops that only move or re-type data: walking through them keeps "the same tensor".
@@ -93,6 +96,7 @@ def _hashable(obj: Any) -> bool:
 _ARG_NAMES: dict[str, tuple[str, ...]] = {
     "softmax": ("input", "dim"),
     "entmax": ("x", "alpha", "dim"),
+    "entmax_alpha": ("x", "alpha", "dim"),
     "transpose": ("input", "dim0", "dim1"),
     "repeat_interleave": ("input", "repeats", "dim"),
     "index_copy_": ("input", "dim", "index", "source"),
@@ -106,6 +110,8 @@ _ARG_NAMES: dict[str, tuple[str, ...]] = {
     "clamp_min": ("input", "min"),
     "pow": ("input", "exponent"),
     "cat": ("tensors", "dim"),
+    "flatten": ("input", "start_dim", "end_dim"),
+    "select": ("input", "dim", "index"),
 }
 
 _KWARG_ALIASES = {"input": ("input", "self", "x", "X"), "dim": ("dim", "dim0"), "exponent": ("exponent",)}

@@ -70,8 +70,8 @@ def match_attention(site: WeightsSite) -> AttentionMatch:
     match.k = trace_cache(match.k_read, before=out)
     match.v = trace_cache(match.v_read, before=out)
     match.refusal = match.k.refusal or match.v.refusal
-    if not match.refusal and match.k.cache is match.v.cache:
-        match.refusal = "K and V are read from the same buffer"
+    if not match.refusal and match.k.cache is match.v.cache and (match.k.part is None or match.k.part == match.v.part):
+        match.refusal = "K and V are read from the same buffer (not two parts kv[0], kv[1] of a fused buffer)"
     return match
 
 

@@ -1,6 +1,7 @@
 """Find the attention-weight computations of a graph: entmax markers, softmax, hand-written entmax.
 
-Known entmax functions reach the graph as the marker op ``entmaxkv.entmax`` (see ``capture.py``).
+Known entmax functions reach the graph as the marker op ``entmaxkv.entmax`` (see ``capture.py``),
+or ``entmaxkv.entmax_alpha`` when alpha is a tensor (``markers.py``).
 Hand-written entmax (sort-based, bisection, sparsemax, any spelling) is recognised by its tail,
 ``p = [c*S - t]_+ ** beta`` (optionally divided by its row sum) with ``t`` a row function of the
 scores ``S``, and is only accepted after the cut-out candidate reproduces
@@ -33,6 +34,7 @@ class WeightsSite:
     dim: Optional[int]
     confirmed: bool
     reason: str = ""
+    alpha_tensor: Optional[Node] = None  # ``entmaxkv.entmax_alpha``: the tensor alpha (``alpha`` is then None)
 
 
 def find_weight_sites(gm: GraphModule, *, seed: int = 0) -> list[WeightsSite]:
@@ -47,6 +49,10 @@ def find_weight_sites(gm: GraphModule, *, seed: int = 0) -> list[WeightsSite]:
         kind = op_of(node)
         if kind == "entmax":
             sites.append(WeightsSite(node, arg(node, 0), "marker", float(arg(node, 1)), arg(node, 2, -1), True))
+            seen.add(node)
+        elif kind == "entmax_alpha":
+            sites.append(WeightsSite(node, arg(node, 0), "marker", None, arg(node, 2, -1), True,
+                                     alpha_tensor=arg(node, 1)))
             seen.add(node)
         elif kind == "softmax":
             sites.append(WeightsSite(node, arg(node, 0), "softmax", None, arg(node, 1), False,

@@ -188,7 +188,7 @@ def _find(parent: dict[Node, Node], node: Node) -> Node:
 def prove_decode_site(gm: GraphModule, match: AttentionMatch, product: Node, example: dict[Node, Any],
                       allow_guards: bool) -> SiteProof:
     """Prove ``match``'s rewrite right for every position, or say why not (see the module doc)."""
-    shape = shape_of(match.k.cache)
+    shape = match.k.shape()
     if shape is None or not isinstance(shape[2], int):
         return SiteProof("the cache length is not a static size: cannot prove the mask for every position")
     key_len = shape[2]

@@ -6,7 +6,9 @@ inputs are cloned, so the caller's caches and counters are untouched) and compar
 contract of ``decode_step``:
 
 - K and V read by the attention equal the cache buffers with query head ``h`` reading KV head
-  ``h // G`` (catches tiled ``repeat`` GQA, which the kernels do not implement);
+  ``h // G`` (catches tiled ``repeat`` GQA, which the kernels do not implement; a size-1 head axis
+  the matmuls broadcast counts as read by every query head); the K and V parts of a fused
+  ``kv[2, B, H, N, D]`` buffer are disjoint (the buffer has no internal overlap);
 - the scores minus ``scale * q.k`` are, on the written positions ``j < L``, ALiBi
   ``slope_h * (j - (L-1))`` up to a per-row constant (entmax is shift invariant), and at least
   ``1e3`` below the largest on ``j >= L`` (a causal static-cache mask); the slopes are recovered here;
@@ -30,6 +32,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from ...math import reference
 from .ir import is_impure
 from .match_attention import AttentionMatch
+from .symbolic import FRESH, kind_of
 
 _MASKED = -1e3
 
@@ -60,6 +63,9 @@ def mutated_inputs(gm: GraphModule) -> set[Node]:
     for node in gm.graph.nodes:
         if is_impure(node) and node.op not in ("placeholder", "output"):
             for parent in node.all_input_nodes[:1]:
+                while parent.op in ("call_function", "call_method") and kind_of(parent) not in FRESH \
+                        and parent.all_input_nodes:  # a write through a view (``kv[0].index_copy_``)
+                    parent = parent.all_input_nodes[0]
                 if parent.op in ("placeholder", "get_attr"):
                     out.add(parent)
     return out
@@ -91,11 +97,16 @@ def check_decode_site(
     """``(alibi_slopes or None, "")`` when the site computes decode_step's math, else ``(None, reason)``."""
     q = values[match.q].double()
     k_read, v_read = values[match.k_read], values[match.v_read]
-    k_cache, v_cache = values[match.k.cache], values[match.v.cache]
+    k_cache, v_cache = match.k.view(values[match.k.cache]), match.v.view(values[match.v.cache])
+    if match.k.cache is match.v.cache and not has_no_internal_overlap(values[match.k.cache]):
+        return None, "the fused K/V buffer's strides let elements share memory: its K and V parts are not disjoint"
     batch, q_heads, _, head_dim = q.shape
     if k_cache.dim() != 4 or k_cache.shape[0] != batch or q_heads % k_cache.shape[1]:
         return None, f"cache shape {tuple(k_cache.shape)} does not fit q {tuple(q.shape)}"
     group = q_heads // k_cache.shape[1]
+    # A single head left for the matmuls to broadcast (MQA without expand) is read by every query head.
+    k_read, v_read = (t.expand(-1, q_heads, -1, -1) if t.dim() == 4 and t.shape[1] == 1 else t
+                      for t in (k_read, v_read))
     if not (torch.equal(k_cache.repeat_interleave(group, 1), k_read)
             and torch.equal(v_cache.repeat_interleave(group, 1), v_read)):
         return None, "K/V read by the attention are not the cache with query head h reading KV head h // G"
@@ -119,6 +130,21 @@ def check_decode_site(
     if not err <= (3e-2 if low_precision else 1e-3) * (1.0 + out.abs().max().item()):
         return None, f"the rewritten step would differ from the model (max error {err:.3g})"
     return slopes, ""
+
+
+def has_no_internal_overlap(buffer: torch.Tensor) -> bool:
+    """Whether every element of ``buffer`` has its own memory (a sufficient test on the strides).
+
+    Then two different indices on its leading axis (``kv[0]``, ``kv[1]``) are disjoint views. The
+    stride test holds for every call: Dynamo guards an input's strides.
+    """
+    reach = 0
+    dims = sorted((abs(stride), size) for size, stride in zip(buffer.shape, buffer.stride()) if size > 1)
+    for stride, size in dims:
+        if stride <= reach:
+            return False
+        reach += (size - 1) * stride
+    return True
 
 
 def _hides_written_rows(valid: torch.Tensor) -> bool:
