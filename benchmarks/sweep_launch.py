@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.dense_decode import PAGE, DIM, graphed, kernel_breakdown, make_family  # noqa: E402
 from entmaxkv_compile.runtime import kernels  # noqa: E402
 from entmaxkv_compile.checks import stats_shape  # noqa: E402
+from entmaxkv_compile.runtime.sketch.reference import KeySketch  # noqa: E402
 from entmaxkv_compile.runtime.tuning import tuned  # noqa: E402
 from entmaxkv_compile.tables import render_table  # noqa: E402
 
@@ -33,6 +34,7 @@ DECODE_SPACE = {"PROGRAMS_PER_SM": (2, 3, 4, 6, 8, 12, 16), "num_warps": (4, 8),
                 "BLOCK_T": (32, 64)}
 SELECT_SPACE = {"MOMENTS_BLOCKS": (2, 4, 8, 16, 32), "BLOCK_PM": (16, 32, 64), "num_warps": (2, 4, 8),
                 "BLOCK_PS": (256, 1024)}
+SCAN_SPACE = {"SCAN_PROGRAMS_PER_SM": (2, 4, 8), "SCAN_BLOCK_N": (32, 64, 128), "SCAN_WARPS": (4, 8)}
 DEFAULT_CASES = "planted:32768,planted:131072,iid:131072,planted:1048576,iid:1048576"
 HQ, HKV = 32, 8
 
@@ -97,6 +99,13 @@ def run_case(family: str, n: int) -> dict:
             token_budget=4096, max_quantile=0.999, margin=0.0, tau_estimate="auto", sink_pages=1,
             recent_pages=1, min_context=0)
 
+    sketch = KeySketch.from_cache(k, seqlens, check_values=False)
+    read_all = torch.zeros(1, dtype=torch.bool, device="cuda")
+
+    def sketch_select():
+        return kernels.sketch_select(q, *sketch.buffers(), seqlens, read_all, page_size=PAGE, alpha=1.5,
+                                     scale=scale)
+
     print(f"{family} N={n}", flush=True)
     row = dict(family=family, n=n, hq=HQ, hkv=HKV, sdpa_ms=_time(sdpa))
     shipped = tuned.decode_config(q.device, q.dtype, DIM, HQ // HKV, PAGE, n)
@@ -109,6 +118,10 @@ def run_case(family: str, n: int) -> dict:
     row.update(select_shipped=shipped, select_best=best, select_trials=trials)
     with tuned.override("select", best):
         row["select_kernels_us"] = kernel_breakdown(select)
+        best, trials = descend("select", best, SCAN_SPACE, sketch_select)
+    row.update(scan_best=best, scan_trials=trials)
+    with tuned.override("select", best):
+        row["scan_kernels_us"] = kernel_breakdown(sketch_select)
     return row
 
 

@@ -127,8 +127,6 @@ def sketch_page_bounds(
                                      check_page_size(page_size), float(scale))
 
 
-SCAN_BLOCK_N = 64  # sketch rows per tile of the scan
-
 
 @triton_op("entmaxkv::triton_sketch_select", mutates_args=())
 def triton_sketch_select(
@@ -150,7 +148,8 @@ def triton_sketch_select(
     dev = q.device
     f32 = torch.float32
     cfg = decode_config(dev, q.dtype, dim, group, page_size, capacity)
-    splits = cm.decode_splits(batch, hkv, num_pages, dev, cfg["PROGRAMS_PER_SM"])
+    scan = lookup("select", dev, "default", capacity)
+    splits = cm.decode_splits(batch, hkv, num_pages, dev, scan["SCAN_PROGRAMS_PER_SM"])
     seg = cm.cdiv(num_pages, splits) * page_size
     cand_z = torch.empty((batch, hq, splits * seg), device=dev, dtype=f32)
     cand_cnt = torch.empty((batch, hkv, splits), device=dev, dtype=torch.int32)
@@ -165,13 +164,14 @@ def triton_sketch_select(
         q.stride(0), q.stride(1), q.stride(3), *codes.stride(), *scales.stride(),
         hq, hkv, group, dim, splits, seg, num_pages, capacity, scale, alpha - 1.0,
         bound_rel_slack(dim), ABS_SLACK, HALF_STEP,
-        HAS_ALIBI=has_alibi, GROUPS=sketch_groups(dim), PAGE=page_size,
-        BLOCK_G=max(16, cm.next_pow2(group)), BLOCK_N=max(SCAN_BLOCK_N, page_size),
+        HAS_ALIBI=has_alibi, GROUPS=sketch_groups(dim), BLOCK_GR=cm.next_pow2(sketch_groups(dim)),
+        PAGE=page_size, BLOCK_G=max(16, cm.next_pow2(group)),
+        BLOCK_N=max(scan["SCAN_BLOCK_N"], page_size), BLOCK_D=max(16, cm.next_pow2(dim)),
         DOT_PREC=cm.dot_precision(dev, q.dtype), UPCAST=cm.dot_upcast(dev, q.dtype),
-        num_warps=cfg["num_warps"],
+        num_warps=scan["SCAN_WARPS"],
     )
     solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, seg, alpha, cfg)
-    block_p = lookup("select", dev, "default", capacity)["BLOCK_PS"]
+    block_p = scan["BLOCK_PS"]
     nblocks = cm.cdiv(num_pages, block_p)
     flags = torch.empty((batch, hkv, num_pages), device=dev, dtype=torch.int8)
     counts = torch.empty((batch, hkv, nblocks), device=dev, dtype=torch.int32)
