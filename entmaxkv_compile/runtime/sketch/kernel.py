@@ -164,9 +164,8 @@ def triton_sketch_select(
         q.stride(0), q.stride(1), q.stride(3), *codes.stride(), *scales.stride(),
         hq, hkv, group, dim, splits, seg, num_pages, capacity, scale, alpha - 1.0,
         bound_rel_slack(dim), ABS_SLACK, HALF_STEP,
-        HAS_ALIBI=has_alibi, GROUPS=sketch_groups(dim), BLOCK_GR=cm.next_pow2(sketch_groups(dim)),
-        PAGE=page_size, BLOCK_G=max(16, cm.next_pow2(group)),
-        BLOCK_N=max(scan["SCAN_BLOCK_N"], page_size), BLOCK_D=max(16, cm.next_pow2(dim)),
+        HAS_ALIBI=has_alibi, GROUPS=sketch_groups(dim), PAGE=page_size,
+        BLOCK_G=max(16, cm.next_pow2(group)), BLOCK_N=max(scan["SCAN_BLOCK_N"], page_size),
         DOT_PREC=cm.dot_precision(dev, q.dtype), UPCAST=cm.dot_upcast(dev, q.dtype),
         num_warps=scan["SCAN_WARPS"],
     )

@@ -169,9 +169,8 @@ def scan_kernel(
     cand_z_ptr, cand_cnt_ptr, split_max_ptr, page_ub_ptr,
     sqb, sqh, sqd, scb, sch, scn, scd, ssb, ssh, ssn, ssg,
     Hq, Hkv, G, D, num_splits, seg, num_pages, nmax, scale, am1, rel, abs_slack, half,
-    HAS_ALIBI: tl.constexpr, GROUPS: tl.constexpr, BLOCK_GR: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, GROUPS: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One read of a split's sketch rows for the G query heads of a KV head: each token's lower
     and upper score bounds (``reference._token_bounds``, the same float32 form and slack), the
@@ -180,11 +179,8 @@ def scan_kernel(
     max - 1), compacted per split with the split's max, in the K pass's layout, so the exact
     threshold solve of the decode (``attend/tau_kernels.py``) gives the floor.
 
-    One dot per tile: the query is stacked once per scale group with the other groups' channels
-    zeroed (``[BLOCK_GR * BLOCK_G, D]``), so a single ``tl.dot`` against the whole code tile
-    gives every group's partial dot, and each token's group scales weight them. Exact on tensor
-    cores: 16-bit q times integer codes |c| <= 127 are exact products, accumulated in float32
-    (the zeros add nothing; the slack's factor two covers the accumulator's rounding); fp32 q
+    Tensor-core dots are exact here: 16-bit q times integer codes |c| <= 127 are exact products,
+    accumulated in float32 (the slack's factor two covers the accumulator's rounding); fp32 q
     uses float32 FMA dots (``DOT_PREC`` "ieee")."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -195,22 +191,11 @@ def scan_kernel(
     j1 = tl.minimum(j0 + seg, length)
     offs_g = tl.arange(0, BLOCK_G)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_r = tl.arange(0, BLOCK_GR)
+    offs_c = tl.arange(0, 32)
     offs_pg = tl.arange(0, BLOCK_N // PAGE)
     gmask = offs_g < G
-    dmask = offs_d < D
-    rmask = offs_r < GROUPS
     heads = hk * G + offs_g
-    q = tl.load(q_ptr + b.to(tl.int64) * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd,
-                mask=gmask[:, None] & dmask[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    # [BLOCK_GR, BLOCK_G, BLOCK_D]: group r keeps only its own 32 channels
-    in_group = (offs_d[None, None, :] // 32) == offs_r[:, None, None]
-    q3 = tl.where(in_group, q[None, :, :], 0.0).to(q.dtype)
-    q_stack = tl.reshape(q3, (BLOCK_GR * BLOCK_G, BLOCK_D))
-    qabs = tl.sum(tl.abs(q3.to(tl.float32)), axis=2)  # [BLOCK_GR, BLOCK_G]
+    q_base = q_ptr + b.to(tl.int64) * sqb + heads[:, None] * sqh
     c_base = codes_ptr + b.to(tl.int64) * scb + hk.to(tl.int64) * sch
     s_base = scales_ptr + b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh
     cap = num_splits * seg
@@ -225,14 +210,21 @@ def scan_kernel(
     for j in range(j0, j1, BLOCK_N):
         rows = j + offs_n
         tmask = rows < j1
-        c = tl.load(c_base + rows.to(tl.int64)[:, None] * scn + offs_d[None, :] * scd,
-                    mask=tmask[:, None] & dmask[None, :], other=0)
-        s = tl.load(s_base + rows.to(tl.int64)[None, :] * ssn + offs_r[:, None] * ssg,
-                    mask=rmask[:, None] & tmask[None, :], other=0.0).to(tl.float32)  # [GR, N]
-        dots = tl.dot(q_stack, tl.trans(c.to(q.dtype)), input_precision=DOT_PREC)
-        dots = tl.reshape(dots, (BLOCK_GR, BLOCK_G, BLOCK_N))
-        acc = tl.sum(s[:, None, :] * dots, axis=0)  # [BLOCK_G, BLOCK_N]
-        mag = tl.sum(s[:, None, :] * qabs[:, :, None], axis=0)
+        acc = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+        mag = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+        for g in tl.static_range(GROUPS):
+            ch = g * 32 + offs_c
+            cmask = ch < D
+            qg = tl.load(q_base + ch[None, :] * sqd, mask=gmask[:, None] & cmask[None, :], other=0.0)
+            c = tl.load(c_base + rows.to(tl.int64)[:, None] * scn + ch[None, :] * scd,
+                        mask=tmask[:, None] & cmask[None, :], other=0)
+            if UPCAST:
+                qg = qg.to(tl.float32)
+            s = tl.load(s_base + rows.to(tl.int64) * ssn + g * ssg, mask=tmask, other=0.0).to(tl.float32)
+            dot = tl.dot(qg, tl.trans(c.to(qg.dtype)), input_precision=DOT_PREC)
+            qabs = tl.sum(tl.abs(qg.to(tl.float32)), axis=1)
+            acc += s[None, :] * dot
+            mag += s[None, :] * qabs[:, None]
         slack = (128.0 * scale) * mag
         bias = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
         if HAS_ALIBI:
