@@ -1,10 +1,12 @@
 """``entmaxkv-compile autotune``: measure launch configs on the current GPU and write its JSON.
 
 Tuning happens here, offline, never on the hot path: for each shape class (dtype, head dim, GQA
-group, page size) every candidate config of the fused decode is timed on a dense decode over
-``--length`` tokens (``triton.testing.do_bench`` median, CUDA graph replay) and the fastest is
-stored in ``runtime/tuning/configs/<gpu>.json`` (or ``--out-dir``), which ``tuned.lookup`` reads at run
-time.
+group, page size) and each of ``--lengths`` every candidate config of the fused decode (tiles,
+warps, stages and the grid's programs per SM) is timed on a dense decode over that many tokens
+(``triton.testing.do_bench`` median, CUDA graph replay) and the fastest is stored under the class
+and its length bucket in ``runtime/tuning/configs/<gpu>.json`` (or ``--out-dir``), which
+``tuned.lookup`` reads at run time; other kernel families already in the file are kept (the
+selection kernels are set from ``benchmarks/sweep_launch.py``).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from tqdm import tqdm
 from . import tuned
 
 DECODE_SPACE = {"BLOCK_N": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3),
-                "BLOCK_T": (32, 64)}
-QUICK_SPACE = {"BLOCK_N": (64, 128), "num_warps": (4, 8), "num_stages": (2,), "BLOCK_T": (32,)}
+                "BLOCK_T": (32, 64), "PROGRAMS_PER_SM": (2, 4, 8)}
+QUICK_SPACE = {"BLOCK_N": (64, 128), "num_warps": (4,), "num_stages": (2,), "BLOCK_T": (32,),
+               "PROGRAMS_PER_SM": (2, 4, 8)}
 SHAPE_CLASSES = ((torch.float16, 128, 4), (torch.bfloat16, 128, 4), (torch.float16, 128, 1),
                  (torch.bfloat16, 128, 1))
 DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -70,37 +73,48 @@ def autotune_main(argv: Sequence[str] | None = None) -> int:
                                      description="tune Triton launch configs for this GPU")
     parser.add_argument("--out-dir", type=Path, default=tuned.CONFIG_DIR,
                         help="where to write <gpu>.json (default: the package's configs)")
-    parser.add_argument("--length", type=int, default=131072, help="tokens of the timed decode")
+    parser.add_argument("--lengths", default="32768,131072,1048576",
+                        help="comma list of timed cache lengths (tokens); each tunes its length bucket "
+                             "(<= 64k, <= 512k, longer) and the last one also the bucket-free entry")
     parser.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default 16)")
     parser.add_argument("--quick", action="store_true", help="a smaller search space")
     args = parser.parse_args(list(argv) if argv is not None else None)
     if not torch.cuda.is_available():
         print("autotune needs a CUDA GPU; none is visible", file=sys.stderr)
         return 2
-    if args.length < args.page_size or args.length % args.page_size:
-        parser.error("--length must be a positive multiple of --page-size")
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+    except ValueError:
+        parser.error(f"--lengths must be a comma list of ints, got {args.lengths!r}")
+    if any(n < args.page_size or n % args.page_size for n in lengths):
+        parser.error("every --lengths entry must be a positive multiple of --page-size")
     import triton
 
     space = QUICK_SPACE if args.quick else DECODE_SPACE
     candidates = [dict(zip(space, values)) for values in itertools.product(*space.values())]
-    total = len(candidates) * len(SHAPE_CLASSES)
+    total = len(candidates) * len(SHAPE_CLASSES) * len(lengths)
     best: dict[str, dict[str, int]] = {}
     timings: dict[str, float] = {}
-    trials = tqdm(itertools.product(SHAPE_CLASSES, candidates), total=total, unit="config", file=sys.stderr)
-    for (dtype, dim, group), params in trials:
-        key = tuned.shape_class(dtype, dim, group, args.page_size)
-        trials.set_postfix_str(key)
+    trials = tqdm(itertools.product(lengths, SHAPE_CLASSES, candidates), total=total, unit="config",
+                  file=sys.stderr)
+    for length, (dtype, dim, group), params in trials:
+        shape_key = tuned.shape_class(dtype, dim, group, args.page_size)
+        keys = [f"{shape_key}-{tuned.length_bucket(length)}"] + ([shape_key] if length == lengths[-1] else [])
+        trials.set_postfix_str(keys[0])
         base = dict(tuned.DEFAULTS["paged_decode"])
-        ms = _time_decode(dtype, dim, group, args.page_size, args.length, {**base, **params})
-        if ms < timings.get(key, float("inf")):
-            timings[key] = ms
-            best[key] = {**base, **params}
+        ms = _time_decode(dtype, dim, group, args.page_size, length, {**base, **params})
+        for key in keys:
+            if ms < timings.get(key, float("inf")):
+                timings[key] = ms
+                best[key] = {**base, **params}
     name = torch.cuda.get_device_name()
-    payload = {"device": name, "triton": triton.__version__, "torch": torch.__version__,
-               "date": time.strftime("%Y-%m-%d", time.gmtime()), "length": args.length,
-               "median_ms": timings, "kernels": {"paged_decode": best}}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"{tuned.gpu_slug(name)}.json"
+    # the other kernel families of an existing file (e.g. "select", set from a benchmark sweep) stay
+    kernels = json.loads(path.read_text()).get("kernels", {}) if path.is_file() else {}
+    payload = {"device": name, "triton": triton.__version__, "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d", time.gmtime()), "lengths": lengths,
+               "median_ms": timings, "kernels": {**kernels, "paged_decode": best}}
     path.write_text(json.dumps(payload, indent=1) + "\n")
     tuned.load_store.cache_clear()
     print(f"wrote {path}")
