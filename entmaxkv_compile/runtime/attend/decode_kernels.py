@@ -134,8 +134,17 @@ def score_kernel(
             tl.atomic_max(shared, m, mask=gmask & refresh & (m > seen))
             got = tl.load(shared, mask=gmask & refresh, other=float("-inf"), cache_modifier=".cg")
             seen = tl.maximum(tl.maximum(seen, got), m)
+    close_split(cand_cnt_ptr, split_max_ptr, pid_bh, split, num_splits, count, m, nonfinite,
+                b, Hq, heads, gmask)
+
+
+@triton.jit
+def close_split(cand_cnt_ptr, split_max_ptr, pid_bh, split, num_splits, count, m, nonfinite,
+                b, Hq, heads, gmask):
+    """Store a split's candidate count and its heads' maxima for the tau levels, NaN for a head
+    that met a non-finite score (the levels read it as a poisoned head)."""
     tl.store(cand_cnt_ptr + pid_bh * num_splits + split, count)
-    m = tl.where(nonfinite > 0, float("nan"), m)  # the tau levels read NaN as "poisoned head"
+    m = tl.where(nonfinite > 0, float("nan"), m)
     tl.store(split_max_ptr + (b * Hq + heads) * num_splits + split, m, mask=gmask)
 
 

@@ -9,12 +9,19 @@
   and scales; a page that is not a candidate, or holds no valid token, loads nothing and gets
   ``-inf``. Dot products are float32 FMA reductions (never tensor-core tf32), because the
   bound's rounding slack assumes float32 arithmetic (see ``reference.py``).
+- ``scan_kernel`` (batch x KV head, split) and ``keep_kernel`` (page block, batch x KV head): the
+  certified selection from the whole sketch (``kernel.sketch_select``): page upper bounds and the
+  lower bounds that can reach the threshold in one read, then, once the decode's threshold solve
+  has turned the lower bounds into the floor, the pages to read. The scan's dots run on tensor
+  cores, exact for 16-bit q (see ``_scaled_dots``).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from ..attend.decode_kernels import close_split
 
 GROUP = 32  # channels per scale group (checks.SKETCH_GROUP)
 
@@ -102,6 +109,38 @@ def append_kernel(
 
 
 @triton.jit
+def _scaled_dots(q_base, c_base, s_base, rows, tmask, gmask, sqd, scn, scd, ssn, ssg, D,
+                 GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
+                 USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``(acc, mag)`` ``[BLOCK_G, BLOCK_T]``: per head and token, ``sum_g s_g (q_g . c_g)`` and
+    ``sum_g s_g |q_g|_1`` over the 32-channel scale groups, from which both bounds follow
+    (``scale (acc +- half mag)`` plus the slack). ``USE_DOT``: tensor-core dots, exact for
+    16-bit q (integer codes |c| <= 127 make exact products, accumulated in float32); otherwise
+    float32 FMA reductions."""
+    offs_c = tl.arange(0, 32)
+    acc = tl.zeros([BLOCK_G, BLOCK_T], tl.float32)
+    mag = tl.zeros([BLOCK_G, BLOCK_T], tl.float32)
+    for g in tl.static_range(GROUPS):
+        ch = g * 32 + offs_c
+        cmask = ch < D
+        qg = tl.load(q_base + ch[None, :] * sqd, mask=gmask[:, None] & cmask[None, :], other=0.0)
+        c = tl.load(c_base + rows.to(tl.int64)[:, None] * scn + ch[None, :] * scd,
+                    mask=tmask[:, None] & cmask[None, :], other=0)
+        s = tl.load(s_base + rows.to(tl.int64) * ssn + g * ssg, mask=tmask, other=0.0).to(tl.float32)
+        if USE_DOT:
+            if UPCAST:
+                qg = qg.to(tl.float32)
+            dot = tl.dot(qg, tl.trans(c.to(qg.dtype)), input_precision=DOT_PREC)
+        else:
+            qg = qg.to(tl.float32)
+            dot = tl.sum(qg[:, None, :] * c.to(tl.float32)[None, :, :], axis=2)
+        qabs = tl.sum(tl.abs(qg.to(tl.float32)), axis=1)
+        acc += s[None, :] * dot
+        mag += s[None, :] * qabs[:, None]
+    return acc, mag
+
+
+@triton.jit
 def bounds_kernel(
     q_ptr, codes_ptr, scales_ptr, seqlens_ptr, cand_ptr, slopes_ptr, out_ptr,
     sqb, sqh, sqd, scb, sch, scn, scd, ssb, ssh, ssn, ssg, sab, sah, sap,
@@ -115,7 +154,6 @@ def bounds_kernel(
     length = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b).to(tl.int32), 0), nmax)
     offs_g = tl.arange(0, BLOCK_G)
     offs_t = tl.arange(0, BLOCK_T)
-    offs_c = tl.arange(0, 32)
     gmask = offs_g < G
     heads = hk * G + offs_g
     q_base = q_ptr + b.to(tl.int64) * sqb + heads[:, None] * sqh
@@ -134,22 +172,9 @@ def bounds_kernel(
             if (cand != 0) & (n > 0):
                 rows = first + offs_t
                 tmask = offs_t < n
-                acc = tl.zeros([BLOCK_G, BLOCK_T], tl.float32)
-                mag = tl.zeros([BLOCK_G, BLOCK_T], tl.float32)
-                for g in tl.static_range(GROUPS):
-                    ch = g * 32 + offs_c
-                    cmask = ch < D
-                    qg = tl.load(q_base + ch[None, :] * sqd, mask=gmask[:, None] & cmask[None, :],
-                                 other=0.0).to(tl.float32)
-                    c = tl.load(c_base + rows.to(tl.int64)[:, None] * scn + ch[None, :] * scd,
-                                mask=tmask[:, None] & cmask[None, :], other=0).to(tl.float32)
-                    s = tl.load(s_base + rows.to(tl.int64) * ssn + g * ssg, mask=tmask,
-                                other=0.0).to(tl.float32)
-                    dot = tl.sum(qg[:, None, :] * c[None, :, :], axis=2)  # [BLOCK_G, BLOCK_T]
-                    qabs = tl.sum(tl.abs(qg), axis=1)
-                    acc += s[None, :] * (dot + half * qabs[:, None])
-                    mag += s[None, :] * qabs[:, None]
-                ub = scale * acc
+                acc, mag = _scaled_dots(q_base, c_base, s_base, rows, tmask, gmask, sqd, scn, scd,
+                                        ssn, ssg, D, GROUPS, BLOCK_G, BLOCK_T, False, "ieee", True)
+                ub = scale * (acc + half * mag)
                 slack = (128.0 * scale) * mag
                 if HAS_ALIBI:
                     bias = slope[:, None] * (rows - (length - 1)).to(tl.float32)[None, :]
@@ -191,7 +216,6 @@ def scan_kernel(
     j1 = tl.minimum(j0 + seg, length)
     offs_g = tl.arange(0, BLOCK_G)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_c = tl.arange(0, 32)
     offs_pg = tl.arange(0, BLOCK_N // PAGE)
     gmask = offs_g < G
     heads = hk * G + offs_g
@@ -210,21 +234,8 @@ def scan_kernel(
     for j in range(j0, j1, BLOCK_N):
         rows = j + offs_n
         tmask = rows < j1
-        acc = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
-        mag = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
-        for g in tl.static_range(GROUPS):
-            ch = g * 32 + offs_c
-            cmask = ch < D
-            qg = tl.load(q_base + ch[None, :] * sqd, mask=gmask[:, None] & cmask[None, :], other=0.0)
-            c = tl.load(c_base + rows.to(tl.int64)[:, None] * scn + ch[None, :] * scd,
-                        mask=tmask[:, None] & cmask[None, :], other=0)
-            if UPCAST:
-                qg = qg.to(tl.float32)
-            s = tl.load(s_base + rows.to(tl.int64) * ssn + g * ssg, mask=tmask, other=0.0).to(tl.float32)
-            dot = tl.dot(qg, tl.trans(c.to(qg.dtype)), input_precision=DOT_PREC)
-            qabs = tl.sum(tl.abs(qg.to(tl.float32)), axis=1)
-            acc += s[None, :] * dot
-            mag += s[None, :] * qabs[:, None]
+        acc, mag = _scaled_dots(q_base, c_base, s_base, rows, tmask, gmask, sqd, scn, scd, ssn, ssg, D,
+                                GROUPS, BLOCK_G, BLOCK_N, True, DOT_PREC, UPCAST)
         slack = (128.0 * scale) * mag
         bias = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
         if HAS_ALIBI:
@@ -254,9 +265,8 @@ def scan_kernel(
             pos = count + tl.cumsum(keep, axis=0) - keep
             tl.store(z_base + pos[None, :], z, mask=(keep > 0)[None, :] & gmask[:, None])
         count += kept
-    tl.store(cand_cnt_ptr + pid_bh * num_splits + split, count)
-    m = tl.where(nonfinite > 0, float("nan"), m)  # the tau levels read NaN as "poisoned head"
-    tl.store(split_max_ptr + (b * Hq + heads) * num_splits + split, m, mask=gmask)
+    close_split(cand_cnt_ptr, split_max_ptr, pid_bh, split, num_splits, count, m, nonfinite,
+                b, Hq, heads, gmask)
 
 
 @triton.jit
