@@ -7,7 +7,12 @@ One run times, per configuration (data family x batch x heads x length x dtype),
   ``sparse_decode(..., check_values=False)`` with that selector (``gaussian_c`` reads page moments
   stored in the cache dtype, ``gaussian`` float32 ones; ``topk`` keeps 3% of the tokens);
 - ``certified_s``: the certified selector with the int8 key sketch (``certify_sketch="int8"``),
-  through a ``Decoder`` that keeps the sketch (``sparse_decode`` would rebuild it every call).
+  through a ``Decoder`` that keeps the sketch (``sparse_decode`` would rebuild it every call);
+- ``certified_d``: the certified selector as a decode loop runs it, a ``Decoder`` replaying its
+  own CUDA graphs (``cuda_graph=True``): when the bounds clear too little and every sequence reads
+  densely, it replays the dense step's graph; timed per ``run`` call, host work included (the
+  other rows time a captured replay); the median leaves out its probe steps (one in 32 by
+  default, which run the bounds again).
 
 Each step is captured in a CUDA graph and its replay timed by ``triton.testing.do_bench``
 (median; ``--eager`` also times our steps uncaptured). Next to each time: the bytes the method
@@ -50,7 +55,8 @@ PAGE = 16
 ALPHA = 1.5
 TOPK_FRACTION = 0.03
 FLOOR_TBPS = 4.3  # the lent H200's device-copy bandwidth (shared/DESIGN.md section 5)
-METHODS = ("flash", "cudnn", "dense", "topk", "gaussian", "gaussian_c", "certified", "certified_s")
+METHODS = ("flash", "cudnn", "dense", "topk", "gaussian", "gaussian_c", "certified", "certified_s",
+           "certified_d")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 PRESETS: dict[str, dict] = {
@@ -132,7 +138,8 @@ class Case:
     def _ours(self, method: str, row: dict) -> None:
         n, dim = self.k.shape[2], self.k.shape[3]
         batch, hkv = self.k.shape[:2]
-        selector = {"gaussian_c": "gaussian", "certified_s": "certified"}.get(method, method)
+        selector = {"gaussian_c": "gaussian", "certified_s": "certified",
+                    "certified_d": "certified"}.get(method, method)
         budget = max(PAGE, int(TOPK_FRACTION * n) // PAGE * PAGE)
         config = EntmaxKVConfig(selector=selector, page_size=PAGE, alpha=ALPHA, token_budget=budget,
                                 certify_sketch="int8" if method == "certified_s" else "off")
@@ -146,11 +153,21 @@ class Case:
 
             def step():
                 return decoder.run(q, k, v, seqlens)
+        elif method == "certified_d":
+            decoder = Decoder.for_cache(k, q.shape[1], config, stats=stats, cuda_graph=True)
+            for _ in range(40):  # past the first probe: the fallback counter is in its steady state
+                decoder.run(q, k, v, seqlens)
+
+            def step():
+                return decoder.run(q, k, v, seqlens)
         else:
             def step():
                 return sparse_decode(q, k, v, seqlens, config, stats, check_values=False)
 
-        replay, result, note = timing.capture(step, self.device)
+        if method == "certified_d":  # it replays its own graphs: time its calls as they are
+            replay, result, note = step, step(), None
+        else:
+            replay, result, note = timing.capture(step, self.device)
         row["ms"] = timing.bench(replay, self.device)
         if self.eager and replay is not step:
             row["eager_ms"] = timing.bench(step, self.device)
@@ -172,7 +189,8 @@ class Case:
         return {"dense": [], "topk": [stats.kmin, stats.kmax], "gaussian": [stats.kmean, stats.km2],
                 "gaussian_c": [stats.kmean, stats.km2],
                 "certified": [stats.kmin, stats.kmax, stats.kmean, stats.km2],
-                "certified_s": []}[method]  # the sketch's bytes are counted by the caller
+                "certified_s": [],  # the sketch's bytes are counted by the caller
+                "certified_d": [stats.kmin, stats.kmax, stats.kmean, stats.km2]}[method]
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -19,7 +19,7 @@ import torch
 
 __all__ = ["add_speedups", "environment", "header", "markdown", "plot", "progress", "tables"]
 
-OURS = ("dense", "topk", "gaussian", "gaussian_c", "certified", "certified_s")
+OURS = ("dense", "topk", "gaussian", "gaussian_c", "certified", "certified_s", "certified_d")
 KEY = ("family", "batch", "hq", "hkv", "n", "dtype")
 
 
