@@ -110,13 +110,17 @@ def probe_step(opts: argparse.Namespace) -> None:
     exact, _ = full_entmax_decode(q, k, v, seqlens, 1.5, d ** -0.5)
     stats = entmaxkv_compile.KVPageStats.from_cache(k, seqlens, 16)
     print(f"\nOne attention step at {n} tokens (GQA 8/2, D=64, alpha=1.5, segmented keys):")
-    print(f"  {'selector':10s} {'pages read':>10s} {'certified':>10s} {'delta bound':>12s} {'rel. error':>11s}")
-    for selector in ("dense",) + SELECTORS:
-        # report_bound: also certify the approximate selectors (costs a min/max read of every page)
-        cfg = EntmaxKVConfig(selector=selector, token_budget=1024, report_bound=True)
+    print(f"  {'selector':16s} {'pages read':>10s} {'certified':>10s} {'delta bound':>12s} {'rel. error':>11s}")
+    rows = [(selector, "off") for selector in ("dense",) + SELECTORS]
+    rows += [(selector, "int8") for selector in SELECTORS if selector != "dense"]
+    for selector, sketch in rows:
+        # report_bound: also certify the approximate selectors (a min/max read of every page, and
+        # with the int8 key sketch a token-level bound); the sketch also drives certified's pages
+        cfg = EntmaxKVConfig(selector=selector, token_budget=1024, report_bound=True, certify_sketch=sketch)
         res = sparse_decode(q, k, v, seqlens, cfg, stats)
         share = res.num_selected.float().mean().item() / stats.num_pages
-        print(f"  {selector:10s} {share:10.1%} {res.certified.float().mean().item():10.0%} "
+        name = selector if sketch == "off" else f"{selector}+sketch"
+        print(f"  {name:16s} {share:10.1%} {res.certified.float().mean().item():10.0%} "
               f"{res.delta_bound.max().item():12.2e} {relative_error(res.out.float(), exact.float()):11.2e}")
 
 
