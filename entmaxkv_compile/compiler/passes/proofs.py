@@ -34,7 +34,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .guards import MASK_FLOOR, Guard, MaskGuard, StateGuard
-from .ir import concrete, dtype_of, is_impure, shape_of
+from .ir import concrete, dtype_of, is_impure
 from .match_attention import AttentionMatch
 from .subgraph import NotExtractable, extract, needed_placeholders
 from .evaluator import Evaluator

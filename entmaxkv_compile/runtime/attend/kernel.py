@@ -1,9 +1,11 @@
 """Fused sparse entmax decode over selected KV pages: the ``entmaxkv::triton_paged_decode`` op.
 
-Same arguments and results as the reference ``attend.reference.paged_decode``. Over all pages it is the dense
-entmax decode. Bytes moved per step: the selected K rows once, 4 bytes per head for each candidate
-score (written once, read twice; the candidates are few once the K pass shares its maxima), and V
-only for rows inside the support of some head of the group.
+Same arguments and results as the reference ``attend.reference.paged_decode``. Over all pages it
+is the dense entmax decode. Bytes moved per step: the selected K rows once, 4 bytes per head for
+each candidate score (written once, read twice; a token is a candidate when its score is within 1
+of its split's running max), and V only for rows inside the support of some head of the group.
+Launches: the K pass, two for the threshold, the output pass and the split reduction, on a grid
+of ``PROGRAMS_PER_SM`` programs per multiprocessor (tuned per length bucket).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ def solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, s
     ``[B, Hq, splits * seg]`` compacted per split, ``cand_cnt`` ``[B, Hkv, splits]``,
     ``split_max`` ``[B, Hq, splits]``, NaN for a poisoned head) into ``tau`` ``[B, Hq]``
     (tau_kernels.py): levels 1 and 2 split-parallel, the rest in the last program of each head
-    to finish level 2. Returns
-    the survivor buffer ``[2, B * Hq, cap]``, free for the output pass's use."""
+    to finish level 2. Returns the survivor buffer ``[2, B * Hq, cap]``, free for the output
+    pass's use."""
     dev = cand_z.device
     f32 = torch.float32
     rows = batch * hq
@@ -127,7 +129,7 @@ def triton_paged_decode(
         num_stages=cfg["num_stages"],
     )
     live_z = solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, seg,
-                        alpha, cfg)[0]
+                       alpha, cfg)[0]
     wrap_triton(output_kernel)[(batch * hkv, splits)](
         v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, live_tok, o_part, l_part,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),

@@ -127,7 +127,6 @@ def sketch_page_bounds(
                                      check_page_size(page_size), float(scale))
 
 
-
 @triton_op("entmaxkv::triton_sketch_select", mutates_args=())
 def triton_sketch_select(
     q: Tensor,
