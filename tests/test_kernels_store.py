@@ -90,3 +90,16 @@ def test_autotune_without_gpu_returns_2(capsys):
 
     assert autotune_main(["--quick"]) == 2
     assert "CUDA GPU" in capsys.readouterr().err
+
+
+def test_decode_grid_fills_whole_waves_and_never_exceeds_the_pages(monkeypatch):
+    from entmaxkv_compile.runtime import _common as cm
+
+    monkeypatch.setattr(cm, "sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    # B * Hkv * splits is about programs_per_sm * SMs: one full wave at 4 programs per SM
+    assert cm.decode_splits(1, 8, 65536, cuda, programs_per_sm=4) == 66
+    assert cm.decode_splits(8, 8, 65536, cuda, programs_per_sm=4) == 9
+    assert cm.decode_splits(1, 1, 65536, cuda, programs_per_sm=8) == 256  # capped
+    assert cm.decode_splits(1, 8, 5, cuda, programs_per_sm=4) == 5  # never more splits than pages
+    assert cm.decode_splits(64, 8, 65536, cuda, programs_per_sm=2) == 1
