@@ -27,14 +27,16 @@ class EntmaxKVConfig:
     """How a decode step chooses KV pages and attends over them.
 
     Attributes:
-        selector: ``"certified"`` (default) starts from the gaussian selection and adds pages
-            until the support certificate proves the output equals full entmax (exact: the
-            default is never silently wrong); ``"gaussian"`` estimates the entmax threshold from
-            per-page key means/variances and keeps pages whose likely maximum score clears it
-            (approximate: its error is unbounded on keys its Gaussian model does not fit, e.g.
-            0.8-1.5 relative on iid keys at 128k-1M); ``"topk"`` keeps the pages with the largest
-            Quest bound within ``token_budget``; ``"dense"`` attends over every page (exact, no
-            selection).
+        selector: ``"dense"`` (default) attends over every page: exact, and on the H200 the fastest
+            exact mode (it reads all of K but V only on the support; benchmarks/RESULTS.md);
+            ``"certified"`` starts from the gaussian selection and adds pages until the support
+            certificate proves the output equals full entmax (exact; faster than dense only where
+            its bounds clear pages, e.g. with ``certify_sketch="int8"`` or heavy-tailed keys);
+            ``"gaussian"`` estimates the entmax threshold from per-page key means/variances and
+            keeps pages whose likely maximum score clears it (approximate and the fastest at long
+            context, but its error is unbounded on keys its Gaussian model does not fit, e.g.
+            0.8-1.5 relative on iid keys at 128k-1M: choose it knowingly, with ``report_bound``);
+            ``"topk"`` keeps the pages with the largest Quest bound within ``token_budget``.
         page_size: tokens per page (a power of two). Page ``p`` is rows ``[p*P, (p+1)*P)``.
         token_budget: tokens the ``topk`` selector may attend to, forced pages (last, sink,
             recent) included. At least one page.
@@ -87,7 +89,7 @@ class EntmaxKVConfig:
             sketch (``sketch_delta_bound``), far tighter than the page-level one.
     """
 
-    selector: Selector = "certified"
+    selector: Selector = "dense"
     page_size: int = 16
     token_budget: int = 4096
     alpha: float | None = None

@@ -7,7 +7,7 @@ from entmaxkv_compile import EntmaxKVConfig
 
 def test_defaults_are_documented_values():
     cfg = EntmaxKVConfig()
-    assert (cfg.selector, cfg.page_size, cfg.token_budget, cfg.alpha) == ("certified", 16, 4096, None)
+    assert (cfg.selector, cfg.page_size, cfg.token_budget, cfg.alpha) == ("dense", 16, 4096, None)
     assert cfg.budget_pages == 256 and cfg.resolved_alpha() == 1.5
     assert EntmaxKVConfig(alpha=2).resolved_alpha() == 2.0
 
