@@ -142,3 +142,29 @@ def test_shared_position_decode_is_unchanged_by_a_per_row_capable_model():
     sites = analyze(gm, inputs, EntmaxKVConfig()).sites
     assert [s.status for s in sites] == ["rewritten"] * 2
     assert all("per-row" not in s.reason for s in sites)
+
+
+def test_offline_rewrite_of_a_ragged_step_reproduces_the_model(tmp_path):
+    """The exported step (``buf[rows, :, pos] = k`` becomes ``aten.index_put_`` with ``[rows, None, pos]``)."""
+    import copy
+
+    from entmaxkv_compile.compiler.rewrite import rewrite
+
+    entry = ZOO["ragged_positions"]
+    model = entry.build()
+    prompt = torch.randint(1, 96, (entry.batch, 12), generator=torch.Generator().manual_seed(5))
+    lengths = gpt_fast.ragged_lengths(entry.batch, 12)
+    with torch.no_grad():
+        model(prompt, torch.arange(12))
+    eager = copy.deepcopy(model)
+    token = torch.randint(1, 96, (entry.batch, 1), generator=torch.Generator().manual_seed(6))
+    result = rewrite(model, (token, lengths.clone()), EntmaxKVConfig(selector="certified", page_size=4))
+    assert [s.status for s in result.report.sites] == ["rewritten"] * entry.layers
+    assert all("per-row positions" in s.reason for s in result.report.sites)
+    loaded = torch.export.load(str(result.save(tmp_path / "step.pt2"))).module()
+    with torch.no_grad():
+        want_token, got_token = token, token.clone()
+        for step in range(6):  # rows cross page boundaries at different steps
+            want, got = eager(want_token, lengths + step), loaded(got_token, lengths + step)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            want_token, got_token = want[:, -1].argmax(-1, keepdim=True), got[:, -1].argmax(-1, keepdim=True)
