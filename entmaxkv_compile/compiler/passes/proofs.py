@@ -44,11 +44,9 @@ from .ir import concrete, dtype_of, is_impure, shape_of
 from .match_attention import AttentionMatch
 from .subgraph import NotExtractable, extract, needed_placeholders
 from .evaluator import Evaluator
-from .symbolic import FRESH, QK, ROW, Sym, Unproven, index_symbol, is_boolean, is_opaque, kind_of
+from .symbolic import FRESH, QK, ROW, Sym, Unproven, kind_of
+from .write_index import J, W, in_write_index, write_index
 
-#: The key index and the write index (the position) of the decision procedure.
-J = sympy.Symbol("j", integer=True)
-W = sympy.Symbol("w", integer=True)
 
 
 @dataclass
@@ -205,9 +203,9 @@ def prove_decode_site(gm: GraphModule, match: AttentionMatch, product: Node, exa
     key_len = shape[2]
     try:
         leaves = _Leaves(gm, example, key_len, shape[0])
-        write = _write_index(leaves, match)
+        write = write_index(leaves, match)
         scores = leaves.evaluator(product, J).value(match.weights.scores)
-        expr = _in_write_index(scores, write, leaves)
+        expr = in_write_index(scores, write, leaves)
         decide_causal(expr, key_len, leaves.opaque_bound)
         if leaves.per_row and leaves.mask_inputs:
             raise Unproven("the attention mask is a graph input and the positions are per row: the run-time "
@@ -227,76 +225,6 @@ def prove_decode_site(gm: GraphModule, match: AttentionMatch, product: Node, exa
                              "which needs the torch.compile backend (the offline rewrite has no run-time guards)")
         notes.append("mask input " + ", ".join(n.name for n in leaves.mask_inputs) + " checked causal at each call")
     return SiteProof("", guards, notes)
-
-
-def _write_index(leaves: _Leaves, match: AttentionMatch) -> Any:
-    """The symbolic index K (and V) are written at this step."""
-    leaves.evaluator()
-    k = _written_at(leaves, match.k, "K")
-    v = _written_at(leaves, match.v, "V")
-    if sympy.simplify(k - v) != 0:
-        raise Unproven(f"K and V are written at different indices ({k} and {v})")
-    if k.free_symbols - set(leaves.positions):
-        raise Unproven(f"the write index {k} depends on more than the integer inputs")
-    return k
-
-
-def _written_at(leaves: _Leaves, read: Any, what: str) -> Any:
-    """The index ``read``'s cache is written at: one shared position, or row ``b``'s own position
-    (a symbol of :attr:`_Leaves.per_row`) for a per-row write ``buf[rows, :, pos]``."""
-    position = leaves.ev.value(read.positions)
-    if read.rows is None:
-        if ROW in position.axes:
-            raise Unproven(f"the {what} write buf[:, :, positions] with one position per row writes every row at "
-                           "every one of those positions (expected buf[arange(B), :, positions])")
-        return _scalar(position, f"the {what} write index")
-    rows = leaves.ev.value(read.rows)
-    row = index_symbol(rows.axes[0]) if rows.ndim == 1 else None
-    if rows.shape != (leaves.batch,) or row is None or sympy.simplify(rows.expr - row) != 0:
-        raise Unproven(f"the row index of the {what} write is not proved to be arange(B) (row b written as row b)")
-    if all(t is None for t in position.axes):
-        return _scalar(position, f"the {what} write index")
-    if position.axes != (ROW,) or is_boolean(position.expr):
-        raise Unproven(f"the {what} write index is not one position per row")
-    return position.expr
-
-
-def _scalar(sym: Sym, what: str) -> Any:
-    if any(t is not None for t in sym.axes) or is_boolean(sym.expr):
-        raise Unproven(f"{what} is not a single integer position")
-    return sym.expr
-
-
-def _in_write_index(scores: Sym, write: Any, leaves: _Leaves) -> Any:
-    """The scores as an expression of ``j`` (renamed from the key axis), ``w`` and data symbols."""
-    key = scores.axes[-1] if scores.axes else None
-    if is_opaque(key):
-        raise Unproven("the scores vary along the key axis with an input tensor whose content the proof does "
-                       "not know (a padding mask or a learned bias)")
-    j = index_symbol(key)
-    if j is None:
-        raise Unproven("the scores do not depend on the key index")
-    if any(index_symbol(t) is not None for t in scores.axes[:-1]):
-        raise Unproven("the scores depend on an index other than the key index")
-    row_axes = [i for i, t in enumerate(scores.axes) if t == ROW]
-    if (row_axes or scores.expr.free_symbols & leaves.per_row) and row_axes != [0]:
-        raise Unproven("the scores vary with a per-row position along an axis other than the batch axis")
-    expr = scores.expr.subs(j, J)
-    used = expr.free_symbols & set(leaves.positions)
-    if used:
-        base = write.free_symbols & set(leaves.positions)
-        x = next(iter(base)) if len(base) == 1 else None
-        if x is not None and sympy.diff(write, x) == 1 and not (write - x).free_symbols:
-            expr = expr.subs(x, W - (write - x))  # written at x + c: the mask's x is w - c
-        elif write.free_symbols:
-            expr = expr.subs(write, W)  # the mask is built from the very value the write uses
-        left = expr.free_symbols & set(leaves.positions)
-        if left:
-            names = ", ".join(sorted(str(s) for s in left))
-            raise Unproven(f"the cache is written at index {write}, but the mask is built from {names}: the write "
-                           "index is not proved to be the position (a rolling buffer?)")
-    return expr
-
 
 
 def decide_causal(expr: Any, n: int, bounds: Optional[dict[sympy.Symbol, float]] = None) -> None:
