@@ -23,7 +23,9 @@ class _RaggedStep(torch.nn.Module):
     """One attention step over a static cache, each sequence at its own position ``pos[b]``.
 
     ``write``: ``rows`` (``k[arange(B), :, pos] = k_new``), ``all`` (``k[:, :, pos] = k_new``: every
-    row at every position of ``pos``), ``row0`` (``k[zeros(B), :, pos]``: every sequence into row 0).
+    row at every position of ``pos``), ``row0`` (``k[zeros(B), :, pos]``: every sequence into row 0),
+    ``scatter`` (``k.scatter_(2, pos.view(B, 1, 1, 1).expand(B, H, 1, D), k_new)``), ``scatter_heads``
+    (the same with an index ``[B, 1, 1, D]``: only head 0 is written).
     ``mask``: ``own`` (``j <= pos[b]``), ``ahead`` (``j <= pos[b] + 1``), ``first`` (``j <= pos[0]``),
     ``heads`` (``pos`` laid along the head axis), ``other`` (built from a second position input),
     ``input`` (a mask passed in).
@@ -42,6 +44,10 @@ class _RaggedStep(torch.nn.Module):
         if self.write == "all":
             self.k[:, :, pos] = k_new
             self.v[:, :, pos] = v_new
+        elif self.write in ("scatter", "scatter_heads"):  # heads: index [B, 1, 1, D] writes head 0 only
+            index = pos.view(BATCH, 1, 1, 1).expand(BATCH, HEADS if self.write == "scatter" else 1, 1, DIM)
+            self.k.scatter_(2, index, k_new)
+            self.v.scatter_(2, index, v_new)
         else:
             self.k[rows, :, pos] = k_new[:, :, 0]
             self.v[rows, :, pos] = v_new[:, :, 0]
@@ -70,8 +76,11 @@ def _step_args(pos):
     ("rows", "other", "refused", "the mask is built from"),
     ("all", "own", "refused", "decode writes more than one position per step, and not one per row"),
     ("row0", "own", "refused", "the row index of the K write is not proved to be arange(B)"),
+    ("scatter", "own", "rewritten", "per-row positions"),
+    ("scatter", "ahead", "refused", "key 1 is after position 0 but not hidden"),
+    ("scatter_heads", "own", "refused", "does not write a whole row of every sequence"),
 ], ids=["per-row-causal", "mask-ahead", "mask-of-row-0", "positions-on-heads", "mask-from-other-input",
-        "write-all-rows", "write-into-row-0"])
+        "write-all-rows", "write-into-row-0", "scatter", "scatter-mask-ahead", "scatter-one-head"])
 def test_per_row_sites_are_rewritten_only_when_every_row_is_causal_at_its_own_position(write, mask, status, reason):
     args = _step_args([9, 4, 17])
     extra = (torch.tensor([9, 4, 17]),) if mask == "other" else ()
@@ -88,10 +97,11 @@ def test_per_row_mask_input_is_refused_the_guard_takes_one_position():
     assert site.status == "refused" and "positions are per row" in site.reason, site.reason
 
 
-def test_per_row_step_matches_the_model_at_positions_spread_over_pages():
+@pytest.mark.parametrize("write", ["rows", "scatter"])
+def test_per_row_step_matches_the_model_at_positions_spread_over_pages(write):
     """Rows at different pages and page offsets, each advancing, a row at position 0 included."""
     torch.manual_seed(0)
-    eager, model = _RaggedStep(), _RaggedStep()
+    eager, model = _RaggedStep(write), _RaggedStep(write)
     model.load_state_dict(eager.state_dict())
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="entmaxkv", options={**OPTIONS, "page_size": 4})
@@ -144,13 +154,15 @@ def test_shared_position_decode_is_unchanged_by_a_per_row_capable_model():
     assert all("per-row" not in s.reason for s in sites)
 
 
-def test_offline_rewrite_of_a_ragged_step_reproduces_the_model(tmp_path):
-    """The exported step (``buf[rows, :, pos] = k`` becomes ``aten.index_put_`` with ``[rows, None, pos]``)."""
+@pytest.mark.parametrize("name", ["ragged_positions", "ragged_alibi_buffer"])
+def test_offline_rewrite_of_a_ragged_step_reproduces_the_model(name, tmp_path):
+    """The exported step (``buf[rows, :, pos] = k`` becomes ``aten.index_put_`` with ``[rows, None, pos]``;
+    the other model writes by ``scatter_``)."""
     import copy
 
     from entmaxkv_compile.compiler.rewrite import rewrite
 
-    entry = ZOO["ragged_positions"]
+    entry = ZOO[name]
     model = entry.build()
     prompt = torch.randint(1, 96, (entry.batch, 12), generator=torch.Generator().manual_seed(5))
     lengths = gpt_fast.ragged_lengths(entry.batch, 12)

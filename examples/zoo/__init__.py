@@ -117,9 +117,9 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
     _ragged("ragged_positions", "a ragged batch of 3 prompts (12, 9, 6 tokens, right-padded prefill): each decode "
             "step takes input_pos [B] and writes k_cache[arange(B), :, input_pos] = k; mask j <= input_pos[b]",
             n_layer=2),
-    _ragged("ragged_alibi_buffer", "ragged positions with ALiBi (MHA, no RoPE) and gpt-fast's tril mask buffer "
-            "read per row: causal_mask[input_pos][:, None, None]", n_layer=1, rope=False, n_kv_head=4,
-            alibi="all", mask="buffer"),
+    _ragged("ragged_alibi_buffer", "ragged positions with ALiBi (MHA, no RoPE), gpt-fast's tril mask buffer "
+            "read per row (causal_mask[input_pos][:, None, None]) and a scatter_ write of each row at its position",
+            n_layer=1, rope=False, n_kv_head=4, alibi="all", mask="buffer", kv_write="scatter"),
     ZooEntry("hf_llama", "transformers Llama, entmax15 via AttentionInterface, StaticCache, generate()",
              "hf", lambda: _hf().build_llama("entmax15", layers=1), 1, "entmax", 1.5, "rewritten", _LAZY),
     ZooEntry("hf_qwen2", "transformers Qwen2, entmax_bisect(alpha=1.25), GQA 4:1, StaticCache, generate()",

@@ -35,7 +35,7 @@ class ModelArgs:
     mask: str = "masked_fill"  # masked_fill | additive | where | buffer (gpt-fast's tril buffer) | none
     scale_on: str = "scores"  # scores | q
     alibi: str = "none"  # none | all | half (ALiBi on the first half of the heads, NoPE on the rest)
-    kv_write: str = "setitem"  # setitem | index_copy
+    kv_write: str = "setitem"  # setitem | index_copy | scatter (per-row decode writes only)
     kv_fused: bool = False  # one buffer kv[2, B, H, N, D]: K is kv[0], V is kv[1]
     window: int = 0  # > 0: sliding window, key j visible from query i when i - window < j <= i
     rolling: int = 0  # > 0: rolling-buffer cache of that many slots written at pos % rolling (Mistral)
@@ -66,9 +66,14 @@ class KVCache(nn.Module):
 
     def _update_rows(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """A ragged decode step: sequence ``b`` writes its new row at its own ``input_pos[b]``."""
-        rows = torch.arange(k.shape[0], device=k.device)
-        self.k_cache[rows, :, input_pos] = k[:, :, 0]
-        self.v_cache[rows, :, input_pos] = v[:, :, 0]
+        if self.write == "scatter":  # one index per element: row b's position over every head and feature
+            index = input_pos.view(-1, 1, 1, 1).expand_as(k)
+            self.k_cache.scatter_(2, index, k)
+            self.v_cache.scatter_(2, index, v)
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k_cache[rows, :, input_pos] = k[:, :, 0]
+            self.v_cache[rows, :, input_pos] = v[:, :, 0]
         return self.k_cache, self.v_cache
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):

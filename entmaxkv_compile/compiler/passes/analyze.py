@@ -133,7 +133,7 @@ def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: En
             plan.actions.append(action)
         elif not proves_equal(_numel(match.k.positions), 1) and not _per_row(match):
             site.status, site.reason = REFUSED, ("decode writes more than one position per step, and not one per row "
-                                                 "(expected positions of shape [1], or [B] written as buf[arange(B), :, pos])")
+                                                 "(expected positions of shape [1], or [B] written as buf[arange(B), :, pos] or by scatter_)")
         else:
             action.per_row = not proves_equal(_numel(match.k.positions), 1)
             decode.append(action)
@@ -159,12 +159,17 @@ def _is_decode(match: AttentionMatch) -> bool:
 
 
 def _per_row(match: AttentionMatch) -> bool:
-    """Whether K and V are written one position per sequence (``buf[rows, :, pos]``, ``pos [B]``);
-    ``proofs.py`` proves it row by row before any rewrite."""
+    """Whether K and V are written one position per sequence (``buf[rows, :, pos]`` with ``pos [B]``,
+    or a scatter index ``[B, H, 1, D]``); ``proofs.py`` proves it row by row before any rewrite."""
     batch = match.k.shape()[0] if match.k.shape() is not None else None
-    return all(read.rows is not None and read.positions is not None and shape_of(read.positions) is not None
-               and len(shape_of(read.positions)) == 1 and _same(shape_of(read.positions)[0], batch)
-               for read in (match.k, match.v))
+
+    def per_row(read: Any) -> bool:
+        shape = shape_of(read.positions)
+        if not shape or not _same(shape[0], batch):
+            return False
+        return read.scatter or (read.rows is not None and len(shape) == 1)
+
+    return per_row(match.k) and per_row(match.v)
 
 
 def _same(a: Any, b: Any) -> bool:

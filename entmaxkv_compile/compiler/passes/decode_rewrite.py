@@ -26,7 +26,7 @@ from ...runtime.certify.policy import dense_rows_for
 from ...runtime.stats.reference import resolve_moment_dtype, stats_valid_for
 from .analyze import REWRITTEN, Plan, SitePlan
 from .ir import concrete, dtype_of, is_impure, op_of, shape_of
-from .match_kv_write import CacheRead
+from .match_kv_write import CacheRead, row_positions
 from .subgraph import NotExtractable, extract, needed_placeholders
 
 STAT_FIELDS = ("kmin", "kmax", "kmean", "km2")
@@ -88,11 +88,6 @@ class RewriteResult:
     catch_ups: list[CatchUp] = field(default_factory=list)
     decode_calls: list[DecodeCall] = field(default_factory=list)
     guards: list[Any] = field(default_factory=list)  # run-time conditions of the rewritten sites
-
-
-def row_positions(positions: torch.Tensor) -> torch.Tensor:
-    """A ragged step's positions (``[B]``, one per sequence, proved so by ``proofs.py``) as int64."""
-    return positions.reshape(-1).to(torch.int64)
 
 
 def row_seqlens(positions: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,9 @@ x)`` (HF, either the 4.5x ``cache_position`` or the 5.x in-graph counter),
 ``buf.index_put_((None, None, pos), x)``, and their functional forms followed by ``copy_`` into the
 buffer (export graphs). A ragged decode step writes each sequence at its own position
 ``pos [B]``: ``buf[rows, :, pos] = x`` or ``buf.index_put_((rows, None, pos), x)`` with ``rows``
-the row index (``proofs.py`` proves it is ``arange(B)``). A fused buffer ``kv[2, B, H, N, D]`` read as ``kv[0]``/``kv[1]`` is written
-through its parts (``kv[0].index_copy_(2, pos, k)``, ``kv[0][:, :, pos] = k``) or as a whole
+the row index (``proofs.py`` proves it is ``arange(B)``), or ``buf.scatter_(2, index, x)`` with
+``index = pos.view(B, 1, 1, 1).expand(B, H, 1, D)``. A fused buffer ``kv[2, B, H, N, D]`` read as
+``kv[0]``/``kv[1]`` is written through its parts (``kv[0].index_copy_(2, pos, k)``, ``kv[0][:, :, pos] = k``) or as a whole
 (``kv[:, :, :, pos] = x``). A ``torch.cat`` of past and new keys is refused: it cannot be made
 sparse without copying the whole cache every step.
 """
@@ -51,7 +52,9 @@ class CacheRead:
     its leading axis this operand reads (``kv[0]`` is K, ``kv[1]`` V); ``cache`` is then the fused
     buffer and :meth:`view` takes the ``[B, H, N, D]`` part of a value of it. ``rows``: a per-row
     write (a ragged batch) pairs ``rows[b]`` with ``positions[b]``; None when every row is
-    written at the same ``positions``.
+    written at the same ``positions``. ``scatter``: ``positions`` is the index of
+    ``buf.scatter_(2, positions, x)``, one index per written element (``proofs.py`` proves it
+    covers every head and feature of each row with that row's one position).
     """
 
     cache: Optional[Node]
@@ -61,6 +64,7 @@ class CacheRead:
     refusal: str = ""
     part: Optional[int] = None
     rows: Optional[Node] = None  # per-row write ``buf[rows, :, positions]``: the row index tensor
+    scatter: bool = False  # ``positions`` is a scatter index ``[B, H, 1, D]`` on the sequence axis
 
     @property
     def key(self) -> tuple[Optional[Node], Optional[int]]:
@@ -99,9 +103,9 @@ def trace_cache(read: Node, before: Node) -> CacheRead:
             node = source
         elif kind == "expand" or (kind in ("reshape", "flatten") and op_of(arg(node, 0)) == "expand"):
             return CacheRead(None, group, refusal=GQA_REASON)
-        elif kind in ("index_copy_", "index_put_"):
+        elif kind in ("index_copy_", "index_put_", "scatter_"):
             node = arg(node, 0)
-        elif kind in ("index_copy", "index_put") and isinstance(arg(node, 0), Node) and part is None:
+        elif kind in ("index_copy", "index_put", "scatter") and isinstance(arg(node, 0), Node) and part is None:
             return _functional_write(node, group)
         elif kind == "cat":
             return CacheRead(None, group, refusal=CONCAT_REASON)
@@ -227,6 +231,11 @@ def _write_positions(write: Node, fused: bool = False) -> tuple[Optional[Node], 
                 and indices[1] is None and isinstance(indices[2], Node):
             return _int_tensor(indices[2], indices[0])
         return None, None, "cache index_put is not buf[:, :, positions] (nor buf[rows, :, positions])"
+    if kind in ("scatter_", "scatter") and not fused:
+        if normalize_dim(arg(write, 1), ndim_of(arg(write, 0))) != 2 or not isinstance(arg(write, 2), Node) \
+                or not isinstance(arg(write, 3, write.kwargs.get("src")), Node) or "reduce" in write.kwargs:
+            return None, None, "cache scatter is not buf.scatter_(2, index, x) on the sequence axis"
+        return _int_tensor(arg(write, 2))
     return None, None, f"unsupported cache write {kind}"
 
 
@@ -238,7 +247,7 @@ def _int_tensor(node: Node, rows: Optional[Node] = None) -> tuple[Optional[Node]
     return node, rows, ""
 
 
-_WRITES = ("setitem", "index_copy_", "index_put_")
+_WRITES = ("setitem", "index_copy_", "index_put_", "scatter_")
 
 
 def _touches(write: Node, part: int) -> bool:
@@ -269,7 +278,7 @@ def _with_write(cache: Node, group: int, before: Node, part: Optional[int] = Non
                          part=part)
     write, fused = writes[-1]
     positions, rows, why = _write_positions(write, fused)
-    return CacheRead(cache, group, write, positions, why, part, rows)
+    return CacheRead(cache, group, write, positions, why, part, rows, op_of(write) == "scatter_")
 
 
 def _functional_write(write: Node, group: int) -> CacheRead:
@@ -279,4 +288,10 @@ def _functional_write(write: Node, group: int) -> CacheRead:
     if cache.op not in ("placeholder", "get_attr") or not copied_back:
         return CacheRead(None, group, refusal="K/V comes from a functional update that is not copied back to a buffer")
     positions, rows, why = _write_positions(write)
-    return CacheRead(cache, group, write, positions, why, rows=rows)
+    return CacheRead(cache, group, write, positions, why, rows=rows, scatter=op_of(write) == "scatter")
+
+
+def row_positions(positions: torch.Tensor) -> torch.Tensor:
+    """int64 ``[B]``: each sequence's position from a per-row write's positions (``[B]``, or a
+    scatter index ``[B, H, 1, D]`` proved to hold one value per row)."""
+    return positions.reshape(positions.shape[0], -1)[:, 0].to(torch.int64)

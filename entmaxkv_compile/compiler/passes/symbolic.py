@@ -110,6 +110,7 @@ _EXTRA_METHODS = {
     "__ge__": "ge", "__gt__": "gt", "logical_not": "not", "bitwise_not": "not", "__invert__": "not",
     "logical_and": "and", "__and__": "and", "logical_or": "or", "__or__": "or", "remainder": "mod",
     "__mod__": "mod", "bool": "cast", "long": "cast", "int": "cast", "view": "reshape", "expand": "expand",
+    "expand_as": "expand",
     "tril": "tril", "triu": "triu",
 }
 _EXTRA_ATEN = {
@@ -118,6 +119,7 @@ _EXTRA_ATEN = {
     "remainder": "mod", "arange": "arange", "index": "index", "slice": "slice", "select": "select",
     "type_as": "cast", "lift_fresh_copy": "identity", "scalar_tensor": "scalar_tensor", "full": "full",
     "zeros": "zeros", "ones": "ones", "__and__": "and", "__or__": "or", "tril": "tril", "triu": "triu",
+    "expand_as": "expand",
 }
 #: Operations whose result never shares memory with an input (everything else may be a view).
 FRESH = frozenset({

@@ -33,6 +33,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from ...math import reference
 from .ir import is_impure
 from .match_attention import AttentionMatch
+from .match_kv_write import row_positions
 from .symbolic import FRESH, kind_of
 
 _MASKED = -1e3
@@ -115,8 +116,9 @@ def check_decode_site(
     if not (torch.equal(k_cache.repeat_interleave(group, 1), k_read)
             and torch.equal(v_cache.repeat_interleave(group, 1), v_read)):
         return None, "K/V read by the attention are not the cache with query head h reading KV head h // G"
-    positions = values[match.k.positions].reshape(-1).to(torch.int64)
-    lengths = positions + 1 if per_row else (positions[-1:] + 1).expand(batch)
+    positions = values[match.k.positions]
+    last = positions.reshape(-1)[-1:].to(torch.int64)
+    lengths = row_positions(positions) + 1 if per_row else (last + 1).expand(batch)
     raw = match.scale * (q @ k_read.double().transpose(-1, -2))
     scores = values[match.weights.scores].double().reshape(raw.shape)
     v_read = v_read.double()

@@ -3,7 +3,8 @@
 ``proofs.py`` decides the scores as a function of the key index ``J`` and the write index ``W``.
 This module finds ``W`` from the graph (the same index for K and V: one position shared by the
 batch, or for a per-row write ``buf[arange(B), :, pos]`` row ``b``'s own position ``pos[b]``, a
-symbol carried on the batch axis, ``symbolic.ROW``) and substitutes it into the scores, refusing
+symbol carried on the batch axis, ``symbolic.ROW``; or a ``scatter_`` index holding one such
+position per row) and substitutes it into the scores, refusing
 a mask built from anything else. ``leaves`` is the proof's ``_Leaves``: it knows the graph's
 integer inputs (``positions``, ``per_row``), the cache's batch and the evaluator (``ev``).
 """
@@ -38,6 +39,8 @@ def _written_at(leaves: Any, read: Any, what: str) -> Any:
     """The index ``read``'s cache is written at: one shared position, or row ``b``'s own position
     (a symbol of ``leaves.per_row``) for a per-row write ``buf[rows, :, pos]``."""
     position = leaves.ev.value(read.positions)
+    if read.scatter:
+        return _scattered_at(position, read, what)
     if read.rows is None:
         if ROW in position.axes:
             raise Unproven(f"the {what} write buf[:, :, positions] with one position per row writes every row at "
@@ -52,6 +55,20 @@ def _written_at(leaves: Any, read: Any, what: str) -> Any:
     if position.axes != (ROW,) or is_boolean(position.expr):
         raise Unproven(f"the {what} write index is not one position per row")
     return position.expr
+
+
+def _scattered_at(index: Sym, read: Any, what: str) -> Any:
+    """``buf.scatter_(2, index, x)`` writes row ``b``, head ``h``, feature ``d`` at ``index[b, h, 0, d]``:
+    a whole new row per sequence when ``index`` is ``[B, H, 1, D]`` and constant along heads and
+    features, i.e. the position shared by the batch or row ``b``'s own (its batch axis ``ROW``)."""
+    batch, heads, _, dim = read.shape()
+    if index.shape != (batch, heads, 1, dim):
+        raise Unproven(f"the {what} scatter index has shape {index.shape}, not [B, H, 1, D] = "
+                       f"{[batch, heads, 1, dim]}: it does not write a whole row of every sequence")
+    if any(t is not None for t in index.axes[1:]) or index.axes[0] not in (None, ROW) or is_boolean(index.expr):
+        raise Unproven(f"the {what} scatter index is not one position per sequence (it varies across heads "
+                       "or features)")
+    return index.expr
 
 
 def _scalar(sym: Sym, what: str) -> Any:
