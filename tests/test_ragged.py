@@ -180,3 +180,21 @@ def test_offline_rewrite_of_a_ragged_step_reproduces_the_model(name, tmp_path):
             want, got = eager(want_token, lengths + step), loaded(got_token, lengths + step)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
             want_token, got_token = want[:, -1].argmax(-1, keepdim=True), got[:, -1].argmax(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("name", ["ragged_positions", "ragged_alibi_buffer"])
+def test_ragged_bf16_decode_gives_the_models_tokens(name):
+    """bf16 rounding must not refuse the rewrite (ALiBi slopes fitted per group of equal-length rows
+    agree within the fit's tolerance), and certified decoding keeps the model's greedy tokens."""
+    entry = ZOO[name]
+    args = entry.build().args
+    reference, model = (gpt_fast.build(args, batch=entry.batch, dtype=torch.bfloat16) for _ in range(2))
+    prompt = torch.randint(1, 96, (entry.batch, 12), generator=torch.Generator().manual_seed(11))
+    lengths = gpt_fast.ragged_lengths(entry.batch, 12)
+    want, _ = gpt_fast.generate_ragged(reference, prompt, lengths, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="entmaxkv", options=OPTIONS)
+    with recording() as report:
+        tokens, _ = gpt_fast.generate_ragged(model, prompt, lengths, 16, decode=compiled)
+    assert [s.status for s in report.sites] == ["rewritten"] * entry.layers, report.sites
+    assert torch.equal(tokens, want)
