@@ -2,8 +2,8 @@
 
 For each K cache read by a planned site, the graph gains four inputs (the page statistics, looked
 up at run time by the backend, see ``static_state.py``) and one bookkeeping call placed after the
-model's own write: ``page_stats_append`` at the written position for decode graphs (each sequence's own position in
-a ragged batch, where ``seqlens = positions + 1`` per row too),
+model's own write: ``page_stats_append`` at the written position for decode graphs (in a ragged
+batch each sequence's own position, and ``seqlens = positions + 1`` per sequence),
 ``page_stats_prefill`` up to the last written position for prefill graphs. Each decode site's
 ``weights @ v`` is replaced by ``decode_step(...)[0]``; the scores, the weights, the mask and the
 GQA expansion of the cache become dead and are removed, so no full-cache copy is left. A fused

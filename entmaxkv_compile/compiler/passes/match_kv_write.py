@@ -11,8 +11,8 @@ buffer (export graphs). A ragged decode step writes each sequence at its own pos
 ``pos [B]``: ``buf[rows, :, pos] = x`` or ``buf.index_put_((rows, None, pos), x)`` with ``rows``
 the row index (``proofs.py`` proves it is ``arange(B)``), or ``buf.scatter_(2, index, x)`` with
 ``index = pos.view(B, 1, 1, 1).expand(B, H, 1, D)``. A fused buffer ``kv[2, B, H, N, D]`` read as
-``kv[0]``/``kv[1]`` is written through its parts (``kv[0].index_copy_(2, pos, k)``, ``kv[0][:, :, pos] = k``) or as a whole
-(``kv[:, :, :, pos] = x``). A ``torch.cat`` of past and new keys is refused: it cannot be made
+``kv[0]``/``kv[1]`` is written through its parts (``kv[0].index_copy_(2, pos, k)``,
+``kv[0][:, :, pos] = k``) or as a whole (``kv[:, :, :, pos] = x``). A ``torch.cat`` of past and new keys is refused: it cannot be made
 sparse without copying the whole cache every step.
 """
 
@@ -232,18 +232,19 @@ def _write_positions(write: Node, fused: bool = False) -> tuple[Optional[Node], 
             return _int_tensor(indices[2], indices[0])
         return None, None, "cache index_put is not buf[:, :, positions] (nor buf[rows, :, positions])"
     if kind in ("scatter_", "scatter") and not fused:
+        src = write.args[3] if len(write.args) > 3 else write.kwargs.get("src")
         if normalize_dim(arg(write, 1), ndim_of(arg(write, 0))) != 2 or not isinstance(arg(write, 2), Node) \
-                or not isinstance(arg(write, 3, write.kwargs.get("src")), Node) or "reduce" in write.kwargs:
+                or not isinstance(src, Node) or len(write.args) > 4 or "reduce" in write.kwargs:
             return None, None, "cache scatter is not buf.scatter_(2, index, x) on the sequence axis"
         return _int_tensor(arg(write, 2))
     return None, None, f"unsupported cache write {kind}"
 
 
 def _int_tensor(node: Node, rows: Optional[Node] = None) -> tuple[Optional[Node], Optional[Node], str]:
-    for index in (node, rows):
+    for index, what in ((node, "positions"), (rows, "row index")):
         dtype = dtype_of(index) if index is not None else None
         if dtype is not None and (dtype.is_floating_point or dtype == torch.bool):
-            return None, None, f"cache write positions must be an integer tensor, got {dtype}"
+            return None, None, f"cache write {what} must be an integer tensor, got {dtype}"
     return node, rows, ""
 
 

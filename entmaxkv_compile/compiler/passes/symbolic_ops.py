@@ -117,10 +117,10 @@ def _map_axes(source: Sym, shape: tuple[int, ...], name: str) -> Sym:
     big_in = [(s, t) for s, t in zip(source.shape, source.axes) if s != 1]
     big_out = [i for i, s in enumerate(shape) if s != 1]
     axes: list[Any] = [None] * len(shape)
-    keeps_rows = [s for s, _ in big_in] == [shape[i] for i in big_out]
-    if ROW in source.axes and not keeps_rows:
+    keeps_axes = [s for s, _ in big_in] == [shape[i] for i in big_out]
+    if ROW in source.axes and not keeps_axes:
         raise Unproven(f"{name} reshapes {source.shape} -> {shape} across a per-row position's batch axis")
-    if [s for s, _ in big_in] == [shape[i] for i in big_out]:
+    if keeps_axes:
         for (_, tag), i in zip(big_in, big_out):
             axes[i] = tag
         return Sym(source.expr, tuple(axes), shape)
