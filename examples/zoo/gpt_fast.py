@@ -51,7 +51,7 @@ class ModelArgs:
 
 class KVCache(nn.Module):
     def __init__(self, batch: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype,
-                 write: str, rolling: int = 0, fused: bool = False) -> None:
+                 write: str, rolling: int = 0, fused: bool = False, per_row: bool = False) -> None:
         super().__init__()
         shape = (batch, kv_heads, rolling or max_seq_len, head_dim)
         if fused:
@@ -62,7 +62,7 @@ class KVCache(nn.Module):
         self.write = write
         self.rolling = rolling
         self.fused = fused
-        self.per_row = False
+        self.per_row = per_row  # a decode step (one new token) takes one position per sequence
 
     def _update_rows(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """A ragged decode step: sequence ``b`` writes its new row at its own ``input_pos[b]``."""
@@ -260,8 +260,8 @@ class Transformer(nn.Module):
         a = self.args
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch, a.n_kv_head, a.max_seq_len, a.head_dim, dtype, a.kv_write,
-                                               a.rolling, a.kv_fused).to(self.output.weight.device)
-            layer.attention.kv_cache.per_row = a.positions == "per_row"
+                                               a.rolling, a.kv_fused, a.positions == "per_row").to(
+                                                   self.output.weight.device)
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         freqs = self.freqs[input_pos] if self.args.rope else None
@@ -306,7 +306,10 @@ def generate_ragged(model: nn.Module, prompt: torch.Tensor, lengths: torch.Tenso
     The prefill runs the right-padded batch with the model itself (shared positions; row ``b``'s
     cache rows ``0..lengths[b]-1`` are its own prompt's, the causal mask keeps the padding after
     them out); each decode step then takes ``input_pos = lengths + step`` of shape ``[B]`` and
-    overwrites the padding rows as it goes. ``decode`` defaults to ``model``.
+    overwrites the padding rows as it goes. ``decode`` defaults to ``model``. The prefill is not
+    compiled: a compiled right-padded prefill would record the padding rows as written in the page
+    statistics, so each shorter row's first append would be out of order (docs/backend.md,
+    Limitations); uncompiled, the first decode graph fills each row's statistics up to its length.
     """
     decode = model if decode is None else decode
     batch, length = prompt.shape
