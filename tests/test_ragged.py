@@ -198,3 +198,35 @@ def test_ragged_bf16_decode_gives_the_models_tokens(name):
         tokens, _ = gpt_fast.generate_ragged(model, prompt, lengths, 16, decode=compiled)
     assert [s.status for s in report.sites] == ["rewritten"] * entry.layers, report.sites
     assert torch.equal(tokens, want)
+
+
+class _FusedRaggedStep(torch.nn.Module):
+    """K and V in one buffer ``kv[2, B, H, N, D]``, each part written per row: ``kv[0][rows, :, pos] = k``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("kv", torch.randn(2, BATCH, HEADS, SLOTS, DIM))
+
+    def forward(self, q, k_new, v_new, pos):
+        import entmax
+
+        rows = torch.arange(BATCH)
+        self.kv[0][rows, :, pos] = k_new[:, :, 0]
+        self.kv[1][rows, :, pos] = v_new[:, :, 0]
+        j = torch.arange(SLOTS).view(1, 1, 1, SLOTS)
+        scores = (q @ self.kv[0].transpose(-2, -1) * 0.5).masked_fill(~(j <= pos.view(BATCH, 1, 1, 1)), float("-inf"))
+        return entmax.entmax15(scores, dim=-1) @ self.kv[1]
+
+
+def test_fused_buffer_written_per_row_through_its_parts():
+    torch.manual_seed(0)
+    eager, model = _FusedRaggedStep(), _FusedRaggedStep()
+    model.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="entmaxkv", options={**OPTIONS, "page_size": 4})
+    with recording() as report:
+        for step in range(5):
+            args = _step_args([9 + step, step, 20 + step])
+            torch.testing.assert_close(compiled(*args), eager(*args), atol=1e-6, rtol=0)
+    [graph] = report.graphs
+    assert graph.changed and [s.status for s in graph.sites] == ["rewritten"], graph.sites
