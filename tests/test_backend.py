@@ -101,6 +101,44 @@ def test_inductor_decode_is_exact_and_copies_no_cache():
     _decode_code_is_sparse("\n".join(codes), cache_shape)
 
 
+def test_inductor_ragged_decode_is_exact_and_copies_no_cache():
+    """A ragged batch (one position per sequence, ``k_cache[arange(B), :, pos] = k``) through Inductor
+    (CPU): 16 certified greedy steps equal the eager model's, and the compiled step appends and
+    decodes without a cache copy. (A ``scatter_`` write is copied whole by Inductor itself, with or
+    without this backend: see docs/backend.md.)"""
+    from examples.zoo import ZOO
+
+    entry = ZOO["ragged_positions"]
+    reference, model = entry.build(), entry.build()
+    prompt = torch.randint(1, 96, (entry.batch, 12), generator=torch.Generator().manual_seed(5))
+    lengths = gpt_fast.ragged_lengths(entry.batch, 12)
+    want_tokens, want_logits = gpt_fast.generate_ragged(reference, prompt, lengths, 16)
+    torch._dynamo.reset()
+    decode = torch.compile(model, backend="entmaxkv", options={"selector": "certified", "page_size": 4,
+                                                               "certify_max_rounds": 1, "compile_threads": 1})
+    codes = []
+
+    def first_decode_records_code(token, pos):
+        if codes:
+            return decode(token, pos)
+        out, code = run_and_get_code(decode, token, pos)
+        codes.extend(code)
+        return out
+
+    with recording() as report:
+        tokens, logits = gpt_fast.generate_ragged(model, prompt, lengths, 16, decode=first_decode_records_code)
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=0)
+    assert [s.status for s in report.sites] == ["rewritten"] * entry.layers
+    code = "\n".join(codes)
+    assert code.count("torch.ops.entmaxkv.decode_step.default(") == entry.layers
+    assert code.count("torch.ops.entmaxkv.page_stats_append.default(") == entry.layers
+    cache = model.layers[0].attention.kv_cache.k_cache
+    shape = re.escape(str(tuple(cache.shape)).replace(" ", "")[1:-1]).replace(",", r",\s*")
+    assert not re.search(r"empty_strided\w*\(\(" + shape + r"\)", code), "a full-cache-sized buffer is allocated"
+    assert not re.search(r"aten\.cat|clone\(", code.split("def call(")[-1]), "a cache copy"
+
+
 def test_explain_prints_a_table_of_every_site():
     model = gpt_fast.build(gpt_fast.ModelArgs(n_layer=2, weights="sparsemax"), batch=1)
     prompt = torch.randint(0, 96, (1, 6))

@@ -31,7 +31,7 @@ from ..config import EntmaxKVConfig
 from ..runtime.stats.reference import KVPageStats
 from .capture import install_capture
 from .passes.analyze import REFUSED, REWRITTEN, Plan, analyze, log_refused
-from .passes.decode_rewrite import CatchUp, RewriteResult, cache_view, rewrite
+from .passes.decode_rewrite import CatchUp, RewriteResult, cache_view, rewrite, written_before
 from .passes.fallback import bookkeeping_only
 from .passes.static_state import STATS
 
@@ -232,7 +232,7 @@ def _catch_up(catch_up: CatchUp, args: Sequence[Any], stats: KVPageStats) -> Non
     cache = cache_view(args[catch_up.cache_index], catch_up.part)
     with torch.no_grad():
         position = catch_up.positions(*(args[i] for i in catch_up.arg_indices))
-    written = position.reshape(-1)[-1:].to(torch.int64).expand(cache.shape[0]).contiguous()
+    written = written_before(position, cache.shape[0], catch_up.per_row)
     if int(written.max()) > 0:
         torch.ops.entmaxkv.page_stats_prefill(cache, written, catch_up.page_size, *stats.buffers())
     torch.ops.entmaxkv.page_stats_mark_prefilled(written, cache.shape[2], stats.last_position, stats.valid)

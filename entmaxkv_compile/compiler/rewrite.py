@@ -33,7 +33,7 @@ from ..config import EntmaxKVConfig
 from ..runtime.stats.reference import KVPageStats
 from .explain import ExplainReport, GraphRecord
 from .passes.analyze import REWRITTEN, log_refused
-from .passes.decode_rewrite import STAT_FIELDS as STATS_FIELDS
+from .passes.decode_rewrite import STAT_FIELDS as STATS_FIELDS, written_before
 
 log = logging.getLogger(__name__)
 
@@ -196,11 +196,11 @@ def _lifted_state(program: torch.export.ExportedProgram) -> list[tuple[str, torc
     return state
 
 
-def _prefilled_stats(cache: torch.Tensor, page_size: int, position: torch.Tensor) -> KVPageStats:
-    """Statistics of one cache filled from the tokens written before this step's ``position``."""
+def _prefilled_stats(cache: torch.Tensor, page_size: int, position: torch.Tensor, per_row: bool) -> KVPageStats:
+    """Statistics of one cache filled from the tokens written before this step's ``position``
+    (one per sequence when ``per_row``)."""
     stats = KVPageStats.allocate(*cache.shape, page_size=page_size, dtype=cache.dtype, device=cache.device)
-    written = position.reshape(-1)[-1:].to(torch.int64).expand(cache.shape[0]).contiguous()
-    stats.prefill(cache, written)
+    stats.prefill(cache, written_before(position, cache.shape[0], per_row))
     return stats
 
 
@@ -228,7 +228,8 @@ def _apply_passes(
         return None, ExplainReport([GraphRecord(list(plan.sites), code_before, code_before)])
     placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
     written = record(graph, inputs, [a.match.k.positions for a in plan.actions])
-    position_of = {placeholders.index(a.match.k.cache): written[a.match.k.positions] for a in plan.actions}
+    position_of = {placeholders.index(a.match.k.cache): (written[a.match.k.positions], a.per_row)
+                   for a in plan.actions}
     result = rewrite_graph(graph, plan, config)
     report = ExplainReport([GraphRecord(list(plan.sites), code_before, graph.code)])
     extras, stats = [], {}
@@ -242,7 +243,7 @@ def _apply_passes(
                 "the caches as module buffers (register them with register_buffer)")
         key = (extra.cache_index, extra.part, extra.page_size)
         if key not in stats:
-            stats[key] = _prefilled_stats(extra.cache_of(inputs), extra.page_size, position_of[extra.cache_index])
+            stats[key] = _prefilled_stats(extra.cache_of(inputs), extra.page_size, *position_of[extra.cache_index])
         cache_name = state[extra.cache_index][0].replace(".", "_") + ("" if extra.part is None else f"_{extra.part}")
         extras.append((f"entmaxkv.{cache_name}.{STATS_FIELDS[extra.field]}", stats[key].buffers()[extra.field]))
     return RewrittenStep(graph, state, extras, in_spec, program.call_spec.out_spec), report

@@ -1,8 +1,9 @@
 """The model zoo: small models that spell entmax attention in the ways real models do.
 
-``ZOO[name]`` is a :class:`ZooEntry`; ``entry.build()`` returns a random-weight model and
-``entry.generate(model, prompt, steps, compiled)`` runs greedy decoding (compiled with the given
-callable, or eagerly). ``entry.expected`` lists, per attention layer, the ``(kind, alpha, status)``
+``ZOO[name]`` is a :class:`ZooEntry`; ``entry.build()`` returns a random-weight model (caches for
+``entry.batch`` sequences) and ``entry.generate(model, prompt, steps, compiled)`` runs greedy
+decoding (compiled with the given callable, or eagerly). The ``ragged`` family decodes a batch of
+different prompt lengths, one position per sequence (``gpt_fast.generate_ragged``). ``entry.expected`` lists, per attention layer, the ``(kind, alpha, status)``
 that ``explain`` must report for a decode graph.
 """
 
@@ -34,12 +35,16 @@ class ZooEntry:
     kind: str  # "entmax", "hand-written entmax", "softmax"
     alpha: Optional[float]
     decode_status: str  # what explain must say about each decode site
-    prefill_status: str
+    prefill_status: Optional[str]  # None: the prefill runs uncompiled (a ragged batch's right-padded prompts)
+    batch: int = 2
 
     def generate(self, model: Any, prompt: torch.Tensor, steps: int,
                  compiled: Optional[Callable[..., Any]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.family == "hf":
             return _hf().generate(model, prompt, steps, forward=compiled)
+        if self.family == "ragged":
+            lengths = gpt_fast.ragged_lengths(*prompt.shape)
+            return gpt_fast.generate_ragged(model, prompt, lengths, steps, decode=compiled)
         return gpt_fast.generate(model, prompt, steps, decode=compiled, prefill=compiled)
 
     def compile_target(self, model: Any) -> Any:
@@ -52,6 +57,12 @@ def _gpt(name: str, description: str, kind: str, alpha: Optional[float], decode:
     model_args = ModelArgs(**args)
     return ZooEntry(name, description, "gpt_fast", lambda: gpt_fast.build(model_args), model_args.n_layer,
                     kind, alpha, decode, prefill)
+
+
+def _ragged(name: str, description: str, **args: Any) -> ZooEntry:
+    model_args = ModelArgs(positions="per_row", **args)
+    return ZooEntry(name, description, "ragged", lambda: gpt_fast.build(model_args, batch=3), model_args.n_layer,
+                    "entmax", 1.5, "rewritten", None, batch=3)
 
 
 _LAZY = "bookkeeping"  # transformers 5.x allocates the StaticCache inside the prefill graph: decode fills the stats
@@ -103,6 +114,12 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
          "hand-written entmax", None, "not-entmax", "not-entmax", n_layer=1, weights="not_quite"),
     _gpt("softmax", "the same decoder with softmax: the graph must be left untouched", "softmax", None,
          "not-entmax", "not-entmax", n_layer=1, weights="softmax"),
+    _ragged("ragged_positions", "a ragged batch of 3 prompts (12, 9, 6 tokens, right-padded prefill): each decode "
+            "step takes input_pos [B] and writes k_cache[arange(B), :, input_pos] = k; mask j <= input_pos[b]",
+            n_layer=2),
+    _ragged("ragged_alibi_buffer", "ragged positions with ALiBi (MHA, no RoPE), gpt-fast's tril mask buffer "
+            "read per row (causal_mask[input_pos][:, None, None]) and a scatter_ write of each row at its position",
+            n_layer=1, rope=False, n_kv_head=4, alibi="all", mask="buffer", kv_write="scatter"),
     ZooEntry("hf_llama", "transformers Llama, entmax15 via AttentionInterface, StaticCache, generate()",
              "hf", lambda: _hf().build_llama("entmax15", layers=1), 1, "entmax", 1.5, "rewritten", _LAZY),
     ZooEntry("hf_qwen2", "transformers Qwen2, entmax_bisect(alpha=1.25), GQA 4:1, StaticCache, generate()",

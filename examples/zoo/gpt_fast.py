@@ -35,12 +35,14 @@ class ModelArgs:
     mask: str = "masked_fill"  # masked_fill | additive | where | buffer (gpt-fast's tril buffer) | none
     scale_on: str = "scores"  # scores | q
     alibi: str = "none"  # none | all | half (ALiBi on the first half of the heads, NoPE on the rest)
-    kv_write: str = "setitem"  # setitem | index_copy
+    kv_write: str = "setitem"  # setitem | index_copy | scatter (per-row decode writes only)
     kv_fused: bool = False  # one buffer kv[2, B, H, N, D]: K is kv[0], V is kv[1]
     window: int = 0  # > 0: sliding window, key j visible from query i when i - window < j <= i
     rolling: int = 0  # > 0: rolling-buffer cache of that many slots written at pos % rolling (Mistral)
     temperature: float = 4.0  # scales the scores so the random model's entmax is sparse
     head_alphas: tuple[float, ...] = ()  # one learnable alpha per head (entmax_bisect with a tensor alpha)
+    positions: str = "shared"  # shared | per_row (a decode step takes input_pos [B]: one position per sequence)
+    row_mask: str = "own"  # per_row decode masks: own (row b sees 0..pos[b]) | ahead (0..pos[b]+1) | first (0..pos[0])
 
     @property
     def head_dim(self) -> int:
@@ -49,7 +51,7 @@ class ModelArgs:
 
 class KVCache(nn.Module):
     def __init__(self, batch: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype,
-                 write: str, rolling: int = 0, fused: bool = False) -> None:
+                 write: str, rolling: int = 0, fused: bool = False, per_row: bool = False) -> None:
         super().__init__()
         shape = (batch, kv_heads, rolling or max_seq_len, head_dim)
         if fused:
@@ -60,8 +62,23 @@ class KVCache(nn.Module):
         self.write = write
         self.rolling = rolling
         self.fused = fused
+        self.per_row = per_row  # a decode step (one new token) takes one position per sequence
+
+    def _update_rows(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """A ragged decode step: sequence ``b`` writes its new row at its own ``input_pos[b]``."""
+        if self.write == "scatter":  # one index per element: row b's position over every head and feature
+            index = input_pos.view(-1, 1, 1, 1).expand_as(k)
+            self.k_cache.scatter_(2, index, k)
+            self.v_cache.scatter_(2, index, v)
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k_cache[rows, :, input_pos] = k[:, :, 0]
+            self.v_cache[rows, :, input_pos] = v[:, :, 0]
+        return self.k_cache, self.v_cache
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        if self.per_row and k.shape[2] == 1:
+            return self._update_rows(input_pos, k, v)
         if self.rolling:  # slot pos % W holds the newest token; once wrapped, every slot is valid
             input_pos = input_pos % self.rolling
         if self.fused:  # vLLM-style one allocation for K and V
@@ -142,9 +159,22 @@ class Attention(nn.Module):
         batch, heads, seqlen, d = q.shape
         n = k.shape[2]
         scale = a.temperature / math.sqrt(d)
-        i = input_pos.view(1, 1, seqlen, 1)
+        per_row = a.positions == "per_row" and seqlen == 1  # row b's query sits at input_pos[b]
+        if not per_row:
+            i = input_pos.view(1, 1, seqlen, 1)
+        elif a.row_mask == "own":
+            i = input_pos.view(batch, 1, 1, 1)
+        elif a.row_mask == "ahead":  # a wrong mask (shows the row after the one written): must be refused
+            i = input_pos.view(batch, 1, 1, 1) + 1
+        else:  # "first": every row masked by row 0's position, wrong for the others: must be refused
+            i = input_pos[0].view(1, 1, 1, 1)
         j = torch.arange(n, device=q.device).view(1, 1, 1, n)
-        causal = self.causal_mask[None, None, input_pos] if a.mask == "buffer" else j <= i
+        if a.mask != "buffer":
+            causal = j <= i
+        elif per_row:  # a ragged step takes row input_pos[b] of the buffer for sequence b
+            causal = self.causal_mask[input_pos][:, None, None]
+        else:
+            causal = self.causal_mask[None, None, input_pos]
         if a.window:
             causal = causal & (i - j < a.window)
         bias = None
@@ -189,7 +219,7 @@ class Attention(nn.Module):
 
 def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    freqs = freqs.view(1, xs.size(1), 1, xs.size(3), 2)
+    freqs = freqs.view(-1, xs.size(1), 1, xs.size(3), 2)  # [1, T, ...] shared, [B, 1, ...] per row
     out = torch.stack([xs[..., 0] * freqs[..., 0] - xs[..., 1] * freqs[..., 1],
                        xs[..., 1] * freqs[..., 0] + xs[..., 0] * freqs[..., 1]], -1)
     return out.flatten(3).type_as(x)
@@ -230,7 +260,8 @@ class Transformer(nn.Module):
         a = self.args
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch, a.n_kv_head, a.max_seq_len, a.head_dim, dtype, a.kv_write,
-                                               a.rolling, a.kv_fused).to(self.output.weight.device)
+                                               a.rolling, a.kv_fused, a.positions == "per_row").to(
+                                                   self.output.weight.device)
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         freqs = self.freqs[input_pos] if self.args.rope else None
@@ -262,6 +293,39 @@ def generate(model: nn.Module, prompt: torch.Tensor, steps: int,
     return torch.cat(tokens, 1), torch.stack(all_logits, 1)
 
 
+def ragged_lengths(batch: int, length: int) -> torch.Tensor:
+    """Prompt lengths of a ragged batch: ``length``, ``length - 3``, ``length - 6``, ... (at least 2)."""
+    return torch.tensor([max(2, length - 3 * b) for b in range(batch)])
+
+
+@torch.no_grad()
+def generate_ragged(model: nn.Module, prompt: torch.Tensor, lengths: torch.Tensor, steps: int,
+                    decode: Optional[Callable[..., torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding of a ragged batch: sequence ``b`` is ``prompt[b, :lengths[b]]``.
+
+    The prefill runs the right-padded batch with the model itself (shared positions; row ``b``'s
+    cache rows ``0..lengths[b]-1`` are its own prompt's, the causal mask keeps the padding after
+    them out); each decode step then takes ``input_pos = lengths + step`` of shape ``[B]`` and
+    overwrites the padding rows as it goes. ``decode`` defaults to ``model``. The prefill is not
+    compiled: a compiled right-padded prefill would record the padding rows as written in the page
+    statistics, so each shorter row's first append would be out of order (docs/backend.md,
+    Limitations); uncompiled, the first decode graph fills each row's statistics up to its length.
+    """
+    decode = model if decode is None else decode
+    batch, length = prompt.shape
+    lengths = lengths.to(prompt.device)
+    logits = model(prompt, torch.arange(length, device=prompt.device))
+    logits = logits[torch.arange(batch, device=prompt.device), lengths - 1]
+    tokens, all_logits = [], []
+    token = logits.argmax(-1, keepdim=True)
+    for step in range(steps):
+        logits = decode(token, lengths + step)[:, -1]
+        all_logits.append(logits.clone())
+        token = logits.argmax(-1, keepdim=True)
+        tokens.append(token)
+    return torch.cat(tokens, 1), torch.stack(all_logits, 1)
+
+
 def build(args: ModelArgs, batch: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0,
           device: str = "cpu") -> Transformer:
     """A random-weight model with its caches set up (deterministic given ``seed``)."""
@@ -271,4 +335,4 @@ def build(args: ModelArgs, batch: int = 2, dtype: torch.dtype = torch.float32, s
     return model
 
 
-__all__ = ["ModelArgs", "Transformer", "build", "generate"]
+__all__ = ["ModelArgs", "Transformer", "build", "generate", "generate_ragged", "ragged_lengths"]

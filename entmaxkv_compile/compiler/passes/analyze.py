@@ -63,6 +63,7 @@ class SitePlan:
     alpha: float
     slopes: Optional[torch.Tensor] = None
     guards: list[Any] = field(default_factory=list)  # run-time conditions of the rewrite (guards.py)
+    per_row: bool = False  # a ragged decode step: one position per sequence (seqlens = positions + 1)
 
 
 @dataclass
@@ -130,9 +131,11 @@ def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: En
             site.status = BOOKKEEPING
             site.reason = "query length is not 1: prefill keeps its attention; page statistics are filled"
             plan.actions.append(action)
-        elif not proves_equal(_numel(match.k.positions), 1):
-            site.status, site.reason = REFUSED, "decode writes more than one position per step (per-row positions)"
+        elif not proves_equal(_numel(match.k.positions), 1) and not _per_row(match):
+            site.status, site.reason = REFUSED, ("decode writes more than one position per step, and not one per row "
+                                                 "(expected positions of shape [1], or [B] written as buf[arange(B), :, pos] or by scatter_)")
         else:
+            action.per_row = not proves_equal(_numel(match.k.positions), 1)
             decode.append(action)
     _check_decode_sites(gm, example_inputs, decode, plan, allow_guards)
     _dedupe_bookkeeping(plan)
@@ -153,6 +156,24 @@ def log_refused(sites: Sequence[Site], log: logging.Logger) -> None:
 def _is_decode(match: AttentionMatch) -> bool:
     shape = shape_of(match.q)
     return shape is not None and proves_equal(shape[2], 1)
+
+
+def _per_row(match: AttentionMatch) -> bool:
+    """Whether K and V are written one position per sequence (``buf[rows, :, pos]`` with ``pos [B]``,
+    or a scatter index ``[B, H, 1, D]``); ``proofs.py`` proves it row by row before any rewrite."""
+    batch = match.k.shape()[0] if match.k.shape() is not None else None
+
+    def per_row(read: Any) -> bool:
+        shape = shape_of(read.positions)
+        if not shape or not _same(shape[0], batch):
+            return False
+        return read.scatter or (read.rows is not None and len(shape) == 1)
+
+    return per_row(match.k) and per_row(match.v)
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is not None and b is not None and proves_equal(a - b, 0)
 
 
 def _numel(node: Optional[Node]) -> Any:
@@ -198,13 +219,15 @@ def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan],
     watch = [n for action, _ in proved for n in watched_nodes(action.match)]
     values = record(gm, example_inputs, watch)
     for action, notes in proved:
-        slopes, why = check_decode_site(action.match, values, action.alpha)
+        slopes, why = check_decode_site(action.match, values, action.alpha, action.per_row)
         if why:
             action.site.status, action.site.reason = REFUSED, why
             continue
         action.slopes = slopes
         action.site.status = REWRITTEN
         action.site.reason = "decode step -> page_stats_append + decode_step"
+        if action.per_row:
+            action.site.reason += " (per-row positions: seqlens = positions + 1 for each sequence)"
         if slopes is not None:
             action.site.reason += " (ALiBi slopes recovered)"
         if notes:

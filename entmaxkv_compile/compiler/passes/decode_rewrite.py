@@ -2,7 +2,8 @@
 
 For each K cache read by a planned site, the graph gains four inputs (the page statistics, looked
 up at run time by the backend, see ``static_state.py``) and one bookkeeping call placed after the
-model's own write: ``page_stats_append`` at the written position for decode graphs,
+model's own write: ``page_stats_append`` at the written position for decode graphs (in a ragged
+batch each sequence's own position, and ``seqlens = positions + 1`` per sequence),
 ``page_stats_prefill`` up to the last written position for prefill graphs. Each decode site's
 ``weights @ v`` is replaced by ``decode_step(...)[0]``; the scores, the weights, the mask and the
 GQA expansion of the cache become dead and are removed, so no full-cache copy is left. A fused
@@ -25,7 +26,7 @@ from ...runtime.certify.policy import dense_rows_for
 from ...runtime.stats.reference import resolve_moment_dtype, stats_valid_for
 from .analyze import REWRITTEN, Plan, SitePlan
 from .ir import concrete, dtype_of, is_impure, op_of, shape_of
-from .match_kv_write import CacheRead
+from .match_kv_write import CacheRead, row_positions
 from .subgraph import NotExtractable, extract, needed_placeholders
 
 STAT_FIELDS = ("kmin", "kmax", "kmean", "km2")
@@ -62,6 +63,7 @@ class CatchUp:
     positions: GraphModule
     arg_indices: tuple[int, ...]
     part: Optional[int] = None
+    per_row: bool = False  # ``positions`` gives one position per sequence (a ragged batch)
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,19 @@ class RewriteResult:
     catch_ups: list[CatchUp] = field(default_factory=list)
     decode_calls: list[DecodeCall] = field(default_factory=list)
     guards: list[Any] = field(default_factory=list)  # run-time conditions of the rewritten sites
+
+
+def row_seqlens(positions: torch.Tensor) -> torch.Tensor:
+    """Valid tokens of each sequence of a ragged step once its own position is in: ``positions + 1``."""
+    return row_positions(positions) + 1
+
+
+def written_before(position: torch.Tensor, batch: int, per_row: bool) -> torch.Tensor:
+    """int64 ``[B]``: the rows each sequence holds before a decode step writes at ``position``
+    (the step's position per row, or its one shared position for every row)."""
+    if per_row:
+        return row_positions(position)
+    return position.reshape(-1)[-1:].to(torch.int64).expand(batch).contiguous()
 
 
 def batch_positions(positions: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -250,7 +265,8 @@ def _insert_bookkeeping(gm: GraphModule, plan: Plan, action: SitePlan, stats: li
     with graph.inserting_before(first_out):
         cache = _cache_node(graph, read)
         if action.site.phase == "decode":
-            positions = graph.call_function(batch_positions, (action.match.k.positions, action.match.q))
+            positions = (graph.call_function(row_positions, (action.match.k.positions,)) if action.per_row
+                         else graph.call_function(batch_positions, (action.match.k.positions, action.match.q)))
             graph.call_function(torch.ops.entmaxkv.page_stats_append.default,
                                 (cache, positions, config.page_size, *stats))
             if order:
@@ -280,7 +296,8 @@ def _replace_attention(gm: GraphModule, action: SitePlan, stats: list[Node], ord
     policy = bool(order) and config.selector == "certified"
     with graph.inserting_before(match.out):
         k_cache, v_cache = _cache_node(graph, match.k), _cache_node(graph, match.v)
-        seqlens = graph.call_function(seqlens_after, (match.k.positions, match.q))
+        seqlens = (graph.call_function(row_seqlens, (match.k.positions,)) if action.per_row
+                   else graph.call_function(seqlens_after, (match.k.positions, match.q)))
         state = (graph.call_function(stats_valid_for, (*order[:2], seqlens)),) if order else ()
         if policy:
             dense = graph.call_function(dense_rows_for, (order[2],))
@@ -307,7 +324,8 @@ def _add_catch_up(gm: GraphModule, result: RewriteResult, action: SitePlan, inde
     except NotExtractable:
         return  # the step's position cannot be computed ahead; a compiled prefill must fill the stats
     args = tuple(index_of[n] for n in needed_placeholders(gm, [], positions))
-    result.catch_ups.append(CatchUp(index_of[action.match.k.cache], page_size, fn, args, action.match.k.part))
+    result.catch_ups.append(CatchUp(index_of[action.match.k.cache], page_size, fn, args, action.match.k.part,
+                                    action.per_row))
 
 
 def _cache_node(graph: torch.fx.Graph, read: CacheRead) -> Node:

@@ -7,9 +7,12 @@ axis the matmuls broadcast is checked in ``verify.py``). Accepted writes, at an 
 tensor on the sequence axis (dim 2): ``buf[:, :, pos] = x`` (gpt-fast), ``buf.index_copy_(2, pos,
 x)`` (HF, either the 4.5x ``cache_position`` or the 5.x in-graph counter),
 ``buf.index_put_((None, None, pos), x)``, and their functional forms followed by ``copy_`` into the
-buffer (export graphs). A fused buffer ``kv[2, B, H, N, D]`` read as ``kv[0]``/``kv[1]`` is written
-through its parts (``kv[0].index_copy_(2, pos, k)``, ``kv[0][:, :, pos] = k``) or as a whole
-(``kv[:, :, :, pos] = x``). A ``torch.cat`` of past and new keys is refused: it cannot be made
+buffer (export graphs). A ragged decode step writes each sequence at its own position
+``pos [B]``: ``buf[rows, :, pos] = x`` or ``buf.index_put_((rows, None, pos), x)`` with ``rows``
+the row index (``proofs.py`` proves it is ``arange(B)``), or ``buf.scatter_(2, index, x)`` with
+``index = pos.view(B, 1, 1, 1).expand(B, H, 1, D)``. A fused buffer ``kv[2, B, H, N, D]`` read as
+``kv[0]``/``kv[1]`` is written through its parts (``kv[0].index_copy_(2, pos, k)``,
+``kv[0][:, :, pos] = k``) or as a whole (``kv[:, :, :, pos] = x``). A ``torch.cat`` of past and new keys is refused: it cannot be made
 sparse without copying the whole cache every step.
 """
 
@@ -47,7 +50,11 @@ class CacheRead:
 
     ``part``: for a fused buffer ``kv[2, B, H, N, D]`` (one allocation for K and V), the index on
     its leading axis this operand reads (``kv[0]`` is K, ``kv[1]`` V); ``cache`` is then the fused
-    buffer and :meth:`view` takes the ``[B, H, N, D]`` part of a value of it.
+    buffer and :meth:`view` takes the ``[B, H, N, D]`` part of a value of it. ``rows``: a per-row
+    write (a ragged batch) pairs ``rows[b]`` with ``positions[b]``; None when every row is
+    written at the same ``positions``. ``scatter``: ``positions`` is the index of
+    ``buf.scatter_(2, positions, x)``, one index per written element (``proofs.py`` proves it
+    covers every head and feature of each row with that row's one position).
     """
 
     cache: Optional[Node]
@@ -56,6 +63,8 @@ class CacheRead:
     positions: Optional[Node] = None
     refusal: str = ""
     part: Optional[int] = None
+    rows: Optional[Node] = None  # per-row write ``buf[rows, :, positions]``: the row index tensor
+    scatter: bool = False  # ``positions`` is a scatter index ``[B, H, 1, D]`` on the sequence axis
 
     @property
     def key(self) -> tuple[Optional[Node], Optional[int]]:
@@ -94,9 +103,9 @@ def trace_cache(read: Node, before: Node) -> CacheRead:
             node = source
         elif kind == "expand" or (kind in ("reshape", "flatten") and op_of(arg(node, 0)) == "expand"):
             return CacheRead(None, group, refusal=GQA_REASON)
-        elif kind in ("index_copy_", "index_put_"):
+        elif kind in ("index_copy_", "index_put_", "scatter_"):
             node = arg(node, 0)
-        elif kind in ("index_copy", "index_put") and isinstance(arg(node, 0), Node) and part is None:
+        elif kind in ("index_copy", "index_put", "scatter") and isinstance(arg(node, 0), Node) and part is None:
             return _functional_write(node, group)
         elif kind == "cat":
             return CacheRead(None, group, refusal=CONCAT_REASON)
@@ -189,9 +198,10 @@ def part_index(node: Node) -> Optional[int]:
     return index % shape[0]
 
 
-def _write_positions(write: Node, fused: bool = False) -> tuple[Optional[Node], str]:
-    """The position tensor of a write on the sequence axis, or ``(None, reason)``.
+def _write_positions(write: Node, fused: bool = False) -> tuple[Optional[Node], Optional[Node], str]:
+    """``(positions, rows, "")`` of a write on the sequence axis, or ``(None, None, reason)``.
 
+    ``rows`` is the row index tensor of a per-row write (``buf[rows, :, pos] = x``), else None.
     ``fused``: the write is on a whole fused buffer ``[2, B, H, N, D]`` (``kv[:, :, :, pos] = kv_new``,
     ``kv[0, :, :, pos] = k``): one more leading axis.
     """
@@ -203,29 +213,42 @@ def _write_positions(write: Node, fused: bool = False) -> tuple[Optional[Node], 
         if isinstance(index, tuple) and len(index) == 3 + lead and all(i == full for i in index[lead:lead + 2]) \
                 and isinstance(index[-1], Node):
             return _int_tensor(index[-1])
-        return None, "cache write is not buf[:, :, positions] = x" if not fused else \
-            "fused cache write is not kv[:, :, :, positions] = x (or kv[i, :, :, positions])"
+        if not fused and isinstance(index, tuple) and len(index) == 3 and isinstance(index[0], Node) \
+                and index[1] == full and isinstance(index[2], Node):
+            return _int_tensor(index[2], index[0])
+        return None, None, "cache write is not buf[:, :, positions] = x (nor buf[rows, :, positions] = x)" \
+            if not fused else "fused cache write is not kv[:, :, :, positions] = x (or kv[i, :, :, positions])"
     if kind in ("index_copy_", "index_copy"):
         if normalize_dim(arg(write, 1), ndim_of(arg(write, 0))) != 2 + lead:
-            return None, "cache index_copy is not on the sequence axis (dim 2)"
+            return None, None, "cache index_copy is not on the sequence axis (dim 2)"
         return _int_tensor(arg(write, 2))
     if kind in ("index_put_", "index_put"):
         indices = arg(write, 1)
         if isinstance(indices, (list, tuple)) and len(indices) == 3 + lead \
                 and all(i is None for i in indices[:-1]) and isinstance(indices[-1], Node):
             return _int_tensor(indices[-1])
-        return None, "cache index_put is not buf[:, :, positions]"
-    return None, f"unsupported cache write {kind}"
+        if not fused and isinstance(indices, (list, tuple)) and len(indices) == 3 and isinstance(indices[0], Node) \
+                and indices[1] is None and isinstance(indices[2], Node):
+            return _int_tensor(indices[2], indices[0])
+        return None, None, "cache index_put is not buf[:, :, positions] (nor buf[rows, :, positions])"
+    if kind in ("scatter_", "scatter") and not fused:
+        src = write.args[3] if len(write.args) > 3 else write.kwargs.get("src")
+        if normalize_dim(arg(write, 1), ndim_of(arg(write, 0))) != 2 or not isinstance(arg(write, 2), Node) \
+                or not isinstance(src, Node) or len(write.args) > 4 or "reduce" in write.kwargs:
+            return None, None, "cache scatter is not buf.scatter_(2, index, x) on the sequence axis"
+        return _int_tensor(arg(write, 2))
+    return None, None, f"unsupported cache write {kind}"
 
 
-def _int_tensor(node: Node) -> tuple[Optional[Node], str]:
-    dtype = dtype_of(node)
-    if dtype is not None and (dtype.is_floating_point or dtype == torch.bool):
-        return None, f"cache write positions must be an integer tensor, got {dtype}"
-    return node, ""
+def _int_tensor(node: Node, rows: Optional[Node] = None) -> tuple[Optional[Node], Optional[Node], str]:
+    for index, what in ((node, "positions"), (rows, "row index")):
+        dtype = dtype_of(index) if index is not None else None
+        if dtype is not None and (dtype.is_floating_point or dtype == torch.bool):
+            return None, None, f"cache write {what} must be an integer tensor, got {dtype}"
+    return node, rows, ""
 
 
-_WRITES = ("setitem", "index_copy_", "index_put_")
+_WRITES = ("setitem", "index_copy_", "index_put_", "scatter_")
 
 
 def _touches(write: Node, part: int) -> bool:
@@ -255,8 +278,8 @@ def _with_write(cache: Node, group: int, before: Node, part: Optional[int] = Non
         return CacheRead(cache, group, refusal="no write of this step at a position tensor was found for the cache",
                          part=part)
     write, fused = writes[-1]
-    positions, why = _write_positions(write, fused)
-    return CacheRead(cache, group, write, positions, why, part)
+    positions, rows, why = _write_positions(write, fused)
+    return CacheRead(cache, group, write, positions, why, part, rows, op_of(write) == "scatter_")
 
 
 def _functional_write(write: Node, group: int) -> CacheRead:
@@ -265,5 +288,11 @@ def _functional_write(write: Node, group: int) -> CacheRead:
     copied_back = any(op_of(user) == "copy_" and arg(user, 0) is cache for user in write.users)
     if cache.op not in ("placeholder", "get_attr") or not copied_back:
         return CacheRead(None, group, refusal="K/V comes from a functional update that is not copied back to a buffer")
-    positions, why = _write_positions(write)
-    return CacheRead(cache, group, write, positions, why)
+    positions, rows, why = _write_positions(write)
+    return CacheRead(cache, group, write, positions, why, rows=rows, scatter=op_of(write) == "scatter")
+
+
+def row_positions(positions: torch.Tensor) -> torch.Tensor:
+    """int64 ``[B]``: each sequence's position from a per-row write's positions (``[B]``, or a
+    scatter index ``[B, H, 1, D]`` proved to hold one value per row)."""
+    return positions.reshape(positions.shape[0], -1)[:, 0].to(torch.int64)

@@ -16,7 +16,13 @@ symbolically (``symbolic.py``), must equal that up to a per-row constant for eve
    expression on all such cells (``A`` per head: ALiBi), where ``j > w`` they must be hidden
    (``-inf``, or a bias at most :data:`MASK_FLOOR`). A sliding window fails the first rule (a
    cell ``j <= w - window`` is hidden), a model without a mask the second.
-3. **Inputs.** A 2-D bool/float buffer indexed by the position (gpt-fast's
+3. **Ragged batches.** An integer input of shape ``[B]`` (B the cache's batch) is a per-row
+   position: its symbol is row ``b``'s own position, for a generic row ``b``, carried on the batch
+   axis (``symbolic.ROW``). The write must pair it with the row index (``buf[rows, :, pos] = x``,
+   ``rows`` proved to be ``arange(B)``) and the scores may vary with it only along their batch
+   axis; then 1. and 2. above hold for each row with ``w = pos[b]``, every row independently
+   (``seqlens = pos + 1`` per row). Masks that are graph inputs are refused with per-row positions.
+4. **Inputs.** A 2-D bool/float buffer indexed by the position (gpt-fast's
    ``causal_mask[None, None, input_pos]``) is accepted when its *whole content* is lower
    triangular (shown: ``c <= r``, hidden after), with a guard that the buffer is not modified
    later; a mask that is a graph input is assumed causal under a per-call :class:`MaskGuard`;
@@ -38,11 +44,9 @@ from .ir import concrete, dtype_of, is_impure
 from .match_attention import AttentionMatch
 from .subgraph import NotExtractable, extract, needed_placeholders
 from .evaluator import Evaluator
-from .symbolic import FRESH, QK, Sym, Unproven, index_symbol, is_boolean, is_opaque, kind_of
+from .symbolic import FRESH, QK, ROW, Sym, Unproven, kind_of
+from .write_index import J, W, in_write_index, write_index
 
-#: The key index and the write index (the position) of the decision procedure.
-J = sympy.Symbol("j", integer=True)
-W = sympy.Symbol("w", integer=True)
 
 
 @dataclass
@@ -57,12 +61,13 @@ class SiteProof:
 class _Leaves:
     """What each graph input is for the proof; records the guards and notes it needs."""
 
-    def __init__(self, gm: GraphModule, example: dict[Node, Any], key_len: int) -> None:
-        self.gm, self.example, self.key_len = gm, example, key_len
+    def __init__(self, gm: GraphModule, example: dict[Node, Any], key_len: int, batch: Any = None) -> None:
+        self.gm, self.example, self.key_len, self.batch = gm, example, key_len, batch
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.index = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
         self.alias, self.mutations = _memory(gm)
         self.positions: dict[sympy.Symbol, Node] = {}
+        self.per_row: set[sympy.Symbol] = set()  # positions of shape [B]: one per sequence
         self.opaque_bound: dict[sympy.Symbol, float] = {}
         self.guards: list[Guard] = []
         self.notes: list[str] = []
@@ -95,10 +100,14 @@ class _Leaves:
             raise Unproven(f"input {node.name} is not a tensor")
         shape = tuple(concrete(s) for s in value.shape)
         if not value.dtype.is_floating_point and value.dtype != torch.bool:
-            if value.numel() != 1:
-                raise Unproven(f"integer input {node.name} holds more than one position")
+            per_row = isinstance(self.batch, int) and self.batch > 1 and shape == (self.batch,)
+            if value.numel() != 1 and not per_row:
+                raise Unproven(f"integer input {node.name} holds more than one position (and is not one per row)")
             symbol = sympy.Symbol(node.name, integer=True)
             self.positions[symbol] = node
+            if per_row:
+                self.per_row.add(symbol)
+                return Sym(symbol, (ROW,), shape)
             return Sym(symbol, (None,) * len(shape), shape)
         if len(shape) == 2 and min(shape) >= self.key_len and _is_real(value):
             proved = _triangular(value)
@@ -193,11 +202,14 @@ def prove_decode_site(gm: GraphModule, match: AttentionMatch, product: Node, exa
         return SiteProof("the cache length is not a static size: cannot prove the mask for every position")
     key_len = shape[2]
     try:
-        leaves = _Leaves(gm, example, key_len)
-        write = _write_index(leaves, match)
+        leaves = _Leaves(gm, example, key_len, shape[0])
+        write = write_index(leaves, match)
         scores = leaves.evaluator(product, J).value(match.weights.scores)
-        expr = _in_write_index(scores, write, leaves)
+        expr = in_write_index(scores, write, leaves)
         decide_causal(expr, key_len, leaves.opaque_bound)
+        if leaves.per_row and leaves.mask_inputs:
+            raise Unproven("the attention mask is a graph input and the positions are per row: the run-time "
+                           "mask check takes one position shared by the batch")
         guards = list(leaves.guards)
         for node in leaves.mask_inputs:
             guards.append(_mask_guard(gm, leaves, node, match, key_len))
@@ -213,53 +225,6 @@ def prove_decode_site(gm: GraphModule, match: AttentionMatch, product: Node, exa
                              "which needs the torch.compile backend (the offline rewrite has no run-time guards)")
         notes.append("mask input " + ", ".join(n.name for n in leaves.mask_inputs) + " checked causal at each call")
     return SiteProof("", guards, notes)
-
-
-def _write_index(leaves: _Leaves, match: AttentionMatch) -> Any:
-    """The symbolic index K (and V) are written at this step."""
-    ev = leaves.evaluator()
-    k = _scalar(ev.value(match.k.positions), "the K write index")
-    v = _scalar(ev.value(match.v.positions), "the V write index")
-    if sympy.simplify(k - v) != 0:
-        raise Unproven(f"K and V are written at different indices ({k} and {v})")
-    if k.free_symbols - set(leaves.positions):
-        raise Unproven(f"the write index {k} depends on more than the integer inputs")
-    return k
-
-
-def _scalar(sym: Sym, what: str) -> Any:
-    if any(t is not None for t in sym.axes) or is_boolean(sym.expr):
-        raise Unproven(f"{what} is not a single integer position")
-    return sym.expr
-
-
-def _in_write_index(scores: Sym, write: Any, leaves: _Leaves) -> Any:
-    """The scores as an expression of ``j`` (renamed from the key axis), ``w`` and data symbols."""
-    key = scores.axes[-1] if scores.axes else None
-    if is_opaque(key):
-        raise Unproven("the scores vary along the key axis with an input tensor whose content the proof does "
-                       "not know (a padding mask or a learned bias)")
-    j = index_symbol(key)
-    if j is None:
-        raise Unproven("the scores do not depend on the key index")
-    if any(index_symbol(t) is not None for t in scores.axes[:-1]):
-        raise Unproven("the scores depend on an index other than the key index")
-    expr = scores.expr.subs(j, J)
-    used = expr.free_symbols & set(leaves.positions)
-    if used:
-        base = write.free_symbols & set(leaves.positions)
-        x = next(iter(base)) if len(base) == 1 else None
-        if x is not None and sympy.diff(write, x) == 1 and not (write - x).free_symbols:
-            expr = expr.subs(x, W - (write - x))  # written at x + c: the mask's x is w - c
-        elif write.free_symbols:
-            expr = expr.subs(write, W)  # the mask is built from the very value the write uses
-        left = expr.free_symbols & set(leaves.positions)
-        if left:
-            names = ", ".join(sorted(str(s) for s in left))
-            raise Unproven(f"the cache is written at index {write}, but the mask is built from {names}: the write "
-                           "index is not proved to be the position (a rolling buffer?)")
-    return expr
-
 
 
 def decide_causal(expr: Any, n: int, bounds: Optional[dict[sympy.Symbol, float]] = None) -> None:

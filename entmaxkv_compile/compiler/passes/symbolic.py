@@ -15,7 +15,11 @@ element's value depends on along that axis:
   Broadcasting two axes that carry different index symbols identifies them; indexing an axis with
   a scalar position substitutes the position (``causal_mask[None, None, input_pos]``);
 - ``OPAQUE``: the values vary along that axis in a way not described (an input or buffer whose
-  content is not part of the proof, e.g. per-head ALiBi slopes).
+  content is not part of the proof, e.g. per-head ALiBi slopes);
+- ``ROW``: the batch axis of a per-row position (``input_pos [B]`` of a ragged decode step). The
+  position's symbol stands for *row b's* position, for a generic row ``b``; that is sound only
+  while every ``ROW`` axis of a value is one and the same batch axis, so an operation that would
+  move, merge, pick or shift rows, or meet another tag on that axis, raises :class:`Unproven`.
 
 Scalar integer graph inputs become integer symbols (the positions). The q.k product is the real
 symbol :data:`QK`, so the scores read ``scale * QK + bias(j, positions)``. Anything the evaluator
@@ -39,6 +43,7 @@ from torch.fx import Node
 from .ir import op_of
 
 OPAQUE = "opaque"
+ROW = "row"
 QK = sympy.Symbol("qk", real=True, finite=True)
 
 
@@ -105,6 +110,7 @@ _EXTRA_METHODS = {
     "__ge__": "ge", "__gt__": "gt", "logical_not": "not", "bitwise_not": "not", "__invert__": "not",
     "logical_and": "and", "__and__": "and", "logical_or": "or", "__or__": "or", "remainder": "mod",
     "__mod__": "mod", "bool": "cast", "long": "cast", "int": "cast", "view": "reshape", "expand": "expand",
+    "expand_as": "expand",
     "tril": "tril", "triu": "triu",
 }
 _EXTRA_ATEN = {
@@ -113,6 +119,7 @@ _EXTRA_ATEN = {
     "remainder": "mod", "arange": "arange", "index": "index", "slice": "slice", "select": "select",
     "type_as": "cast", "lift_fresh_copy": "identity", "scalar_tensor": "scalar_tensor", "full": "full",
     "zeros": "zeros", "ones": "ones", "__and__": "and", "__or__": "or", "tril": "tril", "triu": "triu",
+    "expand_as": "expand",
 }
 #: Operations whose result never shares memory with an input (everything else may be a view).
 FRESH = frozenset({
@@ -151,6 +158,8 @@ def _squeeze_singletons(sym: Sym) -> Sym:
     """An index symbol on an axis of size 1 only takes the value 0."""
     expr, axes = sym.expr, list(sym.axes)
     for i, (size, tag) in enumerate(zip(sym.shape, axes)):
+        if size == 1 and tag == ROW:
+            raise Unproven("a per-row position on an axis of size 1")
         if size == 1 and tag is not None:
             if isinstance(tag, sympy.Symbol):
                 expr = expr.subs(tag, 0)
@@ -162,6 +171,9 @@ def broadcast(out_shape: tuple[int, ...], *syms: Sym) -> tuple[list[Any], tuple[
     """Align ``syms`` to ``out_shape`` (right-aligned); unify index symbols sharing an axis."""
     syms = tuple(_squeeze_singletons(s) for s in syms)
     n = len(out_shape)
+    rows = {n - s.ndim + i for s in syms for i, tag in enumerate(s.axes) if tag == ROW}
+    if len(rows) > 1:
+        raise Unproven("per-row positions on two different axes (rows of different sequences combined)")
     axes: list[Any] = [None] * n
     exprs = [s.expr for s in syms]
     for k, s in enumerate(syms):
@@ -171,6 +183,8 @@ def broadcast(out_shape: tuple[int, ...], *syms: Sym) -> tuple[list[Any], tuple[
                 continue
             j = offset + i
             current = axes[j]
+            if ROW in (current, tag) and current not in (None, tag):
+                raise Unproven("a per-row position meets another index on the batch axis")
             if current is None or current == tag:
                 axes[j] = tag
             elif tag == OPAQUE or current == OPAQUE:

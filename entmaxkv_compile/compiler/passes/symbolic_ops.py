@@ -17,6 +17,7 @@ from torch.fx import Node
 from .ir import arg
 from .symbolic import (
     OPAQUE,
+    ROW,
     EvaluatorLike,
     Sym,
     Unproven,
@@ -116,7 +117,10 @@ def _map_axes(source: Sym, shape: tuple[int, ...], name: str) -> Sym:
     big_in = [(s, t) for s, t in zip(source.shape, source.axes) if s != 1]
     big_out = [i for i, s in enumerate(shape) if s != 1]
     axes: list[Any] = [None] * len(shape)
-    if [s for s, _ in big_in] == [shape[i] for i in big_out]:
+    keeps_axes = [s for s, _ in big_in] == [shape[i] for i in big_out]
+    if ROW in source.axes and not keeps_axes:
+        raise Unproven(f"{name} reshapes {source.shape} -> {shape} across a per-row position's batch axis")
+    if keeps_axes:
         for (_, tag), i in zip(big_in, big_out):
             axes[i] = tag
         return Sym(source.expr, tuple(axes), shape)
@@ -181,6 +185,10 @@ def _index(ev: EvaluatorLike, node: Node, source: Sym, items: list[Any]) -> Sym:
             raise Unproven(f"{node.name} indexes more axes than its operand has")
         tag = source.axes[dim]
         symbol = index_symbol(tag)
+        if tag == ROW and (not isinstance(item, slice) or (item.start or 0) != 0 or item.step not in (None, 1)
+                           or (item.stop is not None and item.stop < source.shape[dim])):
+            raise Unproven(f"{node.name} picks or shifts rows of a per-row position (a sequence's mask would use "
+                           "another sequence's position)")
         if isinstance(item, slice):
             start, step = item.start or 0, 1 if item.step is None else item.step
             if not isinstance(start, int) or start < 0 or step != 1:
@@ -198,8 +206,8 @@ def _index(ev: EvaluatorLike, node: Node, source: Sym, items: list[Any]) -> Sym:
                 raise Unproven(f"{node.name} picks a row of a tensor whose content is not described")
             if symbol is not None:
                 expr = expr.subs(symbol, position.expr if isinstance(position, Sym) else position)
-            if isinstance(item, Node):
-                axes.extend([None] * position.ndim)
+            if isinstance(item, Node):  # a per-row position keeps its batch axis (``buffer[input_pos]``)
+                axes.extend(position.axes if ROW in position.axes else [None] * position.ndim)
         else:
             raise Unproven(f"{node.name} uses an unsupported index {item!r}")
         dim += 1
@@ -211,9 +219,10 @@ def _index(ev: EvaluatorLike, node: Node, source: Sym, items: list[Any]) -> Sym:
 
 
 def _position_index(ev: EvaluatorLike, node: Node, item: Node, earlier: int) -> Sym:
-    """A tensor index: one single non-negative position (``x + c``, ``c >= 0``, ``x`` an input)."""
-    position = ev.value(item, node)
-    if earlier or any(t is not None for t in _squeeze_singletons(position).axes) or is_boolean(position.expr):
+    """A tensor index: one single non-negative position (``x + c``, ``c >= 0``, ``x`` an input), or
+    one per row (``[B]``, its batch axis kept: row ``b`` of the result is row ``pos[b]`` of the operand)."""
+    position = _squeeze_singletons(ev.value(item, node))
+    if earlier or any(t not in (None, ROW) for t in position.axes) or is_boolean(position.expr):
         raise Unproven(f"{node.name} indexes with a tensor that is not a single position")
     offset = position.expr - sum(position.expr.free_symbols)
     if len(position.expr.free_symbols) > 1 or not offset.is_number or offset < 0:
@@ -250,6 +259,8 @@ def _triangle(lower: bool) -> Callable[[EvaluatorLike, Node], Sym]:
         if not isinstance(k, int):
             raise Unproven(f"{node.name}: tril/triu with a non-constant diagonal")
         axes, index = list(source.axes), []
+        if ROW in axes[-2:]:
+            raise Unproven(f"{node.name}: tril/triu across a per-row position's batch axis")
         for i in (-2, -1):
             symbol = index_symbol(axes[i])
             if symbol is None:

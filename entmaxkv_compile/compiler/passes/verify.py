@@ -9,7 +9,8 @@ contract of ``decode_step``:
   ``h // G`` (catches tiled ``repeat`` GQA, which the kernels do not implement; a size-1 head axis
   the matmuls broadcast counts as read by every query head); the K and V parts of a fused
   ``kv[2, B, H, N, D]`` buffer are disjoint (the buffer has no internal overlap);
-- the scores minus ``scale * q.k`` are, on the written positions ``j < L``, ALiBi
+- the scores minus ``scale * q.k`` are, on the written positions ``j < L`` (``L`` per sequence in a
+  ragged batch), ALiBi
   ``slope_h * (j - (L-1))`` up to a per-row constant (entmax is shift invariant), and at least
   ``1e3`` below the largest on ``j >= L`` (a causal static-cache mask); the slopes are recovered here;
 - the attention output equals exact entmax attention of the model's own scores (as recorded,
@@ -32,6 +33,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from ...math import reference
 from .ir import is_impure
 from .match_attention import AttentionMatch
+from .match_kv_write import row_positions
 from .symbolic import FRESH, kind_of
 
 _MASKED = -1e3
@@ -92,9 +94,13 @@ def watched_nodes(match: AttentionMatch) -> list[Node]:
 
 
 def check_decode_site(
-    match: AttentionMatch, values: dict[Node, Any], alpha: float
+    match: AttentionMatch, values: dict[Node, Any], alpha: float, per_row: bool = False
 ) -> tuple[Optional[torch.Tensor], str]:
-    """``(alibi_slopes or None, "")`` when the site computes decode_step's math, else ``(None, reason)``."""
+    """``(alibi_slopes or None, "")`` when the site computes decode_step's math, else ``(None, reason)``.
+
+    ``per_row``: the step writes sequence ``b`` at its own position (``positions [B]``), so row
+    ``b`` holds ``positions[b] + 1`` tokens; otherwise every row holds ``last position + 1``.
+    """
     q = values[match.q].double()
     k_read, v_read = values[match.k_read], values[match.v_read]
     k_cache, v_cache = match.k.view(values[match.k.cache]), match.v.view(values[match.v.cache])
@@ -110,22 +116,54 @@ def check_decode_site(
     if not (torch.equal(k_cache.repeat_interleave(group, 1), k_read)
             and torch.equal(v_cache.repeat_interleave(group, 1), v_read)):
         return None, "K/V read by the attention are not the cache with query head h reading KV head h // G"
-    length = int(values[match.k.positions].reshape(-1)[-1]) + 1
+    positions = values[match.k.positions]
+    last = positions.reshape(-1)[-1:].to(torch.int64)
+    lengths = row_positions(positions) + 1 if per_row else (last + 1).expand(batch)
     raw = match.scale * (q @ k_read.double().transpose(-1, -2))
     scores = values[match.weights.scores].double().reshape(raw.shape)
+    v_read = v_read.double()
+    low_precision = values[match.out].dtype in (torch.float16, torch.bfloat16)
+    got = values[match.out].double().reshape(*raw.shape[:-1], v_read.shape[-1])
+    found: Optional[torch.Tensor] = None
+    groups = sorted(set(lengths.tolist()))
+    for length in groups:  # the rows that share a length, checked together
+        rows = (lengths == length).nonzero().reshape(-1)
+        if not 1 <= length <= k_cache.shape[2]:
+            return None, f"the example writes at position {length - 1}, outside the cache"
+        # A 1-token row shows no slope; in a ragged batch the longer rows give it (proofs.py proved
+        # one bias expression for every row).
+        fit = length >= 2 or groups[-1] < 2
+        slopes, why = _check_rows(match, scores[rows], raw[rows], v_read[rows], got[rows], length, alpha,
+                                  low_precision, fit)
+        if why:
+            return None, why
+        if not fit:
+            continue
+        slopes = torch.zeros(q_heads) if slopes is None else slopes
+        # _fit_alibi's tolerance on these rows' visible scores (the spread it allows between rows)
+        tol = (2e-2 if low_precision else 1e-4) * (1.0 + scores[rows][..., :length].abs().max().item())
+        if found is not None and (found - slopes).abs().max().item() > tol:
+            return None, "the additive bias differs between sequences of the batch (not one ALiBi)"
+        found = slopes  # the longest rows' fit last: the most accurate
+    return (found if found is not None and bool(found.any()) else None), ""
+
+
+def _check_rows(match: AttentionMatch, scores: torch.Tensor, raw: torch.Tensor, v_read: torch.Tensor,
+                got: torch.Tensor, length: int, alpha: float, low_precision: bool,
+                fit: bool = True) -> tuple[Optional[torch.Tensor], str]:
+    """The mask, bias and output checks of the sequences (rows) that hold ``length`` tokens
+    (``fit``: recover the ALiBi slopes from them)."""
     bias = scores - raw
     valid, hidden = bias[..., :length], bias[..., length:]
     if _hides_written_rows(valid):
         return None, "the mask hides positions already written (padding, a sliding window): not a causal static cache"
     if hidden.numel() and not (hidden - valid.amax(-1, keepdim=True) < _MASKED).all():
         return None, "the mask does not hide the cache rows past the current position"
-    low_precision = values[match.out].dtype in (torch.float16, torch.bfloat16)
     tol = (2e-2 if low_precision else 1e-4) * (1.0 + scores[..., :length].abs().max().item())
-    slopes, why = _fit_alibi(valid, length, tol, match.has_bias)
+    slopes, why = _fit_alibi(valid, length, tol, match.has_bias) if fit else (None, "")
     if why:
         return None, why
-    out = reference.entmax(scores[..., :length], alpha, -1) @ v_read.double()[..., :length, :]
-    got = values[match.out].double().reshape(out.shape)
+    out = reference.entmax(scores[..., :length], alpha, -1) @ v_read[..., :length, :]
     err = (got - out).abs().max().item()
     if not err <= (3e-2 if low_precision else 1e-3) * (1.0 + out.abs().max().item()):
         return None, f"the rewritten step would differ from the model (max error {err:.3g})"
