@@ -74,14 +74,11 @@ def _decode_code_is_sparse(code: str, cache_shape: tuple[int, ...]) -> None:
     assert not re.search(r"\.copy_\(|aten\.cat|clone\(", code.split("def call(")[-1]), "a cache copy"
 
 
-def test_inductor_decode_is_exact_and_copies_no_cache():
-    """64 greedy steps with Inductor (CPU): certified logits equal the eager model's within 1e-5."""
-    args = gpt_fast.ModelArgs(n_layer=2)
-    reference, model = gpt_fast.build(args, batch=2), gpt_fast.build(args, batch=2)
-    prompt = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
-    want_tokens, want_logits = gpt_fast.generate(reference, prompt, 64)
+def _decode_recording_code(model, page_size: int):
+    """``(decode, codes)``: ``model`` compiled with the backend (certified, one round), and the list
+    that receives the generated code of its first call."""
     torch._dynamo.reset()
-    decode = torch.compile(model, backend="entmaxkv", options={"selector": "certified", "page_size": 16,
+    decode = torch.compile(model, backend="entmaxkv", options={"selector": "certified", "page_size": page_size,
                                                                "certify_max_rounds": 1, "compile_threads": 1})
     codes = []
 
@@ -92,8 +89,18 @@ def test_inductor_decode_is_exact_and_copies_no_cache():
         codes.extend(code)
         return out
 
+    return first_decode_records_code, codes
+
+
+def test_inductor_decode_is_exact_and_copies_no_cache():
+    """64 greedy steps with Inductor (CPU): certified logits equal the eager model's within 1e-5."""
+    args = gpt_fast.ModelArgs(n_layer=2)
+    reference, model = gpt_fast.build(args, batch=2), gpt_fast.build(args, batch=2)
+    prompt = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+    want_tokens, want_logits = gpt_fast.generate(reference, prompt, 64)
+    decode, codes = _decode_recording_code(model, page_size=16)
     with recording() as report:
-        tokens, logits = gpt_fast.generate(model, prompt, 64, decode=first_decode_records_code, prefill=model)
+        tokens, logits = gpt_fast.generate(model, prompt, 64, decode=decode, prefill=model)
     assert torch.equal(tokens, want_tokens)
     torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=0)
     assert [s.status for s in report.sites] == ["rewritten", "rewritten"]
@@ -113,20 +120,9 @@ def test_inductor_ragged_decode_is_exact_and_copies_no_cache():
     prompt = torch.randint(1, 96, (entry.batch, 12), generator=torch.Generator().manual_seed(5))
     lengths = gpt_fast.ragged_lengths(entry.batch, 12)
     want_tokens, want_logits = gpt_fast.generate_ragged(reference, prompt, lengths, 16)
-    torch._dynamo.reset()
-    decode = torch.compile(model, backend="entmaxkv", options={"selector": "certified", "page_size": 4,
-                                                               "certify_max_rounds": 1, "compile_threads": 1})
-    codes = []
-
-    def first_decode_records_code(token, pos):
-        if codes:
-            return decode(token, pos)
-        out, code = run_and_get_code(decode, token, pos)
-        codes.extend(code)
-        return out
-
+    decode, codes = _decode_recording_code(model, page_size=4)
     with recording() as report:
-        tokens, logits = gpt_fast.generate_ragged(model, prompt, lengths, 16, decode=first_decode_records_code)
+        tokens, logits = gpt_fast.generate_ragged(model, prompt, lengths, 16, decode=decode)
     assert torch.equal(tokens, want_tokens)
     torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=0)
     assert [s.status for s in report.sites] == ["rewritten"] * entry.layers

@@ -128,7 +128,7 @@ def test_a_round_that_adds_no_page_keeps_the_first_decode():
     stats = KVPageStats.from_cache(k, seqlens, 16)
     impl = reference_implementation()
     kw = dict(alpha=1.5, scale=0.25)
-    gaussian = run_step(impl, q, k, v, seqlens, stats.buffers(), EntmaxKVConfig(page_size=16), **kw)
+    gaussian = run_step(impl, q, k, v, seqlens, stats.buffers(), EntmaxKVConfig(selector="gaussian", page_size=16), **kw)
     certified = run_step(impl, q, k, v, seqlens, stats.buffers(),
                          EntmaxKVConfig(selector="certified", page_size=16), **kw)
     assert torch.equal(certified.num_selected, gaussian.num_selected)  # nothing added

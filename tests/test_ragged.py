@@ -97,20 +97,27 @@ def test_per_row_mask_input_is_refused_the_guard_takes_one_position():
     assert site.status == "refused" and "positions are per row" in site.reason, site.reason
 
 
-@pytest.mark.parametrize("write", ["rows", "scatter"])
-def test_per_row_step_matches_the_model_at_positions_spread_over_pages(write):
-    """Rows at different pages and page offsets, each advancing, a row at position 0 included."""
+def _assert_rewritten_and_exact(build, *, steps: int, last: int) -> None:
+    """A step built by ``build`` compiled with the backend equals its eager twin for ``steps``
+    steps at rows starting at positions 9, 0 and ``last`` (different pages and page offsets, a
+    row at position 0 included), and its one site is rewritten."""
     torch.manual_seed(0)
-    eager, model = _RaggedStep(write), _RaggedStep(write)
+    eager, model = build(), build()
     model.load_state_dict(eager.state_dict())
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="entmaxkv", options={**OPTIONS, "page_size": 4})
     with recording() as report:
-        for step in range(6):
-            args = _step_args([9 + step, step, 21 + step])
+        for step in range(steps):
+            args = _step_args([9 + step, step, last + step])
             torch.testing.assert_close(compiled(*args), eager(*args), atol=1e-6, rtol=0)
     [graph] = report.graphs
-    assert graph.changed and [s.status for s in graph.sites] == ["rewritten"]
+    assert graph.changed and [s.status for s in graph.sites] == ["rewritten"], graph.sites
+
+
+@pytest.mark.parametrize("write", ["rows", "scatter"])
+def test_per_row_step_matches_the_model_at_positions_spread_over_pages(write):
+    """Rows at different pages and page offsets, each advancing, a row at position 0 included."""
+    _assert_rewritten_and_exact(lambda: _RaggedStep(write), steps=6, last=21)
 
 
 def test_ragged_zoo_statistics_are_kept_per_row():
@@ -219,14 +226,4 @@ class _FusedRaggedStep(torch.nn.Module):
 
 
 def test_fused_buffer_written_per_row_through_its_parts():
-    torch.manual_seed(0)
-    eager, model = _FusedRaggedStep(), _FusedRaggedStep()
-    model.load_state_dict(eager.state_dict())
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="entmaxkv", options={**OPTIONS, "page_size": 4})
-    with recording() as report:
-        for step in range(5):
-            args = _step_args([9 + step, step, 20 + step])
-            torch.testing.assert_close(compiled(*args), eager(*args), atol=1e-6, rtol=0)
-    [graph] = report.graphs
-    assert graph.changed and [s.status for s in graph.sites] == ["rewritten"], graph.sites
+    _assert_rewritten_and_exact(_FusedRaggedStep, steps=5, last=20)
