@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.data_families import generate
+from benchmarks.report import environment
 from entmaxkv_compile import EntmaxKVConfig, sparse_decode
 from entmaxkv_compile.metrics import full_entmax_decode, relative_error
 from entmaxkv_compile.tables import render_table
@@ -75,6 +76,13 @@ def table(rows: list[dict]) -> str:
     return render_table(columns, cells, right=columns[1:])
 
 
+def run_record(tokens: int, rows: list[dict]) -> dict:
+    """The JSON of a CPU run of these certificate benchmarks: the shapes, the environment
+    (:func:`benchmarks.report.environment`) and the rows."""
+    return dict(tokens=tokens, alpha=ALPHA, page_size=PAGE, heads=[HQ, HKV], dim=DIM, dtype="float32",
+                **environment(torch.device("cpu")), rows=rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for certified_pages.json")
@@ -87,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(measure(family, args.tokens))
         print(f"{family}: {rows[-1]['support_pages']} support pages; read {rows[-1]['off']['pages_read']} "
               f"(Quest), {rows[-1]['int8']['pages_read']} (+ int8 sketch)", flush=True)
-    meta = dict(tokens=args.tokens, alpha=ALPHA, page_size=PAGE, heads=[HQ, HKV], dim=DIM, dtype="float32",
-                torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), rows=rows)
-    (args.out / "certified_pages.json").write_text(json.dumps(meta, indent=1))
+    (args.out / "certified_pages.json").write_text(json.dumps(run_record(args.tokens, rows), indent=1))
     print(table(rows))
     return 0
 

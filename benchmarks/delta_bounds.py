@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.certified_pages import ALPHA, DIM, HKV, HQ, PAGE
+from benchmarks.certified_pages import ALPHA, DIM, HKV, HQ, PAGE, run_record
 from benchmarks.data_families import generate
 from entmaxkv_compile import EntmaxKVConfig, sparse_decode
 from entmaxkv_compile.metrics import full_entmax_decode
@@ -82,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             r = rows[-1]
             print(f"{family} {selector}: dropped {r['dropped_mean']:.3f}, bounds {r['page_bound_mean']:.3f} "
                   f"(pages) / {r['token_bound_mean']:.3f} (tokens)", flush=True)
-    meta = dict(tokens=args.tokens, alpha=ALPHA, page_size=PAGE, heads=[HQ, HKV], dim=DIM, dtype="float32",
-                torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), rows=rows)
-    (args.out / "delta_bounds.json").write_text(json.dumps(meta, indent=1))
+    (args.out / "delta_bounds.json").write_text(json.dumps(run_record(args.tokens, rows), indent=1))
     print(table(rows))
     return 0
 
