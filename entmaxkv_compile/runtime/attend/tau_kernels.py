@@ -190,6 +190,16 @@ def _narrow(c0, c1, c2, c3, c4, cf, below, above, pivots, last,
 
 
 @triton.jit
+def _append_above(z, lo, dst, kept):
+    """Append the scores of tile ``z`` that lie above ``lo`` to ``dst`` after its first ``kept``
+    entries, in order; returns the new count."""
+    keep = (z > lo).to(tl.int32)
+    pos = kept + tl.cumsum(keep, axis=0) - keep
+    tl.store(dst + pos, z, mask=keep > 0)
+    return kept + tl.sum(keep, axis=0)
+
+
+@triton.jit
 def tau_first_kernel(
     cand_z_ptr, cand_cnt_ptr, split_max_ptr, surv_ptr, surv_cnt_ptr, state_ptr, part_ptr, piv_ptr,
     ticket_ptr, Hq, Hkv, G, num_splits, seg, alpha_m1, beta, log2_cap, splits_per_prog, num_chunks,
@@ -233,10 +243,7 @@ def tau_first_kernel(
         for i in range(0, count, BLOCK_K):
             ii = i + offs_c
             z = tl.load(src + ii, mask=ii < count, other=float("-inf"))
-            keep = (z > lo).to(tl.int32)
-            pos = kept + tl.cumsum(keep, axis=0) - keep
-            tl.store(out + pos, z, mask=keep > 0)
-            kept += tl.sum(keep, axis=0)
+            kept = _append_above(z, lo, out, kept)
     tl.store(surv_cnt_ptr + pid * num_chunks + chunk, kept)
     tl.debug_barrier()  # the sums below read what the other threads just wrote
 
@@ -306,10 +313,7 @@ def _compact_and_sum(src, dst, n, lo, t, beta, RMAX: tl.constexpr, NP: tl.conste
     for i in range(0, n, BLOCK_T):
         ii = i + offs_t
         z = tl.load(src + ii, mask=ii < n, other=float("-inf"))
-        keep = (z > lo).to(tl.int32)
-        pos = kept + tl.cumsum(keep, axis=0) - keep
-        tl.store(dst + pos, z, mask=keep > 0)
-        kept += tl.sum(keep, axis=0)
+        kept = _append_above(z, lo, dst, kept)
         s0, s1, s2, s3, s4, sf, sb, sa = _pivot_sums(z, t, beta, s0, s1, s2, s3, s4, sf, sb, sa, RMAX)
     return kept, s0, s1, s2, s3, s4, sf, sb, sa
 
@@ -406,11 +410,7 @@ def _finish_head(
                 ii = i + offs_tc
                 z = tl.load(row0 + plane + offs_c[:, None] * chunk_len + ii[None, :],
                             mask=ii[None, :] < counts[:, None], other=float("-inf"))
-                z = tl.reshape(z, (BLOCK_C * BLOCK_TC,))
-                keep = (z > lo).to(tl.int32)
-                pos = n + tl.cumsum(keep, axis=0) - keep
-                tl.store(row0 + pos, z, mask=keep > 0)
-                n += tl.sum(keep, axis=0)
+                n = _append_above(tl.reshape(z, (BLOCK_C * BLOCK_TC,)), lo, row0, n)
             tl.debug_barrier()
             # The remaining levels, each over the values above its lo.
             for level in range(2, levels):
