@@ -145,18 +145,13 @@ class Case:
                                 certify_sketch="int8" if method == "certified_s" else "off")
         stats = self._stats("cache" if method == "gaussian_c" else "float32")
         q, k, v, seqlens = self.q, self.k, self.v, self.seqlens
-        sketch_bytes = 0
+        sketch, sketch_bytes = None, 0
         if method == "certified_s":
             sketch = KeySketch.from_cache(k, seqlens, check_values=False)
             sketch_bytes = sum(t.numel() * t.element_size() for t in sketch.buffers())
-            decoder = Decoder.for_cache(k, q.shape[1], config, stats=stats, sketch=sketch, cuda_graph=False)
-
-            def step():
-                return decoder.run(q, k, v, seqlens)
-        elif method == "certified_d":
-            decoder = Decoder.for_cache(k, q.shape[1], config, stats=stats, cuda_graph=True)
-            for _ in range(40):  # past the first probe: the fallback counter is in its steady state
-                decoder.run(q, k, v, seqlens)
+        own_graphs = method == "certified_d"  # a Decoder replaying its own graphs, timed as called
+        if method in ("certified_s", "certified_d"):
+            decoder = Decoder.for_cache(k, q.shape[1], config, stats=stats, sketch=sketch, cuda_graph=own_graphs)
 
             def step():
                 return decoder.run(q, k, v, seqlens)
@@ -164,7 +159,9 @@ class Case:
             def step():
                 return sparse_decode(q, k, v, seqlens, config, stats, check_values=False)
 
-        if method == "certified_d":  # it replays its own graphs: time its calls as they are
+        if own_graphs:
+            for _ in range(40):  # past the first probe: the fallback counter is in its steady state
+                step()
             replay, result, note = step, step(), None
         else:
             replay, result, note = timing.capture(step, self.device)
