@@ -156,9 +156,8 @@ def triton_sketch_select(
     page_ub = torch.empty((batch, hq, num_pages), device=dev, dtype=f32)
     tau = torch.empty((batch, hq), device=dev, dtype=f32)
     has_alibi = alibi_slopes is not None
-    bound_lengths = torch.where(read_all, 0, seqlens)  # a row read densely scans nothing
     wrap_triton(scan_kernel)[(batch * hkv, splits)](
-        q, codes, scales, bound_lengths, alibi_slopes if has_alibi else q,
+        q, codes, scales, seqlens, read_all, alibi_slopes if has_alibi else q,
         cand_z, cand_cnt, split_max, page_ub,
         q.stride(0), q.stride(1), q.stride(3), *codes.stride(), *scales.stride(),
         hq, hkv, group, dim, splits, seg, num_pages, capacity, scale, alpha - 1.0,

@@ -190,7 +190,7 @@ def bounds_kernel(
 
 @triton.jit
 def scan_kernel(
-    q_ptr, codes_ptr, scales_ptr, seqlens_ptr, slopes_ptr,
+    q_ptr, codes_ptr, scales_ptr, seqlens_ptr, read_all_ptr, slopes_ptr,
     cand_z_ptr, cand_cnt_ptr, split_max_ptr, page_ub_ptr,
     sqb, sqh, sqd, scb, sch, scn, scd, ssb, ssh, ssn, ssg,
     Hq, Hkv, G, D, num_splits, seg, num_pages, nmax, scale, am1, rel, abs_slack, half,
@@ -212,6 +212,7 @@ def scan_kernel(
     b = pid_bh // Hkv
     hk = pid_bh % Hkv
     length = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b).to(tl.int32), 0), nmax)
+    length = tl.where(tl.load(read_all_ptr + b).to(tl.int32) != 0, 0, length)  # read densely: scan nothing
     j0 = split * seg
     j1 = tl.minimum(j0 + seg, length)
     offs_g = tl.arange(0, BLOCK_G)
