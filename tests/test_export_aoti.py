@@ -2,7 +2,8 @@
 
 One compile per session (module-scoped fixture, about a minute and a half on 2 CPU cores). The C++
 runner (examples/aoti_runner) is built and run only when ENTMAXKV_TEST_AOTI_RUNNER=1 (the build
-takes a minute or two more).
+takes a minute or two more). ENTMAXKV_TEST_AOTI_DEVICE=cuda compiles the package for the GPU
+instead (our Triton kernels inside it) and checks it against the same eager CPU model.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from entmaxkv_compile.export.aoti import export_aoti, save_runner_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 16
+DEVICE = os.environ.get("ENTMAXKV_TEST_AOTI_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,8 @@ def package(zoo_step, tmp_path_factory):
     result = rewrite(model, args, EntmaxKVConfig(selector="certified", page_size=4))
     directory = tmp_path_factory.mktemp("aoti")
     messages = []
-    exported = export_aoti(result, directory / "step.pt2", progress=messages.append)
+    exported = export_aoti(result, directory / "step.pt2", device=DEVICE, progress=messages.append)
+    assert exported.device.type == DEVICE
     assert any("compiling and packaging with AOTInductor" in m and "done in" in m for m in messages)
     token, position = args
     tokens, positions, expected = [], [], []
@@ -54,13 +57,13 @@ FRESH_PROCESS = textwrap.dedent("""
     import sys
     import torch
 
-    package, inputs = sys.argv[1], sys.argv[2]
+    package, inputs, device = sys.argv[1], sys.argv[2], sys.argv[3]
     step = torch._inductor.aoti_load_package(package)
     data = torch.load(inputs)
     worst = 0.0
     with torch.no_grad():
         for token, position, expected in zip(data["tokens"], data["positions"], data["expected"]):
-            got = step(token, position)
+            got = step(token.to(device), position.to(device)).cpu()
             worst = max(worst, float((got.double() - expected.double()).abs().max()))
     assert not any(name.startswith("entmaxkv_compile") for name in sys.modules), "our package was imported"
     print(f"steps {len(data['tokens'])} max_abs_error {worst:.3e}")
@@ -75,7 +78,7 @@ def test_package_matches_the_eager_model_for_16_steps_in_a_fresh_process(package
     assert any(name.endswith("k_cache") for name in exported.state)
     assert sum(name.startswith("entmaxkv.") for name in exported.state) == 4  # kmin, kmax, kmean, km2
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(exported.path), str(inputs)],
+    run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(exported.path), str(inputs), DEVICE],
                          capture_output=True, text=True, cwd=exported.path.parent, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     steps, error = run.stdout.split()[1], float(run.stdout.split()[3])
@@ -88,13 +91,14 @@ def test_package_carries_the_statistics_across_calls(package):
     cache row and the statistics step 1 wrote), and a fresh load starts again from the exported state."""
     exported, inputs, expected = package
     data = torch.load(inputs)
+    tokens, positions = [[t.to(DEVICE) for t in data[key]] for key in ("tokens", "positions")]
     step = exported.load()
     with torch.no_grad():
-        first = step(data["tokens"][0], data["positions"][0])
+        first = step(tokens[0], positions[0]).cpu()
         torch.testing.assert_close(first, expected[0], rtol=1e-5, atol=1e-5)
-        second = step(data["tokens"][1], data["positions"][1])
+        second = step(tokens[1], positions[1]).cpu()
         torch.testing.assert_close(second, expected[1], rtol=1e-5, atol=1e-5)
-        again = exported.load()(data["tokens"][0], data["positions"][0])
+        again = exported.load()(tokens[0], positions[0]).cpu()
     torch.testing.assert_close(again, expected[0], rtol=1e-5, atol=1e-5)
 
 
@@ -130,11 +134,11 @@ def test_package_decodes_from_a_cache_loaded_into_it(package, other_cache):
     state, inputs, expected = other_cache
     assert sorted(state) == sorted(exported.state)  # both caches and the four statistics
     step = exported.load()
-    step.load_constants(state, check_full_update=False)
+    step.load_constants({name: t.to(DEVICE) for name, t in state.items()}, check_full_update=False)
     data = torch.load(inputs)
     with torch.no_grad():
         for token, position, want in zip(data["tokens"], data["positions"], expected):
-            torch.testing.assert_close(step(token, position), want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(step(token.to(DEVICE), position.to(DEVICE)).cpu(), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="named by the package's state"):
         exported.state_for({"k_cache": torch.zeros(1)}, torch.tensor([1]))
 

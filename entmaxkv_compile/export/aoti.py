@@ -1,10 +1,11 @@
 """AOTInductor export: the rewritten decode step as a compiled package that runs without Python.
 
-:func:`export_aoti` replaces every ``entmaxkv`` op of the rewritten step by its pure-torch
-reference (:mod:`.references`, as the standard-op ONNX export does), so Inductor compiles the
-whole step (cache write, page-statistics update, selection, sparse decode, certificate) into
-generated C++ (CPU) or Triton (CUDA) kernels, and packages it with
-``torch._inductor.aoti_compile_and_package``. The package needs neither this package nor
+:func:`export_aoti` replaces every ``entmaxkv`` op of the rewritten step by what it computes
+(:mod:`.references`): on CUDA by its composition of our Triton kernels (``triton_op``s, which
+Inductor lowers to the kernels themselves, so the package launches the same kernels as the
+``torch.compile`` backend), on CPU by its pure-torch reference (as the standard-op ONNX export
+does, compiled by Inductor to C++). It then exports the step with ``torch.export`` and packages it
+with ``torch._inductor.aoti_compile_and_package``. The package needs neither this package nor
 Python: ``torch._inductor.aoti_load_package`` loads it in Python, and
 ``torch::inductor::AOTIModelPackageLoader`` in C++ (``examples/aoti_runner``).
 
@@ -31,7 +32,7 @@ import torch
 from ..runtime.stats.reference import KVPageStats
 from .naming import STAT_FIELDS, mutated_buffers
 from .progress import ProgressFn, stage
-from .references import substitute_references
+from .references import substitute_kernels, substitute_references
 
 if TYPE_CHECKING:
     from ..compiler.rewrite import RewriteResult
@@ -117,21 +118,22 @@ def export_aoti(
     ``device``: ``cpu`` (default) or ``cuda`` (the state and the example arguments are moved
     there). ``inductor_configs`` go to ``aoti_compile_and_package``. The program's state is not
     modified (the package holds a copy). Raises ``ValueError`` on a bad device and
-    ``RuntimeError`` if an ``entmaxkv`` op has no reference to replace it.
+    ``RuntimeError`` if an ``entmaxkv`` op has nothing to replace it.
     """
     target = _resolve_device(device)
     path = Path(path)
     if path.suffix != ".pt2":
         raise ValueError(f"path must end in .pt2 (an AOTInductor package), got {str(path)!r}")
     args = tuple(_to(a, target) for a in result.example_args)
-    with stage(progress, "tracing the rewritten step with reference ops (torch.export)"):
+    ops = "our Triton kernels" if target.type == "cuda" else "reference ops"
+    with stage(progress, f"tracing the rewritten step with {ops} (torch.export)"):
         module = result.program.module()
-        substitute_references(module)
+        (substitute_kernels if target.type == "cuda" else substitute_references)(module)
         module = module.to(target)
         left = sorted({str(n.target) for n in module.graph.nodes
                        if n.op == "call_function" and str(n.target).startswith("entmaxkv.")})
         if left:
-            raise RuntimeError(f"entmaxkv ops without a reference implementation: {left}")
+            raise RuntimeError(f"entmaxkv ops without an implementation to trace: {left}")
         program = torch.export.export(module, args, strict=False)
     state = mutated_buffers(program)  # the training IR keeps the in-place ops
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,8 @@
-"""Pure-torch implementations of every ``entmaxkv`` op, keyed by op, for decomposition.
+"""Implementations of every ``entmaxkv`` op as compositions to trace through, keyed by op.
 
+Two tables with the ops' own signatures: the pure-torch references
+(:func:`reference_implementations`) and the compositions of our Triton kernels
+(:func:`kernel_implementations`, for engines that compile Triton, such as AOTInductor on CUDA).
 Exports that must run on standard ops only (ONNX for onnxruntime, any backend without our
 kernels) substitute these for the custom ops *before* ``torch.export`` traces the graph, so the
 traced program holds nothing but aten ops. They call the same reference modules as the ops' CPU
@@ -10,6 +13,7 @@ updates) are fine: ``torch.export`` functionalizes them into state outputs.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import torch
@@ -25,8 +29,8 @@ from ..runtime.select import reference as selection
 from ..runtime.stats import reference as cache
 
 __all__ = [
-    "STANDARD_OP_DECOMPOSITIONS", "bool_cumprod", "erf_rational", "erfc_rational", "ndtri_rational", "prod_over_dims",
-    "reference_implementations", "substitute_references",
+    "STANDARD_OP_DECOMPOSITIONS", "bool_cumprod", "erf_rational", "erfc_rational", "kernel_implementations",
+    "ndtri_rational", "prod_over_dims", "reference_implementations", "substitute_kernels", "substitute_references",
 ]
 
 DecodeOutputs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -37,60 +41,67 @@ def entmax_reference(x: Tensor, alpha: float, dim: int) -> Tensor:
     return reference.entmax_probs(x, alpha, dim).to(x.dtype)
 
 
-def select_pages_reference(
-    q: Tensor, kmin: Tensor, kmax: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor,
-    alibi_slopes: Optional[Tensor], scale: float, alpha: float, page_size: int, selector: str,
-    token_budget: int, max_quantile: float, margin: float, tau_estimate: str, sink_pages: int,
-    recent_pages: int, min_context: int,
-) -> tuple[Tensor, Tensor]:
-    """``entmaxkv::select_pages``."""
-    return selection.select_pages(
-        q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha, scale=scale,
-        selector=selector, token_budget=token_budget, max_quantile=max_quantile, margin=margin,
-        tau_estimate=tau_estimate, sink_pages=sink_pages, recent_pages=recent_pages,
-        min_context=min_context, alibi_slopes=alibi_slopes,
-    )
+def _op_table(stages: Any, step_impl: Any) -> dict[Any, Callable[..., Any]]:
+    """``{op: function with the op's signature}`` computing every ``entmaxkv`` op with ``stages``
+    (``select_pages``, ``paged_decode``, ``certify``, ``stats_append_``, ``stats_prefill_``, as the
+    stage modules name them) and the whole step with ``run_step(step_impl, ...)``."""
 
+    # Plain functions (an fx node's target must have a name; a kernel may be a triton_op object).
+    def stats_append_(k_cache: Tensor, positions: Tensor, page_size: int, kmin: Tensor, kmax: Tensor,
+                      kmean: Tensor, km2: Tensor) -> None:
+        stages.stats_append_(k_cache, positions, page_size, kmin, kmax, kmean, km2)
 
-def paged_decode_reference(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, page_indices: Tensor,
-    num_selected: Tensor, alibi_slopes: Optional[Tensor], scale: float, alpha: float, page_size: int,
-) -> tuple[Tensor, Tensor]:
-    """``entmaxkv::paged_decode``."""
-    return attend_reference.paged_decode(
-        q, k_cache, v_cache, seqlens, page_indices, num_selected,
-        page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes,
-    )
+    def stats_prefill_(k_cache: Tensor, seqlens: Tensor, page_size: int, kmin: Tensor, kmax: Tensor,
+                       kmean: Tensor, km2: Tensor) -> None:
+        stages.stats_prefill_(k_cache, seqlens, page_size, kmin, kmax, kmean, km2)
 
+    def select_pages(q: Tensor, kmin: Tensor, kmax: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor,
+                     alibi_slopes: Optional[Tensor], scale: float, alpha: float, page_size: int, selector: str,
+                     token_budget: int, max_quantile: float, margin: float, tau_estimate: str, sink_pages: int,
+                     recent_pages: int, min_context: int) -> tuple[Tensor, Tensor]:
+        return stages.select_pages(
+            q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha, scale=scale,
+            selector=selector, token_budget=token_budget, max_quantile=max_quantile, margin=margin,
+            tau_estimate=tau_estimate, sink_pages=sink_pages, recent_pages=recent_pages,
+            min_context=min_context, alibi_slopes=alibi_slopes,
+        )
 
-def certify_reference(
-    q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_indices: Tensor, num_selected: Tensor,
-    tau: Tensor, alibi_slopes: Optional[Tensor], scale: float, alpha: float, page_size: int,
-) -> tuple[Tensor, Tensor]:
-    """``entmaxkv::certify``."""
-    return certify_stage.certify(
-        q, kmin, kmax, seqlens, page_indices, num_selected, tau,
-        page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes,
-    )
+    def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, page_indices: Tensor,
+                     num_selected: Tensor, alibi_slopes: Optional[Tensor], scale: float, alpha: float,
+                     page_size: int) -> tuple[Tensor, Tensor]:
+        return stages.paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected,
+                                   page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes)
 
+    def certify(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_indices: Tensor,
+                num_selected: Tensor, tau: Tensor, alibi_slopes: Optional[Tensor], scale: float, alpha: float,
+                page_size: int) -> tuple[Tensor, Tensor]:
+        return stages.certify(q, kmin, kmax, seqlens, page_indices, num_selected, tau,
+                              page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes)
 
-def decode_step_reference(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, kmin: Tensor, kmax: Tensor,
-    kmean: Tensor, km2: Tensor, alibi_slopes: Optional[Tensor], scale: float, alpha: float,
-    page_size: int, selector: str, token_budget: int, max_quantile: float, margin: float,
-    tau_estimate: str, sink_pages: int, recent_pages: int, certify_max_rounds: int, min_context: int,
-) -> DecodeOutputs:
-    """``entmaxkv::decode_step``: select, decode, certify (and the certified loop)."""
-    config = EntmaxKVConfig(
-        selector=selector, page_size=page_size, token_budget=token_budget, max_quantile=max_quantile,
-        margin=margin, tau_estimate=tau_estimate, sink_pages=sink_pages, recent_pages=recent_pages,
-        certify_max_rounds=certify_max_rounds, min_context=min_context,
-    )
-    result = step.run_step(
-        step.reference_implementation(), q, k_cache, v_cache, seqlens, (kmin, kmax, kmean, km2), config,
-        alpha=alpha, scale=scale, alibi_slopes=alibi_slopes,
-    )
-    return result.out, result.page_indices, result.num_selected, result.certified, result.delta_bound
+    def decode_step(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, kmin: Tensor, kmax: Tensor,
+                    kmean: Tensor, km2: Tensor, alibi_slopes: Optional[Tensor], scale: float, alpha: float,
+                    page_size: int, selector: str, token_budget: int, max_quantile: float, margin: float,
+                    tau_estimate: str, sink_pages: int, recent_pages: int, certify_max_rounds: int,
+                    min_context: int) -> DecodeOutputs:
+        config = EntmaxKVConfig(
+            selector=selector, page_size=page_size, token_budget=token_budget, max_quantile=max_quantile,
+            margin=margin, tau_estimate=tau_estimate, sink_pages=sink_pages, recent_pages=recent_pages,
+            certify_max_rounds=certify_max_rounds, min_context=min_context,
+        )
+        result = step.run_step(step_impl, q, k_cache, v_cache, seqlens, (kmin, kmax, kmean, km2), config,
+                               alpha=alpha, scale=scale, alibi_slopes=alibi_slopes)
+        return result.out, result.page_indices, result.num_selected, result.certified, result.delta_bound
+
+    ops = torch.ops.entmaxkv
+    return {
+        ops.entmax.default: entmax_reference,  # prefill-side entmax: no kernel of ours
+        ops.page_stats_append.default: stats_append_,
+        ops.page_stats_prefill.default: stats_prefill_,
+        ops.select_pages.default: select_pages,
+        ops.paged_decode.default: paged_decode,
+        ops.certify.default: certify,
+        ops.decode_step.default: decode_step,
+    }
 
 
 # Acklam's rational approximation of the standard normal quantile (relative error < 1.2e-9).
@@ -176,26 +187,23 @@ STANDARD_OP_DECOMPOSITIONS: dict[Any, Callable[..., Any]] = {
 
 def reference_implementations() -> dict[Any, Callable[..., Any]]:
     """``{torch.ops.entmaxkv.<op>.default: pure-torch function with the op's signature}``."""
-    ops = torch.ops.entmaxkv
-    table: dict[Any, Callable[..., Any]] = {
-        ops.entmax.default: entmax_reference,
-        ops.page_stats_append.default: cache.stats_append_,
-        ops.page_stats_prefill.default: cache.stats_prefill_,
-        ops.select_pages.default: select_pages_reference,
-        ops.paged_decode.default: paged_decode_reference,
-        ops.certify.default: certify_reference,
-        ops.decode_step.default: decode_step_reference,
-    }
-    return table
+    stages = SimpleNamespace(select_pages=selection.select_pages, paged_decode=attend_reference.paged_decode,
+                             certify=certify_stage.certify, stats_append_=cache.stats_append_,
+                             stats_prefill_=cache.stats_prefill_)
+    return _op_table(stages, step.reference_implementation())
 
 
-def substitute_references(gm: torch.fx.GraphModule, keep: frozenset = frozenset()) -> int:
-    """Point every ``entmaxkv`` op call in ``gm`` (except those in ``keep``) at its reference.
+def kernel_implementations() -> dict[Any, Callable[..., Any]]:
+    """``{torch.ops.entmaxkv.<op>.default: function with the op's signature}`` built on our Triton
+    kernels (``runtime/kernels.py``, each a ``triton_op``): traced by ``torch.export``, the
+    program calls ``entmaxkv::triton_*`` ops, which Inductor lowers to the kernels themselves
+    (AOTInductor compiles them into its package). Needs a device the kernels run on."""
+    from ..runtime import kernels
 
-    Tracing ``gm`` again (``torch.export``) then records the reference's aten ops instead of the
-    custom op. Returns the number of calls substituted.
-    """
-    table = reference_implementations()
+    return _op_table(kernels, kernels)
+
+
+def _substitute(gm: torch.fx.GraphModule, table: dict[Any, Callable[..., Any]], keep: frozenset) -> int:
     count = 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in table and node.target not in keep:
@@ -204,3 +212,19 @@ def substitute_references(gm: torch.fx.GraphModule, keep: frozenset = frozenset(
     if count:
         gm.recompile()
     return count
+
+
+def substitute_references(gm: torch.fx.GraphModule, keep: frozenset = frozenset()) -> int:
+    """Point every ``entmaxkv`` op call in ``gm`` (except those in ``keep``) at its reference.
+
+    Tracing ``gm`` again (``torch.export``) then records the reference's aten ops instead of the
+    custom op. Returns the number of calls substituted.
+    """
+    return _substitute(gm, reference_implementations(), keep)
+
+
+def substitute_kernels(gm: torch.fx.GraphModule) -> int:
+    """Point every ``entmaxkv`` op call in ``gm`` at its composition of our Triton kernels
+    (:func:`kernel_implementations`); tracing ``gm`` again records the ``entmaxkv::triton_*``
+    ops. Returns the number of calls substituted."""
+    return _substitute(gm, kernel_implementations(), frozenset())
