@@ -23,6 +23,7 @@ C++ (the runner does it when its inputs file has a ``state``).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
@@ -98,7 +99,33 @@ def _resolve_device(device: Optional[str | torch.device]) -> torch.device:
         raise ValueError(f"device must be 'cpu' or 'cuda', got {str(resolved)!r}")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but no CUDA GPU is visible")
+    if resolved.type == "cuda" and resolved.index is None:  # traced tensors name their index
+        resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved
+
+
+def _configs_for(target: torch.device, configs: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Inductor settings of the compile: on CUDA our kernels' float scalars stay float32, as Triton
+    types them when they run eagerly (Inductor would type Python floats float64, which changes the
+    kernels' arithmetic and breaks their fp32 loop-carried values)."""
+    configs = dict(configs or {})
+    if target.type == "cuda" and hasattr(torch._inductor.config, "_use_fp64_for_unbacked_floats"):
+        configs.setdefault("_use_fp64_for_unbacked_floats", False)
+    return configs
+
+
+def _retarget(module: torch.nn.Module, target: torch.device) -> None:
+    """Point the device arguments burnt into ``module``'s graphs (the program was traced on the
+    model's device: factory calls, ``to``, tensor-metadata asserts) at ``target``."""
+    for graph_module in module.modules():
+        if not isinstance(graph_module, torch.fx.GraphModule):
+            continue
+        for node in graph_module.graph.nodes:
+            if "device" in node.kwargs:
+                node.kwargs = {**node.kwargs, "device": target}
+            if node.op == "call_function" and node.target is torch.ops.aten.to.device:
+                node.args = (node.args[0], target, *node.args[2:])
+        graph_module.recompile()
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -127,7 +154,8 @@ def export_aoti(
     args = tuple(_to(a, target) for a in result.example_args)
     ops = "our Triton kernels" if target.type == "cuda" else "reference ops"
     with stage(progress, f"tracing the rewritten step with {ops} (torch.export)"):
-        module = result.program.module()
+        module = copy.deepcopy(result.program.module())  # the package holds a copy of the state
+        _retarget(module, target)
         (substitute_kernels if target.type == "cuda" else substitute_references)(module)
         module = module.to(target)
         left = sorted({str(n.target) for n in module.graph.nodes
@@ -139,7 +167,7 @@ def export_aoti(
     path.parent.mkdir(parents=True, exist_ok=True)
     with stage(progress, f"compiling and packaging with AOTInductor for {target.type} (C++ build, minutes)"):
         torch._inductor.aoti_compile_and_package(program, package_path=str(path),
-                                                  inductor_configs=inductor_configs)
+                                                  inductor_configs=_configs_for(target, inductor_configs))
     return AotiExport(path=path, device=target, input_names=tuple(result.input_names), state=state,
                       page_size=result.config.page_size)
 

@@ -10,6 +10,7 @@ scores are 4 bytes per page and query head. Outputs have fixed capacity; nothing
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Optional
 
 import torch
@@ -101,18 +102,23 @@ def _gaussian_tau(q: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, page_s
 
 
 _ZTABLES: dict[tuple[str, int, float], Tensor] = {}
+_STANDARD_NORMAL = statistics.NormalDist()
 
 
 def page_max_z(device: torch.device, page_size: int, max_quantile: float) -> Tensor:
     """float32 ``[page_size]``: ``Phi^-1(max_quantile ** (1/n))`` for n = 1..P, built once per
-    (device, P, quantile) outside any graph and reused (never under fake tensors)."""
+    (device, P, quantile) and reused; a table made while tracing (a fake or functional tensor) is
+    not kept, so a later trace or call never sees a tracer's placeholder as a constant."""
     key = (str(device), page_size, max_quantile)
     table = _ZTABLES.get(key)
     if table is None:
-        counts = torch.arange(1, page_size + 1, dtype=torch.float64)
-        table = torch.special.ndtri(max_quantile ** (1.0 / counts)).to(torch.float32)
-        table = table.to(device)
-        if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        # Python floats, not torch.special.ndtri: a trace (an engine export) then holds the
+        # table as a constant instead of an ndtri that Inductor's Triton backend cannot lower.
+        quantiles = (max_quantile ** (1.0 / n) for n in range(1, page_size + 1))
+        values = [_STANDARD_NORMAL.inv_cdf(p) if 0.0 < p < 1.0 else math.copysign(math.inf, p - 0.5)
+                  for p in quantiles]
+        table = torch.tensor(values, dtype=torch.float32, device=device)
+        if type(table) is torch.Tensor and device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
             _ZTABLES[key] = table
     return table
 
