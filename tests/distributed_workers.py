@@ -86,6 +86,35 @@ def _append_with_a_gap(data: dict, impl) -> dict:
                 valid=decoder.stats.valid.clone())
 
 
+KERNEL_CASES = (  # (selector, alpha, kernel_cap): the decode kernels in parts (runtime/attend/partial.py)
+    ("dense", 1.5, 1024),
+    ("dense", 2.0, 1024),
+    ("dense", 1.3, 1024),
+    ("gaussian", 1.5, 1024),
+    ("certified", 1.5, 1024),
+    ("dense", 1.5, 1),  # every head overflows its gather: the exact pure-torch fallback
+)
+
+
+def context_parallel_kernel_cases(rank: int, world: int) -> dict:
+    """The kernel path of every case in float32 (the Triton kernels; on a CPU under the
+    interpreter), with the fallbacks each decoder took."""
+    from entmaxkv_compile.distributed import TauSettings
+    from entmaxkv_compile.runtime import kernels
+
+    data = global_data()
+    results = {}
+    for selector, alpha, cap in KERNEL_CASES:
+        config = EntmaxKVConfig(selector=selector, alpha=alpha, page_size=PAGE)
+        decoder = ContextParallelDecoder(config, **SHAPE, capacity=CAPACITY, dtype=torch.float32, device="cpu",
+                                         implementation=kernels, tau=TauSettings(kernel_cap=cap))
+        decoder.load(data["k"].float(), data["v"].float(), data["lengths"])
+        result = decoder.run(data["q"][0].float(), data["lengths"])
+        results[(selector, alpha, cap)] = dict(result._asdict(), fallbacks=decoder.fallbacks,
+                                               kernel_path=decoder.kernel_path)
+    return results
+
+
 def tensor_parallel_generate(rank: int, world: int, steps: int, options: dict) -> dict:
     """Shard the zoo's gpt-fast model over the ranks, compile it with the entmaxkv backend and
     decode greedily; returns the tokens, logits and the backend's report of every site."""

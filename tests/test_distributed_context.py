@@ -236,3 +236,38 @@ def test_bad_arguments_raise_clear_errors():
         decoder.check(q, torch.tensor([1, 2, 2]), torch.zeros(3, 2, 8), torch.zeros(3, 2, 1, 8), torch.tensor([0, 1, 1]))
     with pytest.raises(ValueError, match="group was given"):
         Collectives(group=object())
+
+
+@pytest.fixture(scope="module")
+def kernel_ranks():
+    """Results of :func:`workers.context_parallel_kernel_cases` on 2 ranks."""
+    from entmaxkv_compile.runtime import kernels
+
+    if not kernels.available("cpu"):  # on a GPU machine the NCCL test below runs this path
+        pytest.skip("the Triton kernels cannot run on the CPU (TRITON_INTERPRET=1 must be set before triton "
+                    "is imported)")
+    return spawn(workers.context_parallel_kernel_cases, 2, timeout_s=300)
+
+
+@pytest.mark.parametrize("case", workers.KERNEL_CASES, ids=lambda c: f"{c[0]}-{c[1]}-cap{c[2]}")
+def test_kernel_path_equals_full_entmax_on_two_ranks(kernel_ranks, case):
+    """The global threshold from the local ones (local_kernels.py): every rank agrees, the output is
+    full entmax (dense, certified) or entmax over the selection (gaussian) to float32 accuracy, and
+    a head overflowing its gather falls back to the exact levels instead of returning a wrong tau."""
+    selector, alpha, cap = case
+    data = workers.global_data()
+    got = kernel_ranks[0][case]
+    assert got["kernel_path"]
+    assert torch.equal(got["out"], kernel_ranks[1][case]["out"])
+    assert got["fallbacks"] == (1 if cap == 1 else 0)
+    tokens = None if selector != "gaussian" else global_tokens(
+        {r: kernel_ranks[r][case] for r in range(2)}, 2)
+    want = exact_entmax(data["q"][0], data["k"], data["v"], data["lengths"], alpha, tokens)
+    torch.testing.assert_close(got["out"].double(), want, atol=2e-5, rtol=2e-5)
+    _, tau = entmax_probs_and_threshold(
+        (data["q"][0].reshape(3, 2, 2, 8) @ data["k"].transpose(-1, -2) / math.sqrt(8)),
+        alpha, mask=((torch.arange(workers.CAPACITY)[None, :] < data["lengths"][:, None])[:, None, None, :]
+                     & (True if tokens is None else tokens[:, :, None, :])).expand(3, 2, 2, workers.CAPACITY))
+    torch.testing.assert_close(got["tau"].double(), tau.flatten(1), atol=2e-5, rtol=2e-5)
+    if selector in ("dense", "certified"):
+        assert got["certified"].all()

@@ -61,6 +61,7 @@ from ..runtime.stats.reference import KVPageStats, append_in_order, stats_append
 from ..runtime.step import DecodeResult, implementation_for
 from .collectives import Collectives
 from .global_tau import GlobalThreshold, TauSettings, combine_output, global_threshold
+from .local_kernels import KernelThreshold, kernel_output, kernel_threshold
 
 __all__ = ["ContextParallelDecoder"]
 
@@ -124,6 +125,9 @@ class ContextParallelDecoder:
         self.stats = KVPageStats.allocate(batch, kv_heads, self.local_capacity, head_dim, page_size=page,
                                           dtype=dtype, device=self.device, moment_dtype=moments)
         self.impl = implementation_for(self.device, dtype) if implementation is None else implementation
+        # the decode kernels in parts (runtime/attend/partial.py) where the implementation has them
+        self.kernel_path = hasattr(self.impl, "local_candidates")
+        self.fallbacks = 0  # solves the kernel path handed to the pure-torch levels (overflow)
         local_pages = self.local_capacity // page
         self._local_config = config.replace(
             selector="gaussian" if config.selector == "certified" else config.selector, min_context=0,
@@ -203,8 +207,7 @@ class ContextParallelDecoder:
         lengths = self.local_lengths(seqlens)
         geometry = dict(page_size=config.page_size, alpha=self.alpha, scale=self.scale, alibi_slopes=None)
         pages = self._select(q, lengths, seqlens)
-        scores = self._scores(q)
-        solved = self._solve(scores, pages, lengths)
+        solved = self._threshold(q, pages, lengths)
         stats_ok = self.stats.valid_for(lengths) | (lengths == 0)
         if config.selector == "certified":
             kmin, kmax = self.stats.kmin, self.stats.kmax
@@ -212,10 +215,10 @@ class ContextParallelDecoder:
             first = self._heads(solved.lower)
             pages[0], pages[1], finite = self.impl.certify_pages(q, kmin, kmax, lengths, *pages, first, read_all,
                                                                  **geometry)
-            solved = self._solve(scores, pages, lengths)
+            solved = self._threshold(q, pages, lengths)
             trusted = finite & stats_ok[:, None]
             tau_floor = torch.maximum(self._heads(solved.tau), first)
-            out, flags = self._output(solved, (~trusted).to(scores.dtype)[..., None])
+            out, flags = self._output(solved, (~trusted).to(torch.float32)[..., None])
             certified = (flags[..., 0] == 0) & self._heads(solved.exact) & torch.isfinite(tau_floor)
             certified = certified & self._sound(seqlens)[:, None]
             delta = torch.where(certified, 0.0, 1.0)
@@ -228,7 +231,7 @@ class ContextParallelDecoder:
                                             self._heads(solved.lower), stats_valid=stats_ok, **geometry)
             empty = (lengths == 0)[:, None]
             ok, delta_r = ok | empty, torch.where(empty, 0.0, delta_r)
-            out, flags = self._output(solved, torch.stack([(~ok).to(scores.dtype), delta_r.to(scores.dtype)], -1))
+            out, flags = self._output(solved, torch.stack([(~ok).to(torch.float32), delta_r.to(torch.float32)], -1))
             certified = (flags[..., 0] == 0) & self._heads(solved.exact) & self._sound(seqlens)[:, None]
             delta = torch.where(self._heads(solved.exact), flags[..., 1].clamp(max=1.0), 1.0)
             delta = torch.where(certified, 0.0, delta)
@@ -268,17 +271,35 @@ class ContextParallelDecoder:
         qg = q.reshape(batch, kv_heads, q_heads // kv_heads, head_dim).to(dtype)
         return (qg @ self.k_cache.to(dtype).transpose(-1, -2)) * self.scale
 
-    def _solve(self, scores: torch.Tensor, pages: list[torch.Tensor], lengths: torch.Tensor) -> GlobalThreshold:
+    def _threshold(self, q: torch.Tensor, pages: list[torch.Tensor],
+                   lengths: torch.Tensor) -> GlobalThreshold | KernelThreshold:
+        """The exact global threshold of the selection: on the kernels from the local thresholds
+        (``local_kernels.py``) unless some head overflowed its gather buffer on some rank (every
+        rank sees the same counts, so all take the same branch; one host read per solve), else by
+        power-sum levels over every local score (``global_tau.py``)."""
+        if self.kernel_path:
+            solved = kernel_threshold(self.comm, self.impl, q, self.k_cache, lengths, *pages,
+                                      page_size=self.config.page_size, alpha=self.alpha, scale=self.scale,
+                                      cap=self.tau_settings.kernel_cap)
+            # Inside a CUDA graph capture there is no host read: an overflowed head stays marked
+            # not exact (never certified) instead of falling back.
+            capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+            if capturing or not bool(solved.overflow.any()):
+                return solved
+            self.fallbacks += 1
         tokens = selected_token_mask(pages[0], pages[1], lengths, page_size=self.config.page_size,
                                      max_seqlen=self.local_capacity)
-        return global_threshold(self.comm, scores, tokens[:, :, None, :], self.alpha, self.tau_settings)
+        return global_threshold(self.comm, self._scores(q), tokens[:, :, None, :], self.alpha, self.tau_settings)
 
-    def _output(self, solved: GlobalThreshold, extra: torch.Tensor | None = None):
+    def _output(self, solved: GlobalThreshold | KernelThreshold, extra: torch.Tensor | None = None):
         """``(out [B, Hq, 1, D], extra [B, Hq, E] summed over ranks)``; ``extra`` is ``[B, Hq, E]``."""
-        batch, kv_heads, group, _ = solved.u.shape
+        batch, kv_heads, group = solved.tau.shape
         if extra is not None:
             extra = extra.reshape(batch, kv_heads, group, -1)
-        out, extra = combine_output(self.comm, solved, self.v_cache, self.alpha, extra)
+        if isinstance(solved, KernelThreshold):
+            out, extra = kernel_output(self.comm, self.impl, solved, self.v_cache, self.alpha, extra)
+        else:
+            out, extra = combine_output(self.comm, solved, self.v_cache, self.alpha, extra)
         out = out.reshape(batch, kv_heads * group, 1, -1)
         return out, (None if extra is None else extra.reshape(batch, kv_heads * group, -1))
 

@@ -14,6 +14,7 @@ import os
 import torch
 
 from .attend.kernel import paged_decode
+from .attend.partial import gather_above, local_candidates, partial_sums
 from .certify.kernel import certified_heads, certify, certify_pages, certify_policy_update_
 from .select.kernel import compact_page_mask, quest_bounds, select_pages
 from .sketch.kernel import sketch_page_bounds, sketch_select
@@ -29,7 +30,10 @@ __all__ = [
     "certify_pages",
     "certify_policy_update_",
     "compact_page_mask",
+    "gather_above",
+    "local_candidates",
     "paged_decode",
+    "partial_sums",
     "quest_bounds",
     "select_pages",
     "sketch_delta_bound",

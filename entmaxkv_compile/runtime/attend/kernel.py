@@ -71,6 +71,72 @@ def solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, s
     return survivors
 
 
+def plan_splits(q: Tensor, page_indices: Tensor, page_size: int) -> tuple[dict, int, int]:
+    """``(cfg, splits, seg)``: the tuned config of this decode, the K pass's splits per KV head
+    (``PROGRAMS_PER_SM`` programs per multiprocessor) and the tokens each split covers."""
+    batch, _, _, dim = q.shape
+    hkv, num_pages = page_indices.shape[1], page_indices.shape[2]
+    cfg = decode_config(q.device, q.dtype, dim, q.shape[1] // hkv, page_size, num_pages * page_size)
+    splits = cm.decode_splits(batch, hkv, num_pages, q.device, cfg["PROGRAMS_PER_SM"])
+    return cfg, splits, cm.cdiv(num_pages, splits) * page_size
+
+
+def score_candidates(q, k_cache, seqlens, page_indices, num_selected, alibi_slopes, page_size, alpha, scale,
+                     cfg, splits, seg):
+    """The K pass: ``(cand_z [B, Hq, splits*seg], cand_tok [B, Hkv, splits*seg], cand_cnt
+    [B, Hkv, splits], split_max [B, Hq, splits])``, the scores ``z = (alpha-1) * scale * q.k``
+    within 1 of their split's running max, compacted per split (see ``score_kernel``)."""
+    batch, hq, _, dim = q.shape
+    hkv = k_cache.shape[1]
+    cap = splits * seg
+    dev = q.device
+    cand_z = torch.empty((batch, hq, cap), device=dev, dtype=torch.float32)
+    cand_tok = torch.empty((batch, hkv, cap), device=dev, dtype=torch.int32)
+    cand_cnt = torch.empty((batch, hkv, splits), device=dev, dtype=torch.int32)
+    split_max = torch.empty((batch, hq, splits), device=dev, dtype=torch.float32)
+    shared_max = torch.full((batch, hq), float("-inf"), device=dev, dtype=torch.float32)
+    has_alibi = alibi_slopes is not None
+    slopes = alibi_slopes if has_alibi else q  # never read when has_alibi is False
+    wrap_triton(score_kernel)[(batch * hkv, splits)](
+        q, k_cache, seqlens, page_indices, num_selected, slopes,
+        cand_z, cand_tok, cand_cnt, split_max, shared_max,
+        q.stride(0), q.stride(1), q.stride(3),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        page_indices.stride(0), page_indices.stride(1), page_indices.stride(2),
+        num_selected.stride(0), num_selected.stride(1),
+        hq, hkv, hq // hkv, dim, splits, seg, page_size, (alpha - 1.0) * scale, alpha - 1.0,
+        k_cache.shape[2],
+        HAS_ALIBI=has_alibi, BLOCK_G=max(16, cm.next_pow2(hq // hkv)), BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_D=max(16, cm.next_pow2(dim)),
+        DOT_PREC=cm.dot_precision(dev, q.dtype), UPCAST=cm.dot_upcast(dev, q.dtype),
+        SHARE_EVERY=cfg["SHARE_EVERY"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    return cand_z, cand_tok, cand_cnt, split_max
+
+
+def output_partials(v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, alpha, cfg):
+    """The V pass at the thresholds ``tau [B, Hq]``: per split the unnormalised ``sum p v``
+    (``o_part [B, Hq, splits, D]``) and ``sum p`` (``l_part [B, Hq, splits]``) over the
+    candidates above tau (``live_z [B*Hq, splits*seg]`` is scratch)."""
+    batch, hq, cap = cand_z.shape
+    hkv, splits = cand_cnt.shape[1], cand_cnt.shape[2]
+    dim = v_cache.shape[3]
+    dev = v_cache.device
+    live_tok = torch.empty((batch, hkv, cap), device=dev, dtype=torch.int32)
+    o_part = torch.empty((batch, hq, splits, dim), device=dev, dtype=torch.float32)
+    l_part = torch.empty((batch, hq, splits), device=dev, dtype=torch.float32)
+    wrap_triton(output_kernel)[(batch * hkv, splits)](
+        v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, live_tok, o_part, l_part,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
+        hq, hkv, hq // hkv, dim, splits, cap // splits, 1.0 / (alpha - 1.0),
+        KIND=cm.alpha_kind(alpha), BLOCK_G=max(16, cm.next_pow2(hq // hkv)), BLOCK_T=cfg["BLOCK_T"],
+        BLOCK_SCAN=4 * cfg["BLOCK_T"], BLOCK_D=max(16, cm.next_pow2(dim)),
+        DOT_PREC=cm.exact_fp32_dot(dev), num_warps=cfg["num_warps"],
+    )
+    return o_part, l_part
+
+
 @triton_op("entmaxkv::triton_paged_decode", mutates_args=())
 def triton_paged_decode(
     q: Tensor,
@@ -87,62 +153,19 @@ def triton_paged_decode(
     """The registered op; positional ``alibi_slopes`` (custom ops take no kwarg-only tensors)."""
     batch, hq, _, dim = q.shape
     hkv = k_cache.shape[1]
-    group = hq // hkv
-    num_pages = page_indices.shape[2]
-    cfg = decode_config(q.device, q.dtype, dim, group, page_size, num_pages * page_size)
-    splits = cm.decode_splits(batch, hkv, num_pages, q.device, cfg["PROGRAMS_PER_SM"])
-    seg = cm.cdiv(num_pages, splits) * page_size
-    cap = splits * seg
-    f32 = torch.float32
-    dev = q.device
-    cand_z = torch.empty((batch, hq, cap), device=dev, dtype=f32)
-    cand_tok = torch.empty((batch, hkv, cap), device=dev, dtype=torch.int32)
-    cand_cnt = torch.empty((batch, hkv, splits), device=dev, dtype=torch.int32)
-    split_max = torch.empty((batch, hq, splits), device=dev, dtype=f32)
-    shared_max = torch.full((batch, hq), float("-inf"), device=dev, dtype=f32)
-    live_tok = torch.empty((batch, hkv, cap), device=dev, dtype=torch.int32)
-    tau = torch.empty((batch, hq), device=dev, dtype=f32)
-    o_part = torch.empty((batch, hq, splits, dim), device=dev, dtype=f32)
-    l_part = torch.empty((batch, hq, splits), device=dev, dtype=f32)
-    out = torch.empty((batch, hq, 1, dim), device=dev, dtype=q.dtype)
-
-    block_g = max(16, cm.next_pow2(group))
-    block_d = max(16, cm.next_pow2(dim))
-    block_s = cm.next_pow2(splits)
-    beta = 1.0 / (alpha - 1.0)
-    kind = cm.alpha_kind(alpha)
-    has_alibi = alibi_slopes is not None
-    slopes = alibi_slopes if has_alibi else q  # never read when has_alibi is False
-
-    wrap_triton(score_kernel)[(batch * hkv, splits)](
-        q, k_cache, seqlens, page_indices, num_selected, slopes,
-        cand_z, cand_tok, cand_cnt, split_max, shared_max,
-        q.stride(0), q.stride(1), q.stride(3),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
-        page_indices.stride(0), page_indices.stride(1), page_indices.stride(2),
-        num_selected.stride(0), num_selected.stride(1),
-        hq, hkv, group, dim, splits, seg, page_size, (alpha - 1.0) * scale, alpha - 1.0,
-        k_cache.shape[2],
-        HAS_ALIBI=has_alibi, BLOCK_G=block_g, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d,
-        DOT_PREC=cm.dot_precision(dev, q.dtype), UPCAST=cm.dot_upcast(dev, q.dtype),
-        SHARE_EVERY=cfg["SHARE_EVERY"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
-    live_z = solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, seg,
+    cfg, splits, seg = plan_splits(q, page_indices, page_size)
+    cand_z, cand_tok, cand_cnt, split_max = score_candidates(
+        q, k_cache, seqlens, page_indices, num_selected, alibi_slopes, page_size, alpha, scale, cfg, splits, seg)
+    tau = torch.empty((batch, hq), device=q.device, dtype=torch.float32)
+    live_z = solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, hq // hkv, splits, seg,
                        alpha, cfg)[0]
-    wrap_triton(output_kernel)[(batch * hkv, splits)](
-        v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, live_tok, o_part, l_part,
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
-        hq, hkv, group, dim, splits, seg, beta,
-        KIND=kind, BLOCK_G=block_g, BLOCK_T=cfg["BLOCK_T"], BLOCK_SCAN=4 * cfg["BLOCK_T"],
-        BLOCK_D=block_d,
-        DOT_PREC=cm.exact_fp32_dot(dev), num_warps=cfg["num_warps"],
-    )
+    o_part, l_part = output_partials(v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, alpha, cfg)
+    out = torch.empty((batch, hq, 1, dim), device=q.device, dtype=q.dtype)
     # A kernel of its own: folding this sum into the output pass's last program (an atomic
     # ticket) serialised the group's heads on one program and cost 4-14 us more on the H200.
     wrap_triton(reduce_kernel)[(batch * hq,)](
         o_part, l_part, tau, out, out.stride(0), out.stride(1), out.stride(3),
-        hq, dim, splits, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
+        hq, dim, splits, BLOCK_S=cm.next_pow2(splits), BLOCK_D=max(16, cm.next_pow2(dim)), num_warps=4,
     )
     return out, tau
 
