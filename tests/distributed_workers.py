@@ -161,4 +161,5 @@ def context_parallel_on_gpus(rank: int, world: int, selectors: tuple[str, ...]) 
         decoder.load(k.cuda(), v.cuda(), lengths.cuda())
         result = decoder.run(q.cuda(), lengths.cuda())
         results[selector] = {name: value.cpu() for name, value in result._asdict().items()}
+        results[selector].update(kernel_path=decoder.kernel_path, fallbacks=decoder.fallbacks)
     return dict(results, q=q, k=k, v=v, lengths=lengths)
