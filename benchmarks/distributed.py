@@ -121,6 +121,7 @@ def _sharded(plan: dict, selector: str, q: torch.Tensor, device: torch.device, c
     decoder.comm = comm
     return dict(ms_cp=ms_cp, ms_compute=ms_compute, collective_share=max(0.0, 1 - ms_compute / ms_cp),
                 collective_calls=calls1 - calls0, collective_bytes=bytes1 - bytes0,
+                fallbacks=decoder.fallbacks, kernel_path=decoder.kernel_path,
                 selected=float(result.num_selected.sum()) / (plan["hkv"] * decoder.stats.num_pages),
                 certified=float(result.certified.float().mean()))
 

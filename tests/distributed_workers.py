@@ -86,13 +86,14 @@ def _append_with_a_gap(data: dict, impl) -> dict:
                 valid=decoder.stats.valid.clone())
 
 
-KERNEL_CASES = (  # (selector, alpha, kernel_cap): the decode kernels in parts (runtime/attend/partial.py)
-    ("dense", 1.5, 1024),
-    ("dense", 2.0, 1024),
-    ("dense", 1.3, 1024),
-    ("gaussian", 1.5, 1024),
-    ("certified", 1.5, 1024),
-    ("dense", 1.5, 1),  # every head overflows its gather: the exact pure-torch fallback
+KERNEL_CASES = (  # (selector, alpha, kernel_cap, kernel_max_cap): the decode kernels in parts
+    ("dense", 1.5, 1024, 65536),
+    ("dense", 2.0, 1024, 65536),
+    ("dense", 1.3, 1024, 65536),
+    ("gaussian", 1.5, 1024, 65536),
+    ("certified", 1.5, 1024, 65536),
+    ("dense", 1.5, 1, 65536),  # heads overflow the first gather: gathered again with room for all
+    ("dense", 1.5, 1, 1),  # and beyond the largest gather: the exact pure-torch fallback
 )
 
 
@@ -104,13 +105,14 @@ def context_parallel_kernel_cases(rank: int, world: int) -> dict:
 
     data = global_data()
     results = {}
-    for selector, alpha, cap in KERNEL_CASES:
+    for selector, alpha, cap, max_cap in KERNEL_CASES:
         config = EntmaxKVConfig(selector=selector, alpha=alpha, page_size=PAGE)
         decoder = ContextParallelDecoder(config, **SHAPE, capacity=CAPACITY, dtype=torch.float32, device="cpu",
-                                         implementation=kernels, tau=TauSettings(kernel_cap=cap))
+                                         implementation=kernels,
+                                         tau=TauSettings(kernel_cap=cap, kernel_max_cap=max_cap))
         decoder.load(data["k"].float(), data["v"].float(), data["lengths"])
         result = decoder.run(data["q"][0].float(), data["lengths"])
-        results[(selector, alpha, cap)] = dict(result._asdict(), fallbacks=decoder.fallbacks,
+        results[(selector, alpha, cap, max_cap)] = dict(result._asdict(), fallbacks=decoder.fallbacks,
                                                kernel_path=decoder.kernel_path)
     return results
 

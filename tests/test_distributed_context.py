@@ -250,17 +250,18 @@ def kernel_ranks():
     return spawn(workers.context_parallel_kernel_cases, 2, timeout_s=300)
 
 
-@pytest.mark.parametrize("case", workers.KERNEL_CASES, ids=lambda c: f"{c[0]}-{c[1]}-cap{c[2]}")
+@pytest.mark.parametrize("case", workers.KERNEL_CASES, ids=lambda c: f"{c[0]}-{c[1]}-cap{c[2]}-max{c[3]}")
 def test_kernel_path_equals_full_entmax_on_two_ranks(kernel_ranks, case):
     """The global threshold from the local ones (local_kernels.py): every rank agrees, the output is
     full entmax (dense, certified) or entmax over the selection (gaussian) to float32 accuracy, and
-    a head overflowing its gather falls back to the exact levels instead of returning a wrong tau."""
-    selector, alpha, cap = case
+    a head overflowing its gather is gathered again, or past ``kernel_max_cap`` falls back to the
+    exact levels, instead of returning a wrong tau."""
+    selector, alpha, cap, max_cap = case
     data = workers.global_data()
     got = kernel_ranks[0][case]
     assert got["kernel_path"]
     assert torch.equal(got["out"], kernel_ranks[1][case]["out"])
-    assert got["fallbacks"] == (1 if cap == 1 else 0)
+    assert got["fallbacks"] == (1 if max_cap == 1 else 0)
     tokens = None if selector != "gaussian" else global_tokens(
         {r: kernel_ranks[r][case] for r in range(2)}, 2)
     want = exact_entmax(data["q"][0], data["k"], data["v"], data["lengths"], alpha, tokens)

@@ -274,16 +274,17 @@ class ContextParallelDecoder:
     def _threshold(self, q: torch.Tensor, pages: list[torch.Tensor],
                    lengths: torch.Tensor) -> GlobalThreshold | KernelThreshold:
         """The exact global threshold of the selection: on the kernels from the local thresholds
-        (``local_kernels.py``) unless some head overflowed its gather buffer on some rank (every
-        rank sees the same counts, so all take the same branch; one host read per solve), else by
-        power-sum levels over every local score (``global_tau.py``)."""
+        (``local_kernels.py``; one host read per solve) unless some head has more than
+        ``kernel_max_cap`` scores to gather on some rank (every rank sees the same counts, so all
+        take the same branch), else by power-sum levels over every local score (``global_tau.py``)."""
         if self.kernel_path:
+            # Inside a CUDA graph capture there is no host read: an overflowed head stays marked
+            # not exact (never certified) instead of being gathered again or falling back.
+            capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+            settings = self.tau_settings
             solved = kernel_threshold(self.comm, self.impl, q, self.k_cache, lengths, *pages,
                                       page_size=self.config.page_size, alpha=self.alpha, scale=self.scale,
-                                      cap=self.tau_settings.kernel_cap)
-            # Inside a CUDA graph capture there is no host read: an overflowed head stays marked
-            # not exact (never certified) instead of falling back.
-            capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+                                      cap=settings.kernel_cap, max_cap=None if capturing else settings.kernel_max_cap)
             if capturing or not bool(solved.overflow.any()):
                 return solved
             self.fallbacks += 1

@@ -60,18 +60,21 @@ class TauSettings(NamedTuple):
     """How the global threshold is searched: ``bins`` per level and ``levels`` (integer beta),
     ``gather_cap`` scores per rank and head at the finish, ``pivots`` per level for non-integer
     beta (whose level count follows from the dtype); ``kernel_cap`` scores per rank and head
-    above the largest local threshold on the kernel path (``local_kernels.py``)."""
+    above the largest local threshold on the kernel path (``local_kernels.py``), gathered again
+    with room for up to ``kernel_max_cap`` when a head has more."""
 
     bins: int = 256
     levels: int = 2
     gather_cap: int = 32
     pivots: int = 64
     kernel_cap: int = 1024
+    kernel_max_cap: int = 65536
 
     def validated(self) -> "TauSettings":
         for name, value, minimum in (("bins", self.bins, 2), ("levels", self.levels, 1),
                                      ("gather_cap", self.gather_cap, 1), ("pivots", self.pivots, 2),
-                                     ("kernel_cap", self.kernel_cap, 1)):
+                                     ("kernel_cap", self.kernel_cap, 1),
+                                     ("kernel_max_cap", self.kernel_max_cap, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
         return self

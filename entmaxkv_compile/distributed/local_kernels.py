@@ -11,9 +11,10 @@ in float64) is the global threshold. The V pass at it and one ``all_reduce(SUM)`
 and ``sum p`` give the output. Three collectives per solve and output, none of them larger than
 ``W * B * Hq * (cap + 1)`` floats; nothing is read twice.
 
-A head with more than ``cap`` scores above ``tau_lo`` on some rank (very flat scores: thousands
-of near-ties) is reported in ``overflow``; the caller then takes the exact pure-torch path for
-that step (the decision is the same on every rank: it comes from the gathered counts).
+A head with more than ``cap`` scores above ``tau_lo`` on some rank (planted spans of thousands of
+similar keys, flat scores) is gathered again with room for all of them (one host read of the
+gathered counts, the same on every rank), up to ``max_cap``; beyond that it is reported in
+``overflow`` and the caller takes the exact pure-torch path for that step.
 """
 
 from __future__ import annotations
@@ -45,8 +46,12 @@ class KernelThreshold(NamedTuple):
 
 def kernel_threshold(comm: Collectives, impl: Any, q: torch.Tensor, k_cache: torch.Tensor, lengths: torch.Tensor,
                      page_indices: torch.Tensor, num_selected: torch.Tensor, *, page_size: int, alpha: float,
-                     scale: float, cap: int) -> KernelThreshold:
-    """The exact global threshold of the selected pages of every rank (see the module doc)."""
+                     scale: float, cap: int, max_cap: int | None = None) -> KernelThreshold:
+    """The exact global threshold of the selected pages of every rank (see the module doc).
+
+    ``cap`` scores per head are gathered first; with ``max_cap`` (a host read, the same on every
+    rank), a head that had more is gathered again with room for all of them, up to ``max_cap``.
+    """
     batch, q_heads = q.shape[:2]
     kv_heads = k_cache.shape[1]
     local = impl.local_candidates(q, k_cache, lengths, page_indices, num_selected, page_size=page_size,
@@ -59,15 +64,26 @@ def kernel_threshold(comm: Collectives, impl: Any, q: torch.Tensor, k_cache: tor
     # scores below the global threshold never changes it (they add nothing there).
     floor = packed[..., 0] - _FLOOR_MARGIN * (1.0 + packed[..., 0].abs())
     floor = torch.where(poisoned, float("inf"), floor)  # a poisoned head gathers nothing
-    scores, count = impl.gather_above(local, floor, cap)
-    everyone = comm.gather(torch.cat([scores, count.to(torch.float32)[..., None]], -1))  # [W, B, Hq, cap+1]
-    overflow = (everyone[..., cap] > cap).any(0)
-    gathered = everyone[..., :cap].movedim(0, -2).flatten(-2).to(torch.float64)
+    gathered, counts = _gather(comm, impl, local, floor, cap)
+    if max_cap is not None:
+        needed = int(counts.max())
+        if cap < needed <= max_cap:
+            cap = 1 << (needed - 1).bit_length()
+            gathered, counts = _gather(comm, impl, local, floor, cap)
+    overflow = (counts > cap).any(0)
     tau = entmax_threshold(gathered / (alpha - 1.0), alpha).to(torch.float32)
     tau = torch.where(poisoned, float("nan"), tau)
     shape = (batch, kv_heads, q_heads // kv_heads)
     exact = (~overflow & ~poisoned).view(shape)
     return KernelThreshold(local, tau.view(shape), exact, tau.view(shape), overflow.view(shape))
+
+
+def _gather(comm: Collectives, impl: Any, local: Any, floor: torch.Tensor,
+            cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(every rank's scores above floor [B, Hq, W*cap] float64, counts [W, B, Hq])``: one all_gather."""
+    scores, count = impl.gather_above(local, floor, cap)
+    everyone = comm.gather(torch.cat([scores, count.to(torch.float32)[..., None]], -1))  # [W, B, Hq, cap+1]
+    return everyone[..., :cap].movedim(0, -2).flatten(-2).to(torch.float64), everyone[..., cap]
 
 
 def kernel_output(comm: Collectives, impl: Any, solved: KernelThreshold, v_cache: torch.Tensor, alpha: float,
