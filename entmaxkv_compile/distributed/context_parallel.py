@@ -25,9 +25,13 @@ lengths:
    the sink
    pages are the sequence's first pages (on the ranks that hold them); ``min_context`` compares
    the global length;
-2. local scores of the selected tokens and the exact *global* threshold (``global_tau.py``): one
-   ``all_reduce(MAX)``, ``levels`` ``all_reduce(SUM)`` of per-bin power sums, one ``all_gather``
-   of the few scores next to the threshold;
+2. local scores of the selected tokens and the exact *global* threshold. Where the
+   implementation is the Triton kernels (a GPU) the rank runs the single-GPU K pass and its local
+   exact threshold, and the global one comes from one ``all_reduce(MAX)`` of the local thresholds
+   and one ``all_gather`` of the few scores above their max (``local_kernels.py``); elsewhere
+   (gloo, float64, or a head with too many such scores) from power-sum levels over every local
+   score (``global_tau.py``): one ``all_reduce(MAX)``, ``levels`` ``all_reduce(SUM)`` of per-bin
+   power sums, one ``all_gather`` of the few scores next to the threshold;
 3. the output: one ``all_reduce(SUM)`` of ``sum p v`` and ``sum p`` (the certificate flags ride
    along in the same tensor).
 
@@ -37,14 +41,17 @@ threshold ``tau0``, every rank adds its own pages whose Quest bound violates ``t
 threshold of that selection and the output. Every page left out on any rank then has
 ``(alpha-1) u_p <= tau0 <= tau``, so the output is full entmax; the certificate is the AND over
 the ranks of their flags (sound statistics, finite bounds) and holds only where the solve was
-exact. Collectives per step: ``levels + 3`` (``2*levels + 5`` certified), whatever the sequence
-length; the largest are the levels' power sums, ``B*Hq*(bins+1)*(beta+1)`` float64 each (197 KiB
-for 32 heads, 256 bins, alpha 1.5), the gather ``W*B*Hq*gather_cap`` scores.
+exact. Collectives per step, whatever the sequence length: 3 on the kernel path (5 certified),
+the largest the gather of ``W*B*Hq*(kernel_cap+1)`` floats; ``levels + 3`` (``2*levels + 5``
+certified) on the pure-torch path, the largest the levels' power sums,
+``B*Hq*(bins+1)*(beta+1)`` float64 each (197 KiB for 32 heads, 256 bins, alpha 1.5).
 
 The new token's K/V is written by the rank that owns its position (:meth:`append`). The step is
-fixed-shape and free of host syncs; it is pure torch around the selection (the local scores are
-one dense pass over the rank's cache rows, masked by the selection), so it runs on gloo (CPU)
-and NCCL (GPU) alike. ALiBi and the int8 key sketch are not supported here.
+fixed-shape; the kernel path reads the gathered counts on the host once per solve (to gather a
+crowded head again or fall back), except inside a CUDA-graph capture, where it reads nothing and
+reports such a head not exact. The pure-torch path (one dense masked pass over the rank's cache
+rows) is free of host syncs and runs on gloo (CPU) and NCCL (GPU) alike. ALiBi and the int8 key
+sketch are not supported here.
 """
 
 from __future__ import annotations
