@@ -50,7 +50,7 @@ from ..math.reference import entmax_beta
 from ..runtime._common import integer_beta
 from .collectives import Collectives
 
-__all__ = ["GlobalThreshold", "TauSettings", "combine_output", "global_threshold"]
+__all__ = ["GlobalThreshold", "TauSettings", "combine_output", "global_threshold", "sum_and_normalize"]
 
 _NEWTON_STEPS = 30
 _SPARE_SLOTS = 64
@@ -145,11 +145,17 @@ def combine_output(comm: Collectives, solved: GlobalThreshold, v: torch.Tensor, 
     p = gap if beta == 1.0 else gap * gap if beta == 2.0 else gap.pow(beta)
     live = (p > 0).any(2)
     values = torch.where(live[..., None], v.to(p.dtype), 0.0)
-    parts = [p @ values, p.sum(-1, keepdim=True)]
-    if extra is not None:
-        parts.append(extra.to(p.dtype))
+    return sum_and_normalize(comm, p @ values, p.sum(-1, keepdim=True), extra)
+
+
+def sum_and_normalize(comm: Collectives, num: torch.Tensor, den: torch.Tensor,
+                      extra: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(sum num / sum den, sum extra)`` over the ranks, from one ``all_reduce(SUM)`` of the three
+    packed together (``num [..., D]``, ``den [..., 1]``, ``extra [..., E]`` or None); 0 where the
+    summed ``den`` is 0."""
+    parts = [num, den] + ([extra.to(num.dtype)] if extra is not None else [])
     packed = comm.sum_(torch.cat(parts, -1))
-    head_dim = v.shape[-1]
+    head_dim = num.shape[-1]
     num, den = packed[..., :head_dim], packed[..., head_dim:head_dim + 1]
     out = num / torch.where(den > 0, den, 1.0)
     return out, (packed[..., head_dim + 1:] if extra is not None else None)

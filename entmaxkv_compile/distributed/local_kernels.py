@@ -25,6 +25,7 @@ import torch
 
 from ..math.reference import entmax_threshold
 from .collectives import Collectives
+from .global_tau import sum_and_normalize
 
 __all__ = ["KernelThreshold", "kernel_output", "kernel_threshold"]
 
@@ -93,12 +94,5 @@ def kernel_output(comm: Collectives, impl: Any, solved: KernelThreshold, v_cache
     with nothing attended, NaN for a poisoned one."""
     shape = solved.tau.shape
     num, den = impl.partial_sums(solved.local, v_cache, solved.tau.flatten(1), alpha)
-    parts = [num.view(*shape, -1), den.view(*shape, 1)]
-    if extra is not None:
-        parts.append(extra.to(torch.float32))
-    packed = comm.sum_(torch.cat(parts, -1))
-    head_dim = v_cache.shape[-1]
-    num, den = packed[..., :head_dim], packed[..., head_dim:head_dim + 1]
-    out = num / torch.where(den > 0, den, 1.0)
-    out = torch.where(torch.isnan(solved.tau)[..., None], float("nan"), out)
-    return out, (packed[..., head_dim + 1:] if extra is not None else None)
+    out, extra = sum_and_normalize(comm, num.view(*shape, -1), den.view(*shape, 1), extra)
+    return torch.where(torch.isnan(solved.tau)[..., None], float("nan"), out), extra
