@@ -99,7 +99,8 @@ KERNEL_CASES = (  # (selector, alpha, kernel_cap, kernel_max_cap): the decode ke
 
 def context_parallel_kernel_cases(rank: int, world: int) -> dict:
     """The kernel path of every case in float32 (the Triton kernels; on a CPU under the
-    interpreter), with the fallbacks each decoder took."""
+    interpreter), with the fallbacks each decoder took; a certified decode loop whose appends
+    cross the rank boundary; a dense step with a NaN key on rank 1."""
     from entmaxkv_compile.distributed import TauSettings
     from entmaxkv_compile.runtime import kernels
 
@@ -113,7 +114,26 @@ def context_parallel_kernel_cases(rank: int, world: int) -> dict:
         decoder.load(data["k"].float(), data["v"].float(), data["lengths"])
         result = decoder.run(data["q"][0].float(), data["lengths"])
         results[(selector, alpha, cap, max_cap)] = dict(result._asdict(), fallbacks=decoder.fallbacks,
-                                               kernel_path=decoder.kernel_path)
+                                                        kernel_path=decoder.kernel_path,
+                                                        calls=decoder.collective_calls()[0])
+
+    def decoder_for(selector: str) -> ContextParallelDecoder:
+        return ContextParallelDecoder(EntmaxKVConfig(selector=selector, alpha=1.5, page_size=PAGE), **SHAPE,
+                                      capacity=CAPACITY, dtype=torch.float32, device="cpu", implementation=kernels)
+
+    decoder = decoder_for("certified")  # appends crossing the rank boundary (position 48)
+    lengths = torch.tensor([44, 23, 0])
+    decoder.load(data["k"][:, :, :44].float(), data["v"][:, :, :44].float(), lengths)
+    results["appends"] = []
+    for step in range(APPENDS):
+        decoder.append(data["k_new"][step].float(), data["v_new"][step].float(), lengths)
+        lengths = lengths + 1
+        results["appends"].append(decoder.run(data["q"][step + 1].float(), lengths)._asdict())
+    decoder = decoder_for("dense")  # a NaN key on rank 1 (sequence 0, KV head 0, position 60)
+    k = data["k"].float().clone()
+    k[0, 0, 60] = float("nan")
+    decoder.load(k, data["v"].float(), data["lengths"])
+    results["poisoned"] = decoder.run(data["q"][0].float(), data["lengths"])._asdict()
     return results
 
 

@@ -260,6 +260,10 @@ def test_kernel_path_equals_full_entmax_on_two_ranks(kernel_ranks, case):
     data = workers.global_data()
     got = kernel_ranks[0][case]
     assert got["kernel_path"]
+    # 3 collectives (5 certified); a second gather where the first overflowed; a fallback adds the
+    # pure-torch levels (max, 2 sums, gather)
+    regathers = 1 if (cap, max_cap) == (1, 65536) else 0  # every head has more than one score to gather
+    assert got["calls"] == (5 if selector == "certified" else 3) + regathers + 4 * got["fallbacks"]
     assert torch.equal(got["out"], kernel_ranks[1][case]["out"])
     assert got["fallbacks"] == (1 if max_cap == 1 else 0)
     tokens = None if selector != "gaussian" else global_tokens(
@@ -273,3 +277,34 @@ def test_kernel_path_equals_full_entmax_on_two_ranks(kernel_ranks, case):
     torch.testing.assert_close(got["tau"].double(), tau.flatten(1), atol=2e-5, rtol=2e-5)
     if selector in ("dense", "certified"):
         assert got["certified"].all()
+
+
+def test_kernel_path_appends_across_ranks_stay_exact_and_certified(kernel_ranks):
+    data = workers.global_data()
+    k, v = data["k"].clone(), data["v"].clone()
+    lengths = torch.tensor([44, 23, 0])
+    for step, got in enumerate(kernel_ranks[0]["appends"]):
+        for b in range(3):
+            k[b, :, lengths[b]] = data["k_new"][step, b, :, 0].float().double()
+            v[b, :, lengths[b]] = data["v_new"][step, b, :, 0].float().double()
+        lengths = lengths + 1
+        want = exact_entmax(data["q"][step + 1].float().double(), k.float().double(), v.float().double(),
+                            lengths, 1.5)
+        torch.testing.assert_close(got["out"].double(), want, atol=2e-5, rtol=2e-5)
+        assert got["certified"].all()
+        assert torch.equal(kernel_ranks[1]["appends"][step]["out"], got["out"])
+
+
+def test_kernel_path_a_nan_key_poisons_its_heads_only(kernel_ranks):
+    """A NaN key on one rank: the two query heads of that KV head in that sequence are NaN and not
+    certified on every rank; every other head is full entmax and certified."""
+    data = workers.global_data()
+    got = kernel_ranks[0]["poisoned"]
+    assert torch.equal(got["out"].isnan(), kernel_ranks[1]["poisoned"]["out"].isnan())
+    bad = torch.zeros(3, 4, dtype=torch.bool)
+    bad[0, :2] = True
+    assert got["out"][bad].isnan().all() and not got["certified"][bad].any()
+    want = exact_entmax(data["q"][0].float().double(), data["k"].float().double(), data["v"].float().double(),
+                        data["lengths"], 1.5)
+    torch.testing.assert_close(got["out"][~bad].double(), want[~bad], atol=2e-5, rtol=2e-5)
+    assert got["certified"][~bad].all()
