@@ -168,3 +168,22 @@ def test_sketch_refuses_a_soft_cap():
     with pytest.raises(ValueError, match="softcap=30.0: the key sketch"):
         Decoder(EntmaxKVConfig(selector="certified", certify_sketch="int8"), batch=1, q_heads=2, kv_heads=1,
                 head_dim=8, capacity=32, dtype=torch.float32, device="cpu", softcap=30.0)
+
+
+def test_decode_step_op_and_its_plugin_twin_take_the_cap_last():
+    from entmaxkv_compile.export import functional_ops  # noqa: F401  (registers decode_step_plugin)
+
+    batch, hq, hkv, nmax, dim, page, alpha, cap = 2, 4, 2, 40, 16, 8, 1.5, 2.0
+    _, q, k, v, seqlens = _case(17, batch, hq, hkv, nmax, dim, torch.float32)
+    stats = KVPageStats.from_cache(k, seqlens, page).buffers()[:4]
+    scale = 1 / math.sqrt(dim)
+    options = (scale, alpha, page, "certified", 2 * page, 0.99, 0.0, "global", 0, 0, 1, 0)
+    capped = torch.ops.entmaxkv.decode_step(q, k, v, seqlens, *stats, None, *options, softcap=cap)
+    plain = torch.ops.entmaxkv.decode_step(q, k, v, seqlens, *stats, None, *options)  # binds as before the cap
+    twin = torch.ops.entmaxkv.decode_step_plugin(q, k, v, seqlens, *stats, torch.zeros(hq), *options, cap)
+    want, _ = metrics.full_entmax_decode(q.double(), k.double(), v.double(), seqlens, alpha, scale, softcap=cap)
+    want_plain, _ = metrics.full_entmax_decode(q.double(), k.double(), v.double(), seqlens, alpha, scale)
+    assert bool(capped[3].all()) and bool(plain[3].all())
+    assert float(metrics.relative_error(capped[0].double(), want)) < 1e-5
+    assert float(metrics.relative_error(plain[0].double(), want_plain)) < 1e-5
+    assert torch.equal(twin[0], capped[0])
