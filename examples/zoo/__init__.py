@@ -130,6 +130,9 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
              "hf", lambda: _hf().build_llama("entmax15", layers=1), 1, "entmax", 1.5, "rewritten", _LAZY),
     ZooEntry("hf_qwen2", "transformers Qwen2, entmax_bisect(alpha=1.25), GQA 4:1, StaticCache, generate()",
              "hf", lambda: _hf().build_qwen2("bisect_1.25", layers=1), 1, "entmax", 1.25, "rewritten", _LAZY),
+    ZooEntry("hf_gemma2", "transformers Gemma-2, attn_logit_softcapping=5 (tanh cap before the mask), entmax15, "
+             "global attention, StaticCache, generate()", "hf",
+             lambda: _hf().build_gemma2("entmax15", layers=1, softcap=5.0), 1, "entmax", 1.5, "rewritten", _LAZY),
 )}
 
 __all__ = ["ZOO", "ZooEntry"]
