@@ -132,7 +132,8 @@ def test_kernel_bounds_are_the_capped_reference_bounds():
 
 
 def _step(impl, q, k, v, seqlens, selector, alpha, cap, slopes=None, page=8):
-    config = EntmaxKVConfig(selector=selector, page_size=page, alpha=alpha, token_budget=2 * page)
+    config = EntmaxKVConfig(selector=selector, page_size=page, alpha=alpha, token_budget=2 * page,
+                            report_bound=selector != "certified")  # approximate selectors: the capped certificate
     stats = KVPageStats.from_cache(k, seqlens, page)
     return run_step(impl, q, k, v, seqlens, stats.buffers()[:4], config, alpha=alpha,
                     scale=1 / math.sqrt(q.shape[-1]), alibi_slopes=slopes, softcap=cap,
@@ -153,7 +154,7 @@ def test_certified_step_equals_full_entmax_of_capped_scores(alpha, cap):
 
 
 @pytest.mark.kernels
-@pytest.mark.parametrize("selector", ["certified", "topk"])
+@pytest.mark.parametrize("selector", ["certified", "topk", "gaussian"])
 def test_kernel_step_matches_reference_step(selector):
     batch, hq, hkv, nmax, dim, cap = 2, 4, 2, 64, 16, 2.0
     _, q, k, v, seqlens = _case(13, batch, hq, hkv, nmax, dim, torch.float32)
@@ -161,6 +162,7 @@ def test_kernel_step_matches_reference_step(selector):
     got = _step(kernels, q, k, v, seqlens, selector, 1.5, cap)
     assert torch.equal(got.num_selected, ref.num_selected)
     assert torch.equal(got.certified, ref.certified)
+    assert torch.allclose(got.delta_bound, ref.delta_bound, atol=1e-5)
     assert float(metrics.relative_error(got.out, ref.out)) < 1e-5
 
 
