@@ -111,12 +111,21 @@ def test_kernel_bounds_are_the_capped_reference_bounds():
     assert torch.equal(capped, apply_softcap(raw, cap))
     assert torch.allclose(kernels.quest_bounds(q, kmin, kmax, seqlens, softcap=cap, **kw), capped, atol=1e-5)
     # every capped score lies under its page's capped bound
-    scores = apply_softcap((q.reshape(batch, hkv, hq // hkv, dim) @ k.transpose(-1, -2)).reshape(batch, hq, nmax)
-                           * kw["scale"] + slopes[None, :, None] * (torch.arange(nmax)[None, :] - (seqlens[:, None] - 1))
+    raw_scores = (q.reshape(batch, hkv, hq // hkv, dim) @ k.transpose(-1, -2)).reshape(batch, hq, nmax) * kw["scale"]
+    scores = apply_softcap(raw_scores + slopes[None, :, None] * (torch.arange(nmax)[None, :] - (seqlens[:, None] - 1))
                            [:, None, :], cap)
     valid = torch.arange(nmax)[None, None, :] < seqlens[:, None, None]
     per_token_bound = capped.repeat_interleave(page, dim=-1)[..., :nmax]
     assert bool((~valid | (scores <= per_token_bound + 1e-5)).all())
+    # ... which raw bounds are not: where a steep ALiBi makes pages negative, the cap lifts their
+    # scores above their raw bound (so a certificate on raw bounds could drop support)
+    steep = dict(kw, alibi_slopes=torch.full((hq,), 2.0))
+    raw_steep = select_reference.quest_bounds(q, kmin, kmax, seqlens, **steep)
+    capped_steep = select_reference.quest_bounds(q, kmin, kmax, seqlens, softcap=cap, **steep)
+    rel = (torch.arange(nmax)[None, :] - (seqlens[:, None] - 1))[:, None, :]
+    steep_scores = apply_softcap(raw_scores + 2.0 * rel, cap)
+    assert bool((~valid | (steep_scores <= capped_steep.repeat_interleave(page, dim=-1)[..., :nmax] + 1e-5)).all())
+    assert not bool((~valid | (steep_scores <= raw_steep.repeat_interleave(page, dim=-1)[..., :nmax] + 1e-5)).all())
     # the certified round's page choice (kernel) equals the reference's at a threshold that bites
     finite = torch.where(torch.isfinite(capped), capped, float("nan"))
     tau = 0.5 * finite.nanquantile(0.3, dim=-1) + 1e-3  # inside the spread, off every bound
