@@ -18,9 +18,9 @@ STEPS = 16
 OPTIONS = {"compiler": "eager", "selector": "certified", "certify_max_rounds": 1, "page_size": 4}
 
 
-def _decode(args: ModelArgs, compiled: bool):
+def _decode(args: ModelArgs, compiled: bool, dtype: torch.dtype = torch.float32):
     """``(tokens, logits, explained decode sites)`` of 16 greedy steps after a 12-token prompt."""
-    model = gpt_fast.build(args)
+    model = gpt_fast.build(args, dtype=dtype)
     prompt = torch.randint(1, args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(11))
     if not compiled:
         return (*gpt_fast.generate(model, prompt, STEPS), None)
@@ -47,6 +47,15 @@ def test_soft_capped_model_decodes_exactly_and_is_explained(cap, form, weights):
     if cap == 5.0:  # the cap matters here: the same weights uncapped decode other logits
         _, uncapped, _ = _decode(ModelArgs(n_layer=2, weights=weights), compiled=False)
         assert (uncapped - want_logits).abs().max().item() > 1e-2
+
+
+def test_bf16_soft_capped_model_gives_the_uncompiled_tokens():
+    args = ModelArgs(n_layer=2, softcap=5.0)
+    want_tokens, want_logits, _ = _decode(args, compiled=False, dtype=torch.bfloat16)
+    tokens, logits, sites = _decode(args, compiled=True, dtype=torch.bfloat16)
+    assert [s.status for s in sites] == ["rewritten", "rewritten"], [s.reason for s in sites]
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(logits.float(), want_logits.float(), atol=2e-2, rtol=0)
 
 
 @pytest.mark.parametrize("args, reason", [
