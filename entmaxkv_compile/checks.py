@@ -74,6 +74,17 @@ def check_scale(scale: Any) -> float:
     return scale
 
 
+def check_softcap(softcap: Any) -> float:
+    """``softcap`` (the logit soft-cap ``c = cap * tanh(s / cap)``) must be a finite Python number
+    >= 0; 0 means no cap."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float (0.0 = no cap), got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not (softcap >= 0.0 and softcap != float("inf")):
+        raise ValueError(f"softcap must be a finite float >= 0 (0.0 = no cap), got {softcap}")
+    return softcap
+
+
 def check_kv_cache(name: str, cache: torch.Tensor) -> None:
     """A KV cache is a floating ``[B, Hkv, Nmax, D]`` tensor with non-empty dimensions."""
     check_tensor(name, cache)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_decode_inputs, check_scale, check_tensor
+from .checks import check_decode_inputs, check_scale, check_softcap, check_tensor
 from .config import check_alpha
 from .math.reference import entmax
+from .math.softcap import apply_softcap
 
 __all__ = ["dropped_mass", "full_entmax_decode", "relative_error", "support_recall"]
 
@@ -24,15 +25,17 @@ def full_entmax_decode(
     alpha: float,
     scale: float,
     alibi_slopes: torch.Tensor | None = None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact dense entmax attention over the first ``seqlens[b]`` tokens.
+    """Exact dense entmax attention over the first ``seqlens[b]`` tokens (of the soft-capped
+    scores ``softcap * tanh(s / softcap)`` when ``softcap > 0``).
 
     Returns ``out [B, Hq, 1, D]`` and ``probs [B, Hq, Nmax]`` (zeros past each sequence), both in
     float64 for float64 inputs and float32 otherwise (more precise than q's dtype on purpose: this
     is the reference others are measured against).
     """
     check_decode_inputs(q, k_cache, v_cache, seqlens, alibi_slopes)
-    alpha, scale = check_alpha(alpha), check_scale(scale)
+    alpha, scale, softcap = check_alpha(alpha), check_scale(scale), check_softcap(softcap)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = q.shape[1] // k_cache.shape[1]
     k = k_cache.to(dtype).repeat_interleave(group, dim=1)  # [B, Hq, N, D]
@@ -42,6 +45,7 @@ def full_entmax_decode(
     last = seqlens.to(torch.int64)[:, None] - 1
     if alibi_slopes is not None:
         scores = scores + alibi_slopes.to(dtype)[None, :, None] * (positions[None, :] - last).to(dtype)[:, None, :]
+    scores = apply_softcap(scores, softcap)
     valid = (positions[None, :] <= last)[:, None, :].expand_as(scores)
     probs = entmax(torch.where(valid, scores, float("-inf")), alpha=alpha, dim=-1, mask=valid)
     probs = torch.where(valid, probs, 0.0)

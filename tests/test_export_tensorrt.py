@@ -39,7 +39,7 @@ def _decode_inputs(batch, q_heads, kv_heads, max_seqlen, head_dim, page_size, dt
 
 _ATTRIBUTES = {"scale": 0.125, "alpha": 1.5, "page_size": 8, "selector": "gaussian", "token_budget": 64,
                "max_quantile": 0.99, "margin": 0.0, "tau_estimate": "global", "sink_pages": 0,
-               "recent_pages": 0, "certify_max_rounds": 2, "min_context": 0}
+               "recent_pages": 0, "certify_max_rounds": 2, "min_context": 0, "softcap": 0.0}
 
 # (batch, q heads, kv heads, max_seqlen, head_dim, page_size, dtype)
 SHAPES = [(1, 4, 4, 40, 16, 8, torch.float32), (3, 8, 2, 37, 8, 4, torch.float16),

@@ -42,6 +42,16 @@ def _qwen2(name: str) -> torch.nn.Module:
     return _build(config, name)
 
 
+def _gemma2(name: str) -> torch.nn.Module:
+    """Gemma-2 with its logit soft-cap (5: tight enough to change the output), global attention only."""
+    config = transformers.Gemma2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       query_pre_attn_scalar=16, max_position_embeddings=256,
+                                       tie_word_embeddings=False, attn_logit_softcapping=5.0,
+                                       layer_types=["full_attention"] * 2, sliding_window=256)
+    return _build(config, name)
+
+
 def _build(config, name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=name).eval()
@@ -52,7 +62,7 @@ def _build(config, name: str) -> torch.nn.Module:
     return model
 
 
-MODELS = {"llama": (_llama, 1.5), "qwen2": (_qwen2, 1.25)}
+MODELS = {"llama": (_llama, 1.5), "qwen2": (_qwen2, 1.25), "gemma2": (_gemma2, 1.5)}
 
 
 def _model(family: str, **config: int) -> torch.nn.Module:
@@ -156,10 +166,30 @@ def test_register_refuses_what_it_cannot_do():
     assert register_entmax_attention("entmaxkv_test_again", alpha=1.5) == "entmaxkv_test_again"  # replaced
     module = torch.nn.Module()
     q = torch.randn(1, 2, 1, 4)
-    with pytest.raises(NotImplementedError, match="softcap"):
-        entmax_attention(1.5)(module, q, q, q, None, 1.0, softcap=30.0)
+    with pytest.raises(NotImplementedError, match="s_aux"):
+        entmax_attention(1.5)(module, q, q, q, None, 1.0, s_aux=torch.zeros(2))
     with pytest.raises(TypeError, match="additive float mask"):
         entmax_attention(1.5)(module, q, q, q, torch.ones(1, 1, 1, 1, dtype=torch.bool), 1.0)
+
+
+def test_attention_soft_caps_the_scores_as_gemma2_before_the_mask():
+    """Gemma-2 passes ``softcap=config.attn_logit_softcapping``: scores ``cap * tanh(s / cap)``,
+    then the mask, then entmax."""
+    module = torch.nn.Module()
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 1, 8, generator=generator) * 3
+    k = torch.randn(1, 2, 5, 8, generator=generator) * 3
+    v = torch.randn(1, 2, 5, 8, generator=generator)
+    mask = torch.zeros(1, 1, 1, 5)
+    mask[..., 4] = torch.finfo(torch.float32).min  # a hidden key stays hidden
+    out, weights = entmax_attention(1.5)(module, q, k, v, mask, 0.5, softcap=2.0)
+    capped = 2.0 * torch.tanh((q @ k.transpose(2, 3)) * 0.5 / 2.0) + mask
+    want = entmax(capped, alpha=1.5, dim=-1)
+    torch.testing.assert_close(weights, want)
+    torch.testing.assert_close(out, (want @ v).transpose(1, 2))
+    assert weights[..., 4].eq(0).all()
+    uncapped, _ = entmax_attention(1.5)(module, q, k, v, mask, 0.5)
+    assert not torch.allclose(uncapped, out, atol=1e-3)
 
 
 def test_compile_config_moves_the_mode_into_the_options():
@@ -202,6 +232,8 @@ def test_generate_certified_equals_uncompiled(family, way, caplog):
     for site in decode:
         assert site.status == "rewritten", site.reason
         assert site.alpha == pytest.approx(MODELS[family][1])
+        if family == "gemma2":
+            assert "(logit soft-cap 5)" in site.reason
     prefill = [site for site in report.sites if site.phase == "prefill"]
     assert len(prefill) == (model.config.num_hidden_layers if way == "compiled_forward" else 0)
     assert all(site.status == "bookkeeping" for site in prefill), [site.reason for site in prefill]

@@ -176,7 +176,8 @@ def prewarm(result: RewriteResult, inputs: Sequence[Any], extra: Sequence[torch.
             seqlens = torch.ones(call.q_shape[0], dtype=torch.int64, device=k_cache.device)
             stats = [extra[i] for i in call.stats_extra]
             slopes = None if call.slopes_extra is None else extra[call.slopes_extra]
-            torch.ops.entmaxkv.decode_step(q, k_cache, v_cache, seqlens, *stats, slopes, *call.constants)
+            torch.ops.entmaxkv.decode_step(q, k_cache, v_cache, seqlens, *stats, slopes, *call.constants,
+                                           softcap=call.softcap)
 
 
 def copy_graph_module(gm: GraphModule, mapping: Optional[dict[torch.fx.Node, torch.fx.Node]] = None) -> GraphModule:

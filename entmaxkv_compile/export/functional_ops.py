@@ -74,13 +74,14 @@ def decode_step_plugin(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, kmin: Tensor, kmax: Tensor,
     kmean: Tensor, km2: Tensor, alibi_slopes: Tensor, scale: float, alpha: float, page_size: int,
     selector: str, token_budget: int, max_quantile: float, margin: float, tau_estimate: str,
-    sink_pages: int, recent_pages: int, certify_max_rounds: int, min_context: int,
+    sink_pages: int, recent_pages: int, certify_max_rounds: int, min_context: int, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``decode_step`` with ALiBi slopes always given (zeros = none) and ``tau_estimate`` resolved."""
+    """``decode_step`` with ALiBi slopes always given (zeros = none) and ``tau_estimate`` resolved
+    (``softcap`` last, as in ``decode_step``; 0.0 = no cap)."""
     return torch.ops.entmaxkv.decode_step(
         q, k_cache, v_cache, seqlens, kmin, kmax, kmean, km2, alibi_slopes, scale, alpha, page_size,
         selector, token_budget, max_quantile, margin, tau_estimate, sink_pages, recent_pages,
-        certify_max_rounds, min_context,
+        certify_max_rounds, min_context, softcap=softcap,
     )
 
 
@@ -118,6 +119,7 @@ def _decode_twin(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
             alibi = graph.call_function(torch.ops.aten.new_zeros.default, (q, [q.meta["val"].shape[1]]),
                                         {"dtype": torch.float32})
         bound.update(alibi_slopes=alibi, tau_estimate=tau_estimate)
+        bound.setdefault("softcap", 0.0)  # a call that left the cap at its default
         names = [argument.name for argument in torch.ops.entmaxkv.decode_step_plugin.default._schema.arguments]
         call = graph.call_function(torch.ops.entmaxkv.decode_step_plugin.default, tuple(bound[n] for n in names))
     node.replace_all_uses_with(call)

@@ -124,10 +124,12 @@ def _translator(spec: OpSpec, op: Any) -> Callable[..., Any]:
 
     opset = onnxscript.values.Opset(DOMAIN, OPSET_VERSION)
     arg_names = [argument.name for argument in op._schema.arguments]
+    # torch.export leaves out trailing arguments at their defaults (e.g. ``softcap=0.0``)
+    defaults = {a.name: a.default_value for a in op._schema.arguments if a.has_default_value()}
     input_names = [name for name, _ in spec.inputs]
 
     def translate(*args: Any, **kwargs: Any) -> Any:
-        bound = dict(zip(arg_names, args)) | kwargs
+        bound = defaults | dict(zip(arg_names, args)) | kwargs
         attributes = {name: bound[name] for name in spec.attribute_names}
         return getattr(opset, spec.name)(
             *(bound.get(name) for name in input_names),

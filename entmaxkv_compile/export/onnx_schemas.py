@@ -58,7 +58,8 @@ SCHEMAS: tuple[OpSpec, ...] = (
         attributes=(("scale", _ATTR.FLOAT), ("alpha", _ATTR.FLOAT), ("page_size", _ATTR.INT),
                     ("selector", _ATTR.STRING), ("token_budget", _ATTR.INT), ("max_quantile", _ATTR.FLOAT),
                     ("margin", _ATTR.FLOAT), ("tau_estimate", _ATTR.STRING), ("sink_pages", _ATTR.INT),
-                    ("recent_pages", _ATTR.INT), ("certify_max_rounds", _ATTR.INT), ("min_context", _ATTR.INT)),
+                    ("recent_pages", _ATTR.INT), ("certify_max_rounds", _ATTR.INT), ("min_context", _ATTR.INT),
+                    ("softcap", _ATTR.FLOAT)),
     ),
     OpSpec(
         name="page_stats_append_functional",

@@ -82,14 +82,16 @@ def _op_table(stages: Any, step_impl: Any) -> dict[Any, Callable[..., Any]]:
                     kmean: Tensor, km2: Tensor, alibi_slopes: Optional[Tensor], scale: float, alpha: float,
                     page_size: int, selector: str, token_budget: int, max_quantile: float, margin: float,
                     tau_estimate: str, sink_pages: int, recent_pages: int, certify_max_rounds: int,
-                    min_context: int) -> DecodeOutputs:
+                    min_context: int, stats_valid: Optional[Tensor] = None, dense_rows: Optional[Tensor] = None,
+                    softcap: float = 0.0) -> DecodeOutputs:
         config = EntmaxKVConfig(
             selector=selector, page_size=page_size, token_budget=token_budget, max_quantile=max_quantile,
             margin=margin, tau_estimate=tau_estimate, sink_pages=sink_pages, recent_pages=recent_pages,
             certify_max_rounds=certify_max_rounds, min_context=min_context,
         )
         result = step.run_step(step_impl, q, k_cache, v_cache, seqlens, (kmin, kmax, kmean, km2), config,
-                               alpha=alpha, scale=scale, alibi_slopes=alibi_slopes)
+                               alpha=alpha, scale=scale, alibi_slopes=alibi_slopes, stats_valid=stats_valid,
+                               dense_rows=dense_rows, softcap=softcap)
         return result.out, result.page_indices, result.num_selected, result.certified, result.delta_bound
 
     ops = torch.ops.entmaxkv

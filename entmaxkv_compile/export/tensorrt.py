@@ -113,7 +113,7 @@ def _stats_plugin(name: str, index: str) -> PluginSpec:
 _DECODE_ATTRIBUTES = (
     ("scale", float), ("alpha", float), ("page_size", int), ("selector", str), ("token_budget", int),
     ("max_quantile", float), ("margin", float), ("tau_estimate", str), ("sink_pages", int),
-    ("recent_pages", int), ("certify_max_rounds", int), ("min_context", int),
+    ("recent_pages", int), ("certify_max_rounds", int), ("min_context", int), ("softcap", float),
 )
 
 #: The plugins of the export-form ops, in the ops' argument order (tensors first).

@@ -37,7 +37,6 @@ __all__ = ["compile_config", "entmax_attention", "register_entmax_attention"]
 #: Keyword arguments transformers passes for attention forms this function does not compute; a
 #: non-None value is refused rather than ignored (the result would silently differ from the model's).
 _UNSUPPORTED_KWARGS = {
-    "softcap": "logit soft-capping",
     "s_aux": "attention sinks",
 }
 
@@ -64,7 +63,9 @@ def entmax_attention(alpha: float) -> Callable[..., tuple[torch.Tensor, torch.Te
     ``query [B, H, T, D]``, ``key``/``value [B, Hkv, N, D]``, returns ``(output [B, T, H, D],
     weights [B, H, T, N])`` exactly like transformers' ``eager_attention_forward`` with softmax
     replaced by ``entmax(·, alpha)``: GQA through ``module.num_key_value_groups``, scores scaled by
-    ``scaling``, the additive ``attention_mask`` added (its key axis cut to the keys given), and
+    ``scaling``, Gemma-2's logit soft-cap ``softcap * tanh(scores / softcap)`` when the model
+    passes ``softcap`` (``config.attn_logit_softcapping``; before the mask, as Gemma-2's eager
+    attention), the additive ``attention_mask`` added (its key axis cut to the keys given), and
     dropout on the weights in training mode. One difference: entmax runs in the scores' dtype,
     where transformers' eager softmax upcasts to float32 first.
     """
@@ -85,6 +86,11 @@ def entmax_attention(alpha: float) -> Callable[..., tuple[torch.Tensor, torch.Te
         key = _repeat_kv(key, groups)
         value = _repeat_kv(value, groups)
         scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+        softcap = kwargs.get("softcap")
+        if softcap is not None:  # Gemma-2, spelled as its eager attention
+            scores = scores / softcap
+            scores = torch.tanh(scores)
+            scores = scores * softcap
         if attention_mask is not None:
             scores = scores + attention_mask[:, :, :, : key.shape[-2]]
         weights = entmax(scores, alpha=alpha, dim=-1)

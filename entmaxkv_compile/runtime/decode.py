@@ -32,6 +32,7 @@ def sparse_decode(
     scale: float | None = None,
     *,
     check_values: bool = True,
+    softcap: float = 0.0,
 ) -> DecodeResult:
     """One support-aware entmax decode step (the eager public API).
 
@@ -42,7 +43,8 @@ def sparse_decode(
     kernels when they can run on q's device, the stage references otherwise). ``"certified"`` output
     equals full entmax. The checks and the plan cost host time on every call (with the default
     ``check_values=True``, also a host sync): a decode loop should build one ``Decoder`` and call
-    its ``run``, which validates nothing and replays a CUDA graph on a GPU.
+    its ``run``, which validates nothing and replays a CUDA graph on a GPU. ``softcap > 0``:
+    entmax over ``softcap * tanh(s / softcap)`` (Gemma-2's logit soft-capping; not with the key sketch).
     """
     check_decode_inputs(q, k_cache, v_cache, seqlens, alibi_slopes, check_values=check_values)
     if config is None:
@@ -55,5 +57,5 @@ def sparse_decode(
     if config.keeps_sketch:  # rebuilt per call, like stats=None
         sketch = KeySketch.from_cache(k_cache, seqlens, check_values=False)
     decoder = Decoder.for_cache(k_cache, q.shape[1], config, scale=scale, alibi_slopes=alibi_slopes,
-                                stats=stats, sketch=sketch, cuda_graph=False)
+                                stats=stats, sketch=sketch, cuda_graph=False, softcap=softcap)
     return decoder.run(q, k_cache, v_cache, seqlens)

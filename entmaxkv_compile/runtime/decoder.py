@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..checks import check_alibi_slopes, check_decode_inputs, check_scale
+from ..checks import check_alibi_slopes, check_decode_inputs, check_scale, check_softcap
 from ..config import EntmaxKVConfig
 from .sketch.reference import KeySketch
 from .stats.reference import KVPageStats
@@ -55,6 +55,8 @@ class Decoder:
         capacity: the caches' ``Nmax`` (tokens per sequence they can hold).
         dtype, device: of q and the caches.
         scale: the score scale, default ``1/sqrt(D)``.
+        softcap: the logit soft-cap, scores ``softcap * tanh(s / softcap)`` before entmax
+            (Gemma-2 style); 0.0 (the default) = none. Not with the key sketch.
         alibi_slopes: optional float ``[Hq]`` on ``device``.
         stats: adopt these page statistics instead of allocating new ones (they must describe a
             cache of the planned shape with ``config.page_size``).
@@ -81,6 +83,7 @@ class Decoder:
         stats: KVPageStats | None = None,
         sketch: KeySketch | None = None,
         cuda_graph: bool = True,
+        softcap: float = 0.0,
     ) -> None:
         if config is None:
             config = EntmaxKVConfig()
@@ -99,6 +102,10 @@ class Decoder:
         self.alpha = config.resolved_alpha(1.5)
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else check_scale(scale)
         self.alibi_slopes = alibi_slopes
+        self.softcap = check_softcap(softcap)
+        if self.softcap and config.keeps_sketch:
+            raise ValueError(f"softcap={self.softcap}: the key sketch (certify_sketch={config.certify_sketch!r}) "
+                             "does not bound soft-capped scores yet; use certify_sketch='off' for this site")
         self.q_shape = (batch, q_heads, 1, head_dim)
         self.cache_shape = (batch, kv_heads, capacity, head_dim)
         self.dtype, self.device = dtype, device
@@ -208,6 +215,7 @@ class Decoder:
         wants_order = certified or self.config.report_bound
         result = run_step(self.impl, q, k_cache, v_cache, seqlens, self.stats.buffers(), self.config,
                           alpha=self.alpha, scale=self.scale, alibi_slopes=self.alibi_slopes,
+                          softcap=self.softcap,
                           stats_valid=self.stats.valid_for(seqlens) if wants_order else None,
                           dense_rows=dense_rows,
                           sketch=None if self.sketch is None else self.sketch.buffers())
@@ -229,7 +237,7 @@ class Decoder:
         stats_ok = self.stats.valid_for(seqlens)
         result = run_step(self.impl, q, k_cache, v_cache, seqlens, self.stats.buffers(),
                           self.config.replace(selector="dense"), alpha=self.alpha, scale=self.scale,
-                          alibi_slopes=self.alibi_slopes, stats_valid=stats_ok)
+                          alibi_slopes=self.alibi_slopes, stats_valid=stats_ok, softcap=self.softcap)
         capacity = self.stats.kmin.shape[2] * self.config.page_size
         certified, delta = self.impl.certified_heads(result.tau, torch.ones_like(result.certified), seqlens,
                                                      stats_ok, capacity=capacity)

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..checks import check_step_inputs
+from ..checks import check_softcap, check_step_inputs
 from ..config import EntmaxKVConfig
 from ..math import reference
 from . import step
@@ -268,6 +268,7 @@ def decode_step(
     min_context: int,
     stats_valid: Optional[Tensor] = None,
     dense_rows: Optional[Tensor] = None,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Select, decode and certify one step (the op the graph rewrite inserts).
 
@@ -276,6 +277,8 @@ def decode_step(
     ``stats_valid`` (bool ``[B]``, optional): the statistics were kept in order for that sequence.
     ``dense_rows`` (bool ``[B]``, optional, certified mode): sequences that read every page
     directly this step (``runtime/certify/policy.py``).
+    ``softcap`` (last, default 0.0 = none, so calls written before it still bind): entmax over
+    ``softcap * tanh(s / softcap)`` (Gemma-2's logit soft-capping).
     """
     config = _config(page_size, selector, token_budget, max_quantile, margin, tau_estimate,
                      sink_pages, recent_pages, certify_max_rounds, min_context)
@@ -284,7 +287,7 @@ def decode_step(
     result = step.run_step(
         step.implementation_for(q.device, q.dtype), q, k_cache, v_cache, seqlens, (kmin, kmax, kmean, km2),
         config, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes, stats_valid=stats_valid,
-        dense_rows=dense_rows,
+        dense_rows=dense_rows, softcap=check_softcap(softcap),
     )
     return tuple(result[:5])
 

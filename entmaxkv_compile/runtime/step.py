@@ -94,6 +94,7 @@ def run_step(
     stats_valid: torch.Tensor | None = None,
     dense_rows: torch.Tensor | None = None,
     sketch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    softcap: float = 0.0,
 ) -> DecodeResult:
     """Select pages with ``config.selector``, decode exactly over them and certify.
 
@@ -116,10 +117,21 @@ def run_step(
     the full threshold (the exact threshold of every token's lower sketch bound,
     ``sketch_tau_floor``) instead of the gaussian estimate, and the one decode over them is
     certified by construction (no Quest round).
+
+    ``softcap`` (float, 0 = none): the scores are ``softcap * tanh(s / softcap)`` with
+    ``s = scale q.k (+ ALiBi)`` (Gemma-2's logit soft-capping); the exact tau and the output are
+    entmax over the capped scores, and every page bound is capped before it meets tau. Certified
+    stays exact: the cap is increasing, so an upper bound of s maps to an upper bound of c. The
+    key sketch does not take a cap yet: a sketch with ``softcap > 0`` is refused.
     """
+    if softcap and sketch is not None:
+        raise ValueError(f"softcap={softcap}: the key sketch (config.keeps_sketch) does not bound soft-capped "
+                         "scores yet; use a config without the sketch for a soft-capped site")
     kmin, kmax, kmean, km2 = stats
     page_size = config.page_size
-    geometry = dict(page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes)
+    geometry = dict(page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes, softcap=softcap)
+    # the sketch's stages take no cap (refused above): they get the geometry without it
+    sketch_geometry = dict(page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes)
     first = "gaussian" if config.selector == "certified" else config.selector
     dense_rows = dense_rows if config.selector == "certified" else None
     # a row read densely selects nothing first: length 0 makes the selection load nothing for it
@@ -128,7 +140,8 @@ def run_step(
         stats_ok, read_all = _row_soundness(q, stats_valid, dense_rows)
     sketch_floor = None
     if config.selector == "certified" and sketch is not None:
-        page_indices, num_selected, sketch_floor = impl.sketch_select(q, *sketch, seqlens, read_all, **geometry)
+        page_indices, num_selected, sketch_floor = impl.sketch_select(q, *sketch, seqlens, read_all,
+                                                                      **sketch_geometry)
     else:
         page_indices, num_selected = impl.select_pages(
             q, kmin, kmax, kmean, km2, select_lengths, selector=first, token_budget=config.token_budget,
@@ -155,7 +168,7 @@ def run_step(
                                         stats_valid=stats_valid, **geometry)
         if sketch is not None:  # token by token: 0 only when no dropped token can be in the support
             fine = impl.sketch_delta_bound(q, *sketch, seqlens, page_indices, num_selected, tau,
-                                           stats_valid=stats_valid, **geometry)
+                                           stats_valid=stats_valid, **sketch_geometry)
             certified = certified | (fine == 0)
             delta = torch.minimum(delta, fine)
     else:

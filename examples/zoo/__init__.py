@@ -114,6 +114,12 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
          "hand-written entmax", None, "not-entmax", "not-entmax", n_layer=1, weights="not_quite"),
     _gpt("softmax", "the same decoder with softmax: the graph must be left untouched", "softmax", None,
          "not-entmax", "not-entmax", n_layer=1, weights="softmax"),
+    _gpt("softcap_gemma", "Gemma-2 logit soft-capping: scores = 30 * tanh(scores / 30) before the causal mask "
+         "(rewritten with the cap; the page bounds are capped)", "entmax", 1.5, "rewritten", "bookkeeping",
+         n_layer=1, softcap=30.0),
+    _gpt("softcap_after_mask", "a soft-cap applied after the mask (tanh(-inf) = -1: masked scores become -cap, "
+         "not hidden): refused", "entmax", 1.5, "refused", "refused", n_layer=1, softcap=5.0,
+         softcap_form="after_mask"),
     _ragged("ragged_positions", "a ragged batch of 3 prompts (12, 9, 6 tokens, right-padded prefill): each decode "
             "step takes input_pos [B] and writes k_cache[arange(B), :, input_pos] = k; mask j <= input_pos[b]",
             n_layer=2),
@@ -124,6 +130,9 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
              "hf", lambda: _hf().build_llama("entmax15", layers=1), 1, "entmax", 1.5, "rewritten", _LAZY),
     ZooEntry("hf_qwen2", "transformers Qwen2, entmax_bisect(alpha=1.25), GQA 4:1, StaticCache, generate()",
              "hf", lambda: _hf().build_qwen2("bisect_1.25", layers=1), 1, "entmax", 1.25, "rewritten", _LAZY),
+    ZooEntry("hf_gemma2", "transformers Gemma-2, attn_logit_softcapping=5 (tanh cap before the mask), entmax15, "
+             "global attention, StaticCache, generate()", "hf",
+             lambda: _hf().build_gemma2("entmax15", layers=1, softcap=5.0), 1, "entmax", 1.5, "rewritten", _LAZY),
 )}
 
 __all__ = ["ZOO", "ZooEntry"]

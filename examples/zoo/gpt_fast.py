@@ -43,6 +43,9 @@ class ModelArgs:
     head_alphas: tuple[float, ...] = ()  # one learnable alpha per head (entmax_bisect with a tensor alpha)
     positions: str = "shared"  # shared | per_row (a decode step takes input_pos [B]: one position per sequence)
     row_mask: str = "own"  # per_row decode masks: own (row b sees 0..pos[b]) | ahead (0..pos[b]+1) | first (0..pos[0])
+    softcap: float = 0.0  # > 0: logit soft-cap cap * tanh(s / cap) before the mask, as Gemma-2 (0 = off)
+    softcap_form: str = "div"  # div: cap * tanh(s / cap) | mul: tanh(s * (1/cap)) * cap | after_mask: the
+    # mask added before the cap (masked scores become -cap: refused) | buffer: the cap a module buffer (refused)
 
     @property
     def head_dim(self) -> int:
@@ -118,6 +121,10 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
         if args.alibi != "none":
             self.register_buffer("slopes", alibi_slopes(args.n_head, args.alibi), persistent=False)
+        if args.softcap and args.scores == "baddbmm":
+            raise ValueError("softcap needs the mask added after the cap; scores='baddbmm' adds it in the product")
+        if args.softcap_form == "buffer":
+            self.register_buffer("cap", torch.tensor(float(args.softcap)), persistent=False)
         if args.mask == "buffer":  # gpt-fast: a [max_seq_len, max_seq_len] tril buffer indexed by input_pos
             ones = torch.ones(args.max_seq_len, args.max_seq_len, dtype=torch.bool)
             self.register_buffer("causal_mask", torch.tril(ones), persistent=False)
@@ -201,6 +208,8 @@ class Attention(nn.Module):
             s = q @ k.transpose(-2, -1)
         if a.scale_on != "q":
             s = s * scale
+        if a.softcap and a.softcap_form != "after_mask":
+            s = self._softcap(s)
         if bias is not None:
             s = s + bias
         if a.mask == "additive":
@@ -211,10 +220,22 @@ class Attention(nn.Module):
             pass
         else:
             s = s.masked_fill(~causal, float("-inf"))
+        if a.softcap and a.softcap_form == "after_mask":
+            s = self._softcap(s)
         p = self.weights(s)
         if a.scores == "einsum":
             return torch.einsum("bhqk,bhkd->bhqd", p, v)
         return torch.matmul(p, v)
+
+
+    def _softcap(self, s: torch.Tensor) -> torch.Tensor:
+        """Gemma-2's logit soft-cap ``cap * tanh(s / cap)``, spelled as ``softcap_form`` says."""
+        cap = self.args.softcap
+        if self.args.softcap_form == "mul":
+            return torch.tanh(s * (1.0 / cap)) * cap
+        if self.args.softcap_form == "buffer":
+            return self.cap * torch.tanh(s / self.cap)
+        return cap * torch.tanh(s / cap)
 
 
 def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:

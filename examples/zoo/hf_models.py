@@ -1,4 +1,4 @@
-"""Tiny transformers Llama- and Qwen2-style models with entmax attention (random weights).
+"""Tiny transformers Llama-, Qwen2- and Gemma-2-style models with entmax attention (random weights).
 
 An entmax attention function is registered through ``transformers.AttentionInterface`` (and the
 same name in ``AttentionMaskInterface``: in transformers 5.x a custom attention without a mask
@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import torch
-from transformers import (AttentionInterface, AttentionMaskInterface, GenerationConfig, LlamaConfig,
-                          LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, StaticCache)
+from transformers import (AttentionInterface, AttentionMaskInterface, Gemma2Config, Gemma2ForCausalLM,
+                          GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          StaticCache)
 from transformers.masking_utils import eager_mask
 
 from .weights import WEIGHTS
@@ -36,6 +37,9 @@ def make_attention(weights: str) -> Callable[..., tuple[torch.Tensor, torch.Tens
         key = repeat_kv(key, module.num_key_value_groups)
         value = repeat_kv(value, module.num_key_value_groups)
         scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+        softcap = kwargs.get("softcap")
+        if softcap is not None:  # Gemma-2's attn_logit_softcapping, as its eager attention spells it
+            scores = torch.tanh(scores / softcap) * softcap
         if attention_mask is not None:
             scores = scores + attention_mask[:, :, :, : key.shape[-2]]
         probs = fn(scores)
@@ -69,6 +73,19 @@ def build_qwen2(weights: str = "bisect_1.25", *, layers: int = 2, heads: int = 8
                 hidden: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32) -> Qwen2ForCausalLM:
     config = Qwen2Config(**_common(96, layers, heads, kv_heads, hidden), use_sliding_window=False)
     return _finish(Qwen2ForCausalLM, config, weights, seed, dtype)
+
+
+def build_gemma2(weights: str = "entmax15", *, layers: int = 1, heads: int = 4, kv_heads: int = 2,
+                 hidden: int = 64, softcap: float = 10.0, seed: int = 0,
+                 dtype: torch.dtype = torch.float32) -> Gemma2ForCausalLM:
+    """Gemma-2 with ``attn_logit_softcapping=softcap`` (its attention passes ``softcap`` to the
+    attention function) and global attention on every layer (Gemma-2 alternates sliding-window
+    layers, which the backend refuses; they are left out here)."""
+    head_dim = hidden // heads
+    config = Gemma2Config(**_common(96, layers, heads, kv_heads, hidden), head_dim=head_dim,
+                          query_pre_attn_scalar=head_dim, attn_logit_softcapping=softcap,
+                          layer_types=["full_attention"] * layers, sliding_window=256)
+    return _finish(Gemma2ForCausalLM, config, weights, seed, dtype)
 
 
 def _finish(cls, config, weights: str, seed: int, dtype: torch.dtype):

@@ -205,7 +205,7 @@ def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan],
     example = dict(zip(placeholders, example_inputs))
     proved = []
     for action in decode:
-        proof = prove_decode_site(gm, action.match, action.match.product, example, allow_guards)
+        proof = prove_decode_site(gm, action.match, action.match.score_node, example, allow_guards)
         if proof.reason:
             action.site.status, action.site.reason = REFUSED, "not proved for every position: " + proof.reason
         else:
@@ -230,6 +230,8 @@ def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan],
             action.site.reason += " (per-row positions: seqlens = positions + 1 for each sequence)"
         if slopes is not None:
             action.site.reason += " (ALiBi slopes recovered)"
+        if action.match.softcap:
+            action.site.reason += f" (logit soft-cap {action.match.softcap:g})"
         if notes:
             action.site.reason += "; " + "; ".join(notes)
         plan.actions.append(action)

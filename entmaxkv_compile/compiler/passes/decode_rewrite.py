@@ -79,6 +79,7 @@ class DecodeCall:
     constants: tuple[Any, ...]  # scale, alpha, page_size, selector, ... (decode_step's order)
     k_part: Optional[int] = None  # fused K/V buffer: K is ``input[k_index][k_part]``
     v_part: Optional[int] = None
+    softcap: float = 0.0  # the site's logit soft-cap (decode_step's last argument; 0: none)
 
 
 @dataclass
@@ -162,7 +163,8 @@ def rewrite(gm: GraphModule, plan: Plan, config: EntmaxKVConfig, *, track_order:
                                 and (e.cache_index, e.part) == (index_of[k.cache], k.part))
             result.decode_calls.append(DecodeCall(
                 tuple(concrete(d) for d in shape_of(action.match.q)), dtype_of(action.match.q),
-                index_of[k.cache], index_of[v.cache], stats_extra, slopes_extra, constants, k.part, v.part))
+                index_of[k.cache], index_of[v.cache], stats_extra, slopes_extra, constants, k.part, v.part,
+                float(action.match.softcap)))
     _erase_dead(gm)
     graph.lint()
     gm.recompile()
@@ -302,8 +304,11 @@ def _replace_attention(gm: GraphModule, action: SitePlan, stats: list[Node], ord
         if policy:
             dense = graph.call_function(dense_rows_for, (order[2],))
             state += (dense,)
+        # the cap is decode_step's last argument: by name, and only on a capped site (so an
+        # uncapped graph is the same as before it existed)
+        capped = {"softcap": float(match.softcap)} if match.softcap else {}
         step = graph.call_function(torch.ops.entmaxkv.decode_step.default, (
-            match.q, k_cache, v_cache, seqlens, *stats, slopes, *constants, *state))
+            match.q, k_cache, v_cache, seqlens, *stats, slopes, *constants, *state), capped)
         if policy:
             num_pages = -(-concrete(match.k.shape()[2]) // config.page_size)
             num_selected = graph.call_function(operator.getitem, (step, 2))

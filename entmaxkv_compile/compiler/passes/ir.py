@@ -29,7 +29,7 @@ _FUNCTIONS: dict[Any, str] = {
     torch.masked_fill: "masked_fill", torch.clamp: "clamp", torch.clamp_min: "clamp_min",
     torch.relu: "relu", F.relu: "relu", torch.cat: "cat", torch.concat: "cat",
     torch.index_copy: "index_copy", torch.index_put: "index_put", torch.flatten: "flatten",
-    torch.select: "select", torch.scatter: "scatter",
+    torch.select: "select", torch.scatter: "scatter", torch.tanh: "tanh", F.tanh: "tanh",
 }
 
 _METHODS: dict[str, str] = {
@@ -44,6 +44,7 @@ _METHODS: dict[str, str] = {
     "index_copy_": "index_copy_", "index_copy": "index_copy", "index_put_": "index_put_",
     "index_put": "index_put", "copy_": "copy_", "baddbmm": "baddbmm", "where": "where",
     "flatten": "flatten", "select": "select", "scatter_": "scatter_", "scatter": "scatter",
+    "tanh": "tanh",
 }
 
 _ATEN: dict[str, str] = {
@@ -57,7 +58,7 @@ _ATEN: dict[str, str] = {
     "_to_copy": "cast", "to": "cast", "index_copy_": "index_copy_", "index_copy": "index_copy",
     "index_put_": "index_put_", "index_put": "index_put", "copy_": "copy_", "cat": "cat",
     "dropout": "dropout", "entmax": "entmax", "entmax_alpha": "entmax_alpha", "select": "select",
-    "flatten": "flatten", "scatter_": "scatter_", "scatter": "scatter",
+    "flatten": "flatten", "scatter_": "scatter_", "scatter": "scatter", "tanh": "tanh",
 }
 
 #: Ops that only move or re-type data: walking through them keeps "the same tensor".

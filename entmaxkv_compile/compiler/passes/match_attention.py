@@ -4,6 +4,12 @@ Scores may come from ``@``/matmul/bmm (with ``k.transpose(-2, -1)`` or ``.mT``),
 (``...qd,...kd->...qk``) or baddbmm (its ``input`` is the bias, its ``alpha`` the scale); the scale
 may multiply/divide the scores or be pre-applied to q; additive masks and biases, ``masked_fill``
 and ``where`` are walked through (their values are checked numerically later, see ``verify.py``).
+A logit soft-cap ``a * tanh(b * scores)`` (Gemma-2's ``cap * tanh(s / cap)``, also spelled
+``tanh(s * (1/cap)) * cap``), with ``a > 0`` and ``b`` graph constants and the additive mask
+outside it, is read as the cap ``a`` over scores of scale ``a * b * scale``: ``a tanh(b s) =
+a tanh((a b s) / a)`` exactly, whatever split of ``b`` between the cap and the score scale the
+model wrote. A mask or bias under the tanh is refused (masked scores would become ``-a``, not
+``-inf``: they are not hidden).
 3-D bmm operands that are reshapes of ``[B, H, T, D]`` tensors are followed back to the 4-D ones.
 """
 
@@ -35,7 +41,15 @@ class AttentionMatch:
     v: CacheRead = field(default_factory=lambda: CacheRead(None))
     has_bias: bool = False
     product: Optional[Node] = None  # the q.k product (matmul, einsum or baddbmm) under the scores
+    softcap: float = 0.0  # the logit soft-cap a of ``a * tanh(...)`` (0: none)
+    capped: Optional[Node] = None  # the soft-capped scores (the node ``a * tanh(...)``), when capped
     refusal: str = ""
+
+    @property
+    def score_node(self) -> Optional[Node]:
+        """The node the mask proof reads as the product: the capped scores when the site is
+        soft-capped (the mask is added after the cap), else the q.k product."""
+        return self.capped if self.capped is not None else self.product
 
 
 def match_attention(site: WeightsSite) -> AttentionMatch:
@@ -50,11 +64,13 @@ def match_attention(site: WeightsSite) -> AttentionMatch:
         match.refusal = "attention weights are not multiplied by V"
         return match
     match.out, match.v_read = out, _to_4d(v_read)
-    producer, scale, has_bias, why = _score_producer(site.scores)
+    producer, scale, has_bias, why, cap = _score_producer(site.scores)
     if producer is None:
         match.refusal = why
         return match
     match.product = producer
+    if cap is not None:
+        match.softcap, match.capped = cap
     q, k_read, extra_scale, why = _q_and_k(producer)
     if q is None:
         match.refusal = why
@@ -93,14 +109,35 @@ def _weights_times_v(probs: Node) -> tuple[Optional[Node], Optional[Node]]:
     return None, None
 
 
-def _score_producer(scores: Node) -> tuple[Optional[Node], float, bool, str]:
-    """Walk from the weights' input to the q.k product; collect the scalar scale and biases."""
+def _score_producer(scores: Node) -> tuple[Optional[Node], float, bool, str, Optional[tuple[float, Node]]]:
+    """Walk from the weights' input to the q.k product; collect the scalar scale and biases.
+
+    Returns ``(product, scale, has_bias, refusal, cap)``; ``cap`` is ``(a, node)`` for a soft-cap
+    ``a * tanh(...)`` met on the way (``node`` the capped scores), and ``scale`` is then the scale of
+    the raw scores under the cap (see the module doc).
+    """
     node, scale, has_bias = scores, 1.0, False
+    outer: Optional[tuple[float, Node]] = None  # (factor outside the tanh, the capped node) once met
+    top = scores  # the highest node since the last bias: the capped scores when a tanh follows
     while True:
         kind = op_of(node)
         first = arg(node, 0)
         if kind in _SCORE_PRODUCERS:
-            return node, scale, has_bias, ""
+            if outer is None:
+                return node, scale, has_bias, "", None
+            return node, scale * outer[0], has_bias, "", outer
+        if kind == "tanh" and isinstance(first, Node):
+            if outer is not None:
+                return None, scale, has_bias, "soft-capped scores: more than one tanh between q @ k^T and entmax", None
+            if not scale > 0:
+                return None, scale, has_bias, (f"soft-capped scores: the factor outside tanh ({scale:g}) is not a "
+                                               "positive constant (cap * tanh(s / cap) needs cap > 0)"), None
+            outer, scale, node = (scale, top), 1.0, first
+            continue
+        if outer is not None and kind in ("add", "sub", "masked_fill", "where"):
+            return None, scale, has_bias, ("soft-capped scores: an additive mask or bias inside the tanh (masked "
+                                           "scores would become -cap, not -inf); add the mask after the cap, as "
+                                           "Gemma-2 does"), None
         if kind in PASS_THROUGH or (kind == "reshape" and isinstance(first, Node)):
             node = first
         elif kind in ("mul", "div") and as_number(arg(node, 1)) is not None and isinstance(first, Node):
@@ -116,18 +153,32 @@ def _score_producer(scores: Node) -> tuple[Optional[Node], float, bool, str]:
             elif kind == "add" and isinstance(other, Node) and _leads_to_product(other):
                 node, has_bias = other, True
             else:
-                return None, scale, has_bias, "no q @ k^T product found under the scores"
+                return None, scale, has_bias, "no q @ k^T product found under the scores", None
+            top = node
         elif kind == "masked_fill":
             node, has_bias = first, True
+            top = node
         elif kind == "where":
             a, b = arg(node, 1), arg(node, 2)
             node = a if isinstance(a, Node) and _leads_to_product(a) else b
             has_bias = True
             if not isinstance(node, Node):
-                return None, scale, has_bias, "no q @ k^T product found under the scores"
+                return None, scale, has_bias, "no q @ k^T product found under the scores", None
+            top = node
+        elif kind in ("mul", "div") and (outer is not None or _under_tanh(node)):
+            side = "inside" if outer is not None else "outside"
+            factors = [a for a in node.args if not (isinstance(a, Node) and _leads_to_product(a))]
+            what = ", ".join(a.name if isinstance(a, Node) else repr(a) for a in factors) or node.name
+            return None, scale, has_bias, (f"soft-capped scores: the cap's factor {side} tanh ({what}) is not "
+                                           "a graph constant"), None
         else:
             what = kind or (node.format_node() if isinstance(node, Node) else repr(node))
-            return None, scale, has_bias, f"scores are not q @ k^T with scale/bias (reached {what})"
+            return None, scale, has_bias, f"scores are not q @ k^T with scale/bias (reached {what})", None
+
+
+def _under_tanh(node: Node) -> bool:
+    """Whether a tanh lies on ``node``'s path to the q.k product (a soft-cap around or below it)."""
+    return any(op_of(n) == "tanh" and _leads_to_product(n) for n in ancestors(node) | {node})
 
 
 def _leads_to_product(node: Node) -> bool:

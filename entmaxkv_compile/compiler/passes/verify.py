@@ -9,7 +9,8 @@ contract of ``decode_step``:
   ``h // G`` (catches tiled ``repeat`` GQA, which the kernels do not implement; a size-1 head axis
   the matmuls broadcast counts as read by every query head); the K and V parts of a fused
   ``kv[2, B, H, N, D]`` buffer are disjoint (the buffer has no internal overlap);
-- the scores minus ``scale * q.k`` are, on the written positions ``j < L`` (``L`` per sequence in a
+- the scores minus ``scale * q.k`` (soft-capped, ``cap * tanh(scale * q.k / cap)``, at a capped
+  site) are, on the written positions ``j < L`` (``L`` per sequence in a
   ragged batch), ALiBi
   ``slope_h * (j - (L-1))`` up to a per-row constant (entmax is shift invariant), and at least
   ``1e3`` below the largest on ``j >= L`` (a causal static-cache mask); the slopes are recovered here;
@@ -31,6 +32,7 @@ import torch
 from torch.fx import GraphModule, Interpreter, Node
 
 from ...math import reference
+from ...math.softcap import apply_softcap
 from .ir import is_impure
 from .match_attention import AttentionMatch
 from .match_kv_write import row_positions
@@ -119,7 +121,7 @@ def check_decode_site(
     positions = values[match.k.positions]
     last = positions.reshape(-1)[-1:].to(torch.int64)
     lengths = row_positions(positions) + 1 if per_row else (last + 1).expand(batch)
-    raw = match.scale * (q @ k_read.double().transpose(-1, -2))
+    raw = apply_softcap(match.scale * (q @ k_read.double().transpose(-1, -2)), match.softcap)
     scores = values[match.weights.scores].double().reshape(raw.shape)
     v_read = v_read.double()
     low_precision = values[match.out].dtype in (torch.float16, torch.bfloat16)
@@ -145,6 +147,9 @@ def check_decode_site(
         if found is not None and (found - slopes).abs().max().item() > tol:
             return None, "the additive bias differs between sequences of the batch (not one ALiBi)"
         found = slopes  # the longest rows' fit last: the most accurate
+    if match.softcap and found is not None and bool(found.any()):
+        return None, ("an ALiBi bias added after the soft-cap: decode_step caps scale * q.k + ALiBi together "
+                      "(a soft-capped site takes only a causal mask after the cap)")
     return (found if found is not None and bool(found.any()) else None), ""
 
 

@@ -3,7 +3,8 @@
 One decode step is a fixed sequence of launches over fixed grids:
 
 1. ``score_kernel`` (batch x KV head, split): reads each selected K page once, scores it for all
-   G query heads of the group with one ``tl.dot``, adds ALiBi, and keeps the *candidates*: tokens
+   G query heads of the group with one ``tl.dot``, adds ALiBi, soft-caps the scores when
+   ``SOFTCAP`` (``z = (alpha-1) cap tanh(s / cap)``), and keeps the *candidates*: tokens
    whose score is above (max - 1) for some head of the group. Only candidates can be in the
    support, since tau >= max z - 1. The max is the largest seen so far by *any* split: every
    ``SHARE_EVERY`` tiles (a tuned launch parameter; 0 = each split alone) a split publishes its
@@ -30,6 +31,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .._softcap import soft_cap
+
 @triton.jit
 def _tail_power(x, beta, KIND: tl.constexpr):
     """[x]_+ ** beta (fast paths for beta = 1 and 2)."""
@@ -48,8 +51,8 @@ def score_kernel(
     q_ptr, k_ptr, seqlens_ptr, idx_ptr, nsel_ptr, slopes_ptr,
     cand_z_ptr, cand_tok_ptr, cand_cnt_ptr, split_max_ptr, shared_max_ptr,
     sqb, sqh, sqd, skb, skh, skn, skd, sib, sih, sip, snb, snh,
-    Hq, Hkv, G, D, num_splits, seg, page_size, zscale, am1, capacity,
-    HAS_ALIBI: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    Hq, Hkv, G, D, num_splits, seg, page_size, zscale, am1, capacity, zcap,
+    HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     SHARE_EVERY: tl.constexpr,
 ):
@@ -104,6 +107,8 @@ def score_kernel(
         z = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * zscale
         if HAS_ALIBI:
             z += slope[:, None] * (row - (length - 1)).to(tl.float32)[None, :]
+        if SOFTCAP:  # z = (alpha-1) s here, so (alpha-1) cap tanh(s/cap) = zcap tanh(z/zcap)
+            z = soft_cap(z, zcap)
         z = tl.where(valid[None, :] & gmask[:, None], z, float("-inf"))
         # An attended NaN or +inf score makes the head's result NaN (docs/EDGE_INPUTS.md): flag
         # it, and keep it out of the max and the candidates.

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from ...checks import check_attend_inputs, check_page_table, num_pages_for
+from ...checks import check_attend_inputs, check_page_table, check_softcap, num_pages_for
 from ...math.reference import entmax_probs_and_threshold
+from ...math.softcap import apply_softcap
 from ..select.reference import compute_dtype, page_mask_from_indices
 
 __all__ = ["paged_decode", "paged_decode_unchecked"]
 
 
-def _decode_in(q, k_cache, v_cache, seqlens, page_mask, page_size, alpha, scale, alibi_slopes):
+def _decode_in(q, k_cache, v_cache, seqlens, page_mask, page_size, alpha, scale, alibi_slopes, softcap=0.0):
     """Exact entmax over the tokens of ``page_mask`` (bool ``[B, Hkv, Npages]``).
 
     Returns ``out`` in q's dtype and ``tau [B, Hq]`` in the compute dtype. Scores of all rows are
@@ -40,6 +41,7 @@ def _decode_in(q, k_cache, v_cache, seqlens, page_mask, page_size, alpha, scale,
     if alibi_slopes is not None:
         rel = (rows[None, :] - (seqlens.to(torch.int64)[:, None] - 1)).to(dtype)  # [B, N]
         scores = scores + alibi_slopes.to(dtype).reshape(1, kv_heads, group, 1) * rel[:, None, None, :]
+    scores = apply_softcap(scores, softcap)  # entmax over the capped scores (0 = no cap)
     p, tau = entmax_probs_and_threshold(scores, alpha, dim=-1, mask=mask.expand_as(scores))
     live = (p > 0).any(2)  # [B, Hkv, N]: in the support of some head of the group
     v = torch.where(live[..., None], v_cache.to(dtype), 0.0)
@@ -59,6 +61,7 @@ def paged_decode(
     alpha: float,
     scale: float,
     alibi_slopes: torch.Tensor | None = None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact entmax attention over the valid tokens of the selected pages.
 
@@ -66,7 +69,9 @@ def paged_decode(
     on those tokens (float32, float64 for float64 inputs) and the output is divided by ``sum p``.
     Returns ``out [B, Hq, 1, D]`` in q's dtype and ``tau`` float32 ``[B, Hq]``. A KV head with no
     selected valid token has nothing to attend: its rows come out NaN (``select_pages`` always
-    selects the last valid page, so this only happens with hand-made page tables).
+    selects the last valid page, so this only happens with hand-made page tables). With
+    ``softcap > 0`` the scores ``s = scale q.k (+ ALiBi)`` are capped to ``softcap * tanh(s /
+    softcap)`` first: tau and the output are those of entmax over the capped scores.
     """
     page_size, alpha, scale = check_attend_inputs(q, k_cache, v_cache, seqlens, page_size, alpha, scale, alibi_slopes)
     batch, kv_heads, max_seqlen, _ = k_cache.shape
@@ -74,13 +79,14 @@ def paged_decode(
     check_page_table(page_indices, num_selected, batch=batch, kv_heads=kv_heads, num_pages=num_pages,
                      device=q.device)
     return paged_decode_unchecked(q, k_cache, v_cache, seqlens, page_indices, num_selected, page_size=page_size,
-                                  alpha=alpha, scale=scale, alibi_slopes=alibi_slopes)
+                                  alpha=alpha, scale=scale, alibi_slopes=alibi_slopes,
+                                  softcap=check_softcap(softcap))
 
 
 def paged_decode_unchecked(q, k_cache, v_cache, seqlens, page_indices, num_selected, *, page_size, alpha, scale,
-                           alibi_slopes=None) -> tuple[torch.Tensor, torch.Tensor]:
+                           alibi_slopes=None, softcap=0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`paged_decode` for a caller that has validated its arguments (the step)."""
     num_pages = num_pages_for(k_cache.shape[2], page_size)
     page_mask = page_mask_from_indices(page_indices, num_selected, num_pages)
-    out, tau = _decode_in(q, k_cache, v_cache, seqlens, page_mask, page_size, alpha, scale, alibi_slopes)
+    out, tau = _decode_in(q, k_cache, v_cache, seqlens, page_mask, page_size, alpha, scale, alibi_slopes, softcap)
     return out, tau.to(torch.float32)

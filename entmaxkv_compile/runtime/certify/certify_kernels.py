@@ -22,8 +22,8 @@ def violation_kernel(
     q_ptr, kmin_ptr, kmax_ptr, seqlens_ptr, slopes_ptr, tau_ptr, sel_ptr, read_all_ptr,
     flag_ptr, count_ptr, finite_ptr,
     sqb, sqh, sqd, ssb, ssh, ssp, ssd,
-    Hq, Hkv, G, D, num_pages, page_size, scale, am1,
-    HAS_ALIBI: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+    Hq, Hkv, G, D, num_pages, page_size, scale, softcap, am1,
+    HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     blk = tl.program_id(0)
@@ -46,8 +46,8 @@ def violation_kernel(
         return
     selected = tl.load(sel_ptr + row + pages, mask=inside, other=0) != 0
     u = group_page_bounds(q_ptr, kmin_ptr, kmax_ptr, slopes_ptr, b, hk, pages, valid, length,
-                          sqb, sqh, sqd, ssb, ssh, ssp, ssd, G, D, page_size, scale,
-                          HAS_ALIBI, BLOCK_G, BLOCK_D, DOT_PREC, UPCAST)
+                          sqb, sqh, sqd, ssb, ssh, ssp, ssd, G, D, page_size, scale, softcap,
+                          HAS_ALIBI, SOFTCAP, BLOCK_G, BLOCK_D, DOT_PREC, UPCAST)
     tau = tl.load(tau_ptr + b * Hq + heads, mask=gmask, other=float("inf"))
     bounded = gmask[:, None] & valid[None, :]
     violates = bounded & ~(am1 * u <= tau[:, None])

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ...checks import check_kernel_bound_inputs, check_kernel_page_table, check_stats_valid
+from ...checks import check_kernel_bound_inputs, check_kernel_page_table, check_softcap, check_stats_valid
 from .. import _common as cm
 from ..select.kernel import launch_quest
 from ..select.select_kernels import compact_kernel
@@ -30,13 +30,13 @@ from .reference import certificate_inputs_ok
 def triton_certify(
     q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_indices: Tensor,
     num_selected: Tensor, tau: Tensor, alibi_slopes: Optional[Tensor], page_size: int,
-    alpha: float, scale: float, stats_valid: Optional[Tensor] = None,
+    alpha: float, scale: float, stats_valid: Optional[Tensor] = None, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """The registered op (positional ``alibi_slopes``); see :func:`certify`."""
     batch, hq = q.shape[:2]
     hkv, num_pages = kmin.shape[1], kmin.shape[2]
     bounds, _ = launch_quest(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes,
-                             per_head=True, group_max=False)
+                             per_head=True, group_max=False, softcap=softcap)
     slots = torch.arange(num_pages, device=q.device)
     used = slots < num_selected[..., None]
     target = torch.where(used, page_indices.to(torch.int64), num_pages)
@@ -56,7 +56,7 @@ def triton_certify(
 def certify(
     q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_indices: Tensor,
     num_selected: Tensor, tau: Tensor, *, page_size: int, alpha: float, scale: float,
-    alibi_slopes: Optional[Tensor] = None, stats_valid: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None, stats_valid: Optional[Tensor] = None, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """``(certified bool [B, Hq], delta_bound float32 [B, Hq])`` of a selection.
 
@@ -64,7 +64,8 @@ def certify(
     min(1, sum_unselected n_p [(alpha-1) u_p - tau]_+^beta)``. As the reference
     ``certify.reference.certify``: never certified (and ``delta_bound = 1``) where q, the slope, the stats of
     a valid page or tau are not finite, the length is outside ``[1, Npages * P]`` or
-    ``stats_valid`` (bool ``[B]``) is False.
+    ``stats_valid`` (bool ``[B]``) is False. ``softcap > 0``: ``u_p`` is the capped bound (exact:
+    the cap is increasing, so an upper bound of s maps to an upper bound of c).
     """
     q = check_kernel_bound_inputs(q, kmin, kmax, None, None, seqlens, page_size=page_size, alpha=alpha,
                                   scale=scale, alibi_slopes=alibi_slopes)
@@ -76,14 +77,14 @@ def certify(
         raise ValueError(f"tau must be a float tensor of shape {list(q.shape[:2])}")
     check_stats_valid(stats_valid, batch, q.device)
     return triton_certify(q, kmin, kmax, seqlens, page_indices, num_selected, tau, alibi_slopes,
-                          int(page_size), float(alpha), float(scale), stats_valid)
+                          int(page_size), float(alpha), float(scale), stats_valid, check_softcap(softcap))
 
 
 @triton_op("entmaxkv::triton_certify_pages", mutates_args=())
 def triton_certify_pages(
     q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_indices: Tensor, num_selected: Tensor,
     tau: Tensor, read_all: Tensor, alibi_slopes: Optional[Tensor], page_size: int, alpha: float,
-    scale: float,
+    scale: float, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The registered op (positional ``alibi_slopes``); see :func:`certify_pages`."""
     batch, hq = q.shape[:2]
@@ -104,8 +105,8 @@ def triton_certify_pages(
         tau.to(torch.float32), selected, read_all.view(torch.int8),
         flags, counts, finite,
         q.stride(0), q.stride(1), q.stride(3), *kmin.stride(),
-        hq, hkv, hq // hkv, dim, num_pages, page_size, scale, alpha - 1.0,
-        HAS_ALIBI=alibi_slopes is not None, BLOCK_G=max(16, cm.next_pow2(hq // hkv)),
+        hq, hkv, hq // hkv, dim, num_pages, page_size, scale, softcap if softcap else 1.0, alpha - 1.0,
+        HAS_ALIBI=alibi_slopes is not None, SOFTCAP=bool(softcap), BLOCK_G=max(16, cm.next_pow2(hq // hkv)),
         BLOCK_P=block, BLOCK_D=max(16, cm.next_pow2(dim)),
         DOT_PREC=cm.dot_precision(dev, q.dtype), UPCAST=cm.dot_upcast(dev, q.dtype),
         num_warps=4,
@@ -120,12 +121,13 @@ def triton_certify_pages(
 def certify_pages(
     q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_indices: Tensor, num_selected: Tensor,
     tau: Tensor, read_all: Tensor, *, page_size: int, alpha: float, scale: float,
-    alibi_slopes: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The pages a certified round reads, as the reference ``certify.reference.certify_pages``:
-    ``(page_indices, num_selected, bounds_finite)``. Trusts its caller (the step)."""
+    ``(page_indices, num_selected, bounds_finite)``, with capped bounds when ``softcap > 0``.
+    Trusts its caller (the step)."""
     return triton_certify_pages(q, kmin, kmax, seqlens, page_indices, num_selected, tau, read_all,
-                                alibi_slopes, int(page_size), float(alpha), float(scale))
+                                alibi_slopes, int(page_size), float(alpha), float(scale), float(softcap))
 
 
 @triton_op("entmaxkv::triton_certified_heads", mutates_args=())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ...checks import check_bound_inputs, check_page_table, check_stats_valid, check_tau
+from ...checks import check_bound_inputs, check_page_table, check_softcap, check_stats_valid, check_tau
 from ...config import check_alpha
 from ...math.reference import entmax_beta
 from ..select.reference import compact_page_mask, page_mask_from_indices, quest_bounds_in, valid_page_mask
@@ -17,21 +17,23 @@ from ..stats.reference import page_token_counts
 __all__ = ["certificate_inputs_ok", "certified_heads", "certify", "certify_pages", "certify_unchecked"]
 
 
-def _page_excess(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes):
+def _page_excess(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes, softcap):
     """``((alpha-1) u_p - tau)`` ``[B, Hq, Npages]`` and the mask of unselected valid pages."""
     dtype = torch.float64 if torch.float64 in (q.dtype, tau.dtype) else torch.float32
     batch, q_heads = q.shape[:2]
     kv_heads, num_pages = kmin.shape[1], kmin.shape[2]
-    bounds = quest_bounds_in(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes, dtype)
+    bounds = quest_bounds_in(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes, dtype, softcap)
     excess = (alpha - 1.0) * bounds - tau.to(dtype)[..., None]
     selected = page_mask.repeat_interleave(q_heads // kv_heads, dim=1)
     unselected = ~selected & valid_page_mask(seqlens, page_size, num_pages)[:, None, :]
     return excess, unselected
 
 
-def _certify_in(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes, stats_valid=None):
+def _certify_in(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes, stats_valid=None,
+                softcap=0.0):
     """``certified [B, Hq]`` and ``delta_bound [B, Hq]`` (compute dtype); see :func:`certify`."""
-    excess, unselected = _page_excess(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes)
+    excess, unselected = _page_excess(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes,
+                                      softcap)
     trusted = certificate_inputs_ok(excess, tau, seqlens, page_size, stats_valid)
     certified = trusted & ~(unselected & (excess > 0)).any(-1)
     counts = page_token_counts(seqlens, page_size, kmin.shape[2]).to(excess.dtype)[:, None, :]
@@ -82,6 +84,7 @@ def certify(
     scale: float,
     alibi_slopes: torch.Tensor | None = None,
     stats_valid: torch.Tensor | None = None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The support certificate of a selection, per query head.
 
@@ -95,6 +98,10 @@ def certify(
     kmin/kmax of a valid page or tau are not finite, the length lies outside ``[1, Npages * P]``
     or ``stats_valid`` (optional bool ``[B]``, see ``KVPageStats.valid_for``) is False, the head
     gets ``certified = False`` and ``delta_bound = 1`` (the trivial bound).
+
+    With ``softcap > 0`` the scores are ``softcap * tanh(s / softcap)`` and ``u_p`` is the capped
+    Quest bound: exact still, because the cap is increasing, so an upper bound of s maps to an
+    upper bound of c.
     """
     page_size, scale = check_bound_inputs(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes)
     alpha = check_alpha(alpha)
@@ -104,15 +111,16 @@ def certify(
     check_tau(tau, q)
     check_stats_valid(stats_valid, batch, q.device)
     return certify_unchecked(q, kmin, kmax, seqlens, page_indices, num_selected, tau, page_size=page_size,
-                             alpha=alpha, scale=scale, alibi_slopes=alibi_slopes, stats_valid=stats_valid)
+                             alpha=alpha, scale=scale, alibi_slopes=alibi_slopes, stats_valid=stats_valid,
+                             softcap=check_softcap(softcap))
 
 
 def certify_unchecked(q, kmin, kmax, seqlens, page_indices, num_selected, tau, *, page_size, alpha, scale,
-                      alibi_slopes=None, stats_valid=None) -> tuple[torch.Tensor, torch.Tensor]:
+                      alibi_slopes=None, stats_valid=None, softcap=0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`certify` for a caller that has validated its arguments (the step)."""
     page_mask = page_mask_from_indices(page_indices, num_selected, kmin.shape[2])
     certified, delta = _certify_in(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes,
-                                   stats_valid)
+                                   stats_valid, softcap)
     return certified, delta.to(torch.float32)
 
 
@@ -130,6 +138,7 @@ def certify_pages(
     alpha: float,
     scale: float,
     alibi_slopes: torch.Tensor | None = None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pages a certified round must read: ``(page_indices, num_selected, bounds_finite)``.
 
@@ -140,13 +149,15 @@ def certify_pages(
     bound of the exact threshold); a NaN bound is read too. Every page left out then has
     ``(alpha-1) u_p <= tau`` for every head, so no token of it is in the full-entmax support.
     ``bounds_finite`` (bool ``[B, Hq]``) is False where a bound of a valid page of a sequence that
-    is not read-all is not finite: the certificate does not rest on such a bound. Trusts its
-    caller (the step); the oracle of the ``triton_certify_pages`` kernel.
+    is not read-all is not finite: the certificate does not rest on such a bound. With
+    ``softcap > 0``, ``u_p`` is the capped bound (exact: the cap is increasing, so an upper bound
+    of s maps to an upper bound of c). Trusts its caller (the step); the oracle of the
+    ``triton_certify_pages`` kernel.
     """
     dtype = torch.float64 if torch.float64 in (q.dtype, tau.dtype) else torch.float32
     batch, q_heads = q.shape[:2]
     kv_heads, num_pages = kmin.shape[1], kmin.shape[2]
-    bounds = quest_bounds_in(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes, dtype)
+    bounds = quest_bounds_in(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes, dtype, softcap)
     bounded = valid_page_mask(seqlens, page_size, num_pages)[:, None, :] & ~read_all[:, None, None]
     violates = bounded & ~((alpha - 1.0) * bounds <= tau.to(dtype)[..., None])
     hit = violates.reshape(batch, kv_heads, q_heads // kv_heads, num_pages).any(2)

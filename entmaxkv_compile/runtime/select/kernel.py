@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ...checks import check_kernel_bound_inputs
+from ...checks import check_kernel_bound_inputs, check_softcap
 from ...config import SELECTORS, TAU_ESTIMATES
 from .. import _common as cm
 from ..tuning.tuned import lookup
@@ -41,8 +41,9 @@ def _stats_view(q: Tensor, kmin: Tensor) -> tuple[int, int, int, int, int]:
 
 def launch_quest(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_size: int,
                  scale: float, alibi_slopes: Optional[Tensor], *, per_head: bool,
-                 group_max: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """Quest bounds per query head ``[B, Hq, Np]`` and/or their group max ``[B, Hkv, Np]``."""
+                 group_max: bool, softcap: float = 0.0) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Quest bounds per query head ``[B, Hq, Np]`` and/or their group max ``[B, Hkv, Np]``
+    (soft-capped when ``softcap > 0``)."""
     batch, hq, hkv, num_pages, dim = _stats_view(q, kmin)
     cfg = lookup("select", q.device, "default", num_pages * page_size)
     bounds = torch.empty((batch, hq, num_pages), device=q.device, dtype=torch.float32) \
@@ -54,8 +55,8 @@ def launch_quest(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_si
         q, kmin, kmax, seqlens, alibi_slopes if alibi_slopes is not None else q,
         bounds if per_head else dummy, group if group_max else dummy,
         q.stride(0), q.stride(1), q.stride(3), *kmin.stride(),
-        hq, hkv, hq // hkv, dim, num_pages, page_size, scale,
-        HAS_ALIBI=alibi_slopes is not None, WRITE_HEADS=per_head, WRITE_GROUP=group_max,
+        hq, hkv, hq // hkv, dim, num_pages, page_size, scale, softcap if softcap else 1.0,
+        HAS_ALIBI=alibi_slopes is not None, SOFTCAP=bool(softcap), WRITE_HEADS=per_head, WRITE_GROUP=group_max,
         BLOCK_G=max(16, cm.next_pow2(hq // hkv)), BLOCK_P=cfg["BLOCK_P"],
         BLOCK_D=max(16, cm.next_pow2(dim)), DOT_PREC=cm.dot_precision(q.device, q.dtype),
         UPCAST=cm.dot_upcast(q.device, q.dtype), num_warps=cfg["num_warps"],
@@ -128,7 +129,7 @@ def triton_select_pages(
     q: Tensor, kmin: Tensor, kmax: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor,
     alibi_slopes: Optional[Tensor], page_size: int, alpha: float, scale: float, selector: str,
     token_budget: int, max_quantile: float, margin: float, tau_estimate: str, sink_pages: int,
-    recent_pages: int, min_context: int,
+    recent_pages: int, min_context: int, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """The registered op (positional ``alibi_slopes``); see :func:`select_pages`."""
     batch, hq, hkv, num_pages, _ = _stats_view(q, kmin)
@@ -141,7 +142,7 @@ def triton_select_pages(
         # The ranking is torch's top-k (a multi-block radix select): one (batch, KV head) per
         # program, as the old single-program radix kernel did, took 0.72 ms at 1M on an H200.
         bounds, _ = launch_quest(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes,
-                                 per_head=True, group_max=False)
+                                 per_head=True, group_max=False, softcap=softcap)
         score = head_normalized_group_score(bounds, hkv)
         valid = valid_page_mask(seqlens, page_size, num_pages)[:, None, :]
         forced = forced_page_mask(seqlens, page_size, num_pages, sink_pages, recent_pages)[:, None, :]
@@ -197,16 +198,19 @@ def select_pages(
     q: Tensor, kmin: Tensor, kmax: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, *,
     page_size: int, alpha: float, scale: float, selector: str, token_budget: int,
     max_quantile: float, margin: float, tau_estimate: str, sink_pages: int, recent_pages: int,
-    min_context: int, alibi_slopes: Optional[Tensor] = None,
+    min_context: int, alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Choose each KV head's pages: (``page_indices`` int32 ``[B, Hkv, Np]`` ascending then -1,
     ``num_selected`` int32 ``[B, Hkv]``), as the reference ``selection.select_pages``.
 
     The gaussian estimate runs on device for integer beta (alpha 2, 1.5, 4/3, 1.25); other alphas
     use the reference selector, which is pure torch on the same device (still sync-free).
+    ``softcap > 0``: top-k ranks capped bounds; the gaussian selector works on the raw scores
+    (see the reference's docstring for why).
     """
     q = check_kernel_bound_inputs(q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha,
                                   scale=scale, alibi_slopes=alibi_slopes)
+    softcap = check_softcap(softcap)
     if selector not in PAGE_SELECTORS:
         raise ValueError(f"selector must be one of {PAGE_SELECTORS}, got {selector!r}")
     if tau_estimate not in TAU_ESTIMATES:
@@ -229,25 +233,28 @@ def select_pages(
             q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha, scale=scale,
             selector=selector, token_budget=token_budget, max_quantile=max_quantile,
             margin=margin, tau_estimate=tau_estimate, sink_pages=sink_pages,
-            recent_pages=recent_pages, min_context=min_context, alibi_slopes=alibi_slopes)
+            recent_pages=recent_pages, min_context=min_context, alibi_slopes=alibi_slopes, softcap=softcap)
     return triton_select_pages(
         q, kmin, kmax, kmean, km2, seqlens, alibi_slopes, int(page_size), float(alpha),
         float(scale), selector, int(token_budget), float(max_quantile), float(margin),
-        tau_estimate, int(sink_pages), int(recent_pages), int(min_context))
+        tau_estimate, int(sink_pages), int(recent_pages), int(min_context), softcap)
 
 
 @triton_op("entmaxkv::triton_quest_bounds", mutates_args=())
 def triton_quest_bounds(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor,
-                        alibi_slopes: Optional[Tensor], page_size: int, scale: float) -> Tensor:
+                        alibi_slopes: Optional[Tensor], page_size: int, scale: float,
+                        softcap: float = 0.0) -> Tensor:
     """The registered op (positional ``alibi_slopes``); see :func:`quest_bounds`."""
     bounds, _ = launch_quest(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes,
-                             per_head=True, group_max=False)
+                             per_head=True, group_max=False, softcap=softcap)
     return bounds
 
 
 def quest_bounds(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, *, page_size: int,
-                 scale: float, alibi_slopes: Optional[Tensor] = None) -> Tensor:
-    """Quest bound per query head and page, float32 ``[B, Hq, Npages]``, -inf on invalid pages."""
+                 scale: float, alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0) -> Tensor:
+    """Quest bound per query head and page, float32 ``[B, Hq, Npages]``, -inf on invalid pages
+    (soft-capped when ``softcap > 0``)."""
     q = check_kernel_bound_inputs(q, kmin, kmax, None, None, seqlens, page_size=page_size, alpha=2.0,
                                   scale=scale, alibi_slopes=alibi_slopes)
-    return triton_quest_bounds(q, kmin, kmax, seqlens, alibi_slopes, int(page_size), float(scale))
+    return triton_quest_bounds(q, kmin, kmax, seqlens, alibi_slopes, int(page_size), float(scale),
+                               check_softcap(softcap))

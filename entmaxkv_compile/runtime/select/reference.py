@@ -12,9 +12,10 @@ import math
 
 import torch
 
-from ...checks import check_bound_inputs, check_int_arg, check_stats_buffers
+from ...checks import check_bound_inputs, check_int_arg, check_softcap, check_stats_buffers
 from ...config import SELECTORS, TAU_ESTIMATES, check_alpha
 from ...math.gaussian import gaussian_threshold, mixture_threshold, page_max_quantile_z
+from ...math.softcap import apply_softcap
 from ..stats.reference import page_token_counts
 
 __all__ = [
@@ -109,6 +110,7 @@ def quest_bounds_in(
     scale: float,
     alibi_slopes: torch.Tensor | None,
     dtype: torch.dtype,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Quest bounds ``[B, Hq, Npages]`` computed in ``dtype`` (no validation; see :func:`quest_bounds`)."""
     batch, q_heads = q.shape[:2]
@@ -118,6 +120,8 @@ def quest_bounds_in(
     bound = bound.reshape(batch, q_heads, num_pages) * scale
     if alibi_slopes is not None:
         bound = bound + _alibi_page_max_bias(alibi_slopes, seqlens, page_size, num_pages, dtype)
+    # The cap is increasing, so the capped bound of the raw scores bounds every capped score.
+    bound = apply_softcap(bound, softcap)
     valid = valid_page_mask(seqlens, page_size, num_pages)[:, None, :]
     return torch.where(valid, bound, float("-inf"))
 
@@ -166,19 +170,25 @@ def quest_bounds(
     page_size: int,
     scale: float,
     alibi_slopes: torch.Tensor | None = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """Per query head and page, an upper bound of every raw score in the page: float32 ``[B, Hq, Npages]``.
+    """Per query head and page, an upper bound of every score in the page: float32 ``[B, Hq, Npages]``.
 
     ``u_p = scale * sum_d max(q_d*kmin_pd, q_d*kmax_pd)`` plus the largest ALiBi bias inside the
-    page; ``-inf`` on pages with no valid token. Query head ``h`` reads KV head ``h // G``.
+    page, passed through the soft-cap ``softcap * tanh(u / softcap)`` when ``softcap > 0`` (the
+    cap is increasing, so it bounds the capped scores); ``-inf`` on pages with no valid token.
+    Query head ``h`` reads KV head ``h // G``.
     """
     page_size, scale = check_bound_inputs(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes)
-    return quest_bounds_unchecked(q, kmin, kmax, seqlens, page_size=page_size, scale=scale, alibi_slopes=alibi_slopes)
+    return quest_bounds_unchecked(q, kmin, kmax, seqlens, page_size=page_size, scale=scale, alibi_slopes=alibi_slopes,
+                                  softcap=check_softcap(softcap))
 
 
-def quest_bounds_unchecked(q, kmin, kmax, seqlens, *, page_size, scale, alibi_slopes=None) -> torch.Tensor:
+def quest_bounds_unchecked(q, kmin, kmax, seqlens, *, page_size, scale, alibi_slopes=None,
+                           softcap=0.0) -> torch.Tensor:
     """:func:`quest_bounds` for a caller that has validated its arguments (the step)."""
-    return quest_bounds_in(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes, compute_dtype(q)).to(torch.float32)
+    return quest_bounds_in(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes, compute_dtype(q),
+                           softcap).to(torch.float32)
 
 
 def _gaussian_keep(q, kmean, km2, seqlens, page_size, alpha, scale, max_quantile, margin, mixture, alibi_slopes):
@@ -236,6 +246,7 @@ def select_pages(
     recent_pages: int,
     min_context: int,
     alibi_slopes: torch.Tensor | None = None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose the pages each KV head attends to: (``page_indices`` int32 ``[B, Hkv, Npages]``,
     ascending then -1; ``num_selected`` int32 ``[B, Hkv]``).
@@ -246,6 +257,15 @@ def select_pages(
     ``"dense"`` keeps every valid page. Per KV head the selection is the union over its query
     group; the forced pages (last valid page, ``sink_pages``, ``recent_pages``) are always in,
     pages past the sequence never; sequences shorter than ``min_context`` keep all pages.
+
+    ``softcap > 0`` (scores ``softcap * tanh(s / softcap)``): top-k ranks the capped Quest bounds
+    (the cap is increasing, so each head's order is the raw one, and the comparison across the
+    group's heads is made in the space entmax sees). The gaussian selector keeps working on the
+    raw scores: its page moments describe raw scores, and a capped Gaussian is no Gaussian. For
+    caps wide against the score spread (Gemma-2's 50 and 30) the cap is near the identity where
+    the support lies; a tight cap flattens the top and widens the support, so the estimate may
+    miss pages. It is an approximate selector either way; ``certified`` adds every page whose
+    capped bound violates the certificate, so the output stays exact.
     """
     page_size, scale = check_bound_inputs(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes)
     batch, _, _, head_dim = q.shape
@@ -267,12 +287,13 @@ def select_pages(
     return select_pages_unchecked(
         q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha, scale=scale, selector=selector,
         token_budget=token_budget, max_quantile=max_quantile, margin=margin, tau_estimate=tau_estimate,
-        sink_pages=sink_pages, recent_pages=recent_pages, min_context=min_context, alibi_slopes=alibi_slopes)
+        sink_pages=sink_pages, recent_pages=recent_pages, min_context=min_context, alibi_slopes=alibi_slopes,
+        softcap=check_softcap(softcap))
 
 
 def select_pages_unchecked(q, kmin, kmax, kmean, km2, seqlens, *, page_size, alpha, scale, selector, token_budget,
                            max_quantile, margin, tau_estimate, sink_pages, recent_pages, min_context,
-                           alibi_slopes=None) -> tuple[torch.Tensor, torch.Tensor]:
+                           alibi_slopes=None, softcap=0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`select_pages` for a caller that has validated its arguments (the step: its entry
     checked the tensors, ``EntmaxKVConfig`` the options)."""
     batch, kv_heads, num_pages = kmin.shape[:3]
@@ -281,7 +302,7 @@ def select_pages_unchecked(q, kmin, kmax, kmean, km2, seqlens, *, page_size, alp
     if selector == "dense":
         chosen = valid.expand(batch, kv_heads, num_pages)
     elif selector == "topk":
-        bounds = quest_bounds_in(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes, compute_dtype(q))
+        bounds = quest_bounds_in(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes, compute_dtype(q), softcap)
         score = head_normalized_group_score(bounds, kv_heads)
         score = torch.where(forced, float("inf"), score)
         chosen = top_pages_lowest_id_ties(score, min(token_budget // page_size, num_pages))

@@ -2,7 +2,8 @@
 
 - ``quest_kernel`` (page block, batch x KV head): the Quest bound of every page for all G query
   heads of the group from one read of kmin/kmax (``u = scale (q+ . kmax + q- . kmin)`` plus the
-  largest ALiBi bias in the page); writes it per query head and/or the group max per KV head.
+  largest ALiBi bias in the page, soft-capped when ``SOFTCAP``); writes it per query head and/or
+  the group max per KV head.
 - ``moments_kernel`` (page block, batch x KV head): the gaussian page moments ``mu_p``,
   ``sigma_p`` for the G heads from one read of kmean/km2 (float32 or compact fp16/bf16, math in
   float32; a G-row dot or, ``USE_DOT=False``, one FMA reduction per head), plus per-block
@@ -19,6 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .._softcap import soft_cap
+
 
 @triton.jit
 def _page_counts(pages, length, page_size, num_pages):
@@ -29,13 +32,15 @@ def _page_counts(pages, length, page_size, num_pages):
 @triton.jit
 def group_page_bounds(
     q_ptr, kmin_ptr, kmax_ptr, slopes_ptr, b, hk, pages, load_mask, length,
-    sqb, sqh, sqd, ssb, ssh, ssp, ssd, G, D, page_size, scale,
-    HAS_ALIBI: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    sqb, sqh, sqd, ssb, ssh, ssp, ssd, G, D, page_size, scale, softcap,
+    HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Quest bounds ``[BLOCK_G, BLOCK_P]`` of one page block for the G query heads of KV head
     ``hk``: ``scale (q+ . kmax + q- . kmin)`` plus the page's largest ALiBi bias, from one read of
-    kmin/kmax (pages outside ``load_mask`` are not read; their bound is meaningless)."""
+    kmin/kmax (pages outside ``load_mask`` are not read; their bound is meaningless). ``SOFTCAP``:
+    passed through ``softcap * tanh(u / softcap)``, an upper bound of the capped scores (the cap
+    is increasing)."""
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     gmask = offs_g < G
@@ -63,6 +68,8 @@ def group_page_bounds(
         last = (tl.minimum(pages * page_size + page_size - 1, length - 1) - (length - 1)).to(
             tl.float32)
         u += tl.maximum(slope[:, None] * first[None, :], slope[:, None] * last[None, :])
+    if SOFTCAP:
+        u = soft_cap(u, softcap)
     return u
 
 
@@ -70,8 +77,8 @@ def group_page_bounds(
 def quest_kernel(
     q_ptr, kmin_ptr, kmax_ptr, seqlens_ptr, slopes_ptr, bound_ptr, group_ptr,
     sqb, sqh, sqd, ssb, ssh, ssp, ssd,
-    Hq, Hkv, G, D, num_pages, page_size, scale,
-    HAS_ALIBI: tl.constexpr, WRITE_HEADS: tl.constexpr, WRITE_GROUP: tl.constexpr,
+    Hq, Hkv, G, D, num_pages, page_size, scale, softcap,
+    HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, WRITE_HEADS: tl.constexpr, WRITE_GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -85,8 +92,8 @@ def quest_kernel(
     pages = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = _page_counts(pages, length, page_size, num_pages) > 0
     u = group_page_bounds(q_ptr, kmin_ptr, kmax_ptr, slopes_ptr, b, hk, pages, pages < num_pages, length,
-                          sqb, sqh, sqd, ssb, ssh, ssp, ssd, G, D, page_size, scale,
-                          HAS_ALIBI, BLOCK_G, BLOCK_D, DOT_PREC, UPCAST)
+                          sqb, sqh, sqd, ssb, ssh, ssp, ssd, G, D, page_size, scale, softcap,
+                          HAS_ALIBI, SOFTCAP, BLOCK_G, BLOCK_D, DOT_PREC, UPCAST)
     u = tl.where(valid[None, :] & gmask[:, None], u, float("-inf"))
     if WRITE_HEADS:
         tl.store(bound_ptr + (b * Hq + heads[:, None]).to(tl.int64) * num_pages + pages[None, :],
