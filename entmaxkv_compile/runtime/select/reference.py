@@ -20,6 +20,7 @@ from ..stats.reference import page_token_counts
 
 __all__ = [
     "compact_page_mask",
+    "drop_pages_below_start",
     "page_mask_from_indices",
     "quest_bounds",
     "select_pages",
@@ -60,6 +61,27 @@ def compact_page_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     keys = torch.where(mask, pages, num_pages).sort(dim=-1).values
     page_indices = torch.where(keys < num_pages, keys, -1).to(torch.int32)
     return page_indices, mask.sum(-1, dtype=torch.int32)
+
+
+def drop_pages_below_start(
+    page_indices: torch.Tensor, num_selected: torch.Tensor, row_start: torch.Tensor, page_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove from a page table (ascending then -1) every page lying entirely below ``row_start[b]``.
+
+    Those pages hold only a hidden prefix (left padding): attending them would add nothing, and
+    no certificate needs their bounds, since none of their tokens is a candidate of full entmax
+    over ``[row_start, seqlens)``. They form a prefix of each ascending table, so a shift by their
+    count (a gather, fixed shape, no sync) removes them. A page that straddles the start is kept:
+    its bounds cover rows that are not attended, so they stay upper bounds (only looser).
+    """
+    first_page = (row_start.to(torch.int64).clamp(min=0) // page_size)[:, None, None]  # [B, 1, 1]
+    slots = torch.arange(page_indices.shape[-1], device=page_indices.device)
+    ids = page_indices.to(torch.int64)
+    below = ((slots < num_selected[..., None]) & (ids >= 0) & (ids < first_page)).sum(-1)  # [B, Hkv]
+    source = (slots + below[..., None]).clamp(max=page_indices.shape[-1] - 1)
+    kept = num_selected.to(torch.int64) - below
+    shifted = torch.where(slots < kept[..., None], page_indices.gather(-1, source), -1)
+    return shifted.to(page_indices.dtype), kept.to(num_selected.dtype)
 
 
 def page_mask_from_indices(page_indices: torch.Tensor, num_selected: torch.Tensor, num_pages: int) -> torch.Tensor:
