@@ -191,3 +191,46 @@ def test_plugin_twin_refuses_row_start():
                                {"row_start": start})
     with pytest.raises(ValueError, match="row_start"):
         functional_ops._decode_twin(graph, node)
+
+
+# ----------------------------------------------------------------------- the backend's mask guard
+
+
+def _padded_mask(starts, position, key_len=12, extra=4, bool_mask=False):
+    """An HF decode mask ``[B, 1, 1, key_len + extra]``: row ``b`` shows keys ``starts[b]..position``."""
+    keys = torch.arange(key_len + extra)
+    shown = (keys[None, :] >= torch.tensor(starts)[:, None]) & (keys[None, :] <= position)
+    shown = shown[:, None, None, :]
+    return shown if bool_mask else torch.where(shown, 0.0, torch.finfo(torch.float32).min)
+
+
+def _guard(prefix):
+    from entmaxkv_compile.compiler.passes.guards import MaskGuard
+
+    position = torch.fx.symbolic_trace(torch.nn.Identity())
+    return MaskGuard(0, 12, position, (1,), "test mask", prefix)
+
+
+@pytest.mark.parametrize("bool_mask", [False, True])
+def test_row_start_from_mask_counts_the_leading_hidden_keys(bool_mask):
+    from entmaxkv_compile.compiler.passes.guards import row_start_from_mask
+
+    mask = _padded_mask([0, 3, 7], 9, bool_mask=bool_mask)
+    assert row_start_from_mask(mask, 12, 3).tolist() == [0, 3, 7]
+    assert row_start_from_mask(mask[:1], 12, 3).tolist() == [0, 0, 0]  # a mask broadcast over the batch
+
+
+@pytest.mark.parametrize("bool_mask", [False, True])
+def test_prefix_mask_guard_accepts_exactly_a_hidden_prefix(bool_mask):
+    position = torch.tensor([9])
+    padded = _padded_mask([0, 3], 9, bool_mask=bool_mask)
+    assert _guard(True).holds((padded, position))
+    assert not _guard(False).holds((padded, position))  # the plain guard: causal only
+    assert _guard(True).holds((_padded_mask([0, 0], 9, bool_mask=bool_mask), position))
+    hole = padded.clone()
+    hole[1, ..., 5] = False if bool_mask else torch.finfo(torch.float32).min  # a hidden key after the start
+    assert not _guard(True).holds((hole, position))
+    future = padded.clone()
+    future[0, ..., 10] = True if bool_mask else 0.0  # a key past the position shown
+    assert not _guard(True).holds((future, position))
+    assert not _guard(True).holds((_padded_mask([0, 10], 9, bool_mask=bool_mask), position))  # a row shows nothing
