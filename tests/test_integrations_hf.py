@@ -254,7 +254,7 @@ def test_generate_bf16_gives_the_uncompiled_tokens():
     assert [site.status for site in report.sites if site.phase == "decode"] == ["rewritten"] * 2
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", list(MODELS))
 def test_left_padded_batch_decodes_exactly(family, caplog):
     """Batch 2, prompts of 12 and 8 tokens (left padding): the tokens equal the uncompiled model's.
 

@@ -25,7 +25,10 @@ symbolically (``symbolic.py``), must equal that up to a per-row constant for eve
 4. **Inputs.** A 2-D bool/float buffer indexed by the position (gpt-fast's
    ``causal_mask[None, None, input_pos]``) is accepted when its *whole content* is lower
    triangular (shown: ``c <= r``, hidden after), with a guard that the buffer is not modified
-   later; a mask that is a graph input is assumed causal under a per-call :class:`MaskGuard`;
+   later; a mask that is a graph input is assumed causal under a per-call :class:`MaskGuard`
+   (when the example hides a prefix of some row, left padding, the guard accepts a hidden prefix
+   per row and the rewrite passes its length to ``decode_step`` as ``row_start``: the proof of
+   the causal part is unchanged, the prefix is what ``row_start`` removes);
    other inputs may only vary along non-key axes (ALiBi slopes per head).
 """
 
