@@ -131,6 +131,8 @@ def test_step_never_selects_pages_below_the_start(selector, alpha):
     used = slots < result.num_selected[..., None]
     first_page = (row_start // PAGE)[:, None, None]
     assert bool((result.page_indices[used] >= first_page.expand_as(used)[used]).all())
+    if selector == "topk":  # the budget (2 pages) is filled from the pages after the start
+        assert bool((result.num_selected == 2).all())
     if selector in ("certified", "dense"):
         want, _ = _full_entmax_window(q, k, v, seqlens, row_start, alpha, 1 / math.sqrt(dim))
         assert bool(result.certified.all())
@@ -151,6 +153,7 @@ def test_certified_step_with_a_start_past_the_row_is_never_certified():
 def test_kernel_step_matches_reference_step(selector):
     batch, hq, hkv, nmax, dim = 2, 4, 2, 64, 16
     q, k, v = _case(5, batch, hq, hkv, nmax, dim, torch.float32)
+    k[0, :, :19] = (q[0, :: hq // hkv, 0] * 4)[:, None, :]  # padding that would win every ranking
     seqlens = torch.tensor([64, 45], dtype=torch.int32)
     row_start = torch.tensor([19, 8], dtype=torch.int32)
     ref = _step(reference_implementation(), q, k, v, seqlens, row_start, selector, 2.0)

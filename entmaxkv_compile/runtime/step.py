@@ -129,12 +129,13 @@ def run_step(
     (a left-padded batch hides the prefix ``[0, row_start)``). The result is entmax over
     ``[row_start, seqlens)``: the attend pass masks the rows below the start, and pages lying
     entirely below it are removed from every selection and every certified round, so they are
-    never read and need no bound. The page that straddles the start keeps its statistics, which
-    cover rows that are not attended: its bound is still an upper bound of every attended score
-    (only looser), so the certificate stays sound. The selectors still score the hidden pages
-    (their kernels take no start), which only costs top-k slots or moves the gaussian estimate;
-    certified stays exact. A start at or past the length leaves nothing to attend (``tau = +inf``,
-    never certified). The key sketch does not take a start: a sketch with ``row_start`` is refused.
+    never read and need no bound (top-k does not rank them: it fills its budget after the start).
+    The page that straddles the start keeps its statistics, which cover rows that are not
+    attended: its bound is still an upper bound of every attended score (only looser), so the
+    certificate stays sound. The gaussian estimate still sees the hidden pages (its kernels take
+    no start), which may move tau_hat, and ``report_bound`` counts them in ``delta_bound`` (only
+    looser); certified stays exact. A start at or past the length leaves nothing to attend
+    (``tau = +inf``, never certified). The key sketch does not take a start: refused.
     """
     if softcap and sketch is not None:
         raise ValueError(f"softcap={softcap}: the key sketch (config.keeps_sketch) does not bound soft-capped "
@@ -162,7 +163,7 @@ def run_step(
             q, kmin, kmax, kmean, km2, select_lengths, selector=first, token_budget=config.token_budget,
             max_quantile=config.max_quantile, margin=config.margin, tau_estimate=config.tau_estimate,
             sink_pages=config.sink_pages, recent_pages=config.recent_pages,
-            min_context=config.min_context, **geometry,
+            min_context=config.min_context, **geometry, row_start=row_start,
         )
     if row_start is not None:
         page_indices, num_selected = selection.drop_pages_below_start(page_indices, num_selected, row_start,

@@ -17,13 +17,14 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ...checks import check_kernel_bound_inputs, check_softcap
+from ...checks import check_kernel_bound_inputs, check_row_start, check_softcap
 from ...config import SELECTORS, TAU_ESTIMATES
 from .. import _common as cm
 from ..tuning.tuned import lookup
 from .reference import (
     forced_page_mask,
     head_normalized_group_score,
+    pages_from_start,
     top_pages_lowest_id_ties,
     valid_page_mask,
 )
@@ -129,7 +130,7 @@ def triton_select_pages(
     q: Tensor, kmin: Tensor, kmax: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor,
     alibi_slopes: Optional[Tensor], page_size: int, alpha: float, scale: float, selector: str,
     token_budget: int, max_quantile: float, margin: float, tau_estimate: str, sink_pages: int,
-    recent_pages: int, min_context: int, softcap: float = 0.0,
+    recent_pages: int, min_context: int, softcap: float = 0.0, row_start: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """The registered op (positional ``alibi_slopes``); see :func:`select_pages`."""
     batch, hq, hkv, num_pages, _ = _stats_view(q, kmin)
@@ -143,9 +144,13 @@ def triton_select_pages(
         # program, as the old single-program radix kernel did, took 0.72 ms at 1M on an H200.
         bounds, _ = launch_quest(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes,
                                  per_head=True, group_max=False, softcap=softcap)
-        score = head_normalized_group_score(bounds, hkv)
         valid = valid_page_mask(seqlens, page_size, num_pages)[:, None, :]
         forced = forced_page_mask(seqlens, page_size, num_pages, sink_pages, recent_pages)[:, None, :]
+        if row_start is not None:  # as the reference: pages wholly below the start do not exist
+            valid = valid & pages_from_start(row_start, page_size, num_pages)[:, None, :]
+            forced = forced & valid
+            bounds = torch.where(valid, bounds, float("-inf"))
+        score = head_normalized_group_score(bounds, hkv)
         score = torch.where(forced, float("inf"), score)
         chosen = top_pages_lowest_id_ties(score, min(token_budget // page_size, num_pages))
         short = (seqlens < min_context)[:, None, None]
@@ -199,6 +204,7 @@ def select_pages(
     page_size: int, alpha: float, scale: float, selector: str, token_budget: int,
     max_quantile: float, margin: float, tau_estimate: str, sink_pages: int, recent_pages: int,
     min_context: int, alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0,
+    row_start: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Choose each KV head's pages: (``page_indices`` int32 ``[B, Hkv, Np]`` ascending then -1,
     ``num_selected`` int32 ``[B, Hkv]``), as the reference ``selection.select_pages``.
@@ -206,11 +212,13 @@ def select_pages(
     The gaussian estimate runs on device for integer beta (alpha 2, 1.5, 4/3, 1.25); other alphas
     use the reference selector, which is pure torch on the same device (still sync-free).
     ``softcap > 0``: top-k ranks capped bounds; the gaussian selector works on the raw scores
-    (see the reference's docstring for why).
+    (see the reference's docstring for why). ``row_start``: top-k ignores the pages wholly
+    below it; the gaussian and dense kernels do not take it (the step drops those pages after).
     """
     q = check_kernel_bound_inputs(q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha,
                                   scale=scale, alibi_slopes=alibi_slopes)
     softcap = check_softcap(softcap)
+    row_start = check_row_start(row_start, q.shape[0], device=q.device)
     if selector not in PAGE_SELECTORS:
         raise ValueError(f"selector must be one of {PAGE_SELECTORS}, got {selector!r}")
     if tau_estimate not in TAU_ESTIMATES:
@@ -233,11 +241,12 @@ def select_pages(
             q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha, scale=scale,
             selector=selector, token_budget=token_budget, max_quantile=max_quantile,
             margin=margin, tau_estimate=tau_estimate, sink_pages=sink_pages,
-            recent_pages=recent_pages, min_context=min_context, alibi_slopes=alibi_slopes, softcap=softcap)
+            recent_pages=recent_pages, min_context=min_context, alibi_slopes=alibi_slopes, softcap=softcap,
+            row_start=row_start)
     return triton_select_pages(
         q, kmin, kmax, kmean, km2, seqlens, alibi_slopes, int(page_size), float(alpha),
         float(scale), selector, int(token_budget), float(max_quantile), float(margin),
-        tau_estimate, int(sink_pages), int(recent_pages), int(min_context), softcap)
+        tau_estimate, int(sink_pages), int(recent_pages), int(min_context), softcap, row_start)
 
 
 @triton_op("entmaxkv::triton_quest_bounds", mutates_args=())

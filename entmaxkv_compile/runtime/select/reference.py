@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ...checks import check_bound_inputs, check_int_arg, check_softcap, check_stats_buffers
+from ...checks import check_bound_inputs, check_int_arg, check_row_start, check_softcap, check_stats_buffers
 from ...config import SELECTORS, TAU_ESTIMATES, check_alpha
 from ...math.gaussian import gaussian_threshold, mixture_threshold, page_max_quantile_z
 from ...math.softcap import apply_softcap
@@ -38,6 +38,13 @@ def compute_dtype(q: torch.Tensor) -> torch.dtype:
 def valid_page_mask(seqlens: torch.Tensor, page_size: int, num_pages: int) -> torch.Tensor:
     """bool ``[B, Npages]``: page ``p`` holds at least one of the sequence's tokens."""
     return page_token_counts(seqlens, page_size, num_pages) > 0
+
+
+def pages_from_start(row_start: torch.Tensor, page_size: int, num_pages: int) -> torch.Tensor:
+    """bool ``[B, Npages]``: page ``p`` ends after ``row_start[b]`` (it holds an attended row of a
+    left-padded sequence; the pages before lie wholly in its hidden prefix)."""
+    pages = torch.arange(num_pages, device=row_start.device)[None, :]
+    return pages >= (row_start.to(torch.int64).clamp(min=0) // page_size)[:, None]
 
 
 def forced_page_mask(
@@ -269,6 +276,7 @@ def select_pages(
     min_context: int,
     alibi_slopes: torch.Tensor | None = None,
     softcap: float = 0.0,
+    row_start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose the pages each KV head attends to: (``page_indices`` int32 ``[B, Hkv, Npages]``,
     ascending then -1; ``num_selected`` int32 ``[B, Hkv]``).
@@ -288,6 +296,10 @@ def select_pages(
     the support lies; a tight cap flattens the top and widens the support, so the estimate may
     miss pages. It is an approximate selector either way; ``certified`` adds every page whose
     capped bound violates the certificate, so the output stays exact.
+
+    ``row_start`` (int ``[B]``, optional; a left-padded batch): pages lying wholly below the
+    start are never selected, forced or ranked (top-k fills its budget from the pages after it).
+    The gaussian estimate still sees them (its kernels take no start): approximate either way.
     """
     page_size, scale = check_bound_inputs(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes)
     batch, _, _, head_dim = q.shape
@@ -310,21 +322,26 @@ def select_pages(
         q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha, scale=scale, selector=selector,
         token_budget=token_budget, max_quantile=max_quantile, margin=margin, tau_estimate=tau_estimate,
         sink_pages=sink_pages, recent_pages=recent_pages, min_context=min_context, alibi_slopes=alibi_slopes,
-        softcap=check_softcap(softcap))
+        softcap=check_softcap(softcap), row_start=check_row_start(row_start, batch, device=q.device))
 
 
 def select_pages_unchecked(q, kmin, kmax, kmean, km2, seqlens, *, page_size, alpha, scale, selector, token_budget,
                            max_quantile, margin, tau_estimate, sink_pages, recent_pages, min_context,
-                           alibi_slopes=None, softcap=0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                           alibi_slopes=None, softcap=0.0, row_start=None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`select_pages` for a caller that has validated its arguments (the step: its entry
     checked the tensors, ``EntmaxKVConfig`` the options)."""
     batch, kv_heads, num_pages = kmin.shape[:3]
     valid = valid_page_mask(seqlens, page_size, num_pages)[:, None, :]  # [B, 1, Np]
     forced = forced_page_mask(seqlens, page_size, num_pages, sink_pages, recent_pages)[:, None, :]
+    if row_start is not None:
+        valid = valid & pages_from_start(row_start, page_size, num_pages)[:, None, :]
+        forced = forced & valid
     if selector == "dense":
         chosen = valid.expand(batch, kv_heads, num_pages)
     elif selector == "topk":
         bounds = quest_bounds_in(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes, compute_dtype(q), softcap)
+        if row_start is not None:  # a hidden page neither ranks nor sets a head's best page
+            bounds = torch.where(valid, bounds, float("-inf"))
         score = head_normalized_group_score(bounds, kv_heads)
         score = torch.where(forced, float("inf"), score)
         chosen = top_pages_lowest_id_ties(score, min(token_budget // page_size, num_pages))
