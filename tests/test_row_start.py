@@ -237,3 +237,45 @@ def test_prefix_mask_guard_accepts_exactly_a_hidden_prefix(bool_mask):
     future[0, ..., 10] = True if bool_mask else 0.0  # a key past the position shown
     assert not _guard(True).holds((future, position))
     assert not _guard(True).holds((_padded_mask([0, 10], 9, bool_mask=bool_mask), position))  # a row shows nothing
+
+
+def _select(impl, q, k, seqlens, row_start, selector, slopes=None):
+    stats = KVPageStats.from_cache(k, seqlens, PAGE).buffers()[:4]
+    return impl.select_pages(q, *stats, seqlens, page_size=PAGE, alpha=1.5, scale=1 / math.sqrt(q.shape[-1]),
+                             selector=selector, token_budget=3 * PAGE, max_quantile=0.9, margin=0.0,
+                             tau_estimate="auto", sink_pages=1, recent_pages=0, min_context=0,
+                             alibi_slopes=slopes, row_start=row_start)
+
+
+def _hidden_pages_do_not_matter(impl, selector, alibi):
+    """The selection ignores the content of the pages wholly below the start: replacing their keys
+    (here by keys that would dominate every bound and estimate) changes nothing."""
+    batch, hq, hkv, nmax, dim = 2, 4, 2, 96, 16
+    q, k, _ = _case(7, batch, hq, hkv, nmax, dim, torch.float32)
+    slopes = torch.rand(hq, generator=torch.Generator().manual_seed(8)) * 0.05 if alibi else None
+    seqlens = torch.tensor([96, 80], dtype=torch.int32)
+    row_start = torch.tensor([32, 16], dtype=torch.int32)  # on page boundaries: no straddling page
+    loud = k.clone()
+    loud[0, :, :32] = (q[0, :: hq // hkv, 0] * 6)[:, None, :]
+    loud[1, :, :16] = -(q[1, :: hq // hkv, 0] * 6)[:, None, :]
+    quiet = _select(impl, q, k, seqlens, row_start, selector, slopes)
+    shouted = _select(impl, q, loud, seqlens, row_start, selector, slopes)
+    assert torch.equal(quiet[0], shouted[0]) and torch.equal(quiet[1], shouted[1])
+    used = torch.arange(quiet[0].shape[-1]) < quiet[1][..., None]
+    assert bool((quiet[0][used] >= (row_start // PAGE)[:, None, None].expand_as(used)[used]).all())
+    return quiet
+
+
+@pytest.mark.parametrize("selector, alibi", [("gaussian", False), ("gaussian", True), ("topk", False),
+                                             ("dense", False)])
+def test_reference_selection_ignores_hidden_pages(selector, alibi):
+    _hidden_pages_do_not_matter(reference_implementation(), selector, alibi)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("selector, alibi", [("gaussian", False), ("gaussian", True), ("topk", False),
+                                             ("dense", False)])
+def test_kernel_selection_ignores_hidden_pages_as_the_reference(selector, alibi):
+    got = _hidden_pages_do_not_matter(kernels, selector, alibi)
+    want = _hidden_pages_do_not_matter(reference_implementation(), selector, alibi)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -129,11 +129,11 @@ def run_step(
     (a left-padded batch hides the prefix ``[0, row_start)``). The result is entmax over
     ``[row_start, seqlens)``: the attend pass masks the rows below the start, and pages lying
     entirely below it are removed from every selection and every certified round, so they are
-    never read and need no bound (top-k does not rank them: it fills its budget after the start).
+    never read and need no bound (the selectors neither rank nor count them: top-k fills its
+    budget after the start, the gaussian estimate gives them no weight).
     The page that straddles the start keeps its statistics, which cover rows that are not
     attended: its bound is still an upper bound of every attended score (only looser), so the
-    certificate stays sound. The gaussian estimate still sees the hidden pages (its kernels take
-    no start), which may move tau_hat, and ``report_bound`` counts them in ``delta_bound`` (only
+    certificate stays sound. ``report_bound`` counts the hidden pages in ``delta_bound`` (only
     looser); certified stays exact. A start at or past the length leaves nothing to attend
     (``tau = +inf``, never certified). The key sketch does not take a start: refused.
     """

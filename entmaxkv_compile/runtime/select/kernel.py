@@ -67,8 +67,11 @@ def launch_quest(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_si
 
 def _gaussian_tau(q: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, page_size: int,
                   alpha: float, scale: float, mixture: bool, beta: int,
-                  alibi_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Page moments (mu, sigma) ``[B, Hq, Np]`` and tau_hat ``[B, Hq]``, all on device."""
+                  alibi_slopes: Optional[Tensor], row_start: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Page moments (mu, sigma) ``[B, Hq, Np]`` and tau_hat ``[B, Hq]``, all on device (the pages
+    wholly below ``row_start`` count as empty)."""
+    has_start = row_start is not None
+    start = row_start if has_start else seqlens  # never read when has_start is False
     batch, hq, hkv, num_pages, dim = _stats_view(q, kmean)
     cfg = lookup("select", q.device, "default", num_pages * page_size)
     per_prog = cfg["MOMENTS_BLOCKS"]
@@ -82,23 +85,23 @@ def _gaussian_tau(q: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, page_s
     # The dot form pads the G heads to 16 rows; the FMA form loops over next_pow2(G) heads.
     block_g = max(16, cm.next_pow2(hq // hkv)) if use_dot else cm.next_pow2(hq // hkv)
     wrap_triton(moments_kernel)[(nblocks, batch * hkv)](
-        q, kmean, km2, seqlens, alibi_slopes if alibi_slopes is not None else q, mu, sigma, mom,
+        q, kmean, km2, seqlens, start, alibi_slopes if alibi_slopes is not None else q, mu, sigma, mom,
         q.stride(0), q.stride(1), q.stride(3), *kmean.stride(),
         hq, hkv, hq // hkv, dim, num_pages, page_size, scale, per_prog,
-        HAS_ALIBI=alibi_slopes is not None, BLOCK_G=block_g,
+        HAS_ALIBI=alibi_slopes is not None, HAS_START=has_start, BLOCK_G=block_g,
         BLOCK_P=cfg["BLOCK_PM"], BLOCK_D=max(16, cm.next_pow2(dim)),
         DOT_PREC=cm.exact_fp32_dot(dev), USE_DOT=use_dot, num_warps=cfg["num_warps"],
     )
     if mixture:
         wrap_triton(mixture_tau_kernel)[(batch * hq,)](
-            mu, sigma, seqlens, tau, hq, num_pages, page_size, alpha - 1.0,
-            BETA=beta, BLOCK_P=cfg["BLOCK_PS"], MAX_IT=MAX_ITERS,
+            mu, sigma, seqlens, start, tau, hq, num_pages, page_size, alpha - 1.0,
+            HAS_START=has_start, BETA=beta, BLOCK_P=cfg["BLOCK_PS"], MAX_IT=MAX_ITERS,
             num_warps=cfg["num_warps"],
         )
     else:
         wrap_triton(gaussian_tau_kernel)[(batch * hq,)](
-            mom, seqlens, tau, hq, nblocks, alpha - 1.0,
-            BETA=beta, BLOCK_B=min(1024, cm.next_pow2(nblocks)), MAX_IT=MAX_ITERS, num_warps=1,
+            mom, seqlens, start, tau, hq, nblocks, alpha - 1.0, page_size,
+            HAS_START=has_start, BETA=beta, BLOCK_B=min(1024, cm.next_pow2(nblocks)), MAX_IT=MAX_ITERS, num_warps=1,
         )
     return mu, sigma, tau
 
@@ -160,16 +163,16 @@ def triton_select_pages(
     if gaussian:
         mixture = tau_estimate == "mixture" or (tau_estimate == "auto" and alibi_slopes is not None)
         mu, sigma, tau = _gaussian_tau(q, kmean, km2, seqlens, page_size, alpha, scale, mixture,
-                                       cm.integer_beta(alpha), alibi_slopes)
+                                       cm.integer_beta(alpha), alibi_slopes, row_start)
         ztab = page_max_z(dev, page_size, max_quantile)
     nblocks = cm.cdiv(num_pages, cfg["BLOCK_PS"])
     flags = torch.empty((batch, hkv, num_pages), device=dev, dtype=torch.int8)
     counts = torch.empty((batch, hkv, nblocks), device=dev, dtype=torch.int32)
     wrap_triton(keep_kernel)[(nblocks, batch * hkv)](
-        mu, sigma, tau, ztab, seqlens, flags, counts,
+        mu, sigma, tau, ztab, seqlens, row_start if row_start is not None else seqlens, flags, counts,
         hq, hkv, group_size, num_pages, page_size, alpha - 1.0, margin, sink_pages,
         recent_pages, min_context,
-        GAUSSIAN=gaussian, BLOCK_G=cm.next_pow2(group_size), BLOCK_P=cfg["BLOCK_PS"],
+        GAUSSIAN=gaussian, HAS_START=row_start is not None, BLOCK_G=cm.next_pow2(group_size), BLOCK_P=cfg["BLOCK_PS"],
         num_warps=cfg["num_warps"],
     )
     wrap_triton(compact_kernel)[(nblocks, batch * hkv)](
@@ -212,8 +215,8 @@ def select_pages(
     The gaussian estimate runs on device for integer beta (alpha 2, 1.5, 4/3, 1.25); other alphas
     use the reference selector, which is pure torch on the same device (still sync-free).
     ``softcap > 0``: top-k ranks capped bounds; the gaussian selector works on the raw scores
-    (see the reference's docstring for why). ``row_start``: top-k ignores the pages wholly
-    below it; the gaussian and dense kernels do not take it (the step drops those pages after).
+    (see the reference's docstring for why). ``row_start``: the pages wholly below it are
+    never selected, ranked or counted in the gaussian estimate (as the reference).
     """
     q = check_kernel_bound_inputs(q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha,
                                   scale=scale, alibi_slopes=alibi_slopes)

@@ -220,12 +220,16 @@ def quest_bounds_unchecked(q, kmin, kmax, seqlens, *, page_size, scale, alibi_sl
                            softcap).to(torch.float32)
 
 
-def _gaussian_keep(q, kmean, km2, seqlens, page_size, alpha, scale, max_quantile, margin, mixture, alibi_slopes):
-    """bool ``[B, Hq, Npages]``: pages whose likely maximum score clears the estimated threshold."""
+def _gaussian_keep(q, kmean, km2, seqlens, page_size, alpha, scale, max_quantile, margin, mixture, alibi_slopes,
+                   row_start=None):
+    """bool ``[B, Hq, Npages]``: pages whose likely maximum score clears the estimated threshold
+    (the pages wholly below ``row_start`` count as empty: no weight in the estimate, never kept)."""
     dtype = compute_dtype(q)
     batch, q_heads = q.shape[:2]
     kv_heads, num_pages = kmean.shape[1], kmean.shape[2]
     counts = page_token_counts(seqlens, page_size, num_pages).to(dtype)  # [B, Np]
+    if row_start is not None:
+        counts = torch.where(pages_from_start(row_start, page_size, num_pages), counts, 0.0)
     valid = (counts > 0)[:, None, :]
     var = km2.to(dtype) / counts.clamp(min=1)[:, None, :, None]
     qg = _grouped_query(q, kv_heads, dtype)
@@ -243,7 +247,7 @@ def _gaussian_keep(q, kmean, km2, seqlens, page_size, alpha, scale, max_quantile
     if mixture:
         tau_hat = mixture_threshold(mu, sigma, weights, alpha, dim=-1, check_values=False)
     else:
-        total = seqlens.to(dtype)[:, None]
+        total = seqlens.to(dtype)[:, None] if row_start is None else counts.sum(-1, keepdim=True).clamp(min=1)
         mu_g = (weights * mu).sum(-1) / total
         var_g = (weights * (sigma * sigma + (mu - mu_g[..., None]) ** 2)).sum(-1) / total
         tau_hat = gaussian_threshold(mu_g, var_g.clamp(min=0).sqrt(), total, alpha, check_values=False)
@@ -298,8 +302,9 @@ def select_pages(
     capped bound violates the certificate, so the output stays exact.
 
     ``row_start`` (int ``[B]``, optional; a left-padded batch): pages lying wholly below the
-    start are never selected, forced or ranked (top-k fills its budget from the pages after it).
-    The gaussian estimate still sees them (its kernels take no start): approximate either way.
+    start are never selected, forced or ranked (top-k fills its budget from the pages after it),
+    and weigh nothing in the gaussian estimate. The page that straddles the start keeps its
+    statistics (they also describe hidden rows: the estimate is approximate either way).
     """
     page_size, scale = check_bound_inputs(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes)
     batch, _, _, head_dim = q.shape
@@ -348,7 +353,7 @@ def select_pages_unchecked(q, kmin, kmax, kmean, km2, seqlens, *, page_size, alp
     else:
         mixture = tau_estimate == "mixture" or (tau_estimate == "auto" and alibi_slopes is not None)
         keep = _gaussian_keep(q, kmean, km2, seqlens, page_size, alpha, scale, float(max_quantile),
-                              float(margin), mixture, alibi_slopes)
+                              float(margin), mixture, alibi_slopes, row_start)
         chosen = keep.reshape(batch, kv_heads, -1, num_pages).any(2)
     short = (seqlens < min_context)[:, None, None]
     chosen = (chosen | forced | short) & valid
