@@ -116,6 +116,15 @@ def check_lengths(name: str, lengths: Any, batch: int, *, device: torch.device) 
     return lengths
 
 
+def check_row_start(row_start: Any, batch: int, *, device: torch.device) -> Optional[torch.Tensor]:
+    """``row_start`` (a per-sequence first attended position) is None or an int ``[B]`` tensor on
+    ``device``. Values are not checked (no sync): a start <= 0 attends from the first row, a start
+    >= the length leaves nothing to attend (``out = 0``, ``tau = +inf``, never certified)."""
+    if row_start is None:
+        return None
+    return check_lengths("row_start", row_start, batch, device=device)
+
+
 def check_seqlens(
     seqlens: Any, batch: int, max_seqlen: int, *, device: torch.device, check_values: bool = True
 ) -> None:

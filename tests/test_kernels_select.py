@@ -319,8 +319,8 @@ def test_gaussian_tau_kernel_matches_reference_threshold(alpha):
     mom = torch.stack([n * mu, n * (sigma * sigma + mu * mu)], -1)[:, None, :].to(DEVICE)
     tau = torch.empty(rows, device=DEVICE, dtype=torch.float32)
     seqlens = n.to(torch.int32).to(DEVICE)
-    gaussian_tau_kernel[(rows,)](mom, seqlens, tau, 1, 1, alpha - 1.0,
-                                 BETA=integer_beta(alpha), BLOCK_B=1, MAX_IT=MAX_ITERS)
+    gaussian_tau_kernel[(rows,)](mom, seqlens, seqlens, tau, 1, 1, alpha - 1.0, 1,  # no row_start
+                                 HAS_START=False, BETA=integer_beta(alpha), BLOCK_B=1, MAX_IT=MAX_ITERS)
     cold = torch.empty_like(tau)
     _cold_gaussian_tau[(rows,)](mom, seqlens, cold, alpha - 1.0,
                                 BETA=integer_beta(alpha), MAX_IT=MAX_ITERS)

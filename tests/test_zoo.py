@@ -77,29 +77,33 @@ def test_approximate_selectors_report_their_error(name, capsys):
         print(f"\n{name}: max |logit error| over 16 steps: " + ", ".join(f"{k} {v:.3g}" for k, v in errors.items()))
 
 
-def test_left_padded_hf_batch_is_refused_not_miscomputed():
-    """A padding mask hides written cache rows: decode_step's seqlens cannot express it."""
+def test_left_padded_hf_batch_is_rewritten_with_row_start_and_exact():
+    """A padding mask hides a per-row prefix of the cache: the site is rewritten with decode_step's
+    row_start (read from the mask) and 16 certified greedy steps give the uncompiled model's tokens."""
     from examples.zoo import hf_models
 
-    model = ZOO["hf_llama"].build()
     prompt = _prompt()
     mask = torch.ones_like(prompt)
     mask[0, :3] = 0  # the first sequence is left-padded
-    cache = hf_models.StaticCache(config=model.config, max_cache_len=32)
+    config = hf_models.GenerationConfig(max_new_tokens=16, min_new_tokens=16, do_sample=False, disable_compile=True,
+                                        pad_token_id=0, eos_token_id=None)
+
+    def generate(model):
+        cache = hf_models.StaticCache(config=model.config, max_cache_len=32)
+        with torch.no_grad():
+            return model.generate(prompt, attention_mask=mask, cache=cache, generation_config=config)
+
+    want = generate(ZOO["hf_llama"].build())
+    model = ZOO["hf_llama"].build()
     torch._dynamo.reset()
-    compiled = torch.compile(model.forward, backend="entmaxkv", options={"compiler": "eager"})
-    config = hf_models.GenerationConfig(max_new_tokens=2, do_sample=False, disable_compile=True, pad_token_id=0,
-                                        eos_token_id=None)
-    original = model.forward
-    model.forward = compiled
-    try:
-        with recording() as report, torch.no_grad():
-            model.generate(prompt, attention_mask=mask, past_key_values=cache, generation_config=config)
-    finally:
-        model.forward = original
+    model.forward = torch.compile(model.forward, backend="entmaxkv",
+                                  options={"compiler": "eager", "selector": "certified", "page_size": 4})
+    with recording() as report:
+        got = generate(model)
+    assert torch.equal(got, want)
     decode = [s for s in report.sites if s.phase == "decode"]
-    assert decode and all(s.status == "refused" for s in decode)
-    assert "hides positions already written" in decode[0].reason
+    assert decode and all(s.status == "rewritten" for s in decode), [s.reason for s in decode]
+    assert "left padding: row_start" in decode[0].reason
 
 
 def test_low_precision_model_on_large_scores_is_rewritten_at_every_layer():

@@ -109,6 +109,10 @@ def _stats_twin(graph: torch.fx.Graph, node: torch.fx.Node, twin) -> None:  # no
 
 def _decode_twin(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     bound = _bound_args(node)
+    if bound.get("row_start") is not None:
+        raise ValueError(f"{node.name}: decode_step has a row_start (a left-padded batch); the plugin form used by "
+                         "the ONNX and TensorRT exports takes no per-row first position yet: export a graph "
+                         "traced without left padding, or use the AOTInductor export")
     alibi = bound["alibi_slopes"]
     tau_estimate = bound["tau_estimate"]
     if tau_estimate == "auto":

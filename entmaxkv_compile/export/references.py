@@ -83,7 +83,7 @@ def _op_table(stages: Any, step_impl: Any) -> dict[Any, Callable[..., Any]]:
                     page_size: int, selector: str, token_budget: int, max_quantile: float, margin: float,
                     tau_estimate: str, sink_pages: int, recent_pages: int, certify_max_rounds: int,
                     min_context: int, stats_valid: Optional[Tensor] = None, dense_rows: Optional[Tensor] = None,
-                    softcap: float = 0.0) -> DecodeOutputs:
+                    softcap: float = 0.0, row_start: Optional[Tensor] = None) -> DecodeOutputs:
         config = EntmaxKVConfig(
             selector=selector, page_size=page_size, token_budget=token_budget, max_quantile=max_quantile,
             margin=margin, tau_estimate=tau_estimate, sink_pages=sink_pages, recent_pages=recent_pages,
@@ -91,7 +91,7 @@ def _op_table(stages: Any, step_impl: Any) -> dict[Any, Callable[..., Any]]:
         )
         result = step.run_step(step_impl, q, k_cache, v_cache, seqlens, (kmin, kmax, kmean, km2), config,
                                alpha=alpha, scale=scale, alibi_slopes=alibi_slopes, stats_valid=stats_valid,
-                               dense_rows=dense_rows, softcap=softcap)
+                               dense_rows=dense_rows, softcap=softcap, row_start=row_start)
         return result.out, result.page_indices, result.num_selected, result.certified, result.delta_bound
 
     ops = torch.ops.entmaxkv

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_decode_inputs
+from ..checks import check_decode_inputs, check_row_start
 from ..config import EntmaxKVConfig
 from .sketch.reference import KeySketch
 from .stats.reference import KVPageStats
@@ -33,6 +33,7 @@ def sparse_decode(
     *,
     check_values: bool = True,
     softcap: float = 0.0,
+    row_start: torch.Tensor | None = None,
 ) -> DecodeResult:
     """One support-aware entmax decode step (the eager public API).
 
@@ -45,8 +46,11 @@ def sparse_decode(
     ``check_values=True``, also a host sync): a decode loop should build one ``Decoder`` and call
     its ``run``, which validates nothing and replays a CUDA graph on a GPU. ``softcap > 0``:
     entmax over ``softcap * tanh(s / softcap)`` (Gemma-2's logit soft-capping; not with the key sketch).
+    ``row_start`` (int ``[B]``, optional): each sequence attends ``[row_start, seqlens)`` only
+    (a left-padded batch; not with the key sketch).
     """
     check_decode_inputs(q, k_cache, v_cache, seqlens, alibi_slopes, check_values=check_values)
+    check_row_start(row_start, q.shape[0], device=q.device)
     if config is None:
         config = EntmaxKVConfig()
     elif not isinstance(config, EntmaxKVConfig):
@@ -58,4 +62,4 @@ def sparse_decode(
         sketch = KeySketch.from_cache(k_cache, seqlens, check_values=False)
     decoder = Decoder.for_cache(k_cache, q.shape[1], config, scale=scale, alibi_slopes=alibi_slopes,
                                 stats=stats, sketch=sketch, cuda_graph=False, softcap=softcap)
-    return decoder.run(q, k_cache, v_cache, seqlens)
+    return decoder.run(q, k_cache, v_cache, seqlens, row_start=row_start)

@@ -185,8 +185,14 @@ class Decoder:
             self.sketch.append(k_cache, positions, check_values=False)
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            seqlens: torch.Tensor) -> DecodeResult:
-        """One decode step over the first ``seqlens`` rows: no validation, no host sync."""
+            seqlens: torch.Tensor, row_start: torch.Tensor | None = None) -> DecodeResult:
+        """One decode step over the first ``seqlens`` rows: no validation, no host sync.
+
+        ``row_start`` (int ``[B]``, optional): each sequence attends ``[row_start, seqlens)`` only
+        (a left-padded batch; see ``run_step``). Such a step runs eagerly: the recorded CUDA graphs
+        take no start yet."""
+        if row_start is not None:
+            return self._step(q, k_cache, v_cache, seqlens, row_start=row_start)
         if self._graphed is None:
             return self._step(q, k_cache, v_cache, seqlens)
         result = DecodeResult(*self._graphed(q, k_cache, v_cache, seqlens, self._variant()))
@@ -206,7 +212,7 @@ class Decoder:
         return "step"
 
     def _step(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              seqlens: torch.Tensor, variant: str = "step") -> DecodeResult:
+              seqlens: torch.Tensor, variant: str = "step", row_start: torch.Tensor | None = None) -> DecodeResult:
         if variant == "dense":
             return self._dense_step(q, k_cache, v_cache, seqlens)
         certified = self.config.selector == "certified"
@@ -215,7 +221,7 @@ class Decoder:
         wants_order = certified or self.config.report_bound
         result = run_step(self.impl, q, k_cache, v_cache, seqlens, self.stats.buffers(), self.config,
                           alpha=self.alpha, scale=self.scale, alibi_slopes=self.alibi_slopes,
-                          softcap=self.softcap,
+                          softcap=self.softcap, row_start=row_start,
                           stats_valid=self.stats.valid_for(seqlens) if wants_order else None,
                           dense_rows=dense_rows,
                           sketch=None if self.sketch is None else self.sketch.buffers())

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..checks import check_softcap, check_step_inputs
+from ..checks import check_row_start, check_softcap, check_step_inputs
 from ..config import EntmaxKVConfig
 from ..math import reference
 from . import step
@@ -269,6 +269,7 @@ def decode_step(
     stats_valid: Optional[Tensor] = None,
     dense_rows: Optional[Tensor] = None,
     softcap: float = 0.0,
+    row_start: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Select, decode and certify one step (the op the graph rewrite inserts).
 
@@ -279,15 +280,18 @@ def decode_step(
     directly this step (``runtime/certify/policy.py``).
     ``softcap`` (last, default 0.0 = none, so calls written before it still bind): entmax over
     ``softcap * tanh(s / softcap)`` (Gemma-2's logit soft-capping).
+    ``row_start`` (last, optional int ``[B]``): each sequence attends ``[row_start, seqlens)``
+    only (a left-padded batch: the rewrite computes it from the padding mask).
     """
     config = _config(page_size, selector, token_budget, max_quantile, margin, tau_estimate,
                      sink_pages, recent_pages, certify_max_rounds, min_context)
     check_step_inputs(q, k_cache, v_cache, seqlens, (kmin, kmax, kmean, km2), page_size=page_size, alpha=alpha,
                       scale=scale, alibi_slopes=alibi_slopes)
+    check_row_start(row_start, q.shape[0], device=q.device)
     result = step.run_step(
         step.implementation_for(q.device, q.dtype), q, k_cache, v_cache, seqlens, (kmin, kmax, kmean, km2),
         config, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes, stats_valid=stats_valid,
-        dense_rows=dense_rows, softcap=check_softcap(softcap),
+        dense_rows=dense_rows, softcap=check_softcap(softcap), row_start=row_start,
     )
     return tuple(result[:5])
 

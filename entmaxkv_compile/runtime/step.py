@@ -95,6 +95,7 @@ def run_step(
     dense_rows: torch.Tensor | None = None,
     sketch: tuple[torch.Tensor, torch.Tensor] | None = None,
     softcap: float = 0.0,
+    row_start: torch.Tensor | None = None,
 ) -> DecodeResult:
     """Select pages with ``config.selector``, decode exactly over them and certify.
 
@@ -123,10 +124,25 @@ def run_step(
     entmax over the capped scores, and every page bound is capped before it meets tau. Certified
     stays exact: the cap is increasing, so an upper bound of s maps to an upper bound of c. The
     key sketch does not take a cap yet: a sketch with ``softcap > 0`` is refused.
+
+    ``row_start`` (int ``[B]``, optional; None = 0): the first attended position of each sequence
+    (a left-padded batch hides the prefix ``[0, row_start)``). The result is entmax over
+    ``[row_start, seqlens)``: the attend pass masks the rows below the start, and pages lying
+    entirely below it are removed from every selection and every certified round, so they are
+    never read and need no bound (the selectors neither rank nor count them: top-k fills its
+    budget after the start, the gaussian estimate gives them no weight).
+    The page that straddles the start keeps its statistics, which cover rows that are not
+    attended: its bound is still an upper bound of every attended score (only looser), so the
+    certificate stays sound. ``report_bound`` counts the hidden pages in ``delta_bound`` (only
+    looser); certified stays exact. A start at or past the length leaves nothing to attend
+    (``tau = +inf``, never certified). The key sketch does not take a start: refused.
     """
     if softcap and sketch is not None:
         raise ValueError(f"softcap={softcap}: the key sketch (config.keeps_sketch) does not bound soft-capped "
                          "scores yet; use a config without the sketch for a soft-capped site")
+    if row_start is not None and sketch is not None:
+        raise ValueError("row_start: the key sketch (config.keeps_sketch) does not take a per-row first position "
+                         "yet; use a config without the sketch for a left-padded batch")
     kmin, kmax, kmean, km2 = stats
     page_size = config.page_size
     geometry = dict(page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes, softcap=softcap)
@@ -147,10 +163,14 @@ def run_step(
             q, kmin, kmax, kmean, km2, select_lengths, selector=first, token_budget=config.token_budget,
             max_quantile=config.max_quantile, margin=config.margin, tau_estimate=config.tau_estimate,
             sink_pages=config.sink_pages, recent_pages=config.recent_pages,
-            min_context=config.min_context, **geometry,
+            min_context=config.min_context, **geometry, row_start=row_start,
         )
+    if row_start is not None:
+        page_indices, num_selected = selection.drop_pages_below_start(page_indices, num_selected, row_start,
+                                                                      page_size)
 
-    out, tau = impl.paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry)
+    out, tau = impl.paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry,
+                                 row_start=row_start)
     if sketch_floor is not None:
         # Certified by construction: every page left out has (alpha-1) ub <= floor <= full tau.
         certified, delta = impl.certified_heads(torch.maximum(tau, sketch_floor), torch.ones_like(tau, dtype=torch.bool),
@@ -158,7 +178,7 @@ def run_step(
     elif config.selector == "certified":
         out, tau, page_indices, num_selected, certified, delta = _certified_rounds(
             impl, q, k_cache, v_cache, seqlens, stats, config, out, tau, page_indices, num_selected,
-            stats_ok, read_all, dense_rows, geometry)
+            stats_ok, read_all, dense_rows, geometry, row_start)
     elif config.selector == "dense":
         # Every valid page was read: the output is full entmax wherever tau is a number.
         certified = tau < float("inf")  # tau is finite, +inf (nothing to attend) or NaN
@@ -186,7 +206,7 @@ def _row_soundness(q, stats_valid, dense_rows):
 
 
 def _certified_rounds(impl, q, k_cache, v_cache, seqlens, stats, config, out, tau, page_indices,
-                      num_selected, stats_ok, read_all, dense_rows, geometry):
+                      num_selected, stats_ok, read_all, dense_rows, geometry, row_start=None):
     """Add every page whose bound violates the certificate at the current tau, decode again.
 
     Returns ``(out, tau, page_indices, num_selected, certified, delta_bound)``. After a round, every page left
@@ -195,7 +215,8 @@ def _certified_rounds(impl, q, k_cache, v_cache, seqlens, stats, config, out, ta
     tau finite, its length within the cache, its sequence's statistics kept in order). A sequence
     whose statistics are not valid reads every page (its output is still full entmax) and is never
     certified; a ``dense_rows`` sequence reads every page (it selected nothing: its first tau is
-    no bound) and rests on no bound.
+    no bound) and rests on no bound. Pages entirely below ``row_start`` are dropped after each
+    round (see ``run_step``).
     """
     kmin, kmax = stats[0], stats[1]
     num_pages = kmin.shape[2]
@@ -204,11 +225,15 @@ def _certified_rounds(impl, q, k_cache, v_cache, seqlens, stats, config, out, ta
         chosen = page_indices, num_selected
         page_indices, num_selected, bounds_finite = impl.certify_pages(
             q, kmin, kmax, seqlens, page_indices, num_selected, tau_floor, read_all, **geometry)
+        if row_start is not None:
+            page_indices, num_selected = selection.drop_pages_below_start(page_indices, num_selected, row_start,
+                                                                          config.page_size)
         # The round only adds pages (the selection is kept), so a row whose counts did not grow
         # read exactly what it had read: its decode is not repeated (its kernels get no pages).
         grew = (num_selected != chosen[1]).any(1)
         fresh_out, fresh_tau = impl.paged_decode(q, k_cache, v_cache, seqlens, page_indices,
-                                                 torch.where(grew[:, None], num_selected, 0), **geometry)
+                                                 torch.where(grew[:, None], num_selected, 0), **geometry,
+                                                 row_start=row_start)
         out = torch.where(grew[:, None, None, None], fresh_out, out)
         tau = torch.where(grew[:, None], fresh_tau, tau)
         tau_floor = torch.maximum(tau_floor, tau)

@@ -29,6 +29,7 @@ from .ir import proves_equal, shape_of, where_of
 from .match_attention import AttentionMatch, match_attention
 from .match_entmax import WeightsSite, find_weight_sites
 from .match_kv_write import LAZY_REASON
+from .guards import row_start_from_mask
 from .proofs import prove_decode_site
 from .verify import check_decode_site, record, watched_nodes
 
@@ -64,6 +65,7 @@ class SitePlan:
     slopes: Optional[torch.Tensor] = None
     guards: list[Any] = field(default_factory=list)  # run-time conditions of the rewrite (guards.py)
     per_row: bool = False  # a ragged decode step: one position per sequence (seqlens = positions + 1)
+    row_start_mask: Optional[Node] = None  # a left-padded mask input: decode_step's row_start is read from it
 
 
 @dataclass
@@ -210,6 +212,7 @@ def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan],
             action.site.status, action.site.reason = REFUSED, "not proved for every position: " + proof.reason
         else:
             action.guards = [*proof.guards, *(g for g in action.guards if g not in proof.guards)]
+            action.row_start_mask = proof.row_start_mask
             notes = list(proof.notes)
             if action.match.weights.alpha_tensor is not None:
                 notes.append(f"per-head alpha: every head's alpha is {action.alpha:.4g}")
@@ -219,7 +222,11 @@ def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan],
     watch = [n for action, _ in proved for n in watched_nodes(action.match)]
     values = record(gm, example_inputs, watch)
     for action, notes in proved:
-        slopes, why = check_decode_site(action.match, values, action.alpha, action.per_row)
+        row_start = None
+        if action.row_start_mask is not None:
+            key_len, batch = action.match.k.shape()[2], values[action.match.q].shape[0]
+            row_start = row_start_from_mask(example[action.row_start_mask], key_len, batch)
+        slopes, why = check_decode_site(action.match, values, action.alpha, action.per_row, row_start)
         if why:
             action.site.status, action.site.reason = REFUSED, why
             continue

@@ -25,6 +25,7 @@ from ...config import EntmaxKVConfig
 from ...runtime.certify.policy import dense_rows_for
 from ...runtime.stats.reference import resolve_moment_dtype, stats_valid_for
 from .analyze import REWRITTEN, Plan, SitePlan
+from .guards import row_start_from_mask
 from .ir import concrete, dtype_of, is_impure, op_of, shape_of
 from .match_kv_write import CacheRead, row_positions
 from .subgraph import NotExtractable, extract, needed_placeholders
@@ -307,6 +308,10 @@ def _replace_attention(gm: GraphModule, action: SitePlan, stats: list[Node], ord
         # the cap is decode_step's last argument: by name, and only on a capped site (so an
         # uncapped graph is the same as before it existed)
         capped = {"softcap": float(match.softcap)} if match.softcap else {}
+        # row_start likewise: only at a site compiled on a left-padded mask, read from that mask
+        if action.row_start_mask is not None:
+            capped["row_start"] = graph.call_function(row_start_from_mask, (
+                action.row_start_mask, concrete(match.k.shape()[2]), concrete(shape_of(match.q)[0])))
         step = graph.call_function(torch.ops.entmaxkv.decode_step.default, (
             match.q, k_cache, v_cache, seqlens, *stats, slopes, *constants, *state), capped)
         if policy:

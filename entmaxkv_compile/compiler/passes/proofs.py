@@ -25,7 +25,10 @@ symbolically (``symbolic.py``), must equal that up to a per-row constant for eve
 4. **Inputs.** A 2-D bool/float buffer indexed by the position (gpt-fast's
    ``causal_mask[None, None, input_pos]``) is accepted when its *whole content* is lower
    triangular (shown: ``c <= r``, hidden after), with a guard that the buffer is not modified
-   later; a mask that is a graph input is assumed causal under a per-call :class:`MaskGuard`;
+   later; a mask that is a graph input is assumed causal under a per-call :class:`MaskGuard`
+   (when the example hides a prefix of some row, left padding, the guard accepts a hidden prefix
+   per row and the rewrite passes its length to ``decode_step`` as ``row_start``: the proof of
+   the causal part is unchanged, the prefix is what ``row_start`` removes);
    other inputs may only vary along non-key axes (ALiBi slopes per head).
 """
 
@@ -39,7 +42,7 @@ import sympy
 import torch
 from torch.fx import GraphModule, Node
 
-from .guards import MASK_FLOOR, Guard, MaskGuard, StateGuard
+from .guards import MASK_FLOOR, Guard, MaskGuard, StateGuard, leading_hidden
 from .ir import concrete, dtype_of, is_impure
 from .match_attention import AttentionMatch
 from .subgraph import NotExtractable, extract, needed_placeholders
@@ -56,6 +59,7 @@ class SiteProof:
     reason: str = ""
     guards: list[Guard] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    row_start_mask: Optional[Node] = None  # the mask input whose hidden prefix is decode_step's row_start
 
 
 class _Leaves:
@@ -211,8 +215,11 @@ def prove_decode_site(gm: GraphModule, match: AttentionMatch, product: Node, exa
             raise Unproven("the attention mask is a graph input and the positions are per row: the run-time "
                            "mask check takes one position shared by the batch")
         guards = list(leaves.guards)
+        padded = [node for node in leaves.mask_inputs if _hides_a_prefix(example.get(node), key_len)]
+        if len(padded) > 1:
+            raise Unproven("two attention mask inputs hide a prefix of the keys: decode_step takes one row_start")
         for node in leaves.mask_inputs:
-            guards.append(_mask_guard(gm, leaves, node, match, key_len))
+            guards.append(_mask_guard(gm, leaves, node, match, key_len, prefix=node in padded))
     except Unproven as why:
         return SiteProof(str(why))
     except (TypeError, ValueError, AttributeError, sympy.SympifyError) as error:  # never rewrite on a crash
@@ -224,7 +231,17 @@ def prove_decode_site(gm: GraphModule, match: AttentionMatch, product: Node, exa
             return SiteProof(f"the attention mask is a graph input ({names}): it can only be checked per call, "
                              "which needs the torch.compile backend (the offline rewrite has no run-time guards)")
         notes.append("mask input " + ", ".join(n.name for n in leaves.mask_inputs) + " checked causal at each call")
-    return SiteProof("", guards, notes)
+    if padded:
+        notes.append(f"left padding: row_start = the leading hidden keys of mask input {padded[0].name}, "
+                     "checked at each call")
+    return SiteProof("", guards, notes, padded[0] if padded else None)
+
+
+def _hides_a_prefix(mask: Any, key_len: int) -> bool:
+    """Whether the example mask hides the first key of some row (left padding). A graph compiled
+    on such an example passes decode_step a row_start; one compiled on an unpadded example keeps
+    the plain causal guard (a padded call then fails it and runs the model's attention)."""
+    return isinstance(mask, torch.Tensor) and bool((leading_hidden(mask, key_len) > 0).any())
 
 
 def decide_causal(expr: Any, n: int, bounds: Optional[dict[sympy.Symbol, float]] = None) -> None:
@@ -379,11 +396,13 @@ def _bound(rest: Any, n: int, bounds: dict[sympy.Symbol, float]) -> float:
     return total
 
 
-def _mask_guard(gm: GraphModule, leaves: _Leaves, mask: Node, match: AttentionMatch, key_len: int) -> MaskGuard:
+def _mask_guard(gm: GraphModule, leaves: _Leaves, mask: Node, match: AttentionMatch, key_len: int,
+                prefix: bool = False) -> MaskGuard:
     try:
         position = extract(gm, [], match.k.positions, allow_placeholders=True)
     except NotExtractable as why:
         raise Unproven(f"the mask is a graph input and the position cannot be computed to check it ({why})")
     args = tuple(leaves.index[n] for n in needed_placeholders(gm, [], match.k.positions))
     kind = "bool" if dtype_of(mask) == torch.bool else "additive"
-    return MaskGuard(leaves.index[mask], key_len, position, args, f"{kind} mask input {mask.name} causal")
+    what = "causal after a per-row hidden prefix" if prefix else "causal"
+    return MaskGuard(leaves.index[mask], key_len, position, args, f"{kind} mask input {mask.name} {what}", prefix)

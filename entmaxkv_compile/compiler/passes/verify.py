@@ -96,12 +96,16 @@ def watched_nodes(match: AttentionMatch) -> list[Node]:
 
 
 def check_decode_site(
-    match: AttentionMatch, values: dict[Node, Any], alpha: float, per_row: bool = False
+    match: AttentionMatch, values: dict[Node, Any], alpha: float, per_row: bool = False,
+    row_start: Optional[torch.Tensor] = None,
 ) -> tuple[Optional[torch.Tensor], str]:
     """``(alibi_slopes or None, "")`` when the site computes decode_step's math, else ``(None, reason)``.
 
     ``per_row``: the step writes sequence ``b`` at its own position (``positions [B]``), so row
     ``b`` holds ``positions[b] + 1`` tokens; otherwise every row holds ``last position + 1``.
+    ``row_start`` (int ``[B]``, a left-padded batch): row ``b`` attends only
+    ``[row_start[b], length)``; its rows below the start must be hidden by the mask, and the
+    checks run on the attended rows.
     """
     q = values[match.q].double()
     k_read, v_read = values[match.k_read], values[match.v_read]
@@ -127,23 +131,32 @@ def check_decode_site(
     low_precision = values[match.out].dtype in (torch.float16, torch.bfloat16)
     got = values[match.out].double().reshape(*raw.shape[:-1], v_read.shape[-1])
     found: Optional[torch.Tensor] = None
-    groups = sorted(set(lengths.tolist()))
-    for length in groups:  # the rows that share a length, checked together
-        rows = (lengths == length).nonzero().reshape(-1)
+    starts = torch.zeros_like(lengths) if row_start is None else row_start.to(lengths)
+    # the rows that share a (start, length), checked together; the longest attended span last
+    groups = sorted(set(zip(starts.tolist(), lengths.tolist())), key=lambda g: (g[1] - g[0], g))
+    longest = groups[-1][1] - groups[-1][0]
+    for start, length in groups:
+        rows = ((lengths == length) & (starts == start)).nonzero().reshape(-1)
         if not 1 <= length <= k_cache.shape[2]:
             return None, f"the example writes at position {length - 1}, outside the cache"
+        if start >= length:
+            return None, f"the example's mask hides every written position of a row (start {start})"
+        if start > 0 and not (scores[rows][..., :start] - scores[rows][..., start:length].amax(-1, keepdim=True)
+                              < _MASKED).all():
+            return None, "the mask does not hide the left padding below the row's first shown key"
         # A 1-token row shows no slope; in a ragged batch the longer rows give it (proofs.py proved
         # one bias expression for every row).
-        fit = length >= 2 or groups[-1] < 2
-        slopes, why = _check_rows(match, scores[rows], raw[rows], v_read[rows], got[rows], length, alpha,
-                                  low_precision, fit)
+        fit = length - start >= 2 or longest < 2
+        span = slice(start, None)
+        slopes, why = _check_rows(match, scores[rows][..., span], raw[rows][..., span], v_read[rows][..., span, :],
+                                  got[rows], length - start, alpha, low_precision, fit)
         if why:
             return None, why
         if not fit:
             continue
         slopes = torch.zeros(q_heads) if slopes is None else slopes
         # _fit_alibi's tolerance on these rows' visible scores (the spread it allows between rows)
-        tol = (2e-2 if low_precision else 1e-4) * (1.0 + scores[rows][..., :length].abs().max().item())
+        tol = (2e-2 if low_precision else 1e-4) * (1.0 + scores[rows][..., start:length].abs().max().item())
         if found is not None and (found - slopes).abs().max().item() > tol:
             return None, "the additive bias differs between sequences of the batch (not one ALiBi)"
         found = slopes  # the longest rows' fit last: the most accurate

@@ -4,7 +4,9 @@ One decode step is a fixed sequence of launches over fixed grids:
 
 1. ``score_kernel`` (batch x KV head, split): reads each selected K page once, scores it for all
    G query heads of the group with one ``tl.dot``, adds ALiBi, soft-caps the scores when
-   ``SOFTCAP`` (``z = (alpha-1) cap tanh(s / cap)``), and keeps the *candidates*: tokens
+   ``SOFTCAP`` (``z = (alpha-1) cap tanh(s / cap)``), masks the rows below the sequence's first
+   attended position when ``HAS_START`` (a left-padded prefix: never a candidate, so never in
+   the support), and keeps the *candidates*: tokens
    whose score is above (max - 1) for some head of the group. Only candidates can be in the
    support, since tau >= max z - 1. The max is the largest seen so far by *any* split: every
    ``SHARE_EVERY`` tiles (a tuned launch parameter; 0 = each split alone) a split publishes its
@@ -48,11 +50,11 @@ def _tail_power(x, beta, KIND: tl.constexpr):
 
 @triton.jit
 def score_kernel(
-    q_ptr, k_ptr, seqlens_ptr, idx_ptr, nsel_ptr, slopes_ptr,
+    q_ptr, k_ptr, seqlens_ptr, start_ptr, idx_ptr, nsel_ptr, slopes_ptr,
     cand_z_ptr, cand_tok_ptr, cand_cnt_ptr, split_max_ptr, shared_max_ptr,
     sqb, sqh, sqd, skb, skh, skn, skd, sib, sih, sip, snb, snh,
     Hq, Hkv, G, D, num_splits, seg, page_size, zscale, am1, capacity, zcap,
-    HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, HAS_START: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     SHARE_EVERY: tl.constexpr,
 ):
@@ -64,6 +66,9 @@ def score_kernel(
     # Rows past the cache's capacity are never read, whatever length says (ALiBi keeps the raw
     # length, as the reference does).
     readable = tl.minimum(tl.maximum(length, 0), capacity)
+    first = 0
+    if HAS_START:  # rows below the start (left padding) are never read
+        first = tl.load(start_ptr + b).to(tl.int32)
     nsel = tl.load(nsel_ptr + b * snb + hk * snh).to(tl.int32)
     pages_per_split = (nsel + num_splits - 1) // num_splits
     p0 = tl.minimum(split * pages_per_split, nsel)
@@ -99,7 +104,7 @@ def score_kernel(
         nmask = jj < j1
         page = tl.load(idx_base + (jj // page_size) * sip, mask=nmask, other=0)
         row = page * page_size + jj % page_size
-        valid = nmask & (row < readable) & (page >= 0)
+        valid = nmask & (row < readable) & (row >= first) & (page >= 0)
         k = tl.load(k_base + row.to(tl.int64)[:, None] * skn + offs_d[None, :] * skd,
                     mask=valid[:, None] & dmask[None, :], other=0.0)
         if UPCAST:

@@ -19,7 +19,7 @@ from torch.library import triton_op, wrap_triton
 
 from .. import _common as cm
 from ...checks import check_kernel_decode_inputs as check_decode_inputs
-from ...checks import check_softcap
+from ...checks import check_row_start, check_softcap
 from ..tuning.tuned import decode_config
 from .decode_kernels import output_kernel, reduce_kernel, score_kernel
 from .tau_kernels import NEWTON_STEPS, NUM_PIVOTS, NUM_SLOTS, tau_first_kernel, tau_second_kernel
@@ -83,11 +83,12 @@ def plan_splits(q: Tensor, page_indices: Tensor, page_size: int) -> tuple[dict, 
 
 
 def score_candidates(q, k_cache, seqlens, page_indices, num_selected, alibi_slopes, page_size, alpha, scale,
-                     cfg, splits, seg, softcap=0.0):
+                     cfg, splits, seg, softcap=0.0, row_start=None):
     """The K pass: ``(cand_z [B, Hq, splits*seg], cand_tok [B, Hkv, splits*seg], cand_cnt
     [B, Hkv, splits], split_max [B, Hq, splits])``, the scores ``z = (alpha-1) * scale * q.k``
     (soft-capped, ``(alpha-1) softcap tanh(s / softcap)``, when ``softcap > 0``) within 1 of their
-    split's running max, compacted per split (see ``score_kernel``)."""
+    split's running max, compacted per split (see ``score_kernel``); rows below ``row_start[b]``
+    (int ``[B]``, optional) are masked out."""
     batch, hq, _, dim = q.shape
     hkv = k_cache.shape[1]
     cap = splits * seg
@@ -99,8 +100,9 @@ def score_candidates(q, k_cache, seqlens, page_indices, num_selected, alibi_slop
     shared_max = torch.full((batch, hq), float("-inf"), device=dev, dtype=torch.float32)
     has_alibi = alibi_slopes is not None
     slopes = alibi_slopes if has_alibi else q  # never read when has_alibi is False
+    has_start = row_start is not None
     wrap_triton(score_kernel)[(batch * hkv, splits)](
-        q, k_cache, seqlens, page_indices, num_selected, slopes,
+        q, k_cache, seqlens, row_start if has_start else seqlens, page_indices, num_selected, slopes,
         cand_z, cand_tok, cand_cnt, split_max, shared_max,
         q.stride(0), q.stride(1), q.stride(3),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
@@ -108,7 +110,7 @@ def score_candidates(q, k_cache, seqlens, page_indices, num_selected, alibi_slop
         num_selected.stride(0), num_selected.stride(1),
         hq, hkv, hq // hkv, dim, splits, seg, page_size, (alpha - 1.0) * scale, alpha - 1.0,
         k_cache.shape[2], (alpha - 1.0) * softcap if softcap else 1.0,
-        HAS_ALIBI=has_alibi, SOFTCAP=bool(softcap), BLOCK_G=max(16, cm.next_pow2(hq // hkv)), BLOCK_N=cfg["BLOCK_N"],
+        HAS_ALIBI=has_alibi, SOFTCAP=bool(softcap), HAS_START=has_start, BLOCK_G=max(16, cm.next_pow2(hq // hkv)), BLOCK_N=cfg["BLOCK_N"],
         BLOCK_D=max(16, cm.next_pow2(dim)),
         DOT_PREC=cm.dot_precision(dev, q.dtype), UPCAST=cm.dot_upcast(dev, q.dtype),
         SHARE_EVERY=cfg["SHARE_EVERY"], num_warps=cfg["num_warps"],
@@ -152,6 +154,7 @@ def triton_paged_decode(
     alpha: float,
     scale: float,
     softcap: float = 0.0,
+    row_start: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """The registered op; positional ``alibi_slopes`` (custom ops take no kwarg-only tensors)."""
     batch, hq, _, dim = q.shape
@@ -159,7 +162,7 @@ def triton_paged_decode(
     cfg, splits, seg = plan_splits(q, page_indices, page_size)
     cand_z, cand_tok, cand_cnt, split_max = score_candidates(
         q, k_cache, seqlens, page_indices, num_selected, alibi_slopes, page_size, alpha, scale, cfg, splits, seg,
-        softcap)
+        softcap, row_start)
     tau = torch.empty((batch, hq), device=q.device, dtype=torch.float32)
     live_z = solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, hq // hkv, splits, seg,
                        alpha, cfg)[0]
@@ -187,14 +190,17 @@ def paged_decode(
     scale: float,
     alibi_slopes: Optional[Tensor] = None,
     softcap: float = 0.0,
+    row_start: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact entmax attention of one query per sequence over the selected pages.
 
     Returns ``(out, tau)``: ``out`` [B, Hq, 1, D] in q's dtype, normalized by sum p, and ``tau``
     float32 [B, Hq], the exact threshold over the selected tokens in z units. ``softcap > 0``:
-    entmax over the capped scores ``softcap * tanh(s / softcap)``.
+    entmax over the capped scores ``softcap * tanh(s / softcap)``. ``row_start`` (int ``[B]``,
+    optional): positions below ``row_start[b]`` are not attended (a left-padded prefix).
     """
     check_decode_inputs(q, k_cache, v_cache, seqlens, page_indices, num_selected,
                         page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes)
     return triton_paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected,
-                               alibi_slopes, int(page_size), float(alpha), float(scale), check_softcap(softcap))
+                               alibi_slopes, int(page_size), float(alpha), float(scale), check_softcap(softcap),
+                               check_row_start(row_start, q.shape[0], device=q.device))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ...checks import check_attend_inputs, check_page_table, check_softcap, num_pages_for
+from ...checks import check_attend_inputs, check_page_table, check_row_start, check_softcap, num_pages_for
 from ...math.reference import entmax_probs_and_threshold
 from ...math.softcap import apply_softcap
 from ..select.reference import compute_dtype, page_mask_from_indices
@@ -16,11 +16,12 @@ from ..select.reference import compute_dtype, page_mask_from_indices
 __all__ = ["paged_decode", "paged_decode_unchecked"]
 
 
-def _decode_in(q, k_cache, v_cache, seqlens, page_mask, page_size, alpha, scale, alibi_slopes, softcap=0.0):
+def _decode_in(q, k_cache, v_cache, seqlens, page_mask, page_size, alpha, scale, alibi_slopes, softcap=0.0,
+               row_start=None):
     """Exact entmax over the tokens of ``page_mask`` (bool ``[B, Hkv, Npages]``).
 
     Returns ``out`` in q's dtype and ``tau [B, Hq]`` in the compute dtype. Scores of all rows are
-    computed, then masked; the solve is relative to each head's max score (shift-invariant, see
+    computed, then masked (rows below ``row_start[b]`` too, when given); the solve is relative to each head's max score (shift-invariant, see
     ``math.reference``). Lengths are clamped to ``[0, Nmax]``. A V row reaches the output only
     when it is in the support of some query head of its KV group (as in the kernels, which read V
     only there), so garbage in unattended rows cannot leak through ``0 * NaN``. Edge cases
@@ -33,6 +34,8 @@ def _decode_in(q, k_cache, v_cache, seqlens, page_mask, page_size, alpha, scale,
     group = q_heads // kv_heads
     rows = torch.arange(max_seqlen, device=q.device)
     inside = rows[None, :] < seqlens.to(torch.int64)[:, None]  # [B, N]
+    if row_start is not None:  # a hidden prefix (left padding): never attended
+        inside = inside & (rows[None, :] >= row_start.to(torch.int64)[:, None])
     tokens = page_mask.repeat_interleave(page_size, dim=-1)[..., :max_seqlen] & inside[:, None, :]
     mask = tokens[:, :, None, :]  # [B, Hkv, 1, N], shared by the query group
 
@@ -62,6 +65,7 @@ def paged_decode(
     scale: float,
     alibi_slopes: torch.Tensor | None = None,
     softcap: float = 0.0,
+    row_start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact entmax attention over the valid tokens of the selected pages.
 
@@ -72,21 +76,26 @@ def paged_decode(
     selects the last valid page, so this only happens with hand-made page tables). With
     ``softcap > 0`` the scores ``s = scale q.k (+ ALiBi)`` are capped to ``softcap * tanh(s /
     softcap)`` first: tau and the output are those of entmax over the capped scores.
+    ``row_start`` (int ``[B]``, optional): tokens at positions below ``row_start[b]`` are not
+    attended (a left-padded prefix), as those at or past ``seqlens[b]`` are not; ALiBi distances
+    stay measured from ``seqlens[b] - 1``.
     """
     page_size, alpha, scale = check_attend_inputs(q, k_cache, v_cache, seqlens, page_size, alpha, scale, alibi_slopes)
     batch, kv_heads, max_seqlen, _ = k_cache.shape
     num_pages = num_pages_for(max_seqlen, page_size)
     check_page_table(page_indices, num_selected, batch=batch, kv_heads=kv_heads, num_pages=num_pages,
                      device=q.device)
+    check_row_start(row_start, batch, device=q.device)
     return paged_decode_unchecked(q, k_cache, v_cache, seqlens, page_indices, num_selected, page_size=page_size,
                                   alpha=alpha, scale=scale, alibi_slopes=alibi_slopes,
-                                  softcap=check_softcap(softcap))
+                                  softcap=check_softcap(softcap), row_start=row_start)
 
 
 def paged_decode_unchecked(q, k_cache, v_cache, seqlens, page_indices, num_selected, *, page_size, alpha, scale,
-                           alibi_slopes=None, softcap=0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                           alibi_slopes=None, softcap=0.0, row_start=None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`paged_decode` for a caller that has validated its arguments (the step)."""
     num_pages = num_pages_for(k_cache.shape[2], page_size)
     page_mask = page_mask_from_indices(page_indices, num_selected, num_pages)
-    out, tau = _decode_in(q, k_cache, v_cache, seqlens, page_mask, page_size, alpha, scale, alibi_slopes, softcap)
+    out, tau = _decode_in(q, k_cache, v_cache, seqlens, page_mask, page_size, alpha, scale, alibi_slopes, softcap,
+                          row_start)
     return out, tau.to(torch.float32)

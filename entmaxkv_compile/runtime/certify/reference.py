@@ -2,6 +2,15 @@
 
 Pure torch, fixed-shape, no host sync: the CPU path of the ``entmaxkv::certify`` op and the oracle
 of the Triton kernel in :mod:`.kernel` (same arguments, same results).
+
+A left-padded batch (``run_step``'s ``row_start``): the certificate is about full entmax over
+``[row_start, seqlens)``. The pages lying wholly below the start hold none of those tokens, so they
+need no bound: the step drops them from every round's table after ``certify_pages`` (they may be
+flagged there, and are never read). The page that straddles the start keeps its statistics, which
+also cover the hidden rows before the start: its Quest bound is a max over more rows than are
+attended, so it is still an upper bound of every attended score, only looser, and the argument
+"a page left out has (alpha-1) u_p <= tau" stays sound. ``certify`` (``report_bound``) counts the
+hidden pages among the unselected ones: its ``delta_bound`` is only looser.
 """
 
 from __future__ import annotations

@@ -17,13 +17,14 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ...checks import check_kernel_bound_inputs, check_softcap
+from ...checks import check_kernel_bound_inputs, check_row_start, check_softcap
 from ...config import SELECTORS, TAU_ESTIMATES
 from .. import _common as cm
 from ..tuning.tuned import lookup
 from .reference import (
     forced_page_mask,
     head_normalized_group_score,
+    pages_from_start,
     top_pages_lowest_id_ties,
     valid_page_mask,
 )
@@ -66,8 +67,11 @@ def launch_quest(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_si
 
 def _gaussian_tau(q: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, page_size: int,
                   alpha: float, scale: float, mixture: bool, beta: int,
-                  alibi_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Page moments (mu, sigma) ``[B, Hq, Np]`` and tau_hat ``[B, Hq]``, all on device."""
+                  alibi_slopes: Optional[Tensor], row_start: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Page moments (mu, sigma) ``[B, Hq, Np]`` and tau_hat ``[B, Hq]``, all on device (the pages
+    wholly below ``row_start`` count as empty)."""
+    has_start = row_start is not None
+    start = row_start if has_start else seqlens  # never read when has_start is False
     batch, hq, hkv, num_pages, dim = _stats_view(q, kmean)
     cfg = lookup("select", q.device, "default", num_pages * page_size)
     per_prog = cfg["MOMENTS_BLOCKS"]
@@ -81,23 +85,23 @@ def _gaussian_tau(q: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, page_s
     # The dot form pads the G heads to 16 rows; the FMA form loops over next_pow2(G) heads.
     block_g = max(16, cm.next_pow2(hq // hkv)) if use_dot else cm.next_pow2(hq // hkv)
     wrap_triton(moments_kernel)[(nblocks, batch * hkv)](
-        q, kmean, km2, seqlens, alibi_slopes if alibi_slopes is not None else q, mu, sigma, mom,
+        q, kmean, km2, seqlens, start, alibi_slopes if alibi_slopes is not None else q, mu, sigma, mom,
         q.stride(0), q.stride(1), q.stride(3), *kmean.stride(),
         hq, hkv, hq // hkv, dim, num_pages, page_size, scale, per_prog,
-        HAS_ALIBI=alibi_slopes is not None, BLOCK_G=block_g,
+        HAS_ALIBI=alibi_slopes is not None, HAS_START=has_start, BLOCK_G=block_g,
         BLOCK_P=cfg["BLOCK_PM"], BLOCK_D=max(16, cm.next_pow2(dim)),
         DOT_PREC=cm.exact_fp32_dot(dev), USE_DOT=use_dot, num_warps=cfg["num_warps"],
     )
     if mixture:
         wrap_triton(mixture_tau_kernel)[(batch * hq,)](
-            mu, sigma, seqlens, tau, hq, num_pages, page_size, alpha - 1.0,
-            BETA=beta, BLOCK_P=cfg["BLOCK_PS"], MAX_IT=MAX_ITERS,
+            mu, sigma, seqlens, start, tau, hq, num_pages, page_size, alpha - 1.0,
+            HAS_START=has_start, BETA=beta, BLOCK_P=cfg["BLOCK_PS"], MAX_IT=MAX_ITERS,
             num_warps=cfg["num_warps"],
         )
     else:
         wrap_triton(gaussian_tau_kernel)[(batch * hq,)](
-            mom, seqlens, tau, hq, nblocks, alpha - 1.0,
-            BETA=beta, BLOCK_B=min(1024, cm.next_pow2(nblocks)), MAX_IT=MAX_ITERS, num_warps=1,
+            mom, seqlens, start, tau, hq, nblocks, alpha - 1.0, page_size,
+            HAS_START=has_start, BETA=beta, BLOCK_B=min(1024, cm.next_pow2(nblocks)), MAX_IT=MAX_ITERS, num_warps=1,
         )
     return mu, sigma, tau
 
@@ -129,7 +133,7 @@ def triton_select_pages(
     q: Tensor, kmin: Tensor, kmax: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor,
     alibi_slopes: Optional[Tensor], page_size: int, alpha: float, scale: float, selector: str,
     token_budget: int, max_quantile: float, margin: float, tau_estimate: str, sink_pages: int,
-    recent_pages: int, min_context: int, softcap: float = 0.0,
+    recent_pages: int, min_context: int, softcap: float = 0.0, row_start: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """The registered op (positional ``alibi_slopes``); see :func:`select_pages`."""
     batch, hq, hkv, num_pages, _ = _stats_view(q, kmin)
@@ -143,9 +147,13 @@ def triton_select_pages(
         # program, as the old single-program radix kernel did, took 0.72 ms at 1M on an H200.
         bounds, _ = launch_quest(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes,
                                  per_head=True, group_max=False, softcap=softcap)
-        score = head_normalized_group_score(bounds, hkv)
         valid = valid_page_mask(seqlens, page_size, num_pages)[:, None, :]
         forced = forced_page_mask(seqlens, page_size, num_pages, sink_pages, recent_pages)[:, None, :]
+        if row_start is not None:  # as the reference: pages wholly below the start do not exist
+            valid = valid & pages_from_start(row_start, page_size, num_pages)[:, None, :]
+            forced = forced & valid
+            bounds = torch.where(valid, bounds, float("-inf"))
+        score = head_normalized_group_score(bounds, hkv)
         score = torch.where(forced, float("inf"), score)
         chosen = top_pages_lowest_id_ties(score, min(token_budget // page_size, num_pages))
         short = (seqlens < min_context)[:, None, None]
@@ -155,16 +163,16 @@ def triton_select_pages(
     if gaussian:
         mixture = tau_estimate == "mixture" or (tau_estimate == "auto" and alibi_slopes is not None)
         mu, sigma, tau = _gaussian_tau(q, kmean, km2, seqlens, page_size, alpha, scale, mixture,
-                                       cm.integer_beta(alpha), alibi_slopes)
+                                       cm.integer_beta(alpha), alibi_slopes, row_start)
         ztab = page_max_z(dev, page_size, max_quantile)
     nblocks = cm.cdiv(num_pages, cfg["BLOCK_PS"])
     flags = torch.empty((batch, hkv, num_pages), device=dev, dtype=torch.int8)
     counts = torch.empty((batch, hkv, nblocks), device=dev, dtype=torch.int32)
     wrap_triton(keep_kernel)[(nblocks, batch * hkv)](
-        mu, sigma, tau, ztab, seqlens, flags, counts,
+        mu, sigma, tau, ztab, seqlens, row_start if row_start is not None else seqlens, flags, counts,
         hq, hkv, group_size, num_pages, page_size, alpha - 1.0, margin, sink_pages,
         recent_pages, min_context,
-        GAUSSIAN=gaussian, BLOCK_G=cm.next_pow2(group_size), BLOCK_P=cfg["BLOCK_PS"],
+        GAUSSIAN=gaussian, HAS_START=row_start is not None, BLOCK_G=cm.next_pow2(group_size), BLOCK_P=cfg["BLOCK_PS"],
         num_warps=cfg["num_warps"],
     )
     wrap_triton(compact_kernel)[(nblocks, batch * hkv)](
@@ -199,6 +207,7 @@ def select_pages(
     page_size: int, alpha: float, scale: float, selector: str, token_budget: int,
     max_quantile: float, margin: float, tau_estimate: str, sink_pages: int, recent_pages: int,
     min_context: int, alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0,
+    row_start: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Choose each KV head's pages: (``page_indices`` int32 ``[B, Hkv, Np]`` ascending then -1,
     ``num_selected`` int32 ``[B, Hkv]``), as the reference ``selection.select_pages``.
@@ -206,11 +215,13 @@ def select_pages(
     The gaussian estimate runs on device for integer beta (alpha 2, 1.5, 4/3, 1.25); other alphas
     use the reference selector, which is pure torch on the same device (still sync-free).
     ``softcap > 0``: top-k ranks capped bounds; the gaussian selector works on the raw scores
-    (see the reference's docstring for why).
+    (see the reference's docstring for why). ``row_start``: the pages wholly below it are
+    never selected, ranked or counted in the gaussian estimate (as the reference).
     """
     q = check_kernel_bound_inputs(q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha,
                                   scale=scale, alibi_slopes=alibi_slopes)
     softcap = check_softcap(softcap)
+    row_start = check_row_start(row_start, q.shape[0], device=q.device)
     if selector not in PAGE_SELECTORS:
         raise ValueError(f"selector must be one of {PAGE_SELECTORS}, got {selector!r}")
     if tau_estimate not in TAU_ESTIMATES:
@@ -233,11 +244,12 @@ def select_pages(
             q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha, scale=scale,
             selector=selector, token_budget=token_budget, max_quantile=max_quantile,
             margin=margin, tau_estimate=tau_estimate, sink_pages=sink_pages,
-            recent_pages=recent_pages, min_context=min_context, alibi_slopes=alibi_slopes, softcap=softcap)
+            recent_pages=recent_pages, min_context=min_context, alibi_slopes=alibi_slopes, softcap=softcap,
+            row_start=row_start)
     return triton_select_pages(
         q, kmin, kmax, kmean, km2, seqlens, alibi_slopes, int(page_size), float(alpha),
         float(scale), selector, int(token_budget), float(max_quantile), float(margin),
-        tau_estimate, int(sink_pages), int(recent_pages), int(min_context), softcap)
+        tau_estimate, int(sink_pages), int(recent_pages), int(min_context), softcap, row_start)
 
 
 @triton_op("entmaxkv::triton_quest_bounds", mutates_args=())

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ...checks import check_bound_inputs, check_int_arg, check_softcap, check_stats_buffers
+from ...checks import check_bound_inputs, check_int_arg, check_row_start, check_softcap, check_stats_buffers
 from ...config import SELECTORS, TAU_ESTIMATES, check_alpha
 from ...math.gaussian import gaussian_threshold, mixture_threshold, page_max_quantile_z
 from ...math.softcap import apply_softcap
@@ -20,6 +20,7 @@ from ..stats.reference import page_token_counts
 
 __all__ = [
     "compact_page_mask",
+    "drop_pages_below_start",
     "page_mask_from_indices",
     "quest_bounds",
     "select_pages",
@@ -37,6 +38,13 @@ def compute_dtype(q: torch.Tensor) -> torch.dtype:
 def valid_page_mask(seqlens: torch.Tensor, page_size: int, num_pages: int) -> torch.Tensor:
     """bool ``[B, Npages]``: page ``p`` holds at least one of the sequence's tokens."""
     return page_token_counts(seqlens, page_size, num_pages) > 0
+
+
+def pages_from_start(row_start: torch.Tensor, page_size: int, num_pages: int) -> torch.Tensor:
+    """bool ``[B, Npages]``: page ``p`` ends after ``row_start[b]`` (it holds an attended row of a
+    left-padded sequence; the pages before lie wholly in its hidden prefix)."""
+    pages = torch.arange(num_pages, device=row_start.device)[None, :]
+    return pages >= (row_start.to(torch.int64).clamp(min=0) // page_size)[:, None]
 
 
 def forced_page_mask(
@@ -60,6 +68,27 @@ def compact_page_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     keys = torch.where(mask, pages, num_pages).sort(dim=-1).values
     page_indices = torch.where(keys < num_pages, keys, -1).to(torch.int32)
     return page_indices, mask.sum(-1, dtype=torch.int32)
+
+
+def drop_pages_below_start(
+    page_indices: torch.Tensor, num_selected: torch.Tensor, row_start: torch.Tensor, page_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove from a page table (ascending then -1) every page lying entirely below ``row_start[b]``.
+
+    Those pages hold only a hidden prefix (left padding): attending them would add nothing, and
+    no certificate needs their bounds, since none of their tokens is a candidate of full entmax
+    over ``[row_start, seqlens)``. They form a prefix of each ascending table, so a shift by their
+    count (a gather, fixed shape, no sync) removes them. A page that straddles the start is kept:
+    its bounds cover rows that are not attended, so they stay upper bounds (only looser).
+    """
+    first_page = (row_start.to(torch.int64).clamp(min=0) // page_size)[:, None, None]  # [B, 1, 1]
+    slots = torch.arange(page_indices.shape[-1], device=page_indices.device)
+    ids = page_indices.to(torch.int64)
+    below = ((slots < num_selected[..., None]) & (ids >= 0) & (ids < first_page)).sum(-1)  # [B, Hkv]
+    source = (slots + below[..., None]).clamp(max=page_indices.shape[-1] - 1)
+    kept = num_selected.to(torch.int64) - below
+    shifted = torch.where(slots < kept[..., None], page_indices.gather(-1, source), -1)
+    return shifted.to(page_indices.dtype), kept.to(num_selected.dtype)
 
 
 def page_mask_from_indices(page_indices: torch.Tensor, num_selected: torch.Tensor, num_pages: int) -> torch.Tensor:
@@ -191,12 +220,16 @@ def quest_bounds_unchecked(q, kmin, kmax, seqlens, *, page_size, scale, alibi_sl
                            softcap).to(torch.float32)
 
 
-def _gaussian_keep(q, kmean, km2, seqlens, page_size, alpha, scale, max_quantile, margin, mixture, alibi_slopes):
-    """bool ``[B, Hq, Npages]``: pages whose likely maximum score clears the estimated threshold."""
+def _gaussian_keep(q, kmean, km2, seqlens, page_size, alpha, scale, max_quantile, margin, mixture, alibi_slopes,
+                   row_start=None):
+    """bool ``[B, Hq, Npages]``: pages whose likely maximum score clears the estimated threshold
+    (the pages wholly below ``row_start`` count as empty: no weight in the estimate, never kept)."""
     dtype = compute_dtype(q)
     batch, q_heads = q.shape[:2]
     kv_heads, num_pages = kmean.shape[1], kmean.shape[2]
     counts = page_token_counts(seqlens, page_size, num_pages).to(dtype)  # [B, Np]
+    if row_start is not None:
+        counts = torch.where(pages_from_start(row_start, page_size, num_pages), counts, 0.0)
     valid = (counts > 0)[:, None, :]
     var = km2.to(dtype) / counts.clamp(min=1)[:, None, :, None]
     qg = _grouped_query(q, kv_heads, dtype)
@@ -214,7 +247,7 @@ def _gaussian_keep(q, kmean, km2, seqlens, page_size, alpha, scale, max_quantile
     if mixture:
         tau_hat = mixture_threshold(mu, sigma, weights, alpha, dim=-1, check_values=False)
     else:
-        total = seqlens.to(dtype)[:, None]
+        total = seqlens.to(dtype)[:, None] if row_start is None else counts.sum(-1, keepdim=True).clamp(min=1)
         mu_g = (weights * mu).sum(-1) / total
         var_g = (weights * (sigma * sigma + (mu - mu_g[..., None]) ** 2)).sum(-1) / total
         tau_hat = gaussian_threshold(mu_g, var_g.clamp(min=0).sqrt(), total, alpha, check_values=False)
@@ -247,6 +280,7 @@ def select_pages(
     min_context: int,
     alibi_slopes: torch.Tensor | None = None,
     softcap: float = 0.0,
+    row_start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose the pages each KV head attends to: (``page_indices`` int32 ``[B, Hkv, Npages]``,
     ascending then -1; ``num_selected`` int32 ``[B, Hkv]``).
@@ -266,6 +300,11 @@ def select_pages(
     the support lies; a tight cap flattens the top and widens the support, so the estimate may
     miss pages. It is an approximate selector either way; ``certified`` adds every page whose
     capped bound violates the certificate, so the output stays exact.
+
+    ``row_start`` (int ``[B]``, optional; a left-padded batch): pages lying wholly below the
+    start are never selected, forced or ranked (top-k fills its budget from the pages after it),
+    and weigh nothing in the gaussian estimate. The page that straddles the start keeps its
+    statistics (they also describe hidden rows: the estimate is approximate either way).
     """
     page_size, scale = check_bound_inputs(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes)
     batch, _, _, head_dim = q.shape
@@ -288,28 +327,33 @@ def select_pages(
         q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha, scale=scale, selector=selector,
         token_budget=token_budget, max_quantile=max_quantile, margin=margin, tau_estimate=tau_estimate,
         sink_pages=sink_pages, recent_pages=recent_pages, min_context=min_context, alibi_slopes=alibi_slopes,
-        softcap=check_softcap(softcap))
+        softcap=check_softcap(softcap), row_start=check_row_start(row_start, batch, device=q.device))
 
 
 def select_pages_unchecked(q, kmin, kmax, kmean, km2, seqlens, *, page_size, alpha, scale, selector, token_budget,
                            max_quantile, margin, tau_estimate, sink_pages, recent_pages, min_context,
-                           alibi_slopes=None, softcap=0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                           alibi_slopes=None, softcap=0.0, row_start=None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`select_pages` for a caller that has validated its arguments (the step: its entry
     checked the tensors, ``EntmaxKVConfig`` the options)."""
     batch, kv_heads, num_pages = kmin.shape[:3]
     valid = valid_page_mask(seqlens, page_size, num_pages)[:, None, :]  # [B, 1, Np]
     forced = forced_page_mask(seqlens, page_size, num_pages, sink_pages, recent_pages)[:, None, :]
+    if row_start is not None:
+        valid = valid & pages_from_start(row_start, page_size, num_pages)[:, None, :]
+        forced = forced & valid
     if selector == "dense":
         chosen = valid.expand(batch, kv_heads, num_pages)
     elif selector == "topk":
         bounds = quest_bounds_in(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes, compute_dtype(q), softcap)
+        if row_start is not None:  # a hidden page neither ranks nor sets a head's best page
+            bounds = torch.where(valid, bounds, float("-inf"))
         score = head_normalized_group_score(bounds, kv_heads)
         score = torch.where(forced, float("inf"), score)
         chosen = top_pages_lowest_id_ties(score, min(token_budget // page_size, num_pages))
     else:
         mixture = tau_estimate == "mixture" or (tau_estimate == "auto" and alibi_slopes is not None)
         keep = _gaussian_keep(q, kmean, km2, seqlens, page_size, alpha, scale, float(max_quantile),
-                              float(margin), mixture, alibi_slopes)
+                              float(margin), mixture, alibi_slopes, row_start)
         chosen = keep.reshape(batch, kv_heads, -1, num_pages).any(2)
     short = (seqlens < min_context)[:, None, None]
     chosen = (chosen | forced | short) & valid

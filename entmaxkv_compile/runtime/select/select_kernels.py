@@ -30,6 +30,14 @@ def _page_counts(pages, length, page_size, num_pages):
 
 
 @triton.jit
+def _counts_from_start(n, pages, start_ptr, b, page_size):
+    """Page counts ``n`` with the pages wholly below ``start[b]`` (a left-padded prefix) emptied;
+    the page that straddles the start keeps its statistics' count."""
+    first = tl.maximum(tl.load(start_ptr + b).to(tl.int32), 0) // page_size
+    return tl.where(pages >= first, n, 0)
+
+
+@triton.jit
 def group_page_bounds(
     q_ptr, kmin_ptr, kmax_ptr, slopes_ptr, b, hk, pages, load_mask, length,
     sqb, sqh, sqd, ssb, ssh, ssp, ssd, G, D, page_size, scale, softcap,
@@ -105,16 +113,17 @@ def quest_kernel(
 
 @triton.jit
 def moments_kernel(
-    q_ptr, kmean_ptr, km2_ptr, seqlens_ptr, slopes_ptr, mu_ptr, sigma_ptr, mom_ptr,
+    q_ptr, kmean_ptr, km2_ptr, seqlens_ptr, start_ptr, slopes_ptr, mu_ptr, sigma_ptr, mom_ptr,
     sqb, sqh, sqd, ssb, ssh, ssp, ssd,
     Hq, Hkv, G, D, num_pages, page_size, scale, blocks_per_prog,
-    HAS_ALIBI: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_START: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, USE_DOT: tl.constexpr,
 ):
     """Page moments (mu, sigma) of ``blocks_per_prog`` consecutive page blocks for the G heads of
     a KV head, and the program's count-weighted sums of them (float64) for the single-Gaussian
     tau_hat. A program walks several blocks so that the next block's loads overlap this block's
-    reductions (one block per program left the H200 at ~2.3 TB/s)."""
+    reductions (one block per program left the H200 at ~2.3 TB/s). ``HAS_START``: the pages wholly
+    below the row's first attended position count as empty (:func:`_counts_from_start`)."""
     prog = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
@@ -137,6 +146,8 @@ def moments_kernel(
     for it in range(0, blocks_per_prog):
         pages = (prog * blocks_per_prog + it) * BLOCK_P + tl.arange(0, BLOCK_P)
         n = _page_counts(pages, length, page_size, num_pages)
+        if HAS_START:
+            n = _counts_from_start(n, pages, start_ptr, b, page_size)
         valid = n > 0
         nf = n.to(tl.float32)
         off = (b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + pages.to(tl.int64)[:, None] * ssp
@@ -182,9 +193,9 @@ def moments_kernel(
 
 @triton.jit
 def keep_kernel(
-    mu_ptr, sigma_ptr, tau_ptr, ztab_ptr, seqlens_ptr, flag_ptr, count_ptr,
+    mu_ptr, sigma_ptr, tau_ptr, ztab_ptr, seqlens_ptr, start_ptr, flag_ptr, count_ptr,
     Hq, Hkv, G, num_pages, page_size, am1, margin, sink, recent, min_context,
-    GAUSSIAN: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+    GAUSSIAN: tl.constexpr, HAS_START: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Dense/gaussian keep flags of one page block (union over the group, forced pages) and
     the block's count, for the parallel compaction."""
@@ -196,6 +207,8 @@ def keep_kernel(
     last = (length - 1) // page_size
     pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
     n = _page_counts(pages, length, page_size, num_pages)
+    if HAS_START:  # pages wholly below the start are neither kept nor forced
+        n = _counts_from_start(n, pages, start_ptr, b, page_size)
     valid = n > 0
     forced = (pages == last) | (pages < sink) | ((pages >= last - recent) & (pages < last))
     keep = forced | (length < min_context)

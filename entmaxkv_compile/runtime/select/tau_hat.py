@@ -81,8 +81,8 @@ def _gaussian_newton(center, s, n, lo, hi, t, BETA: tl.constexpr, MAX_IT: tl.con
 
 @triton.jit
 def gaussian_tau_kernel(
-    mom_ptr, seqlens_ptr, tau_ptr, Hq, num_blocks, am1,
-    BETA: tl.constexpr, BLOCK_B: tl.constexpr, MAX_IT: tl.constexpr,
+    mom_ptr, seqlens_ptr, start_ptr, tau_ptr, Hq, num_blocks, am1, page_size,
+    HAS_START: tl.constexpr, BETA: tl.constexpr, BLOCK_B: tl.constexpr, MAX_IT: tl.constexpr,
 ):
     """Single Gaussian: reduce the per-block count-weighted moment sums, then solve: a float32
     log-space Newton pass (fast special functions, few steps) finds the root to ~1e-6, and the
@@ -103,6 +103,9 @@ def gaussian_tau_kernel(
         s1 += tl.load(base + (i + offs) * 2, mask=mask, other=0.0)
         s2 += tl.load(base + (i + offs) * 2 + 1, mask=mask, other=0.0)
     n = tl.load(seqlens_ptr + b).to(tl.float64)
+    if HAS_START:  # the tokens of the pages from the start's page on (at least 1, as the reference)
+        first = tl.maximum(tl.load(start_ptr + b).to(tl.int32), 0) // page_size
+        n = tl.maximum(n - (first * page_size).to(tl.float64), 1.0)
     mu = tl.sum(s1, axis=0) / n
     var = tl.maximum(tl.sum(s2, axis=0) / n - mu * mu, 0.0)
     s = am1 * tl.sqrt(var)
@@ -122,16 +125,20 @@ def gaussian_tau_kernel(
 
 @triton.jit
 def mixture_tau_kernel(
-    mu_ptr, sigma_ptr, seqlens_ptr, tau_ptr, Hq, num_pages, page_size, am1,
-    BETA: tl.constexpr, BLOCK_P: tl.constexpr, MAX_IT: tl.constexpr,
+    mu_ptr, sigma_ptr, seqlens_ptr, start_ptr, tau_ptr, Hq, num_pages, page_size, am1,
+    HAS_START: tl.constexpr, BETA: tl.constexpr, BLOCK_P: tl.constexpr, MAX_IT: tl.constexpr,
 ):
-    """Mixture of per-page Gaussians weighted by page token counts (the ALiBi estimate)."""
+    """Mixture of per-page Gaussians weighted by page token counts (the ALiBi estimate); with
+    ``HAS_START`` the pages wholly below the row's start weigh nothing."""
     pid = tl.program_id(0)
     b = pid // Hq
     length = tl.load(seqlens_ptr + b).to(tl.int32)
     if length == 0:  # nothing to select (a certified step reading densely)
         tl.store(tau_ptr + pid, float("inf"))
         return
+    first = tl.zeros([], tl.int32)
+    if HAS_START:
+        first = tl.maximum(tl.load(start_ptr + b).to(tl.int32), 0) // page_size
     base = pid.to(tl.int64) * num_pages
     offs = tl.arange(0, BLOCK_P)
     top = tl.full([BLOCK_P], float("-inf"), tl.float32)
@@ -139,14 +146,14 @@ def mixture_tau_kernel(
     for p0 in range(0, num_pages, BLOCK_P):
         pages = p0 + offs
         n = tl.minimum(tl.maximum(length - pages * page_size, 0), page_size)
-        ok = n > 0
+        ok = (n > 0) & (pages >= first)
         mu = tl.load(mu_ptr + base + pages, mask=ok, other=0.0)
         sg = tl.load(sigma_ptr + base + pages, mask=ok, other=0.0)
         top = tl.maximum(top, tl.where(ok, am1 * mu, float("-inf")))
         spread = tl.maximum(spread, tl.where(ok, am1 * sg, 0.0))
     top_c = tl.max(top, axis=0)
     s_max = tl.max(spread, axis=0)
-    total = length.to(tl.float32)
+    total = tl.maximum(length - first * page_size, 1).to(tl.float32)
     lo = top_c - 1.0 - 8.0 * s_max
     hi = top_c + s_max * (tl.sqrt(2.0 * tl.log(total + 1.0)) + 8.0)
     t = lo
@@ -158,7 +165,7 @@ def mixture_tau_kernel(
         for p0 in range(0, num_pages, BLOCK_P):
             pages = p0 + offs
             n = tl.minimum(tl.maximum(length - pages * page_size, 0), page_size)
-            ok = n > 0
+            ok = (n > 0) & (pages >= first)
             mu = tl.load(mu_ptr + base + pages, mask=ok, other=0.0)
             sg = tl.load(sigma_ptr + base + pages, mask=ok, other=0.0)
             mb, mb1 = _moments(am1 * mu - t, am1 * sg, BETA)
