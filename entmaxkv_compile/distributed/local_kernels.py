@@ -35,14 +35,19 @@ _FLOOR_MARGIN = 1e-4
 class KernelThreshold(NamedTuple):
     """The global threshold of the kernel path, per ``[B, Hkv, G]`` head: ``tau`` (float32, z
     units; ``+inf`` with nothing attended anywhere, NaN where some rank attended a NaN/``+inf``
-    score), ``exact`` (not poisoned and no rank overflowed), ``lower`` (= ``tau``: the solve is
-    exact or the caller falls back), ``overflow``; ``local`` the rank's K pass."""
+    score), ``exact`` (not poisoned and no rank overflowed), ``overflow``; ``local`` the rank's K
+    pass."""
 
     local: Any
     tau: torch.Tensor
     exact: torch.Tensor
-    lower: torch.Tensor
     overflow: torch.Tensor
+
+    @property
+    def lower(self) -> torch.Tensor:
+        """A proven lower bound of the threshold: ``tau`` itself (the solve is exact, or the caller
+        falls back to the levels)."""
+        return self.tau
 
 
 def kernel_threshold(comm: Collectives, impl: Any, q: torch.Tensor, k_cache: torch.Tensor, lengths: torch.Tensor,
@@ -76,7 +81,7 @@ def kernel_threshold(comm: Collectives, impl: Any, q: torch.Tensor, k_cache: tor
     tau = torch.where(poisoned, float("nan"), tau)
     shape = (batch, kv_heads, q_heads // kv_heads)
     exact = (~overflow & ~poisoned).view(shape)
-    return KernelThreshold(local, tau.view(shape), exact, tau.view(shape), overflow.view(shape))
+    return KernelThreshold(local, tau.view(shape), exact, overflow.view(shape))
 
 
 def _gather(comm: Collectives, impl: Any, local: Any, floor: torch.Tensor,

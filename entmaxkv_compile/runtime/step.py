@@ -145,9 +145,9 @@ def run_step(
                          "yet; use a config without the sketch for a left-padded batch")
     kmin, kmax, kmean, km2 = stats
     page_size = config.page_size
-    geometry = dict(page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes, softcap=softcap)
     # the sketch's stages take no cap (refused above): they get the geometry without it
     sketch_geometry = dict(page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes)
+    geometry = dict(sketch_geometry, softcap=softcap)
     first = "gaussian" if config.selector == "certified" else config.selector
     dense_rows = dense_rows if config.selector == "certified" else None
     # a row read densely selects nothing first: length 0 makes the selection load nothing for it
@@ -164,10 +164,7 @@ def run_step(
             max_quantile=config.max_quantile, margin=config.margin, tau_estimate=config.tau_estimate,
             sink_pages=config.sink_pages, recent_pages=config.recent_pages,
             min_context=config.min_context, **geometry, row_start=row_start,
-        )
-    if row_start is not None:
-        page_indices, num_selected = selection.drop_pages_below_start(page_indices, num_selected, row_start,
-                                                                      page_size)
+        )  # never a page wholly below row_start: the selectors leave them out
 
     out, tau = impl.paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry,
                                  row_start=row_start)
