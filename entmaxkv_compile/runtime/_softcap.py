@@ -13,6 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def soft_cap(x, cap):
     """``cap * tanh(x / cap)`` where ``x`` is finite, ``x`` elsewhere (``cap > 0``, float32)."""
