@@ -37,6 +37,19 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(skip)
 
 
+def on_kernel_device(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with every tensor argument moved to ``KERNEL_DEVICE`` and every tensor
+    it returns moved back to the CPU, so a kernel test builds its inputs and compares on the CPU
+    whichever device the kernels run on."""
+    from torch.utils._pytree import tree_map
+
+    def move(device):
+        return lambda x: x.to(device) if isinstance(x, torch.Tensor) else x
+
+    args, kwargs = tree_map(move(KERNEL_DEVICE), (args, kwargs))
+    return tree_map(move("cpu"), fn(*args, **kwargs))
+
+
 def _zoo_step(context: int = 21, batch: int = 2, seed: int = 0, **model_args):
     """A prefilled gpt-fast zoo model and the arguments of its next decode step."""
     from examples.zoo import gpt_fast

@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 
+from conftest import on_kernel_device
+
 from entmaxkv_compile import metrics
 from entmaxkv_compile.config import EntmaxKVConfig
 from entmaxkv_compile.math.reference import entmax_probs_and_threshold
@@ -89,7 +91,7 @@ def test_decode_kernel_matches_reference_and_full_entmax(dtype, alpha):
     row_start = torch.tensor([13, 0, 40], dtype=torch.int32)
     idx, nsel = _all_pages(batch, hkv, nmax // PAGE)
     kw = dict(page_size=PAGE, alpha=alpha, scale=1 / math.sqrt(dim), row_start=row_start)
-    out, tau = kernels.paged_decode(q, k, v, seqlens, idx, nsel, **kw)
+    out, tau = on_kernel_device(kernels.paged_decode, q, k, v, seqlens, idx, nsel, **kw)
     ref_out, ref_tau = attend_reference.paged_decode(q, k, v, seqlens, idx, nsel, **kw)
     want, empty = _full_entmax_window(q, k, v, seqlens, row_start, alpha, kw["scale"])
     tol = 1e-5 if dtype == torch.float32 else 2e-3
@@ -157,7 +159,7 @@ def test_kernel_step_matches_reference_step(selector):
     seqlens = torch.tensor([64, 45], dtype=torch.int32)
     row_start = torch.tensor([19, 8], dtype=torch.int32)
     ref = _step(reference_implementation(), q, k, v, seqlens, row_start, selector, 2.0)
-    got = _step(kernels, q, k, v, seqlens, row_start, selector, 2.0)
+    got = on_kernel_device(_step, kernels, q, k, v, seqlens, row_start, selector, 2.0)
     assert torch.equal(got.num_selected, ref.num_selected)
     assert torch.equal(got.certified, ref.certified)
     assert float(metrics.relative_error(got.out, ref.out)) < 1e-5
@@ -241,7 +243,7 @@ def test_prefix_mask_guard_accepts_exactly_a_hidden_prefix(bool_mask):
 
 def _select(impl, q, k, seqlens, row_start, selector, slopes=None):
     stats = KVPageStats.from_cache(k, seqlens, PAGE).buffers()[:4]
-    return impl.select_pages(q, *stats, seqlens, page_size=PAGE, alpha=1.5, scale=1 / math.sqrt(q.shape[-1]),
+    return on_kernel_device(impl.select_pages, q, *stats, seqlens, page_size=PAGE, alpha=1.5, scale=1 / math.sqrt(q.shape[-1]),
                              selector=selector, token_budget=3 * PAGE, max_quantile=0.9, margin=0.0,
                              tau_estimate="auto", sink_pages=1, recent_pages=0, min_context=0,
                              alibi_slopes=slopes, row_start=row_start)

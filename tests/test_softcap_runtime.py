@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from conftest import on_kernel_device
+
 from entmaxkv_compile import metrics
 from entmaxkv_compile.checks import check_softcap
 from entmaxkv_compile.config import EntmaxKVConfig
@@ -88,7 +90,7 @@ def test_decode_kernel_matches_reference_and_full_entmax(shape):
     idx, nsel = _all_pages(seqlens, hkv, -(-nmax // page), page)
     slopes = (torch.rand(hq, generator=gen) * 0.1) if alibi else None
     kw = dict(page_size=page, alpha=alpha, scale=1 / math.sqrt(dim), alibi_slopes=slopes, softcap=cap)
-    out, tau = kernels.paged_decode(q, k, v, seqlens, idx, nsel, **kw)
+    out, tau = on_kernel_device(kernels.paged_decode, q, k, v, seqlens, idx, nsel, **kw)
     ref_out, ref_tau = attend_reference.paged_decode(q, k, v, seqlens, idx, nsel, **kw)
     full, _ = metrics.full_entmax_decode(q.double(), k.double(), v.double(), seqlens, alpha, 1 / math.sqrt(dim),
                                          None if slopes is None else slopes.double(), softcap=cap)
@@ -109,7 +111,7 @@ def test_kernel_bounds_are_the_capped_reference_bounds():
     raw = select_reference.quest_bounds(q, kmin, kmax, seqlens, **kw)
     capped = select_reference.quest_bounds(q, kmin, kmax, seqlens, softcap=cap, **kw)
     assert torch.equal(capped, apply_softcap(raw, cap))
-    assert torch.allclose(kernels.quest_bounds(q, kmin, kmax, seqlens, softcap=cap, **kw), capped, atol=1e-5)
+    assert torch.allclose(on_kernel_device(kernels.quest_bounds, q, kmin, kmax, seqlens, softcap=cap, **kw), capped, atol=1e-5)
     # every capped score lies under its page's capped bound
     raw_scores = (q.reshape(batch, hkv, hq // hkv, dim) @ k.transpose(-1, -2)).reshape(batch, hq, nmax) * kw["scale"]
     scores = apply_softcap(raw_scores + slopes[None, :, None] * (torch.arange(nmax)[None, :] - (seqlens[:, None] - 1))
@@ -133,7 +135,7 @@ def test_kernel_bounds_are_the_capped_reference_bounds():
     read_all = torch.zeros(batch, dtype=torch.bool)
     geometry = dict(alpha=1.5, softcap=cap, **kw)
     ref = reference_implementation().certify_pages(q, kmin, kmax, seqlens, idx, nsel, tau, read_all, **geometry)
-    got = kernels.certify_pages(q, kmin, kmax, seqlens, idx, nsel, tau, read_all, **geometry)
+    got = on_kernel_device(kernels.certify_pages, q, kmin, kmax, seqlens, idx, nsel, tau, read_all, **geometry)
     assert torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[2])
     uncapped = reference_implementation().certify_pages(q, kmin, kmax, seqlens, idx, nsel, tau, read_all,
                                                         **{**geometry, "softcap": 0.0})
@@ -168,7 +170,7 @@ def test_kernel_step_matches_reference_step(selector):
     batch, hq, hkv, nmax, dim, cap = 2, 4, 2, 64, 16, 2.0
     _, q, k, v, seqlens = _case(13, batch, hq, hkv, nmax, dim, torch.float32)
     ref = _step(reference_implementation(), q, k, v, seqlens, selector, 1.5, cap)
-    got = _step(kernels, q, k, v, seqlens, selector, 1.5, cap)
+    got = on_kernel_device(_step, kernels, q, k, v, seqlens, selector, 1.5, cap)
     assert torch.equal(got.num_selected, ref.num_selected)
     assert torch.equal(got.certified, ref.certified)
     assert torch.allclose(got.delta_bound, ref.delta_bound, atol=1e-5)
