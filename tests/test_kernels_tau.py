@@ -15,10 +15,13 @@ if DEVICE == "cpu":
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from entmaxkv_compile import metrics  # noqa: E402
 from entmaxkv_compile.math import reference  # noqa: E402
 from entmaxkv_compile.runtime import kernels  # noqa: E402
+from entmaxkv_compile.runtime.attend.tau_kernels import FLOOR_STEPS, _floor_of_subset  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not kernels.available(DEVICE),
                                 reason=f"Triton kernels cannot run on {DEVICE}")
@@ -124,3 +127,39 @@ def test_tau_ragged_alibi_gqa(dtype, alpha):
     assert torch.allclose(tau.double().cpu(), ref_tau, rtol=1e-5, atol=1e-5)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     assert float(metrics.relative_error(out.double().cpu(), full)) < tol
+
+
+@triton.jit
+def _floor_kernel(z_ptr, out_ptr, n, beta, RMAX: tl.constexpr, BLOCK: tl.constexpr,
+                  STEPS: tl.constexpr):
+    """One row of scores per program: the level-1 floor of tau_first_kernel."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    z = tl.load(z_ptr + row * BLOCK + offs, mask=offs < n, other=float("-inf"))
+    tl.store(out_ptr + row, _floor_of_subset(z, tl.max(z, axis=0), beta, RMAX, STEPS))
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_floor_of_a_subset_is_a_tight_lower_bound_of_its_threshold(alpha):
+    """The level-1 lower bound (Newton from ``M - 1`` on a few scores, here the splits' maxima)
+    never exceeds the threshold of those scores (so never the full one), never falls below
+    ``M - 1``, and is close to it: this is what keeps flat heads' survivors few."""
+    gen = torch.Generator().manual_seed(int(alpha * 1000))
+    rows, block = 24, 64
+    z = torch.randn(rows, block, generator=gen, dtype=torch.float64) * torch.logspace(-3, 1, rows, dtype=torch.float64)[:, None]
+    z[0] = 0.25  # ties
+    z[1, 1:] = -1e3  # a single score
+    z[2, 5:] = float("-inf")
+    beta = 1.0 / (alpha - 1.0)
+    rmax = int(beta) if beta in (1.0, 2.0) else 0
+    out = torch.empty(rows, dtype=torch.float32, device=DEVICE)
+    z32 = z.to(torch.float32)
+    _floor_kernel[(rows,)](z32.to(DEVICE), out, block, beta, RMAX=rmax, BLOCK=block, STEPS=FLOOR_STEPS)
+    floor = out.double().cpu()
+    zz = z32.double()
+    tau = reference.entmax_threshold(zz / (alpha - 1.0), alpha, dim=-1, mask=torch.isfinite(zz))
+    big_m = zz.max(-1).values
+    ulp = 2.0 ** -23 * (big_m.abs() + 1.0)  # M - 1 itself is rounded to float32
+    assert bool((floor <= tau + ulp).all()), (floor - tau)
+    assert bool((floor >= big_m - 1.0 - 1e-6).all())
+    assert bool((tau - floor <= 0.05 * (big_m - tau) + 1e-4).all()), (tau - floor) / (big_m - tau)

@@ -198,11 +198,14 @@ def output_kernel(
         z = tl.load(z_base + tt[None, :], mask=gmask[:, None] & tmask[None, :],
                     other=float("-inf"))
         live = tl.max((z > tau[:, None]).to(tl.int32), axis=0)
-        pos = n + tl.cumsum(live, axis=0) - live
-        keep = live > 0
-        tl.store(live_tok + pos, tl.load(tok_base + tt, mask=keep, other=0), mask=keep)
-        tl.store(live_z + pos[None, :], z, mask=keep[None, :] & gmask[:, None])
-        n += tl.sum(live, axis=0)
+        found = tl.sum(live, axis=0)
+        # On flat keys most candidates lie below tau: no scan, no stores for such tiles.
+        if found > 0:
+            pos = n + tl.cumsum(live, axis=0) - live
+            keep = live > 0
+            tl.store(live_tok + pos, tl.load(tok_base + tt, mask=keep, other=0), mask=keep)
+            tl.store(live_z + pos[None, :], z, mask=keep[None, :] & gmask[:, None])
+        n += found
     tl.debug_barrier()  # the loop below reads what the other threads just wrote
 
     # 2. p . v over that list.

@@ -22,7 +22,7 @@ from ...checks import check_kernel_decode_inputs as check_decode_inputs
 from ...checks import check_row_start, check_softcap
 from ..tuning.tuned import decode_config
 from .decode_kernels import output_kernel, reduce_kernel, score_kernel
-from .tau_kernels import NEWTON_STEPS, NUM_PIVOTS, NUM_SLOTS, tau_first_kernel, tau_second_kernel
+from .tau_kernels import FLOOR_STEPS, NEWTON_STEPS, NUM_PIVOTS, NUM_SLOTS, tau_first_kernel, tau_second_kernel
 
 
 def tau_levels(alpha: float) -> int:
@@ -61,7 +61,8 @@ def solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, s
     wrap_triton(tau_first_kernel)[(rows, chunks)](
         cand_z, cand_cnt, split_max, survivors, counts[0], state[0], part[0], pivots[0], tickets,
         hq, hkv, group, splits, seg, alpha - 1.0, beta, math.log2(cap), per_prog, chunks,
-        BLOCK_S=cm.next_pow2(splits), BLOCK_T=block_t, BLOCK_K=4 * block_t, **common,
+        BLOCK_S=cm.next_pow2(splits), BLOCK_T=block_t, BLOCK_K=4 * block_t, FLOOR_STEPS=FLOOR_STEPS,
+        **common,
     )
     wrap_triton(tau_second_kernel)[(rows, chunks)](
         part[0], pivots[0], state[0], survivors, counts[0], part[1], pivots[1], state[1],
@@ -135,7 +136,7 @@ def output_partials(v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, alpha, cfg
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         hq, hkv, hq // hkv, dim, splits, cap // splits, 1.0 / (alpha - 1.0),
         KIND=cm.alpha_kind(alpha), BLOCK_G=max(16, cm.next_pow2(hq // hkv)), BLOCK_T=cfg["BLOCK_T"],
-        BLOCK_SCAN=4 * cfg["BLOCK_T"], BLOCK_D=max(16, cm.next_pow2(dim)),
+        BLOCK_SCAN=8 * cfg["BLOCK_T"], BLOCK_D=max(16, cm.next_pow2(dim)),
         DOT_PREC=cm.exact_fp32_dot(dev), num_warps=cfg["num_warps"],
     )
     return o_part, l_part

@@ -14,9 +14,12 @@ entmax and the root *is* tau (up to float32 rounding of the sums).
 
 * ``tau_first_kernel`` (batch x query head, run of splits) runs level 1 where the candidates are:
   its pivots are log-spaced in ``M - t`` over the proven bracket
-  ``M - 1 <= tau <= M - n^(1-alpha)`` (``M`` the head's max over the split maxima, ``n`` the
-  candidate capacity). It first compacts the candidates above ``lo = M - 1`` (the only ones that
-  can be in the support) into its run's region of a survivor buffer, then sums over that compacted
+  ``lo <= tau <= M - n^(1-alpha)`` (``M`` the head's max over the split maxima, ``n`` the
+  candidate capacity), where ``lo`` is the threshold of the split maxima alone (a subset's
+  threshold is at most the full one; ``_floor_of_subset``), never below ``M - 1``. On flat heads
+  it keeps tens of scores where ``M - 1`` keeps thousands. It first compacts the candidates above
+  ``lo`` (the only ones that can be in the support) into its run's region of a survivor buffer,
+  then sums over that compacted
   list, so its partial sums do not depend on how many extra candidates the K pass kept (the K
   pass's filter depends on the timing of the other programs; see ``score_kernel``).
 * ``tau_second_kernel`` (same grid): every program merges level 1 (same sums, same order, so
@@ -45,6 +48,7 @@ import triton.language as tl
 NUM_PIVOTS = 16
 NUM_SLOTS = 8
 NEWTON_STEPS = 30
+FLOOR_STEPS = 8
 
 
 @triton.jit
@@ -200,11 +204,38 @@ def _append_above(z, lo, dst, kept):
 
 
 @triton.jit
+def _floor_of_subset(z, big_m, beta, RMAX: tl.constexpr, STEPS: tl.constexpr):
+    """A lower bound of tau from a few of the head's scores ``z`` (-inf where absent; here the
+    splits' maxima): the threshold of any subset of the scores is at most the full one (adding a
+    score only raises it), and Newton's method on ``f(t) = sum_z [z - t]_+^beta = 1`` started at
+    ``M - 1`` (where ``f >= 1``) climbs to that subset's threshold from below, every iterate a
+    lower bound (f is convex and decreasing). On flat heads (low-rank keys, recorded activations)
+    this keeps tens of scores above the bound where ``M - 1`` keeps thousands. The result is
+    lowered by a margin for the float32 rounding of the sums and never goes below ``M - 1``."""
+    t = big_m - 1.0
+    for _ in tl.static_range(STEPS):
+        u = tl.maximum(z - t, 0.0)
+        if RMAX == 1:
+            f = tl.sum(u, axis=0)
+            df = tl.sum((u > 0).to(tl.float32), axis=0)
+        elif RMAX == 2:
+            f = tl.sum(u * u, axis=0)
+            df = 2.0 * tl.sum(u, axis=0)
+        else:
+            pw = tl.where(u > 0, tl.exp2(beta * tl.log2(tl.where(u > 0, u, 1.0))), 0.0)
+            f = tl.sum(pw, axis=0)
+            df = beta * tl.sum(tl.where(u > 0, pw / tl.where(u > 0, u, 1.0), 0.0), axis=0)
+        t = tl.where((f > 1.0) & (df > 0), t + (f - 1.0) / tl.maximum(df, 1e-30), t)
+    margin = 1e-3 * (big_m - t) + 1e-5 * tl.maximum(tl.abs(big_m), 1.0)
+    return tl.where(big_m > float("-inf"), tl.maximum(t - margin, big_m - 1.0), big_m - 1.0)
+
+
+@triton.jit
 def tau_first_kernel(
     cand_z_ptr, cand_cnt_ptr, split_max_ptr, surv_ptr, surv_cnt_ptr, state_ptr, part_ptr, piv_ptr,
     ticket_ptr, Hq, Hkv, G, num_splits, seg, alpha_m1, beta, log2_cap, splits_per_prog, num_chunks,
     RMAX: tl.constexpr, NP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, FLOOR_STEPS: tl.constexpr,
 ):
     """Level 1 over a run of splits' candidates of one query head (see the module doc).
 
@@ -224,11 +255,14 @@ def tau_first_kernel(
     smask = offs_s < num_splits
     smax = tl.load(split_max_ptr + pid * num_splits + offs_s, mask=smask, other=float("-inf"))
     poisoned = tl.max((smax != smax).to(tl.int32), axis=0) > 0  # an attended NaN/+inf score
-    big_m = tl.max(tl.where(smax != smax, float("-inf"), smax), axis=0)
-    # d_k = M - t_k, log-spaced from 1 down to n^(1-alpha) (tau's proven range).
-    t = big_m - tl.exp2(-alpha_m1 * log2_cap * kf / (NP - 1))
+    smax = tl.where(smax != smax, float("-inf"), smax)
+    big_m = tl.max(smax, axis=0)
     live = (big_m > float("-inf")) & (poisoned == 0)
-    lo = big_m - 1.0
+    lo = _floor_of_subset(smax, big_m, beta, RMAX, FLOOR_STEPS)
+    # d_k = M - t_k, log-spaced from M - lo down to n^(1-alpha) (tau's proven range); t_0 = lo.
+    ld_lo = tl.log2(tl.maximum(big_m - lo, 1e-30))
+    ld_min = tl.minimum(-alpha_m1 * log2_cap, ld_lo)
+    t = tl.where(offs_k == 0, lo, big_m - tl.exp2(ld_lo + (ld_min - ld_lo) * kf / (NP - 1)))
 
     # 1. Compact the candidates above lo into this run's region, in token order (tiles of
     # BLOCK_K: on flat heads most tokens are candidates and this loop streams them).
