@@ -145,17 +145,20 @@ def test_floor_of_a_subset_is_a_tight_lower_bound_of_its_threshold(alpha):
     never exceeds the threshold of those scores (so never the full one), never falls below
     ``M - 1``, and is close to it: this is what keeps flat heads' survivors few."""
     gen = torch.Generator().manual_seed(int(alpha * 1000))
-    rows, block = 24, 64
+    rows, block = 32, 64
     z = torch.randn(rows, block, generator=gen, dtype=torch.float64) * torch.logspace(-3, 1, rows, dtype=torch.float64)[:, None]
     z[0] = 0.25  # ties
     z[1, 1:] = -1e3  # a single score
     z[2, 5:] = float("-inf")
+    z[3] = float("-inf")  # no score: no bound
     beta = 1.0 / (alpha - 1.0)
     rmax = int(beta) if beta in (1.0, 2.0) else 0
     out = torch.empty(rows, dtype=torch.float32, device=DEVICE)
     z32 = z.to(torch.float32)
     _floor_kernel[(rows,)](z32.to(DEVICE), out, block, beta, RMAX=rmax, BLOCK=block, STEPS=FLOOR_STEPS)
     floor = out.double().cpu()
+    assert floor[3] == float("-inf")
+    floor, z32 = torch.cat([floor[:3], floor[4:]]), torch.cat([z32[:3], z32[4:]])
     zz = z32.double()
     tau = reference.entmax_threshold(zz / (alpha - 1.0), alpha, dim=-1, mask=torch.isfinite(zz))
     big_m = zz.max(-1).values

@@ -212,7 +212,8 @@ def _floor_of_subset(z, big_m, beta, RMAX: tl.constexpr, STEPS: tl.constexpr):
     lower bound (f is convex and decreasing). On flat heads (low-rank keys, recorded activations)
     this keeps tens of scores above the bound where ``M - 1`` keeps thousands. The result is
     lowered by a margin for the float32 rounding of the sums and never goes below ``M - 1``."""
-    t = big_m - 1.0
+    has = big_m > float("-inf")
+    t = tl.where(has, big_m - 1.0, 0.0)  # a head without scores stays at 0 (no -inf - -inf)
     for _ in tl.static_range(STEPS):
         u = tl.maximum(z - t, 0.0)
         if RMAX == 1:
@@ -226,8 +227,8 @@ def _floor_of_subset(z, big_m, beta, RMAX: tl.constexpr, STEPS: tl.constexpr):
             f = tl.sum(pw, axis=0)
             df = beta * tl.sum(tl.where(u > 0, pw / tl.where(u > 0, u, 1.0), 0.0), axis=0)
         t = tl.where((f > 1.0) & (df > 0), t + (f - 1.0) / tl.maximum(df, 1e-30), t)
-    margin = 1e-3 * (big_m - t) + 1e-5 * tl.maximum(tl.abs(big_m), 1.0)
-    return tl.where(big_m > float("-inf"), tl.maximum(t - margin, big_m - 1.0), big_m - 1.0)
+    margin = 1e-3 * (big_m - t) + 1e-5 * tl.maximum(tl.abs(t), 1.0)
+    return tl.where(has, tl.maximum(t - margin, big_m - 1.0), float("-inf"))
 
 
 @triton.jit
