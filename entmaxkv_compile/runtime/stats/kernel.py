@@ -51,11 +51,11 @@ def _prefill_kernel(
             stat_page = page
             written = dmask
             if HAS_TABLE:  # rows [0, n) of block table[b, page]; a page past the length (its
-                # entry may be garbage) is neither read nor written
-                blk = tl.load(table_ptr + b * stb + page * stp, mask=n > 0, other=0).to(tl.int64)
+                # entry may be garbage: the loads below mask it out) is neither read nor written
+                blk = tl.load(table_ptr + b * stb + page * stp).to(tl.int64)
                 page_base = k_base + blk * skb - first.to(tl.int64) * skn
                 stat_page = blk
-                written = dmask & (n > 0)
+                written = dmask & ((offs_d * 0 + n) > 0)
             lo = tl.full([BLOCK_D], float("inf"), tl.float32)
             hi = tl.full([BLOCK_D], float("-inf"), tl.float32)
             total = tl.zeros([BLOCK_D], tl.float32)
@@ -115,7 +115,8 @@ def _append_kernel(
     row_off = b.to(tl.int64) * skb + pos * skn
     stat_page = page
     if HAS_TABLE:  # row pos % P of block table[b, pos // P]; skb/ssb are block strides
-        blk = tl.load(table_ptr + b * stb + page * stp, mask=(raw >= 0) & (raw < nmax), other=0).to(tl.int64)
+        # (pos is clamped into the table; the row and statistics loads are masked by dmask)
+        blk = tl.load(table_ptr + b * stb + page * stp).to(tl.int64)
         row_off = blk * skb + (pos % page_size) * skn
         stat_page = blk  # the launcher passes the statistics' batch stride ssb = 0
     row = tl.load(k_ptr + row_off + hk.to(tl.int64) * skh + offs_d * skd,
