@@ -287,3 +287,16 @@ def test_paged_inputs_are_refused_with_clear_errors():
                          capacity=40, dtype=torch.float32, device="cpu")
     with pytest.raises(ValueError, match="block_table"):
         contiguous.run(q, k_pool, v_pool, seqlens, block_table=table)
+
+
+def test_block_table_benchmark_smoke(tmp_path):
+    """The benchmark's CPU preset runs, writes its JSON, and both paths give the same output."""
+    import json
+
+    from benchmarks import block_table
+
+    rows = block_table.main(["--preset", "smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "block_table.json").read_text())["rows"]
+    assert len(rows) == len(saved) == 2 and all("error" not in row for row in rows)
+    assert all(row["identical"] for row in rows)
+    assert all(row["contiguous_ms"] > 0 and row["table_ms"] > 0 for row in rows)

@@ -160,7 +160,8 @@ def gather_cache(pool: torch.Tensor, block_table: torch.Tensor, seqlens: torch.T
     pages = pool[ids]  # [B, max_pages, P, Hkv, D]
     pages = torch.where(used[:, :, None, None, None], pages, torch.zeros((), dtype=pool.dtype, device=pool.device))
     batch, max_pages = ids.shape
-    return pages.permute(0, 3, 1, 2, 4).reshape(batch, kv_heads, max_pages * page_size, dim)
+    # contiguous, as a model's cache: the references' reductions then see the contiguous path's layout
+    return pages.permute(0, 3, 1, 2, 4).reshape(batch, kv_heads, max_pages * page_size, dim).contiguous()
 
 
 def gather_stats(block_table: torch.Tensor, seqlens: torch.Tensor, page_size: int,
@@ -175,7 +176,7 @@ def gather_stats(block_table: torch.Tensor, seqlens: torch.Tensor, page_size: in
             continue
         ids, used = physical_blocks(block_table, seqlens, page_size, stat.shape[0])
         rows = torch.where(used[:, :, None, None], stat[ids], torch.zeros((), dtype=stat.dtype, device=stat.device))
-        out.append(rows.permute(0, 2, 1, 3))
+        out.append(rows.permute(0, 2, 1, 3).contiguous())
     return tuple(out)
 
 
