@@ -300,3 +300,23 @@ def test_block_table_benchmark_smoke(tmp_path):
     assert len(rows) == len(saved) == 2 and all("error" not in row for row in rows)
     assert all(row["identical"] for row in rows)
     assert all(row["contiguous_ms"] > 0 and row["table_ms"] > 0 for row in rows)
+
+
+@pytest.mark.parametrize("selector", ["gaussian", "certified"])
+def test_decode_step_op_takes_a_block_table(selector):
+    """``entmaxkv::decode_step`` with ``block_table`` last: opcheck (schema, fake shapes) and the
+    same result as the contiguous op on the gathered cache."""
+    q, k_pool, v_pool, table, seqlens = _paged_case(8, torch.float32)
+    k, v = _contiguous(k_pool, v_pool, table, seqlens)
+    paged = _paged_stats(k_pool, table, seqlens, torch.float32).buffers()
+    flat = KVPageStats.from_cache(k, seqlens, PAGE).buffers()
+    params = (0.3, 1.5, PAGE, selector, 16, 0.99, 0.0, "auto", 0, 0, 1, 0)
+    ops = torch.ops.entmaxkv
+    rest = (None, None, 0.0, None, table)  # stats_valid, dense_rows, softcap, row_start, block_table
+    torch.library.opcheck(ops.decode_step, (q, k_pool, v_pool, seqlens, *paged, None, *params, *rest))
+    torch.library.opcheck(ops.decode_step, (q, k_pool, v_pool, seqlens, *paged, None, *params),
+                          {"block_table": table})
+    got = ops.decode_step(q, k_pool, v_pool, seqlens, *paged, None, *params, block_table=table)
+    want = ops.decode_step(q, k, v, seqlens, *flat, None, *params)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
