@@ -320,3 +320,39 @@ def test_decode_step_op_takes_a_block_table(selector):
     want = ops.decode_step(q, k, v, seqlens, *flat, None, *params)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and kernels.available("cuda")),
+                    reason="needs a CUDA GPU: the decoder records CUDA graphs only there")
+def test_paged_decoder_graph_replays_equal_eager_as_the_table_grows():
+    """A paged Decoder replaying its CUDA graph (the table copied in each step) equals an eager
+    one, while appends cross page boundaries and new blocks enter the table."""
+    batch, hq, hkv, dim, max_pages, blocks, page = 2, 8, 2, 64, 12, 40, 16
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    k_pool = torch.randn(blocks, page, hkv, dim, generator=gen, device="cuda", dtype=torch.float16)
+    v_pool = torch.randn(blocks, page, hkv, dim, generator=gen, device="cuda", dtype=torch.float16)
+    order = torch.randperm(blocks, generator=gen, device="cuda").to(torch.int32)
+    table = torch.full((batch, max_pages), -1, dtype=torch.int32, device="cuda")
+    lengths = torch.tensor([45, 30], dtype=torch.int32, device="cuda")
+    free = 0
+    for b in range(batch):  # the blocks of the prefilled pages; later ones as the rows grow
+        for p in range(-(-int(lengths[b]) // page)):
+            table[b, p] = order[free]
+            free += 1
+    config = EntmaxKVConfig(selector="certified", page_size=page)
+    decoders = [Decoder(config, batch=batch, q_heads=hq, kv_heads=hkv, head_dim=dim, capacity=max_pages * page,
+                        dtype=torch.float16, device="cuda", num_blocks=blocks, cuda_graph=graphed)
+                for graphed in (True, False)]
+    for decoder in decoders:
+        decoder.prefill(k_pool, lengths, table)
+    for _ in range(40):
+        for b in range(batch):
+            if int(lengths[b]) % page == 0:
+                table[b, int(lengths[b]) // page] = order[free]
+                free += 1
+        q = torch.randn(batch, hq, 1, dim, generator=gen, device="cuda", dtype=torch.float16)
+        for decoder in decoders:
+            decoder.append(k_pool, lengths, table)
+        graphed, eager = (d.run(q, k_pool, v_pool, lengths + 1, block_table=table) for d in decoders)
+        _assert_same_result(graphed, eager)
+        lengths = lengths + 1

@@ -71,9 +71,9 @@ class Decoder:
             ``[num_blocks, page_size, Hkv, D]`` and every ``prefill``/``append``/``run`` takes
             the step's ``block_table`` (int32 ``[batch, ceil(capacity / page_size)]``);
             ``capacity`` is then the tokens one sequence may hold. The statistics are kept per
-            physical block (:class:`~entmaxkv_compile.runtime.stats.paged.PagedKVStats`). A
-            paged step runs eagerly (it is capturable by an outer graph; the decoder's own
-            graphs take no table yet) and takes no key sketch.
+            physical block (:class:`~entmaxkv_compile.runtime.stats.paged.PagedKVStats`). The
+            table is a graph input like the lengths (``cuda_graph`` records the step once and
+            copies each step's table in). No key sketch with a paged cache.
     """
 
     def __init__(
@@ -156,7 +156,7 @@ class Decoder:
             stats.check_cache(torch.empty(self.cache_shape, dtype=dtype, device="meta"))
         self.stats = stats
         self.sketch = None if self.paged else self._plan_sketch(sketch)
-        graphed = cuda_graph and device.type == "cuda" and not self.paged
+        graphed = cuda_graph and device.type == "cuda"
         self._graphed = GraphedStep(self._step, state=(stats.certify_skip,)) if graphed else None
         # certified + graphs: the fallback counter as last copied to the host (maybe a step late),
         # so that a step every sequence reads densely replays the dense step's graph, which
@@ -257,12 +257,11 @@ class Decoder:
         ``row_start`` (int ``[B]``, optional): each sequence attends ``[row_start, seqlens)`` only
         (a left-padded batch; see ``run_step``). Such a step runs eagerly: the recorded CUDA graphs
         take no start yet. ``block_table``: required by a paged decoder (``num_blocks=``), whose
-        ``k_cache``/``v_cache`` are page pools; its step runs eagerly too."""
-        if row_start is not None or self._table(block_table) is not None:
-            return self._step(q, k_cache, v_cache, seqlens, row_start=row_start, block_table=block_table)
-        if self._graphed is None:
-            return self._step(q, k_cache, v_cache, seqlens)
-        result = DecodeResult(*self._graphed(q, k_cache, v_cache, seqlens, self._variant()))
+        ``k_cache``/``v_cache`` are page pools."""
+        paged = {} if self._table(block_table) is None else {"block_table": block_table}
+        if row_start is not None or self._graphed is None:
+            return self._step(q, k_cache, v_cache, seqlens, row_start=row_start, **paged)
+        result = DecodeResult(*self._graphed(q, k_cache, v_cache, seqlens, self._variant(), **paged))
         if self._host_skip is not None:  # asynchronous: read at a later step, never waited for
             self._host_skip.copy_(self.stats.certify_skip, non_blocking=True)
             self._host_copied.record()
@@ -282,7 +281,7 @@ class Decoder:
               seqlens: torch.Tensor, variant: str = "step", row_start: torch.Tensor | None = None,
               block_table: torch.Tensor | None = None) -> DecodeResult:
         if variant == "dense":
-            return self._dense_step(q, k_cache, v_cache, seqlens)
+            return self._dense_step(q, k_cache, v_cache, seqlens, block_table)
         certified = self.config.selector == "certified"
         dense_rows = dense_rows_for(self.stats.certify_skip) if certified else None
         # Only the certificate reads the statistics' order state (5 small launches otherwise).
@@ -305,13 +304,14 @@ class Decoder:
             probe_every=self.config.certify_probe_every)
 
     def _dense_step(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    seqlens: torch.Tensor) -> DecodeResult:
+                    seqlens: torch.Tensor, block_table: torch.Tensor | None = None) -> DecodeResult:
         """The certified step of sequences that all read every page: the dense step, with the
         certified mode's certificate (sound inputs, finite tau) and its counter counted down."""
         stats_ok = self.stats.valid_for(seqlens)
         result = run_step(self.impl, q, k_cache, v_cache, seqlens, self.stats.buffers(),
                           self.config.replace(selector="dense"), alpha=self.alpha, scale=self.scale,
-                          alibi_slopes=self.alibi_slopes, stats_valid=stats_ok, softcap=self.softcap)
+                          alibi_slopes=self.alibi_slopes, stats_valid=stats_ok, softcap=self.softcap,
+                          block_table=block_table)
         capacity = self.stats.num_pages * self.config.page_size
         certified, delta = self.impl.certified_heads(result.tau, torch.ones_like(result.certified), seqlens,
                                                      stats_ok, capacity=capacity)
