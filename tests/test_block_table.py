@@ -277,6 +277,12 @@ def test_paged_inputs_are_refused_with_clear_errors():
     q, k_pool, v_pool, table, seqlens = _paged_case(7, torch.float32)
     with pytest.raises(ValueError, match=r"block size \(8.*page_size \(16\)"):
         sparse_decode(q, k_pool, v_pool, seqlens, EntmaxKVConfig(page_size=16), block_table=table)
+    bad = table.clone()
+    bad[1, 0] = -1  # a page that holds tokens of row 1
+    with pytest.raises(ValueError, match=r"block_table\[1, 0\] = -1 must be a block id in \[0, 20\)"):
+        sparse_decode(q, k_pool, v_pool, seqlens, EntmaxKVConfig(page_size=PAGE), block_table=bad)
+    with pytest.raises(ValueError, match=r"seqlens must lie in \[1, max_pages \* page_size = 40\]"):
+        sparse_decode(q, k_pool, v_pool, seqlens + 30, EntmaxKVConfig(page_size=PAGE), block_table=table)
     with pytest.raises(TypeError, match="block_table must be int32"):
         sparse_decode(q, k_pool, v_pool, seqlens, EntmaxKVConfig(page_size=PAGE), block_table=table.long())
     with pytest.raises(ValueError, match="key sketch"):

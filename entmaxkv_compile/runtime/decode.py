@@ -14,7 +14,7 @@ import torch
 from ..checks import check_decode_inputs, check_row_start
 from ..config import EntmaxKVConfig
 from .sketch.reference import KeySketch
-from .paged import check_paged_decode_inputs
+from .paged import check_paged_decode_inputs, check_table_values
 from .stats.paged import PagedKVStats
 from .stats.reference import KVPageStats
 from .decoder import Decoder
@@ -59,7 +59,7 @@ def sparse_decode(
     """
     if block_table is not None:
         return _paged_decode(q, k_cache, v_cache, seqlens, block_table, config, stats, alibi_slopes, scale,
-                             softcap=softcap, row_start=row_start)
+                             softcap=softcap, row_start=row_start, check_values=check_values)
     check_decode_inputs(q, k_cache, v_cache, seqlens, alibi_slopes, check_values=check_values)
     check_row_start(row_start, q.shape[0], device=q.device)
     if config is None:
@@ -77,13 +77,15 @@ def sparse_decode(
 
 
 def _paged_decode(q, k_pool, v_pool, seqlens, block_table, config, stats, alibi_slopes, scale, *, softcap,
-                  row_start) -> DecodeResult:
+                  row_start, check_values) -> DecodeResult:
     """:func:`sparse_decode` over page pools read through ``block_table``."""
     if config is None:
         config = EntmaxKVConfig()
     elif not isinstance(config, EntmaxKVConfig):
         raise TypeError(f"config must be an EntmaxKVConfig or None, got {type(config).__name__}")
     check_paged_decode_inputs(q, k_pool, v_pool, seqlens, block_table, page_size=config.page_size)
+    if check_values:
+        check_table_values(block_table, seqlens, config.page_size, k_pool.shape[0])
     check_row_start(row_start, q.shape[0], device=q.device)
     batch, q_heads, _, head_dim = q.shape
     num_blocks, page_size, kv_heads, _ = k_pool.shape

@@ -42,6 +42,7 @@ __all__ = [
     "check_paged_decode_inputs",
     "check_pool",
     "check_pool_stats",
+    "check_table_values",
     "gather_cache",
     "gather_stats",
     "logical_pages",
@@ -135,6 +136,23 @@ def check_paged_bound_inputs(q: object, block_table: object, *stats: Optional[to
     if q.shape[1] % kmin.shape[1]:
         raise ValueError(f"q's {q.shape[1]} heads must be a multiple of the statistics' {kmin.shape[1]} KV heads")
     check_pool_stats(block_table, kmin.shape[1], q.shape[3], *stats)
+
+
+def check_table_values(block_table: torch.Tensor, seqlens: torch.Tensor, page_size: int, num_blocks: int) -> None:
+    """The values a paged step reads (a host sync: the public entry's ``check_values``): every
+    length in ``[1, max_pages * P]`` and every entry of a row's pages a block id in
+    ``[0, num_blocks)`` (entries past a row's pages are not looked at)."""
+    capacity = block_table.shape[1] * page_size
+    length = seqlens.to(torch.int64)
+    if bool(((length < 1) | (length > capacity)).any()):
+        raise ValueError(f"seqlens must lie in [1, max_pages * page_size = {capacity}], got {seqlens.tolist()}")
+    used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * page_size < length[:, None]
+    ids = block_table.to(torch.int64)
+    bad = used & ((ids < 0) | (ids >= num_blocks))
+    if bool(bad.any()):
+        b, p = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"block_table[{b}, {p}] = {int(ids[b, p])} must be a block id in [0, {num_blocks}) "
+                         f"(page {p} holds tokens of sequence {b}, length {int(length[b])})")
 
 
 def physical_blocks(block_table: torch.Tensor, seqlens: torch.Tensor, page_size: int,

@@ -25,7 +25,9 @@ One decode step is a fixed sequence of launches over fixed grids:
    (deterministic, no atomics) and normalizes by sum p.
 
 Lengths, counts and strides are runtime arguments; only block sizes, the alpha fast path and
-feature flags are constexpr, so the kernels never recompile as a cache grows.
+feature flags are constexpr, so the kernels never recompile as a cache grows. ``HAS_TABLE``: K and
+V are page pools read through a block table (``runtime/paged.py``); pages and candidate rows stay
+logical, only the K and V addresses go through the table.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@
   the fixed-capacity ``page_indices`` (ascending, -1 padded) and ``num_selected``.
 
 The top-k ranking itself is torch's multi-block top-k (``select.py``), not a kernel here.
+``HAS_TABLE``: the statistics are per physical block and read at ``block_table[b, page]``
+(``stat_pages``; ``runtime/paged.py``), only for the row's valid pages.
 """
 
 from __future__ import annotations
