@@ -362,3 +362,22 @@ def test_paged_decoder_graph_replays_equal_eager_as_the_table_grows():
         graphed, eager = (d.run(q, k_pool, v_pool, lengths + 1, block_table=table) for d in decoders)
         _assert_same_result(graphed, eager)
         lengths = lengths + 1
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("selector,alpha", [("gaussian", 1.3), ("certified", 1.5), ("topk", 2.0)])
+def test_kernel_table_with_alibi_softcap_and_row_start(selector, alpha):
+    """The step's other inputs ride along: ALiBi, a soft-cap and a per-row first position over a
+    table equal the contiguous step (alpha 1.3: the gaussian selector's reference fallback)."""
+    q, k_pool, v_pool, table, seqlens = _paged_case(10, torch.float32, DEVICE)
+    k, v = _contiguous(k_pool, v_pool, table, seqlens)
+    config = EntmaxKVConfig(selector=selector, page_size=PAGE, token_budget=2 * PAGE)
+    paged_stats = _paged_stats(k_pool, table, seqlens, torch.float32, prefill=kernels.stats_prefill_)
+    flat = KVPageStats.allocate(BATCH, HKV, MAX_PAGES * PAGE, DIM, PAGE, torch.float32, DEVICE)
+    kernels.stats_prefill_(k, seqlens, PAGE, *flat.buffers())
+    flat.last_position.copy_(seqlens.to(torch.int64) - 1)
+    extra = dict(alibi_slopes=torch.tensor([0.5, 0.25, 0.125, 0.0625], device=DEVICE), softcap=4.0,
+                 row_start=torch.tensor([11, 0, 3], dtype=torch.int32, device=DEVICE))
+    paged = _step(kernels, config, q, k_pool, v_pool, seqlens, paged_stats, alpha, block_table=table, **extra)
+    _assert_same_result(paged, _step(kernels, config, q, k, v, seqlens, flat, alpha, **extra))
+    assert bool(torch.isfinite(paged.out).all())

@@ -20,9 +20,9 @@ from torch.library import triton_op, wrap_triton
 from .. import _common as cm
 from ...checks import check_kernel_decode_inputs as check_decode_inputs
 from ...checks import check_row_start, check_softcap
-from ..tuning.tuned import decode_config
 from ..paged import cache_geometry as _cache_geometry
 from ..paged import check_paged_decode_inputs, table_args
+from ..tuning.tuned import decode_config
 from .decode_kernels import output_kernel, reduce_kernel, score_kernel
 from .tau_kernels import NEWTON_STEPS, NUM_PIVOTS, NUM_SLOTS, tau_first_kernel, tau_second_kernel
 
@@ -126,7 +126,7 @@ def output_partials(v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, alpha, cfg
     """The V pass at the thresholds ``tau [B, Hq]``: per split the unnormalised ``sum p v``
     (``o_part [B, Hq, splits, D]``) and ``sum p`` (``l_part [B, Hq, splits]``) over the
     candidates above tau (``live_z [B*Hq, splits*seg]`` is scratch); with ``block_table``,
-    ``v_cache`` is a page pool of blocks of ``page_size`` rows."""
+    ``v_cache`` is a page pool of blocks of ``page_size`` rows (``page_size`` is read only then)."""
     batch, hq, cap = cand_z.shape
     hkv, splits = cand_cnt.shape[1], cand_cnt.shape[2]
     dim = v_cache.shape[3]

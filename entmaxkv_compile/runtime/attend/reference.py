@@ -10,8 +10,8 @@ import torch
 
 from ...checks import check_attend_inputs, check_page_table, check_row_start, check_softcap, num_pages_for
 from ...math.reference import entmax_probs_and_threshold
-from ..paged import gather_cache
 from ...math.softcap import apply_softcap
+from ..paged import gather_cache
 from ..select.reference import compute_dtype, page_mask_from_indices
 
 __all__ = ["paged_decode", "paged_decode_unchecked"]
