@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 try:
                     rows.append(one_config(length, batch, selector, args, device))
                 except Exception as exc:  # noqa: BLE001 - a failing configuration is a row with a note
-                    rows.append(dict(length=length, batch=batch, selector=selector, error=f"{type(exc).__name__}: {exc}"))
+                    rows.append(dict(length=length, batch=batch, selector=selector,
+                                     error=f"{type(exc).__name__}: {exc}"))
                 (args.out / "block_table.json").write_text(json.dumps(dict(device=str(device), rows=rows), indent=1))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -381,3 +381,28 @@ def test_kernel_table_with_alibi_softcap_and_row_start(selector, alpha):
     paged = _step(kernels, config, q, k_pool, v_pool, seqlens, paged_stats, alpha, block_table=table, **extra)
     _assert_same_result(paged, _step(kernels, config, q, k, v, seqlens, flat, alpha, **extra))
     assert bool(torch.isfinite(paged.out).all())
+
+
+@pytest.mark.parametrize("path", ["reference", pytest.param("kernel", marks=pytest.mark.kernels)])
+def test_prefix_sharing_a_full_block(path):
+    """Rows 0 and 1 share their first two blocks (a common prefix, full in both): the shared
+    blocks' statistics describe their content, and each row's step equals its contiguous step."""
+    device = DEVICE if path == "kernel" else "cpu"
+    q, k_pool, v_pool, table, seqlens = _paged_case(11, torch.float32, device)
+    table[1, :2] = table[0, :2]  # row 1 (19 tokens) shares row 0's first two full pages
+    k, v = _contiguous(k_pool, v_pool, table, seqlens)
+    assert torch.equal(k[0, :, :2 * PAGE], k[1, :, :2 * PAGE])
+    prefill = kernels.stats_prefill_ if path == "kernel" else None
+    paged = _paged_stats(k_pool, table, seqlens, torch.float32, prefill=prefill)
+    flat = KVPageStats.from_cache(k, seqlens, PAGE)
+    for got, want in zip(gather_stats(table, seqlens, PAGE, *paged.buffers()), flat.buffers()):
+        if path == "reference":
+            assert torch.equal(got, want)
+        else:  # the kernel's sums run in another order than the reference's
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    impl = kernels if path == "kernel" else reference_implementation()
+    config = EntmaxKVConfig(selector="certified", page_size=PAGE)
+    result = _step(impl, config, q, k_pool, v_pool, seqlens, paged, 1.5, block_table=table)
+    assert bool(result.certified.all())
+    want = _full_entmax(q, k, v, seqlens, 1.5)
+    assert float(metrics.relative_error(result.out.double().cpu(), want)) < 1e-5
