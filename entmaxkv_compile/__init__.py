@@ -2,7 +2,7 @@
 
 The public surface is small: the math (:func:`entmax`, :func:`entmax_threshold`,
 :func:`gaussian_threshold`), the config (:class:`EntmaxKVConfig`), the runtime state
-(:class:`KVPageStats`), the eager decode (:func:`sparse_decode`; :class:`Decoder` plans once and
+(:class:`KVPageStats`; :class:`PagedKVStats` for a block-table cache), the eager decode (:func:`sparse_decode`; :class:`Decoder` plans once and
 runs per step) and the compiler front doors.
 Importing the package registers the ``entmaxkv`` torch.library ops.
 """
@@ -15,6 +15,7 @@ from .math.gaussian import gaussian_threshold
 from .math.reference import entmax, entmax_threshold
 from .runtime.decode import sparse_decode
 from .runtime.decoder import Decoder
+from .runtime.stats.paged import PagedKVStats
 from .runtime.stats.reference import KVPageStats
 from .runtime.step import DecodeResult
 
@@ -23,6 +24,7 @@ __all__ = [
     "Decoder",
     "EntmaxKVConfig",
     "KVPageStats",
+    "PagedKVStats",
     "RewriteResult",
     "UnsupportedModelError",
     "entmax",

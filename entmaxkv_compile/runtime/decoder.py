@@ -29,6 +29,8 @@ import torch
 from ..checks import check_alibi_slopes, check_decode_inputs, check_scale, check_softcap
 from ..config import EntmaxKVConfig
 from .sketch.reference import KeySketch
+from .paged import check_paged_decode_inputs
+from .stats.paged import PagedKVStats
 from .stats.reference import KVPageStats
 from .certify.policy import dense_rows_for
 from .graphed import GraphedStep
@@ -65,6 +67,13 @@ class Decoder:
         cuda_graph: on a CUDA device, record ``run`` in a CUDA graph on its first call for a
             cache and replay it afterwards (results are copied out, so they stay valid across
             steps). Inside another capture ``run`` is recorded by that capture instead.
+        num_blocks: plan a paged cache (``runtime/paged.py``): K and V are page pools
+            ``[num_blocks, page_size, Hkv, D]`` and every ``prefill``/``append``/``run`` takes
+            the step's ``block_table`` (int32 ``[batch, ceil(capacity / page_size)]``);
+            ``capacity`` is then the tokens one sequence may hold. The statistics are kept per
+            physical block (:class:`~entmaxkv_compile.runtime.stats.paged.PagedKVStats`). The
+            table is a graph input like the lengths (``cuda_graph`` records the step once and
+            copies each step's table in). No key sketch with a paged cache.
     """
 
     def __init__(
@@ -84,6 +93,7 @@ class Decoder:
         sketch: KeySketch | None = None,
         cuda_graph: bool = True,
         softcap: float = 0.0,
+        num_blocks: int | None = None,
     ) -> None:
         if config is None:
             config = EntmaxKVConfig()
@@ -110,7 +120,30 @@ class Decoder:
         self.cache_shape = (batch, kv_heads, capacity, head_dim)
         self.dtype, self.device = dtype, device
         self.impl = implementation_for(device, dtype)
-        if stats is None:
+        self.paged = num_blocks is not None
+        if self.paged:
+            _positive_int("num_blocks", num_blocks)
+            if config.keeps_sketch:
+                raise ValueError(f"num_blocks: the key sketch (certify_sketch={config.certify_sketch!r}) does not read "
+                                 "a paged cache yet; use certify_sketch='off' with a block table")
+            if sketch is not None:
+                raise ValueError("num_blocks: a paged decoder takes no key sketch (sketch=None)")
+            self.pool_shape = (num_blocks, config.page_size, kv_heads, head_dim)
+            max_pages = -(-capacity // config.page_size)
+            if stats is None:
+                moments = dtype if config.moment_dtype == "cache" else None
+                stats = PagedKVStats.allocate(num_blocks, kv_heads, head_dim, batch=batch, max_pages=max_pages,
+                                              page_size=config.page_size, dtype=dtype, device=device,
+                                              moment_dtype=moments)
+            elif not isinstance(stats, PagedKVStats):
+                raise TypeError(f"stats of a paged decoder must be a PagedKVStats or None, got {type(stats).__name__}")
+            elif (stats.page_size, stats.batch, stats.max_pages) != (config.page_size, batch, max_pages) \
+                    or tuple(stats.kmin.shape) != (num_blocks, kv_heads, head_dim):
+                raise ValueError(f"stats (page_size {stats.page_size}, batch {stats.batch}, max_pages "
+                                 f"{stats.max_pages}, blocks {tuple(stats.kmin.shape)}) must match the plan (page_size "
+                                 f"{config.page_size}, batch {batch}, max_pages {max_pages}, blocks "
+                                 f"{(num_blocks, kv_heads, head_dim)})")
+        elif stats is None:
             moments = dtype if config.moment_dtype == "cache" else None
             stats = KVPageStats.allocate(batch, kv_heads, capacity, head_dim, page_size=config.page_size,
                                          dtype=dtype, device=device, moment_dtype=moments)
@@ -122,7 +155,7 @@ class Decoder:
         else:
             stats.check_cache(torch.empty(self.cache_shape, dtype=dtype, device="meta"))
         self.stats = stats
-        self.sketch = self._plan_sketch(sketch)
+        self.sketch = None if self.paged else self._plan_sketch(sketch)
         graphed = cuda_graph and device.type == "cuda"
         self._graphed = GraphedStep(self._step, state=(stats.certify_skip,)) if graphed else None
         # certified + graphs: the fallback counter as last copied to the host (maybe a step late),
@@ -159,9 +192,13 @@ class Decoder:
                    capacity=capacity, dtype=k_cache.dtype, device=k_cache.device, **kwargs)
 
     def check(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              seqlens: torch.Tensor, *, check_values: bool = True) -> None:
+              seqlens: torch.Tensor, *, check_values: bool = True, block_table: torch.Tensor | None = None) -> None:
         """Validate one step's inputs against the plan (``check_values`` also checks values,
-        which synchronises). :meth:`run` does not call this: it trusts its caller."""
+        which synchronises). :meth:`run` does not call this: it trusts its caller. A paged
+        decoder takes pools and the step's ``block_table``."""
+        if self.paged or block_table is not None:
+            self._check_paged(q, k_cache, v_cache, seqlens, block_table)
+            return
         check_decode_inputs(q, k_cache, v_cache, seqlens, self.alibi_slopes, check_values=check_values)
         if tuple(q.shape) != self.q_shape or tuple(k_cache.shape) != self.cache_shape:
             raise ValueError(f"this decoder is planned for q {self.q_shape} and caches {self.cache_shape}, "
@@ -170,32 +207,61 @@ class Decoder:
             raise ValueError(f"this decoder is planned for {self.dtype} on {self.device}, got {q.dtype} "
                              f"on {q.device}")
 
-    def prefill(self, k_cache: torch.Tensor, seqlens: torch.Tensor) -> None:
+    def _check_paged(self, q, k_pool, v_pool, seqlens, block_table) -> None:
+        if not self.paged:
+            raise ValueError("block_table: this decoder is planned for a contiguous cache; plan it with "
+                             "num_blocks= for a paged one")
+        if block_table is None:
+            raise ValueError("block_table: this decoder is planned for a paged cache (num_blocks=...); pass "
+                             "the step's block table")
+        check_paged_decode_inputs(q, k_pool, v_pool, seqlens, block_table, page_size=self.config.page_size)
+        if tuple(q.shape) != self.q_shape or tuple(k_pool.shape) != self.pool_shape:
+            raise ValueError(f"this decoder is planned for q {self.q_shape} and pools {self.pool_shape}, "
+                             f"got q {tuple(q.shape)} and pools {tuple(k_pool.shape)}")
+        self.stats.check_pool(k_pool, block_table)
+
+    def _table(self, block_table: torch.Tensor | None) -> torch.Tensor | None:
+        """The step's table: required by a paged decoder, refused by a contiguous one."""
+        if self.paged != (block_table is not None):
+            raise ValueError("block_table: pass one exactly when the decoder is planned with num_blocks= "
+                             f"(this one is {'paged' if self.paged else 'contiguous'})")
+        return block_table
+
+    def prefill(self, k_cache: torch.Tensor, seqlens: torch.Tensor, block_table: torch.Tensor | None = None) -> None:
         """Rebuild the page statistics (and the key sketch) from the first ``seqlens`` rows of
-        ``k_cache`` (one pass)."""
+        ``k_cache`` (one pass); a paged decoder: of each row's blocks in ``block_table``."""
+        if self._table(block_table) is not None:
+            self.stats.prefill(k_cache, seqlens, block_table)
+            return
         self.stats.prefill(k_cache, seqlens, check_values=False)
         if self.sketch is not None:
             self.sketch.prefill(k_cache, seqlens, check_values=False)
 
-    def append(self, k_cache: torch.Tensor, positions: torch.Tensor) -> None:
+    def append(self, k_cache: torch.Tensor, positions: torch.Tensor, block_table: torch.Tensor | None = None) -> None:
         """Fold the rows just written at ``positions`` (int ``[B]``) into their pages; an append
-        out of order marks that sequence's statistics invalid (never certified) on device."""
+        out of order marks that sequence's statistics invalid (never certified) on device. A
+        paged decoder writes the block ``block_table[b, positions[b] // page_size]`` (never a
+        shared one: copy on write, ``runtime/paged.py``)."""
+        if self._table(block_table) is not None:
+            self.stats.append(k_cache, positions, block_table)
+            return
         self.stats.append(k_cache, positions, check_values=False)
         if self.sketch is not None:
             self.sketch.append(k_cache, positions, check_values=False)
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            seqlens: torch.Tensor, row_start: torch.Tensor | None = None) -> DecodeResult:
+            seqlens: torch.Tensor, row_start: torch.Tensor | None = None,
+            block_table: torch.Tensor | None = None) -> DecodeResult:
         """One decode step over the first ``seqlens`` rows: no validation, no host sync.
 
         ``row_start`` (int ``[B]``, optional): each sequence attends ``[row_start, seqlens)`` only
         (a left-padded batch; see ``run_step``). Such a step runs eagerly: the recorded CUDA graphs
-        take no start yet."""
-        if row_start is not None:
-            return self._step(q, k_cache, v_cache, seqlens, row_start=row_start)
-        if self._graphed is None:
-            return self._step(q, k_cache, v_cache, seqlens)
-        result = DecodeResult(*self._graphed(q, k_cache, v_cache, seqlens, self._variant()))
+        take no start yet. ``block_table``: required by a paged decoder (``num_blocks=``), whose
+        ``k_cache``/``v_cache`` are page pools."""
+        paged = {} if self._table(block_table) is None else {"block_table": block_table}
+        if row_start is not None or self._graphed is None:
+            return self._step(q, k_cache, v_cache, seqlens, row_start=row_start, **paged)
+        result = DecodeResult(*self._graphed(q, k_cache, v_cache, seqlens, self._variant(), **paged))
         if self._host_skip is not None:  # asynchronous: read at a later step, never waited for
             self._host_skip.copy_(self.stats.certify_skip, non_blocking=True)
             self._host_copied.record()
@@ -212,16 +278,17 @@ class Decoder:
         return "step"
 
     def _step(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              seqlens: torch.Tensor, variant: str = "step", row_start: torch.Tensor | None = None) -> DecodeResult:
+              seqlens: torch.Tensor, variant: str = "step", row_start: torch.Tensor | None = None,
+              block_table: torch.Tensor | None = None) -> DecodeResult:
         if variant == "dense":
-            return self._dense_step(q, k_cache, v_cache, seqlens)
+            return self._dense_step(q, k_cache, v_cache, seqlens, block_table)
         certified = self.config.selector == "certified"
         dense_rows = dense_rows_for(self.stats.certify_skip) if certified else None
         # Only the certificate reads the statistics' order state (5 small launches otherwise).
         wants_order = certified or self.config.report_bound
         result = run_step(self.impl, q, k_cache, v_cache, seqlens, self.stats.buffers(), self.config,
                           alpha=self.alpha, scale=self.scale, alibi_slopes=self.alibi_slopes,
-                          softcap=self.softcap, row_start=row_start,
+                          softcap=self.softcap, row_start=row_start, block_table=block_table,
                           stats_valid=self.stats.valid_for(seqlens) if wants_order else None,
                           dense_rows=dense_rows,
                           sketch=None if self.sketch is None else self.sketch.buffers())
@@ -233,18 +300,19 @@ class Decoder:
         """Count the read-everything fallback on after a certified step (``certify/policy.py``)."""
         self.impl.certify_policy_update_(
             self.stats.certify_skip, dense_rows, num_selected, seqlens, page_size=self.config.page_size,
-            num_pages=self.stats.kmin.shape[2], dense_above=self.config.certify_dense_above,
+            num_pages=self.stats.num_pages, dense_above=self.config.certify_dense_above,
             probe_every=self.config.certify_probe_every)
 
     def _dense_step(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    seqlens: torch.Tensor) -> DecodeResult:
+                    seqlens: torch.Tensor, block_table: torch.Tensor | None = None) -> DecodeResult:
         """The certified step of sequences that all read every page: the dense step, with the
         certified mode's certificate (sound inputs, finite tau) and its counter counted down."""
         stats_ok = self.stats.valid_for(seqlens)
         result = run_step(self.impl, q, k_cache, v_cache, seqlens, self.stats.buffers(),
                           self.config.replace(selector="dense"), alpha=self.alpha, scale=self.scale,
-                          alibi_slopes=self.alibi_slopes, stats_valid=stats_ok, softcap=self.softcap)
-        capacity = self.stats.kmin.shape[2] * self.config.page_size
+                          alibi_slopes=self.alibi_slopes, stats_valid=stats_ok, softcap=self.softcap,
+                          block_table=block_table)
+        capacity = self.stats.num_pages * self.config.page_size
         certified, delta = self.impl.certified_heads(result.tau, torch.ones_like(result.certified), seqlens,
                                                      stats_ok, capacity=capacity)
         self._advance_policy(torch.ones_like(stats_ok), result.num_selected, seqlens)

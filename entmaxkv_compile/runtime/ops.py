@@ -25,6 +25,7 @@ from ..checks import check_row_start, check_softcap, check_step_inputs
 from ..config import EntmaxKVConfig
 from ..math import reference
 from . import step
+from .paged import check_paged_bound_inputs, check_paged_decode_inputs
 from .attend import reference as attend_reference
 from .certify import reference as certify_reference
 from .select import reference as selection
@@ -270,6 +271,7 @@ def decode_step(
     dense_rows: Optional[Tensor] = None,
     softcap: float = 0.0,
     row_start: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Select, decode and certify one step (the op the graph rewrite inserts).
 
@@ -282,23 +284,34 @@ def decode_step(
     ``softcap * tanh(s / softcap)`` (Gemma-2's logit soft-capping).
     ``row_start`` (last, optional int ``[B]``): each sequence attends ``[row_start, seqlens)``
     only (a left-padded batch: the rewrite computes it from the padding mask).
+    ``block_table`` (last, optional int32 ``[B, max_pages]``): the caches are page pools and the
+    statistics per block (``runtime/paged.py``); the backend does not insert it yet.
     """
     config = _config(page_size, selector, token_budget, max_quantile, margin, tau_estimate,
                      sink_pages, recent_pages, certify_max_rounds, min_context)
-    check_step_inputs(q, k_cache, v_cache, seqlens, (kmin, kmax, kmean, km2), page_size=page_size, alpha=alpha,
-                      scale=scale, alibi_slopes=alibi_slopes)
+    if block_table is None:
+        check_step_inputs(q, k_cache, v_cache, seqlens, (kmin, kmax, kmean, km2), page_size=page_size, alpha=alpha,
+                          scale=scale, alibi_slopes=alibi_slopes)
+    else:
+        check_paged_decode_inputs(q, k_cache, v_cache, seqlens, block_table, page_size=page_size)
+        check_paged_bound_inputs(q, block_table, kmin, kmax, kmean, km2)
     check_row_start(row_start, q.shape[0], device=q.device)
     result = step.run_step(
         step.implementation_for(q.device, q.dtype), q, k_cache, v_cache, seqlens, (kmin, kmax, kmean, km2),
         config, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes, stats_valid=stats_valid,
-        dense_rows=dense_rows, softcap=check_softcap(softcap), row_start=row_start,
+        dense_rows=dense_rows, softcap=check_softcap(softcap), row_start=row_start, block_table=block_table,
     )
     return tuple(result[:5])
 
 
+# decode_step's block_table among the arguments after km2 (the fake's ``rest``)
+_BLOCK_TABLE_AT = [arg.name for arg in decode_step._opoverload._schema.arguments].index("block_table") - 8
+
+
 @decode_step.register_fake
-def _(q, k_cache, v_cache, seqlens, kmin, kmax, kmean, km2, *rest):
-    return decode_step_outputs_like(q, kmin)
+def _(q, k_cache, v_cache, seqlens, kmin, kmax, kmean, km2, *rest, **kwargs):
+    table = rest[_BLOCK_TABLE_AT] if len(rest) > _BLOCK_TABLE_AT else kwargs.get("block_table")
+    return decode_step_outputs_like(q, kmin, None if table is None else table.shape[1])
 
 
 @torch.library.custom_op("entmaxkv::certify_policy_update", mutates_args=("certify_skip",))
@@ -316,11 +329,14 @@ def _(certify_skip, dense_rows, num_selected, seqlens, page_size, num_pages, den
     return None
 
 
-def decode_step_outputs_like(q: Tensor, kmin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def decode_step_outputs_like(q: Tensor, kmin: Tensor,
+                             num_pages: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Empty tensors shaped like ``decode_step``'s outputs (its fake implementation, shared with
-    the export-only twin ``decode_step_plugin``)."""
+    the export-only twin ``decode_step_plugin``); ``num_pages``: the block table's width, for
+    per-block statistics."""
     batch, q_heads = q.shape[:2]
-    kv_heads, num_pages = kmin.shape[1], kmin.shape[2]
+    kv_heads = kmin.shape[1]
+    num_pages = kmin.shape[2] if num_pages is None else num_pages
     return (
         torch.empty_like(q),
         q.new_empty((batch, kv_heads, num_pages), dtype=torch.int32),

@@ -96,6 +96,7 @@ def run_step(
     sketch: tuple[torch.Tensor, torch.Tensor] | None = None,
     softcap: float = 0.0,
     row_start: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> DecodeResult:
     """Select pages with ``config.selector``, decode exactly over them and certify.
 
@@ -136,6 +137,13 @@ def run_step(
     certificate stays sound. ``report_bound`` counts the hidden pages in ``delta_bound`` (only
     looser); certified stays exact. A start at or past the length leaves nothing to attend
     (``tau = +inf``, never certified). The key sketch does not take a start: refused.
+
+    ``block_table`` (int32 ``[B, max_pages]``, optional): a paged cache (``runtime/paged.py``):
+    ``k_cache``/``v_cache`` are page pools ``[num_blocks, page_size, Hkv, D]`` and ``stats`` are
+    per physical block ``[num_blocks, Hkv, D]``; logical page ``p`` of row ``b`` is block
+    ``block_table[b, p]``. Selections stay logical; every stage reads through the table. The
+    result equals the contiguous step on the cache the table describes. The key sketch does not
+    take a table: refused.
     """
     if softcap and sketch is not None:
         raise ValueError(f"softcap={softcap}: the key sketch (config.keeps_sketch) does not bound soft-capped "
@@ -143,11 +151,16 @@ def run_step(
     if row_start is not None and sketch is not None:
         raise ValueError("row_start: the key sketch (config.keeps_sketch) does not take a per-row first position "
                          "yet; use a config without the sketch for a left-padded batch")
+    if block_table is not None and sketch is not None:
+        raise ValueError("block_table: the key sketch (config.keeps_sketch) does not read a paged cache yet; "
+                         "use a config without the sketch (certify_sketch='off') for a block-table cache")
     kmin, kmax, kmean, km2 = stats
     page_size = config.page_size
+    num_pages = kmin.shape[2] if block_table is None else block_table.shape[1]
     # the sketch's stages take no cap (refused above): they get the geometry without it
     sketch_geometry = dict(page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes)
-    geometry = dict(sketch_geometry, softcap=softcap)
+    paged = {} if block_table is None else {"block_table": block_table}  # only paged steps pass it
+    geometry = dict(sketch_geometry, softcap=softcap, **paged)
     first = "gaussian" if config.selector == "certified" else config.selector
     dense_rows = dense_rows if config.selector == "certified" else None
     # a row read densely selects nothing first: length 0 makes the selection load nothing for it
@@ -171,11 +184,11 @@ def run_step(
     if sketch_floor is not None:
         # Certified by construction: every page left out has (alpha-1) ub <= floor <= full tau.
         certified, delta = impl.certified_heads(torch.maximum(tau, sketch_floor), torch.ones_like(tau, dtype=torch.bool),
-                                                seqlens, stats_ok, capacity=kmin.shape[2] * page_size)
+                                                seqlens, stats_ok, capacity=num_pages * page_size)
     elif config.selector == "certified":
         out, tau, page_indices, num_selected, certified, delta = _certified_rounds(
             impl, q, k_cache, v_cache, seqlens, stats, config, out, tau, page_indices, num_selected,
-            stats_ok, read_all, dense_rows, geometry, row_start)
+            stats_ok, read_all, dense_rows, geometry, row_start, num_pages)
     elif config.selector == "dense":
         # Every valid page was read: the output is full entmax wherever tau is a number.
         certified = tau < float("inf")  # tau is finite, +inf (nothing to attend) or NaN
@@ -203,7 +216,7 @@ def _row_soundness(q, stats_valid, dense_rows):
 
 
 def _certified_rounds(impl, q, k_cache, v_cache, seqlens, stats, config, out, tau, page_indices,
-                      num_selected, stats_ok, read_all, dense_rows, geometry, row_start=None):
+                      num_selected, stats_ok, read_all, dense_rows, geometry, row_start=None, num_pages=None):
     """Add every page whose bound violates the certificate at the current tau, decode again.
 
     Returns ``(out, tau, page_indices, num_selected, certified, delta_bound)``. After a round, every page left
@@ -213,10 +226,10 @@ def _certified_rounds(impl, q, k_cache, v_cache, seqlens, stats, config, out, ta
     whose statistics are not valid reads every page (its output is still full entmax) and is never
     certified; a ``dense_rows`` sequence reads every page (it selected nothing: its first tau is
     no bound) and rests on no bound. Pages entirely below ``row_start`` are dropped after each
-    round (see ``run_step``).
+    round (see ``run_step``). ``num_pages``: pages per row (the block table's width when paged).
     """
     kmin, kmax = stats[0], stats[1]
-    num_pages = kmin.shape[2]
+    num_pages = kmin.shape[2] if num_pages is None else num_pages
     tau_floor = tau if dense_rows is None else torch.where(dense_rows[:, None], float("-inf"), tau)
     for _ in range(config.certify_max_rounds):
         chosen = page_indices, num_selected

@@ -25,7 +25,9 @@ One decode step is a fixed sequence of launches over fixed grids:
    (deterministic, no atomics) and normalizes by sum p.
 
 Lengths, counts and strides are runtime arguments; only block sizes, the alpha fast path and
-feature flags are constexpr, so the kernels never recompile as a cache grows.
+feature flags are constexpr, so the kernels never recompile as a cache grows. ``HAS_TABLE``: K and
+V are page pools read through a block table (``runtime/paged.py``); pages and candidate rows stay
+logical, only the K and V addresses go through the table.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def score_kernel(
     cand_z_ptr, cand_tok_ptr, cand_cnt_ptr, split_max_ptr, shared_max_ptr,
     sqb, sqh, sqd, skb, skh, skn, skd, sib, sih, sip, snb, snh,
     Hq, Hkv, G, D, num_splits, seg, page_size, zscale, am1, capacity, zcap,
+    table_ptr, stb, stp, HAS_TABLE: tl.constexpr,
     HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, HAS_START: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     SHARE_EVERY: tl.constexpr,
@@ -92,7 +95,9 @@ def score_kernel(
     cap = num_splits * seg
     tok_base = cand_tok_ptr + pid_bh.to(tl.int64) * cap + split * seg
     z_base = cand_z_ptr + (b * Hq + heads[:, None]).to(tl.int64) * cap + split * seg
-    k_base = k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    k_base = k_ptr + hk.to(tl.int64) * skh
+    if not HAS_TABLE:  # with a table, skb is the pool's block stride (see the loop)
+        k_base += b.to(tl.int64) * skb
     idx_base = idx_ptr + b * sib + hk * sih
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -105,7 +110,11 @@ def score_kernel(
         page = tl.load(idx_base + (jj // page_size) * sip, mask=nmask, other=0)
         row = page * page_size + jj % page_size
         valid = nmask & (row < readable) & (row >= first) & (page >= 0)
-        k = tl.load(k_base + row.to(tl.int64)[:, None] * skn + offs_d[None, :] * skd,
+        k_row = row.to(tl.int64) * skn
+        if HAS_TABLE:  # logical page -> physical block, only for the rows read
+            blk = tl.load(table_ptr + b * stb + page * stp, mask=valid, other=0).to(tl.int64)
+            k_row = blk * skb + (jj % page_size).to(tl.int64) * skn
+        k = tl.load(k_base + k_row[:, None] + offs_d[None, :] * skd,
                     mask=valid[:, None] & dmask[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
@@ -164,6 +173,7 @@ def output_kernel(
     o_part_ptr, l_part_ptr,
     svb, svh, svn, svd,
     Hq, Hkv, G, D, num_splits, seg, beta,
+    page_size, table_ptr, stb, stp, HAS_TABLE: tl.constexpr,
     KIND: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_SCAN: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -186,7 +196,9 @@ def output_kernel(
     z_base = cand_z_ptr + (b * Hq + heads[:, None]).to(tl.int64) * cap + seg_off
     live_tok = live_tok_ptr + pid_bh.to(tl.int64) * cap + seg_off
     live_z = live_z_ptr + (b * Hq + heads[:, None]).to(tl.int64) * cap + seg_off
-    v_base = v_ptr + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    v_base = v_ptr + hk.to(tl.int64) * svh
+    if not HAS_TABLE:  # with a table, svb is the pool's block stride (see the loop)
+        v_base += b.to(tl.int64) * svb
 
     # 1. The candidates in the support of some head of the group, in token order: the sums
     # below then group the same tokens into the same tiles whatever else the K pass kept. Wide
@@ -218,7 +230,11 @@ def output_kernel(
                     other=float("-inf"))
         p = _tail_power(z - tau[:, None], beta, KIND)
         tok = tl.load(live_tok + tt, mask=tmask, other=0)
-        v = tl.load(v_base + tok.to(tl.int64)[:, None] * svn + offs_d[None, :] * svd,
+        v_row = tok.to(tl.int64) * svn
+        if HAS_TABLE:  # candidates hold logical rows: translate through the table
+            blk = tl.load(table_ptr + b * stb + (tok // page_size) * stp, mask=tmask, other=0).to(tl.int64)
+            v_row = blk * svb + (tok % page_size).to(tl.int64) * svn
+        v = tl.load(v_base + v_row[:, None] + offs_d[None, :] * svd,
                     mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         acc += tl.dot(p, v, input_precision=DOT_PREC)
         l_sum += tl.sum(p, axis=1)

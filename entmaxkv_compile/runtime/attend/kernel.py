@@ -20,6 +20,8 @@ from torch.library import triton_op, wrap_triton
 from .. import _common as cm
 from ...checks import check_kernel_decode_inputs as check_decode_inputs
 from ...checks import check_row_start, check_softcap
+from ..paged import cache_geometry as _cache_geometry
+from ..paged import check_paged_decode_inputs, table_args
 from ..tuning.tuned import decode_config
 from .decode_kernels import output_kernel, reduce_kernel, score_kernel
 from .tau_kernels import FLOOR_STEPS, NEWTON_STEPS, NUM_PIVOTS, NUM_SLOTS, tau_first_kernel, tau_second_kernel
@@ -84,14 +86,15 @@ def plan_splits(q: Tensor, page_indices: Tensor, page_size: int) -> tuple[dict, 
 
 
 def score_candidates(q, k_cache, seqlens, page_indices, num_selected, alibi_slopes, page_size, alpha, scale,
-                     cfg, splits, seg, softcap=0.0, row_start=None):
+                     cfg, splits, seg, softcap=0.0, row_start=None, block_table=None):
     """The K pass: ``(cand_z [B, Hq, splits*seg], cand_tok [B, Hkv, splits*seg], cand_cnt
     [B, Hkv, splits], split_max [B, Hq, splits])``, the scores ``z = (alpha-1) * scale * q.k``
     (soft-capped, ``(alpha-1) softcap tanh(s / softcap)``, when ``softcap > 0``) within 1 of their
     split's running max, compacted per split (see ``score_kernel``); rows below ``row_start[b]``
-    (int ``[B]``, optional) are masked out."""
+    (int ``[B]``, optional) are masked out. With ``block_table``, ``k_cache`` is a page pool
+    (``runtime/paged.py``); candidates keep logical rows."""
     batch, hq, _, dim = q.shape
-    hkv = k_cache.shape[1]
+    hkv, capacity, k_strides = _cache_geometry(k_cache, page_size, block_table)
     cap = splits * seg
     dev = q.device
     cand_z = torch.empty((batch, hq, cap), device=dev, dtype=torch.float32)
@@ -106,11 +109,11 @@ def score_candidates(q, k_cache, seqlens, page_indices, num_selected, alibi_slop
         q, k_cache, seqlens, row_start if has_start else seqlens, page_indices, num_selected, slopes,
         cand_z, cand_tok, cand_cnt, split_max, shared_max,
         q.stride(0), q.stride(1), q.stride(3),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        *k_strides,
         page_indices.stride(0), page_indices.stride(1), page_indices.stride(2),
         num_selected.stride(0), num_selected.stride(1),
         hq, hkv, hq // hkv, dim, splits, seg, page_size, (alpha - 1.0) * scale, alpha - 1.0,
-        k_cache.shape[2], (alpha - 1.0) * softcap if softcap else 1.0,
+        capacity, (alpha - 1.0) * softcap if softcap else 1.0, *table_args(block_table, seqlens),
         HAS_ALIBI=has_alibi, SOFTCAP=bool(softcap), HAS_START=has_start, BLOCK_G=max(16, cm.next_pow2(hq // hkv)), BLOCK_N=cfg["BLOCK_N"],
         BLOCK_D=max(16, cm.next_pow2(dim)),
         DOT_PREC=cm.dot_precision(dev, q.dtype), UPCAST=cm.dot_upcast(dev, q.dtype),
@@ -120,21 +123,24 @@ def score_candidates(q, k_cache, seqlens, page_indices, num_selected, alibi_slop
     return cand_z, cand_tok, cand_cnt, split_max
 
 
-def output_partials(v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, alpha, cfg):
+def output_partials(v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, alpha, cfg, page_size=1, block_table=None):
     """The V pass at the thresholds ``tau [B, Hq]``: per split the unnormalised ``sum p v``
     (``o_part [B, Hq, splits, D]``) and ``sum p`` (``l_part [B, Hq, splits]``) over the
-    candidates above tau (``live_z [B*Hq, splits*seg]`` is scratch)."""
+    candidates above tau (``live_z [B*Hq, splits*seg]`` is scratch); with ``block_table``,
+    ``v_cache`` is a page pool of blocks of ``page_size`` rows (``page_size`` is read only then)."""
     batch, hq, cap = cand_z.shape
     hkv, splits = cand_cnt.shape[1], cand_cnt.shape[2]
     dim = v_cache.shape[3]
+    _, _, v_strides = _cache_geometry(v_cache, page_size, block_table)
     dev = v_cache.device
     live_tok = torch.empty((batch, hkv, cap), device=dev, dtype=torch.int32)
     o_part = torch.empty((batch, hq, splits, dim), device=dev, dtype=torch.float32)
     l_part = torch.empty((batch, hq, splits), device=dev, dtype=torch.float32)
     wrap_triton(output_kernel)[(batch * hkv, splits)](
         v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, live_tok, o_part, l_part,
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
+        *v_strides,
         hq, hkv, hq // hkv, dim, splits, cap // splits, 1.0 / (alpha - 1.0),
+        page_size, *table_args(block_table, cand_cnt),
         KIND=cm.alpha_kind(alpha), BLOCK_G=max(16, cm.next_pow2(hq // hkv)), BLOCK_T=cfg["BLOCK_T"],
         BLOCK_SCAN=8 * cfg["BLOCK_T"], BLOCK_D=max(16, cm.next_pow2(dim)),
         DOT_PREC=cm.exact_fp32_dot(dev), num_warps=cfg["num_warps"],
@@ -156,18 +162,20 @@ def triton_paged_decode(
     scale: float,
     softcap: float = 0.0,
     row_start: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """The registered op; positional ``alibi_slopes`` (custom ops take no kwarg-only tensors)."""
     batch, hq, _, dim = q.shape
-    hkv = k_cache.shape[1]
+    hkv = _cache_geometry(k_cache, page_size, block_table)[0]
     cfg, splits, seg = plan_splits(q, page_indices, page_size)
     cand_z, cand_tok, cand_cnt, split_max = score_candidates(
         q, k_cache, seqlens, page_indices, num_selected, alibi_slopes, page_size, alpha, scale, cfg, splits, seg,
-        softcap, row_start)
+        softcap, row_start, block_table)
     tau = torch.empty((batch, hq), device=q.device, dtype=torch.float32)
     live_z = solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, hq // hkv, splits, seg,
                        alpha, cfg)[0]
-    o_part, l_part = output_partials(v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, alpha, cfg)
+    o_part, l_part = output_partials(v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, alpha, cfg,
+                                     page_size, block_table)
     out = torch.empty((batch, hq, 1, dim), device=q.device, dtype=q.dtype)
     # A kernel of its own: folding this sum into the output pass's last program (an atomic
     # ticket) serialised the group's heads on one program and cost 4-14 us more on the H200.
@@ -192,6 +200,7 @@ def paged_decode(
     alibi_slopes: Optional[Tensor] = None,
     softcap: float = 0.0,
     row_start: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact entmax attention of one query per sequence over the selected pages.
 
@@ -199,9 +208,15 @@ def paged_decode(
     float32 [B, Hq], the exact threshold over the selected tokens in z units. ``softcap > 0``:
     entmax over the capped scores ``softcap * tanh(s / softcap)``. ``row_start`` (int ``[B]``,
     optional): positions below ``row_start[b]`` are not attended (a left-padded prefix).
+    ``block_table`` (int32 ``[B, max_pages]``, optional): the caches are page pools
+    ``[num_blocks, page_size, Hkv, D]`` addressed through it (``runtime/paged.py``); the page
+    indices stay logical.
     """
-    check_decode_inputs(q, k_cache, v_cache, seqlens, page_indices, num_selected,
-                        page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes)
+    if block_table is None:
+        check_decode_inputs(q, k_cache, v_cache, seqlens, page_indices, num_selected,
+                            page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes)
+    else:
+        check_paged_decode_inputs(q, k_cache, v_cache, seqlens, block_table, page_size=page_size)
     return triton_paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected,
                                alibi_slopes, int(page_size), float(alpha), float(scale), check_softcap(softcap),
-                               check_row_start(row_start, q.shape[0], device=q.device))
+                               check_row_start(row_start, q.shape[0], device=q.device), block_table)

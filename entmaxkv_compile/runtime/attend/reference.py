@@ -11,6 +11,7 @@ import torch
 from ...checks import check_attend_inputs, check_page_table, check_row_start, check_softcap, num_pages_for
 from ...math.reference import entmax_probs_and_threshold
 from ...math.softcap import apply_softcap
+from ..paged import gather_cache
 from ..select.reference import compute_dtype, page_mask_from_indices
 
 __all__ = ["paged_decode", "paged_decode_unchecked"]
@@ -92,8 +93,14 @@ def paged_decode(
 
 
 def paged_decode_unchecked(q, k_cache, v_cache, seqlens, page_indices, num_selected, *, page_size, alpha, scale,
-                           alibi_slopes=None, softcap=0.0, row_start=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`paged_decode` for a caller that has validated its arguments (the step)."""
+                           alibi_slopes=None, softcap=0.0, row_start=None,
+                           block_table=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`paged_decode` for a caller that has validated its arguments (the step).
+    ``block_table``: the caches are page pools read through it (``runtime/paged.py``): gathered
+    into the contiguous cache they describe first."""
+    if block_table is not None:
+        k_cache = gather_cache(k_cache, block_table, seqlens, page_size)
+        v_cache = gather_cache(v_cache, block_table, seqlens, page_size)
     num_pages = num_pages_for(k_cache.shape[2], page_size)
     page_mask = page_mask_from_indices(page_indices, num_selected, num_pages)
     out, tau = _decode_in(q, k_cache, v_cache, seqlens, page_mask, page_size, alpha, scale, alibi_slopes, softcap,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..select.select_kernels import _page_counts, group_page_bounds
+from ..select.select_kernels import _page_counts, group_page_bounds, stat_pages
 
 
 @triton.jit
@@ -23,6 +23,7 @@ def violation_kernel(
     flag_ptr, count_ptr, finite_ptr,
     sqb, sqh, sqd, ssb, ssh, ssp, ssd,
     Hq, Hkv, G, D, num_pages, page_size, scale, softcap, am1,
+    table_ptr, stb, stp, HAS_TABLE: tl.constexpr,
     HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -47,7 +48,8 @@ def violation_kernel(
     selected = tl.load(sel_ptr + row + pages, mask=inside, other=0) != 0
     u = group_page_bounds(q_ptr, kmin_ptr, kmax_ptr, slopes_ptr, b, hk, pages, valid, length,
                           sqb, sqh, sqd, ssb, ssh, ssp, ssd, G, D, page_size, scale, softcap,
-                          HAS_ALIBI, SOFTCAP, BLOCK_G, BLOCK_D, DOT_PREC, UPCAST)
+                          HAS_ALIBI, SOFTCAP, BLOCK_G, BLOCK_D, DOT_PREC, UPCAST,
+                          stat_pages(table_ptr, b, stb, stp, pages, valid, HAS_TABLE))
     tau = tl.load(tau_ptr + b * Hq + heads, mask=gmask, other=float("inf"))
     bounded = gmask[:, None] & valid[None, :]
     violates = bounded & ~(am1 * u <= tau[:, None])

@@ -19,6 +19,7 @@ from torch.library import triton_op, wrap_triton
 
 from ...checks import check_kernel_bound_inputs, check_kernel_page_table, check_softcap, check_stats_valid
 from .. import _common as cm
+from ..paged import check_paged_bound_inputs, logical_pages, pool_stats_strides, table_args
 from ..select.kernel import launch_quest
 from ..select.select_kernels import compact_kernel
 from ..tuning.tuned import lookup
@@ -31,12 +32,13 @@ def triton_certify(
     q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_indices: Tensor,
     num_selected: Tensor, tau: Tensor, alibi_slopes: Optional[Tensor], page_size: int,
     alpha: float, scale: float, stats_valid: Optional[Tensor] = None, softcap: float = 0.0,
+    block_table: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """The registered op (positional ``alibi_slopes``); see :func:`certify`."""
     batch, hq = q.shape[:2]
-    hkv, num_pages = kmin.shape[1], kmin.shape[2]
+    hkv, num_pages = kmin.shape[1], logical_pages(kmin, block_table)
     bounds, _ = launch_quest(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes,
-                             per_head=True, group_max=False, softcap=softcap)
+                             per_head=True, group_max=False, softcap=softcap, block_table=block_table)
     slots = torch.arange(num_pages, device=q.device)
     used = slots < num_selected[..., None]
     target = torch.where(used, page_indices.to(torch.int64), num_pages)
@@ -57,6 +59,7 @@ def certify(
     q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_indices: Tensor,
     num_selected: Tensor, tau: Tensor, *, page_size: int, alpha: float, scale: float,
     alibi_slopes: Optional[Tensor] = None, stats_valid: Optional[Tensor] = None, softcap: float = 0.0,
+    block_table: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """``(certified bool [B, Hq], delta_bound float32 [B, Hq])`` of a selection.
 
@@ -65,11 +68,15 @@ def certify(
     ``certify.reference.certify``: never certified (and ``delta_bound = 1``) where q, the slope, the stats of
     a valid page or tau are not finite, the length is outside ``[1, Npages * P]`` or
     ``stats_valid`` (bool ``[B]``) is False. ``softcap > 0``: ``u_p`` is the capped bound (exact:
-    the cap is increasing, so an upper bound of s maps to an upper bound of c).
+    the cap is increasing, so an upper bound of s maps to an upper bound of c). ``block_table``:
+    per-block statistics ``[num_blocks, Hkv, D]`` read through it (``runtime/paged.py``).
     """
-    q = check_kernel_bound_inputs(q, kmin, kmax, None, None, seqlens, page_size=page_size, alpha=alpha,
-                                  scale=scale, alibi_slopes=alibi_slopes)
-    batch, hkv, num_pages, _ = kmin.shape
+    if block_table is None:
+        q = check_kernel_bound_inputs(q, kmin, kmax, None, None, seqlens, page_size=page_size, alpha=alpha,
+                                      scale=scale, alibi_slopes=alibi_slopes)
+    else:
+        check_paged_bound_inputs(q, block_table, kmin, kmax)
+    batch, hkv, num_pages = q.shape[0], kmin.shape[1], logical_pages(kmin, block_table)
     check_kernel_page_table(page_indices, num_selected, batch=batch, kv_heads=hkv, num_pages=num_pages,
                             device=q.device)
     if not isinstance(tau, Tensor) or tuple(tau.shape) != tuple(q.shape[:2]) \
@@ -77,18 +84,19 @@ def certify(
         raise ValueError(f"tau must be a float tensor of shape {list(q.shape[:2])}")
     check_stats_valid(stats_valid, batch, q.device)
     return triton_certify(q, kmin, kmax, seqlens, page_indices, num_selected, tau, alibi_slopes,
-                          int(page_size), float(alpha), float(scale), stats_valid, check_softcap(softcap))
+                          int(page_size), float(alpha), float(scale), stats_valid, check_softcap(softcap),
+                          block_table)
 
 
 @triton_op("entmaxkv::triton_certify_pages", mutates_args=())
 def triton_certify_pages(
     q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_indices: Tensor, num_selected: Tensor,
     tau: Tensor, read_all: Tensor, alibi_slopes: Optional[Tensor], page_size: int, alpha: float,
-    scale: float, softcap: float = 0.0,
+    scale: float, softcap: float = 0.0, block_table: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The registered op (positional ``alibi_slopes``); see :func:`certify_pages`."""
     batch, hq = q.shape[:2]
-    hkv, num_pages, dim = kmin.shape[1], kmin.shape[2], kmin.shape[3]
+    hkv, num_pages, dim = kmin.shape[1], logical_pages(kmin, block_table), kmin.shape[-1]
     dev = q.device
     block = lookup("select", dev, "default")["BLOCK_P"]
     nblocks = cm.cdiv(num_pages, block)
@@ -104,8 +112,9 @@ def triton_certify_pages(
         q, kmin, kmax, seqlens, alibi_slopes if alibi_slopes is not None else q,
         tau.to(torch.float32), selected, read_all.view(torch.int8),
         flags, counts, finite,
-        q.stride(0), q.stride(1), q.stride(3), *kmin.stride(),
+        q.stride(0), q.stride(1), q.stride(3), *pool_stats_strides(kmin, block_table),
         hq, hkv, hq // hkv, dim, num_pages, page_size, scale, softcap if softcap else 1.0, alpha - 1.0,
+        *table_args(block_table, seqlens),
         HAS_ALIBI=alibi_slopes is not None, SOFTCAP=bool(softcap), BLOCK_G=max(16, cm.next_pow2(hq // hkv)),
         BLOCK_P=block, BLOCK_D=max(16, cm.next_pow2(dim)),
         DOT_PREC=cm.dot_precision(dev, q.dtype), UPCAST=cm.dot_upcast(dev, q.dtype),
@@ -121,13 +130,14 @@ def triton_certify_pages(
 def certify_pages(
     q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_indices: Tensor, num_selected: Tensor,
     tau: Tensor, read_all: Tensor, *, page_size: int, alpha: float, scale: float,
-    alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0, block_table: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The pages a certified round reads, as the reference ``certify.reference.certify_pages``:
-    ``(page_indices, num_selected, bounds_finite)``, with capped bounds when ``softcap > 0``.
-    Trusts its caller (the step)."""
+    ``(page_indices, num_selected, bounds_finite)``, with capped bounds when ``softcap > 0``
+    (per-block statistics read through ``block_table``). Trusts its caller (the step)."""
     return triton_certify_pages(q, kmin, kmax, seqlens, page_indices, num_selected, tau, read_all,
-                                alibi_slopes, int(page_size), float(alpha), float(scale), float(softcap))
+                                alibi_slopes, int(page_size), float(alpha), float(scale), float(softcap),
+                                block_table)
 
 
 @triton_op("entmaxkv::triton_certified_heads", mutates_args=())

@@ -21,6 +21,7 @@ from ...checks import check_bound_inputs, check_page_table, check_softcap, check
 from ...config import check_alpha
 from ...math.reference import entmax_beta
 from ..select.reference import compact_page_mask, page_mask_from_indices, quest_bounds_in, valid_page_mask
+from ..paged import gather_stats
 from ..stats.reference import page_token_counts
 
 __all__ = ["certificate_inputs_ok", "certified_heads", "certify", "certify_pages", "certify_unchecked"]
@@ -125,8 +126,12 @@ def certify(
 
 
 def certify_unchecked(q, kmin, kmax, seqlens, page_indices, num_selected, tau, *, page_size, alpha, scale,
-                      alibi_slopes=None, stats_valid=None, softcap=0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`certify` for a caller that has validated its arguments (the step)."""
+                      alibi_slopes=None, stats_valid=None, softcap=0.0,
+                      block_table=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`certify` for a caller that has validated its arguments (the step); ``block_table``:
+    per-block statistics gathered through it (``runtime/paged.py``)."""
+    if block_table is not None:
+        kmin, kmax = gather_stats(block_table, seqlens, page_size, kmin, kmax)
     page_mask = page_mask_from_indices(page_indices, num_selected, kmin.shape[2])
     certified, delta = _certify_in(q, kmin, kmax, seqlens, page_mask, tau, page_size, alpha, scale, alibi_slopes,
                                    stats_valid, softcap)
@@ -148,6 +153,7 @@ def certify_pages(
     scale: float,
     alibi_slopes: torch.Tensor | None = None,
     softcap: float = 0.0,
+    block_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pages a certified round must read: ``(page_indices, num_selected, bounds_finite)``.
 
@@ -161,8 +167,11 @@ def certify_pages(
     is not read-all is not finite: the certificate does not rest on such a bound. With
     ``softcap > 0``, ``u_p`` is the capped bound (exact: the cap is increasing, so an upper bound
     of s maps to an upper bound of c). Trusts its caller (the step); the oracle of the
-    ``triton_certify_pages`` kernel.
+    ``triton_certify_pages`` kernel. ``block_table``: per-block statistics gathered through it
+    (``runtime/paged.py``).
     """
+    if block_table is not None:
+        kmin, kmax = gather_stats(block_table, seqlens, page_size, kmin, kmax)
     dtype = torch.float64 if torch.float64 in (q.dtype, tau.dtype) else torch.float32
     batch, q_heads = q.shape[:2]
     kv_heads, num_pages = kmin.shape[1], kmin.shape[2]

@@ -20,6 +20,7 @@ from torch.library import triton_op, wrap_triton
 from ...checks import check_kernel_bound_inputs, check_row_start, check_softcap
 from ...config import SELECTORS, TAU_ESTIMATES
 from .. import _common as cm
+from ..paged import check_paged_bound_inputs, gather_stats, logical_pages, pool_stats_strides, table_args
 from ..tuning.tuned import lookup
 from .reference import (
     forced_page_mask,
@@ -34,18 +35,20 @@ from .tau_hat import MAX_ITERS, gaussian_tau_kernel, mixture_tau_kernel
 PAGE_SELECTORS = tuple(s for s in SELECTORS if s != "certified")
 
 
-def _stats_view(q: Tensor, kmin: Tensor) -> tuple[int, int, int, int, int]:
+def _stats_view(q: Tensor, kmin: Tensor, block_table: Optional[Tensor] = None) -> tuple[int, int, int, int, int]:
+    """``(B, Hq, Hkv, pages per row, D)``; statistics are ``[B, Hkv, Np, D]``, or per block
+    ``[num_blocks, Hkv, D]`` with a table (``runtime/paged.py``)."""
     batch, hq, _, dim = q.shape
-    hkv, num_pages = kmin.shape[1], kmin.shape[2]
-    return batch, hq, hkv, num_pages, dim
+    return batch, hq, kmin.shape[1], logical_pages(kmin, block_table), dim
 
 
 def launch_quest(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_size: int,
                  scale: float, alibi_slopes: Optional[Tensor], *, per_head: bool,
-                 group_max: bool, softcap: float = 0.0) -> tuple[Optional[Tensor], Optional[Tensor]]:
+                 group_max: bool, softcap: float = 0.0,
+                 block_table: Optional[Tensor] = None) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Quest bounds per query head ``[B, Hq, Np]`` and/or their group max ``[B, Hkv, Np]``
-    (soft-capped when ``softcap > 0``)."""
-    batch, hq, hkv, num_pages, dim = _stats_view(q, kmin)
+    (soft-capped when ``softcap > 0``; per-block statistics read through ``block_table``)."""
+    batch, hq, hkv, num_pages, dim = _stats_view(q, kmin, block_table)
     cfg = lookup("select", q.device, "default", num_pages * page_size)
     bounds = torch.empty((batch, hq, num_pages), device=q.device, dtype=torch.float32) \
         if per_head else None
@@ -55,8 +58,9 @@ def launch_quest(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_si
     wrap_triton(quest_kernel)[(cm.cdiv(num_pages, cfg["BLOCK_P"]), batch * hkv)](
         q, kmin, kmax, seqlens, alibi_slopes if alibi_slopes is not None else q,
         bounds if per_head else dummy, group if group_max else dummy,
-        q.stride(0), q.stride(1), q.stride(3), *kmin.stride(),
+        q.stride(0), q.stride(1), q.stride(3), *pool_stats_strides(kmin, block_table),
         hq, hkv, hq // hkv, dim, num_pages, page_size, scale, softcap if softcap else 1.0,
+        *table_args(block_table, seqlens),
         HAS_ALIBI=alibi_slopes is not None, SOFTCAP=bool(softcap), WRITE_HEADS=per_head, WRITE_GROUP=group_max,
         BLOCK_G=max(16, cm.next_pow2(hq // hkv)), BLOCK_P=cfg["BLOCK_P"],
         BLOCK_D=max(16, cm.next_pow2(dim)), DOT_PREC=cm.dot_precision(q.device, q.dtype),
@@ -67,12 +71,13 @@ def launch_quest(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_si
 
 def _gaussian_tau(q: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, page_size: int,
                   alpha: float, scale: float, mixture: bool, beta: int,
-                  alibi_slopes: Optional[Tensor], row_start: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                  alibi_slopes: Optional[Tensor], row_start: Optional[Tensor] = None,
+                  block_table: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Page moments (mu, sigma) ``[B, Hq, Np]`` and tau_hat ``[B, Hq]``, all on device (the pages
     wholly below ``row_start`` count as empty)."""
     has_start = row_start is not None
     start = row_start if has_start else seqlens  # never read when has_start is False
-    batch, hq, hkv, num_pages, dim = _stats_view(q, kmean)
+    batch, hq, hkv, num_pages, dim = _stats_view(q, kmean, block_table)
     cfg = lookup("select", q.device, "default", num_pages * page_size)
     per_prog = cfg["MOMENTS_BLOCKS"]
     nblocks = cm.cdiv(num_pages, cfg["BLOCK_PM"] * per_prog)  # programs along the pages
@@ -86,8 +91,8 @@ def _gaussian_tau(q: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, page_s
     block_g = max(16, cm.next_pow2(hq // hkv)) if use_dot else cm.next_pow2(hq // hkv)
     wrap_triton(moments_kernel)[(nblocks, batch * hkv)](
         q, kmean, km2, seqlens, start, alibi_slopes if alibi_slopes is not None else q, mu, sigma, mom,
-        q.stride(0), q.stride(1), q.stride(3), *kmean.stride(),
-        hq, hkv, hq // hkv, dim, num_pages, page_size, scale, per_prog,
+        q.stride(0), q.stride(1), q.stride(3), *pool_stats_strides(kmean, block_table),
+        hq, hkv, hq // hkv, dim, num_pages, page_size, scale, per_prog, *table_args(block_table, seqlens),
         HAS_ALIBI=alibi_slopes is not None, HAS_START=has_start, BLOCK_G=block_g,
         BLOCK_P=cfg["BLOCK_PM"], BLOCK_D=max(16, cm.next_pow2(dim)),
         DOT_PREC=cm.exact_fp32_dot(dev), USE_DOT=use_dot, num_warps=cfg["num_warps"],
@@ -134,9 +139,10 @@ def triton_select_pages(
     alibi_slopes: Optional[Tensor], page_size: int, alpha: float, scale: float, selector: str,
     token_budget: int, max_quantile: float, margin: float, tau_estimate: str, sink_pages: int,
     recent_pages: int, min_context: int, softcap: float = 0.0, row_start: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """The registered op (positional ``alibi_slopes``); see :func:`select_pages`."""
-    batch, hq, hkv, num_pages, _ = _stats_view(q, kmin)
+    batch, hq, hkv, num_pages, _ = _stats_view(q, kmin, block_table)
     dev = q.device
     cfg = lookup("select", dev, "default", num_pages * page_size)
     group_size = hq // hkv
@@ -146,7 +152,7 @@ def triton_select_pages(
         # The ranking is torch's top-k (a multi-block radix select): one (batch, KV head) per
         # program, as the old single-program radix kernel did, took 0.72 ms at 1M on an H200.
         bounds, _ = launch_quest(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes,
-                                 per_head=True, group_max=False, softcap=softcap)
+                                 per_head=True, group_max=False, softcap=softcap, block_table=block_table)
         valid = valid_page_mask(seqlens, page_size, num_pages)[:, None, :]
         forced = forced_page_mask(seqlens, page_size, num_pages, sink_pages, recent_pages)[:, None, :]
         if row_start is not None:  # as the reference: pages wholly below the start do not exist
@@ -163,7 +169,7 @@ def triton_select_pages(
     if gaussian:
         mixture = tau_estimate == "mixture" or (tau_estimate == "auto" and alibi_slopes is not None)
         mu, sigma, tau = _gaussian_tau(q, kmean, km2, seqlens, page_size, alpha, scale, mixture,
-                                       cm.integer_beta(alpha), alibi_slopes, row_start)
+                                       cm.integer_beta(alpha), alibi_slopes, row_start, block_table)
         ztab = page_max_z(dev, page_size, max_quantile)
     nblocks = cm.cdiv(num_pages, cfg["BLOCK_PS"])
     flags = torch.empty((batch, hkv, num_pages), device=dev, dtype=torch.int8)
@@ -207,7 +213,7 @@ def select_pages(
     page_size: int, alpha: float, scale: float, selector: str, token_budget: int,
     max_quantile: float, margin: float, tau_estimate: str, sink_pages: int, recent_pages: int,
     min_context: int, alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0,
-    row_start: Optional[Tensor] = None,
+    row_start: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Choose each KV head's pages: (``page_indices`` int32 ``[B, Hkv, Np]`` ascending then -1,
     ``num_selected`` int32 ``[B, Hkv]``), as the reference ``selection.select_pages``.
@@ -217,9 +223,14 @@ def select_pages(
     ``softcap > 0``: top-k ranks capped bounds; the gaussian selector works on the raw scores
     (see the reference's docstring for why). ``row_start``: the pages wholly below it are
     never selected, ranked or counted in the gaussian estimate (as the reference).
+    ``block_table`` (int32 ``[B, max_pages]``): the statistics are per physical block
+    ``[num_blocks, Hkv, D]`` (``runtime/paged.py``); the page indices stay logical.
     """
-    q = check_kernel_bound_inputs(q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha,
-                                  scale=scale, alibi_slopes=alibi_slopes)
+    if block_table is None:
+        q = check_kernel_bound_inputs(q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha,
+                                      scale=scale, alibi_slopes=alibi_slopes)
+    else:
+        check_paged_bound_inputs(q, block_table, kmin, kmax, kmean, km2)
     softcap = check_softcap(softcap)
     row_start = check_row_start(row_start, q.shape[0], device=q.device)
     if selector not in PAGE_SELECTORS:
@@ -240,6 +251,8 @@ def select_pages(
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     if selector == "gaussian" and cm.integer_beta(float(alpha)) is None:
         from .reference import select_pages as reference_select
+        if block_table is not None:  # the reference reads the per-row layout
+            kmin, kmax, kmean, km2 = gather_stats(block_table, seqlens, page_size, kmin, kmax, kmean, km2)
         return reference_select(
             q, kmin, kmax, kmean, km2, seqlens, page_size=page_size, alpha=alpha, scale=scale,
             selector=selector, token_budget=token_budget, max_quantile=max_quantile,
@@ -249,24 +262,28 @@ def select_pages(
     return triton_select_pages(
         q, kmin, kmax, kmean, km2, seqlens, alibi_slopes, int(page_size), float(alpha),
         float(scale), selector, int(token_budget), float(max_quantile), float(margin),
-        tau_estimate, int(sink_pages), int(recent_pages), int(min_context), softcap, row_start)
+        tau_estimate, int(sink_pages), int(recent_pages), int(min_context), softcap, row_start, block_table)
 
 
 @triton_op("entmaxkv::triton_quest_bounds", mutates_args=())
 def triton_quest_bounds(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor,
                         alibi_slopes: Optional[Tensor], page_size: int, scale: float,
-                        softcap: float = 0.0) -> Tensor:
+                        softcap: float = 0.0, block_table: Optional[Tensor] = None) -> Tensor:
     """The registered op (positional ``alibi_slopes``); see :func:`quest_bounds`."""
     bounds, _ = launch_quest(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes,
-                             per_head=True, group_max=False, softcap=softcap)
+                             per_head=True, group_max=False, softcap=softcap, block_table=block_table)
     return bounds
 
 
 def quest_bounds(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, *, page_size: int,
-                 scale: float, alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0) -> Tensor:
+                 scale: float, alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0,
+                 block_table: Optional[Tensor] = None) -> Tensor:
     """Quest bound per query head and page, float32 ``[B, Hq, Npages]``, -inf on invalid pages
-    (soft-capped when ``softcap > 0``)."""
-    q = check_kernel_bound_inputs(q, kmin, kmax, None, None, seqlens, page_size=page_size, alpha=2.0,
-                                  scale=scale, alibi_slopes=alibi_slopes)
+    (soft-capped when ``softcap > 0``; per-block statistics read through ``block_table``)."""
+    if block_table is None:
+        q = check_kernel_bound_inputs(q, kmin, kmax, None, None, seqlens, page_size=page_size, alpha=2.0,
+                                      scale=scale, alibi_slopes=alibi_slopes)
+    else:
+        check_paged_bound_inputs(q, block_table, kmin, kmax)
     return triton_quest_bounds(q, kmin, kmax, seqlens, alibi_slopes, int(page_size), float(scale),
-                               check_softcap(softcap))
+                               check_softcap(softcap), block_table)

@@ -16,6 +16,7 @@ from ...checks import check_bound_inputs, check_int_arg, check_row_start, check_
 from ...config import SELECTORS, TAU_ESTIMATES, check_alpha
 from ...math.gaussian import gaussian_threshold, mixture_threshold, page_max_quantile_z
 from ...math.softcap import apply_softcap
+from ..paged import gather_stats
 from ..stats.reference import page_token_counts
 
 __all__ = [
@@ -214,8 +215,11 @@ def quest_bounds(
 
 
 def quest_bounds_unchecked(q, kmin, kmax, seqlens, *, page_size, scale, alibi_slopes=None,
-                           softcap=0.0) -> torch.Tensor:
-    """:func:`quest_bounds` for a caller that has validated its arguments (the step)."""
+                           softcap=0.0, block_table=None) -> torch.Tensor:
+    """:func:`quest_bounds` for a caller that has validated its arguments (the step);
+    ``block_table``: per-block statistics gathered through it (``runtime/paged.py``)."""
+    if block_table is not None:
+        kmin, kmax = gather_stats(block_table, seqlens, page_size, kmin, kmax)
     return quest_bounds_in(q, kmin, kmax, seqlens, page_size, scale, alibi_slopes, compute_dtype(q),
                            softcap).to(torch.float32)
 
@@ -332,9 +336,13 @@ def select_pages(
 
 def select_pages_unchecked(q, kmin, kmax, kmean, km2, seqlens, *, page_size, alpha, scale, selector, token_budget,
                            max_quantile, margin, tau_estimate, sink_pages, recent_pages, min_context,
-                           alibi_slopes=None, softcap=0.0, row_start=None) -> tuple[torch.Tensor, torch.Tensor]:
+                           alibi_slopes=None, softcap=0.0, row_start=None,
+                           block_table=None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`select_pages` for a caller that has validated its arguments (the step: its entry
-    checked the tensors, ``EntmaxKVConfig`` the options)."""
+    checked the tensors, ``EntmaxKVConfig`` the options). ``block_table``: per-block statistics
+    ``[num_blocks, Hkv, D]`` gathered through it (``runtime/paged.py``); pages stay logical."""
+    if block_table is not None:
+        kmin, kmax, kmean, km2 = gather_stats(block_table, seqlens, page_size, kmin, kmax, kmean, km2)
     batch, kv_heads, num_pages = kmin.shape[:3]
     valid = valid_page_mask(seqlens, page_size, num_pages)[:, None, :]  # [B, 1, Np]
     forced = forced_page_mask(seqlens, page_size, num_pages, sink_pages, recent_pages)[:, None, :]

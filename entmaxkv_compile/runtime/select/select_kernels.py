@@ -13,6 +13,8 @@
   the fixed-capacity ``page_indices`` (ascending, -1 padded) and ``num_selected``.
 
 The top-k ranking itself is torch's multi-block top-k (``select.py``), not a kernel here.
+``HAS_TABLE``: the statistics are per physical block and read at ``block_table[b, page]``
+(``stat_pages``; ``runtime/paged.py``), only for the row's valid pages.
 """
 
 from __future__ import annotations
@@ -38,17 +40,28 @@ def _counts_from_start(n, pages, start_ptr, b, page_size):
 
 
 @triton.jit
+def stat_pages(table_ptr, b, stb, stp, pages, mask, HAS_TABLE: tl.constexpr):
+    """The page-axis index of the statistics of logical ``pages`` of row ``b``: the pages
+    themselves, or with a block table their physical blocks (read only under ``mask``, so an
+    entry past the row's pages is never touched; the launcher passes batch stride 0)."""
+    blocks = pages
+    if HAS_TABLE:
+        blocks = tl.load(table_ptr + b * stb + pages * stp, mask=mask, other=0)
+    return blocks
+
+
+@triton.jit
 def group_page_bounds(
     q_ptr, kmin_ptr, kmax_ptr, slopes_ptr, b, hk, pages, load_mask, length,
     sqb, sqh, sqd, ssb, ssh, ssp, ssd, G, D, page_size, scale, softcap,
     HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, blocks,
 ):
     """Quest bounds ``[BLOCK_G, BLOCK_P]`` of one page block for the G query heads of KV head
     ``hk``: ``scale (q+ . kmax + q- . kmin)`` plus the page's largest ALiBi bias, from one read of
     kmin/kmax (pages outside ``load_mask`` are not read; their bound is meaningless). ``SOFTCAP``:
     passed through ``softcap * tanh(u / softcap)``, an upper bound of the capped scores (the cap
-    is increasing)."""
+    is increasing). ``blocks``: the page-axis index of the statistics (``stat_pages``)."""
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     gmask = offs_g < G
@@ -56,7 +69,7 @@ def group_page_bounds(
     heads = hk * G + offs_g
     q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd,
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
-    off = (b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + pages.to(tl.int64)[:, None] * ssp
+    off = (b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + blocks.to(tl.int64)[:, None] * ssp
            + offs_d[None, :] * ssd)
     lmask = load_mask[:, None] & dmask[None, :]
     kmx = tl.load(kmax_ptr + off, mask=lmask, other=0.0)
@@ -86,6 +99,7 @@ def quest_kernel(
     q_ptr, kmin_ptr, kmax_ptr, seqlens_ptr, slopes_ptr, bound_ptr, group_ptr,
     sqb, sqh, sqd, ssb, ssh, ssp, ssd,
     Hq, Hkv, G, D, num_pages, page_size, scale, softcap,
+    table_ptr, stb, stp, HAS_TABLE: tl.constexpr,
     HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, WRITE_HEADS: tl.constexpr, WRITE_GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -99,9 +113,13 @@ def quest_kernel(
     heads = hk * G + offs_g
     pages = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = _page_counts(pages, length, page_size, num_pages) > 0
-    u = group_page_bounds(q_ptr, kmin_ptr, kmax_ptr, slopes_ptr, b, hk, pages, pages < num_pages, length,
+    load = pages < num_pages
+    if HAS_TABLE:  # a table entry past the row's pages may be garbage: read only valid pages
+        load = valid
+    u = group_page_bounds(q_ptr, kmin_ptr, kmax_ptr, slopes_ptr, b, hk, pages, load, length,
                           sqb, sqh, sqd, ssb, ssh, ssp, ssd, G, D, page_size, scale, softcap,
-                          HAS_ALIBI, SOFTCAP, BLOCK_G, BLOCK_D, DOT_PREC, UPCAST)
+                          HAS_ALIBI, SOFTCAP, BLOCK_G, BLOCK_D, DOT_PREC, UPCAST,
+                          stat_pages(table_ptr, b, stb, stp, pages, load, HAS_TABLE))
     u = tl.where(valid[None, :] & gmask[:, None], u, float("-inf"))
     if WRITE_HEADS:
         tl.store(bound_ptr + (b * Hq + heads[:, None]).to(tl.int64) * num_pages + pages[None, :],
@@ -116,6 +134,7 @@ def moments_kernel(
     q_ptr, kmean_ptr, km2_ptr, seqlens_ptr, start_ptr, slopes_ptr, mu_ptr, sigma_ptr, mom_ptr,
     sqb, sqh, sqd, ssb, ssh, ssp, ssd,
     Hq, Hkv, G, D, num_pages, page_size, scale, blocks_per_prog,
+    table_ptr, stb, stp, HAS_TABLE: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_START: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, USE_DOT: tl.constexpr,
 ):
@@ -150,7 +169,8 @@ def moments_kernel(
             n = _counts_from_start(n, pages, start_ptr, b, page_size)
         valid = n > 0
         nf = n.to(tl.float32)
-        off = (b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + pages.to(tl.int64)[:, None] * ssp
+        blocks = stat_pages(table_ptr, b, stb, stp, pages, valid, HAS_TABLE)
+        off = (b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + blocks.to(tl.int64)[:, None] * ssp
                + offs_d[None, :] * ssd)
         lmask = valid[:, None] & dmask[None, :]
         mean = tl.load(kmean_ptr + off, mask=lmask, other=0.0).to(tl.float32)

@@ -9,6 +9,8 @@ kmin/kmax, the gaussian selector only kmean/km2.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -16,6 +18,7 @@ from torch.library import triton_op, wrap_triton
 
 from ...checks import check_kernel_cache, check_kernel_stats, check_lengths, check_page_size, stats_shape
 from .. import _common as cm
+from ..paged import cache_geometry, check_block_table, check_pool, check_pool_stats, pool_stats_strides, table_args
 from ..tuning.tuned import lookup
 
 
@@ -24,6 +27,7 @@ def _prefill_kernel(
     k_ptr, seqlens_ptr, kmin_ptr, kmax_ptr, kmean_ptr, km2_ptr,
     skb, skh, skn, skd, ssb, ssh, ssp, ssd,
     Hkv, D, num_pages, page_size, nmax,
+    table_ptr, stb, stp, HAS_TABLE: tl.constexpr,
     PAGES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
@@ -36,11 +40,22 @@ def _prefill_kernel(
     dmask = offs_d < D
     k_base = k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     s_off = b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + offs_d * ssd
+    if HAS_TABLE:  # skb: the pool's block stride; ssb = 0 (statistics indexed by block, below)
+        k_base = k_ptr + hk.to(tl.int64) * skh
     for i in range(PAGES):
         page = tl.program_id(0) * PAGES + i
         if page < num_pages:
             first = page * page_size
             n = tl.minimum(tl.maximum(length - first, 0), page_size)
+            page_base = k_base
+            stat_page = page
+            written = dmask
+            if HAS_TABLE:  # rows [0, n) of block table[b, page]; a page past the length (its
+                # entry may be garbage: the loads below mask it out) is neither read nor written
+                blk = tl.load(table_ptr + b * stb + page * stp).to(tl.int64)
+                page_base = k_base + blk * skb - first.to(tl.int64) * skn
+                stat_page = blk
+                written = dmask & ((offs_d * 0 + n) > 0)
             lo = tl.full([BLOCK_D], float("inf"), tl.float32)
             hi = tl.full([BLOCK_D], float("-inf"), tl.float32)
             total = tl.zeros([BLOCK_D], tl.float32)
@@ -48,7 +63,7 @@ def _prefill_kernel(
             for t in range(0, n, BLOCK_T):
                 rows = first + t + offs_t
                 rmask = (t + offs_t) < n
-                x = tl.load(k_base + rows.to(tl.int64)[:, None] * skn + offs_d[None, :] * skd,
+                x = tl.load(page_base + rows.to(tl.int64)[:, None] * skn + offs_d[None, :] * skd,
                             mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
                 lo = tl.minimum(lo, tl.min(tl.where(rmask[:, None], x, float("inf")), axis=0))
                 hi = tl.maximum(hi, tl.max(tl.where(rmask[:, None], x, float("-inf")), axis=0))
@@ -63,18 +78,18 @@ def _prefill_kernel(
             for t in range(0, n, BLOCK_T):
                 rows = first + t + offs_t
                 rmask = (t + offs_t) < n
-                x = tl.load(k_base + rows.to(tl.int64)[:, None] * skn + offs_d[None, :] * skd,
+                x = tl.load(page_base + rows.to(tl.int64)[:, None] * skn + offs_d[None, :] * skd,
                             mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
                 dev = tl.where(rmask[:, None], x - mean[None, :], 0.0)
                 m2 += tl.sum(dev * dev, axis=0)
             empty = n == 0
-            off = s_off + page.to(tl.int64) * ssp
+            off = s_off + stat_page.to(tl.int64) * ssp
             tl.store(kmin_ptr + off, tl.where(empty, 0.0, lo).to(kmin_ptr.dtype.element_ty),
-                     mask=dmask)
+                     mask=written)
             tl.store(kmax_ptr + off, tl.where(empty, 0.0, hi).to(kmax_ptr.dtype.element_ty),
-                     mask=dmask)
-            tl.store(kmean_ptr + off, mean.to(kmean_ptr.dtype.element_ty), mask=dmask)
-            tl.store(km2_ptr + off, m2.to(km2_ptr.dtype.element_ty), mask=dmask)
+                     mask=written)
+            tl.store(kmean_ptr + off, mean.to(kmean_ptr.dtype.element_ty), mask=written)
+            tl.store(km2_ptr + off, m2.to(km2_ptr.dtype.element_ty), mask=written)
 
 
 @triton.jit
@@ -82,6 +97,7 @@ def _append_kernel(
     k_ptr, pos_ptr, kmin_ptr, kmax_ptr, kmean_ptr, km2_ptr,
     skb, skh, skn, skd, ssb, ssh, ssp, ssd,
     Hkv, D, page_size, nmax,
+    table_ptr, stb, stp, HAS_TABLE: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -96,9 +112,16 @@ def _append_kernel(
     # a position outside [0, Nmax) (no value checks) reads and writes nothing
     raw_d = offs_d.to(tl.int64) * 0 + raw
     dmask = (offs_d < D) & (raw_d >= 0) & (raw_d < nmax)
-    row = tl.load(k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + pos * skn + offs_d * skd,
+    row_off = b.to(tl.int64) * skb + pos * skn
+    stat_page = page
+    if HAS_TABLE:  # row pos % P of block table[b, pos // P]; skb/ssb are block strides
+        # (pos is clamped into the table; the row and statistics loads are masked by dmask)
+        blk = tl.load(table_ptr + b * stb + page * stp).to(tl.int64)
+        row_off = blk * skb + (pos % page_size) * skn
+        stat_page = blk  # the launcher passes the statistics' batch stride ssb = 0
+    row = tl.load(k_ptr + row_off + hk.to(tl.int64) * skh + offs_d * skd,
                   mask=dmask, other=0.0)
-    off = b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + page * ssp + offs_d * ssd
+    off = b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + stat_page * ssp + offs_d * ssd
     old_min = tl.load(kmin_ptr + off, mask=dmask, other=0.0).to(tl.float32)
     old_max = tl.load(kmax_ptr + off, mask=dmask, other=0.0).to(tl.float32)
     old_mean = tl.load(kmean_ptr + off, mask=dmask, other=0.0).to(tl.float32)
@@ -119,35 +142,59 @@ def _append_kernel(
     tl.store(km2_ptr + off, m2.to(km2_ptr.dtype.element_ty), mask=dmask)
 
 
-def _stat_strides(kmin: Tensor, kmean: Tensor, km2: Tensor, kmax: Tensor) -> tuple[int, ...]:
+def _check_paged(k_pool: Tensor, block_table: Tensor, lengths_name: str, lengths: Tensor, page_size: int,
+                 kmin: Tensor, kmax: Tensor, kmean: Tensor, km2: Tensor) -> None:
+    """A page pool, its table, ``[B]`` lengths or positions and per-block statistics agree."""
+    check_pool("k_pool", k_pool, page_size)
+    if not isinstance(lengths, Tensor) or lengths.dim() != 1:
+        raise ValueError(f"{lengths_name} must be an int tensor [B]")
+    check_block_table(block_table, lengths.shape[0], device=k_pool.device)
+    check_lengths(lengths_name, lengths, lengths.shape[0], device=k_pool.device)
+    blocks = check_pool_stats(block_table, k_pool.shape[2], k_pool.shape[3], kmin, kmax, kmean, km2)
+    if blocks != k_pool.shape[0] or kmin.dtype != k_pool.dtype or kmax.dtype != k_pool.dtype:
+        raise ValueError(f"the statistics must describe the pool's {k_pool.shape[0]} blocks in its dtype "
+                         f"{k_pool.dtype}: got {blocks} blocks of {kmin.dtype}")
+
+
+def _stat_strides(kmin: Tensor, kmean: Tensor, km2: Tensor, kmax: Tensor,
+                  block_table: Optional[Tensor] = None) -> tuple[int, ...]:
+    """The statistics' common ``(batch, head, page, dim)`` strides as the kernels address them
+    (``paged.pool_stats_strides``)."""
     strides = kmin.stride()
     for name, buf in (("kmax", kmax), ("kmean", kmean), ("km2", km2)):
         if buf.stride() != strides:
             raise ValueError(f"{name} must have kmin's strides {strides}, got {buf.stride()}")
-    return strides
+    return pool_stats_strides(kmin, block_table)
 
 
 @triton_op("entmaxkv::triton_stats_prefill_",
            mutates_args={"kmin", "kmax", "kmean", "km2"})
 def stats_prefill_(
     k_cache: Tensor, seqlens: Tensor, page_size: int,
-    kmin: Tensor, kmax: Tensor, kmean: Tensor, km2: Tensor,
+    kmin: Tensor, kmax: Tensor, kmean: Tensor, km2: Tensor, block_table: Optional[Tensor] = None,
 ) -> None:
-    """Fill the four page-stat buffers from the first ``seqlens[b]`` rows of ``k_cache``."""
+    """Fill the four page-stat buffers from the first ``seqlens[b]`` rows of ``k_cache``. With
+    ``block_table``, ``k_cache`` is a page pool and the statistics are per block (``runtime/paged.py``):
+    each row's pages ``< ceil(seqlens[b] / P)`` write their block's statistics, no other block
+    is touched."""
     check_page_size(page_size)
-    check_kernel_cache("k_cache", k_cache)
-    check_lengths("seqlens", seqlens, k_cache.shape[0], device=k_cache.device)
-    check_kernel_stats(kmin, kmax, kmean, km2, shape=stats_shape(k_cache, page_size),
-                dtype=k_cache.dtype, device=k_cache.device)
-    batch, hkv, _, dim = k_cache.shape
-    num_pages = kmin.shape[2]
-    strides = _stat_strides(kmin, kmean, km2, kmax)
+    if block_table is None:
+        check_kernel_cache("k_cache", k_cache)
+        check_lengths("seqlens", seqlens, k_cache.shape[0], device=k_cache.device)
+        check_kernel_stats(kmin, kmax, kmean, km2, shape=stats_shape(k_cache, page_size),
+                    dtype=k_cache.dtype, device=k_cache.device)
+    else:
+        _check_paged(k_cache, block_table, "seqlens", seqlens, page_size, kmin, kmax, kmean, km2)
+    hkv, capacity, k_strides = cache_geometry(k_cache, page_size, block_table)
+    batch, dim = seqlens.shape[0], k_cache.shape[3]
+    num_pages = kmin.shape[2] if block_table is None else block_table.shape[1]
+    strides = _stat_strides(kmin, kmean, km2, kmax, block_table)
     cfg = lookup("page_stats", k_cache.device, "default")
     pages_per_prog = 4
     grid = (cm.cdiv(num_pages, pages_per_prog), batch * hkv)
     wrap_triton(_prefill_kernel)[grid](
-        k_cache, seqlens, kmin, kmax, kmean, km2, *k_cache.stride(), *strides,
-        hkv, dim, num_pages, page_size, k_cache.shape[2],
+        k_cache, seqlens, kmin, kmax, kmean, km2, *k_strides, *strides,
+        hkv, dim, num_pages, page_size, capacity, *table_args(block_table, seqlens),
         PAGES=pages_per_prog, BLOCK_T=min(cfg["BLOCK_T"], cm.next_pow2(page_size)),
         BLOCK_D=cm.next_pow2(dim), num_warps=cfg["num_warps"],
     )
@@ -157,17 +204,23 @@ def stats_prefill_(
            mutates_args={"kmin", "kmax", "kmean", "km2"})
 def stats_append_(
     k_cache: Tensor, positions: Tensor, page_size: int,
-    kmin: Tensor, kmax: Tensor, kmean: Tensor, km2: Tensor,
+    kmin: Tensor, kmax: Tensor, kmean: Tensor, km2: Tensor, block_table: Optional[Tensor] = None,
 ) -> None:
-    """Fold the row written at ``positions[b]`` into its page (reset when it starts a page)."""
+    """Fold the row written at ``positions[b]`` into its page (reset when it starts a page).
+    With ``block_table``: row ``positions[b] % P`` of the pool's block ``block_table[b,
+    positions[b] // P]`` into that block's statistics (never a shared block: copy on write)."""
     check_page_size(page_size)
-    check_kernel_cache("k_cache", k_cache)
-    check_lengths("positions", positions, k_cache.shape[0], device=k_cache.device)
-    check_kernel_stats(kmin, kmax, kmean, km2, shape=stats_shape(k_cache, page_size),
-                dtype=k_cache.dtype, device=k_cache.device)
-    batch, hkv, _, dim = k_cache.shape
-    strides = _stat_strides(kmin, kmean, km2, kmax)
+    if block_table is None:
+        check_kernel_cache("k_cache", k_cache)
+        check_lengths("positions", positions, k_cache.shape[0], device=k_cache.device)
+        check_kernel_stats(kmin, kmax, kmean, km2, shape=stats_shape(k_cache, page_size),
+                    dtype=k_cache.dtype, device=k_cache.device)
+    else:
+        _check_paged(k_cache, block_table, "positions", positions, page_size, kmin, kmax, kmean, km2)
+    hkv, capacity, k_strides = cache_geometry(k_cache, page_size, block_table)
+    batch, dim = positions.shape[0], k_cache.shape[3]
+    strides = _stat_strides(kmin, kmean, km2, kmax, block_table)
     wrap_triton(_append_kernel)[(batch * hkv,)](
-        k_cache, positions, kmin, kmax, kmean, km2, *k_cache.stride(), *strides,
-        hkv, dim, page_size, k_cache.shape[2], BLOCK_D=cm.next_pow2(dim), num_warps=1,
+        k_cache, positions, kmin, kmax, kmean, km2, *k_strides, *strides,
+        hkv, dim, page_size, capacity, *table_args(block_table, positions), BLOCK_D=cm.next_pow2(dim), num_warps=1,
     )

@@ -1,0 +1,137 @@
+"""What the block-table indirection costs: the decode step over a paged cache against the same
+step over the contiguous cache holding the same data.
+
+Per configuration (length x batch x selector), on the same q, K and V: ``contiguous`` runs
+``run_step`` over ``[B, Hkv, N, D]`` caches with per-row statistics; ``table`` runs it over page
+pools ``[num_blocks, P, Hkv, D]`` whose blocks are a random permutation of the same pages (a
+shuffled block table, as a serving engine's allocator leaves it) with per-block statistics.
+Both steps are captured in a CUDA graph and their replays timed by ``triton.testing.do_bench``
+(median, ``benchmarks/timing.py``). Printed and written to ``OUT/block_table.json``: both times,
+the overhead of the table in percent (the target is < 5%), and whether the two outputs are
+identical (they should be bit for bit: same tokens, same order of arithmetic).
+
+    python benchmarks/block_table.py --out OUT                  # GPU: GQA 32/8, D 128, fp16
+    python benchmarks/block_table.py --preset smoke --out OUT   # CPU plumbing check, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import timing  # noqa: E402
+from entmaxkv_compile import EntmaxKVConfig, KVPageStats, PagedKVStats  # noqa: E402
+from entmaxkv_compile.runtime.paged import pool_from_cache  # noqa: E402
+from entmaxkv_compile.runtime.step import implementation_for, run_step  # noqa: E402
+
+PAGE = 16
+ALPHA = 1.5
+TARGET_OVERHEAD = 5.0  # percent (issue 13)
+PRESETS = {
+    "quick": dict(lengths=(32768, 131072, 1048576), batches=(1, 8), q_heads=32, kv_heads=8, dim=128,
+                  dtype="fp16", selectors=("dense", "topk", "gaussian", "certified")),
+    "smoke": dict(lengths=(200,), batches=(2,), q_heads=4, kv_heads=2, dim=32, dtype="fp32",
+                  selectors=("dense", "certified")),
+}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def paged_copy(cache: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pool, table)``: ``cache``'s pages moved to the blocks ``perm`` (a shuffled table)."""
+    identity_pool, identity = pool_from_cache(cache, PAGE)
+    pool = torch.empty_like(identity_pool)
+    pool[perm] = identity_pool
+    return pool, perm[identity.long()].to(torch.int32)
+
+
+def one_config(length: int, batch: int, selector: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """Time the contiguous and the table step of one configuration."""
+    dtype = DTYPES[args.dtype]
+    gen = torch.Generator(device=device).manual_seed(length + batch)
+    num_pages = -(-length // PAGE)
+    shape = (batch, args.kv_heads, num_pages * PAGE, args.dim)  # whole pages: the pools' capacity
+    q = torch.randn(batch, args.q_heads, 1, args.dim, generator=gen, device=device, dtype=dtype)
+    k = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    v = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    # odd lengths (a partial last page), different per row
+    seqlens = torch.tensor([length - 1 - 7 * b for b in range(batch)], dtype=torch.int32, device=device)
+    perm = torch.randperm(batch * num_pages, generator=gen, device=device)
+    k_pool, table = paged_copy(k, perm)
+    v_pool, _ = paged_copy(v, perm)
+    flat = KVPageStats.from_cache(k, seqlens, PAGE, check_values=False)
+    paged = PagedKVStats.allocate(batch * num_pages, args.kv_heads, args.dim, batch=batch, max_pages=num_pages,
+                                  page_size=PAGE, dtype=dtype, device=device)
+    paged.prefill(k_pool, seqlens, table)
+    config = EntmaxKVConfig(selector=selector, page_size=PAGE, alpha=ALPHA,
+                            token_budget=max(PAGE, int(0.03 * length) // PAGE * PAGE))
+    impl = implementation_for(device, dtype)
+    scale = 1.0 / math.sqrt(args.dim)
+
+    def contiguous():
+        return run_step(impl, q, k, v, seqlens, flat.buffers(), config, alpha=ALPHA, scale=scale,
+                        stats_valid=flat.valid_for(seqlens))
+
+    def through_table():
+        return run_step(impl, q, k_pool, v_pool, seqlens, paged.buffers(), config, alpha=ALPHA, scale=scale,
+                        stats_valid=paged.valid_for(seqlens), block_table=table)
+
+    row = dict(length=length, batch=batch, selector=selector, dtype=args.dtype, q_heads=args.q_heads,
+               kv_heads=args.kv_heads, dim=args.dim, page_size=PAGE)
+    results = {}
+    for name, step in (("contiguous", contiguous), ("table", through_table)):
+        replay, result, note = timing.capture(step, device)
+        results[name] = result
+        row[f"{name}_ms"] = timing.bench(replay, device)
+        if note:
+            row[f"{name}_note"] = note
+    row["overhead_pct"] = 100.0 * (row["table_ms"] / row["contiguous_ms"] - 1.0)
+    row["identical"] = all(torch.equal(a, b) for a, b in zip(results["contiguous"], results["table"]))
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="quick on a GPU, smoke on a CPU (default: by device)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for block_table.json")
+    parser.add_argument("--lengths", type=int, nargs="*", help="override the preset's lengths")
+    parser.add_argument("--batches", type=int, nargs="*", help="override the preset's batch sizes")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preset = PRESETS[args.preset or ("quick" if device.type == "cuda" else "smoke")]
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for length in args.lengths:
+        for batch in args.batches:
+            for selector in args.selectors:
+                try:
+                    rows.append(one_config(length, batch, selector, args, device))
+                except Exception as exc:  # noqa: BLE001 - a failing configuration is a row with a note
+                    rows.append(dict(length=length, batch=batch, selector=selector,
+                                     error=f"{type(exc).__name__}: {exc}"))
+                (args.out / "block_table.json").write_text(json.dumps(dict(device=str(device), rows=rows), indent=1))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    print(f"{'length':>8} {'B':>2} {'selector':>10} {'contig ms':>10} {'table ms':>9} {'overhead':>9} identical")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['length']:>8} {row['batch']:>2} {row['selector']:>10} error: {row['error'][:80]}")
+            continue
+        flag = "" if row["overhead_pct"] < TARGET_OVERHEAD else "  (> 5%)"
+        print(f"{row['length']:>8} {row['batch']:>2} {row['selector']:>10} {row['contiguous_ms']:>10.4f} "
+              f"{row['table_ms']:>9.4f} {row['overhead_pct']:>8.1f}% {row['identical']}{flag}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
