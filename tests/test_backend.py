@@ -180,7 +180,7 @@ def test_a_refused_site_is_logged_with_its_reason(caplog):
     """A site the backend cannot rewrite keeps dense attention: that is logged, never silent."""
     import logging
 
-    model = gpt_fast.build(gpt_fast.ModelArgs(n_layer=1, window=8), batch=1)  # sliding window
+    model = gpt_fast.build(gpt_fast.ModelArgs(n_layer=1, window=8, sink=1), batch=1)  # a window with a sink: refused
     with torch.no_grad():
         model(torch.zeros(1, 12, dtype=torch.long), torch.arange(12))  # prefill, eager
     torch._dynamo.reset()

@@ -66,6 +66,7 @@ class SitePlan:
     guards: list[Any] = field(default_factory=list)  # run-time conditions of the rewrite (guards.py)
     per_row: bool = False  # a ragged decode step: one position per sequence (seqlens = positions + 1)
     row_start_mask: Optional[Node] = None  # a left-padded mask input: decode_step's row_start is read from it
+    window: Optional[int] = None  # a proved sliding window: row_start = max(0, position - window + 1)
 
 
 @dataclass
@@ -212,7 +213,7 @@ def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan],
             action.site.status, action.site.reason = REFUSED, "not proved for every position: " + proof.reason
         else:
             action.guards = [*proof.guards, *(g for g in action.guards if g not in proof.guards)]
-            action.row_start_mask = proof.row_start_mask
+            action.row_start_mask, action.window = proof.row_start_mask, proof.window
             notes = list(proof.notes)
             if action.match.weights.alpha_tensor is not None:
                 notes.append(f"per-head alpha: every head's alpha is {action.alpha:.4g}")
@@ -226,7 +227,8 @@ def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan],
         if action.row_start_mask is not None:
             key_len, batch = action.match.k.shape()[2], values[action.match.q].shape[0]
             row_start = row_start_from_mask(example[action.row_start_mask], key_len, batch)
-        slopes, why = check_decode_site(action.match, values, action.alpha, action.per_row, row_start)
+        slopes, why = check_decode_site(action.match, values, action.alpha, action.per_row, row_start,
+                                        action.window)
         if why:
             action.site.status, action.site.reason = REFUSED, why
             continue
