@@ -20,7 +20,9 @@ transformers = pytest.importorskip("transformers")
 
 from entmaxkv_compile.compiler.backend import AUTOGRAD_REASON  # noqa: E402
 from entmaxkv_compile.compiler.explain import recording  # noqa: E402
-from entmaxkv_compile.integrations import compile_config, entmax_attention, register_entmax_attention  # noqa: E402
+from entmaxkv_compile.compiler.passes.match_kv_write import ROLLED_REASON  # noqa: E402
+from entmaxkv_compile.integrations import (compile_config, entmax_attention, full_length_static_cache,  # noqa: E402
+                                           register_entmax_attention)
 from entmaxkv_compile.math.reference import entmax  # noqa: E402
 
 STEPS = 16
@@ -79,13 +81,15 @@ def _prompt(batch: int = 1, length: int = 12, pad: tuple[int, ...] = ()) -> tupl
     return ids, mask
 
 
-def _generate(model, ids: torch.Tensor, mask: torch.Tensor, **generation: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy ``generate()`` of ``STEPS`` tokens: ``(new tokens, logits [B, STEPS, V])``."""
-    config = transformers.GenerationConfig(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
+def _generate(model, ids: torch.Tensor, mask: torch.Tensor, *, cache=None, steps: int = STEPS,
+              **generation: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy ``generate()`` of ``steps`` tokens: ``(new tokens, logits [B, steps, V])``; ``cache``
+    defaults to a ``StaticCache`` of 48 positions (none when ``cache_implementation`` is given)."""
+    config = transformers.GenerationConfig(max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                                            pad_token_id=0, eos_token_id=None, output_logits=True,
                                            return_dict_in_generate=True, **generation)
-    cache = None if "cache_implementation" in generation else transformers.StaticCache(config=model.config,
-                                                                                         max_cache_len=48)
+    if cache is None and "cache_implementation" not in generation:
+        cache = transformers.StaticCache(config=model.config, max_cache_len=48)
     out = model.generate(ids, attention_mask=mask, cache=cache, generation_config=config)
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1)
 
@@ -289,6 +293,74 @@ def test_padded_batch_reusing_an_unpadded_graph_runs_the_models_attention():
     with pytest.warns(RuntimeWarning, match="run-time guard failed"):
         got = _generate(model, padded, padded_mask, disable_compile=True)
     _assert_same(got, want)
+
+
+# ----------------------------------------------------------------------------- Mistral's sliding window
+
+WINDOW = 10  # shorter than the prompts plus the new tokens: the window slides on every decode step
+
+
+def _mistral(window: int = WINDOW) -> torch.nn.Module:
+    name = register_entmax_attention("entmaxkv_test_mistral", alpha=1.5)
+    config = transformers.MistralConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                        tie_word_embeddings=False, sliding_window=window)
+    return _build(config, name)
+
+
+@pytest.mark.parametrize("way", ["compiled_forward", "compile_config"])
+def test_mistral_sliding_window_generate_equals_uncompiled(way, caplog):
+    """Mistral with sliding_window=10, batch 2 of 12 and 8 prompt tokens (left padding), 16 new
+    tokens in a full-length StaticCache: the tokens equal the uncompiled model's (and those of
+    transformers' own rolled window cache); every decode site is rewritten with row_start read
+    from the mask, whose hidden prefix is the padding or the window's start; no guard fails."""
+    model = _mistral()
+    ids, mask = _prompt(batch=2, pad=(0, 4))
+    want = _generate(model, ids, mask, cache=full_length_static_cache(model.config, 48), disable_compile=True)
+    rolled = _generate(model, ids, mask, disable_compile=True)  # StaticCache: transformers' rolled window layers
+    assert torch.equal(rolled[0], want[0])
+    torch.testing.assert_close(rolled[1], want[1], atol=1e-5, rtol=0)
+    if way == "compiled_forward":
+        _compile_forward(model)
+        generation = {"disable_compile": True}
+    else:
+        torch._dynamo.reset()
+        config = compile_config(OPTIONS)
+        config._compile_all_devices = True  # transformers compiles only on accelerators otherwise
+        generation = {"compile_config": config}
+    with recording() as report, caplog.at_level(logging.WARNING, logger=BACKEND_LOG), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed guard warns: it must not happen here
+        got = _generate(model, ids, mask, cache=full_length_static_cache(model.config, 48), **generation)
+    _assert_same(got, want)
+    decode = [site for site in report.sites if site.phase == "decode"]
+    assert len(decode) == model.config.num_hidden_layers
+    for site in decode:
+        assert site.status == "rewritten", site.reason
+        assert "row_start = the leading hidden keys of mask input" in site.reason
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+    # the window matters on these steps: the same weights without it decode other logits
+    unwindowed = _mistral(window=None)
+    unwindowed.load_state_dict(model.state_dict())
+    causal = _generate(unwindowed, ids, mask, disable_compile=True)
+    assert (causal[1] - want[1]).abs().amax() > 1e-3
+
+
+def test_mistral_rolled_window_cache_is_refused_with_the_reason(caplog):
+    """transformers' StaticCache keeps a sliding-window layer of `window` rows and, once full, rolls it
+    whole every step: the decode sites are refused (the page statistics cannot follow), with the
+    reason logged and the fix named; the tokens stay the uncompiled model's."""
+    model = _mistral(window=8)
+    ids, mask = _prompt(batch=2, pad=(0, 4))  # 12 tokens > 8: the window is full from the first step
+    want = _generate(model, ids, mask, steps=3, disable_compile=True)
+    _compile_forward(model)
+    with recording() as report, caplog.at_level(logging.WARNING, logger=BACKEND_LOG):
+        got = _generate(model, ids, mask, steps=3, disable_compile=True)
+    _assert_same(got, want)
+    decode = [site for site in report.sites if site.phase == "decode"]
+    assert decode and all(site.status == "refused" and ROLLED_REASON in site.reason for site in decode)
+    assert "full_length_static_cache" in ROLLED_REASON
+    assert any("overwritten whole" in record.getMessage() for record in caplog.records)
 
 
 # ------------------------------------------------------------------------------------------ autograd

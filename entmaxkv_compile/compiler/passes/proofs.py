@@ -239,8 +239,8 @@ def prove_decode_site(gm: GraphModule, match: AttentionMatch, product: Node, exa
         notes.append(f"sliding window {window}: proved from the mask for every position, "
                      f"row_start = max(0, position - {window - 1})")
     if padded:
-        notes.append(f"left padding: row_start = the leading hidden keys of mask input {padded[0].name}, "
-                     "checked at each call")
+        notes.append(f"left padding: row_start = the leading hidden keys of mask input {padded[0].name} (its "
+                     "padding, or a sliding window's start), checked at each call")
     return SiteProof("", guards, notes, padded[0] if padded else None, window)
 
 
