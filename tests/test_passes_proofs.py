@@ -80,7 +80,9 @@ PROMPT, STEPS, SPAN = 48, 20, 52  # window / rolling slots of 52: positions 53..
     ("sliding_window", "rewritten", "sliding window 52: proved from the mask for every position, "
                                     "row_start = max(0, position - 51)"),
     ("rolling_buffer", "refused",
-     "the cache is written at index Mod(l_input_pos_, 52), but the mask is built from l_input_pos_"),
+     "the cache is written at index Mod(l_input_pos_, 52), but the mask is built from l_input_pos_: the write index "
+     "is not proved to be the position (a rolling buffer?); a rolling buffer (written at position % slots) is not "
+     "supported: its overwritten pages' running min/max cannot forget the old rows"),
 ])
 def test_window_rewritten_and_rolling_buffer_refused_stay_exact_past_the_span(name, status, reason):
     """Compiled at position 48, where the window hides nothing yet: the window is proved for every
