@@ -346,6 +346,28 @@ def test_mistral_sliding_window_generate_equals_uncompiled(way, caplog):
     assert (causal[1] - want[1]).abs().amax() > 1e-3
 
 
+def test_gemma2_alternating_window_layers_decode_exactly_in_a_full_length_cache():
+    """Gemma-2 as released alternates sliding-window (10 keys here) and global layers, with its soft-cap:
+    in a full-length cache both kinds are rewritten (the window layer's row_start from its own mask
+    input), batch 2 left-padded, and the tokens equal the uncompiled model's."""
+    config = transformers.Gemma2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       query_pre_attn_scalar=16, max_position_embeddings=256,
+                                       tie_word_embeddings=False, attn_logit_softcapping=5.0,
+                                       layer_types=["sliding_attention", "full_attention"], sliding_window=WINDOW)
+    model = _build(config, register_entmax_attention("entmaxkv_test_gemma2", alpha=1.5))
+    ids, mask = _prompt(batch=2, pad=(0, 4))
+    want = _generate(model, ids, mask, cache=full_length_static_cache(model.config, 48), disable_compile=True)
+    _compile_forward(model)
+    with recording() as report, warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = _generate(model, ids, mask, cache=full_length_static_cache(model.config, 48), disable_compile=True)
+    _assert_same(got, want)
+    decode = [site for site in report.sites if site.phase == "decode"]
+    assert [site.status for site in decode] == ["rewritten"] * 2, [site.reason for site in decode]
+    assert "sliding_attention" in decode[0].reason and "(logit soft-cap 5)" in decode[0].reason
+
+
 def test_mistral_rolled_window_cache_is_refused_with_the_reason(caplog):
     """transformers' StaticCache keeps a sliding-window layer of `window` rows and, once full, rolls it
     whole every step: the decode sites are refused (the page statistics cannot follow), with the
