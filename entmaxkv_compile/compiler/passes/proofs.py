@@ -12,10 +12,11 @@ symbolically (``symbolic.py``), must equal that up to a per-row constant for eve
 2. **Mask.** The scores become a piecewise expression whose conditions must be comparisons
    ``a*(j - w) + k``, ``a*j + k`` or ``a*w + k`` against 0. Those split the integer box
    ``0 <= j, w < N`` into finitely many cells in which every condition is constant; each cell is
-   decided exactly: where ``j <= w`` the scores must be ``c * q.k + A*(j - w) + C(w)`` with one
-   expression on all such cells (``A`` per head: ALiBi), where ``j > w`` they must be hidden
-   (``-inf``, or a bias at most :data:`MASK_FLOOR`). A sliding window fails the first rule (a
-   cell ``j <= w - window`` is hidden), a model without a mask the second.
+   decided exactly (``decide.py``): where ``j <= w`` the scores must be ``c * q.k + A*(j - w) + C(w)``
+   with one expression on all shown cells (``A`` per head: ALiBi), except the written keys a
+   sliding window hides (exactly ``w - j >= window`` for one constant ``window``: the rewrite then
+   passes ``row_start = max(0, w - window + 1)``), where ``j > w`` they must be hidden (``-inf``, or
+   a bias at most :data:`MASK_FLOOR`). A window with a hole is refused, a model without a mask too.
 3. **Ragged batches.** An integer input of shape ``[B]`` (B the cache's batch) is a per-row
    position: its symbol is row ``b``'s own position, for a generic row ``b``, carried on the batch
    axis (``symbolic.ROW``). The write must pair it with the row index (``buf[rows, :, pos] = x``,
