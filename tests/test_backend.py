@@ -28,6 +28,8 @@ def test_options_map_onto_config_mode_and_inductor():
     assert patches["triton.cudagraphs"] is True and patches["max_autotune"] is False
     assert BackendSettings.parse(None, mode="max-autotune").config_patches()["max_autotune"] is True
     assert BackendSettings.parse({"compiler": "eager"}).compiler == "eager"
+    assert BackendSettings.parse({}).mask_row_start == "example"
+    assert BackendSettings.parse({"mask_row_start": "always"}).mask_row_start == "always"
 
 
 @pytest.mark.parametrize("options,mode,error,match", [
@@ -35,6 +37,7 @@ def test_options_map_onto_config_mode_and_inductor():
     ({"selector": "bogus"}, None, ValueError, "selector"),
     ({"page_size": 12}, None, ValueError, "page_size"),
     ({"compiler": "tvm"}, None, ValueError, "compiler"),
+    ({"mask_row_start": "sometimes"}, None, ValueError, "mask_row_start"),
     ({"mode": "fast"}, None, ValueError, "mode"),
     ({"mode": "reduce-overhead"}, "max-autotune", ValueError, "mode given twice"),
     (["selector"], None, TypeError, "options must be a dict"),

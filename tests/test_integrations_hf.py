@@ -346,6 +346,31 @@ def test_mistral_sliding_window_generate_equals_uncompiled(way, caplog):
     assert (causal[1] - want[1]).abs().amax() > 1e-3
 
 
+@pytest.mark.parametrize("mask_row_start", ["example", "always"])
+def test_mistral_window_that_starts_sliding_after_compile_time(mask_row_start):
+    """One unpadded 12-token prompt, window 20: at compile time (position 12) the mask hides nothing.
+    With mask_row_start="example" the graph keeps the plain causal guard, which fails once the
+    window slides (position 20): warned, the model's attention runs, exact. With "always" the
+    window's start is row_start from the first call: no guard fails; the tokens are exact either way."""
+    model = _mistral(window=20)
+    ids, mask = _prompt(batch=1)
+    want = _generate(model, ids, mask, cache=full_length_static_cache(model.config, 48), disable_compile=True)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="entmaxkv", dynamic=False,
+                                  options={**OPTIONS, "mask_row_start": mask_row_start})
+    with recording() as report, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        got = _generate(model, ids, mask, cache=full_length_static_cache(model.config, 48), disable_compile=True)
+    _assert_same(got, want)
+    decode = [site for site in report.sites if site.phase == "decode"]
+    assert [site.status for site in decode] == ["rewritten"] * 2, [site.reason for site in decode]
+    failed = [w for w in caught if "run-time guard failed" in str(w.message)]
+    if mask_row_start == "always":
+        assert not failed and all("row_start = the leading hidden keys" in site.reason for site in decode)
+    else:
+        assert failed and not any("row_start" in site.reason for site in decode)
+
+
 def test_gemma2_alternating_window_layers_decode_exactly_in_a_full_length_cache():
     """Gemma-2 as released alternates sliding-window (10 keys here) and global layers, with its soft-cap:
     in a full-length cache both kinds are rewritten (the window layer's row_start from its own mask

@@ -204,8 +204,11 @@ def _find(parent: dict[Node, Node], node: Node) -> Node:
 
 
 def prove_decode_site(gm: GraphModule, match: AttentionMatch, product: Node, example: dict[Node, Any],
-                      allow_guards: bool) -> SiteProof:
-    """Prove ``match``'s rewrite right for every position, or say why not (see the module doc)."""
+                      allow_guards: bool, always_row_start: bool = False) -> SiteProof:
+    """Prove ``match``'s rewrite right for every position, or say why not (see the module doc).
+
+    ``always_row_start``: every mask input's leading hidden keys become ``row_start`` (its guard
+    accepts a hidden prefix per row), not only one whose example hides a prefix."""
     shape = match.k.shape()
     if shape is None or not isinstance(shape[2], int):
         return SiteProof("the cache length is not a static size: cannot prove the mask for every position")
@@ -220,7 +223,8 @@ def prove_decode_site(gm: GraphModule, match: AttentionMatch, product: Node, exa
             raise Unproven("the attention mask is a graph input and the positions are per row: the run-time "
                            "mask check takes one position shared by the batch")
         guards = list(leaves.guards)
-        padded = [node for node in leaves.mask_inputs if _hides_a_prefix(example.get(node), key_len)]
+        padded = [node for node in leaves.mask_inputs
+                  if always_row_start or _hides_a_prefix(example.get(node), key_len)]
         if len(padded) > 1:
             raise Unproven("two attention mask inputs hide a prefix of the keys: decode_step takes one row_start")
         for node in leaves.mask_inputs:
