@@ -287,8 +287,8 @@ def _with_write(cache: Node, group: int, before: Node, part: Optional[int] = Non
                 and part_index(target) == part:
             writes.append((node, False))
     if not writes:
-        why = ROLLED_REASON if overwritten is not None else "no write of this step at a position tensor was found for the cache"
-        return CacheRead(cache, group, refusal=why, part=part)
+        why = "no write of this step at a position tensor was found for the cache"
+        return CacheRead(cache, group, refusal=ROLLED_REASON if overwritten is not None else why, part=part)
     write, fused = writes[-1]
     positions, rows, why = _write_positions(write, fused)
     return CacheRead(cache, group, write, positions, why, part, rows, op_of(write) == "scatter_")
