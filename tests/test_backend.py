@@ -28,6 +28,8 @@ def test_options_map_onto_config_mode_and_inductor():
     assert patches["triton.cudagraphs"] is True and patches["max_autotune"] is False
     assert BackendSettings.parse(None, mode="max-autotune").config_patches()["max_autotune"] is True
     assert BackendSettings.parse({"compiler": "eager"}).compiler == "eager"
+    assert BackendSettings.parse({}).mask_row_start == "example"
+    assert BackendSettings.parse({"mask_row_start": "always"}).mask_row_start == "always"
 
 
 @pytest.mark.parametrize("options,mode,error,match", [
@@ -35,6 +37,7 @@ def test_options_map_onto_config_mode_and_inductor():
     ({"selector": "bogus"}, None, ValueError, "selector"),
     ({"page_size": 12}, None, ValueError, "page_size"),
     ({"compiler": "tvm"}, None, ValueError, "compiler"),
+    ({"mask_row_start": "sometimes"}, None, ValueError, "mask_row_start"),
     ({"mode": "fast"}, None, ValueError, "mode"),
     ({"mode": "reduce-overhead"}, "max-autotune", ValueError, "mode given twice"),
     (["selector"], None, TypeError, "options must be a dict"),
@@ -180,7 +183,7 @@ def test_a_refused_site_is_logged_with_its_reason(caplog):
     """A site the backend cannot rewrite keeps dense attention: that is logged, never silent."""
     import logging
 
-    model = gpt_fast.build(gpt_fast.ModelArgs(n_layer=1, window=8), batch=1)  # sliding window
+    model = gpt_fast.build(gpt_fast.ModelArgs(n_layer=1, window=8, sink=1), batch=1)  # a window with a sink: refused
     with torch.no_grad():
         model(torch.zeros(1, 12, dtype=torch.long), torch.arange(12))  # prefill, eager
     torch._dynamo.reset()

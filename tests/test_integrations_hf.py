@@ -20,7 +20,9 @@ transformers = pytest.importorskip("transformers")
 
 from entmaxkv_compile.compiler.backend import AUTOGRAD_REASON  # noqa: E402
 from entmaxkv_compile.compiler.explain import recording  # noqa: E402
-from entmaxkv_compile.integrations import compile_config, entmax_attention, register_entmax_attention  # noqa: E402
+from entmaxkv_compile.compiler.passes.match_kv_write import ROLLED_REASON  # noqa: E402
+from entmaxkv_compile.integrations import (compile_config, entmax_attention, full_length_static_cache,  # noqa: E402
+                                           register_entmax_attention)
 from entmaxkv_compile.math.reference import entmax  # noqa: E402
 
 STEPS = 16
@@ -79,13 +81,15 @@ def _prompt(batch: int = 1, length: int = 12, pad: tuple[int, ...] = ()) -> tupl
     return ids, mask
 
 
-def _generate(model, ids: torch.Tensor, mask: torch.Tensor, **generation: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy ``generate()`` of ``STEPS`` tokens: ``(new tokens, logits [B, STEPS, V])``."""
-    config = transformers.GenerationConfig(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
+def _generate(model, ids: torch.Tensor, mask: torch.Tensor, *, cache=None, steps: int = STEPS,
+              **generation: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy ``generate()`` of ``steps`` tokens: ``(new tokens, logits [B, steps, V])``; ``cache``
+    defaults to a ``StaticCache`` of 48 positions (none when ``cache_implementation`` is given)."""
+    config = transformers.GenerationConfig(max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                                            pad_token_id=0, eos_token_id=None, output_logits=True,
                                            return_dict_in_generate=True, **generation)
-    cache = None if "cache_implementation" in generation else transformers.StaticCache(config=model.config,
-                                                                                         max_cache_len=48)
+    if cache is None and "cache_implementation" not in generation:
+        cache = transformers.StaticCache(config=model.config, max_cache_len=48)
     out = model.generate(ids, attention_mask=mask, cache=cache, generation_config=config)
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1)
 
@@ -291,6 +295,121 @@ def test_padded_batch_reusing_an_unpadded_graph_runs_the_models_attention():
     _assert_same(got, want)
 
 
+# ----------------------------------------------------------------------------- Mistral's sliding window
+
+WINDOW = 10  # shorter than the prompts plus the new tokens: the window slides on every decode step
+
+
+def _mistral(window: int = WINDOW) -> torch.nn.Module:
+    name = register_entmax_attention("entmaxkv_test_mistral", alpha=1.5)
+    config = transformers.MistralConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                        tie_word_embeddings=False, sliding_window=window)
+    return _build(config, name)
+
+
+@pytest.mark.parametrize("way", ["compiled_forward", "compile_config"])
+def test_mistral_sliding_window_generate_equals_uncompiled(way, caplog):
+    """Mistral with sliding_window=10, batch 2 of 12 and 8 prompt tokens (left padding), 16 new
+    tokens in a full-length StaticCache: the tokens equal the uncompiled model's (and those of
+    transformers' own rolled window cache); every decode site is rewritten with row_start read
+    from the mask, whose hidden prefix is the padding or the window's start; no guard fails."""
+    model = _mistral()
+    ids, mask = _prompt(batch=2, pad=(0, 4))
+    want = _generate(model, ids, mask, cache=full_length_static_cache(model.config, 48), disable_compile=True)
+    rolled = _generate(model, ids, mask, disable_compile=True)  # StaticCache: transformers' rolled window layers
+    assert torch.equal(rolled[0], want[0])
+    torch.testing.assert_close(rolled[1], want[1], atol=1e-5, rtol=0)
+    if way == "compiled_forward":
+        _compile_forward(model)
+        generation = {"disable_compile": True}
+    else:
+        torch._dynamo.reset()
+        config = compile_config(OPTIONS)
+        config._compile_all_devices = True  # transformers compiles only on accelerators otherwise
+        generation = {"compile_config": config}
+    with recording() as report, caplog.at_level(logging.WARNING, logger=BACKEND_LOG), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed guard warns: it must not happen here
+        got = _generate(model, ids, mask, cache=full_length_static_cache(model.config, 48), **generation)
+    _assert_same(got, want)
+    decode = [site for site in report.sites if site.phase == "decode"]
+    assert len(decode) == model.config.num_hidden_layers
+    for site in decode:
+        assert site.status == "rewritten", site.reason
+        assert "row_start = the leading hidden keys of mask input" in site.reason
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+    # the window matters on these steps: the same weights without it decode other logits
+    unwindowed = _mistral(window=None)
+    unwindowed.load_state_dict(model.state_dict())
+    causal = _generate(unwindowed, ids, mask, disable_compile=True)
+    assert (causal[1] - want[1]).abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize("mask_row_start", ["example", "always"])
+def test_mistral_window_that_starts_sliding_after_compile_time(mask_row_start):
+    """One unpadded 12-token prompt, window 20: at compile time (position 12) the mask hides nothing.
+    With mask_row_start="example" the graph keeps the plain causal guard, which fails once the
+    window slides (position 20): warned, the model's attention runs, exact. With "always" the
+    window's start is row_start from the first call: no guard fails; the tokens are exact either way."""
+    model = _mistral(window=20)
+    ids, mask = _prompt(batch=1)
+    want = _generate(model, ids, mask, cache=full_length_static_cache(model.config, 48), disable_compile=True)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="entmaxkv", dynamic=False,
+                                  options={**OPTIONS, "mask_row_start": mask_row_start})
+    with recording() as report, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        got = _generate(model, ids, mask, cache=full_length_static_cache(model.config, 48), disable_compile=True)
+    _assert_same(got, want)
+    decode = [site for site in report.sites if site.phase == "decode"]
+    assert [site.status for site in decode] == ["rewritten"] * 2, [site.reason for site in decode]
+    failed = [w for w in caught if "run-time guard failed" in str(w.message)]
+    if mask_row_start == "always":
+        assert not failed and all("row_start = the leading hidden keys" in site.reason for site in decode)
+    else:
+        assert failed and not any("row_start" in site.reason for site in decode)
+
+
+def test_gemma2_alternating_window_layers_decode_exactly_in_a_full_length_cache():
+    """Gemma-2 as released alternates sliding-window (10 keys here) and global layers, with its soft-cap:
+    in a full-length cache both kinds are rewritten (the window layer's row_start from its own mask
+    input), batch 2 left-padded, and the tokens equal the uncompiled model's."""
+    config = transformers.Gemma2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       query_pre_attn_scalar=16, max_position_embeddings=256,
+                                       tie_word_embeddings=False, attn_logit_softcapping=5.0,
+                                       layer_types=["sliding_attention", "full_attention"], sliding_window=WINDOW)
+    model = _build(config, register_entmax_attention("entmaxkv_test_gemma2", alpha=1.5))
+    ids, mask = _prompt(batch=2, pad=(0, 4))
+    want = _generate(model, ids, mask, cache=full_length_static_cache(model.config, 48), disable_compile=True)
+    _compile_forward(model)
+    with recording() as report, warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = _generate(model, ids, mask, cache=full_length_static_cache(model.config, 48), disable_compile=True)
+    _assert_same(got, want)
+    decode = [site for site in report.sites if site.phase == "decode"]
+    assert [site.status for site in decode] == ["rewritten"] * 2, [site.reason for site in decode]
+    assert "sliding_attention" in decode[0].reason and "(logit soft-cap 5)" in decode[0].reason
+
+
+def test_mistral_rolled_window_cache_is_refused_with_the_reason(caplog):
+    """transformers' StaticCache keeps a sliding-window layer of `window` rows and, once full, rolls it
+    whole every step: the decode sites are refused (the page statistics cannot follow), with the
+    reason logged and the fix named; the tokens stay the uncompiled model's."""
+    model = _mistral(window=8)
+    ids, mask = _prompt(batch=2, pad=(0, 4))  # 12 tokens > 8: the window is full from the first step
+    want = _generate(model, ids, mask, steps=3, disable_compile=True)
+    _compile_forward(model)
+    with recording() as report, caplog.at_level(logging.WARNING, logger=BACKEND_LOG):
+        got = _generate(model, ids, mask, steps=3, disable_compile=True)
+    _assert_same(got, want)
+    decode = [site for site in report.sites if site.phase == "decode"]
+    assert decode and all(site.status == "refused" and ROLLED_REASON in site.reason for site in decode)
+    assert "full_length_static_cache" in ROLLED_REASON
+    assert any("overwritten whole" in record.getMessage() for record in caplog.records)
+
+
 # ------------------------------------------------------------------------------------------ autograd
 
 
@@ -347,3 +466,24 @@ def test_docs_snippet_runs_as_written():
     assert decode and all(site.status == "rewritten" for site in decode), [s.reason for s in decode]
     tokens, tokens_2 = namespace["tokens"], namespace["tokens_2"]
     assert tokens.shape == (1, 6 + 16) and torch.equal(tokens, tokens_2)  # both ways, certified: same tokens
+
+
+def test_docs_sliding_window_snippet_runs_as_written():
+    """The Mistral block of docs/backend.md's "Sliding windows with transformers", executed as is:
+    every decode site rewritten, the tokens those of the same model uncompiled."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "backend.md").read_text()
+    section = text.split("**Sliding windows with transformers.**", 1)[1].split("**Autograd.**", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    torch._dynamo.reset()
+    namespace: dict[str, object] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no guard may fail
+        warnings.simplefilter("ignore", FutureWarning)
+        exec(compile(code, "docs/backend.md", "exec"), namespace)
+    decode = [site for site in namespace["report"].sites if site.phase == "decode"]
+    assert decode and all(site.status == "rewritten" for site in decode), [s.reason for s in decode]
+    model = namespace["model"]
+    model.forward = model.forward._torchdynamo_orig_callable  # the uncompiled forward, same weights
+    want = model.generate(namespace["prompt"], attention_mask=namespace["mask"], max_new_tokens=16, do_sample=False,
+                          cache=full_length_static_cache(model.config, 64), pad_token_id=0)
+    assert torch.equal(namespace["tokens"], want)

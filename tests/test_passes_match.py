@@ -134,11 +134,11 @@ def test_concatenating_cache_is_refused_with_reason():
 
 
 class _SlidingWindow(torch.nn.Module):
-    """A static cache with a sliding-window mask: hides written rows, so not a plain decode."""
+    """A static cache with a sliding-window mask (``sink``: key 0 stays shown, a hole below the window)."""
 
-    def __init__(self, window):
+    def __init__(self, window, sink=False):
         super().__init__()
-        self.window = window
+        self.window, self.sink = window, sink
         self.register_buffer("k", torch.randn(1, 2, 32, 8))
         self.register_buffer("v", torch.randn(1, 2, 32, 8))
 
@@ -148,19 +148,22 @@ class _SlidingWindow(torch.nn.Module):
         self.k.index_copy_(2, pos, k_new)
         self.v.index_copy_(2, pos, v_new)
         j = torch.arange(32)
-        keep = (j <= pos) & (j > pos - self.window)
+        keep = (j <= pos) & ((j > pos - self.window) | (self.sink & (j == 0)))
         scores = (q @ self.k.transpose(-2, -1) * 0.3).masked_fill(~keep, float("-inf"))
         return entmax.entmax15(scores, dim=-1) @ self.v
 
 
-@pytest.mark.parametrize("window,status", [(64, REWRITTEN), (4, REFUSED)])
-def test_numeric_check_refuses_masks_that_hide_written_rows(window, status):
+@pytest.mark.parametrize("window, sink, status, reason", [
+    (64, False, REWRITTEN, ""), (4, False, REWRITTEN, "sliding window 4"),
+    (4, True, REFUSED, "hides positions already written"),
+])
+def test_masks_that_hide_written_rows_are_a_window_or_refused(window, sink, status, reason):
     args = (torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), torch.tensor([9]))
-    [(gm, inputs)] = capture_graphs(_SlidingWindow(window), *args)
+    [(gm, inputs)] = capture_graphs(_SlidingWindow(window, sink), *args)
     [site] = analyze(gm, inputs, CONFIG).sites
-    assert site.status == status, site.reason
-    if status == REFUSED:
-        assert "hides positions already written" in site.reason
+    assert site.status == status and reason in site.reason, site.reason
+    if window >= 32:  # wider than the cache: hides nothing, proved causal without a window
+        assert "sliding window" not in site.reason
 
 
 def test_config_alpha_conflict_is_refused():

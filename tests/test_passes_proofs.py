@@ -8,7 +8,7 @@ import re
 import pytest
 import sympy
 import torch
-from sympy import And, Piecewise, oo
+from sympy import And, Or, Piecewise, oo
 
 from entmaxkv_compile.config import EntmaxKVConfig
 from entmaxkv_compile.compiler.explain import recording
@@ -28,11 +28,33 @@ def test_causal_masks_and_alibi_are_proved():
     slope = sympy.Symbol("slope", real=True, finite=True)
     alibi = 0.25 * QK + slope * (J - W) + 3 * W  # a per-row constant (3 * w) changes nothing
     decide_causal(Piecewise((alibi, J < W + 1), (alibi - 3.4e38, True)), 96, {slope: 0.5})
-    decide_causal(Piecewise((QK, And(J <= W, W - J < 96)), (-oo, True)), 96)  # a window as wide as the cache
+    # a window as wide as the cache hides nothing: causal, no window
+    assert decide_causal(Piecewise((QK, And(J <= W, W - J < 96)), (-oo, True)), 96) is None
+
+
+@pytest.mark.parametrize("scores, window", [
+    (Piecewise((QK, And(J <= W, W - J < 52)), (-oo, True)), 52),
+    (Piecewise((QK, And(J <= W, J > W - 7)), (-oo, True)), 7),
+    (Piecewise((QK, And(J <= W, W - J <= 7)), (-oo, True)), 8),  # <= W: one key more, proved as such
+    (Piecewise((QK, And(J <= W, W - J < 95)), (-oo, True)), 95),  # hides key 0 at position 95 only
+    (Piecewise((QK, And(J <= W, W - J < 1)), (-oo, True)), 1),  # the token itself only
+    (Piecewise((QK + 0.5 * (J - W), And(J <= W, W - J < 9)), (QK - 3.4e38, True)), 9),  # ALiBi, additive
+], ids=["mistral-52", "strict-7", "off-by-one-8", "one-short-of-the-cache", "one-key", "alibi"])
+def test_sliding_windows_are_proved_with_their_width(scores, window):
+    assert decide_causal(scores, 96) == window
 
 
 @pytest.mark.parametrize("scores, message", [
-    (Piecewise((QK, And(J <= W, W - J < 52)), (-oo, True)), "hides positions already written (key 0 at position 52)"),
+    (Piecewise((QK, And(J <= W, Or(W - J < 20, J < 1))), (-oo, True)),
+     "hides positions already written (key 1 at position 21) that a sliding window would show: a hole"),
+    (Piecewise((QK, And(J <= W, J >= 5)), (-oo, True)), "hides positions already written (key 0 at position 0)"),
+    (Piecewise((QK, And(J <= W, W - J < 20, Or(W - J < 10, W - J > 10))), (-oo, True)),
+     "hides positions already written (key 0 at position 10) that a sliding window would show"),
+    (Piecewise((QK, And(J <= W, W < 40)), (-oo, True)), "hides positions already written (key 40 at position 40)"),
+    (Piecewise((QK, And(J <= W, J >= 0, W < 0)), (-oo, True)),
+     "the mask hides every written key (key 0 at position 0)"),
+    (Piecewise((QK, And(J <= W, W - J < 20)), (-50, J <= W), (-oo, True)),
+     "hides positions already written (key 0 at position 20) with a value that is not a hidden key's"),
     (Piecewise((QK, J < W), (-oo, True)), "hides positions already written (key 0 at position 0)"),
     (Piecewise((QK, J <= W + 1), (-oo, True)), "key 1 is after position 0 but not hidden"),
     (Piecewise((QK, J <= 40), (-oo, True)), "key 1 is after position 0 but not hidden"),
@@ -41,7 +63,9 @@ def test_causal_masks_and_alibi_are_proved():
     (Piecewise((QK, 2 * J <= W), (-oo, True)), "not of the form"),
     (Piecewise((QK + J * J, J <= W), (-oo, True)), "not linear in the key index"),
     (Piecewise((QK, J <= W - 60), (QK + W, J <= W), (-oo, True)), "differ between ranges of visible keys"),
-], ids=["window", "diagonal", "one-ahead", "fixed-length", "no-mask", "shallow-mask", "not-difference",
+], ids=["window-with-sink", "hidden-prefix", "window-with-hole", "hides-all-late", "hides-all", "shallow-window",
+        "diagonal",
+        "one-ahead", "fixed-length", "no-mask", "shallow-mask", "not-difference",
         "quadratic-bias", "two-biases"])
 def test_scores_that_are_not_causal_are_refused_with_a_counterexample(scores, message):
     with pytest.raises(Unproven, match=re.escape(message)):
@@ -53,11 +77,17 @@ def test_scores_that_are_not_causal_are_refused_with_a_counterexample(scores, me
 PROMPT, STEPS, SPAN = 48, 20, 52  # window / rolling slots of 52: positions 53..67 are past them
 
 
-@pytest.mark.parametrize("name, reason", [
-    ("sliding_window", "the mask hides positions already written (key 0 at position 52)"),
-    ("rolling_buffer", "the cache is written at index Mod(l_input_pos_, 52), but the mask is built from l_input_pos_"),
+@pytest.mark.parametrize("name, status, reason", [
+    ("sliding_window", "rewritten", "sliding window 52: proved from the mask for every position, "
+                                    "row_start = max(0, position - 51)"),
+    ("rolling_buffer", "refused",
+     "the cache is written at index Mod(l_input_pos_, 52), but the mask is built from l_input_pos_: the write index "
+     "is not proved to be the position (a rolling buffer?); a rolling buffer (written at position % slots) is not "
+     "supported: its overwritten pages' running min/max cannot forget the old rows"),
 ])
-def test_window_and_rolling_buffer_are_refused_and_stay_exact_past_the_span(name, reason):
+def test_window_rewritten_and_rolling_buffer_refused_stay_exact_past_the_span(name, status, reason):
+    """Compiled at position 48, where the window hides nothing yet: the window is proved for every
+    position (rewritten with its row_start), the rolling buffer refused; both exact past the span."""
     entry = ZOO[name]
     reference, model = entry.build(), entry.build()
     prompt = torch.randint(1, 96, (2, PROMPT), generator=torch.Generator().manual_seed(3))
@@ -67,8 +97,8 @@ def test_window_and_rolling_buffer_are_refused_and_stay_exact_past_the_span(name
     with recording() as report:
         tokens, logits = entry.generate(model, prompt, STEPS, compiled)
     prefill, decode = report.graphs
-    assert [s.status for s in decode.sites] == ["refused"] and reason in decode.sites[0].reason, decode.sites
-    assert not decode.changed
+    assert [s.status for s in decode.sites] == [status] and reason in decode.sites[0].reason, decode.sites
+    assert decode.changed == (status == "rewritten")
     assert torch.equal(tokens, want_tokens)
     torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=0)
 
@@ -192,9 +222,9 @@ def test_offline_analysis_refuses_a_mask_it_could_only_check_per_call():
     assert site.status == "rewritten"
 
 
-@pytest.mark.parametrize("name, reason", [("sliding_window", "hides positions already written"),
+@pytest.mark.parametrize("name, reason", [("window_sink", "that a sliding window would show: a hole"),
                                           ("rolling_buffer", "write index is not proved to be the position")])
-def test_offline_rewrite_refuses_window_and_rolling_buffer(name, reason):
+def test_offline_rewrite_refuses_window_with_a_hole_and_rolling_buffer(name, reason):
     from entmaxkv_compile.compiler.rewrite import UnsupportedModelError, rewrite
 
     model = ZOO[name].build()

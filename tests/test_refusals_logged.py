@@ -18,7 +18,7 @@ def _logged_refusals(records):
     return [r.getMessage() for r in records if "not rewritten" in r.getMessage() and r.levelno == logging.WARNING]
 
 
-@pytest.mark.parametrize("name", ["gpt_fast_entmax15", "sliding_window", "head_alpha", "rolling_buffer"])
+@pytest.mark.parametrize("name", ["gpt_fast_entmax15", "window_sink", "head_alpha", "rolling_buffer"])
 def test_each_refused_site_is_logged_once_per_graph_and_bookkeeping_is_not(name, caplog):
     entry = ZOO[name]
     model = entry.build()

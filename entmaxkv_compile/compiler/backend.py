@@ -40,6 +40,7 @@ __all__ = ["BackendSettings", "entmaxkv_backend"]
 log = logging.getLogger(__name__)
 
 _COMPILERS = ("inductor", "eager")
+_MASK_ROW_STARTS = ("example", "always")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class BackendSettings:
     mode: Optional[str] = None
     compiler: str = "inductor"
     inductor: Mapping[str, Any] = field(default_factory=dict)
+    mask_row_start: str = "example"  # when a mask input's hidden prefix becomes row_start (see analyze)
 
     @classmethod
     def parse(cls, options: Optional[Mapping[str, Any]] = None, mode: Optional[str] = None) -> "BackendSettings":
@@ -62,6 +64,9 @@ class BackendSettings:
         compiler = options.pop("compiler", "inductor")
         if compiler not in _COMPILERS:
             raise ValueError(f"options['compiler'] must be one of {_COMPILERS}, got {compiler!r}")
+        mask_row_start = options.pop("mask_row_start", "example")
+        if mask_row_start not in _MASK_ROW_STARTS:
+            raise ValueError(f"options['mask_row_start'] must be one of {_MASK_ROW_STARTS}, got {mask_row_start!r}")
         known = {f.name for f in dataclasses.fields(EntmaxKVConfig)}
         config = EntmaxKVConfig.from_options({k: v for k, v in options.items() if k in known}).check_compiled()
         inductor = {k: v for k, v in options.items() if k not in known}
@@ -69,7 +74,7 @@ class BackendSettings:
             _check_inductor_keys(inductor)
         if mode not in (None, "default"):
             _check_mode(mode)
-        return cls(config, mode, compiler, inductor)
+        return cls(config, mode, compiler, inductor, mask_row_start)
 
     def config_patches(self) -> dict[str, Any]:
         patches: dict[str, Any] = {}
@@ -88,7 +93,7 @@ def _check_inductor_keys(keys: Mapping[str, Any]) -> None:
         known = sorted(f.name for f in dataclasses.fields(EntmaxKVConfig))
         raise ValueError(
             f"unknown option(s) {unknown}: not an EntmaxKVConfig field ({known}), 'mode', 'compiler', "
-            "or an Inductor config key"
+            "'mask_row_start', or an Inductor config key"
         )
 
 
@@ -115,7 +120,7 @@ def entmaxkv_backend(
     settings = BackendSettings.parse(options, mode)
     original_code = gm.code
     gm = copy_graph_module(gm)  # Dynamo reads its own graph again after the backend returns
-    plan = analyze(gm, example_inputs, settings.config, allow_guards=True)
+    plan = analyze(gm, example_inputs, settings.config, allow_guards=True, mask_row_start=settings.mask_row_start)
     if records_autograd(example_inputs):
         keep_attention_for_autograd(plan)
     log_refused(plan.sites, log)

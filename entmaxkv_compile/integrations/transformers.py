@@ -32,7 +32,7 @@ import torch
 from ..checks import check_alpha
 from ..math.reference import entmax
 
-__all__ = ["compile_config", "entmax_attention", "register_entmax_attention"]
+__all__ = ["compile_config", "entmax_attention", "full_length_static_cache", "register_entmax_attention"]
 
 #: Keyword arguments transformers passes for attention forms this function does not compute; a
 #: non-None value is refused rather than ignored (the result would silently differ from the model's).
@@ -157,3 +157,29 @@ def compile_config(options: Optional[dict[str, Any]] = None, *, mode: Optional[s
         options["mode"] = mode
     return CompileConfig(backend="entmaxkv", mode=None, options=options or None, dynamic=dynamic, **kwargs)
 
+
+
+def full_length_static_cache(config: Any, max_cache_len: int, **kwargs: Any) -> Any:
+    """A ``transformers.StaticCache`` whose sliding-window layers hold all ``max_cache_len`` positions.
+
+    For models with a sliding window (Mistral's ``sliding_window``, the ``"sliding_attention"``
+    layers of Gemma-2 and others), ``StaticCache`` keeps only the last ``window`` positions in a
+    ``StaticSlidingWindowLayer``: once full, every step rolls the whole buffer by one row and copies
+    it back, so every page moves and its statistics would have to be recomputed (the backend
+    refuses that site and runs the model's attention). This cache uses a plain ``StaticLayer``
+    for those layers instead (written at the position, like every other layer); the model's own
+    mask still applies the window, and the backend rewrites the site with ``decode_step``'s
+    ``row_start`` at the window's start, so the pages below the window are never read. The price is
+    memory: ``max_cache_len`` rows per layer instead of ``window``.
+
+    ``config`` is the model's config (``model.config``); ``kwargs`` go to ``StaticCache``.
+    """
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
+        raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
+    cache = StaticCache(config=config, max_cache_len=max_cache_len, **kwargs)
+    cache.layers = [StaticLayer(max_cache_len=max_cache_len) if type(layer) is StaticSlidingWindowLayer else layer
+                    for layer in cache.layers]
+    return cache

@@ -105,9 +105,19 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
     _gpt("gpt_fast_mask_buffer", "gpt-fast's own mask: causal_mask[None, None, input_pos] over a torch.tril(ones) "
          "buffer (proved from the whole buffer's content)", "entmax", 1.5, "rewritten", "bookkeeping",
          n_layer=1, mask="buffer"),
-    _gpt("sliding_window", "entmax15 with a sliding window of 52 keys: hides nothing until position 52, so it "
-         "must be refused, never rewritten as causal", "entmax", 1.5, "refused", "bookkeeping", n_layer=1,
-         window=52),
+    _gpt("sliding_window", "entmax15 with a sliding window of 52 keys (Mistral: i - 52 < j <= i; not a multiple "
+         "of the page size): proved from the mask, row_start = max(0, pos - 51)", "entmax", 1.5, "rewritten",
+         "bookkeeping", n_layer=1, window=52),
+    _gpt("window_short", "a sliding window of 7 keys, shorter than the prompt: every decode step hides keys",
+         "entmax", 1.5, "rewritten", "bookkeeping", n_layer=2, window=7),
+    _gpt("window_wide", "a sliding window of 200 keys over a 96-row cache: hides nothing, proved causal",
+         "entmax", 1.5, "rewritten", "bookkeeping", n_layer=1, window=200),
+    _gpt("window_alibi_buffer", "a window of 9 keys over gpt-fast's tril mask buffer, ALiBi on every head (MHA)",
+         "entmax", 1.5, "rewritten", "bookkeeping", n_layer=1, rope=False, n_kv_head=4, alibi="all",
+         mask="buffer", window=9),
+    _gpt("window_sink", "a window of 20 keys that also shows key 0 (an attention sink): a hole in the hidden "
+         "keys, not a window decode_step computes, refused", "entmax", 1.5, "refused", "bookkeeping", n_layer=1,
+         window=20, sink=1),
     _gpt("rolling_buffer", "entmax15 over a Mistral-style rolling cache of 52 slots written at pos % 52: the "
          "write index is not the position", "entmax", 1.5, "refused", "bookkeeping", n_layer=1, rolling=52),
     _gpt("not_quite", "an entmax-like tail thresholded at the row mean: not entmax, never rewritten",
@@ -126,6 +136,8 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
     _ragged("ragged_alibi_buffer", "ragged positions with ALiBi (MHA, no RoPE), gpt-fast's tril mask buffer "
             "read per row (causal_mask[input_pos][:, None, None]) and a scatter_ write of each row at its position",
             n_layer=1, rope=False, n_kv_head=4, alibi="all", mask="buffer", kv_write="scatter"),
+    _ragged("ragged_window", "a ragged batch of 3 prompts with a sliding window of 10 keys: each row's window "
+            "starts at its own input_pos[b] - 9", n_layer=1, window=10),
     ZooEntry("hf_llama", "transformers Llama, entmax15 via AttentionInterface, StaticCache, generate()",
              "hf", lambda: _hf().build_llama("entmax15", layers=1), 1, "entmax", 1.5, "rewritten", _LAZY),
     ZooEntry("hf_qwen2", "transformers Qwen2, entmax_bisect(alpha=1.25), GQA 4:1, StaticCache, generate()",

@@ -38,6 +38,7 @@ class ModelArgs:
     kv_write: str = "setitem"  # setitem | index_copy | scatter (per-row decode writes only)
     kv_fused: bool = False  # one buffer kv[2, B, H, N, D]: K is kv[0], V is kv[1]
     window: int = 0  # > 0: sliding window, key j visible from query i when i - window < j <= i
+    sink: int = 0  # with a window: the first `sink` keys stay visible too (attention sinks: a hole, refused)
     rolling: int = 0  # > 0: rolling-buffer cache of that many slots written at pos % rolling (Mistral)
     temperature: float = 4.0  # scales the scores so the random model's entmax is sparse
     head_alphas: tuple[float, ...] = ()  # one learnable alpha per head (entmax_bisect with a tensor alpha)
@@ -183,7 +184,10 @@ class Attention(nn.Module):
         else:
             causal = self.causal_mask[None, None, input_pos]
         if a.window:
-            causal = causal & (i - j < a.window)
+            inside = i - j < a.window
+            if a.sink:
+                inside = inside | (j < a.sink)
+            causal = causal & inside
         bias = None
         if a.alibi != "none":
             bias = self.slopes.view(1, heads, 1, 1) * (j - i).to(q.dtype)

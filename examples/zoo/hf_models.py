@@ -80,7 +80,8 @@ def build_gemma2(weights: str = "entmax15", *, layers: int = 1, heads: int = 4, 
                  dtype: torch.dtype = torch.float32) -> Gemma2ForCausalLM:
     """Gemma-2 with ``attn_logit_softcapping=softcap`` (its attention passes ``softcap`` to the
     attention function) and global attention on every layer (Gemma-2 alternates sliding-window
-    layers, which the backend refuses; they are left out here)."""
+    layers: in the zoo's ``StaticCache`` they roll, which the backend refuses, so they are left out
+    here; ``tests/test_integrations_hf.py`` decodes them in a full-length cache)."""
     head_dim = hidden // heads
     config = Gemma2Config(**_common(96, layers, heads, kv_heads, hidden), head_dim=head_dim,
                           query_pre_attn_scalar=head_dim, attn_logit_softcapping=softcap,

@@ -66,6 +66,7 @@ class SitePlan:
     guards: list[Any] = field(default_factory=list)  # run-time conditions of the rewrite (guards.py)
     per_row: bool = False  # a ragged decode step: one position per sequence (seqlens = positions + 1)
     row_start_mask: Optional[Node] = None  # a left-padded mask input: decode_step's row_start is read from it
+    window: Optional[int] = None  # a proved sliding window: row_start = max(0, position - window + 1)
 
 
 @dataclass
@@ -89,11 +90,14 @@ def _kind(weights: WeightsSite) -> str:
 
 
 def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: EntmaxKVConfig,
-            allow_guards: bool = False) -> Plan:
+            allow_guards: bool = False, mask_row_start: str = "example") -> Plan:
     """The :class:`Plan` for ``gm``; decode sites are checked on ``example_inputs`` when given.
 
     ``allow_guards``: the caller can check run-time guards before each call and fall back (the
     torch.compile backend); otherwise sites that need a guard on an input are refused.
+    ``mask_row_start``: a mask input's leading hidden keys become ``decode_step``'s ``row_start``
+    when the example mask hides some (``"example"``: left padding seen at compile time), or
+    ``"always"`` (padding or a sliding window that only starts hiding keys after compile time).
 
     Without example inputs (a graph with no real tensors, e.g. under export) decode sites that
     pass every structural rule are reported ``refused`` with the reason that they could not be
@@ -139,7 +143,7 @@ def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: En
         else:
             action.per_row = not proves_equal(_numel(match.k.positions), 1)
             decode.append(action)
-    _check_decode_sites(gm, example_inputs, decode, plan, allow_guards)
+    _check_decode_sites(gm, example_inputs, decode, plan, allow_guards, mask_row_start == "always")
     _dedupe_bookkeeping(plan)
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     plan.actions.sort(key=lambda a: order[a.match.out])
@@ -195,7 +199,7 @@ def _config_conflict(config: EntmaxKVConfig, alpha: float) -> str:
 
 
 def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan], plan: Plan,
-                        allow_guards: bool) -> None:
+                        allow_guards: bool, always_row_start: bool = False) -> None:
     """Prove each decode site from the graph (every position), then check it on the examples."""
     if not decode:
         return
@@ -207,12 +211,12 @@ def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan],
     example = dict(zip(placeholders, example_inputs))
     proved = []
     for action in decode:
-        proof = prove_decode_site(gm, action.match, action.match.score_node, example, allow_guards)
+        proof = prove_decode_site(gm, action.match, action.match.score_node, example, allow_guards, always_row_start)
         if proof.reason:
             action.site.status, action.site.reason = REFUSED, "not proved for every position: " + proof.reason
         else:
             action.guards = [*proof.guards, *(g for g in action.guards if g not in proof.guards)]
-            action.row_start_mask = proof.row_start_mask
+            action.row_start_mask, action.window = proof.row_start_mask, proof.window
             notes = list(proof.notes)
             if action.match.weights.alpha_tensor is not None:
                 notes.append(f"per-head alpha: every head's alpha is {action.alpha:.4g}")
@@ -226,7 +230,8 @@ def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan],
         if action.row_start_mask is not None:
             key_len, batch = action.match.k.shape()[2], values[action.match.q].shape[0]
             row_start = row_start_from_mask(example[action.row_start_mask], key_len, batch)
-        slopes, why = check_decode_site(action.match, values, action.alpha, action.per_row, row_start)
+        slopes, why = check_decode_site(action.match, values, action.alpha, action.per_row, row_start,
+                                        action.window)
         if why:
             action.site.status, action.site.reason = REFUSED, why
             continue

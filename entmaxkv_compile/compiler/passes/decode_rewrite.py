@@ -105,6 +105,16 @@ def written_before(position: torch.Tensor, batch: int, per_row: bool) -> torch.T
     return position.reshape(-1)[-1:].to(torch.int64).expand(batch).contiguous()
 
 
+def window_start(seqlens: torch.Tensor, window: int, row_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``decode_step``'s ``row_start`` (int32 ``[B]``) of a sliding window of ``window`` keys: row
+    ``b`` attends ``[max(0, seqlens[b] - window), seqlens[b])``, the later of that and ``row_start``
+    (a left-padded row whose padding reaches past the window's start). Fixed shape, no sync."""
+    start = (seqlens.to(torch.int64) - window).clamp_min(0)
+    if row_start is not None:
+        start = torch.maximum(start, row_start.to(torch.int64))
+    return start.to(torch.int32)
+
+
 def batch_positions(positions: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """The last written position as int64, broadcast to ``[B]`` (B = q's batch)."""
     return positions.reshape(-1)[-1:].to(torch.int64).expand(q.shape[0]).contiguous()
@@ -308,10 +318,16 @@ def _replace_attention(gm: GraphModule, action: SitePlan, stats: list[Node], ord
         # the cap is decode_step's last argument: by name, and only on a capped site (so an
         # uncapped graph is the same as before it existed)
         capped = {"softcap": float(match.softcap)} if match.softcap else {}
-        # row_start likewise: only at a site compiled on a left-padded mask, read from that mask
+        # row_start likewise: only at a site compiled on a left-padded mask (read from that mask)
+        # or with a proved sliding window (the window's start, from the step's lengths), or both
+        row_start = None
         if action.row_start_mask is not None:
-            capped["row_start"] = graph.call_function(row_start_from_mask, (
+            row_start = graph.call_function(row_start_from_mask, (
                 action.row_start_mask, concrete(match.k.shape()[2]), concrete(shape_of(match.q)[0])))
+        if action.window is not None:
+            row_start = graph.call_function(window_start, (seqlens, action.window, row_start))
+        if row_start is not None:
+            capped["row_start"] = row_start
         step = graph.call_function(torch.ops.entmaxkv.decode_step.default, (
             match.q, k_cache, v_cache, seqlens, *stats, slopes, *constants, *state), capped)
         if policy:

@@ -250,6 +250,13 @@ def _int_tensor(node: Node, rows: Optional[Node] = None) -> tuple[Optional[Node]
 
 _WRITES = ("setitem", "index_copy_", "index_put_", "scatter_")
 
+#: A cache rewritten whole each step (``cache.copy_(rolled)``), as transformers' ``StaticSlidingWindowLayer``
+#: does once its window is full: every row moves, so no page statistics can be appended in O(D).
+ROLLED_REASON = ("the cache is overwritten whole this step (cache.copy_(...), e.g. a buffer rolled by one row as "
+                 "transformers' StaticSlidingWindowLayer does once its window is full): every page changes, so its "
+                 "statistics cannot be appended; keep a full-length cache written at the position and let the mask "
+                 "apply the window (entmaxkv_compile.integrations.full_length_static_cache)")
+
 
 def _touches(write: Node, part: int) -> bool:
     """Whether a write on a whole fused buffer may write ``part`` (an other constant part: no)."""
@@ -263,9 +270,14 @@ def _touches(write: Node, part: int) -> bool:
 def _with_write(cache: Node, group: int, before: Node, part: Optional[int] = None) -> CacheRead:
     """The last write of ``cache`` (of its ``part``, for a fused buffer) before ``before``."""
     writes = []
+    overwritten: Optional[Node] = None  # the last ``cache.copy_(...)``: the whole buffer rewritten
     for node in cache.graph.nodes:
         if node is before:
             break
+        if op_of(node) == "copy_" and node.args and node.args[0] is cache and part is None:
+            overwritten = node
+            writes.clear()
+            continue
         if op_of(node) not in _WRITES or not node.args:
             continue
         target = node.args[0]
@@ -275,8 +287,8 @@ def _with_write(cache: Node, group: int, before: Node, part: Optional[int] = Non
                 and part_index(target) == part:
             writes.append((node, False))
     if not writes:
-        return CacheRead(cache, group, refusal="no write of this step at a position tensor was found for the cache",
-                         part=part)
+        why = "no write of this step at a position tensor was found for the cache"
+        return CacheRead(cache, group, refusal=ROLLED_REASON if overwritten is not None else why, part=part)
     write, fused = writes[-1]
     positions, rows, why = _write_positions(write, fused)
     return CacheRead(cache, group, write, positions, why, part, rows, op_of(write) == "scatter_")

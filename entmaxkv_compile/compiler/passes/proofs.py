@@ -12,10 +12,11 @@ symbolically (``symbolic.py``), must equal that up to a per-row constant for eve
 2. **Mask.** The scores become a piecewise expression whose conditions must be comparisons
    ``a*(j - w) + k``, ``a*j + k`` or ``a*w + k`` against 0. Those split the integer box
    ``0 <= j, w < N`` into finitely many cells in which every condition is constant; each cell is
-   decided exactly: where ``j <= w`` the scores must be ``c * q.k + A*(j - w) + C(w)`` with one
-   expression on all such cells (``A`` per head: ALiBi), where ``j > w`` they must be hidden
-   (``-inf``, or a bias at most :data:`MASK_FLOOR`). A sliding window fails the first rule (a
-   cell ``j <= w - window`` is hidden), a model without a mask the second.
+   decided exactly (``decide.py``): where ``j <= w`` the scores must be ``c * q.k + A*(j - w) + C(w)``
+   with one expression on all shown cells (``A`` per head: ALiBi), except the written keys a
+   sliding window hides (exactly ``w - j >= window`` for one constant ``window``: the rewrite then
+   passes ``row_start = max(0, w - window + 1)``), where ``j > w`` they must be hidden (``-inf``, or
+   a bias at most :data:`MASK_FLOOR`). A window with a hole is refused, a model without a mask too.
 3. **Ragged batches.** An integer input of shape ``[B]`` (B the cache's batch) is a per-row
    position: its symbol is row ``b``'s own position, for a generic row ``b``, carried on the batch
    axis (``symbolic.ROW``). The write must pair it with the row index (``buf[rows, :, pos] = x``,
@@ -46,9 +47,12 @@ from .guards import MASK_FLOOR, Guard, MaskGuard, StateGuard, leading_hidden
 from .ir import concrete, dtype_of, is_impure
 from .match_attention import AttentionMatch
 from .subgraph import NotExtractable, extract, needed_placeholders
+from .decide import decide_causal
 from .evaluator import Evaluator
-from .symbolic import FRESH, QK, ROW, Sym, Unproven, kind_of
+from .symbolic import FRESH, ROW, Sym, Unproven, kind_of
 from .write_index import J, W, in_write_index, write_index
+
+__all__ = ["J", "W", "SiteProof", "decide_causal", "prove_decode_site"]
 
 
 
@@ -60,6 +64,7 @@ class SiteProof:
     guards: list[Guard] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     row_start_mask: Optional[Node] = None  # the mask input whose hidden prefix is decode_step's row_start
+    window: Optional[int] = None  # a sliding window proved from the graph: row_start = max(0, w - window + 1)
 
 
 class _Leaves:
@@ -199,8 +204,11 @@ def _find(parent: dict[Node, Node], node: Node) -> Node:
 
 
 def prove_decode_site(gm: GraphModule, match: AttentionMatch, product: Node, example: dict[Node, Any],
-                      allow_guards: bool) -> SiteProof:
-    """Prove ``match``'s rewrite right for every position, or say why not (see the module doc)."""
+                      allow_guards: bool, always_row_start: bool = False) -> SiteProof:
+    """Prove ``match``'s rewrite right for every position, or say why not (see the module doc).
+
+    ``always_row_start``: every mask input's leading hidden keys become ``row_start`` (its guard
+    accepts a hidden prefix per row), not only one whose example hides a prefix."""
     shape = match.k.shape()
     if shape is None or not isinstance(shape[2], int):
         return SiteProof("the cache length is not a static size: cannot prove the mask for every position")
@@ -210,12 +218,13 @@ def prove_decode_site(gm: GraphModule, match: AttentionMatch, product: Node, exa
         write = write_index(leaves, match)
         scores = leaves.evaluator(product, J).value(match.weights.scores)
         expr = in_write_index(scores, write, leaves)
-        decide_causal(expr, key_len, leaves.opaque_bound)
+        window = decide_causal(expr, key_len, leaves.opaque_bound)
         if leaves.per_row and leaves.mask_inputs:
             raise Unproven("the attention mask is a graph input and the positions are per row: the run-time "
                            "mask check takes one position shared by the batch")
         guards = list(leaves.guards)
-        padded = [node for node in leaves.mask_inputs if _hides_a_prefix(example.get(node), key_len)]
+        padded = [node for node in leaves.mask_inputs
+                  if always_row_start or _hides_a_prefix(example.get(node), key_len)]
         if len(padded) > 1:
             raise Unproven("two attention mask inputs hide a prefix of the keys: decode_step takes one row_start")
         for node in leaves.mask_inputs:
@@ -231,10 +240,13 @@ def prove_decode_site(gm: GraphModule, match: AttentionMatch, product: Node, exa
             return SiteProof(f"the attention mask is a graph input ({names}): it can only be checked per call, "
                              "which needs the torch.compile backend (the offline rewrite has no run-time guards)")
         notes.append("mask input " + ", ".join(n.name for n in leaves.mask_inputs) + " checked causal at each call")
+    if window is not None:
+        notes.append(f"sliding window {window}: proved from the mask for every position, "
+                     f"row_start = max(0, position - {window - 1})")
     if padded:
-        notes.append(f"left padding: row_start = the leading hidden keys of mask input {padded[0].name}, "
-                     "checked at each call")
-    return SiteProof("", guards, notes, padded[0] if padded else None)
+        notes.append(f"left padding: row_start = the leading hidden keys of mask input {padded[0].name} (its "
+                     "padding, or a sliding window's start), checked at each call")
+    return SiteProof("", guards, notes, padded[0] if padded else None, window)
 
 
 def _hides_a_prefix(mask: Any, key_len: int) -> bool:
@@ -242,158 +254,6 @@ def _hides_a_prefix(mask: Any, key_len: int) -> bool:
     on such an example passes decode_step a row_start; one compiled on an unpadded example keeps
     the plain causal guard (a padded call then fails it and runs the model's attention)."""
     return isinstance(mask, torch.Tensor) and bool((leading_hidden(mask, key_len) > 0).any())
-
-
-def decide_causal(expr: Any, n: int, bounds: Optional[dict[sympy.Symbol, float]] = None) -> None:
-    """Decide that scores ``expr(J, W, QK, ...)`` are causal (ALiBi allowed) on ``0 <= J, W < n``.
-
-    Raises :class:`Unproven` with a counterexample otherwise. ``bounds``: the magnitude of each
-    opaque input symbol, used to check that a finite mask value stays hidden.
-    """
-    bounds = bounds or {}
-    expr = sympy.piecewise_fold(expr)
-    starts = {"d": {-(n - 1), 0, 1}, "j": {0}, "w": {0}}
-    for atom in expr.atoms(sympy.core.relational.Relational):
-        var, t = _threshold(atom)
-        if var is not None:
-            starts[var].update(_cuts(t))
-    limits = {"d": (-(n - 1), n - 1), "j": (0, n - 1), "w": (0, n - 1)}
-    intervals = {v: _intervals(starts[v], *limits[v]) for v in limits}
-    points = [_point(*d, *j, *w) for d in intervals["d"] for j in intervals["j"] for w in intervals["w"]]
-    visible: Optional[tuple[Any, Any]] = None
-    failures = []
-    for j0, w0 in sorted(p for p in points if p is not None):
-        try:
-            value = _branch(expr, j0, w0)
-            if j0 <= w0:
-                visible = _check_visible(value, j0, w0, visible)
-            else:
-                _check_hidden(value, j0, w0, n, bounds)
-        except Unproven as why:
-            failures.append((w0, abs(j0 - w0), why))
-    if failures:  # report the first position where the rewrite would go wrong
-        raise min(failures, key=lambda f: f[:2])[2]
-
-
-def _threshold(atom: Any) -> tuple[Optional[str], Any]:
-    diff = sympy.expand(atom.lhs - atom.rhs)
-    if not diff.free_symbols & {J, W}:
-        if diff.free_symbols:
-            raise Unproven(f"the mask compares data, not indices ({atom})")
-        return None, None
-    try:
-        poly = sympy.Poly(diff, J, W)
-    except sympy.PolynomialError:
-        poly = None
-    if poly is None or poly.total_degree() > 1 or not all(c.is_number for c in poly.coeffs()):
-        raise Unproven(f"the mask condition {atom} is not a comparison of key index and position with a constant")
-    a, b = poly.coeff_monomial(J), poly.coeff_monomial(W)
-    k = poly.coeff_monomial(1)
-    if a != 0 and b == -a:
-        return "d", -k / a
-    if a != 0 and b == 0:
-        return "j", -k / a
-    if a == 0 and b != 0:
-        return "w", -k / b
-    raise Unproven(f"the mask condition {atom} is not of the form key_index - position <= constant")
-
-
-def _cuts(t: Any) -> set[int]:
-    """Integer points where a condition on an integer variable with threshold ``t`` may flip."""
-    t = sympy.nsimplify(t)
-    if t.is_integer:
-        return {int(t), int(t) + 1}
-    return {int(sympy.floor(t)) + 1}
-
-
-def _intervals(starts: set[int], low: int, high: int) -> list[tuple[int, int]]:
-    points = sorted(s for s in starts | {low} if low <= s <= high)
-    return [(s, (points[i + 1] - 1) if i + 1 < len(points) else high) for i, s in enumerate(points)]
-
-
-def _point(dl, dh, jl, jh, wl, wh) -> Optional[tuple[int, int]]:
-    """An integer ``(j, w)`` with ``j`` in [jl, jh], ``w`` in [wl, wh], ``j - w`` in [dl, dh].
-
-    The one with ``j - w`` nearest 0 and the smallest ``w``: the first position a counterexample
-    shows up at, which is what a refusal reports.
-    """
-    low, high = max(dl, jl - wh), min(dh, jh - wl)
-    if low > high:
-        return None
-    d = high if high <= 0 else low
-    w = max(wl, jl - d)
-    return w + d, w
-
-
-def _branch(expr: Any, j0: int, w0: int) -> Any:
-    if not isinstance(expr, sympy.Piecewise):
-        return expr
-    for value, cond in expr.args:
-        truth = cond.subs({J: j0, W: w0})
-        if truth == sympy.true:
-            return value
-        if truth != sympy.false:
-            raise Unproven(f"the mask condition {cond} is not decided by the key index and position")
-    raise Unproven("the mask leaves some scores undefined")
-
-
-def _split(value: Any) -> tuple[Any, Any]:
-    """``(coefficient of q.k, the rest)`` with the rest free of q.k, else Unproven."""
-    if value.has(sympy.nan, sympy.zoo):
-        raise Unproven("the scores are undefined (NaN) for some key")
-    a = sympy.diff(value, QK)
-    rest = sympy.expand(value - a * QK)
-    if not a.is_number or rest.has(QK):
-        raise Unproven("the scores are not scale * q.k plus a bias")
-    return a, rest
-
-
-def _check_visible(value: Any, j0: int, w0: int, seen: Optional[tuple[Any, Any]]) -> tuple[Any, Any]:
-    hidden_here = value.has(sympy.oo, -sympy.oo)
-    if not hidden_here:
-        a, bias = _split(value)
-        hidden_here = a == 0 or (bias.is_number and bias <= MASK_FLOOR)
-    if hidden_here:
-        raise Unproven(f"the mask hides positions already written (key {j0} at position {w0}): a sliding "
-                       "window or another mask the rewrite does not implement")
-    slope = sympy.diff(bias, J)
-    if slope.has(J) or slope.has(W):
-        raise Unproven("the bias on visible keys is not linear in the key index (not ALiBi)")
-    if seen is not None and (a != seen[0] or sympy.simplify(bias - seen[1]) != 0):
-        raise Unproven(f"the scores differ between ranges of visible keys (key {j0} at position {w0}): "
-                       "not one causal mask")
-    return a, bias
-
-
-def _check_hidden(value: Any, j0: int, w0: int, n: int, bounds: dict[sympy.Symbol, float]) -> None:
-    if value == -sympy.oo:
-        return
-    why = (f"key {j0} is after position {w0} but not hidden: the model attends cache rows not yet written "
-           "(no causal mask on the cache)")
-    if value.has(sympy.oo):
-        raise Unproven(why)
-    _, bias = _split(value)
-    constant, rest = bias.as_coeff_Add()
-    if not constant.is_number or constant + _bound(rest, n, bounds) > MASK_FLOOR:
-        raise Unproven(why)
-
-
-def _bound(rest: Any, n: int, bounds: dict[sympy.Symbol, float]) -> float:
-    """An upper bound of ``|rest|`` over the box (opaque inputs at their compile-time magnitude)."""
-    total = 0.0
-    for term in sympy.Add.make_args(rest):
-        magnitude = 1.0
-        for factor in sympy.Mul.make_args(term):
-            if factor.is_number:
-                magnitude *= abs(float(factor))
-            elif factor in (J, W):
-                magnitude *= n
-            elif factor in bounds:
-                magnitude *= bounds[factor]
-            else:
-                raise Unproven(f"cannot bound the bias term {term} on hidden keys")
-        total += magnitude
-    return total
 
 
 def _mask_guard(gm: GraphModule, leaves: _Leaves, mask: Node, match: AttentionMatch, key_len: int,

@@ -97,7 +97,7 @@ def watched_nodes(match: AttentionMatch) -> list[Node]:
 
 def check_decode_site(
     match: AttentionMatch, values: dict[Node, Any], alpha: float, per_row: bool = False,
-    row_start: Optional[torch.Tensor] = None,
+    row_start: Optional[torch.Tensor] = None, window: Optional[int] = None,
 ) -> tuple[Optional[torch.Tensor], str]:
     """``(alibi_slopes or None, "")`` when the site computes decode_step's math, else ``(None, reason)``.
 
@@ -105,7 +105,8 @@ def check_decode_site(
     ``b`` holds ``positions[b] + 1`` tokens; otherwise every row holds ``last position + 1``.
     ``row_start`` (int ``[B]``, a left-padded batch): row ``b`` attends only
     ``[row_start[b], length)``; its rows below the start must be hidden by the mask, and the
-    checks run on the attended rows.
+    checks run on the attended rows. ``window`` (a proved sliding window): row ``b`` attends only
+    ``[max(row_start[b], length - window), length)``.
     """
     q = values[match.q].double()
     k_read, v_read = values[match.k_read], values[match.v_read]
@@ -132,6 +133,8 @@ def check_decode_site(
     got = values[match.out].double().reshape(*raw.shape[:-1], v_read.shape[-1])
     found: Optional[torch.Tensor] = None
     starts = torch.zeros_like(lengths) if row_start is None else row_start.to(lengths)
+    if window is not None:
+        starts = torch.maximum(starts, lengths - window)
     # the rows that share a (start, length), checked together; the longest attended span last
     groups = sorted(set(zip(starts.tolist(), lengths.tolist())), key=lambda g: (g[1] - g[0], g))
     longest = groups[-1][1] - groups[-1][0]
@@ -143,7 +146,7 @@ def check_decode_site(
             return None, f"the example's mask hides every written position of a row (start {start})"
         if start > 0 and not (scores[rows][..., :start] - scores[rows][..., start:length].amax(-1, keepdim=True)
                               < _MASKED).all():
-            return None, "the mask does not hide the left padding below the row's first shown key"
+            return None, "the mask does not hide the keys below the row's first attended key (left padding or window)"
         # A 1-token row shows no slope; in a ragged batch the longer rows give it (proofs.py proved
         # one bias expression for every row).
         fit = length - start >= 2 or longest < 2

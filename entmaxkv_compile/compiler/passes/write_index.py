@@ -103,6 +103,9 @@ def in_write_index(scores: Sym, write: Any, leaves: Any) -> Any:
         left = expr.free_symbols & set(leaves.positions)
         if left:
             names = ", ".join(sorted(str(s) for s in left))
+            rolling = ("; a rolling buffer (written at position % slots) is not supported: its overwritten pages' "
+                       "running min/max cannot forget the old rows, so they would need recomputing from the cache; "
+                       "use a full-length cache with a sliding-window mask") if write.has(sympy.Mod) else ""
             raise Unproven(f"the cache is written at index {write}, but the mask is built from {names}: the write "
-                           "index is not proved to be the position (a rolling buffer?)")
+                           f"index is not proved to be the position (a rolling buffer?){rolling}")
     return expr
