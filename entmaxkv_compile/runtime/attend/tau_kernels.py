@@ -198,9 +198,11 @@ def _append_above(z, lo, dst, kept):
     """Append the scores of tile ``z`` that lie above ``lo`` to ``dst`` after its first ``kept``
     entries, in order; returns the new count."""
     keep = (z > lo).to(tl.int32)
-    pos = kept + tl.cumsum(keep, axis=0) - keep
-    tl.store(dst + pos, z, mask=keep > 0)
-    return kept + tl.sum(keep, axis=0)
+    found = tl.sum(keep, axis=0)
+    if found > 0:  # most tiles of a flat head's candidates lie below a tight lo: no scan, no store
+        pos = kept + tl.cumsum(keep, axis=0) - keep
+        tl.store(dst + pos, z, mask=keep > 0)
+    return kept + found
 
 
 @triton.jit
