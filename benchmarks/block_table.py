@@ -43,11 +43,18 @@ PRESETS = {
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def paged_copy(cache: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(pool, table)``: ``cache``'s pages moved to the blocks ``perm`` (a shuffled table)."""
+def paged_copy(cache: torch.Tensor, perm: torch.Tensor, layout: str = "nhd") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pool, table)``: ``cache``'s pages moved to the blocks ``perm`` (a shuffled table). The
+    pool is ``[blocks, P, Hkv, D]``; with ``layout="hnd"`` it is stored ``[blocks, Hkv, P, D]``
+    (FlashInfer's HND: one head's page is contiguous) and passed as its transposed view."""
     identity_pool, identity = pool_from_cache(cache, PAGE)
-    pool = torch.empty_like(identity_pool)
-    pool[perm] = identity_pool
+    if layout == "hnd":
+        pool = torch.empty_like(identity_pool.transpose(1, 2).contiguous())
+        pool[perm] = identity_pool.transpose(1, 2)
+        pool = pool.transpose(1, 2)
+    else:
+        pool = torch.empty_like(identity_pool)
+        pool[perm] = identity_pool
     return pool, perm[identity.long()].to(torch.int32)
 
 
@@ -63,8 +70,8 @@ def one_config(length: int, batch: int, selector: str, args: argparse.Namespace,
     # odd lengths (a partial last page), different per row
     seqlens = torch.tensor([length - 1 - 7 * b for b in range(batch)], dtype=torch.int32, device=device)
     perm = torch.randperm(batch * num_pages, generator=gen, device=device)
-    k_pool, table = paged_copy(k, perm)
-    v_pool, _ = paged_copy(v, perm)
+    k_pool, table = paged_copy(k, perm, args.layout)
+    v_pool, _ = paged_copy(v, perm, args.layout)
     flat = KVPageStats.from_cache(k, seqlens, PAGE, check_values=False)
     paged = PagedKVStats.allocate(batch * num_pages, args.kv_heads, args.dim, batch=batch, max_pages=num_pages,
                                   page_size=PAGE, dtype=dtype, device=device)
@@ -82,7 +89,7 @@ def one_config(length: int, batch: int, selector: str, args: argparse.Namespace,
         return run_step(impl, q, k_pool, v_pool, seqlens, paged.buffers(), config, alpha=ALPHA, scale=scale,
                         stats_valid=paged.valid_for(seqlens), block_table=table)
 
-    row = dict(length=length, batch=batch, selector=selector, dtype=args.dtype, q_heads=args.q_heads,
+    row = dict(length=length, batch=batch, selector=selector, layout=args.layout, dtype=args.dtype, q_heads=args.q_heads,
                kv_heads=args.kv_heads, dim=args.dim, page_size=PAGE)
     results = {}
     for name, step in (("contiguous", contiguous), ("table", through_table)):
@@ -103,6 +110,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, required=True, help="folder for block_table.json")
     parser.add_argument("--lengths", type=int, nargs="*", help="override the preset's lengths")
     parser.add_argument("--batches", type=int, nargs="*", help="override the preset's batch sizes")
+    parser.add_argument("--selectors", nargs="*", help="override the preset's selectors")
+    parser.add_argument("--layout", choices=("nhd", "hnd"), default="nhd",
+                        help="pool layout: vLLM / FlashInfer NHD [blocks, P, Hkv, D] or FlashInfer HND")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = PRESETS[args.preset or ("quick" if device.type == "cuda" else "smoke")]
