@@ -62,6 +62,9 @@ def check_pool(name: str, pool: object, page_size: int) -> torch.Tensor:
     if pool.shape[1] != page_size:
         raise ValueError(f"{name}'s block size ({pool.shape[1]}, dim 1 of [num_blocks, page_size, Hkv, D]) must "
                          f"equal the config's page_size ({page_size})")
+    if pool.shape[0] * page_size >= 2**31:  # the V pass keeps physical rows as int32
+        raise ValueError(f"{name} holds {pool.shape[0]} blocks of {page_size} rows: at most 2**31 - 1 rows "
+                         "are supported")
     return pool
 
 
@@ -227,6 +230,16 @@ def table_args(block_table: Optional[torch.Tensor], dummy: torch.Tensor) -> tupl
     if block_table is None:
         return dummy, 0, 0, False
     return block_table, block_table.stride(0), block_table.stride(1), True
+
+
+def selected_blocks(page_indices: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """The physical block of every selected page, ``[B, Hkv, S]`` like ``page_indices`` (-1 where
+    no page is selected): the K pass then loads a tile's blocks beside its logical pages instead
+    of after them (a table lookup that waits for the page index costs one more dependent load per
+    tile, ~60% of the dense step at 1M tokens on an H200)."""
+    rows = block_table.long()[:, None, :].expand(-1, page_indices.shape[1], -1)
+    blocks = rows.gather(2, page_indices.clamp_min(0).long())
+    return torch.where(page_indices >= 0, blocks, -1).to(torch.int32)
 
 
 def pool_stats_strides(stat: torch.Tensor, block_table: Optional[torch.Tensor]) -> tuple[int, int, int, int]:

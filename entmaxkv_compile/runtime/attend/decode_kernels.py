@@ -56,7 +56,7 @@ def score_kernel(
     cand_z_ptr, cand_tok_ptr, cand_cnt_ptr, split_max_ptr, shared_max_ptr,
     sqb, sqh, sqd, skb, skh, skn, skd, sib, sih, sip, snb, snh,
     Hq, Hkv, G, D, num_splits, seg, page_size, zscale, am1, capacity, zcap,
-    table_ptr, stb, stp, HAS_TABLE: tl.constexpr,
+    blocks_ptr, sbb, sbh, sbs, HAS_TABLE: tl.constexpr,
     HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, HAS_START: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     SHARE_EVERY: tl.constexpr,
@@ -111,8 +111,9 @@ def score_kernel(
         row = page * page_size + jj % page_size
         valid = nmask & (row < readable) & (row >= first) & (page >= 0)
         k_row = row.to(tl.int64) * skn
-        if HAS_TABLE:  # logical page -> physical block, only for the rows read
-            blk = tl.load(table_ptr + b * stb + page * stp, mask=valid, other=0).to(tl.int64)
+        if HAS_TABLE:  # the selected page's block, loaded beside the page, not after it
+            blk = tl.load(blocks_ptr + b * sbb + hk * sbh + (jj // page_size) * sbs, mask=nmask,
+                          other=0).to(tl.int64)
             k_row = blk * skb + (jj % page_size).to(tl.int64) * skn
         k = tl.load(k_base + k_row[:, None] + offs_d[None, :] * skd,
                     mask=valid[:, None] & dmask[None, :], other=0.0)
@@ -215,7 +216,12 @@ def output_kernel(
         if found > 0:
             pos = n + tl.cumsum(live, axis=0) - live
             keep = live > 0
-            tl.store(live_tok + pos, tl.load(tok_base + tt, mask=keep, other=0), mask=keep)
+            tok = tl.load(tok_base + tt, mask=keep, other=0)
+            if HAS_TABLE:  # keep the physical row (block * page_size + offset): the table
+                # lookup happens here, off the V loads' critical path below
+                blk = tl.load(table_ptr + b * stb + (tok // page_size) * stp, mask=keep, other=0)
+                tok = blk * page_size + tok % page_size
+            tl.store(live_tok + pos, tok, mask=keep)
             tl.store(live_z + pos[None, :], z, mask=keep[None, :] & gmask[:, None])
         n += found
     tl.debug_barrier()  # the loop below reads what the other threads just wrote
@@ -231,9 +237,8 @@ def output_kernel(
         p = _tail_power(z - tau[:, None], beta, KIND)
         tok = tl.load(live_tok + tt, mask=tmask, other=0)
         v_row = tok.to(tl.int64) * svn
-        if HAS_TABLE:  # candidates hold logical rows: translate through the table
-            blk = tl.load(table_ptr + b * stb + (tok // page_size) * stp, mask=tmask, other=0).to(tl.int64)
-            v_row = blk * svb + (tok % page_size).to(tl.int64) * svn
+        if HAS_TABLE:  # physical rows (see above)
+            v_row = (tok // page_size).to(tl.int64) * svb + (tok % page_size).to(tl.int64) * svn
         v = tl.load(v_base + v_row[:, None] + offs_d[None, :] * svd,
                     mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         acc += tl.dot(p, v, input_precision=DOT_PREC)

@@ -21,7 +21,7 @@ from .. import _common as cm
 from ...checks import check_kernel_decode_inputs as check_decode_inputs
 from ...checks import check_row_start, check_softcap
 from ..paged import cache_geometry as _cache_geometry
-from ..paged import check_paged_decode_inputs, table_args
+from ..paged import check_paged_decode_inputs, selected_blocks, table_args
 from ..tuning.tuned import decode_config
 from .decode_kernels import output_kernel, reduce_kernel, score_kernel
 from .tau_kernels import FLOOR_STEPS, NEWTON_STEPS, NUM_PIVOTS, NUM_SLOTS, tau_first_kernel, tau_second_kernel
@@ -92,7 +92,8 @@ def score_candidates(q, k_cache, seqlens, page_indices, num_selected, alibi_slop
     (soft-capped, ``(alpha-1) softcap tanh(s / softcap)``, when ``softcap > 0``) within 1 of their
     split's running max, compacted per split (see ``score_kernel``); rows below ``row_start[b]``
     (int ``[B]``, optional) are masked out. With ``block_table``, ``k_cache`` is a page pool
-    (``runtime/paged.py``); candidates keep logical rows."""
+    (``runtime/paged.py``) read through the selected pages' blocks (``selected_blocks``);
+    candidates keep logical rows."""
     batch, hq, _, dim = q.shape
     hkv, capacity, k_strides = _cache_geometry(k_cache, page_size, block_table)
     cap = splits * seg
@@ -105,6 +106,11 @@ def score_candidates(q, k_cache, seqlens, page_indices, num_selected, alibi_slop
     has_alibi = alibi_slopes is not None
     slopes = alibi_slopes if has_alibi else q  # never read when has_alibi is False
     has_start = row_start is not None
+    if block_table is None:
+        block_args = (seqlens, 0, 0, 0, False)  # never read
+    else:
+        blocks = selected_blocks(page_indices, block_table)
+        block_args = (blocks, *blocks.stride(), True)
     wrap_triton(score_kernel)[(batch * hkv, splits)](
         q, k_cache, seqlens, row_start if has_start else seqlens, page_indices, num_selected, slopes,
         cand_z, cand_tok, cand_cnt, split_max, shared_max,
@@ -113,7 +119,7 @@ def score_candidates(q, k_cache, seqlens, page_indices, num_selected, alibi_slop
         page_indices.stride(0), page_indices.stride(1), page_indices.stride(2),
         num_selected.stride(0), num_selected.stride(1),
         hq, hkv, hq // hkv, dim, splits, seg, page_size, (alpha - 1.0) * scale, alpha - 1.0,
-        capacity, (alpha - 1.0) * softcap if softcap else 1.0, *table_args(block_table, seqlens),
+        capacity, (alpha - 1.0) * softcap if softcap else 1.0, *block_args,
         HAS_ALIBI=has_alibi, SOFTCAP=bool(softcap), HAS_START=has_start, BLOCK_G=max(16, cm.next_pow2(hq // hkv)), BLOCK_N=cfg["BLOCK_N"],
         BLOCK_D=max(16, cm.next_pow2(dim)),
         DOT_PREC=cm.dot_precision(dev, q.dtype), UPCAST=cm.dot_upcast(dev, q.dtype),
