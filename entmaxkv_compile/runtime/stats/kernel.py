@@ -167,6 +167,20 @@ def _stat_strides(kmin: Tensor, kmean: Tensor, km2: Tensor, kmax: Tensor,
     return pool_stats_strides(kmin, block_table)
 
 
+def _check_stat_update(k_cache: Tensor, name: str, rows: Tensor, page_size: int, kmin: Tensor, kmax: Tensor,
+                       kmean: Tensor, km2: Tensor, block_table: Optional[Tensor]) -> None:
+    """The inputs of a prefill or an append (``rows``: its lengths or positions, named ``name``):
+    a contiguous cache with per-page statistics, or a pool and table with per-block ones."""
+    check_page_size(page_size)
+    if block_table is not None:
+        _check_paged(k_cache, block_table, name, rows, page_size, kmin, kmax, kmean, km2)
+        return
+    check_kernel_cache("k_cache", k_cache)
+    check_lengths(name, rows, k_cache.shape[0], device=k_cache.device)
+    check_kernel_stats(kmin, kmax, kmean, km2, shape=stats_shape(k_cache, page_size),
+                       dtype=k_cache.dtype, device=k_cache.device)
+
+
 @triton_op("entmaxkv::triton_stats_prefill_",
            mutates_args={"kmin", "kmax", "kmean", "km2"})
 def stats_prefill_(
@@ -177,14 +191,7 @@ def stats_prefill_(
     ``block_table``, ``k_cache`` is a page pool and the statistics are per block (``runtime/paged.py``):
     each row's pages ``< ceil(seqlens[b] / P)`` write their block's statistics, no other block
     is touched."""
-    check_page_size(page_size)
-    if block_table is None:
-        check_kernel_cache("k_cache", k_cache)
-        check_lengths("seqlens", seqlens, k_cache.shape[0], device=k_cache.device)
-        check_kernel_stats(kmin, kmax, kmean, km2, shape=stats_shape(k_cache, page_size),
-                    dtype=k_cache.dtype, device=k_cache.device)
-    else:
-        _check_paged(k_cache, block_table, "seqlens", seqlens, page_size, kmin, kmax, kmean, km2)
+    _check_stat_update(k_cache, "seqlens", seqlens, page_size, kmin, kmax, kmean, km2, block_table)
     hkv, capacity, k_strides = cache_geometry(k_cache, page_size, block_table)
     batch, dim = seqlens.shape[0], k_cache.shape[3]
     num_pages = kmin.shape[2] if block_table is None else block_table.shape[1]
@@ -209,14 +216,7 @@ def stats_append_(
     """Fold the row written at ``positions[b]`` into its page (reset when it starts a page).
     With ``block_table``: row ``positions[b] % P`` of the pool's block ``block_table[b,
     positions[b] // P]`` into that block's statistics (never a shared block: copy on write)."""
-    check_page_size(page_size)
-    if block_table is None:
-        check_kernel_cache("k_cache", k_cache)
-        check_lengths("positions", positions, k_cache.shape[0], device=k_cache.device)
-        check_kernel_stats(kmin, kmax, kmean, km2, shape=stats_shape(k_cache, page_size),
-                    dtype=k_cache.dtype, device=k_cache.device)
-    else:
-        _check_paged(k_cache, block_table, "positions", positions, page_size, kmin, kmax, kmean, km2)
+    _check_stat_update(k_cache, "positions", positions, page_size, kmin, kmax, kmean, km2, block_table)
     hkv, capacity, k_strides = cache_geometry(k_cache, page_size, block_table)
     batch, dim = positions.shape[0], k_cache.shape[3]
     strides = _stat_strides(kmin, kmean, km2, kmax, block_table)
