@@ -99,6 +99,18 @@ def _compile_forward(model) -> None:
     model.forward = torch.compile(model.forward, backend="entmaxkv", options=OPTIONS, dynamic=False)
 
 
+def _compiled_generation(model, way: str, **extra) -> dict:
+    """``generate()``'s arguments for one way of compiling through the backend: the model's forward
+    compiled by us (``"compiled_forward"``), or transformers' own compile from a ``CompileConfig``."""
+    if way == "compiled_forward":
+        _compile_forward(model)
+        return {"disable_compile": True}
+    torch._dynamo.reset()
+    config = compile_config(OPTIONS)
+    config._compile_all_devices = True  # transformers compiles only on accelerators otherwise
+    return {"compile_config": config, **extra}
+
+
 def _assert_same(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]) -> None:
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
@@ -220,14 +232,7 @@ def test_generate_certified_equals_uncompiled(family, way, caplog):
     model = _model(family)
     ids, mask = _prompt()
     want = _generate(model, ids, mask, disable_compile=True)
-    if way == "compiled_forward":
-        _compile_forward(model)
-        generation = {"disable_compile": True}
-    else:
-        torch._dynamo.reset()
-        config = compile_config(OPTIONS)
-        config._compile_all_devices = True  # transformers compiles only on accelerators otherwise
-        generation = {"compile_config": config, "cache_implementation": "static"}
+    generation = _compiled_generation(model, way, cache_implementation="static")
     with recording() as report, caplog.at_level(logging.WARNING, logger=BACKEND_LOG):
         got = _generate(model, ids, mask, **generation)
     _assert_same(got, want)
@@ -318,16 +323,8 @@ def test_mistral_sliding_window_generate_equals_uncompiled(way, caplog):
     ids, mask = _prompt(batch=2, pad=(0, 4))
     want = _generate(model, ids, mask, cache=full_length_static_cache(model.config, 48), disable_compile=True)
     rolled = _generate(model, ids, mask, disable_compile=True)  # StaticCache: transformers' rolled window layers
-    assert torch.equal(rolled[0], want[0])
-    torch.testing.assert_close(rolled[1], want[1], atol=1e-5, rtol=0)
-    if way == "compiled_forward":
-        _compile_forward(model)
-        generation = {"disable_compile": True}
-    else:
-        torch._dynamo.reset()
-        config = compile_config(OPTIONS)
-        config._compile_all_devices = True  # transformers compiles only on accelerators otherwise
-        generation = {"compile_config": config}
+    _assert_same(rolled, want)
+    generation = _compiled_generation(model, way)
     with recording() as report, caplog.at_level(logging.WARNING, logger=BACKEND_LOG), warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a failed guard warns: it must not happen here
         got = _generate(model, ids, mask, cache=full_length_static_cache(model.config, 48), **generation)

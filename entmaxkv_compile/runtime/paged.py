@@ -16,7 +16,8 @@ Layout (one attention layer):
 The block size must equal the config's page size: a statistic describes one page, and one page
 is one block. Page indices in a selection stay *logical* (``0 .. max_pages-1`` of the row); a
 kernel translates ``(b, page)`` to ``block_table[b, page]`` only where it reads K, V or a
-statistic, under its constexpr ``HAS_TABLE`` flag (off, the contiguous path compiles as before).
+statistic, under its constexpr ``HAS_TABLE`` flag (off, the contiguous path compiles as before);
+the K pass reads the selected pages' blocks, gathered before its launch (:func:`selected_blocks`).
 
 Prefix sharing: a block listed by several sequences (vLLM's prefix caching) is fine, because a
 block's statistics are a function of its content. Two rows that prefill a shared block write the
@@ -49,6 +50,7 @@ __all__ = [
     "physical_blocks",
     "pool_from_cache",
     "pool_stats_strides",
+    "selected_blocks",
     "table_args",
 ]
 
