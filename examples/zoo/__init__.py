@@ -152,15 +152,20 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
     _paged("paged_table", "vLLM-style paged KV: k_pool/v_pool [num_blocks, 16, Hkv, D] written at slot "
            "block_table[b, pos // 16] * 16 + pos % 16 (index_put_ on pool.view(-1, Hkv, D)), gathered as "
            "k_pool[block_table].reshape(B, N, Hkv, D).transpose(1, 2); a shuffled table is a forward input",
-           "refused", "refused", n_layer=2),
+           "rewritten", "bookkeeping", n_layer=2),
     _paged("paged_ragged", "the paged model on a ragged batch of 3 prompts (12, 9, 6 tokens): input_pos [B], "
-           "each row written at its own block and offset (index_copy_ on the flat pool)", "refused", None,
+           "each row written at its own block and offset (index_copy_ on the flat pool)", "rewritten", None,
            n_layer=1, positions="per_row", write="index_copy"),
-    _paged("paged_table_buffer", "the paged model with its block table a module buffer, not a forward input: "
-           "the engine could change it without the graph seeing it, refused", "refused", "refused", n_layer=1,
-           table="buffer"),
+    _paged("paged_table_buffer", "the paged model with its block table a module buffer (a graph input once "
+           "lifted) and the write flat[slot] = k, ALiBi on every head (MHA, no RoPE)", "rewritten", "bookkeeping",
+           n_layer=1, table="buffer", write="setitem", rope=False, n_kv_head=4, alibi="all"),
     _paged("paged_reversed", "pages gathered as k_pool[block_table.flip(1)]: not the table's page order, "
            "refused", "refused", "refused", n_layer=1, gather="reversed"),
+    _paged("paged_arange_table", "the block table built inside the step (torch.arange(B * max_pages).view(B, -1)): "
+           "not a graph input, refused", "refused", "refused", n_layer=1, table="arange"),
+    _paged("paged_write_ignores_table", "a buggy write at slot b * max_pages * 16 + pos (as if contiguous) under "
+           "a read through the table: the write is not at the position's block, refused", "refused", "refused",
+           n_layer=1, write="no_table"),
     ZooEntry("hf_llama", "transformers Llama, entmax15 via AttentionInterface, StaticCache, generate()",
              "hf", lambda: _hf().build_llama("entmax15", layers=1), 1, "entmax", 1.5, "rewritten", _LAZY),
     ZooEntry("hf_qwen2", "transformers Qwen2, entmax_bisect(alpha=1.25), GQA 4:1, StaticCache, generate()",

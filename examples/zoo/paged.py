@@ -9,7 +9,8 @@ as a serving engine does. The step's keys and values land in slot
 gpt-fast attention of :mod:`.gpt_fast` unchanged (the same GQA, masks and entmax spellings).
 
 Knobs of :class:`PagedArgs` give the forms a backend must tell apart: where the table comes from
-(a graph input, or a module buffer) and how pages are gathered (in table order, or reversed).
+(a forward input, a module buffer, or built inside the step), how pages are gathered (in table
+order, or reversed) and how the slot is written (through the table, or a buggy write ignoring it).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from .gpt_fast import Attention, Block, ModelArgs, Transformer, apply_rotary
 class PagedArgs(ModelArgs):
     page_size: int = 16  # tokens per block (the backend's page size must equal it)
     spare_blocks: int = 3  # blocks in the pool beyond the batch's needs (never listed in the table)
-    table: str = "input"  # input: forward's argument | buffer: a module buffer the graph reads
+    table: str = "input"  # input: forward's argument | buffer: a module buffer | arange: built in forward (identity)
     gather: str = "table"  # table: pool[block_table] | reversed: pool[block_table.flip(1)] (pages out of order)
-    write: str = "index_put"  # index_put: pool.view(-1, H, D).index_put_((slot,), k) | index_copy: index_copy_(0, ...)
+    write: str = "index_put"  # index_put: pool.view(-1, H, D).index_put_((slot,), k) | index_copy: index_copy_(0,
+    # slot, k) | setitem: flat[slot] = k | no_table: slot b * max_pages * P + pos (ignores the table: a bug)
 
     @property
     def max_pages(self) -> int:
@@ -68,10 +70,15 @@ class PagedAttention(Attention):
         page = self.args.page_size
         pos = input_pos.view(-1, seqlen).expand(batch, seqlen)
         slot = (block_table.gather(1, pos // page).long() * page + pos % page).flatten()
+        if self.args.write == "no_table":  # as if the pool were one contiguous cache per sequence
+            rows = torch.arange(batch, device=pos.device).view(batch, 1)
+            slot = (rows * (self.args.max_pages * page) + pos).flatten()
         for pool, new in ((self.k_pool, k), (self.v_pool, v)):
             flat = pool.view(-1, hkv, d)
             if self.args.write == "index_copy":
                 flat.index_copy_(0, slot, new.reshape(-1, hkv, d))
+            elif self.args.write == "setitem":
+                flat[slot] = new.reshape(-1, hkv, d)
             else:
                 flat.index_put_((slot,), new.reshape(-1, hkv, d))
 
@@ -113,6 +120,9 @@ class PagedTransformer(Transformer):
                 block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.args.table == "buffer":
             block_table = self.block_table
+        elif self.args.table == "arange":  # the identity table, built inside the step
+            max_pages = self.args.max_pages
+            block_table = torch.arange(idx.shape[0] * max_pages, device=idx.device).view(-1, max_pages).int()
         freqs = self.freqs[input_pos] if self.args.rope else None
         x = self.tok_embeddings(idx)
         for layer in self.layers:
@@ -130,7 +140,7 @@ def shuffled_table(batch: int, args: PagedArgs, seed: int = 5) -> torch.Tensor:
 
 def _with_table(model: nn.Module, fn: Callable[..., torch.Tensor], table: torch.Tensor) -> Callable[..., torch.Tensor]:
     """``fn(idx, input_pos)`` with the table passed, unless the model reads its own table buffer."""
-    if model.args.table == "buffer":
+    if model.args.table != "input":
         return fn
     return lambda idx, input_pos: fn(idx, input_pos, table)
 
