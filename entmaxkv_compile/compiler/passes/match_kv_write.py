@@ -310,10 +310,10 @@ def _with_write(cache: Node, group: int, before: Node, part: Optional[int] = Non
 def trace_paged(logical: Node, group: int, before: Node) -> CacheRead:
     """A page pool read through a block table (``match_paged.py``): the pool, the table, this
     step's write and the position its slot index is built from, or the rule that failed."""
-    pool, table = gathered_pool(logical)
+    pool, table, pages = gathered_pool(logical)
     try:
         check_read(logical, pool, table)
-        write = find_write(pool, before)
+        write = find_write(pool, pages, before)
         positions = slot_position(write_slot(write, pool), table, concrete(shape_of(pool)[1]))
     except NotPaged as why:
         return CacheRead(None, group, refusal=f"paged KV cache: {why}")

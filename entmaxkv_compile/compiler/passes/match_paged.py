@@ -29,6 +29,7 @@ import sympy
 import torch
 from torch.fx import Node
 
+from .symbolic import FRESH, kind_of
 from .ir import arg, as_number, dtype_of, is_impure, normalize_dim, op_of, proves_equal, shape_of
 
 #: The symbol of the block table's entries in a slot expression: ``TABLE(page)`` is the block
@@ -42,9 +43,9 @@ class NotPaged(Exception):
     """A rule of the paged form failed; the message says which."""
 
 
-def gathered_pool(logical: Node) -> Optional[tuple[Node, Node]]:
-    """``(pool, table)`` when ``logical`` is ``pool[table]`` merged to ``[B, M*P, H, D]`` and
-    transposed to ``[B, H, M*P, D]``; None when ``logical`` is not such a read at all."""
+def gathered_pool(logical: Node) -> Optional[tuple[Node, Node, Node]]:
+    """``(pool, table, pages)`` when ``logical`` is ``pages = pool[table]`` merged to
+    ``[B, M*P, H, D]`` and transposed to ``[B, H, M*P, D]``; None when it is not such a read at all."""
     kind = op_of(logical)
     source = arg(logical, 0)
     if kind == "transpose":
@@ -65,7 +66,7 @@ def gathered_pool(logical: Node) -> Optional[tuple[Node, Node]]:
     pool, table = arg(pages, 0), _uncast(arg(pages, 1))
     if not isinstance(pool, Node) or not isinstance(table, Node):
         return None
-    return pool, table
+    return pool, table, pages
 
 
 def _uncast(node: Any) -> Any:
@@ -77,7 +78,9 @@ def _uncast(node: Any) -> Any:
 
 def check_read(logical: Node, pool: Node, table: Node) -> None:
     """Raise :class:`NotPaged` unless the read is the whole pool gathered through a table input."""
-    pool_shape, table_shape, merged = shape_of(pool), shape_of(table), shape_of(arg(logical, 0))
+    pool_shape, table_shape = shape_of(pool), shape_of(table)
+    merged = shape_of(logical)
+    merged = None if merged is None or len(merged) != 4 else (merged[0], merged[2], merged[1], merged[3])
     if pool.op not in ("placeholder", "get_attr"):
         raise NotPaged(f"the page pool read through the block table is not a buffer (reached {op_of(pool) or pool.op})")
     if pool_shape is None or len(pool_shape) != 4:
@@ -100,22 +103,39 @@ def check_read(logical: Node, pool: Node, table: Node) -> None:
             raise NotPaged(f"the block table {table.name} is written inside the graph ({node.name})")
 
 
-def find_write(pool: Node, before: Node) -> Node:
-    """The last write of ``pool`` before ``before``: an in-place write of ``pool.view(-1, H, D)``."""
+def find_write(pool: Node, read: Node, before: Node) -> Node:
+    """This step's write of ``pool``: the last in-place write of ``pool.view(-1, H, D)`` before
+    ``before``, made before the paged ``read`` gathers the pool. Every other in-place write that
+    may reach the pool's memory (through any view) before ``before`` is refused."""
     order = {n: i for i, n in enumerate(pool.graph.nodes)}
     writes = []
-    for flat in pool.users:
-        if op_of(flat) != "reshape" or order[flat] >= order[before]:
+    for node in pool.graph.nodes:
+        if node is before:
+            break
+        if not (is_impure(node) and node.op in ("call_function", "call_method") and _reaches(node, pool)):
             continue
-        writes.extend(w for w in flat.users if is_impure(w) and w.args and w.args[0] is flat
-                      and order[w] < order[before])
-    direct = [w for w in pool.users if is_impure(w) and order[w] < order[before]]
-    if direct:
-        raise NotPaged(f"the page pool is written directly ({direct[-1].name}), not through pool.view(-1, Hkv, D) "
-                       "at a slot index")
+        flat = node.args[0] if node.args else None
+        if not (isinstance(flat, Node) and op_of(flat) == "reshape" and arg(flat, 0) is pool):
+            raise NotPaged(f"the page pool is written by {node.name} other than through pool.view(-1, Hkv, D) "
+                           "at a slot index")
+        writes.append(node)
     if not writes:
         raise NotPaged("no write of this step into the page pool (pool.view(-1, Hkv, D) at a slot index) was found")
-    return max(writes, key=order.__getitem__)
+    write = writes[-1]
+    if order[write] > order[read]:
+        raise NotPaged(f"the pool is gathered ({read.name}) before this step's write ({write.name}): the attention "
+                       "does not read the token written this step")
+    return write
+
+
+def _reaches(write: Node, pool: Node) -> bool:
+    """Whether ``write``'s target may be memory of ``pool``: its first input, followed through
+    every op not known to return fresh memory, is the pool."""
+    node = write.args[0] if write.args else None
+    while isinstance(node, Node) and node is not pool and node.op in ("call_function", "call_method") \
+            and kind_of(node) not in FRESH and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+    return node is pool
 
 
 def write_slot(write: Node, pool: Node) -> Node:
