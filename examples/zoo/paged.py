@@ -32,7 +32,8 @@ class PagedArgs(ModelArgs):
     table: str = "input"  # input: forward's argument | buffer: a module buffer | arange: built in forward (identity)
     gather: str = "table"  # table: pool[block_table] | reversed: pool[block_table.flip(1)] (pages out of order)
     write: str = "index_put"  # index_put: pool.view(-1, H, D).index_put_((slot,), k) | index_copy: index_copy_(0,
-    # slot, k) | setitem: flat[slot] = k | no_table: slot b * max_pages * P + pos (ignores the table: a bug)
+    # slot, k) | setitem: flat[slot] = k | slice: index_put_ at block_table[:, input_pos // P] * P + input_pos % P
+    # (positions [T] shared by the rows) | no_table: slot b * max_pages * P + pos (ignores the table: a bug)
 
     @property
     def max_pages(self) -> int:
@@ -70,7 +71,9 @@ class PagedAttention(Attention):
         page = self.args.page_size
         pos = input_pos.view(-1, seqlen).expand(batch, seqlen)
         slot = (block_table.gather(1, pos // page).long() * page + pos % page).flatten()
-        if self.args.write == "no_table":  # as if the pool were one contiguous cache per sequence
+        if self.args.write == "slice":  # the table's column per position, broadcast over the rows
+            slot = (block_table[:, input_pos // page].long() * page + input_pos % page).flatten()
+        elif self.args.write == "no_table":  # as if the pool were one contiguous cache per sequence
             rows = torch.arange(batch, device=pos.device).view(batch, 1)
             slot = (rows * (self.args.max_pages * page) + pos).flatten()
         for pool, new in ((self.k_pool, k), (self.v_pool, v)):
