@@ -131,3 +131,24 @@ def test_block_size_other_than_the_page_size_is_refused_with_the_fix():
     assert [site.status for site in report.sites] == ["refused", "refused"], str(report)
     assert "block size (16) differs from the configured page_size (8)" in report.sites[0].reason
     assert "set page_size=16" in report.sites[0].reason
+
+
+def test_prewarm_calls_decode_step_through_the_block_table():
+    """The backend runs each inserted decode_step once before Inductor (on GPUs); a paged call
+    must pass the graph's table, or decode_step would take the pool for a contiguous cache."""
+    from entmaxkv_compile.compiler import backend
+    from entmaxkv_compile.compiler.passes import analyze, rewrite
+    from entmaxkv_compile.config import EntmaxKVConfig
+    from examples.zoo.tracing import capture_graphs
+
+    entry = ZOO["paged_table"]
+    model = entry.build()
+    table = paged.shuffled_table(entry.batch, model.args)
+    model(_prompt(entry.batch, 12), torch.arange(12), table)
+    [(gm, inputs)] = capture_graphs(model, _prompt(entry.batch, 1), torch.tensor([12]), table)
+    config = EntmaxKVConfig(selector="certified")
+    plan = analyze(gm, inputs, config, allow_guards=True)
+    result = rewrite(gm, plan, config, track_order=True)
+    assert len(result.decode_calls) == 2
+    assert all(torch.equal(inputs[call.table_index], table) for call in result.decode_calls)
+    backend.prewarm(result, inputs, backend.extra_inputs_for(result, inputs))
