@@ -152,3 +152,16 @@ def test_prewarm_calls_decode_step_through_the_block_table():
     assert len(result.decode_calls) == 2
     assert all(torch.equal(inputs[call.table_index], table) for call in result.decode_calls)
     backend.prewarm(result, inputs, backend.extra_inputs_for(result, inputs))
+
+
+def test_offline_rewrite_refuses_a_paged_cache_and_says_where_to_go():
+    """The offline rewrite prefills contiguous statistics only: a paged site is refused by name."""
+    from entmaxkv_compile.compiler.rewrite import UnsupportedModelError, rewrite
+
+    entry = ZOO["paged_table"]
+    model = entry.build()
+    table = paged.shuffled_table(entry.batch, model.args)
+    model(_prompt(entry.batch, 12), torch.arange(12), table)
+    with pytest.raises(UnsupportedModelError, match="this front door does not take block tables; use the "
+                                                    "torch.compile backend"):
+        rewrite(model, (_prompt(entry.batch, 1), torch.tensor([12]), table))

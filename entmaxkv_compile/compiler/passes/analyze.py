@@ -125,8 +125,9 @@ def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: En
             site.phase = "decode" if _is_decode(match) else "prefill"
         if match.out is not None:
             site.where = where_of(match.out)
-        reason = match.refusal or (per_head.reason if per_head is not None else "") or \
-            _config_conflict(config, alpha) or _paged_conflict(match, config, paged)
+        reason = (PAGED_FRONT_DOOR_REASON if not paged and _reads_a_table(match) else "") or match.refusal or \
+            (per_head.reason if per_head is not None else "") or _config_conflict(config, alpha) or \
+            _paged_conflict(match, config)
         if reason == LAZY_REASON and site.phase == "prefill":  # nothing refused: decode fills the stats
             site.status, site.reason = BOOKKEEPING, LAZY_PREFILL_REASON
             continue
@@ -197,7 +198,16 @@ def _numel(node: Optional[Node]) -> Any:
     return total
 
 
-def _paged_conflict(match: AttentionMatch, config: EntmaxKVConfig, paged: bool) -> str:
+#: A paged site met by a front door that cannot feed block-table caches (the offline rewrite).
+PAGED_FRONT_DOOR_REASON = ("a paged KV cache (block table): this front door does not take block tables; "
+                           "use the torch.compile backend")
+
+
+def _reads_a_table(match: AttentionMatch) -> bool:
+    return match.k.table is not None or match.v.table is not None
+
+
+def _paged_conflict(match: AttentionMatch, config: EntmaxKVConfig) -> str:
     """Why a site read through a block table cannot be taken (empty when it can, or is not paged)."""
     k, v = match.k, match.v
     if k.table is None and v.table is None:
@@ -206,9 +216,6 @@ def _paged_conflict(match: AttentionMatch, config: EntmaxKVConfig, paged: bool) 
         return "only one of K and V is read through a block table"
     if k.table is not v.table:
         return f"K and V are read through different block tables ({k.table.name}, {v.table.name})"
-    if not paged:
-        return ("a paged KV cache (block table): this front door does not take block tables; "
-                "use the torch.compile backend")
     block = shape_of(k.cache)[1]
     if block != config.page_size or shape_of(v.cache)[1] != block:
         return (f"the page pool's block size ({block}) differs from the configured page_size "

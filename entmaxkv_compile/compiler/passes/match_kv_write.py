@@ -316,7 +316,7 @@ def trace_paged(logical: Node, group: int, before: Node) -> CacheRead:
         write = find_write(pool, pages, before)
         positions = slot_position(write_slot(write, pool), table, concrete(shape_of(pool)[1]))
     except NotPaged as why:
-        return CacheRead(None, group, refusal=f"paged KV cache: {why}")
+        return CacheRead(None, group, refusal=f"paged KV cache: {why}", table=table)
     return CacheRead(pool, group, write, positions, table=table, logical=logical)
 
 

@@ -60,10 +60,14 @@ def gathered_pool(logical: Node) -> Optional[tuple[Node, Node, Node]]:
         return None
     while op_of(source) in ("cast", "identity"):
         source = arg(source, 0)
-    if op_of(source) != "reshape" or op_of(arg(source, 0)) != "getitem":
+    pages = arg(source, 0) if op_of(source) == "reshape" else None
+    if op_of(pages) == "getitem":
+        index = arg(pages, 1)
+    elif isinstance(pages, Node) and pages.target is torch.ops.aten.index.Tensor:  # export graphs
+        index = pages.args[1][0] if len(pages.args[1]) == 1 else None
+    else:
         return None
-    pages = arg(source, 0)
-    pool, table = arg(pages, 0), _uncast(arg(pages, 1))
+    pool, table = arg(pages, 0), _uncast(index)
     if not isinstance(pool, Node) or not isinstance(table, Node):
         return None
     return pool, table, pages
