@@ -28,10 +28,11 @@ import torch
 from torch.fx import GraphModule
 
 from ..config import EntmaxKVConfig
+from ..runtime.stats.paged import PagedKVStats
 from ..runtime.stats.reference import KVPageStats
 from .capture import install_capture
 from .passes.analyze import REFUSED, REWRITTEN, Plan, analyze, log_refused
-from .passes.decode_rewrite import CatchUp, RewriteResult, cache_view, rewrite, written_before
+from .passes.decode_rewrite import CatchUp, RewriteResult, cache_view, int32_table, rewrite, written_before
 from .passes.fallback import bookkeeping_only
 from .passes.static_state import STATS
 
@@ -181,8 +182,9 @@ def prewarm(result: RewriteResult, inputs: Sequence[Any], extra: Sequence[torch.
             seqlens = torch.ones(call.q_shape[0], dtype=torch.int64, device=k_cache.device)
             stats = [extra[i] for i in call.stats_extra]
             slopes = None if call.slopes_extra is None else extra[call.slopes_extra]
+            table = {} if call.table_index is None else {"block_table": int32_table(inputs[call.table_index])}
             torch.ops.entmaxkv.decode_step(q, k_cache, v_cache, seqlens, *stats, slopes, *call.constants,
-                                           softcap=call.softcap)
+                                           softcap=call.softcap, **table)
 
 
 def copy_graph_module(gm: GraphModule, mapping: Optional[dict[torch.fx.Node, torch.fx.Node]] = None) -> GraphModule:
@@ -225,7 +227,8 @@ def extra_inputs_for(result: RewriteResult, args: Sequence[Any]) -> list[torch.T
         if extra.kind == "constant":
             values.append(extra.tensor)
             continue
-        stats, created = STATS.get(args[extra.cache_index], extra.page_size, extra.moment_dtype, part=extra.part)
+        stats, created = STATS.get(args[extra.cache_index], extra.page_size, extra.moment_dtype, part=extra.part,
+                                   paged=extra.paged)
         if created and (extra.cache_index, extra.part) in catch_ups:
             _catch_up(catch_ups[extra.cache_index, extra.part], args, stats)
         state = stats.buffers() if extra.kind == "stats" else stats.sequence_state()
@@ -233,15 +236,23 @@ def extra_inputs_for(result: RewriteResult, args: Sequence[Any]) -> list[torch.T
     return values
 
 
-def _catch_up(catch_up: CatchUp, args: Sequence[Any], stats: KVPageStats) -> None:
-    """Fill the statistics of a cache first seen in a decode step (its prefill was not compiled)."""
+def _catch_up(catch_up: CatchUp, args: Sequence[Any], stats: KVPageStats | PagedKVStats) -> None:
+    """Fill the statistics of a cache first seen in a decode step (its prefill was not compiled);
+    a page pool's through the block table the step is called with."""
     cache = cache_view(args[catch_up.cache_index], catch_up.part)
     with torch.no_grad():
         position = catch_up.positions(*(args[i] for i in catch_up.arg_indices))
-    written = written_before(position, cache.shape[0], catch_up.per_row)
+    if catch_up.table_index is None:
+        written = written_before(position, cache.shape[0], catch_up.per_row)
+        if int(written.max()) > 0:
+            torch.ops.entmaxkv.page_stats_prefill(cache, written, catch_up.page_size, *stats.buffers())
+        torch.ops.entmaxkv.page_stats_mark_prefilled(written, cache.shape[2], stats.last_position, stats.valid)
+        return
+    table = int32_table(args[catch_up.table_index])
+    written = written_before(position, table.shape[0], catch_up.per_row)
     if int(written.max()) > 0:
-        torch.ops.entmaxkv.page_stats_prefill(cache, written, catch_up.page_size, *stats.buffers())
-    torch.ops.entmaxkv.page_stats_mark_prefilled(written, cache.shape[2], stats.last_position, stats.valid)
+        torch.ops.entmaxkv.paged_stats_prefill(cache, table, written, catch_up.page_size, *stats.buffers())
+    torch.ops.entmaxkv.page_stats_mark_prefilled(written, stats.capacity, stats.last_position, stats.valid)
 
 
 class _Runner:

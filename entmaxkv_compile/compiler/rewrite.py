@@ -221,7 +221,7 @@ def _apply_passes(
     state = _lifted_state(program)
     flat_args, in_spec = pytree.tree_flatten((args, {}))
     inputs = [*(t for _, t in state), *flat_args]
-    plan = analyze(graph, inputs, config)
+    plan = analyze(graph, inputs, config, paged=False)  # the statistics prefilled here are contiguous only
     log_refused(plan.sites, log)
     code_before = graph.code
     if not any(site.status == REWRITTEN for site in plan.sites):

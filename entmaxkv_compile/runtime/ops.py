@@ -30,11 +30,14 @@ from .attend import reference as attend_reference
 from .certify import reference as certify_reference
 from .select import reference as selection
 from .stats import reference as cache
+from .stats.paged import paged_stats_impl
 
 __all__ = [
     "entmax",
     "page_stats_prefill",
     "page_stats_append",
+    "paged_stats_prefill",
+    "paged_stats_append",
     "select_pages",
     "paged_decode",
     "certify",
@@ -109,6 +112,36 @@ def page_stats_append(
 
 @page_stats_append.register_fake
 def _(k_cache, positions, page_size, kmin, kmax, kmean, km2) -> None:
+    return None
+
+
+@torch.library.custom_op("entmaxkv::paged_stats_prefill", mutates_args=("kmin", "kmax", "kmean", "km2"))
+def paged_stats_prefill(
+    k_pool: Tensor, block_table: Tensor, seqlens: Tensor, page_size: int, kmin: Tensor, kmax: Tensor, kmean: Tensor,
+    km2: Tensor,
+) -> None:
+    """Recompute the per-block statistics ``[num_blocks, Hkv, D]`` of each row's first
+    ``seqlens[b]`` tokens, read from ``k_pool`` through ``block_table`` (``runtime/paged.py``)."""
+    paged_stats_impl(k_pool)(k_pool, block_table, seqlens, page_size, kmin, kmax, kmean, km2)
+
+
+@paged_stats_prefill.register_fake
+def _(k_pool, block_table, seqlens, page_size, kmin, kmax, kmean, km2) -> None:
+    return None
+
+
+@torch.library.custom_op("entmaxkv::paged_stats_append", mutates_args=("kmin", "kmax", "kmean", "km2"))
+def paged_stats_append(
+    k_pool: Tensor, block_table: Tensor, positions: Tensor, page_size: int, kmin: Tensor, kmax: Tensor,
+    kmean: Tensor, km2: Tensor,
+) -> None:
+    """Fold the row each sequence just wrote at ``positions[b]`` (block ``block_table[b, pos // P]``,
+    row ``pos % P``) into that block's statistics (O(D) each)."""
+    paged_stats_impl(k_pool, append=True)(k_pool, block_table, positions, page_size, kmin, kmax, kmean, km2)
+
+
+@paged_stats_append.register_fake
+def _(k_pool, block_table, positions, page_size, kmin, kmax, kmean, km2) -> None:
     return None
 
 
@@ -285,7 +318,8 @@ def decode_step(
     ``row_start`` (last, optional int ``[B]``): each sequence attends ``[row_start, seqlens)``
     only (a left-padded batch: the rewrite computes it from the padding mask).
     ``block_table`` (last, optional int32 ``[B, max_pages]``): the caches are page pools and the
-    statistics per block (``runtime/paged.py``); the backend does not insert it yet.
+    statistics per block (``runtime/paged.py``); the backend inserts it for a model whose cache is
+    a page pool read through a block table input (``compiler/passes/match_paged.py``).
     """
     config = _config(page_size, selector, token_budget, max_quantile, margin, tau_estimate,
                      sink_pages, recent_pages, certify_max_rounds, min_context)

@@ -3,7 +3,8 @@
 ``ZOO[name]`` is a :class:`ZooEntry`; ``entry.build()`` returns a random-weight model (caches for
 ``entry.batch`` sequences) and ``entry.generate(model, prompt, steps, compiled)`` runs greedy
 decoding (compiled with the given callable, or eagerly). The ``ragged`` family decodes a batch of
-different prompt lengths, one position per sequence (``gpt_fast.generate_ragged``). ``entry.expected`` lists, per attention layer, the ``(kind, alpha, status)``
+different prompt lengths, one position per sequence (``gpt_fast.generate_ragged``); the ``paged``
+family keeps its KV cache in a page pool addressed by a shuffled block table (``paged.py``). ``entry.expected`` lists, per attention layer, the ``(kind, alpha, status)``
 that ``explain`` must report for a decode graph.
 """
 
@@ -14,8 +15,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import gpt_fast
+from . import gpt_fast, paged
 from .gpt_fast import ModelArgs
+from .paged import PagedArgs
 
 
 def _hf() -> Any:
@@ -29,7 +31,7 @@ def _hf() -> Any:
 class ZooEntry:
     name: str
     description: str
-    family: str  # "gpt_fast" or "hf"
+    family: str  # "gpt_fast", "ragged", "paged" or "hf"
     build: Callable[[], Any]
     layers: int
     kind: str  # "entmax", "hand-written entmax", "softmax"
@@ -42,6 +44,8 @@ class ZooEntry:
                  compiled: Optional[Callable[..., Any]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.family == "hf":
             return _hf().generate(model, prompt, steps, forward=compiled)
+        if self.family == "paged":
+            return paged.generate(model, prompt, steps, compiled)
         if self.family == "ragged":
             lengths = gpt_fast.ragged_lengths(*prompt.shape)
             return gpt_fast.generate_ragged(model, prompt, lengths, steps, decode=compiled)
@@ -63,6 +67,13 @@ def _ragged(name: str, description: str, **args: Any) -> ZooEntry:
     model_args = ModelArgs(positions="per_row", **args)
     return ZooEntry(name, description, "ragged", lambda: gpt_fast.build(model_args, batch=3), model_args.n_layer,
                     "entmax", 1.5, "rewritten", None, batch=3)
+
+
+def _paged(name: str, description: str, decode: str, prefill: Optional[str], **args: Any) -> ZooEntry:
+    model_args = PagedArgs(**args)
+    batch = 3 if model_args.positions == "per_row" else 2
+    return ZooEntry(name, description, "paged", lambda: paged.build(model_args, batch=batch), model_args.n_layer,
+                    "entmax", 1.5, decode, prefill, batch=batch)
 
 
 _LAZY = "bookkeeping"  # transformers 5.x allocates the StaticCache inside the prefill graph: decode fills the stats
@@ -138,6 +149,23 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
             n_layer=1, rope=False, n_kv_head=4, alibi="all", mask="buffer", kv_write="scatter"),
     _ragged("ragged_window", "a ragged batch of 3 prompts with a sliding window of 10 keys: each row's window "
             "starts at its own input_pos[b] - 9", n_layer=1, window=10),
+    _paged("paged_table", "vLLM-style paged KV: k_pool/v_pool [num_blocks, 16, Hkv, D] written at slot "
+           "block_table[b, pos // 16] * 16 + pos % 16 (index_put_ on pool.view(-1, Hkv, D)), gathered as "
+           "k_pool[block_table].reshape(B, N, Hkv, D).transpose(1, 2); a shuffled table is a forward input",
+           "rewritten", "bookkeeping", n_layer=2),
+    _paged("paged_ragged", "the paged model on a ragged batch of 3 prompts (12, 9, 6 tokens): input_pos [B], "
+           "each row written at its own block and offset (index_copy_ on the flat pool)", "rewritten", None,
+           n_layer=1, positions="per_row", write="index_copy"),
+    _paged("paged_table_buffer", "the paged model with its block table a module buffer (a graph input once "
+           "lifted) and the write flat[slot] = k, ALiBi on every head (MHA, no RoPE)", "rewritten", "bookkeeping",
+           n_layer=1, table="buffer", write="setitem", rope=False, n_kv_head=4, alibi="all"),
+    _paged("paged_reversed", "pages gathered as k_pool[block_table.flip(1)]: not the table's page order, "
+           "refused", "refused", "refused", n_layer=1, gather="reversed"),
+    _paged("paged_arange_table", "the block table built inside the step (torch.arange(B * max_pages).view(B, -1)): "
+           "not a graph input, refused", "refused", "refused", n_layer=1, table="arange"),
+    _paged("paged_write_ignores_table", "a buggy write at slot b * max_pages * 16 + pos (as if contiguous) under "
+           "a read through the table: the write is not at the position's block, refused", "refused", "refused",
+           n_layer=1, write="no_table"),
     ZooEntry("hf_llama", "transformers Llama, entmax15 via AttentionInterface, StaticCache, generate()",
              "hf", lambda: _hf().build_llama("entmax15", layers=1), 1, "entmax", 1.5, "rewritten", _LAZY),
     ZooEntry("hf_qwen2", "transformers Qwen2, entmax_bisect(alpha=1.25), GQA 4:1, StaticCache, generate()",

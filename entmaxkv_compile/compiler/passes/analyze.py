@@ -90,7 +90,7 @@ def _kind(weights: WeightsSite) -> str:
 
 
 def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: EntmaxKVConfig,
-            allow_guards: bool = False, mask_row_start: str = "example") -> Plan:
+            allow_guards: bool = False, mask_row_start: str = "example", paged: bool = True) -> Plan:
     """The :class:`Plan` for ``gm``; decode sites are checked on ``example_inputs`` when given.
 
     ``allow_guards``: the caller can check run-time guards before each call and fall back (the
@@ -98,6 +98,8 @@ def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: En
     ``mask_row_start``: a mask input's leading hidden keys become ``decode_step``'s ``row_start``
     when the example mask hides some (``"example"``: left padding seen at compile time), or
     ``"always"`` (padding or a sliding window that only starts hiding keys after compile time).
+    ``paged``: the caller can feed block-table caches (page pools read through a table input,
+    ``match_paged.py``); otherwise such sites are refused.
 
     Without example inputs (a graph with no real tensors, e.g. under export) decode sites that
     pass every structural rule are reported ``refused`` with the reason that they could not be
@@ -123,7 +125,9 @@ def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: En
             site.phase = "decode" if _is_decode(match) else "prefill"
         if match.out is not None:
             site.where = where_of(match.out)
-        reason = match.refusal or (per_head.reason if per_head is not None else "") or _config_conflict(config, alpha)
+        reason = (PAGED_FRONT_DOOR_REASON if not paged and _reads_a_table(match) else "") or match.refusal or \
+            (per_head.reason if per_head is not None else "") or _config_conflict(config, alpha) or \
+            _paged_conflict(match, config)
         if reason == LAZY_REASON and site.phase == "prefill":  # nothing refused: decode fills the stats
             site.status, site.reason = BOOKKEEPING, LAZY_PREFILL_REASON
             continue
@@ -173,6 +177,8 @@ def _per_row(match: AttentionMatch) -> bool:
         shape = shape_of(read.positions)
         if not shape or not _same(shape[0], batch):
             return False
+        if read.table is not None:  # a paged write: position tensor [B, 1], row b at table row b
+            return len(shape) == 2 and proves_equal(shape[1], 1)
         return read.scatter or (read.rows is not None and len(shape) == 1)
 
     return per_row(match.k) and per_row(match.v)
@@ -190,6 +196,31 @@ def _numel(node: Optional[Node]) -> Any:
     for size in shape:
         total = total * size
     return total
+
+
+#: A paged site met by a front door that cannot feed block-table caches (the offline rewrite).
+PAGED_FRONT_DOOR_REASON = ("a paged KV cache (block table): this front door does not take block tables; "
+                           "use the torch.compile backend")
+
+
+def _reads_a_table(match: AttentionMatch) -> bool:
+    return match.k.table is not None or match.v.table is not None
+
+
+def _paged_conflict(match: AttentionMatch, config: EntmaxKVConfig) -> str:
+    """Why a site read through a block table cannot be taken (empty when it can, or is not paged)."""
+    k, v = match.k, match.v
+    if k.table is None and v.table is None:
+        return ""
+    if k.table is None or v.table is None:
+        return "only one of K and V is read through a block table"
+    if k.table is not v.table:
+        return f"K and V are read through different block tables ({k.table.name}, {v.table.name})"
+    block = shape_of(k.cache)[1]
+    if block != config.page_size or shape_of(v.cache)[1] != block:
+        return (f"the page pool's block size ({block}) differs from the configured page_size "
+                f"({config.page_size}): one page of statistics is one block; set page_size={block}")
+    return ""
 
 
 def _config_conflict(config: EntmaxKVConfig, alpha: float) -> str:
@@ -237,8 +268,14 @@ def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan],
             continue
         action.slopes = slopes
         action.site.status = REWRITTEN
-        action.site.reason = "decode step -> page_stats_append + decode_step"
-        if action.per_row:
+        table = action.match.k.table
+        if table is not None:
+            action.site.reason = (f"decode step -> paged_stats_append + decode_step(block_table={table.name}) (paged: "
+                                  "the pools read through the table, statistics per physical block, "
+                                  "seqlens = each row's position + 1)")
+        else:
+            action.site.reason = "decode step -> page_stats_append + decode_step"
+        if action.per_row and table is None:
             action.site.reason += " (per-row positions: seqlens = positions + 1 for each sequence)"
         if slopes is not None:
             action.site.reason += " (ALiBi slopes recovered)"

@@ -8,7 +8,10 @@ batch each sequence's own position, and ``seqlens = positions + 1`` per sequence
 ``weights @ v`` is replaced by ``decode_step(...)[0]``; the scores, the weights, the mask and the
 GQA expansion of the cache become dead and are removed, so no full-cache copy is left. A fused
 K/V buffer (``kv[2, B, H, N, D]``) is one graph input: the statistics and ``decode_step`` get its
-parts ``kv[0]``, ``kv[1]`` (views, inserted where they are used).
+parts ``kv[0]``, ``kv[1]`` (views, inserted where they are used). A page pool read through a block
+table (``match_paged.py``) is rewritten on the pool itself: its statistics are per physical block
+(``[num_blocks, Hkv, D]``), kept by ``paged_stats_append``/``paged_stats_prefill`` through the
+table, and ``decode_step`` gets the table (as int32) as its ``block_table``.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class ExtraInput:
     tensor: Optional[torch.Tensor] = None
     moment_dtype: str = "float32"
     part: Optional[int] = None  # a fused K/V buffer: the cache is ``input[part]`` (match_kv_write.CacheRead)
+    paged: Optional[tuple[int, int]] = None  # a page pool read through a block table: ``(batch, max_pages)``
 
     def cache_of(self, args: Any) -> torch.Tensor:
         """This input's ``[B, H, N, D]`` cache among the graph's arguments."""
@@ -65,6 +69,7 @@ class CatchUp:
     arg_indices: tuple[int, ...]
     part: Optional[int] = None
     per_row: bool = False  # ``positions`` gives one position per sequence (a ragged batch)
+    table_index: Optional[int] = None  # a page pool: the graph input holding its block table
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,7 @@ class DecodeCall:
     k_part: Optional[int] = None  # fused K/V buffer: K is ``input[k_index][k_part]``
     v_part: Optional[int] = None
     softcap: float = 0.0  # the site's logit soft-cap (decode_step's last argument; 0: none)
+    table_index: Optional[int] = None  # a page pool: the graph input holding its block table
 
 
 @dataclass
@@ -113,6 +119,18 @@ def window_start(seqlens: torch.Tensor, window: int, row_start: Optional[torch.T
     if row_start is not None:
         start = torch.maximum(start, row_start.to(torch.int64))
     return start.to(torch.int32)
+
+
+def row_seqlens_after(positions: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """A paged prefill's valid tokens per sequence: the last position of each row of a ``[B, T]``
+    position tensor plus one, or of a ``[T]`` one shared by every row."""
+    rows = positions.reshape(q.shape[0] if positions.dim() == 2 else 1, -1)
+    return (rows[:, -1:].to(torch.int64) + 1).reshape(-1).expand(q.shape[0]).contiguous()
+
+
+def int32_table(table: torch.Tensor) -> torch.Tensor:
+    """The block table as ``decode_step`` and the paged statistics take it (int32; no copy when it is)."""
+    return table.to(torch.int32)
 
 
 def batch_positions(positions: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -175,7 +193,7 @@ def rewrite(gm: GraphModule, plan: Plan, config: EntmaxKVConfig, *, track_order:
             result.decode_calls.append(DecodeCall(
                 tuple(concrete(d) for d in shape_of(action.match.q)), dtype_of(action.match.q),
                 index_of[k.cache], index_of[v.cache], stats_extra, slopes_extra, constants, k.part, v.part,
-                float(action.match.softcap)))
+                float(action.match.softcap), index_of[k.table] if k.table is not None else None))
     _erase_dead(gm)
     graph.lint()
     gm.recompile()
@@ -228,9 +246,12 @@ def _add_stats_inputs(gm, result, read: CacheRead, cache_index: int, config: Ent
         if isinstance(value, torch.Tensor):
             batch, heads, length, dim = (concrete(s) for s in read.shape())
             shape = (batch, heads, -(-length // page_size), dim)
+            if read.table is not None:  # per physical block of the pool
+                shape = (concrete(value.shape[0]), heads, dim)
             dtype = value.dtype if i < 2 else resolve_moment_dtype(config.moment_dtype, value.dtype)
             like = _MetaLike(torch.empty(shape, dtype=dtype, device="meta"), value.device)
-        extra = ExtraInput("stats", cache_index, page_size, i, moment_dtype=config.moment_dtype, part=read.part)
+        extra = ExtraInput("stats", cache_index, page_size, i, moment_dtype=config.moment_dtype, part=read.part,
+                           paged=_paged_shape(read))
         nodes.append(_add_input(gm, result, extra, f"entmaxkv_{_name(read)}_{name}", fake_mode, like))
     return nodes
 
@@ -251,9 +272,22 @@ def _add_order_inputs(gm, result, read: CacheRead, cache_index: int, config: Ent
         if isinstance(value, torch.Tensor):
             like = _MetaLike(torch.empty((concrete(read.shape()[0]),), dtype=dtype, device="meta"), value.device)
         extra = ExtraInput("order", cache_index, config.page_size, index, moment_dtype=config.moment_dtype,
-                           part=read.part)
+                           part=read.part, paged=_paged_shape(read))
         nodes.append(_add_input(gm, result, extra, f"entmaxkv_{_name(read)}_{name}", fake_mode, like))
     return nodes
+
+
+def _paged_shape(read: CacheRead) -> Optional[tuple[int, int]]:
+    """``(batch, max_pages)`` of a page pool's block table, None for a contiguous cache."""
+    if read.table is None:
+        return None
+    batch, max_pages = shape_of(read.table)
+    return concrete(batch), concrete(max_pages)
+
+
+def _table_node(graph: torch.fx.Graph, read: CacheRead) -> Node:
+    """The block table as an int32 graph value."""
+    return graph.call_function(int32_table, (read.table,))
 
 
 class _MetaLike:
@@ -277,18 +311,20 @@ def _insert_bookkeeping(gm: GraphModule, plan: Plan, action: SitePlan, stats: li
     graph = gm.graph
     with graph.inserting_before(first_out):
         cache = _cache_node(graph, read)
+        table = (_table_node(graph, read),) if read.table is not None else ()
         if action.site.phase == "decode":
             positions = (graph.call_function(row_positions, (action.match.k.positions,)) if action.per_row
                          else graph.call_function(batch_positions, (action.match.k.positions, action.match.q)))
-            graph.call_function(torch.ops.entmaxkv.page_stats_append.default,
-                                (cache, positions, config.page_size, *stats))
+            append = torch.ops.entmaxkv.paged_stats_append if table else torch.ops.entmaxkv.page_stats_append
+            graph.call_function(append.default, (cache, *table, positions, config.page_size, *stats))
             if order:
                 graph.call_function(torch.ops.entmaxkv.page_stats_track.default,
                                     (positions, config.page_size, capacity, *order[:2]))
         else:
-            seqlens = graph.call_function(seqlens_after, (action.match.k.positions, action.match.q))
-            graph.call_function(torch.ops.entmaxkv.page_stats_prefill.default,
-                                (cache, seqlens, config.page_size, *stats))
+            seqlens = graph.call_function(row_seqlens_after if table else seqlens_after,
+                                          (action.match.k.positions, action.match.q))
+            prefill = torch.ops.entmaxkv.paged_stats_prefill if table else torch.ops.entmaxkv.page_stats_prefill
+            graph.call_function(prefill.default, (cache, *table, seqlens, config.page_size, *stats))
             if order:
                 graph.call_function(torch.ops.entmaxkv.page_stats_mark_prefilled.default,
                                     (seqlens, capacity, *order[:2]))
@@ -328,6 +364,8 @@ def _replace_attention(gm: GraphModule, action: SitePlan, stats: list[Node], ord
             row_start = graph.call_function(window_start, (seqlens, action.window, row_start))
         if row_start is not None:
             capped["row_start"] = row_start
+        if match.k.table is not None:  # a page pool: decode_step reads it through the table
+            capped["block_table"] = _table_node(graph, match.k)
         step = graph.call_function(torch.ops.entmaxkv.decode_step.default, (
             match.q, k_cache, v_cache, seqlens, *stats, slopes, *constants, *state), capped)
         if policy:
@@ -350,8 +388,9 @@ def _add_catch_up(gm: GraphModule, result: RewriteResult, action: SitePlan, inde
     except NotExtractable:
         return  # the step's position cannot be computed ahead; a compiled prefill must fill the stats
     args = tuple(index_of[n] for n in needed_placeholders(gm, [], positions))
+    table = action.match.k.table
     result.catch_ups.append(CatchUp(index_of[action.match.k.cache], page_size, fn, args, action.match.k.part,
-                                    action.per_row))
+                                    action.per_row, index_of[table] if table is not None else None))
 
 
 def _cache_node(graph: torch.fx.Graph, read: CacheRead) -> Node:

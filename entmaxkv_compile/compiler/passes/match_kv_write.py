@@ -12,7 +12,9 @@ buffer (export graphs). A ragged decode step writes each sequence at its own pos
 the row index (``proofs.py`` proves it is ``arange(B)``), or ``buf.scatter_(2, index, x)`` with
 ``index = pos.view(B, 1, 1, 1).expand(B, H, 1, D)``. A fused buffer ``kv[2, B, H, N, D]`` read as
 ``kv[0]``/``kv[1]`` is written through its parts (``kv[0].index_copy_(2, pos, k)``,
-``kv[0][:, :, pos] = k``) or as a whole (``kv[:, :, :, pos] = x``). A ``torch.cat`` of past and new keys is refused: it cannot be made
+``kv[0][:, :, pos] = k``) or as a whole (``kv[:, :, :, pos] = x``). A page pool read through a
+block table (``pool[table].reshape(B, N, H, D).transpose(1, 2)``, vLLM's layout) is followed by
+``match_paged.py``. A ``torch.cat`` of past and new keys is refused: it cannot be made
 sparse without copying the whole cache every step.
 """
 
@@ -24,7 +26,8 @@ from typing import Any, Optional
 import torch
 from torch.fx import Node
 
-from .ir import PASS_THROUGH, arg, as_number, dtype_of, normalize_dim, ndim_of, op_of, proves_equal, shape_of
+from .match_paged import NotPaged, check_read, find_write, gathered_pool, slot_position, write_slot
+from .ir import PASS_THROUGH, arg, as_number, concrete, dtype_of, normalize_dim, ndim_of, op_of, proves_equal, shape_of
 
 CONCAT_REASON = (
     "concatenating KV cache (torch.cat of past and new keys): sparse decoding would copy the whole "
@@ -54,7 +57,11 @@ class CacheRead:
     write (a ragged batch) pairs ``rows[b]`` with ``positions[b]``; None when every row is
     written at the same ``positions``. ``scatter``: ``positions`` is the index of
     ``buf.scatter_(2, positions, x)``, one index per written element (``proofs.py`` proves it
-    covers every head and feature of each row with that row's one position).
+    covers every head and feature of each row with that row's one position). ``table``: a page
+    pool ``cache [num_blocks, P, H, D]`` read through this block table (a graph input);
+    ``logical`` is then the ``[B, H, N, D]`` read ``pool[table]`` merged and transposed, and
+    ``positions`` the position tensor the write's slot index is proved to be built from
+    (``match_paged.py``).
     """
 
     cache: Optional[Node]
@@ -65,6 +72,8 @@ class CacheRead:
     part: Optional[int] = None
     rows: Optional[Node] = None  # per-row write ``buf[rows, :, positions]``: the row index tensor
     scatter: bool = False  # ``positions`` is a scatter index ``[B, H, 1, D]`` on the sequence axis
+    table: Optional[Node] = None  # a page pool read through this block table (``match_paged.py``)
+    logical: Optional[Node] = None  # the paged read ``[B, H, N, D]`` (``pool[table]``, merged, transposed)
 
     @property
     def key(self) -> tuple[Optional[Node], Optional[int]]:
@@ -72,7 +81,9 @@ class CacheRead:
         return self.cache, self.part
 
     def shape(self) -> Optional[tuple[Any, ...]]:
-        """The ``[B, H, N, D]`` shape of the cache this operand reads."""
+        """The ``[B, H, N, D]`` shape of the cache this operand reads (the logical cache of a paged read)."""
+        if self.logical is not None:
+            return shape_of(self.logical)
         shape = shape_of(self.cache)
         return shape if shape is None or self.part is None else shape[1:]
 
@@ -88,6 +99,8 @@ def trace_cache(read: Node, before: Node) -> CacheRead:
         kind = op_of(node)
         if kind in PASS_THROUGH:
             node = arg(node, 0)
+        elif kind in ("transpose", "permute") and gathered_pool(node) is not None:
+            return trace_paged(node, group, before)
         elif kind in ("getitem", "select") and part is None and part_index(node) is not None:
             part, node = part_index(node), arg(node, 0)
         elif kind == "repeat_interleave" and _dim(node, arg(node, 2)) == 1 and as_number(arg(node, 1)):
@@ -292,6 +305,19 @@ def _with_write(cache: Node, group: int, before: Node, part: Optional[int] = Non
     write, fused = writes[-1]
     positions, rows, why = _write_positions(write, fused)
     return CacheRead(cache, group, write, positions, why, part, rows, op_of(write) == "scatter_")
+
+
+def trace_paged(logical: Node, group: int, before: Node) -> CacheRead:
+    """A page pool read through a block table (``match_paged.py``): the pool, the table, this
+    step's write and the position its slot index is built from, or the rule that failed."""
+    pool, table, pages = gathered_pool(logical)
+    try:
+        check_read(logical, pool, table)
+        write = find_write(pool, pages, before)
+        positions = slot_position(write_slot(write, pool), table, concrete(shape_of(pool)[1]))
+    except NotPaged as why:
+        return CacheRead(None, group, refusal=f"paged KV cache: {why}", table=table)
+    return CacheRead(pool, group, write, positions, table=table, logical=logical)
 
 
 def _functional_write(write: Node, group: int) -> CacheRead:

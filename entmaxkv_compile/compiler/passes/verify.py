@@ -92,7 +92,14 @@ def record(gm: GraphModule, example_inputs: Sequence[Any], nodes: Iterable[Node]
 
 def watched_nodes(match: AttentionMatch) -> list[Node]:
     return [n for n in (match.q, match.k_read, match.v_read, match.weights.scores, match.out,
-                        match.k.cache, match.v.cache, match.k.positions) if n is not None]
+                        match.k.logical or match.k.cache, match.v.logical or match.v.cache, match.k.positions)
+            if n is not None]
+
+
+def _cache_value(read: Any, values: dict[Node, Any]) -> torch.Tensor:
+    """The ``[B, H, N, D]`` cache an operand reads: the buffer (or its part), or a paged read's
+    logical cache as the graph gathered it."""
+    return values[read.logical] if read.logical is not None else read.view(values[read.cache])
 
 
 def check_decode_site(
@@ -110,7 +117,7 @@ def check_decode_site(
     """
     q = values[match.q].double()
     k_read, v_read = values[match.k_read], values[match.v_read]
-    k_cache, v_cache = match.k.view(values[match.k.cache]), match.v.view(values[match.v.cache])
+    k_cache, v_cache = _cache_value(match.k, values), _cache_value(match.v, values)
     if match.k.cache is match.v.cache and not has_no_internal_overlap(values[match.k.cache]):
         return None, "the fused K/V buffer's strides let elements share memory: its K and V parts are not disjoint"
     batch, q_heads, _, head_dim = q.shape

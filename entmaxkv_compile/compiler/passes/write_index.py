@@ -39,6 +39,8 @@ def _written_at(leaves: Any, read: Any, what: str) -> Any:
     """The index ``read``'s cache is written at: one shared position, or row ``b``'s own position
     (a symbol of ``leaves.per_row``) for a per-row write ``buf[rows, :, pos]``."""
     position = leaves.ev.value(read.positions)
+    if read.table is not None:  # a paged write (match_paged.py): row b of the slot is row b's table and position
+        return _paged_at(position, what)
     if read.scatter:
         return _scattered_at(position, read, what)
     if read.rows is None:
@@ -55,6 +57,15 @@ def _written_at(leaves: Any, read: Any, what: str) -> Any:
     if position.axes != (ROW,) or is_boolean(position.expr):
         raise Unproven(f"the {what} write index is not one position per row")
     return position.expr
+
+
+def _paged_at(position: Sym, what: str) -> Any:
+    """A paged write's position tensor (``[B, T]`` or ``[T]``, its slot proved row by row in
+    ``match_paged.py``): one position shared by the batch, or row ``b``'s own on the batch axis."""
+    if position.ndim == 2 and position.axes[0] in (None, ROW) and position.axes[1] is None \
+            and not is_boolean(position.expr):
+        return position.expr
+    return _scalar(position, f"the {what} paged write position")
 
 
 def _scattered_at(index: Sym, read: Any, what: str) -> Any:

@@ -26,7 +26,7 @@ from .reference import (
     stats_valid_for,
 )
 
-__all__ = ["PagedKVStats", "paged_stats_append_", "paged_stats_prefill_"]
+__all__ = ["PagedKVStats", "paged_stats_append_", "paged_stats_impl", "paged_stats_prefill_"]
 
 
 def _write_blocks(stats: tuple[torch.Tensor, ...], target: torch.Tensor, values: tuple[torch.Tensor, ...]) -> None:
@@ -155,7 +155,7 @@ class PagedKVStats:
         """Recompute the blocks of each row's first ``seqlens[b]`` tokens (and mark the order
         state valid, ``last_position = seqlens - 1``)."""
         self.check_pool(k_pool, block_table)
-        _impl(k_pool)(k_pool, block_table, seqlens, self.page_size, *self.buffers())
+        paged_stats_impl(k_pool)(k_pool, block_table, seqlens, self.page_size, *self.buffers())
         stats_state_after_prefill_(seqlens, self.capacity, self.last_position, self.valid)
 
     def append(self, k_pool: torch.Tensor, positions: torch.Tensor, block_table: torch.Tensor, *,
@@ -169,7 +169,7 @@ class PagedKVStats:
                 raise ValueError(f"positions must continue each sequence or restart it at a page boundary "
                                  f"(page_size={self.page_size}); got {positions.tolist()} after "
                                  f"{self.last_position.tolist()}")
-        _impl(k_pool, append=True)(k_pool, block_table, positions, self.page_size, *self.buffers())
+        paged_stats_impl(k_pool, append=True)(k_pool, block_table, positions, self.page_size, *self.buffers())
         stats_track_(positions, self.page_size, self.capacity, self.last_position, self.valid)
 
     def valid_for(self, seqlens: torch.Tensor) -> torch.Tensor:
@@ -181,7 +181,7 @@ class PagedKVStats:
         return self.last_position, self.valid, self.certify_skip
 
 
-def _impl(k_pool: torch.Tensor, append: bool = False):
+def paged_stats_impl(k_pool: torch.Tensor, append: bool = False):
     """The statistics kernels (``HAS_TABLE``) on a GPU where they run, else the references; as
     ``(pool, table, lengths, page_size, *stats)``."""
     if k_pool.device.type == "cuda":
