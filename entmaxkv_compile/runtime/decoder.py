@@ -208,12 +208,7 @@ class Decoder:
                              f"on {q.device}")
 
     def _check_paged(self, q, k_pool, v_pool, seqlens, block_table) -> None:
-        if not self.paged:
-            raise ValueError("block_table: this decoder is planned for a contiguous cache; plan it with "
-                             "num_blocks= for a paged one")
-        if block_table is None:
-            raise ValueError("block_table: this decoder is planned for a paged cache (num_blocks=...); pass "
-                             "the step's block table")
+        self._table(block_table)
         check_paged_decode_inputs(q, k_pool, v_pool, seqlens, block_table, page_size=self.config.page_size)
         if tuple(q.shape) != self.q_shape or tuple(k_pool.shape) != self.pool_shape:
             raise ValueError(f"this decoder is planned for q {self.q_shape} and pools {self.pool_shape}, "
@@ -223,8 +218,9 @@ class Decoder:
     def _table(self, block_table: torch.Tensor | None) -> torch.Tensor | None:
         """The step's table: required by a paged decoder, refused by a contiguous one."""
         if self.paged != (block_table is not None):
-            raise ValueError("block_table: pass one exactly when the decoder is planned with num_blocks= "
-                             f"(this one is {'paged' if self.paged else 'contiguous'})")
+            planned = "paged" if self.paged else "contiguous; plan it with num_blocks= for a paged cache"
+            raise ValueError(f"block_table: pass one exactly when the decoder is planned with num_blocks= "
+                             f"(this one is {planned})")
         return block_table
 
     def prefill(self, k_cache: torch.Tensor, seqlens: torch.Tensor, block_table: torch.Tensor | None = None) -> None:

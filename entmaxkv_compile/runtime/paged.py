@@ -239,9 +239,9 @@ def selected_blocks(page_indices: torch.Tensor, block_table: torch.Tensor) -> to
     no page is selected): the K pass then loads a tile's blocks beside its logical pages instead
     of after them (a table lookup that waits for the page index costs one more dependent load per
     tile, ~60% of the dense step at 1M tokens on an H200)."""
-    rows = block_table.long()[:, None, :].expand(-1, page_indices.shape[1], -1)
+    rows = block_table[:, None, :].expand(-1, page_indices.shape[1], -1)
     blocks = rows.gather(2, page_indices.clamp_min(0).long())
-    return torch.where(page_indices >= 0, blocks, -1).to(torch.int32)
+    return torch.where(page_indices >= 0, blocks, -1)
 
 
 def pool_stats_strides(stat: torch.Tensor, block_table: Optional[torch.Tensor]) -> tuple[int, int, int, int]:
