@@ -73,11 +73,7 @@ class SDPAAttention(gpt_fast.Attention):
         a = self.args
         batch, seqlen, _ = x.shape
         d, hq, hkv = a.head_dim, a.n_head, a.n_kv_head
-        q, k, v = self.wqkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
-        q, k, v = q.view(batch, seqlen, hq, d), k.view(batch, seqlen, hkv, d), v.view(batch, seqlen, hkv, d)
-        if freqs is not None:
-            q, k = gpt_fast.apply_rotary(q, freqs), gpt_fast.apply_rotary(k, freqs)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.transpose(1, 2) for t in self._project(x, freqs))
         k, v = self.kv_cache.update(input_pos, k, v)
         y = F.scaled_dot_product_attention(q, k, v, scale=a.temperature / math.sqrt(d), enable_gqa=hq != hkv)
         return self.wo(y.transpose(1, 2).reshape(batch, seqlen, hq * d))

@@ -131,6 +131,16 @@ class Attention(nn.Module):
             self.register_buffer("causal_mask", torch.tril(ones), persistent=False)
 
     def forward(self, x: torch.Tensor, freqs: Optional[torch.Tensor], input_pos: torch.Tensor) -> torch.Tensor:
+        batch, seqlen, _ = x.shape
+        q, k, v = self._project(x, freqs)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        k, v = self.kv_cache.update(input_pos, k, v)
+        k, v = self._expand(k), self._expand(v)
+        y = self._attend(q, k, v, input_pos)
+        return self.wo(y.transpose(1, 2).reshape(batch, seqlen, self.args.n_head * self.args.head_dim))
+
+    def _project(self, x: torch.Tensor, freqs: Optional[torch.Tensor]):
+        """``q [B, T, Hq, D]``, ``k, v [B, T, Hkv, D]`` of the step's tokens, rotated when ``freqs``."""
         a = self.args
         batch, seqlen, _ = x.shape
         d, hq, hkv = a.head_dim, a.n_head, a.n_kv_head
@@ -138,11 +148,7 @@ class Attention(nn.Module):
         q, k, v = q.view(batch, seqlen, hq, d), k.view(batch, seqlen, hkv, d), v.view(batch, seqlen, hkv, d)
         if freqs is not None:
             q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        k, v = self.kv_cache.update(input_pos, k, v)
-        k, v = self._expand(k), self._expand(v)
-        y = self._attend(q, k, v, input_pos)
-        return self.wo(y.transpose(1, 2).reshape(batch, seqlen, hq * d))
+        return q, k, v
 
     def _expand(self, t: torch.Tensor) -> torch.Tensor:
         group = self.args.n_head // self.args.n_kv_head

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from . import gpt_fast
-from .gpt_fast import Attention, Block, ModelArgs, Transformer, apply_rotary
+from .gpt_fast import Attention, Block, ModelArgs, Transformer
 
 
 @dataclass
@@ -51,18 +51,13 @@ class PagedAttention(Attention):
 
     def forward(self, x: torch.Tensor, freqs: Optional[torch.Tensor], input_pos: torch.Tensor,
                 block_table: torch.Tensor) -> torch.Tensor:
-        a = self.args
         batch, seqlen, _ = x.shape
-        d, hq, hkv = a.head_dim, a.n_head, a.n_kv_head
-        q, k, v = self.wqkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
-        q, k, v = q.view(batch, seqlen, hq, d), k.view(batch, seqlen, hkv, d), v.view(batch, seqlen, hkv, d)
-        if freqs is not None:
-            q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
+        q, k, v = self._project(x, freqs)
         self._write(input_pos, block_table, k, v)
         k, v = self._gather(self.k_pool, block_table), self._gather(self.v_pool, block_table)
         q = q.transpose(1, 2)
         y = self._attend(q, self._expand(k), self._expand(v), input_pos)
-        return self.wo(y.transpose(1, 2).reshape(batch, seqlen, hq * d))
+        return self.wo(y.transpose(1, 2).reshape(batch, seqlen, self.args.n_head * self.args.head_dim))
 
     def _write(self, input_pos: torch.Tensor, block_table: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """vLLM's slot mapping: token ``pos`` of sequence ``b`` goes to row ``pos % P`` of block
