@@ -66,6 +66,10 @@ class Collectives:
         self._count(tensor)
         if self.world_size == 1:
             return tensor.unsqueeze(0)
+        if dist.get_backend(self.group) == "nccl":  # one buffer, no stack (gloo lacks this form)
+            out = torch.empty((self.world_size, *tensor.shape), device=tensor.device, dtype=tensor.dtype)
+            dist.all_gather_into_tensor(out, tensor.contiguous(), group=self.group)
+            return out
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         dist.all_gather(parts, tensor.contiguous(), group=self.group)
         return torch.stack(parts)

@@ -215,7 +215,8 @@ class ContextParallelDecoder:
         geometry = dict(page_size=config.page_size, alpha=self.alpha, scale=self.scale, alibi_slopes=None)
         pages = self._select(q, lengths, seqlens)
         solved = self._threshold(q, pages, lengths)
-        stats_ok = self.stats.valid_for(lengths) | (lengths == 0)
+        if config.selector == "certified" or config.report_bound:
+            stats_ok = self.stats.valid_for(lengths) | (lengths == 0)
         if config.selector == "certified":
             kmin, kmax = self.stats.kmin, self.stats.kmax
             read_all = ~stats_ok

@@ -4,12 +4,15 @@ Each rank runs the single-GPU K pass over its selected pages and solves its *loc
 threshold ``tau_r`` (``runtime/attend/partial.py``). Adding scores only raises the threshold, so
 the global one is at least ``tau_lo = max_r tau_r`` (one ``all_reduce(MAX)``), and the global
 support lies among the scores above ``tau_lo``: on every rank a subset of its own local support,
-typically tens to hundreds per head. Each rank compacts those into ``cap`` slots per head; one
-``all_gather`` gives every rank all of them, and the exact threshold of that small set
-(``math.reference.entmax_threshold``, sort-based for alpha 1.5 and 2, bracketed Newton otherwise,
-in float64) is the global threshold. The V pass at it and one ``all_reduce(SUM)`` of ``sum p v``
-and ``sum p`` give the output. Three collectives per solve and output, none of them larger than
-``W * B * Hq * (cap + 1)`` floats; nothing is read twice.
+typically tens to hundreds per head. Each rank compacts those into ``cap`` slots per head (their
+count in one more); one ``all_gather`` gives every rank all of them, and one small kernel solves
+the exact threshold of that set, which is the global threshold. The V pass at it and one
+``all_reduce(SUM)`` of ``sum p v`` and ``sum p`` give the output. Three collectives and about ten
+launches beyond the single-GPU step; none of the buffers is larger than ``W * B * Hq * (cap + 1)``
+floats; nothing is read twice.
+
+The local thresholds travel as one float per head: NaN (a poisoned head) as ``+inf`` and ``+inf``
+(nothing attended on this rank) as ``-inf``, so the MAX carries both flags.
 
 A head with more than ``cap`` scores above ``tau_lo`` on some rank (planted spans of thousands of
 similar keys, flat scores) is gathered again with room for all of them (one host read of the
@@ -23,25 +26,25 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..math.reference import entmax_threshold
 from .collectives import Collectives
-from .global_tau import sum_and_normalize
 
 __all__ = ["KernelThreshold", "kernel_output", "kernel_threshold"]
-
-_FLOOR_MARGIN = 1e-4
 
 
 class KernelThreshold(NamedTuple):
     """The global threshold of the kernel path, per ``[B, Hkv, G]`` head: ``tau`` (float32, z
     units; ``+inf`` with nothing attended anywhere, NaN where some rank attended a NaN/``+inf``
-    score), ``exact`` (not poisoned and no rank overflowed), ``overflow``; ``local`` the rank's K
-    pass."""
+    score), ``exact`` (not poisoned and no rank overflowed); ``local`` the rank's K pass."""
 
     local: Any
     tau: torch.Tensor
     exact: torch.Tensor
-    overflow: torch.Tensor
+
+    @property
+    def overflow(self) -> torch.Tensor:
+        """Where some rank had more scores to gather than the gather's room (computed on demand:
+        only the host-side re-gather decision reads it)."""
+        return ~self.exact & ~torch.isnan(self.tau)
 
     @property
     def lower(self) -> torch.Tensor:
@@ -62,34 +65,16 @@ def kernel_threshold(comm: Collectives, impl: Any, q: torch.Tensor, k_cache: tor
     kv_heads = k_cache.shape[1]
     local = impl.local_candidates(q, k_cache, lengths, page_indices, num_selected, page_size=page_size,
                                   alpha=alpha, scale=scale)
-    poisoned = torch.isnan(local.tau)
-    floor = torch.where(torch.isfinite(local.tau), local.tau, float("-inf"))
-    packed = comm.max_(torch.stack([floor, poisoned.to(torch.float32)], -1))
-    poisoned = packed[..., 1] > 0
-    # A margin below tau_lo: the local solve is exact up to float32 rounding, and gathering a few
-    # scores below the global threshold never changes it (they add nothing there).
-    floor = packed[..., 0] - _FLOOR_MARGIN * (1.0 + packed[..., 0].abs())
-    floor = torch.where(poisoned, float("inf"), floor)  # a poisoned head gathers nothing
-    gathered, counts = _gather(comm, impl, local, floor, cap)
+    tau_lo = comm.max_(torch.nan_to_num(local.tau, nan=float("inf"), posinf=float("-inf")))
+    gathered = comm.gather(impl.gather_above(local, tau_lo, cap))  # [W, B, Hq, cap + 1]
     if max_cap is not None:
-        needed = int(counts.max())
+        needed = int(gathered[..., cap].max())
         if cap < needed <= max_cap:
             cap = 1 << (needed - 1).bit_length()
-            gathered, counts = _gather(comm, impl, local, floor, cap)
-    overflow = (counts > cap).any(0)
-    tau = entmax_threshold(gathered / (alpha - 1.0), alpha).to(torch.float32)
-    tau = torch.where(poisoned, float("nan"), tau)
+            gathered = comm.gather(impl.gather_above(local, tau_lo, cap))
+    tau, exact = impl.solve_gathered(gathered, tau_lo, alpha)
     shape = (batch, kv_heads, q_heads // kv_heads)
-    exact = (~overflow & ~poisoned).view(shape)
-    return KernelThreshold(local, tau.view(shape), exact, overflow.view(shape))
-
-
-def _gather(comm: Collectives, impl: Any, local: Any, floor: torch.Tensor,
-            cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(every rank's scores above floor [B, Hq, W*cap] float64, counts [W, B, Hq])``: one all_gather."""
-    scores, count = impl.gather_above(local, floor, cap)
-    everyone = comm.gather(torch.cat([scores, count.to(torch.float32)[..., None]], -1))  # [W, B, Hq, cap+1]
-    return everyone[..., :cap].movedim(0, -2).flatten(-2).to(torch.float64), everyone[..., cap]
+    return KernelThreshold(local, tau.view(shape), exact.view(shape))
 
 
 def kernel_output(comm: Collectives, impl: Any, solved: KernelThreshold, v_cache: torch.Tensor, alpha: float,
@@ -98,6 +83,13 @@ def kernel_output(comm: Collectives, impl: Any, solved: KernelThreshold, v_cache
     unnormalised sums, one ``all_reduce(SUM)`` (``extra [B, Hkv, G, E]`` rides along); 0 for a head
     with nothing attended, NaN for a poisoned one."""
     shape = solved.tau.shape
-    num, den = impl.partial_sums(solved.local, v_cache, solved.tau.flatten(1), alpha)
-    out, extra = sum_and_normalize(comm, num.view(*shape, -1), den.view(*shape, 1), extra)
-    return torch.where(torch.isnan(solved.tau)[..., None], float("nan"), out), extra
+    width = 0 if extra is None else extra.shape[-1]
+    packed = impl.partial_sums(solved.local, v_cache, solved.tau.flatten(1), alpha, width)
+    head_dim = packed.shape[-1] - 1 - width
+    if extra is not None:
+        packed[..., head_dim + 1:] = extra.flatten(1, 2)
+    comm.sum_(packed)
+    # sum p is 1 up to rounding where anything is attended, 0 where nothing is (0 / tiny = 0), NaN
+    # for a poisoned head (written so by partial_sums)
+    out = packed[..., :head_dim] / packed[..., head_dim:head_dim + 1].clamp_min(1e-30)
+    return out.view(*shape, head_dim), (None if extra is None else packed[..., head_dim + 1:].view(*shape, width))

@@ -14,7 +14,7 @@ import os
 import torch
 
 from .attend.kernel import paged_decode
-from .attend.partial import gather_above, local_candidates, partial_sums
+from .attend.partial import gather_above, local_candidates, partial_sums, solve_gathered
 from .certify.kernel import certified_heads, certify, certify_pages, certify_policy_update_
 from .select.kernel import compact_page_mask, quest_bounds, select_pages
 from .sketch.kernel import sketch_page_bounds, sketch_select
@@ -40,6 +40,7 @@ __all__ = [
     "sketch_page_bounds",
     "sketch_select",
     "sketch_tau_floor",
+    "solve_gathered",
     "stats_append_",
     "stats_prefill_",
 ]
