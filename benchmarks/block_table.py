@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import timing  # noqa: E402
+from benchmarks.dense_decode import kernel_breakdown  # noqa: E402
 from entmaxkv_compile import EntmaxKVConfig, KVPageStats, PagedKVStats  # noqa: E402
 from entmaxkv_compile.runtime.paged import pool_from_cache  # noqa: E402
 from entmaxkv_compile.runtime.step import implementation_for, run_step  # noqa: E402
@@ -58,6 +59,24 @@ def paged_copy(cache: torch.Tensor, perm: torch.Tensor, layout: str = "nhd") -> 
     return pool, perm[identity.long()].to(torch.int32)
 
 
+RUN_BLOCKS = 64  # "runs": 64 blocks of 16 tokens x 8 heads x 128 x fp16 = 2 MiB, one large GPU page
+
+
+def block_order(num_blocks: int, allocation: str, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Where each page of the caches lands in the pool: ``shuffled`` (a random block per page: the
+    worst case for locality), ``runs`` (runs of ``RUN_BLOCKS`` consecutive blocks at random places,
+    as an allocator handing out a sequence's blocks from a free list of whole runs does) or
+    ``identity`` (the table's indirection alone)."""
+    if allocation == "identity":
+        return torch.arange(num_blocks, device=device)
+    if allocation == "shuffled":
+        return torch.randperm(num_blocks, generator=gen, device=device)
+    runs = -(-num_blocks // RUN_BLOCKS)
+    starts = torch.randperm(runs, generator=gen, device=device) * RUN_BLOCKS
+    order = (starts[:, None] + torch.arange(RUN_BLOCKS, device=device)).flatten()
+    return order[order < num_blocks]  # the last run may be partial: every id below num_blocks once
+
+
 def one_config(length: int, batch: int, selector: str, args: argparse.Namespace, device: torch.device) -> dict:
     """Time the contiguous and the table step of one configuration."""
     dtype = DTYPES[args.dtype]
@@ -69,7 +88,7 @@ def one_config(length: int, batch: int, selector: str, args: argparse.Namespace,
     v = torch.randn(shape, generator=gen, device=device, dtype=dtype)
     # odd lengths (a partial last page), different per row
     seqlens = torch.tensor([length - 1 - 7 * b for b in range(batch)], dtype=torch.int32, device=device)
-    perm = torch.randperm(batch * num_pages, generator=gen, device=device)
+    perm = block_order(batch * num_pages, args.allocation, gen, device)
     k_pool, table = paged_copy(k, perm, args.layout)
     v_pool, _ = paged_copy(v, perm, args.layout)
     flat = KVPageStats.from_cache(k, seqlens, PAGE, check_values=False)
@@ -89,13 +108,16 @@ def one_config(length: int, batch: int, selector: str, args: argparse.Namespace,
         return run_step(impl, q, k_pool, v_pool, seqlens, paged.buffers(), config, alpha=ALPHA, scale=scale,
                         stats_valid=paged.valid_for(seqlens), block_table=table)
 
-    row = dict(length=length, batch=batch, selector=selector, layout=args.layout, dtype=args.dtype, q_heads=args.q_heads,
+    row = dict(length=length, batch=batch, selector=selector, layout=args.layout, allocation=args.allocation,
+               dtype=args.dtype, q_heads=args.q_heads,
                kv_heads=args.kv_heads, dim=args.dim, page_size=PAGE)
     results = {}
     for name, step in (("contiguous", contiguous), ("table", through_table)):
         replay, result, note = timing.capture(step, device)
         results[name] = result
         row[f"{name}_ms"] = timing.bench(replay, device)
+        if args.profile and device.type == "cuda":
+            row[f"{name}_kernels_us"] = kernel_breakdown(step)
         if note:
             row[f"{name}_note"] = note
     row["overhead_pct"] = 100.0 * (row["table_ms"] / row["contiguous_ms"] - 1.0)
@@ -113,6 +135,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--selectors", nargs="*", help="override the preset's selectors")
     parser.add_argument("--layout", choices=("nhd", "hnd"), default="nhd",
                         help="pool layout: vLLM / FlashInfer NHD [blocks, P, Hkv, D] or FlashInfer HND")
+    parser.add_argument("--allocation", choices=("shuffled", "runs", "identity"), default="shuffled",
+                        help="where the pages land in the pool (see block_order)")
+    parser.add_argument("--profile", action="store_true", help="per-kernel device times of one eager step each")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = PRESETS[args.preset or ("quick" if device.type == "cuda" else "smoke")]

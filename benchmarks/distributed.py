@@ -27,6 +27,7 @@ Writes ``OUT/distributed.json``; the last lines printed are the table.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import statistics
@@ -40,6 +41,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import e2e, report  # noqa: E402
+from benchmarks.dense_decode import kernel_breakdown  # noqa: E402
 from benchmarks.data_families import planted  # noqa: E402
 from entmaxkv_compile import Decoder, EntmaxKVConfig  # noqa: E402
 from entmaxkv_compile.distributed import Collectives, ContextParallelDecoder, spawn  # noqa: E402
@@ -108,7 +110,8 @@ def _fill(decoder: ContextParallelDecoder, q: torch.Tensor, seed: int, length: i
 
 
 def _sharded(plan: dict, selector: str, q: torch.Tensor, device: torch.device, cuda_graphs: bool) -> dict:
-    """The step over ``W x N`` tokens sharded over the ranks, with and without its collectives."""
+    """The step over ``W x N`` tokens sharded over the ranks, with and without its collectives, and
+    (GPU, ``plan["profile"]``) the device time of each kernel of one eager step, per name."""
     world, rank, n = dist.get_world_size(), dist.get_rank(), plan["per_rank"]
     decoder = _cp_decoder(plan, selector, world * n, None, device)
     lengths = _fill(decoder, q, seed=1 + rank, length=world * n)
@@ -119,7 +122,8 @@ def _sharded(plan: dict, selector: str, q: torch.Tensor, device: torch.device, c
     comm, decoder.comm = decoder.comm, Collectives.local()
     ms_compute = _time_ms(lambda: decoder.run(q, lengths), device, plan["reps"], cuda_graphs)
     decoder.comm = comm
-    return dict(ms_cp=ms_cp, ms_compute=ms_compute, collective_share=max(0.0, 1 - ms_compute / ms_cp),
+    kernels_us = kernel_breakdown(lambda: decoder.run(q, lengths)) if plan.get("profile") else None
+    return dict(ms_cp=ms_cp, ms_compute=ms_compute, kernels_us=kernels_us, collective_share=max(0.0, 1 - ms_compute / ms_cp),
                 collective_calls=calls1 - calls0, collective_bytes=bytes1 - bytes0,
                 fallbacks=decoder.fallbacks, kernel_path=decoder.kernel_path,
                 selected=float(result.num_selected.sum()) / (plan["hkv"] * decoder.stats.num_pages),
@@ -244,6 +248,7 @@ def run(rank: int, world: int, args: argparse.Namespace) -> dict | None:
     plan = PRESETS["smoke" if args.smoke else "full"]
     if args.per_rank:
         plan = dict(plan, per_rank=args.per_rank)
+    plan = dict(plan, profile=args.profile and device.type == "cuda")
     meta = dict(report.environment(device), world=world, preset="smoke" if args.smoke else "full",
                 page_size=PAGE, cp_plan={k: v for k, v in plan.items() if k != "tp"}, tp_plan=plan["tp"])
     meta["context_parallel"], meta["tensor_parallel"] = [], []
@@ -281,6 +286,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--per-rank", type=int, default=None, help="context parallel tokens per rank")
     parser.add_argument("--cuda-graphs", action="store_true", help="capture the context parallel step")
     parser.add_argument("--tp-mode", default="reduce-overhead", help="Inductor mode of the TP run, or 'none'")
+    parser.add_argument("--profile", action="store_true", help="per-kernel device times of one sharded step")
+    parser.add_argument("--hang-dump-s", type=float, default=None,
+                        help="print every thread's stack and exit if the run is still going after this many s")
     parser.add_argument("--parts", nargs="+", choices=("cp", "tp"), default=["cp", "tp"],
                         help="which parts to run (default both)")
     args = parser.parse_args(argv)
@@ -294,6 +302,8 @@ def _spawned(rank: int, world: int, args: argparse.Namespace) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.hang_dump_s:  # a stuck collective or compile shows where it is instead of a silent timeout
+        faulthandler.dump_traceback_later(args.hang_dump_s, exit=True)
     if "RANK" in os.environ:  # under torchrun
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         try:

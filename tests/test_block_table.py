@@ -406,3 +406,20 @@ def test_prefix_sharing_a_full_block(path):
     assert bool(result.certified.all())
     want = _full_entmax(q, k, v, seqlens, 1.5)
     assert float(metrics.relative_error(result.out.double().cpu(), want)) < 1e-5
+
+
+@pytest.mark.kernels
+def test_selected_blocks_kernel_equals_its_reference():
+    """The K pass's one-launch lookup of the selected pages' blocks equals ``paged.selected_blocks``:
+    -1 stays -1 (no page), every other slot is ``table[b, page]``, for a width that is not a
+    power of two."""
+    from conftest import on_kernel_device
+
+    from entmaxkv_compile.runtime.attend.kernel import selected_blocks
+    from entmaxkv_compile.runtime.paged import selected_blocks as reference
+
+    gen = torch.Generator().manual_seed(4)
+    table = torch.randperm(3 * 37, generator=gen).to(torch.int32).view(3, 37)
+    pages = torch.randint(-1, 37, (3, 2, 29), generator=gen, dtype=torch.int32)
+    got = on_kernel_device(selected_blocks, pages, table)
+    assert got.dtype == torch.int32 and torch.equal(got, reference(pages, table))

@@ -270,3 +270,16 @@ def reduce_kernel(
     res = tl.where(tau != tau, float("nan"), res)  # a poisoned head reports NaN, not a value
     tl.store(out_ptr + b * sob + h * soh + offs_d * sod, res.to(out_ptr.dtype.element_ty),
              mask=dmask)
+
+
+@triton.jit
+def blocks_kernel(page_ptr, table_ptr, out_ptr, Hkv, S, stb, stp, BLOCK: tl.constexpr):
+    """One (sequence x KV head, run of ``BLOCK`` slots): the physical block of each selected page,
+    ``table[b, page]``, -1 where no page is selected (``runtime/paged.py``'s ``selected_blocks``
+    in one launch instead of five small torch ops)."""
+    pid_bh = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < S
+    page = tl.load(page_ptr + pid_bh * S + offs, mask=mask, other=-1)
+    block = tl.load(table_ptr + (pid_bh // Hkv) * stb + page.to(tl.int64) * stp, mask=mask & (page >= 0), other=-1)
+    tl.store(out_ptr + pid_bh * S + offs, block, mask=mask)

@@ -21,9 +21,9 @@ from .. import _common as cm
 from ...checks import check_kernel_decode_inputs as check_decode_inputs
 from ...checks import check_row_start, check_softcap
 from ..paged import cache_geometry as _cache_geometry
-from ..paged import check_paged_decode_inputs, selected_blocks, table_args
+from ..paged import check_paged_decode_inputs, table_args
 from ..tuning.tuned import decode_config
-from .decode_kernels import output_kernel, reduce_kernel, score_kernel
+from .decode_kernels import blocks_kernel, output_kernel, reduce_kernel, score_kernel
 from .tau_kernels import FLOOR_STEPS, NEWTON_STEPS, NUM_PIVOTS, NUM_SLOTS, tau_first_kernel, tau_second_kernel
 
 
@@ -75,6 +75,18 @@ def solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, s
     return survivors
 
 
+def selected_blocks(page_indices: Tensor, block_table: Tensor) -> Tensor:
+    """``paged.selected_blocks`` (its reference) in one launch: int32 ``[B, Hkv, S]``, the block
+    of every selected page, -1 where none is selected."""
+    batch, hkv, width = page_indices.shape
+    page_indices = page_indices.contiguous()
+    out = torch.empty((batch, hkv, width), device=page_indices.device, dtype=torch.int32)
+    block = min(1024, cm.next_pow2(width))
+    wrap_triton(blocks_kernel)[(batch * hkv, cm.cdiv(width, block))](
+        page_indices, block_table, out, hkv, width, block_table.stride(0), block_table.stride(1), BLOCK=block)
+    return out
+
+
 def plan_splits(q: Tensor, page_indices: Tensor, page_size: int) -> tuple[dict, int, int]:
     """``(cfg, splits, seg)``: the tuned config of this decode, the K pass's splits per KV head
     (``PROGRAMS_PER_SM`` programs per multiprocessor) and the tokens each split covers."""
@@ -92,7 +104,7 @@ def score_candidates(q, k_cache, seqlens, page_indices, num_selected, alibi_slop
     (soft-capped, ``(alpha-1) softcap tanh(s / softcap)``, when ``softcap > 0``) within 1 of their
     split's running max, compacted per split (see ``score_kernel``); rows below ``row_start[b]``
     (int ``[B]``, optional) are masked out. With ``block_table``, ``k_cache`` is a page pool
-    (``runtime/paged.py``) read through the selected pages' blocks (``selected_blocks``);
+    (``runtime/paged.py``) read through the selected pages' blocks (:func:`selected_blocks`);
     candidates keep logical rows."""
     batch, hq, _, dim = q.shape
     hkv, capacity, k_strides = _cache_geometry(k_cache, page_size, block_table)

@@ -205,7 +205,8 @@ def gathered_tau_kernel(gath_ptr, tau_lo_ptr, tau_ptr, exact_ptr, rows, W, CAP, 
     tau = tl.where(top == float("-inf"), float("inf"), t.to(tl.float32))
     poisoned = tau_lo == float("inf")
     tl.store(tau_ptr + row, tl.where(poisoned, float("nan"), tau))
-    tl.store(exact_ptr + row, ((overflow == 0) & (poisoned == 0)).to(tl.int8))
+    # 0 or 1 exactly (read as torch.bool): a cast of the comparison may store 0xFF for true
+    tl.store(exact_ptr + row, tl.where((overflow == 0) & (poisoned == 0), 1, 0).to(tl.int8))
 
 
 def solve_gathered(gathered: Tensor, tau_lo: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
