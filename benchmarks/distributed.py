@@ -33,6 +33,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -308,8 +309,13 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         try:
             meta = run(dist.get_rank(), dist.get_world_size(), args)
-        finally:
-            dist.destroy_process_group()
+        except BaseException:
+            # Say why now and leave: the other ranks wait in a collective, so tearing the group
+            # down here would block this rank too and hide the error.
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+        dist.destroy_process_group()
     elif args.smoke:
         meta = spawn(_spawned, 2, args=(args,), timeout_s=300)[0]
     else:
