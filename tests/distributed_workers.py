@@ -185,3 +185,62 @@ def context_parallel_on_gpus(rank: int, world: int, selectors: tuple[str, ...]) 
         results[selector] = {name: value.cpu() for name, value in result._asdict().items()}
         results[selector].update(kernel_path=decoder.kernel_path, fallbacks=decoder.fallbacks)
     return dict(results, q=q, k=k, v=v, lengths=lengths)
+
+
+CP_TOKENS, CP_PAGE, CP_PROMPT = 16, 4, 6  # the global capacity, the page size, the prompt length
+
+
+def context_parallel_args(max_seq_len: int = CP_TOKENS):
+    from examples.zoo import gpt_fast
+
+    return gpt_fast.ModelArgs(n_layer=2, n_head=4, n_kv_head=2, dim=32, max_seq_len=max_seq_len)
+
+
+def context_parallel_prompt() -> torch.Tensor:
+    return torch.randint(0, 96, (2, CP_PROMPT), generator=torch.Generator().manual_seed(11))
+
+
+def context_parallel_model(capacity: int):
+    """The unsharded zoo model (RoPE tables for every global position) with caches of this rank's
+    ``capacity`` rows: the single-GPU model code, its caches sized for context parallel."""
+    from examples.zoo import gpt_fast
+
+    model = gpt_fast.build(context_parallel_args(), batch=2)
+    args = model.args
+    for layer in model.layers:
+        layer.attention.kv_cache = gpt_fast.KVCache(2, args.n_kv_head, capacity, args.head_dim, torch.float32,
+                                                    args.kv_write)
+    return model
+
+
+def context_parallel_generate(rank: int, world: int, steps: int, selectors: tuple[str, ...]) -> dict:
+    """Per selector: the zoo model with this rank's caches, compiled with ``context_parallel``;
+    the prompt prefilled by the unsharded model and loaded rank by rank (``scatter_prompt``); then
+    greedy decode steps at global positions. Returns the tokens, logits and sites per selector."""
+    from entmaxkv_compile.compiler.explain import recording
+    from entmaxkv_compile.distributed import context_parallel_capacity, scatter_prompt
+    from examples.zoo import gpt_fast
+
+    capacity = context_parallel_capacity(CP_TOKENS, CP_PAGE)
+    results = {"capacity": capacity}
+    for selector in selectors:
+        torch._dynamo.reset()
+        reference = gpt_fast.build(context_parallel_args(), batch=2)  # capacity W*C, plain eager
+        model = context_parallel_model(capacity)
+
+        def prefill(prompt: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+            logits = reference(prompt, input_pos)
+            for mine, full in zip(model.layers, reference.layers):
+                k, v = scatter_prompt(full.attention.kv_cache.k_cache, full.attention.kv_cache.v_cache, capacity)
+                mine.attention.kv_cache.k_cache.copy_(k)
+                mine.attention.kv_cache.v_cache.copy_(v)
+            return logits
+
+        options = {"selector": selector, "page_size": CP_PAGE, "compiler": "eager", "context_parallel": True}
+        decode = torch.compile(model, backend="entmaxkv", options=options, dynamic=False)
+        with recording() as report:
+            tokens, logits = gpt_fast.generate(model, context_parallel_prompt(), steps, decode=decode,
+                                               prefill=prefill)
+        results[selector] = dict(tokens=tokens, logits=logits,
+                                 sites=[(s.where, s.status, s.phase, s.reason) for s in report.sites])
+    return results
