@@ -216,8 +216,10 @@ def context_parallel_model(capacity: int):
 def context_parallel_generate(rank: int, world: int, steps: int, selectors: tuple[str, ...]) -> dict:
     """Per selector: the zoo model with this rank's caches, compiled with ``context_parallel``;
     the prompt prefilled by the unsharded model and loaded rank by rank (``scatter_prompt``); then
-    greedy decode steps at global positions. Returns the tokens, logits and sites per selector."""
+    greedy decode steps at global positions. Returns the tokens, logits, sites and the order state
+    (last local position, valid) of each layer's page statistics per selector."""
     from entmaxkv_compile.compiler.explain import recording
+    from entmaxkv_compile.compiler.passes.static_state import STATS
     from entmaxkv_compile.distributed import context_parallel_capacity, scatter_prompt
     from examples.zoo import gpt_fast
 
@@ -241,6 +243,7 @@ def context_parallel_generate(rank: int, world: int, steps: int, selectors: tupl
         with recording() as report:
             tokens, logits = gpt_fast.generate(model, context_parallel_prompt(), steps, decode=decode,
                                                prefill=prefill)
-        results[selector] = dict(tokens=tokens, logits=logits,
+        states = [STATS.lookup(layer.attention.kv_cache.k_cache, CP_PAGE).sequence_state()[:2] for layer in model.layers]
+        results[selector] = dict(tokens=tokens, logits=logits, states=[(p.clone(), v.clone()) for p, v in states],
                                  sites=[(s.where, s.status, s.phase, s.reason) for s in report.sites])
     return results

@@ -133,7 +133,9 @@ def entmaxkv_backend(
         keep_attention_for_autograd(plan)
     if cp is not None:
         restrict_plan(plan, settings.config, cp)
-    log_refused(plan.sites, log)
+        log_refused(plan.sites, log, "under context_parallel the graph raises when called")
+    else:
+        log_refused(plan.sites, log)
     fallback = None
     if cp is None and any(action.guards for action in plan.actions):  # planned before ``rewrite`` changes ``gm``
         mapping: dict[torch.fx.Node, torch.fx.Node] = {}
