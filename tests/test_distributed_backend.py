@@ -241,3 +241,17 @@ def test_over_buffers_wraps_without_copying_and_checks_them():
         ContextParallelDecoder.over_buffers(PAGE_4, q_heads=3, k_cache=k, v_cache=v, stats=stats)
     with pytest.raises(ValueError, match="v_cache must be a tensor like k_cache"):
         ContextParallelDecoder.over_buffers(PAGE_4, q_heads=4, k_cache=k, v_cache=v[:, :1], stats=stats)
+
+
+def test_prewarm_runs_the_step_on_the_shard_alone_and_writes_nothing():
+    from entmaxkv_compile.compiler.passes.context_parallel import ContextParallelCall
+
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 2, 8, 4, generator=g), torch.randn(2, 2, 8, 4, generator=g)
+    stats = KVPageStats.from_cache(k, torch.tensor([8, 5]), page_size=4)
+    extra = [*stats.buffers(), *stats.sequence_state()[:2]]
+    before = [t.clone() for t in (k, v, *extra)]
+    call = ContextParallelCall((2, 4, 1, 4), torch.float32, 0, 1, (0, 1, 2, 3), (4, 5), 0.5,
+                               EntmaxKVConfig(page_size=4, selector="certified", alpha=1.5))
+    call.prewarm([k, v], extra)  # no process group: it must not communicate
+    assert all(torch.equal(a, b) for a, b in zip(before, (k, v, *extra)))

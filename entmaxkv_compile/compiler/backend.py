@@ -34,7 +34,8 @@ from ..runtime.stats.paged import PagedKVStats
 from ..runtime.stats.reference import KVPageStats
 from .capture import install_capture
 from .passes.analyze import REFUSED, REWRITTEN, Plan, analyze, log_refused
-from .passes.context_parallel import ContextParallel, blocked_call_message, examples_in_range, restrict_plan
+from .passes.context_parallel import (ContextParallel, ContextParallelCall, blocked_call_message, examples_in_range,
+                                      restrict_plan)
 from .passes.decode_rewrite import CatchUp, RewriteResult, cache_view, int32_table, rewrite, written_before
 from .passes.fallback import bookkeeping_only
 from .passes.static_state import STATS
@@ -191,6 +192,9 @@ def prewarm(result: RewriteResult, inputs: Sequence[Any], extra: Sequence[torch.
     """
     with torch.no_grad():
         for call in result.decode_calls:
+            if isinstance(call, ContextParallelCall):
+                call.prewarm(inputs, extra)
+                continue
             k_cache = cache_view(inputs[call.k_index], call.k_part)
             v_cache = cache_view(inputs[call.v_index], call.v_part)
             q = torch.zeros(call.q_shape, dtype=call.q_dtype, device=k_cache.device)

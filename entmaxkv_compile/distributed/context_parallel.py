@@ -120,12 +120,15 @@ class ContextParallelDecoder:
     @classmethod
     def over_buffers(cls, config: EntmaxKVConfig | None = None, *, group: Optional[Any] = None, q_heads: int,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, stats: KVPageStats, scale: float | None = None,
-                     tau: TauSettings = TauSettings(), implementation: Any = None) -> "ContextParallelDecoder":
+                     tau: TauSettings = TauSettings(), implementation: Any = None,
+                     communicate: bool = True) -> "ContextParallelDecoder":
         """A decoder over buffers that already exist: this rank's cache shard ``k_cache``/``v_cache
         [B, Hkv, C, D]`` (C, the local capacity, a whole number of pages) and its statistics
         ``stats``; nothing is allocated or copied, and later steps read and write these very
         tensors (the compiled backend's op builds one per step over the model's own buffers).
-        Rank ``r`` of the group then owns the global positions ``[r*C, (r+1)*C)``."""
+        Rank ``r`` of the group then owns the global positions ``[r*C, (r+1)*C)``.
+        ``communicate=False``: the step over this shard alone, as rank 0 of one (no collective:
+        the backend runs it once at compile time so the kernels are warm)."""
         config = _checked_config(config)
         check_kv_cache("k_cache", k_cache)
         if not isinstance(v_cache, torch.Tensor) or v_cache.shape != k_cache.shape or \
@@ -145,7 +148,8 @@ class ContextParallelDecoder:
                              f"{getattr(stats, 'page_size', type(stats).__name__)!r}")
         stats.check_cache(k_cache)
         decoder = cls.__new__(cls)
-        decoder._plan(config, Collectives(group), tau, k_cache, v_cache, stats, q_heads, scale, implementation)
+        comm = Collectives(group) if communicate else Collectives.local()
+        decoder._plan(config, comm, tau, k_cache, v_cache, stats, q_heads, scale, implementation)
         return decoder
 
     def _plan(self, config: EntmaxKVConfig, comm: Collectives, tau: TauSettings, k_cache: torch.Tensor,

@@ -32,7 +32,9 @@ import torch.distributed as dist
 from torch.fx import GraphModule, Node
 
 from ...config import EntmaxKVConfig
-from ...distributed import ops as _registers_cp_ops  # noqa: F401  (entmaxkv::cp_append, entmaxkv::cp_decode_step)
+from ...distributed.context_parallel import ContextParallelDecoder
+from ...distributed.ops import cp_append, cp_decode_step
+from ...runtime.stats.reference import KVPageStats
 from .analyze import BOOKKEEPING, REFUSED, REWRITTEN, Plan, SitePlan
 from .decode_rewrite import batch_positions, seqlens_after
 from .guards import MaskGuard
@@ -92,21 +94,24 @@ class ContextParallel:
             positions = graph.call_function(batch_positions, (k.positions, action.match.q))
             k_new = graph.call_function(new_rows, (written_value(k.write), rows_shape))
             v_new = graph.call_function(new_rows, (written_value(v.write), rows_shape))
-            graph.call_function(torch.ops.entmaxkv.cp_append.default, (
+            graph.call_function(cp_append._opoverload, (
                 k.cache, v.cache, k_new, v_new, positions, self.group_name, config.page_size, *stats, *order[:2]))
         for write, cache in ((k.write, k.cache), (v.write, v.cache)):
             write.replace_all_uses_with(cache)
             graph.erase_node(write)
 
     def replace_attention(self, gm: GraphModule, action: SitePlan, stats: list[Node], order: list[Node],
-                          config: EntmaxKVConfig) -> None:
-        """Replace the site's ``weights @ v`` by ``cp_decode_step`` with the global lengths."""
+                          config: EntmaxKVConfig, inputs: tuple[int, int, tuple[int, ...], tuple[int, ...]]
+                          ) -> "ContextParallelCall":
+        """Replace the site's ``weights @ v`` by ``cp_decode_step`` with the global lengths; return
+        the call's description for the backend's prewarm. ``inputs``: the graph inputs of the K and
+        V caches and the extra inputs of the statistics and of their order state."""
         match = action.match
         graph = gm.graph
         trailing = tuple(concrete(s) for s in shape_of(match.out)[1:])
         with graph.inserting_before(match.out):
             seqlens = graph.call_function(seqlens_after, (match.k.positions, match.q))
-            step = graph.call_function(torch.ops.entmaxkv.cp_decode_step.default, (
+            step = graph.call_function(cp_decode_step._opoverload, (
                 match.q, match.k.cache, match.v.cache, seqlens, *stats, *order[:2], self.group_name,
                 float(match.scale), float(action.alpha), config.page_size, config.selector, config.token_budget,
                 float(config.max_quantile), float(config.margin), config.tau_estimate, config.sink_pages,
@@ -114,11 +119,42 @@ class ContextParallel:
             out = graph.call_function(output_layout, (step, trailing, dtype_of(match.out)))
         out.meta.update({k: v for k, v in match.out.meta.items() if k in ("example_value", "val", "nn_module_stack")})
         match.out.replace_all_uses_with(out)
+        k_index, v_index, stats_extra, order_extra = inputs
+        return ContextParallelCall(tuple(concrete(d) for d in shape_of(match.q)), dtype_of(match.q), k_index, v_index,
+                                   stats_extra, order_extra, float(match.scale), config.replace(alpha=float(action.alpha)))
 
     def shard(self, action: SitePlan) -> tuple[int, int]:
         """``(first global position, rows)`` of this rank's shard of the site's cache."""
         rows = concrete(action.match.k.shape()[2])
         return self.rank * rows, rows
+
+
+@dataclass(frozen=True)
+class ContextParallelCall:
+    """One inserted ``cp_decode_step``: where its tensors come from, for :meth:`prewarm`."""
+
+    q_shape: tuple[int, ...]
+    q_dtype: torch.dtype
+    k_index: int  # graph inputs of the caches
+    v_index: int
+    stats_extra: tuple[int, ...]  # extra inputs: kmin, kmax, kmean, km2
+    order_extra: tuple[int, ...]  # extra inputs: last_position, valid
+    scale: float
+    config: EntmaxKVConfig
+
+    def prewarm(self, inputs: Sequence[Any], extra: Sequence[torch.Tensor]) -> None:
+        """Run the step once on this rank's shard alone, without collectives (the ranks compile
+        independently), so the kernels build their tables and tune before CUDA-graph trees'
+        warm-up run (the backend's ``prewarm``). Reads the caches and statistics, writes nothing."""
+        k_cache, v_cache = inputs[self.k_index], inputs[self.v_index]
+        stats = KVPageStats(*(extra[i] for i in self.stats_extra), self.config.page_size,
+                            *(extra[i] for i in self.order_extra))
+        decoder = ContextParallelDecoder.over_buffers(self.config, q_heads=self.q_shape[1], k_cache=k_cache,
+                                                      v_cache=v_cache, stats=stats, scale=self.scale,
+                                                      communicate=False)
+        q = torch.zeros(self.q_shape, dtype=self.q_dtype, device=k_cache.device)
+        with torch.no_grad():
+            decoder.run(q, torch.ones(self.q_shape[0], dtype=torch.int64, device=k_cache.device))
 
 
 def examples_in_range(gm: GraphModule, example_inputs: Sequence[Any]) -> list[Any]:

@@ -98,7 +98,7 @@ class RewriteResult:
     gm: GraphModule
     extra_inputs: list[ExtraInput] = field(default_factory=list)
     catch_ups: list[CatchUp] = field(default_factory=list)
-    decode_calls: list[DecodeCall] = field(default_factory=list)
+    decode_calls: list[Any] = field(default_factory=list)  # DecodeCall, or context_parallel.ContextParallelCall
     guards: list[Any] = field(default_factory=list)  # run-time conditions of the rewritten sites
 
 
@@ -197,14 +197,15 @@ def rewrite(gm: GraphModule, plan: Plan, config: EntmaxKVConfig, *, track_order:
                 slopes = _add_input(gm, result, ExtraInput("constant", tensor=action.slopes.to(_device(action))),
                                     f"entmaxkv_alibi_{slopes_extra}", fake_mode)
             result.guards.extend(g for g in action.guards if g not in result.guards)
-            if cp is not None:
-                cp.replace_attention(gm, action, stats_nodes[action.match.k.key], order_nodes[action.match.k.key],
-                                     config)
-                continue
             k, v = action.match.k, action.match.v
+            stats_extra = _extra_indices(result, "stats", index_of[k.cache], k.part)
+            if cp is not None:
+                result.decode_calls.append(cp.replace_attention(
+                    gm, action, stats_nodes[k.key], order_nodes[k.key], config,
+                    (index_of[k.cache], index_of[v.cache], stats_extra,
+                     _extra_indices(result, "order", index_of[k.cache], k.part)[:2])))
+                continue
             constants = _replace_attention(gm, action, stats_nodes[k.key], order_nodes[k.key], slopes, config)
-            stats_extra = tuple(i for i, e in enumerate(result.extra_inputs) if e.kind == "stats"
-                                and (e.cache_index, e.part) == (index_of[k.cache], k.part))
             result.decode_calls.append(DecodeCall(
                 tuple(concrete(d) for d in shape_of(action.match.q)), dtype_of(action.match.q),
                 index_of[k.cache], index_of[v.cache], stats_extra, slopes_extra, constants, k.part, v.part,
@@ -213,6 +214,12 @@ def rewrite(gm: GraphModule, plan: Plan, config: EntmaxKVConfig, *, track_order:
     graph.lint()
     gm.recompile()
     return result
+
+
+def _extra_indices(result: RewriteResult, kind: str, cache_index: int, part: Optional[int]) -> tuple[int, ...]:
+    """Indices into ``result.extra_inputs`` of one cache's inputs of ``kind`` ("stats", "order"), in order."""
+    return tuple(i for i, e in enumerate(result.extra_inputs)
+                 if e.kind == kind and (e.cache_index, e.part) == (cache_index, part))
 
 
 def _device(action: SitePlan) -> torch.device:
