@@ -200,17 +200,58 @@ def context_parallel_prompt() -> torch.Tensor:
     return torch.randint(0, 96, (2, CP_PROMPT), generator=torch.Generator().manual_seed(11))
 
 
-def context_parallel_model(capacity: int):
+def context_parallel_model(capacity: int, args=None):
     """The unsharded zoo model (RoPE tables for every global position) with caches of this rank's
     ``capacity`` rows: the single-GPU model code, its caches sized for context parallel."""
     from examples.zoo import gpt_fast
 
-    model = gpt_fast.build(context_parallel_args(), batch=2)
+    model = gpt_fast.build(context_parallel_args() if args is None else args, batch=2)
     args = model.args
     for layer in model.layers:
         layer.attention.kv_cache = gpt_fast.KVCache(2, args.n_kv_head, capacity, args.head_dim, torch.float32,
-                                                    args.kv_write)
+                                                    args.kv_write, per_row=args.positions == "per_row")
     return model
+
+
+def _load_prompt(model, reference, capacity: int) -> None:
+    """Copy this rank's range of every layer's prompt K/V from the unsharded ``reference``."""
+    from entmaxkv_compile.distributed import scatter_prompt
+
+    for mine, full in zip(model.layers, reference.layers):
+        k, v = scatter_prompt(full.attention.kv_cache.k_cache, full.attention.kv_cache.v_cache, capacity)
+        mine.attention.kv_cache.k_cache.copy_(k)
+        mine.attention.kv_cache.v_cache.copy_(v)
+
+
+def context_parallel_ragged(rank: int, world: int, steps: int, write: str) -> dict:
+    """A ragged batch (prompts of 6 and 3 tokens, one position per sequence) through the zoo model
+    with per-row cache writes (``write``: setitem or scatter), compiled with ``context_parallel``
+    (certified); the prompt prefilled by the unsharded model and loaded rank by rank."""
+    from entmaxkv_compile.compiler.explain import recording
+    from entmaxkv_compile.distributed import context_parallel_capacity
+    from examples.zoo import gpt_fast
+
+    torch._dynamo.reset()
+    args = context_parallel_args()
+    args.positions, args.kv_write = "per_row", write
+    capacity = context_parallel_capacity(CP_TOKENS, CP_PAGE)
+    reference, model = gpt_fast.build(args, batch=2), context_parallel_model(capacity, args)
+    prompt, lengths = context_parallel_prompt(), gpt_fast.ragged_lengths(2, CP_PROMPT)
+    with torch.no_grad():
+        logits = reference(prompt, torch.arange(CP_PROMPT))[torch.arange(2), lengths - 1]
+    _load_prompt(model, reference, capacity)
+    options = {"selector": "certified", "page_size": CP_PAGE, "compiler": "eager", "context_parallel": True}
+    decode = torch.compile(model, backend="entmaxkv", options=options, dynamic=False)
+    tokens, all_logits = [], []
+    token = logits.argmax(-1, keepdim=True)
+    with recording() as report, torch.no_grad():
+        for step in range(steps):
+            logits = decode(token, lengths + step)[:, -1]
+            all_logits.append(logits)
+            token = logits.argmax(-1, keepdim=True)
+            tokens.append(token)
+    return dict(tokens=torch.cat(tokens, 1), logits=torch.stack(all_logits, 1),
+                sites=[(s.where, s.status, s.phase, s.reason) for s in report.sites])
 
 
 def context_parallel_generate(rank: int, world: int, steps: int, selectors: tuple[str, ...]) -> dict:
@@ -220,7 +261,7 @@ def context_parallel_generate(rank: int, world: int, steps: int, selectors: tupl
     (last local position, valid) of each layer's page statistics per selector."""
     from entmaxkv_compile.compiler.explain import recording
     from entmaxkv_compile.compiler.passes.static_state import STATS
-    from entmaxkv_compile.distributed import context_parallel_capacity, scatter_prompt
+    from entmaxkv_compile.distributed import context_parallel_capacity
     from examples.zoo import gpt_fast
 
     capacity = context_parallel_capacity(CP_TOKENS, CP_PAGE)
@@ -232,10 +273,7 @@ def context_parallel_generate(rank: int, world: int, steps: int, selectors: tupl
 
         def prefill(prompt: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
             logits = reference(prompt, input_pos)
-            for mine, full in zip(model.layers, reference.layers):
-                k, v = scatter_prompt(full.attention.kv_cache.k_cache, full.attention.kv_cache.v_cache, capacity)
-                mine.attention.kv_cache.k_cache.copy_(k)
-                mine.attention.kv_cache.v_cache.copy_(v)
+            _load_prompt(model, reference, capacity)
             return logits
 
         options = {"selector": selector, "page_size": CP_PAGE, "compiler": "eager", "context_parallel": True}

@@ -45,6 +45,23 @@ def test_compiled_shards_decode_the_unsharded_model(world):
             torch.testing.assert_close(got["logits"], want_logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("write", ["setitem", "scatter"])
+def test_ragged_batch_decodes_the_unsharded_model(write):
+    """Per-row positions (rows at 6.. and 3..) and per-row writes, on 2 ranks: row 0 crosses into
+    rank 1 at position 8 while row 1 is still on rank 0."""
+    results = spawn(workers.context_parallel_ragged, 2, args=(STEPS, write), timeout_s=240)
+    args = workers.context_parallel_args()
+    args.positions, args.kv_write = "per_row", write
+    want_tokens, want_logits = gpt_fast.generate_ragged(
+        gpt_fast.build(args, batch=2), workers.context_parallel_prompt(),
+        gpt_fast.ragged_lengths(2, workers.CP_PROMPT), STEPS)
+    for result in results:
+        assert [site[1] for site in result["sites"]] == ["rewritten", "rewritten"]
+        assert all("cp_append + cp_decode_step" in site[3] for site in result["sites"])
+        assert torch.equal(result["tokens"], want_tokens)
+        torch.testing.assert_close(result["logits"], want_logits, atol=1e-5, rtol=0)
+
+
 # --- one rank in this process: the rewrite's forms, refusals and errors -----------------------------
 
 
@@ -114,16 +131,6 @@ def test_unsupported_sites_are_refused_and_the_graph_raises(one_rank, changes, r
     assert all(reason in s.reason for s in sites)
     assert "not rewritten under context_parallel" in error and reason in error
     assert "not rewritten" in caplog.text  # refused sites warn as usual
-
-
-def test_per_row_positions_are_refused(one_rank):
-    model = _zoo(positions="per_row")
-    with torch.no_grad():
-        model(_prompt(), torch.arange(PROMPT))
-    compiled = _compiled(model)
-    with recording() as report, torch.no_grad(), pytest.raises(RuntimeError, match="per-row positions"):
-        compiled(_prompt()[:, -1:], torch.tensor([PROMPT, PROMPT - 1]))
-    assert {s.status for s in report.sites} == {"refused"}
 
 
 def test_paged_cache_is_refused(one_rank):

@@ -7,12 +7,13 @@ position and the same token on every rank. The proof (``proofs.py``) is unchange
 function of the position, the write index is the position. With the option on, a rewritten site
 then differs in two places:
 
-- the model's K and V writes (``buf[:, :, pos] = x``, ``index_copy_``, ``index_put_``) are
+- the model's K and V writes (``buf[:, :, pos] = x``, ``index_copy_``, ``index_put_``, or a ragged
+  batch's per-row ``buf[arange(B), :, pos] = x[:, :, 0]``, ``index_put_`` and ``scatter_``) are
   removed and replaced, after the later of the two, by one ``entmaxkv::cp_append``: the rank that
   owns ``pos`` stores the row at ``pos - r*C`` and folds it into its page statistics; the others
   write nothing (the model's write would index past the shard);
 - the attention becomes ``entmaxkv::cp_decode_step`` over the rank's cache and statistics with
-  the global lengths ``pos + 1`` (``distributed/ops.py``).
+  the global lengths ``pos + 1`` (per sequence in a ragged batch; ``distributed/ops.py``).
 
 The mask and the scores become dead and are removed, so a global position ``>= C`` never indexes
 anything local in the compiled graph. What the eager :class:`ContextParallelDecoder` does not
@@ -36,11 +37,12 @@ from ...distributed.context_parallel import ContextParallelDecoder
 from ...distributed.ops import cp_append, cp_decode_step
 from ...runtime.stats.reference import KVPageStats
 from .analyze import BOOKKEEPING, REFUSED, REWRITTEN, Plan, SitePlan
-from .decode_rewrite import batch_positions, seqlens_after
+from .decode_rewrite import batch_positions, row_seqlens, seqlens_after
 from .guards import MaskGuard
 from .ir import arg, concrete, dtype_of, op_of, shape_of
 from .match_attention import match_attention
 from .match_entmax import find_weight_sites
+from .match_kv_write import row_positions
 from .subgraph import needed_placeholders
 
 __all__ = ["ContextParallel", "blocked_call_message", "examples_in_range", "restrict_plan"]
@@ -50,7 +52,7 @@ PREFILL_REASON = ("prefill under context_parallel: not context parallel; load ea
                   "K/V into its cache (entmaxkv_compile.distributed.scatter_prompt) and start with a decode step, "
                   "whose first call fills this rank's page statistics")
 
-_IN_PLACE_WRITES = ("setitem", "index_copy_", "index_put_")
+_IN_PLACE_WRITES = ("setitem", "index_copy_", "index_put_", "scatter_")
 
 
 @dataclass(frozen=True)
@@ -91,9 +93,10 @@ class ContextParallel:
         shape = tuple(concrete(s) for s in k.shape())
         rows_shape = (shape[0], shape[1], 1, shape[3])
         with graph.inserting_before(last.next):
-            positions = graph.call_function(batch_positions, (k.positions, action.match.q))
-            k_new = graph.call_function(new_rows, (written_value(k.write), rows_shape))
-            v_new = graph.call_function(new_rows, (written_value(v.write), rows_shape))
+            positions = (graph.call_function(row_positions, (k.positions,)) if action.per_row
+                         else graph.call_function(batch_positions, (k.positions, action.match.q)))
+            k_new = graph.call_function(new_rows, (written_value(k.write), rows_shape, k.rows is not None))
+            v_new = graph.call_function(new_rows, (written_value(v.write), rows_shape, v.rows is not None))
             graph.call_function(cp_append._opoverload, (
                 k.cache, v.cache, k_new, v_new, positions, self.group_name, config.page_size, *stats, *order[:2]))
         for write, cache in ((k.write, k.cache), (v.write, v.cache)):
@@ -110,7 +113,8 @@ class ContextParallel:
         graph = gm.graph
         trailing = tuple(concrete(s) for s in shape_of(match.out)[1:])
         with graph.inserting_before(match.out):
-            seqlens = graph.call_function(seqlens_after, (match.k.positions, match.q))
+            seqlens = (graph.call_function(row_seqlens, (match.k.positions,)) if action.per_row
+                       else graph.call_function(seqlens_after, (match.k.positions, match.q)))
             step = graph.call_function(cp_decode_step._opoverload, (
                 match.q, match.k.cache, match.v.cache, seqlens, *stats, *order[:2], self.group_name,
                 float(match.scale), float(action.alpha), config.page_size, config.selector, config.token_budget,
@@ -213,14 +217,13 @@ def unsupported(action: SitePlan, config: EntmaxKVConfig) -> str:
     if any(isinstance(g, MaskGuard) for g in action.guards):
         return ("the attention mask is a graph input, checked per call against this rank's key axis, which the "
                 "global position does not index; build the causal mask from the position in the model")
-    if action.per_row:
-        return "per-row positions (a ragged batch) are not supported yet; decode at one position shared by the batch"
     if k.part is not None or v.part is not None:
         return "a fused K/V buffer is not supported; keep separate K and V caches"
     for read, name in ((k, "K"), (v, "V")):
         if op_of(read.write) not in _IN_PLACE_WRITES or written_value(read.write) is None:
-            return (f"the {name} cache write {op_of(read.write)} is not buf[:, :, pos] = x, buf.index_copy_(2, pos, x) "
-                    "or buf.index_put_((None, None, pos), x)")
+            return (f"the {name} cache write {op_of(read.write)} is not buf[:, :, pos] = x, buf.index_copy_(2, pos, x), "
+                    "buf.index_put_((None, None, pos), x), their per-row forms buf[arange(B), :, pos] = x[:, :, 0] "
+                    "and buf.index_put_((arange(B), None, pos), ...), or buf.scatter_(2, index, x)")
     rows = concrete(k.shape()[2])
     if rows % config.page_size:
         return (f"the cache holds {rows} rows, not a whole number of pages of page_size {config.page_size} (each "
@@ -242,7 +245,8 @@ def blocked_call_message(plan: Plan) -> str:
 
 def written_value(write: Node) -> Optional[Any]:
     """The new rows of a cache write (``setitem``'s value, ``index_copy_``'s source,
-    ``index_put_``'s values without accumulation), None when the write is not one of those."""
+    ``index_put_``'s values without accumulation, ``scatter_``'s source), None when the write is
+    not one of those."""
     kind = op_of(write)
     if kind == "setitem":
         return write.args[2] if len(write.args) > 2 else None
@@ -251,12 +255,15 @@ def written_value(write: Node) -> Optional[Any]:
     if kind == "index_put_":
         accumulate = write.args[3] if len(write.args) > 3 else write.kwargs.get("accumulate", False)
         return None if accumulate else arg(write, 2)
+    if kind == "scatter_":  # match_kv_write accepts it without a reduction only
+        return write.args[3] if len(write.args) > 3 else write.kwargs.get("src")
     return None
 
 
-def new_rows(value: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
-    """The written value as the ``[B, Hkv, 1, D]`` rows of the step (broadcast as the write did)."""
-    return value.expand(shape)
+def new_rows(value: torch.Tensor, shape: tuple[int, int, int, int], per_row: bool) -> torch.Tensor:
+    """The written value as the ``[B, Hkv, 1, D]`` rows of the step (broadcast as the write did);
+    ``per_row``: a write ``buf[rows, :, pos] = x`` whose value is ``[B, Hkv, D]``."""
+    return (value.unsqueeze(2) if per_row else value).expand(shape)
 
 
 def output_layout(out: torch.Tensor, trailing: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
