@@ -223,35 +223,39 @@ def _load_prompt(model, reference, capacity: int) -> None:
         mine.attention.kv_cache.v_cache.copy_(v)
 
 
-def context_parallel_ragged(rank: int, world: int, steps: int, write: str) -> dict:
-    """A ragged batch (prompts of 6 and 3 tokens, one position per sequence) through the zoo model
-    with per-row cache writes (``write``: setitem or scatter), compiled with ``context_parallel``
-    (certified); the prompt prefilled by the unsharded model and loaded rank by rank."""
+def context_parallel_ragged(rank: int, world: int, steps: int, writes: tuple[str, ...]) -> dict:
+    """Per cache write form in ``writes`` (setitem, scatter): a ragged batch (prompts of 6 and 3
+    tokens, one position per sequence) through the zoo model with per-row cache writes, compiled
+    with ``context_parallel`` (certified); the prompt prefilled by the unsharded model and loaded
+    rank by rank. Returns the tokens, logits and sites per write form."""
     from entmaxkv_compile.compiler.explain import recording
     from entmaxkv_compile.distributed import context_parallel_capacity
     from examples.zoo import gpt_fast
 
-    torch._dynamo.reset()
-    args = context_parallel_args()
-    args.positions, args.kv_write = "per_row", write
-    capacity = context_parallel_capacity(CP_TOKENS, CP_PAGE)
-    reference, model = gpt_fast.build(args, batch=2), context_parallel_model(capacity, args)
-    prompt, lengths = context_parallel_prompt(), gpt_fast.ragged_lengths(2, CP_PROMPT)
-    with torch.no_grad():
-        logits = reference(prompt, torch.arange(CP_PROMPT))[torch.arange(2), lengths - 1]
-    _load_prompt(model, reference, capacity)
-    options = {"selector": "certified", "page_size": CP_PAGE, "compiler": "eager", "context_parallel": True}
-    decode = torch.compile(model, backend="entmaxkv", options=options, dynamic=False)
-    tokens, all_logits = [], []
-    token = logits.argmax(-1, keepdim=True)
-    with recording() as report, torch.no_grad():
-        for step in range(steps):
-            logits = decode(token, lengths + step)[:, -1]
-            all_logits.append(logits)
-            token = logits.argmax(-1, keepdim=True)
-            tokens.append(token)
-    return dict(tokens=torch.cat(tokens, 1), logits=torch.stack(all_logits, 1),
-                sites=[(s.where, s.status, s.phase, s.reason) for s in report.sites])
+    results = {}
+    for write in writes:
+        torch._dynamo.reset()
+        args = context_parallel_args()
+        args.positions, args.kv_write = "per_row", write
+        capacity = context_parallel_capacity(CP_TOKENS, CP_PAGE)
+        reference, model = gpt_fast.build(args, batch=2), context_parallel_model(capacity, args)
+        prompt, lengths = context_parallel_prompt(), gpt_fast.ragged_lengths(2, CP_PROMPT)
+        with torch.no_grad():
+            logits = reference(prompt, torch.arange(CP_PROMPT))[torch.arange(2), lengths - 1]
+        _load_prompt(model, reference, capacity)
+        options = {"selector": "certified", "page_size": CP_PAGE, "compiler": "eager", "context_parallel": True}
+        decode = torch.compile(model, backend="entmaxkv", options=options, dynamic=False)
+        tokens, all_logits = [], []
+        token = logits.argmax(-1, keepdim=True)
+        with recording() as report, torch.no_grad():
+            for step in range(steps):
+                logits = decode(token, lengths + step)[:, -1]
+                all_logits.append(logits)
+                token = logits.argmax(-1, keepdim=True)
+                tokens.append(token)
+        results[write] = dict(tokens=torch.cat(tokens, 1), logits=torch.stack(all_logits, 1),
+                              sites=[(s.where, s.status, s.phase, s.reason) for s in report.sites])
+    return results
 
 
 def context_parallel_generate(rank: int, world: int, steps: int, selectors: tuple[str, ...]) -> dict:

@@ -45,21 +45,23 @@ def test_compiled_shards_decode_the_unsharded_model(world):
             torch.testing.assert_close(got["logits"], want_logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("write", ["setitem", "scatter"])
-def test_ragged_batch_decodes_the_unsharded_model(write):
-    """Per-row positions (rows at 6.. and 3..) and per-row writes, on 2 ranks: row 0 crosses into
-    rank 1 at position 8 while row 1 is still on rank 0."""
-    results = spawn(workers.context_parallel_ragged, 2, args=(STEPS, write), timeout_s=240)
-    args = workers.context_parallel_args()
-    args.positions, args.kv_write = "per_row", write
-    want_tokens, want_logits = gpt_fast.generate_ragged(
-        gpt_fast.build(args, batch=2), workers.context_parallel_prompt(),
-        gpt_fast.ragged_lengths(2, workers.CP_PROMPT), STEPS)
-    for result in results:
-        assert [site[1] for site in result["sites"]] == ["rewritten", "rewritten"]
-        assert all("cp_append + cp_decode_step" in site[3] for site in result["sites"])
-        assert torch.equal(result["tokens"], want_tokens)
-        torch.testing.assert_close(result["logits"], want_logits, atol=1e-5, rtol=0)
+def test_ragged_batch_decodes_the_unsharded_model():
+    """Per-row positions (rows at 6.. and 3..) and per-row writes (setitem, scatter_) on 2 ranks:
+    row 0 crosses into rank 1 at position 8 while row 1 is still on rank 0."""
+    writes = ("setitem", "scatter")
+    results = spawn(workers.context_parallel_ragged, 2, args=(STEPS, writes), timeout_s=240)
+    for write in writes:
+        args = workers.context_parallel_args()
+        args.positions, args.kv_write = "per_row", write
+        want_tokens, want_logits = gpt_fast.generate_ragged(
+            gpt_fast.build(args, batch=2), workers.context_parallel_prompt(),
+            gpt_fast.ragged_lengths(2, workers.CP_PROMPT), STEPS)
+        for result in results:
+            got = result[write]
+            assert [site[1] for site in got["sites"]] == ["rewritten", "rewritten"]
+            assert all("cp_append + cp_decode_step" in site[3] for site in got["sites"])
+            assert torch.equal(got["tokens"], want_tokens), write
+            torch.testing.assert_close(got["logits"], want_logits, atol=1e-5, rtol=0)
 
 
 # --- one rank in this process: the rewrite's forms, refusals and errors -----------------------------
