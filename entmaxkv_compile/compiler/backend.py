@@ -315,7 +315,6 @@ class _Runner:
         return self._fallback_compiled(*args, *extra)
 
 
-
 class _Refused:
     """A graph that must not run under ``context_parallel`` (``blocked_call_message``): raises
     ``RuntimeError`` with the reasons when called."""

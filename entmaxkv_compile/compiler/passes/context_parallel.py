@@ -45,7 +45,7 @@ from .match_entmax import find_weight_sites
 from .match_kv_write import row_positions
 from .subgraph import needed_placeholders
 
-__all__ = ["ContextParallel", "blocked_call_message", "examples_in_range", "restrict_plan"]
+__all__ = ["ContextParallel", "ContextParallelCall", "blocked_call_message", "examples_in_range", "restrict_plan"]
 
 #: Why a prefill graph's sites are not rewritten (nor book-kept) under the option.
 PREFILL_REASON = ("prefill under context_parallel: not context parallel; load each rank's range of the prompt's "
