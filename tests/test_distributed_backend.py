@@ -99,6 +99,11 @@ def test_index_copy_write_on_one_rank_equals_the_model(one_rank):
         got = gpt_fast.generate(model, _prompt(), STEPS, decode=_compiled(model, selector="certified"),
                                 prefill=model)
     assert [s.status for s in report.sites] == ["rewritten", "rewritten"]
+    [graph] = report.graphs  # the model's writes and masks are gone: a global position indexes nothing local
+    assert graph.code_after.count("entmaxkv.cp_append.default(") == 2
+    assert graph.code_after.count("entmaxkv.cp_decode_step.default(") == 2
+    assert "index_copy_" in graph.code_before and "index_copy_" not in graph.code_after
+    assert "masked_fill" in graph.code_before and "masked_fill" not in graph.code_after
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
 
