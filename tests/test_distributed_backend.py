@@ -91,13 +91,14 @@ def _prompt() -> torch.Tensor:
 
 
 def test_index_copy_write_on_one_rank_equals_the_model(one_rank):
+    """The option given as a ProcessGroup object; the model's caches hold every position."""
     args = workers.context_parallel_args()
     args.kv_write = "index_copy"
     want = gpt_fast.generate(gpt_fast.build(args), _prompt(), STEPS)
     model = gpt_fast.build(args)
+    decode = _compiled(model, selector="certified", context_parallel=one_rank)
     with recording() as report:
-        got = gpt_fast.generate(model, _prompt(), STEPS, decode=_compiled(model, selector="certified"),
-                                prefill=model)
+        got = gpt_fast.generate(model, _prompt(), STEPS, decode=decode, prefill=model)
     assert [s.status for s in report.sites] == ["rewritten", "rewritten"]
     [graph] = report.graphs  # the model's writes and masks are gone: a global position indexes nothing local
     assert graph.code_after.count("entmaxkv.cp_append.default(") == 2
