@@ -185,3 +185,107 @@ def context_parallel_on_gpus(rank: int, world: int, selectors: tuple[str, ...]) 
         results[selector] = {name: value.cpu() for name, value in result._asdict().items()}
         results[selector].update(kernel_path=decoder.kernel_path, fallbacks=decoder.fallbacks)
     return dict(results, q=q, k=k, v=v, lengths=lengths)
+
+
+CP_TOKENS, CP_PAGE, CP_PROMPT = 16, 4, 6  # the global capacity, the page size, the prompt length
+
+
+def context_parallel_args(max_seq_len: int = CP_TOKENS):
+    from examples.zoo import gpt_fast
+
+    return gpt_fast.ModelArgs(n_layer=2, n_head=4, n_kv_head=2, dim=32, max_seq_len=max_seq_len)
+
+
+def context_parallel_prompt() -> torch.Tensor:
+    return torch.randint(0, 96, (2, CP_PROMPT), generator=torch.Generator().manual_seed(11))
+
+
+def context_parallel_model(capacity: int, args=None):
+    """The unsharded zoo model (RoPE tables for every global position) with caches of this rank's
+    ``capacity`` rows: the single-GPU model code, its caches sized for context parallel."""
+    from examples.zoo import gpt_fast
+
+    model = gpt_fast.build(context_parallel_args() if args is None else args, batch=2)
+    args = model.args
+    for layer in model.layers:
+        layer.attention.kv_cache = gpt_fast.KVCache(2, args.n_kv_head, capacity, args.head_dim, torch.float32,
+                                                    args.kv_write, per_row=args.positions == "per_row")
+    return model
+
+
+def _load_prompt(model, reference, capacity: int) -> None:
+    """Copy this rank's range of every layer's prompt K/V from the unsharded ``reference``."""
+    from entmaxkv_compile.distributed import scatter_prompt
+
+    for mine, full in zip(model.layers, reference.layers):
+        k, v = scatter_prompt(full.attention.kv_cache.k_cache, full.attention.kv_cache.v_cache, capacity)
+        mine.attention.kv_cache.k_cache.copy_(k)
+        mine.attention.kv_cache.v_cache.copy_(v)
+
+
+def context_parallel_ragged(rank: int, world: int, steps: int, writes: tuple[str, ...]) -> dict:
+    """Per cache write form in ``writes`` (setitem, scatter): a ragged batch (prompts of 6 and 3
+    tokens, one position per sequence) through the zoo model with per-row cache writes, compiled
+    with ``context_parallel`` (certified); the prompt prefilled by the unsharded model and loaded
+    rank by rank. Returns the tokens, logits and sites per write form."""
+    from entmaxkv_compile.compiler.explain import recording
+    from entmaxkv_compile.distributed import context_parallel_capacity
+    from examples.zoo import gpt_fast
+
+    results = {}
+    for write in writes:
+        torch._dynamo.reset()
+        args = context_parallel_args()
+        args.positions, args.kv_write = "per_row", write
+        capacity = context_parallel_capacity(CP_TOKENS, CP_PAGE)
+        reference, model = gpt_fast.build(args, batch=2), context_parallel_model(capacity, args)
+        prompt, lengths = context_parallel_prompt(), gpt_fast.ragged_lengths(2, CP_PROMPT)
+        with torch.no_grad():
+            logits = reference(prompt, torch.arange(CP_PROMPT))[torch.arange(2), lengths - 1]
+        _load_prompt(model, reference, capacity)
+        options = {"selector": "certified", "page_size": CP_PAGE, "compiler": "eager", "context_parallel": True}
+        decode = torch.compile(model, backend="entmaxkv", options=options, dynamic=False)
+        tokens, all_logits = [], []
+        token = logits.argmax(-1, keepdim=True)
+        with recording() as report, torch.no_grad():
+            for step in range(steps):
+                logits = decode(token, lengths + step)[:, -1]
+                all_logits.append(logits)
+                token = logits.argmax(-1, keepdim=True)
+                tokens.append(token)
+        results[write] = dict(tokens=torch.cat(tokens, 1), logits=torch.stack(all_logits, 1),
+                              sites=[(s.where, s.status, s.phase, s.reason) for s in report.sites])
+    return results
+
+
+def context_parallel_generate(rank: int, world: int, steps: int, selectors: tuple[str, ...]) -> dict:
+    """Per selector: the zoo model with this rank's caches, compiled with ``context_parallel``;
+    the prompt prefilled by the unsharded model and loaded rank by rank (``scatter_prompt``); then
+    greedy decode steps at global positions. Returns the tokens, logits, sites and the order state
+    (last local position, valid) of each layer's page statistics per selector."""
+    from entmaxkv_compile.compiler.explain import recording
+    from entmaxkv_compile.compiler.passes.static_state import STATS
+    from entmaxkv_compile.distributed import context_parallel_capacity
+    from examples.zoo import gpt_fast
+
+    capacity = context_parallel_capacity(CP_TOKENS, CP_PAGE)
+    results = {"capacity": capacity}
+    for selector in selectors:
+        torch._dynamo.reset()
+        reference = gpt_fast.build(context_parallel_args(), batch=2)  # capacity W*C, plain eager
+        model = context_parallel_model(capacity)
+
+        def prefill(prompt: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+            logits = reference(prompt, input_pos)
+            _load_prompt(model, reference, capacity)
+            return logits
+
+        options = {"selector": selector, "page_size": CP_PAGE, "compiler": "eager", "context_parallel": True}
+        decode = torch.compile(model, backend="entmaxkv", options=options, dynamic=False)
+        with recording() as report:
+            tokens, logits = gpt_fast.generate(model, context_parallel_prompt(), steps, decode=decode,
+                                               prefill=prefill)
+        states = [STATS.lookup(layer.attention.kv_cache.k_cache, CP_PAGE).sequence_state()[:2] for layer in model.layers]
+        results[selector] = dict(tokens=tokens, logits=logits, states=[(p.clone(), v.clone()) for p, v in states],
+                                 sites=[(s.where, s.status, s.phase, s.reason) for s in report.sites])
+    return results

@@ -9,8 +9,10 @@ capture polyfills (Dynamo looks the backend up before it traces anything).
 ``options`` keys: every :class:`~entmaxkv_compile.config.EntmaxKVConfig` field, ``"mode"``
 (an Inductor mode such as ``"reduce-overhead"``; ``torch.compile`` refuses ``mode=`` together with
 ``options=``, so this is how to combine them), ``"compiler"`` (``"inductor"``, default, or
-``"eager"`` to run the rewritten graph without Inductor, for debugging), and any Inductor config
-key (e.g. ``"max_autotune"``, ``"triton.cudagraphs"``), passed through as a config patch.
+``"eager"`` to run the rewritten graph without Inductor, for debugging), ``"context_parallel"``
+(None, True or a ``torch.distributed.ProcessGroup``: the caches are this rank's shard of the
+sequence, see ``passes/context_parallel.py``), and any Inductor config key (e.g.
+``"max_autotune"``, ``"triton.cudagraphs"``), passed through as a config patch.
 
 A graph that records autograd (grad mode on, an input requiring grad) is not given sparse decode
 sites (the decode step has no backward): see :func:`keep_attention_for_autograd`.
@@ -32,6 +34,8 @@ from ..runtime.stats.paged import PagedKVStats
 from ..runtime.stats.reference import KVPageStats
 from .capture import install_capture
 from .passes.analyze import REFUSED, REWRITTEN, Plan, analyze, log_refused
+from .passes.context_parallel import (ContextParallel, ContextParallelCall, blocked_call_message, examples_in_range,
+                                      restrict_plan)
 from .passes.decode_rewrite import CatchUp, RewriteResult, cache_view, int32_table, rewrite, written_before
 from .passes.fallback import bookkeeping_only
 from .passes.static_state import STATS
@@ -53,6 +57,7 @@ class BackendSettings:
     compiler: str = "inductor"
     inductor: Mapping[str, Any] = field(default_factory=dict)
     mask_row_start: str = "example"  # when a mask input's hidden prefix becomes row_start (see analyze)
+    context_parallel: Optional[ContextParallel] = None  # the caches are this rank's shard of the sequence
 
     @classmethod
     def parse(cls, options: Optional[Mapping[str, Any]] = None, mode: Optional[str] = None) -> "BackendSettings":
@@ -68,6 +73,7 @@ class BackendSettings:
         mask_row_start = options.pop("mask_row_start", "example")
         if mask_row_start not in _MASK_ROW_STARTS:
             raise ValueError(f"options['mask_row_start'] must be one of {_MASK_ROW_STARTS}, got {mask_row_start!r}")
+        context_parallel = ContextParallel.from_option(options.pop("context_parallel", None))
         known = {f.name for f in dataclasses.fields(EntmaxKVConfig)}
         config = EntmaxKVConfig.from_options({k: v for k, v in options.items() if k in known}).check_compiled()
         inductor = {k: v for k, v in options.items() if k not in known}
@@ -75,7 +81,7 @@ class BackendSettings:
             _check_inductor_keys(inductor)
         if mode not in (None, "default"):
             _check_mode(mode)
-        return cls(config, mode, compiler, inductor, mask_row_start)
+        return cls(config, mode, compiler, inductor, mask_row_start, context_parallel)
 
     def config_patches(self) -> dict[str, Any]:
         patches: dict[str, Any] = {}
@@ -94,7 +100,7 @@ def _check_inductor_keys(keys: Mapping[str, Any]) -> None:
         known = sorted(f.name for f in dataclasses.fields(EntmaxKVConfig))
         raise ValueError(
             f"unknown option(s) {unknown}: not an EntmaxKVConfig field ({known}), 'mode', 'compiler', "
-            "'mask_row_start', or an Inductor config key"
+            "'mask_row_start', 'context_parallel', or an Inductor config key"
         )
 
 
@@ -121,18 +127,28 @@ def entmaxkv_backend(
     settings = BackendSettings.parse(options, mode)
     original_code = gm.code
     gm = copy_graph_module(gm)  # Dynamo reads its own graph again after the backend returns
-    plan = analyze(gm, example_inputs, settings.config, allow_guards=True, mask_row_start=settings.mask_row_start)
+    cp = settings.context_parallel
+    checked = example_inputs if cp is None else examples_in_range(gm, example_inputs)
+    plan = analyze(gm, checked, settings.config, allow_guards=True, mask_row_start=settings.mask_row_start)
     if records_autograd(example_inputs):
         keep_attention_for_autograd(plan)
-    log_refused(plan.sites, log)
+    if cp is not None:
+        restrict_plan(plan, settings.config, cp)
+        log_refused(plan.sites, log, "under context_parallel the graph raises when called")
+    else:
+        log_refused(plan.sites, log)
     fallback = None
-    if any(action.guards for action in plan.actions):  # planned before ``rewrite`` changes ``gm``
+    if cp is None and any(action.guards for action in plan.actions):  # planned before ``rewrite`` changes ``gm``
         mapping: dict[torch.fx.Node, torch.fx.Node] = {}
         copy = copy_graph_module(gm, mapping)
         fallback = rewrite(copy, bookkeeping_only(plan, mapping), settings.config, track_order=True)
-    result = rewrite(gm, plan, settings.config, track_order=True) if plan.changes_graph else RewriteResult(gm)
+    result = (rewrite(gm, plan, settings.config, track_order=True, context_parallel=cp) if plan.changes_graph
+              else RewriteResult(gm))
     for observer in list(_OBSERVERS):
         observer(plan, original_code, gm.code)
+    blocked = blocked_call_message(plan) if cp is not None else ""
+    if blocked:
+        return _Refused(blocked)
     extra = extra_inputs_for(result, example_inputs)
     if any(isinstance(x, torch.Tensor) and x.is_cuda for x in extra):
         prewarm(result, example_inputs, extra)
@@ -176,6 +192,9 @@ def prewarm(result: RewriteResult, inputs: Sequence[Any], extra: Sequence[torch.
     """
     with torch.no_grad():
         for call in result.decode_calls:
+            if isinstance(call, ContextParallelCall):
+                call.prewarm(inputs, extra)
+                continue
             k_cache = cache_view(inputs[call.k_index], call.k_part)
             v_cache = cache_view(inputs[call.v_index], call.v_part)
             q = torch.zeros(call.q_shape, dtype=call.q_dtype, device=k_cache.device)
@@ -244,6 +263,9 @@ def _catch_up(catch_up: CatchUp, args: Sequence[Any], stats: KVPageStats | Paged
         position = catch_up.positions(*(args[i] for i in catch_up.arg_indices))
     if catch_up.table_index is None:
         written = written_before(position, cache.shape[0], catch_up.per_row)
+        if catch_up.shard is not None:  # context parallel: the rows of this rank's range
+            start, rows = catch_up.shard
+            written = (written - start).clamp(0, rows)
         if int(written.max()) > 0:
             torch.ops.entmaxkv.page_stats_prefill(cache, written, catch_up.page_size, *stats.buffers())
         torch.ops.entmaxkv.page_stats_mark_prefilled(written, cache.shape[2], stats.last_position, stats.valid)
@@ -279,6 +301,10 @@ class _Runner:
         return self.compiled(*args, *extra_inputs_for(self.result, args))  # compile_fx takes positional args
 
     def _fall_back(self, guard: Any, args: Sequence[Any]) -> Any:
+        if self.settings.context_parallel is not None:
+            raise RuntimeError(f"entmaxkv: run-time guard failed ({guard.description}) under context_parallel: there "
+                               "is no fallback, the model's own attention over this rank's cache shard is not the "
+                               "model's (and its mask would index the shard with a global position)")
         if self.fallback_calls == 0:
             warnings.warn(f"entmaxkv: run-time guard failed ({guard.description}); this call and any other "
                           "where a guard fails run the model's own attention", RuntimeWarning, stacklevel=3)
@@ -287,6 +313,17 @@ class _Runner:
         if self._fallback_compiled is None:
             self._fallback_compiled = _hand_off(self.fallback.gm, [*args, *extra], self.settings)
         return self._fallback_compiled(*args, *extra)
+
+
+class _Refused:
+    """A graph that must not run under ``context_parallel`` (``blocked_call_message``): raises
+    ``RuntimeError`` with the reasons when called."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __call__(self, *args: Any) -> Any:
+        raise RuntimeError(self.message)
 
 
 install_capture()

@@ -61,11 +61,12 @@ from typing import Any, Optional
 
 import torch
 
-from ..checks import check_decode_query, check_int_arg, check_positions, check_scale, check_seqlens
+from ..checks import check_decode_query, check_int_arg, check_kv_cache, check_positions, check_scale, check_seqlens
 from ..config import EntmaxKVConfig
 from ..runtime.select.reference import compute_dtype, page_mask_from_indices, selected_token_mask
 from ..runtime.stats.reference import KVPageStats, append_in_order, stats_append_
 from ..runtime.step import DecodeResult, implementation_for
+from .cache_shard import local_capacity_for
 from .collectives import Collectives
 from .global_tau import GlobalThreshold, TauSettings, combine_output, global_threshold
 from .local_kernels import KernelThreshold, kernel_output, kernel_threshold
@@ -97,12 +98,7 @@ class ContextParallelDecoder:
                  q_heads: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
                  device: torch.device | str, scale: float | None = None, tau: TauSettings = TauSettings(),
                  implementation: Any = None) -> None:
-        config = EntmaxKVConfig() if config is None else config
-        if not isinstance(config, EntmaxKVConfig):
-            raise TypeError(f"config must be an EntmaxKVConfig or None, got {type(config).__name__}")
-        if config.certify_sketch != "off":
-            raise ValueError("certify_sketch must be 'off' for context parallel decode (the int8 sketch "
-                             f"is not sharded), got {config.certify_sketch!r}")
+        config = _checked_config(config)
         for name, value in (("batch", batch), ("q_heads", q_heads), ("kv_heads", kv_heads),
                             ("head_dim", head_dim), ("capacity", capacity)):
             check_int_arg(name, value, minimum=1)
@@ -110,32 +106,77 @@ class ContextParallelDecoder:
             raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
         if dtype not in _FLOAT_DTYPES:
             raise TypeError(f"dtype must be one of {_FLOAT_DTYPES}, got {dtype!r}")
+        comm = Collectives(group)
+        page = config.page_size
+        local_capacity = local_capacity_for(capacity, page, comm.world_size)
+        device = torch.device(device)
+        shape = (batch, kv_heads, local_capacity, head_dim)
+        moments = dtype if config.moment_dtype == "cache" else None
+        stats = KVPageStats.allocate(batch, kv_heads, local_capacity, head_dim, page_size=page, dtype=dtype,
+                                     device=device, moment_dtype=moments)
+        self._plan(config, comm, tau, torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(shape, dtype=dtype, device=device), stats, q_heads, scale, implementation)
+
+    @classmethod
+    def over_buffers(cls, config: EntmaxKVConfig | None = None, *, group: Optional[Any] = None, q_heads: int,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, stats: KVPageStats, scale: float | None = None,
+                     tau: TauSettings = TauSettings(), implementation: Any = None,
+                     communicate: bool = True) -> "ContextParallelDecoder":
+        """A decoder over buffers that already exist: this rank's cache shard ``k_cache``/``v_cache
+        [B, Hkv, C, D]`` (C, the local capacity, a whole number of pages) and its statistics
+        ``stats``; nothing is allocated or copied, and later steps read and write these very
+        tensors (the compiled backend's op builds one per step over the model's own buffers).
+        Rank ``r`` of the group then owns the global positions ``[r*C, (r+1)*C)``.
+        ``communicate=False``: the step over this shard alone, as rank 0 of one (no collective:
+        the backend runs it once at compile time so the kernels are warm)."""
+        config = _checked_config(config)
+        check_kv_cache("k_cache", k_cache)
+        if not isinstance(v_cache, torch.Tensor) or v_cache.shape != k_cache.shape or \
+                v_cache.dtype != k_cache.dtype or v_cache.device != k_cache.device:
+            raise ValueError(f"v_cache must be a tensor like k_cache ({k_cache.dtype} {tuple(k_cache.shape)} on "
+                             f"{k_cache.device}), got {v_cache.dtype if isinstance(v_cache, torch.Tensor) else v_cache!r}")
+        if k_cache.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"k_cache's dtype must be one of {_FLOAT_DTYPES}, got {k_cache.dtype!r}")
+        check_int_arg("q_heads", q_heads, minimum=1)
+        if q_heads % k_cache.shape[1]:
+            raise ValueError(f"q_heads ({q_heads}) must be a multiple of the caches' kv_heads ({k_cache.shape[1]})")
+        if k_cache.shape[2] % config.page_size:
+            raise ValueError(f"the caches' length ({k_cache.shape[2]}) must be a whole number of pages of "
+                             f"page_size {config.page_size} (every rank owns whole pages)")
+        if not isinstance(stats, KVPageStats) or stats.page_size != config.page_size:
+            raise ValueError(f"stats must be the KVPageStats of k_cache with page_size {config.page_size}, got "
+                             f"{getattr(stats, 'page_size', type(stats).__name__)!r}")
+        stats.check_cache(k_cache)
+        decoder = cls.__new__(cls)
+        comm = Collectives(group) if communicate else Collectives.local()
+        decoder._plan(config, comm, tau, k_cache, v_cache, stats, q_heads, scale, implementation)
+        return decoder
+
+    def _plan(self, config: EntmaxKVConfig, comm: Collectives, tau: TauSettings, k_cache: torch.Tensor,
+              v_cache: torch.Tensor, stats: KVPageStats, q_heads: int, scale: float | None, implementation: Any) -> None:
+        """Set up the step over this rank's (validated) shard and statistics."""
         if not isinstance(tau, TauSettings):
             raise TypeError(f"tau must be a TauSettings, got {type(tau).__name__}")
         self.tau_settings = tau.validated()
-        self.comm = Collectives(group)
+        self.comm = comm
         self.config = config
         self.alpha = config.resolved_alpha(1.5)
+        batch, _, local_capacity, head_dim = k_cache.shape
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else check_scale(scale)
-        self.device = torch.device(device)
-        self.dtype = dtype
+        self.device = k_cache.device
+        self.dtype = k_cache.dtype
         page = config.page_size
-        world, rank = self.comm.world_size, self.comm.rank
-        self.local_capacity = -(-capacity // (world * page)) * page
-        self.start = rank * self.local_capacity
-        self.capacity = world * self.local_capacity
+        world, rank = comm.world_size, comm.rank
+        self.local_capacity = local_capacity
+        self.start = rank * local_capacity
+        self.capacity = world * local_capacity
         self.q_shape = (batch, q_heads, 1, head_dim)
-        shape = (batch, kv_heads, self.local_capacity, head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        moments = dtype if config.moment_dtype == "cache" else None
-        self.stats = KVPageStats.allocate(batch, kv_heads, self.local_capacity, head_dim, page_size=page,
-                                          dtype=dtype, device=self.device, moment_dtype=moments)
-        self.impl = implementation_for(self.device, dtype) if implementation is None else implementation
+        self.k_cache, self.v_cache, self.stats = k_cache, v_cache, stats
+        self.impl = implementation_for(self.device, self.dtype) if implementation is None else implementation
         # the decode kernels in parts (runtime/attend/partial.py) where the implementation has them
         self.kernel_path = hasattr(self.impl, "local_candidates")
         self.fallbacks = 0  # solves the kernel path handed to the pure-torch levels (overflow)
-        local_pages = self.local_capacity // page
+        local_pages = local_capacity // page
         self._local_config = config.replace(
             selector="gaussian" if config.selector == "certified" else config.selector, min_context=0,
             sink_pages=max(0, min(local_pages, config.sink_pages - rank * local_pages)))
@@ -321,3 +362,14 @@ class ContextParallelDecoder:
         """bool ``[B]``: the global length lies in ``[1, capacity]``."""
         length = seqlens.to(torch.int64)
         return (length >= 1) & (length <= self.capacity)
+
+
+def _checked_config(config: EntmaxKVConfig | None) -> EntmaxKVConfig:
+    """The config (the defaults for None), refusing what context parallel decode does not shard."""
+    config = EntmaxKVConfig() if config is None else config
+    if not isinstance(config, EntmaxKVConfig):
+        raise TypeError(f"config must be an EntmaxKVConfig or None, got {type(config).__name__}")
+    if config.certify_sketch != "off":
+        raise ValueError("certify_sketch must be 'off' for context parallel decode (the int8 sketch "
+                         f"is not sharded), got {config.certify_sketch!r}")
+    return config

@@ -154,13 +154,15 @@ def analyze(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: En
     return plan
 
 
-def log_refused(sites: Sequence[Site], log: logging.Logger) -> None:
-    """A warning per refused site, with its reason: a refused site keeps the model's (dense)
-    attention, which must never happen silently."""
+def log_refused(sites: Sequence[Site], log: logging.Logger,
+                consequence: str = "it keeps the model's dense attention") -> None:
+    """A warning per refused site, with its reason and ``consequence``: a refused site keeps the
+    model's (dense) attention, or under context parallel makes its graph raise, which must never
+    happen silently."""
     for site in sites:
         if site.status == REFUSED:
-            log.warning("entmaxkv: %s attention at %s not rewritten (it keeps the model's dense attention): %s",
-                        site.kind, site.where, site.reason)
+            log.warning("entmaxkv: %s attention at %s not rewritten (%s): %s", site.kind, site.where, consequence,
+                        site.reason)
 
 
 def _is_decode(match: AttentionMatch) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import operator
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch.fx import GraphModule, Node
@@ -32,6 +32,9 @@ from .guards import row_start_from_mask
 from .ir import concrete, dtype_of, is_impure, op_of, shape_of
 from .match_kv_write import CacheRead, row_positions
 from .subgraph import NotExtractable, extract, needed_placeholders
+
+if TYPE_CHECKING:
+    from .context_parallel import ContextParallel
 
 STAT_FIELDS = ("kmin", "kmax", "kmean", "km2")
 
@@ -70,6 +73,7 @@ class CatchUp:
     part: Optional[int] = None
     per_row: bool = False  # ``positions`` gives one position per sequence (a ragged batch)
     table_index: Optional[int] = None  # a page pool: the graph input holding its block table
+    shard: Optional[tuple[int, int]] = None  # context parallel: (this rank's first global position, its rows)
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ class RewriteResult:
     gm: GraphModule
     extra_inputs: list[ExtraInput] = field(default_factory=list)
     catch_ups: list[CatchUp] = field(default_factory=list)
-    decode_calls: list[DecodeCall] = field(default_factory=list)
+    decode_calls: list[Any] = field(default_factory=list)  # DecodeCall, or context_parallel.ContextParallelCall
     guards: list[Any] = field(default_factory=list)  # run-time conditions of the rewritten sites
 
 
@@ -151,7 +155,8 @@ def decode_output(result: tuple[torch.Tensor, ...], trailing: tuple[int, ...], d
     return out.to(dtype)
 
 
-def rewrite(gm: GraphModule, plan: Plan, config: EntmaxKVConfig, *, track_order: bool = False) -> RewriteResult:
+def rewrite(gm: GraphModule, plan: Plan, config: EntmaxKVConfig, *, track_order: bool = False,
+            context_parallel: Optional[ContextParallel] = None) -> RewriteResult:
     """Apply ``plan`` to ``gm`` in place and return what the runner must feed the new inputs.
 
     ``track_order`` (the backend's graphs) also threads each cache's append-order state
@@ -160,7 +165,10 @@ def rewrite(gm: GraphModule, plan: Plan, config: EntmaxKVConfig, *, track_order:
     is never certified and, in certified mode, reads every page. In certified mode it also
     threads the read-everything counter (``certify_skip``, ``runtime/certify/policy.py``):
     ``decode_step`` gets ``dense_rows`` and ``certify_policy_update`` advances the counter.
+    ``context_parallel`` (the backend's option; the plan holds decode sites only): the writes and
+    the attention become the context parallel ops instead (``context_parallel.py``).
     """
+    cp = context_parallel
     result = RewriteResult(gm)
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -175,9 +183,12 @@ def rewrite(gm: GraphModule, plan: Plan, config: EntmaxKVConfig, *, track_order:
         stats_nodes[read.key] = _add_stats_inputs(gm, result, read, index_of[read.cache], config, fake_mode)
         order_nodes[read.key] = (_add_order_inputs(gm, result, read, index_of[read.cache], config, fake_mode)
                                  if track_order else [])
-        _insert_bookkeeping(gm, plan, action, stats_nodes[read.key], order_nodes[read.key], config)
+        if cp is None:
+            _insert_bookkeeping(gm, plan, action, stats_nodes[read.key], order_nodes[read.key], config)
+        else:
+            cp.insert_append(gm, action, stats_nodes[read.key], order_nodes[read.key], config)
         if action.site.phase == "decode":
-            _add_catch_up(gm, result, action, index_of, config.page_size)
+            _add_catch_up(gm, result, action, index_of, config.page_size, None if cp is None else cp.shard(action))
     for action in plan.actions:
         if action.site.status == REWRITTEN:
             slopes, slopes_extra = None, None
@@ -187,9 +198,14 @@ def rewrite(gm: GraphModule, plan: Plan, config: EntmaxKVConfig, *, track_order:
                                     f"entmaxkv_alibi_{slopes_extra}", fake_mode)
             result.guards.extend(g for g in action.guards if g not in result.guards)
             k, v = action.match.k, action.match.v
+            stats_extra = _extra_indices(result, "stats", index_of[k.cache], k.part)
+            if cp is not None:
+                result.decode_calls.append(cp.replace_attention(
+                    gm, action, stats_nodes[k.key], order_nodes[k.key], config,
+                    (index_of[k.cache], index_of[v.cache], stats_extra,
+                     _extra_indices(result, "order", index_of[k.cache], k.part)[:2])))
+                continue
             constants = _replace_attention(gm, action, stats_nodes[k.key], order_nodes[k.key], slopes, config)
-            stats_extra = tuple(i for i, e in enumerate(result.extra_inputs) if e.kind == "stats"
-                                and (e.cache_index, e.part) == (index_of[k.cache], k.part))
             result.decode_calls.append(DecodeCall(
                 tuple(concrete(d) for d in shape_of(action.match.q)), dtype_of(action.match.q),
                 index_of[k.cache], index_of[v.cache], stats_extra, slopes_extra, constants, k.part, v.part,
@@ -198,6 +214,12 @@ def rewrite(gm: GraphModule, plan: Plan, config: EntmaxKVConfig, *, track_order:
     graph.lint()
     gm.recompile()
     return result
+
+
+def _extra_indices(result: RewriteResult, kind: str, cache_index: int, part: Optional[int]) -> tuple[int, ...]:
+    """Indices into ``result.extra_inputs`` of one cache's inputs of ``kind`` ("stats", "order"), in order."""
+    return tuple(i for i, e in enumerate(result.extra_inputs)
+                 if e.kind == kind and (e.cache_index, e.part) == (cache_index, part))
 
 
 def _device(action: SitePlan) -> torch.device:
@@ -381,7 +403,7 @@ def _replace_attention(gm: GraphModule, action: SitePlan, stats: list[Node], ord
 
 
 def _add_catch_up(gm: GraphModule, result: RewriteResult, action: SitePlan, index_of: dict[Node, int],
-                  page_size: int) -> None:
+                  page_size: int, shard: Optional[tuple[int, int]] = None) -> None:
     positions = action.match.k.positions
     try:
         fn = extract(gm, [], positions, allow_placeholders=True)
@@ -390,7 +412,7 @@ def _add_catch_up(gm: GraphModule, result: RewriteResult, action: SitePlan, inde
     args = tuple(index_of[n] for n in needed_placeholders(gm, [], positions))
     table = action.match.k.table
     result.catch_ups.append(CatchUp(index_of[action.match.k.cache], page_size, fn, args, action.match.k.part,
-                                    action.per_row, index_of[table] if table is not None else None))
+                                    action.per_row, index_of[table] if table is not None else None, shard))
 
 
 def _cache_node(graph: torch.fx.Graph, read: CacheRead) -> Node:
