@@ -7,6 +7,7 @@ tests compare them in the parent with the single-process references.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from entmaxkv_compile import EntmaxKVConfig
 from entmaxkv_compile.distributed import ContextParallelDecoder
@@ -258,34 +259,50 @@ def context_parallel_ragged(rank: int, world: int, steps: int, writes: tuple[str
     return results
 
 
-def context_parallel_generate(rank: int, world: int, steps: int, selectors: tuple[str, ...]) -> dict:
+def _backend():
+    """The backend by name where the package is installed (its entry point), else the object (a
+    checkout run from its root, as on a lent GPU machine)."""
+    from entmaxkv_compile.compiler.backend import entmaxkv_backend
+
+    return "entmaxkv" if "entmaxkv" in torch._dynamo.list_backends() else entmaxkv_backend
+
+
+def context_parallel_generate(rank: int, world: int, steps: int, selectors: tuple[str, ...],
+                              compile_options: dict | None = None) -> dict:
     """Per selector: the zoo model with this rank's caches, compiled with ``context_parallel``;
     the prompt prefilled by the unsharded model and loaded rank by rank (``scatter_prompt``); then
     greedy decode steps at global positions. Returns the tokens, logits, sites and the order state
-    (last local position, valid) of each layer's page statistics per selector."""
+    (last local position, valid) of each layer's page statistics per selector. On a NCCL group
+    each rank runs on its own GPU, with ``compile_options`` (default: the eager compiler)."""
     from entmaxkv_compile.compiler.explain import recording
     from entmaxkv_compile.compiler.passes.static_state import STATS
     from entmaxkv_compile.distributed import context_parallel_capacity
     from examples.zoo import gpt_fast
 
+    device = "cpu"
+    if dist.get_backend() == "nccl":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
     capacity = context_parallel_capacity(CP_TOKENS, CP_PAGE)
     results = {"capacity": capacity}
     for selector in selectors:
         torch._dynamo.reset()
-        reference = gpt_fast.build(context_parallel_args(), batch=2)  # capacity W*C, plain eager
-        model = context_parallel_model(capacity)
+        reference = gpt_fast.build(context_parallel_args(), batch=2).to(device)  # capacity W*C, plain eager
+        model = context_parallel_model(capacity).to(device)
 
         def prefill(prompt: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
             logits = reference(prompt, input_pos)
             _load_prompt(model, reference, capacity)
             return logits
 
-        options = {"selector": selector, "page_size": CP_PAGE, "compiler": "eager", "context_parallel": True}
-        decode = torch.compile(model, backend="entmaxkv", options=options, dynamic=False)
+        options = {"selector": selector, "page_size": CP_PAGE, "context_parallel": True,
+                   **(compile_options or {"compiler": "eager"})}
+        decode = torch.compile(model, backend=_backend(), options=options, dynamic=False)
         with recording() as report:
-            tokens, logits = gpt_fast.generate(model, context_parallel_prompt(), steps, decode=decode,
+            tokens, logits = gpt_fast.generate(model, context_parallel_prompt().to(device), steps, decode=decode,
                                                prefill=prefill)
+        tokens, logits = tokens.cpu(), logits.cpu()
         states = [STATS.lookup(layer.attention.kv_cache.k_cache, CP_PAGE).sequence_state()[:2] for layer in model.layers]
-        results[selector] = dict(tokens=tokens, logits=logits, states=[(p.clone(), v.clone()) for p, v in states],
+        results[selector] = dict(tokens=tokens, logits=logits, states=[(p.cpu().clone(), v.cpu().clone()) for p, v in states],
                                  sites=[(s.where, s.status, s.phase, s.reason) for s in report.sites])
     return results

@@ -45,6 +45,27 @@ def test_compiled_shards_decode_the_unsharded_model(world):
             torch.testing.assert_close(got["logits"], want_logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
+@pytest.mark.parametrize("options", [{"compiler": "eager"}, {}], ids=["eager", "inductor"])
+def test_two_gpus_over_nccl_decode_the_unsharded_model(options, monkeypatch):
+    """The same on two GPUs over NCCL, the decode kernels compiled for the GPU, with the eager
+    compiler and with Inductor (without CUDA graphs, which the option refuses)."""
+    for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+        monkeypatch.setenv(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # workers import Triton afresh
+    results = spawn(workers.context_parallel_generate, 2, args=(STEPS, SELECTORS, options), backend="nccl",
+                    timeout_s=300)
+    want_tokens, want_logits = gpt_fast.generate(gpt_fast.build(workers.context_parallel_args(), batch=2),
+                                                 workers.context_parallel_prompt(), STEPS)
+    for rank, result in enumerate(results):
+        for selector in SELECTORS:
+            got = result[selector]
+            assert all(site[1] == "rewritten" for site in got["sites"]), (rank, selector, got["sites"])
+            assert torch.equal(got["tokens"], want_tokens), (rank, selector)
+            torch.testing.assert_close(got["logits"], want_logits, atol=1e-4, rtol=0)
+
+
 def test_ragged_batch_decodes_the_unsharded_model():
     """Per-row positions (rows at 6.. and 3..) and per-row writes (setitem, scatter_) on 2 ranks:
     row 0 crosses into rank 1 at position 8 while row 1 is still on rank 0."""
@@ -206,6 +227,12 @@ def test_bad_option_values_name_the_option(one_rank):
     settings = BackendSettings.parse({"context_parallel": one_rank})
     assert (settings.context_parallel.rank, settings.context_parallel.world_size) == (0, 1)
     assert BackendSettings.parse({"context_parallel": False}).context_parallel is None
+    for mode in ("reduce-overhead", "max-autotune"):  # both turn on Inductor's CUDA graphs
+        with pytest.raises(ValueError, match=r"options\['context_parallel'\] cannot be combined with Inductor's CUDA"):
+            BackendSettings.parse({"context_parallel": one_rank, "mode": mode})
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        BackendSettings.parse({"context_parallel": one_rank, "triton.cudagraphs": True})
+    assert BackendSettings.parse({"context_parallel": one_rank, "mode": "max-autotune-no-cudagraphs"}).mode
 
 
 def test_option_needs_an_initialised_group():

@@ -81,7 +81,14 @@ class BackendSettings:
             _check_inductor_keys(inductor)
         if mode not in (None, "default"):
             _check_mode(mode)
-        return cls(config, mode, compiler, inductor, mask_row_start, context_parallel)
+        settings = cls(config, mode, compiler, inductor, mask_row_start, context_parallel)
+        if context_parallel is not None and settings.config_patches().get("triton.cudagraphs"):
+            # Measured on two H200s (NCCL, torch 2.11): the compiled shards never finished a step
+            # under Inductor's CUDA graphs (no error, a hang); the same model ran exactly without.
+            raise ValueError(f"options['context_parallel'] cannot be combined with Inductor's CUDA graphs "
+                             f"(mode={mode!r}): that combination hangs on NCCL (cause not found yet); use "
+                             "the default mode or compiler='eager'")
+        return settings
 
     def config_patches(self) -> dict[str, Any]:
         patches: dict[str, Any] = {}
