@@ -250,6 +250,19 @@ def output_kernel(
 
 
 @triton.jit
+def split_sums(o_part_ptr, l_part_ptr, pid, D, num_splits, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One query head's unnormalised ``sum p v`` (``[BLOCK_D]``) and ``sum p`` over the output
+    pass's splits (``o_part [heads, splits, D]``, ``l_part [heads, splits]``)."""
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    smask = offs_s < num_splits
+    o = tl.load(o_part_ptr + (pid * num_splits + offs_s)[:, None] * D + offs_d[None, :],
+                mask=smask[:, None] & (offs_d < D)[None, :], other=0.0)
+    l_sum = tl.sum(tl.load(l_part_ptr + pid * num_splits + offs_s, mask=smask, other=0.0), axis=0)
+    return tl.sum(o, axis=0), l_sum
+
+
+@triton.jit
 def reduce_kernel(
     o_part_ptr, l_part_ptr, tau_ptr, out_ptr, sob, soh, sod,
     Hq, D, num_splits,
@@ -258,18 +271,13 @@ def reduce_kernel(
     pid = tl.program_id(0)
     b = pid // Hq
     h = pid % Hq
-    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    smask = offs_s < num_splits
-    dmask = offs_d < D
-    o = tl.load(o_part_ptr + (pid * num_splits + offs_s)[:, None] * D + offs_d[None, :],
-                mask=smask[:, None] & dmask[None, :], other=0.0)
-    l_sum = tl.sum(tl.load(l_part_ptr + pid * num_splits + offs_s, mask=smask, other=0.0), axis=0)
-    res = tl.sum(o, axis=0) / tl.where(l_sum > 0, l_sum, 1.0)
+    o_sum, l_sum = split_sums(o_part_ptr, l_part_ptr, pid, D, num_splits, BLOCK_S, BLOCK_D)
+    res = o_sum / tl.where(l_sum > 0, l_sum, 1.0)
     tau = tl.load(tau_ptr + pid)
     res = tl.where(tau != tau, float("nan"), res)  # a poisoned head reports NaN, not a value
     tl.store(out_ptr + b * sob + h * soh + offs_d * sod, res.to(out_ptr.dtype.element_ty),
-             mask=dmask)
+             mask=offs_d < D)
 
 
 @triton.jit

@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from .. import _common as cm
+from .decode_kernels import split_sums
 from .kernel import output_partials, plan_splits, score_candidates, solve_tau
 
 __all__ = ["LocalCandidates", "FLOOR_MARGIN", "gather_above", "local_candidates", "partial_sums", "solve_gathered"]
@@ -232,15 +233,10 @@ def sums_kernel(o_part_ptr, l_part_ptr, tau_ptr, out_ptr, D, num_splits, WIDTH,
     """One query head: ``sum p v`` over the splits into ``out[:D]``, ``sum p`` into ``out[D]``
     (NaN for a poisoned head, so the normalised output is NaN there)."""
     pid = tl.program_id(0)
-    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    smask = offs_s < num_splits
-    dmask = offs_d < D
-    o = tl.load(o_part_ptr + (pid * num_splits + offs_s)[:, None] * D + offs_d[None, :],
-                mask=smask[:, None] & dmask[None, :], other=0.0)
-    l_sum = tl.sum(tl.load(l_part_ptr + pid * num_splits + offs_s, mask=smask, other=0.0), axis=0)
+    o_sum, l_sum = split_sums(o_part_ptr, l_part_ptr, pid, D, num_splits, BLOCK_S, BLOCK_D)
     tau = tl.load(tau_ptr + pid)
-    tl.store(out_ptr + pid * WIDTH + offs_d, tl.sum(o, axis=0), mask=dmask)
+    tl.store(out_ptr + pid * WIDTH + offs_d, o_sum, mask=offs_d < D)
     tl.store(out_ptr + pid * WIDTH + D, tl.where(tau != tau, float("nan"), l_sum))
 
 
