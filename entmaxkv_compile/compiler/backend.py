@@ -36,7 +36,8 @@ from .capture import install_capture
 from .passes.analyze import REFUSED, REWRITTEN, Plan, analyze, log_refused
 from .passes.context_parallel import (ContextParallel, ContextParallelCall, blocked_call_message, examples_in_range,
                                       restrict_plan)
-from .passes.decode_rewrite import CatchUp, RewriteResult, cache_view, int32_table, rewrite, written_before
+from .passes.decode_rewrite import CatchUp, RewriteResult, cache_view, int32_table, rewrite
+from .passes.positions import written_before
 from .passes.fallback import bookkeeping_only
 from .passes.static_state import STATS
 

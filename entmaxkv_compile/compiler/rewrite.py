@@ -33,7 +33,8 @@ from ..config import EntmaxKVConfig
 from ..runtime.stats.reference import KVPageStats
 from .explain import ExplainReport, GraphRecord
 from .passes.analyze import REWRITTEN, log_refused
-from .passes.decode_rewrite import STAT_FIELDS as STATS_FIELDS, written_before
+from .passes.decode_rewrite import STAT_FIELDS as STATS_FIELDS
+from .passes.positions import written_before
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from ...distributed.context_parallel import ContextParallelDecoder
 from ...distributed.ops import cp_append, cp_decode_step
 from ...runtime.stats.reference import KVPageStats
 from .analyze import BOOKKEEPING, REFUSED, REWRITTEN, Plan, SitePlan
-from .decode_rewrite import batch_positions, row_seqlens, seqlens_after
+from .positions import batch_positions, row_seqlens, seqlens_after
 from .guards import MaskGuard
 from .ir import arg, concrete, dtype_of, op_of, shape_of
 from .match_attention import match_attention
