@@ -106,11 +106,12 @@ def _site(model: torch.nn.Module, position: int):
 
 
 class _OtherModulus(torch.nn.Module):
-    """A cache of 16 slots written at ``pos % 12`` under a mask ``j <= pos``: not a rolling buffer."""
+    """A cache of 16 slots written at ``pos % 12`` under a mask ``j <= pos``: not a rolling buffer
+    (``mask_from_slot``: the mask is ``j <= pos % modulus``, the slot itself)."""
 
-    def __init__(self, modulus: int = 12) -> None:
+    def __init__(self, modulus: int = 12, mask_from_slot: bool = False) -> None:
         super().__init__()
-        self.modulus = modulus
+        self.modulus, self.mask_from_slot = modulus, mask_from_slot
         self.emb = torch.nn.Embedding(96, 8)
         self.register_buffer("k", torch.zeros(1, 1, 16, 8))
         self.register_buffer("v", torch.zeros(1, 1, 16, 8))
@@ -122,7 +123,8 @@ class _OtherModulus(torch.nn.Module):
         self.k[:, :, pos % self.modulus] = x
         self.v[:, :, pos % self.modulus] = -x
         scores = x @ self.k.transpose(-2, -1)
-        scores = scores.masked_fill(torch.arange(16) > pos.view(-1, 1), float("-inf"))
+        shown_up_to = pos % self.modulus if self.mask_from_slot else pos
+        scores = scores.masked_fill(torch.arange(16) > shown_up_to.view(-1, 1), float("-inf"))
         return entmax.entmax15(scores, dim=-1) @ self.v
 
 
@@ -137,6 +139,13 @@ class _OtherModulus(torch.nn.Module):
 def test_rolling_forms_that_are_not_supported_are_refused(model, reason):
     site = _site(model(), 8)
     assert site.status == "refused" and reason in site.reason, site.reason
+
+
+def test_a_mask_built_from_the_slot_is_still_the_plain_causal_proof():
+    """Masked from the slot it writes (``j <= pos % 16``), the cache attends slots ``0..slot``: the
+    write index is the mask's position, proved as before, not read as a rolling buffer."""
+    site = _site(_OtherModulus(16, mask_from_slot=True), 8)
+    assert site.status == "rewritten" and "rolling" not in site.reason, site.reason
 
 
 def test_decision_procedure_reads_a_rolling_mask_for_every_position():
