@@ -145,6 +145,6 @@ def _why_not_rolling(write: Any, leaves: Any, slots: int) -> str:
         return ""
     if isinstance(write, sympy.Mod) and write.args[1] != slots:
         return (f" (a rolling buffer?): its modulus {write.args[1]} is not the cache's slot count {slots}, so "
-                "slot position % modulus is not the only slot holding a position")
+                "the slots the mask shows are not the last positions written")
     return (f" (a rolling buffer?): a rolling buffer must be written at position % {slots} (the cache's slot "
             "count), the position one integer input shared by the batch")
