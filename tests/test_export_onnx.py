@@ -94,6 +94,18 @@ def test_every_zoo_decode_step_runs_in_onnxruntime(entry, tmp_path):
     np.testing.assert_allclose(exported.run_onnxruntime(args)[-1], expected.numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_rolling_buffer_plugin_form_is_refused_by_name(tmp_path):
+    """The page rebuild of a rolling buffer has no plugin form (custom domain, TensorRT): the export
+    says so and names the exports that take it, instead of failing inside the ONNX translation."""
+    model = ZOO["rolling_buffer"].build()
+    prompt = torch.randint(0, model.args.vocab_size, (2, 19), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        model(prompt, torch.arange(19))
+    result = rewrite(model, (prompt[:, -1:], torch.tensor([19])), EntmaxKVConfig(selector="dense", page_size=8))
+    with pytest.raises(ValueError, match="page_stats_rebuild keeps a rolling-buffer cache's statistics.*AOTInductor"):
+        export_onnx(result, tmp_path / "step.onnx", decompose=False)
+
+
 def test_custom_domain_nodes_carry_the_plugin_lookup(alibi_topk_step, tmp_path):
     exported = export_onnx(alibi_topk_step, tmp_path / "custom.onnx", decompose=False)
     assert exported.custom_nodes == ("page_stats_append_functional", "decode_step_plugin") * 2

@@ -80,14 +80,14 @@ PROMPT, STEPS, SPAN = 48, 20, 52  # window / rolling slots of 52: positions 53..
 @pytest.mark.parametrize("name, status, reason", [
     ("sliding_window", "rewritten", "sliding window 52: proved from the mask for every position, "
                                     "row_start = max(0, position - 51)"),
-    ("rolling_buffer", "refused",
-     "the cache is written at index Mod(l_input_pos_, 52), but the mask is built from l_input_pos_: the write index "
-     "is not proved to be the position (a rolling buffer?); a rolling buffer (written at position % slots) is not "
-     "supported: its overwritten pages' running min/max cannot forget the old rows"),
+    ("rolling_buffer", "rewritten",
+     "rolling buffer of 52 slots written at position % 52: proved for every position, seqlens = min(position + 1, "
+     "52), the written slot's page statistics rebuilt each step"),
 ])
-def test_window_rewritten_and_rolling_buffer_refused_stay_exact_past_the_span(name, status, reason):
-    """Compiled at position 48, where the window hides nothing yet: the window is proved for every
-    position (rewritten with its row_start), the rolling buffer refused; both exact past the span."""
+def test_window_and_rolling_buffer_rewritten_stay_exact_past_the_span(name, status, reason):
+    """Compiled at position 48, where neither the window nor the wrap hides anything yet: both are
+    proved for every position (the window with its row_start, the rolling buffer over min(position
+    + 1, 52) slots) and stay exact past the span."""
     entry = ZOO[name]
     reference, model = entry.build(), entry.build()
     prompt = torch.randint(1, 96, (2, PROMPT), generator=torch.Generator().manual_seed(3))
@@ -222,9 +222,8 @@ def test_offline_analysis_refuses_a_mask_it_could_only_check_per_call():
     assert site.status == "rewritten"
 
 
-@pytest.mark.parametrize("name, reason", [("window_sink", "that a sliding window would show: a hole"),
-                                          ("rolling_buffer", "write index is not proved to be the position")])
-def test_offline_rewrite_refuses_window_with_a_hole_and_rolling_buffer(name, reason):
+@pytest.mark.parametrize("name, reason", [("window_sink", "that a sliding window would show: a hole")])
+def test_offline_rewrite_refuses_window_with_a_hole(name, reason):
     from entmaxkv_compile.compiler.rewrite import UnsupportedModelError, rewrite
 
     model = ZOO[name].build()

@@ -265,10 +265,19 @@ def extra_inputs_for(result: RewriteResult, args: Sequence[Any]) -> list[torch.T
 
 def _catch_up(catch_up: CatchUp, args: Sequence[Any], stats: KVPageStats | PagedKVStats) -> None:
     """Fill the statistics of a cache first seen in a decode step (its prefill was not compiled);
-    a page pool's through the block table the step is called with."""
+    a page pool's through the block table the step is called with; a rolling buffer's from its
+    ``min(position, slots)`` written slots, its order state at the position before the step's."""
     cache = cache_view(args[catch_up.cache_index], catch_up.part)
     with torch.no_grad():
         position = catch_up.positions(*(args[i] for i in catch_up.arg_indices))
+    if catch_up.slots:  # a rolling buffer: min(position, slots) slots written, the order state at the position
+        before = written_before(position, cache.shape[0], catch_up.per_row)
+        written = before.clamp(max=catch_up.slots)
+        if int(written.max()) > 0:
+            torch.ops.entmaxkv.page_stats_prefill(cache, written, catch_up.page_size, *stats.buffers())
+        torch.ops.entmaxkv.page_stats_mark_prefilled(written, cache.shape[2], stats.last_position, stats.valid)
+        stats.last_position.copy_(before - 1)
+        return
     if catch_up.table_index is None:
         written = written_before(position, cache.shape[0], catch_up.per_row)
         if catch_up.shard is not None:  # context parallel: the rows of this rank's range

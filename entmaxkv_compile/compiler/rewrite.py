@@ -197,11 +197,14 @@ def _lifted_state(program: torch.export.ExportedProgram) -> list[tuple[str, torc
     return state
 
 
-def _prefilled_stats(cache: torch.Tensor, page_size: int, position: torch.Tensor, per_row: bool) -> KVPageStats:
+def _prefilled_stats(cache: torch.Tensor, page_size: int, position: torch.Tensor, per_row: bool,
+                     slots: int = 0) -> KVPageStats:
     """Statistics of one cache filled from the tokens written before this step's ``position``
-    (one per sequence when ``per_row``)."""
+    (one per sequence when ``per_row``; at most ``slots`` of them for a rolling buffer of that
+    many slots, where ``position`` is the position, not the slot)."""
     stats = KVPageStats.allocate(*cache.shape, page_size=page_size, dtype=cache.dtype, device=cache.device)
-    stats.prefill(cache, written_before(position, cache.shape[0], per_row))
+    written = written_before(position, cache.shape[0], per_row)
+    stats.prefill(cache, written.clamp(max=slots) if slots else written)
     return stats
 
 
@@ -228,9 +231,11 @@ def _apply_passes(
     if not any(site.status == REWRITTEN for site in plan.sites):
         return None, ExplainReport([GraphRecord(list(plan.sites), code_before, code_before)])
     placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
-    written = record(graph, inputs, [a.match.k.positions for a in plan.actions])
-    position_of = {placeholders.index(a.match.k.cache): (written[a.match.k.positions], a.per_row)
-                   for a in plan.actions}
+    positions = [a.match.k.positions if a.rolling is None else a.rolling for a in plan.actions]
+    written = record(graph, inputs, positions)
+    position_of = {placeholders.index(a.match.k.cache): (written[node], a.per_row,
+                                                         a.match.k.shape()[2] if a.rolling is not None else 0)
+                   for a, node in zip(plan.actions, positions)}
     result = rewrite_graph(graph, plan, config)
     report = ExplainReport([GraphRecord(list(plan.sites), code_before, graph.code)])
     extras, stats = [], {}

@@ -137,6 +137,10 @@ PLUGIN_FORMS = {
 }
 
 
+#: Ops with no plugin form yet (a rolling buffer's page rebuild): refused by name.
+_NO_PLUGIN_FORM = (torch.ops.entmaxkv.page_stats_rebuild.default,)
+
+
 def to_plugin_form(gm: torch.fx.GraphModule) -> int:
     """Rewrite ``gm`` in place to the export forms; returns the number of calls replaced.
 
@@ -147,6 +151,10 @@ def to_plugin_form(gm: torch.fx.GraphModule) -> int:
     graph = gm.graph
     replaced = 0
     for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _NO_PLUGIN_FORM:
+            raise ValueError(f"{node.name}: {node.target.name()} keeps a rolling-buffer cache's statistics; the "
+                             "plugin form used by the ONNX custom domain and TensorRT has no page rebuild yet: use "
+                             "the decomposed ONNX export or the AOTInductor export")
         if node.op != "call_function" or node.target not in PLUGIN_FORMS:
             continue
         if node.target == torch.ops.entmaxkv.decode_step.default:

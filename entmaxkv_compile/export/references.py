@@ -27,6 +27,7 @@ from ..runtime import ops as _ops  # noqa: F401  (registers torch.ops.entmaxkv.*
 from ..config import EntmaxKVConfig
 from ..runtime.select import reference as selection
 from ..runtime.stats import reference as cache
+from ..runtime.stats import rolling
 
 __all__ = [
     "STANDARD_OP_DECOMPOSITIONS", "bool_cumprod", "erf_rational", "erfc_rational", "kernel_implementations",
@@ -43,8 +44,8 @@ def entmax_reference(x: Tensor, alpha: float, dim: int) -> Tensor:
 
 def _op_table(stages: Any, step_impl: Any) -> dict[Any, Callable[..., Any]]:
     """``{op: function with the op's signature}`` computing every ``entmaxkv`` op with ``stages``
-    (``select_pages``, ``paged_decode``, ``certify``, ``stats_append_``, ``stats_prefill_``, as the
-    stage modules name them) and the whole step with ``run_step(step_impl, ...)``."""
+    (``select_pages``, ``paged_decode``, ``certify``, ``stats_append_``, ``stats_prefill_``,
+    ``stats_rebuild_page_``, as the stage modules name them) and the whole step with ``run_step(step_impl, ...)``."""
 
     # Plain functions (an fx node's target must have a name; a kernel may be a triton_op object).
     def stats_append_(k_cache: Tensor, positions: Tensor, page_size: int, kmin: Tensor, kmax: Tensor,
@@ -54,6 +55,10 @@ def _op_table(stages: Any, step_impl: Any) -> dict[Any, Callable[..., Any]]:
     def stats_prefill_(k_cache: Tensor, seqlens: Tensor, page_size: int, kmin: Tensor, kmax: Tensor,
                        kmean: Tensor, km2: Tensor) -> None:
         stages.stats_prefill_(k_cache, seqlens, page_size, kmin, kmax, kmean, km2)
+
+    def stats_rebuild_page_(k_cache: Tensor, slots: Tensor, seqlens: Tensor, page_size: int, kmin: Tensor,
+                            kmax: Tensor, kmean: Tensor, km2: Tensor) -> None:
+        stages.stats_rebuild_page_(k_cache, slots, seqlens, page_size, kmin, kmax, kmean, km2)
 
     def select_pages(q: Tensor, kmin: Tensor, kmax: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor,
                      alibi_slopes: Optional[Tensor], scale: float, alpha: float, page_size: int, selector: str,
@@ -99,6 +104,7 @@ def _op_table(stages: Any, step_impl: Any) -> dict[Any, Callable[..., Any]]:
         ops.entmax.default: entmax_reference,  # prefill-side entmax: no kernel of ours
         ops.page_stats_append.default: stats_append_,
         ops.page_stats_prefill.default: stats_prefill_,
+        ops.page_stats_rebuild.default: stats_rebuild_page_,
         ops.select_pages.default: select_pages,
         ops.paged_decode.default: paged_decode,
         ops.certify.default: certify,
@@ -191,7 +197,7 @@ def reference_implementations() -> dict[Any, Callable[..., Any]]:
     """``{torch.ops.entmaxkv.<op>.default: pure-torch function with the op's signature}``."""
     stages = SimpleNamespace(select_pages=selection.select_pages, paged_decode=attend_reference.paged_decode,
                              certify=certify_stage.certify, stats_append_=cache.stats_append_,
-                             stats_prefill_=cache.stats_prefill_)
+                             stats_prefill_=cache.stats_prefill_, stats_rebuild_page_=rolling.stats_rebuild_page_)
     return _op_table(stages, step.reference_implementation())
 
 

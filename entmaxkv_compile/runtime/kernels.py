@@ -21,7 +21,7 @@ from .sketch.kernel import sketch_page_bounds, sketch_select
 # No kernels yet: the pure-torch floor and token-level bound of the approximate selectors' report
 # run on the device (one sort per head; no host sync).
 from .sketch.reference import sketch_delta_bound, sketch_tau_floor
-from .stats.kernel import stats_append_, stats_prefill_
+from .stats.kernel import stats_append_, stats_prefill_, stats_rebuild_page_
 
 __all__ = [
     "available",
@@ -43,6 +43,7 @@ __all__ = [
     "solve_gathered",
     "stats_append_",
     "stats_prefill_",
+    "stats_rebuild_page_",
 ]
 
 

@@ -30,12 +30,15 @@ from .attend import reference as attend_reference
 from .certify import reference as certify_reference
 from .select import reference as selection
 from .stats import reference as cache
+from .stats import rolling
 from .stats.paged import paged_stats_impl
 
 __all__ = [
     "entmax",
     "page_stats_prefill",
     "page_stats_append",
+    "page_stats_rebuild",
+    "page_stats_track_rolling",
     "paged_stats_prefill",
     "paged_stats_append",
     "select_pages",
@@ -115,6 +118,22 @@ def _(k_cache, positions, page_size, kmin, kmax, kmean, km2) -> None:
     return None
 
 
+@torch.library.custom_op("entmaxkv::page_stats_rebuild", mutates_args=("kmin", "kmax", "kmean", "km2"))
+def page_stats_rebuild(
+    k_cache: Tensor, slots: Tensor, seqlens: Tensor, page_size: int, kmin: Tensor, kmax: Tensor, kmean: Tensor,
+    km2: Tensor,
+) -> None:
+    """Recompute the page holding row ``slots[b]`` from its cache rows below ``seqlens[b]`` (a
+    rolling buffer's written page, ``runtime/stats/rolling.py``; O(P*D) each)."""
+    impl = _kernels_for(k_cache.device, k_cache.dtype) or rolling
+    impl.stats_rebuild_page_(k_cache, slots, seqlens, page_size, kmin, kmax, kmean, km2)
+
+
+@page_stats_rebuild.register_fake
+def _(k_cache, slots, seqlens, page_size, kmin, kmax, kmean, km2) -> None:
+    return None
+
+
 @torch.library.custom_op("entmaxkv::paged_stats_prefill", mutates_args=("kmin", "kmax", "kmean", "km2"))
 def paged_stats_prefill(
     k_pool: Tensor, block_table: Tensor, seqlens: Tensor, page_size: int, kmin: Tensor, kmax: Tensor, kmean: Tensor,
@@ -156,6 +175,18 @@ def page_stats_track(
 
 @page_stats_track.register_fake
 def _(positions, page_size, max_seqlen, last_position, valid) -> None:
+    return None
+
+
+@torch.library.custom_op("entmaxkv::page_stats_track_rolling", mutates_args=("last_position", "valid"))
+def page_stats_track_rolling(positions: Tensor, last_position: Tensor, valid: Tensor) -> None:
+    """Record a rolling-buffer write at ``positions`` (positions, not slots) in the order state:
+    ``valid`` drops to False (until the next prefill) where a position was skipped (no sync)."""
+    rolling.stats_track_rolling_(positions, last_position, valid)
+
+
+@page_stats_track_rolling.register_fake
+def _(positions, last_position, valid) -> None:
     return None
 
 

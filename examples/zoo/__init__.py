@@ -129,8 +129,9 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
     _gpt("window_sink", "a window of 20 keys that also shows key 0 (an attention sink): a hole in the hidden "
          "keys, not a window decode_step computes, refused", "entmax", 1.5, "refused", "bookkeeping", n_layer=1,
          window=20, sink=1),
-    _gpt("rolling_buffer", "entmax15 over a Mistral-style rolling cache of 52 slots written at pos % 52: the "
-         "write index is not the position", "entmax", 1.5, "refused", "bookkeeping", n_layer=1, rolling=52),
+    _gpt("rolling_buffer", "entmax15 over a Mistral-style rolling cache of 52 slots written at pos % 52: proved "
+         "for every position (min(pos + 1, 52) slots attended), the written page's statistics rebuilt",
+         "entmax", 1.5, "rewritten", "bookkeeping", n_layer=1, rolling=52),
     _gpt("not_quite", "an entmax-like tail thresholded at the row mean: not entmax, never rewritten",
          "hand-written entmax", None, "not-entmax", "not-entmax", n_layer=1, weights="not_quite"),
     _gpt("softmax", "the same decoder with softmax: the graph must be left untouched", "softmax", None,

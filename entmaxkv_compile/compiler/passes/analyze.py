@@ -67,6 +67,7 @@ class SitePlan:
     per_row: bool = False  # a ragged decode step: one position per sequence (seqlens = positions + 1)
     row_start_mask: Optional[Node] = None  # a left-padded mask input: decode_step's row_start is read from it
     window: Optional[int] = None  # a proved sliding window: row_start = max(0, position - window + 1)
+    rolling: Optional[Node] = None  # a rolling buffer: the position input, written at its value % slots
 
 
 @dataclass
@@ -249,14 +250,14 @@ def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan],
             action.site.status, action.site.reason = REFUSED, "not proved for every position: " + proof.reason
         else:
             action.guards = [*proof.guards, *(g for g in action.guards if g not in proof.guards)]
-            action.row_start_mask, action.window = proof.row_start_mask, proof.window
+            action.row_start_mask, action.window, action.rolling = proof.row_start_mask, proof.window, proof.rolling
             notes = list(proof.notes)
             if action.match.weights.alpha_tensor is not None:
                 notes.append(f"per-head alpha: every head's alpha is {action.alpha:.4g}")
             proved.append((action, notes))
     if not proved:
         return
-    watch = [n for action, _ in proved for n in watched_nodes(action.match)]
+    watch = [n for action, _ in proved for n in [*watched_nodes(action.match), action.rolling] if n is not None]
     values = record(gm, example_inputs, watch)
     for action, notes in proved:
         row_start = None
@@ -264,7 +265,7 @@ def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan],
             key_len, batch = action.match.k.shape()[2], values[action.match.q].shape[0]
             row_start = row_start_from_mask(example[action.row_start_mask], key_len, batch)
         slopes, why = check_decode_site(action.match, values, action.alpha, action.per_row, row_start,
-                                        action.window)
+                                        action.window, values.get(action.rolling))
         if why:
             action.site.status, action.site.reason = REFUSED, why
             continue
@@ -275,6 +276,8 @@ def _check_decode_sites(gm: GraphModule, example_inputs, decode: list[SitePlan],
             action.site.reason = (f"decode step -> paged_stats_append + decode_step(block_table={table.name}) (paged: "
                                   "the pools read through the table, statistics per physical block, "
                                   "seqlens = each row's position + 1)")
+        elif action.rolling is not None:
+            action.site.reason = "decode step -> page_stats_rebuild + decode_step (rolling buffer)"
         else:
             action.site.reason = "decode step -> page_stats_append + decode_step"
         if action.per_row and table is None:

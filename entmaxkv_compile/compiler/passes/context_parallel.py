@@ -214,6 +214,8 @@ def unsupported(action: SitePlan, config: EntmaxKVConfig) -> str:
                 "parallel decode")
     if match.softcap:
         return "a logit soft-cap is not supported by context parallel decode"
+    if action.rolling is not None:
+        return "a rolling-buffer cache is not supported by context parallel decode; use a full-length cache"
     if any(isinstance(g, MaskGuard) for g in action.guards):
         return ("the attention mask is a graph input, checked per call against this rank's key axis, which the "
                 "global position does not index; build the causal mask from the position in the model")

@@ -16,6 +16,11 @@ each cell at one point decides the whole box:
   cell lies strictly below every shown one, so the threshold is a function of ``j - w`` alone
   (a hole, a hidden first key or a window that depends on ``j`` or ``w`` alone is refused).
   ``decode_step`` then attends ``[max(0, w - window + 1), w]``: ``row_start`` is that start.
+
+For a **rolling buffer** (``rolling=True``: ``j`` a slot of ``n``, ``w`` any position ``>= 0``)
+the box's position axis runs past every cut by more than ``n`` (:func:`_rolling_limit`), so the
+same cells decide every position; the causal rule then shows the first ``min(w + 1, n)`` slots,
+and a window or a bias along the slots (ALiBi) is refused.
 """
 
 from __future__ import annotations
@@ -31,13 +36,20 @@ from .write_index import J, W
 _Cell = tuple[tuple[int, int], tuple[int, int]]  # a representative (j, w) and the cell's range of j - w
 
 
-def decide_causal(expr: Any, n: int, bounds: Optional[dict[sympy.Symbol, float]] = None) -> Optional[int]:
+def decide_causal(expr: Any, n: int, bounds: Optional[dict[sympy.Symbol, float]] = None,
+                  rolling: bool = False) -> Optional[int]:
     """Decide that scores ``expr(J, W, QK, ...)`` are causal (ALiBi allowed) on ``0 <= J, W < n``.
 
     Returns ``None`` for a causal mask, or the window ``W`` of a sliding window (key ``j`` shown
     at position ``w`` iff ``w - W < j <= w``) that hides some written key inside the box. Raises
     :class:`Unproven` with a counterexample otherwise. ``bounds``: the magnitude of each opaque
     input symbol, used to check that a finite mask value stays hidden.
+
+    ``rolling``: ``J`` is a slot of a rolling buffer of ``n`` slots and ``W`` the position, any
+    ``w >= 0`` (see :func:`_rolling_limit`): slot ``j`` is written iff ``j <= w``, so the same
+    rule shows exactly the first ``min(w + 1, n)`` slots. A window (it would hide slots by
+    position, which a slot no longer tells once wrapped) and an ALiBi bias (it needs each slot's
+    position) are refused.
     """
     bounds = bounds or {}
     expr = sympy.piecewise_fold(expr)
@@ -46,7 +58,11 @@ def decide_causal(expr: Any, n: int, bounds: Optional[dict[sympy.Symbol, float]]
         var, t = _threshold(atom)
         if var is not None:
             starts[var].update(_cuts(t))
-    limits = {"d": (-(n - 1), n - 1), "j": (0, n - 1), "w": (0, n - 1)}
+    if rolling:
+        _refuse_rolling_bias(expr)
+    last = _rolling_limit(starts, n) if rolling else n - 1
+    starts["d"].add(-last)
+    limits = {"d": (-last, n - 1), "j": (0, n - 1), "w": (0, last)}
     intervals = {v: _intervals(starts[v], *limits[v]) for v in limits}
     cells = []
     for d in intervals["d"]:
@@ -63,8 +79,8 @@ def decide_causal(expr: Any, n: int, bounds: Optional[dict[sympy.Symbol, float]]
         try:
             value = _branch(expr, j0, w0)
             if j0 > w0:
-                _check_hidden(value, j0, w0, n, bounds)
-            elif _is_hidden(value, n, bounds):
+                _check_hidden(value, j0, w0, n, bounds, rolling)
+            elif _is_hidden(value, n, bounds, rolling):
                 hidden_written.append(((j0, w0), d))
             else:
                 visible = _check_visible(value, j0, w0, visible)
@@ -72,11 +88,40 @@ def decide_causal(expr: Any, n: int, bounds: Optional[dict[sympy.Symbol, float]]
         except Unproven as why:
             failures.append((w0, abs(j0 - w0), why))
     failures += _window_failures(shown, hidden_written)
+    if rolling and not failures:
+        failures += _rolling_failures(hidden_written)
     if failures:  # report the first position where the rewrite would go wrong
         raise min(failures, key=lambda f: f[:2])[2]
     if not hidden_written:
         return None
     return 1 - min(d[0] for _, d in shown)  # shown iff j - w >= 1 - window
+
+
+def _rolling_limit(starts: dict[str, set[int]], n: int) -> int:
+    """The last position to decide for a rolling buffer: past every cut of every condition by more
+    than ``n``, so each cell that runs on to infinity (in ``w`` and, with it, down in ``j - w``)
+    has a representative point below it, and deciding the cells up to it decides every ``w >= 0``."""
+    reach = max(abs(c) for cuts in starts.values() for c in cuts)
+    return 2 * (n + reach) + 1
+
+
+def _refuse_rolling_bias(expr: Any) -> None:
+    """A rolling buffer's scores may not vary with the slot but through the mask's conditions: a
+    bias along the slots (ALiBi) needs each key's position, which a wrapped slot no longer says."""
+    values = [value for value, _ in expr.args] if isinstance(expr, sympy.Piecewise) else [expr]
+    if any(sympy.diff(value, J) != 0 for value in values):
+        raise Unproven("an ALiBi bias over a rolling buffer is not supported: the bias needs each key's "
+                       "position, and once the buffer wraps a slot no longer says it")
+
+
+def _rolling_failures(hidden: list[_Cell]) -> list[tuple[int, int, Unproven]]:
+    """A rolling buffer's extra rule: no written slot hidden (a window is not supported)."""
+    if not hidden:
+        return []
+    (j0, w0), _ = min(hidden, key=lambda c: (c[0][1], c[0][1] - c[0][0]))
+    return [(w0, w0 - j0, Unproven(
+        f"the mask hides a written slot of the rolling buffer (slot {j0} at position {w0}): a sliding window "
+        "over a rolling buffer is not supported (once wrapped, a slot no longer says its position)"))]
 
 
 def _window_failures(shown: list[_Cell], hidden: list[_Cell]) -> list[tuple[int, int, Unproven]]:
@@ -186,16 +231,17 @@ def _check_visible(value: Any, j0: int, w0: int, seen: Optional[tuple[Any, Any]]
     return a, bias
 
 
-def _is_hidden(value: Any, n: int, bounds: dict[sympy.Symbol, float]) -> bool:
+def _is_hidden(value: Any, n: int, bounds: dict[sympy.Symbol, float], rolling: bool = False) -> bool:
     """Whether a key with scores ``value`` gets weight exactly 0 (see :func:`_check_hidden`)."""
     try:
-        _check_hidden(value, 0, 0, n, bounds)
+        _check_hidden(value, 0, 0, n, bounds, rolling)
     except Unproven:
         return False
     return True
 
 
-def _check_hidden(value: Any, j0: int, w0: int, n: int, bounds: dict[sympy.Symbol, float]) -> None:
+def _check_hidden(value: Any, j0: int, w0: int, n: int, bounds: dict[sympy.Symbol, float],
+                  rolling: bool = False) -> None:
     if value == -sympy.oo:
         return
     why = (f"key {j0} is after position {w0} but not hidden: the model attends cache rows not yet written "
@@ -204,18 +250,21 @@ def _check_hidden(value: Any, j0: int, w0: int, n: int, bounds: dict[sympy.Symbo
         raise Unproven(why)
     _, bias = _split(value)
     constant, rest = bias.as_coeff_Add()
-    if not constant.is_number or constant + _bound(rest, n, bounds) > MASK_FLOOR:
+    if not constant.is_number or constant + _bound(rest, n, bounds, rolling) > MASK_FLOOR:
         raise Unproven(why)
 
 
-def _bound(rest: Any, n: int, bounds: dict[sympy.Symbol, float]) -> float:
-    """An upper bound of ``|rest|`` over the box (opaque inputs at their compile-time magnitude)."""
+def _bound(rest: Any, n: int, bounds: dict[sympy.Symbol, float], rolling: bool = False) -> float:
+    """An upper bound of ``|rest|`` over the box (opaque inputs at their compile-time magnitude);
+    with ``rolling`` the position is unbounded, so a term in it has no bound."""
     total = 0.0
     for term in sympy.Add.make_args(rest):
         magnitude = 1.0
         for factor in sympy.Mul.make_args(term):
             if factor.is_number:
                 magnitude *= abs(float(factor))
+            elif factor == W and rolling:
+                magnitude = float("inf")
             elif factor in (J, W):
                 magnitude *= n
             elif factor in bounds:

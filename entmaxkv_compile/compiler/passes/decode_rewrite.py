@@ -4,7 +4,9 @@ For each K cache read by a planned site, the graph gains four inputs (the page s
 up at run time by the backend, see ``static_state.py``) and one bookkeeping call placed after the
 model's own write: ``page_stats_append`` at the written position for decode graphs (in a ragged
 batch each sequence's own position, and ``seqlens = positions + 1`` per sequence),
-``page_stats_prefill`` up to the last written position for prefill graphs. Each decode site's
+``page_stats_prefill`` up to the last written position for prefill graphs; for a rolling buffer
+(``SitePlan.rolling``) ``page_stats_rebuild`` of the written slot's page and ``seqlens =
+min(position + 1, slots)``. Each decode site's
 ``weights @ v`` is replaced by ``decode_step(...)[0]``; the scores, the weights, the mask and the
 GQA expansion of the cache become dead and are removed, so no full-cache copy is left. A fused
 K/V buffer (``kv[2, B, H, N, D]``) is one graph input: the statistics and ``decode_step`` get its
@@ -31,7 +33,8 @@ from .analyze import REWRITTEN, Plan, SitePlan
 from .guards import row_start_from_mask
 from .ir import concrete, dtype_of, is_impure, op_of, shape_of
 from .match_kv_write import CacheRead, row_positions
-from .positions import batch_positions, row_seqlens, row_seqlens_after, seqlens_after, window_start
+from .positions import (batch_positions, rolling_seqlens_after, row_seqlens, row_seqlens_after, seqlens_after,
+                        window_start)
 from .subgraph import NotExtractable, extract, needed_placeholders
 
 if TYPE_CHECKING:
@@ -75,6 +78,7 @@ class CatchUp:
     per_row: bool = False  # ``positions`` gives one position per sequence (a ragged batch)
     table_index: Optional[int] = None  # a page pool: the graph input holding its block table
     shard: Optional[tuple[int, int]] = None  # context parallel: (this rank's first global position, its rows)
+    slots: int = 0  # a rolling buffer of that many slots: ``positions`` gives the position, not the slot
 
 
 @dataclass(frozen=True)
@@ -103,15 +107,9 @@ class RewriteResult:
     guards: list[Any] = field(default_factory=list)  # run-time conditions of the rewritten sites
 
 
-
-
-
-
 def int32_table(table: torch.Tensor) -> torch.Tensor:
     """The block table as ``decode_step`` and the paged statistics take it (int32; no copy when it is)."""
     return table.to(torch.int32)
-
-
 
 
 def decode_output(result: tuple[torch.Tensor, ...], trailing: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -301,7 +299,9 @@ def _insert_bookkeeping(gm: GraphModule, plan: Plan, action: SitePlan, stats: li
     with graph.inserting_before(first_out):
         cache = _cache_node(graph, read)
         table = (_table_node(graph, read),) if read.table is not None else ()
-        if action.site.phase == "decode":
+        if action.site.phase == "decode" and action.rolling is not None:
+            _insert_rolling_bookkeeping(graph, action, cache, stats, order, config)
+        elif action.site.phase == "decode":
             positions = (graph.call_function(row_positions, (action.match.k.positions,)) if action.per_row
                          else graph.call_function(batch_positions, (action.match.k.positions, action.match.q)))
             append = torch.ops.entmaxkv.paged_stats_append if table else torch.ops.entmaxkv.page_stats_append
@@ -319,6 +319,20 @@ def _insert_bookkeeping(gm: GraphModule, plan: Plan, action: SitePlan, stats: li
                                     (seqlens, capacity, *order[:2]))
 
 
+def _insert_rolling_bookkeeping(graph: torch.fx.Graph, action: SitePlan, cache: Node, stats: list[Node],
+                                order: list[Node], config: EntmaxKVConfig) -> None:
+    """A rolling buffer's update (``runtime/stats/rolling.py``): rebuild the page of the slot just
+    written from the cache, and record the position (not the slot) in the order state."""
+    match = action.match
+    slots = graph.call_function(batch_positions, (match.k.positions, match.q))
+    seqlens = graph.call_function(rolling_seqlens_after, (action.rolling, match.q, concrete(match.k.shape()[2])))
+    graph.call_function(torch.ops.entmaxkv.page_stats_rebuild.default,
+                        (cache, slots, seqlens, config.page_size, *stats))
+    if order:
+        positions = graph.call_function(batch_positions, (action.rolling, match.q))
+        graph.call_function(torch.ops.entmaxkv.page_stats_track_rolling.default, (positions, *order[:2]))
+
+
 def _replace_attention(gm: GraphModule, action: SitePlan, stats: list[Node], order: list[Node],
                        slopes: Optional[Node], config: EntmaxKVConfig) -> tuple[Any, ...]:
     """Insert ``decode_step`` for ``action``; return its constant arguments."""
@@ -334,8 +348,13 @@ def _replace_attention(gm: GraphModule, action: SitePlan, stats: list[Node], ord
     policy = bool(order) and config.selector == "certified"
     with graph.inserting_before(match.out):
         k_cache, v_cache = _cache_node(graph, match.k), _cache_node(graph, match.v)
-        seqlens = (graph.call_function(row_seqlens, (match.k.positions,)) if action.per_row
-                   else graph.call_function(seqlens_after, (match.k.positions, match.q)))
+        if action.rolling is not None:
+            seqlens = graph.call_function(rolling_seqlens_after, (action.rolling, match.q,
+                                                                  concrete(match.k.shape()[2])))
+        elif action.per_row:
+            seqlens = graph.call_function(row_seqlens, (match.k.positions,))
+        else:
+            seqlens = graph.call_function(seqlens_after, (match.k.positions, match.q))
         state = (graph.call_function(stats_valid_for, (*order[:2], seqlens)),) if order else ()
         if policy:
             dense = graph.call_function(dense_rows_for, (order[2],))
@@ -371,15 +390,16 @@ def _replace_attention(gm: GraphModule, action: SitePlan, stats: list[Node], ord
 
 def _add_catch_up(gm: GraphModule, result: RewriteResult, action: SitePlan, index_of: dict[Node, int],
                   page_size: int, shard: Optional[tuple[int, int]] = None) -> None:
-    positions = action.match.k.positions
+    positions = action.match.k.positions if action.rolling is None else action.rolling
     try:
         fn = extract(gm, [], positions, allow_placeholders=True)
     except NotExtractable:
         return  # the step's position cannot be computed ahead; a compiled prefill must fill the stats
     args = tuple(index_of[n] for n in needed_placeholders(gm, [], positions))
     table = action.match.k.table
+    slots = concrete(action.match.k.shape()[2]) if action.rolling is not None else 0
     result.catch_ups.append(CatchUp(index_of[action.match.k.cache], page_size, fn, args, action.match.k.part,
-                                    action.per_row, index_of[table] if table is not None else None, shard))
+                                    action.per_row, index_of[table] if table is not None else None, shard, slots))
 
 
 def _cache_node(graph: torch.fx.Graph, read: CacheRead) -> Node:

@@ -10,7 +10,8 @@ import torch
 
 from .match_kv_write import row_positions
 
-__all__ = ["batch_positions", "row_seqlens", "row_seqlens_after", "seqlens_after", "window_start", "written_before"]
+__all__ = ["batch_positions", "rolling_seqlens_after", "row_seqlens", "row_seqlens_after", "seqlens_after",
+           "window_start", "written_before"]
 
 
 def row_seqlens(positions: torch.Tensor) -> torch.Tensor:
@@ -51,3 +52,9 @@ def batch_positions(positions: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def seqlens_after(positions: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Valid tokens once the last written position is in: ``last position + 1`` per sequence."""
     return batch_positions(positions, q) + 1
+
+
+def rolling_seqlens_after(positions: torch.Tensor, q: torch.Tensor, slots: int) -> torch.Tensor:
+    """A rolling buffer of ``slots`` slots once the last position is written: ``min(position + 1,
+    slots)`` per sequence (every written slot; ``positions`` the positions, not the slots)."""
+    return (batch_positions(positions, q) + 1).clamp(max=slots)

@@ -7,8 +7,14 @@ symbolically (``symbolic.py``), must equal that up to a per-row constant for eve
 
 1. **Write index.** K and V are written at the same index ``W``, an expression of the graph's
    integer inputs. The mask must be built from the same value: ``W`` itself, or ``x + c`` when
-   ``W = x + c`` (HF's ``arange(1) + cumulative_length``). A cache written at ``input_pos % S``
-   under a mask of ``input_pos`` (a rolling buffer) is refused.
+   ``W = x + c`` (HF's ``arange(1) + cumulative_length``). A **rolling buffer** (Mistral) writes
+   position ``x`` at slot ``x % S``, ``S`` exactly the cache's slot count (any other modulus is
+   refused): its mask is read as a function of the position ``w = x``, and 2. is decided for every
+   ``w >= 0``, not only ``w < S`` (``decide.py``). A causal mask over the slots (``j <= w``) then
+   shows exactly the first ``min(w + 1, S)`` slots, every written one; entmax attention over a set
+   of keys does not depend on their order (RoPE is applied before the write), so ``decode_step``
+   attends ``seqlens = min(w + 1, S)`` slots. A window, an ALiBi bias or a mask input over a
+   rolling buffer is refused (once wrapped, a slot no longer says its position).
 2. **Mask.** The scores become a piecewise expression whose conditions must be comparisons
    ``a*(j - w) + k``, ``a*j + k`` or ``a*w + k`` against 0. Those split the integer box
    ``0 <= j, w < N`` into finitely many cells in which every condition is constant; each cell is
@@ -65,6 +71,7 @@ class SiteProof:
     notes: list[str] = field(default_factory=list)
     row_start_mask: Optional[Node] = None  # the mask input whose hidden prefix is decode_step's row_start
     window: Optional[int] = None  # a sliding window proved from the graph: row_start = max(0, w - window + 1)
+    rolling: Optional[Node] = None  # a rolling buffer: the position input (the write is at its value % slots)
 
 
 class _Leaves:
@@ -217,8 +224,11 @@ def prove_decode_site(gm: GraphModule, match: AttentionMatch, product: Node, exa
         leaves = _Leaves(gm, example, key_len, shape[0])
         write = write_index(leaves, match)
         scores = leaves.evaluator(product, J).value(match.weights.scores)
-        expr = in_write_index(scores, write, leaves)
-        window = decide_causal(expr, key_len, leaves.opaque_bound)
+        expr, rolling = in_write_index(scores, write, leaves, key_len)
+        window = decide_causal(expr, key_len, leaves.opaque_bound, rolling is not None)
+        if rolling is not None and leaves.mask_inputs:
+            raise Unproven("the attention mask is a graph input over a rolling buffer: its run-time check takes "
+                           "the slot, not the position")
         if leaves.per_row and leaves.mask_inputs:
             raise Unproven("the attention mask is a graph input and the positions are per row: the run-time "
                            "mask check takes one position shared by the batch")
@@ -243,10 +253,15 @@ def prove_decode_site(gm: GraphModule, match: AttentionMatch, product: Node, exa
     if window is not None:
         notes.append(f"sliding window {window}: proved from the mask for every position, "
                      f"row_start = max(0, position - {window - 1})")
+    if rolling is not None:
+        notes.append(f"rolling buffer of {key_len} slots written at position % {key_len}: proved for every "
+                     f"position, seqlens = min(position + 1, {key_len}), the written slot's page statistics "
+                     "rebuilt each step")
     if padded:
         notes.append(f"left padding: row_start = the leading hidden keys of mask input {padded[0].name} (its "
                      "padding, or a sliding window's start), checked at each call")
-    return SiteProof("", guards, notes, padded[0] if padded else None, window)
+    return SiteProof("", guards, notes, padded[0] if padded else None, window,
+                     leaves.positions[rolling] if rolling is not None else None)
 
 
 def _hides_a_prefix(mask: Any, key_len: int) -> bool:

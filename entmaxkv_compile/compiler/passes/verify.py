@@ -105,6 +105,7 @@ def _cache_value(read: Any, values: dict[Node, Any]) -> torch.Tensor:
 def check_decode_site(
     match: AttentionMatch, values: dict[Node, Any], alpha: float, per_row: bool = False,
     row_start: Optional[torch.Tensor] = None, window: Optional[int] = None,
+    rolling: Optional[torch.Tensor] = None,
 ) -> tuple[Optional[torch.Tensor], str]:
     """``(alibi_slopes or None, "")`` when the site computes decode_step's math, else ``(None, reason)``.
 
@@ -113,7 +114,9 @@ def check_decode_site(
     ``row_start`` (int ``[B]``, a left-padded batch): row ``b`` attends only
     ``[row_start[b], length)``; its rows below the start must be hidden by the mask, and the
     checks run on the attended rows. ``window`` (a proved sliding window): row ``b`` attends only
-    ``[max(row_start[b], length - window), length)``.
+    ``[max(row_start[b], length - window), length)``. ``rolling`` (a rolling buffer: the step's
+    position, written at its value modulo the slot count): every row holds ``min(position + 1,
+    slots)`` tokens.
     """
     q = values[match.q].double()
     k_read, v_read = values[match.k_read], values[match.v_read]
@@ -133,6 +136,8 @@ def check_decode_site(
     positions = values[match.k.positions]
     last = positions.reshape(-1)[-1:].to(torch.int64)
     lengths = row_positions(positions) + 1 if per_row else (last + 1).expand(batch)
+    if rolling is not None:
+        lengths = (rolling.reshape(-1)[-1:].to(torch.int64) + 1).clamp(max=k_cache.shape[2]).expand(batch)
     raw = apply_softcap(match.scale * (q @ k_read.double().transpose(-1, -2)), match.softcap)
     scores = values[match.weights.scores].double().reshape(raw.shape)
     v_read = v_read.double()

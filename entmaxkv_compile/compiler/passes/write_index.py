@@ -88,8 +88,14 @@ def _scalar(sym: Sym, what: str) -> Any:
     return sym.expr
 
 
-def in_write_index(scores: Sym, write: Any, leaves: Any) -> Any:
-    """The scores as an expression of ``j`` (renamed from the key axis), ``w`` and data symbols."""
+def in_write_index(scores: Sym, write: Any, leaves: Any, slots: int = 0) -> tuple[Any, Any]:
+    """``(expr, rolling)``: the scores as an expression of ``j`` (renamed from the key axis), ``w``
+    and data symbols, and the position symbol of a rolling buffer (else None).
+
+    A rolling buffer writes at ``Mod(x, slots)``, ``x`` one position shared by the batch and
+    ``slots`` exactly the cache's length on the sequence axis: its mask must then be built from
+    ``x`` (the position ``w``, which may exceed the slot count), and ``proofs.py`` decides it for
+    every ``w >= 0``. Any other modulus, or a per-row position, is refused."""
     key = scores.axes[-1] if scores.axes else None
     if is_opaque(key):
         raise Unproven("the scores vary along the key axis with an input tensor whose content the proof does "
@@ -103,20 +109,42 @@ def in_write_index(scores: Sym, write: Any, leaves: Any) -> Any:
     if (row_axes or scores.expr.free_symbols & leaves.per_row) and row_axes != [0]:
         raise Unproven("the scores vary with a per-row position along an axis other than the batch axis")
     expr = scores.expr.subs(j, J)
-    used = expr.free_symbols & set(leaves.positions)
-    if used:
-        base = write.free_symbols & set(leaves.positions)
-        x = next(iter(base)) if len(base) == 1 else None
-        if x is not None and sympy.diff(write, x) == 1 and not (write - x).free_symbols:
-            expr = expr.subs(x, W - (write - x))  # written at x + c: the mask's x is w - c
-        elif write.free_symbols:
-            expr = expr.subs(write, W)  # the mask is built from the very value the write uses
-        left = expr.free_symbols & set(leaves.positions)
-        if left:
-            names = ", ".join(sorted(str(s) for s in left))
-            rolling = ("; a rolling buffer (written at position % slots) is not supported: its overwritten pages' "
-                       "running min/max cannot forget the old rows, so they would need recomputing from the cache; "
-                       "use a full-length cache with a sliding-window mask") if write.has(sympy.Mod) else ""
-            raise Unproven(f"the cache is written at index {write}, but the mask is built from {names}: the write "
-                           f"index is not proved to be the position (a rolling buffer?){rolling}")
-    return expr
+    if not expr.free_symbols & set(leaves.positions):
+        return expr, None
+    base = write.free_symbols & set(leaves.positions)
+    x = next(iter(base)) if len(base) == 1 else None
+    proved = expr
+    if x is not None and sympy.diff(write, x) == 1 and not (write - x).free_symbols:
+        proved = expr.subs(x, W - (write - x))  # written at x + c: the mask's x is w - c
+    elif write.free_symbols:
+        proved = expr.subs(write, W)  # the mask is built from the very value the write uses
+    left = proved.free_symbols & set(leaves.positions)
+    if not left:
+        return proved, None
+    rolling = _rolling_position(write, leaves, slots)
+    if rolling is not None:  # slot x % slots holds position x: the mask's x is the position w
+        return expr.subs(rolling, W), rolling
+    names = ", ".join(sorted(str(s) for s in left))
+    raise Unproven(f"the cache is written at index {write}, but the mask is built from {names}: the write "
+                   f"index is not proved to be the position{_why_not_rolling(write, leaves, slots)}")
+
+
+def _rolling_position(write: Any, leaves: Any, slots: int) -> Any:
+    """The position symbol ``x`` of a rolling-buffer write ``Mod(x, slots)``, else None."""
+    if not isinstance(write, sympy.Mod) or write.args[1] != slots:
+        return None
+    x = write.args[0]
+    if x not in leaves.positions or x in leaves.per_row:
+        return None
+    return x
+
+
+def _why_not_rolling(write: Any, leaves: Any, slots: int) -> str:
+    """Why a write ``Mod(...)`` is not the rolling buffer the proof accepts (empty for other writes)."""
+    if not write.has(sympy.Mod):
+        return ""
+    if isinstance(write, sympy.Mod) and write.args[1] != slots:
+        return (f" (a rolling buffer?): its modulus {write.args[1]} is not the cache's slot count {slots}, so "
+                "the slots the mask shows are not the last positions written")
+    return (f" (a rolling buffer?): a rolling buffer must be written at position % {slots} (the cache's slot "
+            "count), the position one integer input shared by the batch")

@@ -1,6 +1,9 @@
-"""Page statistics kernels: one-pass prefill and O(D) append (ops ``entmaxkv::triton_stats_*``).
+"""Page statistics kernels: one-pass prefill, O(D) append and the rebuild of one page per sequence
+(ops ``entmaxkv::triton_stats_*``).
 
-Same arguments and in-place results as ``cache.stats_prefill_`` / ``cache.stats_append_``.
+Same arguments and in-place results as ``cache.stats_prefill_`` / ``cache.stats_append_`` /
+``rolling.stats_rebuild_page_`` (the rebuild is the prefill kernel restricted to the page of a
+given slot: a rolling buffer's written page).
 Per page and KV head: ``kmin``/``kmax`` in K's dtype (2 x 2 bytes x D for fp16), ``kmean``/``km2``
 in Welford form, stored as float32 (2 x 4 x D) or compactly in K's dtype (2 x 2 x D; arithmetic in
 float32, only the stored value is rounded). The Quest bound and the certificate read only
@@ -29,6 +32,7 @@ def _prefill_kernel(
     Hkv, D, num_pages, page_size, nmax,
     table_ptr, stb, stp, HAS_TABLE: tl.constexpr,
     PAGES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    slot_ptr=None, ONE_PAGE: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
@@ -44,6 +48,8 @@ def _prefill_kernel(
         k_base = k_ptr + hk.to(tl.int64) * skh
     for i in range(PAGES):
         page = tl.program_id(0) * PAGES + i
+        if ONE_PAGE:  # only the page holding row slot[b] (clamped into the cache)
+            page = tl.minimum(tl.maximum(tl.load(slot_ptr + b).to(tl.int32), 0), nmax - 1) // page_size
         if page < num_pages:
             first = page * page_size
             n = tl.minimum(tl.maximum(length - first, 0), page_size)
@@ -223,4 +229,26 @@ def stats_append_(
     wrap_triton(_append_kernel)[(batch * hkv,)](
         k_cache, positions, kmin, kmax, kmean, km2, *k_strides, *strides,
         hkv, dim, page_size, capacity, *table_args(block_table, positions), BLOCK_D=cm.next_pow2(dim), num_warps=1,
+    )
+
+
+@triton_op("entmaxkv::triton_stats_rebuild_page_",
+           mutates_args={"kmin", "kmax", "kmean", "km2"})
+def stats_rebuild_page_(
+    k_cache: Tensor, slots: Tensor, seqlens: Tensor, page_size: int,
+    kmin: Tensor, kmax: Tensor, kmean: Tensor, km2: Tensor,
+) -> None:
+    """Recompute the statistics of the page holding row ``slots[b]`` from that page's rows below
+    ``seqlens[b]`` (a rolling buffer's written page; O(P*D) per sequence and KV head)."""
+    _check_stat_update(k_cache, "seqlens", seqlens, page_size, kmin, kmax, kmean, km2, None)
+    check_lengths("slots", slots, k_cache.shape[0], device=k_cache.device)
+    hkv, capacity, k_strides = cache_geometry(k_cache, page_size, None)
+    batch, dim = seqlens.shape[0], k_cache.shape[3]
+    strides = _stat_strides(kmin, kmean, km2, kmax)
+    cfg = lookup("page_stats", k_cache.device, "default")
+    wrap_triton(_prefill_kernel)[(1, batch * hkv)](
+        k_cache, seqlens, kmin, kmax, kmean, km2, *k_strides, *strides,
+        hkv, dim, kmin.shape[2], page_size, capacity, *table_args(None, seqlens),
+        PAGES=1, BLOCK_T=min(cfg["BLOCK_T"], cm.next_pow2(page_size)),
+        BLOCK_D=cm.next_pow2(dim), slot_ptr=slots, ONE_PAGE=True, num_warps=cfg["num_warps"],
     )
