@@ -102,18 +102,24 @@ def stats_prefill_(
     # rows past the capacity never count as tokens.
     length = seqlens.to(torch.int64).clamp(0, max_seqlen)
     valid = rows[None] < length[:, None, None]  # [B, Np, P]
-    valid5 = valid[:, None, :, :, None]
-    counts = valid.sum(-1)[:, None, :, None]  # [B, 1, Np, 1]
-    nonempty = counts > 0
+    for stat, value in zip((kmin, kmax, kmean, km2), masked_page_stats(k, valid[:, None, :, :, None], 3)):
+        stat.copy_(value.squeeze(3))
 
+
+def masked_page_stats(k: torch.Tensor, valid: torch.Tensor,
+                      dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(min, max, mean, M2)`` of the rows of ``k`` along its page-row axis ``dim`` where ``valid``
+    (bool, broadcast against ``k``), that axis kept with size 1: min/max in K's dtype, the mean
+    and the two-pass M2 in float32 (exact up to rounding); all zeros for a page with no valid row."""
+    counts = valid.sum(dim, keepdim=True)
+    nonempty = counts > 0
     inf = float("inf")
-    kmin.copy_(torch.where(nonempty, torch.where(valid5, k, inf).amin(3), 0))
-    kmax.copy_(torch.where(nonempty, torch.where(valid5, k, -inf).amax(3), 0))
-    kf = torch.where(valid5, k.to(torch.float32), 0.0)
-    mean = kf.sum(3) / counts.clamp(min=1).to(torch.float32)
-    dev = torch.where(valid5, kf - mean.unsqueeze(3), 0.0)
-    kmean.copy_(mean)
-    km2.copy_((dev * dev).sum(3))
+    lo = torch.where(nonempty, torch.where(valid, k, inf).amin(dim, keepdim=True), 0)
+    hi = torch.where(nonempty, torch.where(valid, k, -inf).amax(dim, keepdim=True), 0)
+    kf = torch.where(valid, k.to(torch.float32), 0.0)
+    mean = kf.sum(dim, keepdim=True) / counts.clamp(min=1).to(torch.float32)
+    dev = torch.where(valid, kf - mean, 0.0)
+    return lo, hi, mean, (dev * dev).sum(dim, keepdim=True)
 
 
 def stats_append_(

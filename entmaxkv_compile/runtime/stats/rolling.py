@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ...checks import check_kv_cache, check_lengths, check_page_size, check_positions
-from .reference import _check_buffers_match
+from .reference import _check_buffers_match, masked_page_stats
 
 __all__ = ["rolling_in_order", "rolling_seqlens", "stats_rebuild_page_", "stats_track_rolling_"]
 
@@ -63,23 +63,9 @@ def stats_rebuild_page_(
     valid = rows < seqlens.to(torch.int64).clamp(0, max_seqlen)[:, None]  # rows past Nmax never count
     index = rows.clamp(max=max_seqlen - 1)[:, None, :, None].expand(batch, kv_heads, page_size, head_dim)
     k = k_cache.gather(2, index)  # [B, Hkv, P, D]
-    valid4 = valid[:, None, :, None]
-    counts = valid.sum(-1).view(batch, 1, 1, 1)
-    nonempty = counts > 0
-
-    inf = float("inf")
-    lo = torch.where(nonempty, torch.where(valid4, k, inf).amin(2, keepdim=True), 0)
-    hi = torch.where(nonempty, torch.where(valid4, k, -inf).amax(2, keepdim=True), 0)
-    kf = torch.where(valid4, k.to(torch.float32), 0.0)
-    mean = kf.sum(2, keepdim=True) / counts.clamp(min=1).to(torch.float32)
-    dev = torch.where(valid4, kf - mean, 0.0)
-    m2 = (dev * dev).sum(2, keepdim=True)
-
     page_index = page.view(batch, 1, 1, 1).expand(batch, kv_heads, 1, head_dim)
-    kmin.scatter_(2, page_index, lo.to(kmin.dtype))
-    kmax.scatter_(2, page_index, hi.to(kmax.dtype))
-    kmean.scatter_(2, page_index, mean.to(kmean.dtype))
-    km2.scatter_(2, page_index, m2.to(km2.dtype))
+    for stat, value in zip((kmin, kmax, kmean, km2), masked_page_stats(k, valid[:, None, :, None], 2)):
+        stat.scatter_(2, page_index, value.to(stat.dtype))
 
 
 def rolling_in_order(positions: torch.Tensor, last_position: torch.Tensor) -> torch.Tensor:
