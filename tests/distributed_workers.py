@@ -261,7 +261,7 @@ def context_parallel_ragged(rank: int, world: int, steps: int, writes: tuple[str
 
 def _backend():
     """The backend by name where the package is installed (its entry point), else the object (a
-    checkout run from its root, as on a lent GPU machine)."""
+    checkout run from its root without installing it)."""
     from entmaxkv_compile.compiler.backend import entmaxkv_backend
 
     return "entmaxkv" if "entmaxkv" in torch._dynamo.list_backends() else entmaxkv_backend
