@@ -45,6 +45,7 @@ from benchmarks import e2e, report  # noqa: E402
 from benchmarks.dense_decode import kernel_breakdown  # noqa: E402
 from benchmarks.data_families import planted  # noqa: E402
 from entmaxkv_compile import Decoder, EntmaxKVConfig  # noqa: E402
+from entmaxkv_compile.compiler.backend import torch_compile_backend  # noqa: E402
 from entmaxkv_compile.distributed import Collectives, ContextParallelDecoder, spawn  # noqa: E402
 from examples.zoo import gpt_fast_tp  # noqa: E402
 
@@ -204,12 +205,7 @@ def _compile(model: torch.nn.Module, plan: dict, mode: str | None):
         options["mode"] = mode
     if not plan["inductor"]:
         options["compiler"] = "eager"
-    # by name through the package's entry point, or the documented object where the package is
-    # used from a checkout without being installed
-    from entmaxkv_compile.compiler.backend import entmaxkv_backend
-
-    backend = "entmaxkv" if "entmaxkv" in torch._dynamo.list_backends() else entmaxkv_backend
-    return torch.compile(model, backend=backend, options=options, fullgraph=True)
+    return torch.compile(model, backend=torch_compile_backend(), options=options, fullgraph=True)
 
 
 def tensor_parallel(plan: dict, tp_mode: str | None) -> list[dict]:

@@ -150,14 +150,6 @@ def decode(step_fn, plan: dict, context: int) -> tuple[float, float, torch.Tenso
     return (time.perf_counter() - start) / plan["steps"], warm, torch.cat(logits).float()
 
 
-def _backend():
-    """The ``entmaxkv`` backend: by name through its entry point, else the documented object."""
-    if "entmaxkv" in torch._dynamo.list_backends():
-        return "entmaxkv"
-    from entmaxkv_compile.compiler.backend import entmaxkv_backend
-
-    return entmaxkv_backend
-
 
 def _compiled(plan: dict, method: str, model: torch.nn.Module, context: int):
     mode = "reduce-overhead" if plan["device"] == "cuda" else None
@@ -174,7 +166,9 @@ def _compiled(plan: dict, method: str, model: torch.nn.Module, context: int):
         options["mode"] = mode
     if not plan["inductor"]:
         options["compiler"] = "eager"
-    return torch.compile(model, backend=_backend(), options=options, fullgraph=True)
+    from entmaxkv_compile.compiler.backend import torch_compile_backend  # not at import: see the module doc
+
+    return torch.compile(model, backend=torch_compile_backend(), options=options, fullgraph=True)
 
 
 def _run(plan: dict, method: str, context: int, fill: list) -> tuple[float, float, torch.Tensor]:

@@ -86,14 +86,6 @@ def decode(step_fn, opts: argparse.Namespace) -> tuple[float, torch.Tensor]:
     return (time.perf_counter() - start) / opts.steps, torch.stack(logits_seen, 1).float()
 
 
-def _entmaxkv_backend():
-    """The backend by name when the package is installed (entry point), else by import."""
-    if "entmaxkv" in torch._dynamo.list_backends():
-        return "entmaxkv"
-    from entmaxkv_compile.compiler.backend import entmaxkv_backend
-
-    return entmaxkv_backend
-
 
 def _sync(device: str) -> None:
     if device == "cuda":
@@ -118,7 +110,9 @@ def main() -> None:
     options = {"selector": opts.selector, "page_size": opts.page_size, "token_budget": opts.token_budget}
     if mode is not None:
         options["mode"] = mode
-    compiled = torch.compile(model, backend=_entmaxkv_backend(), options=options, fullgraph=True)
+    from entmaxkv_compile.compiler.backend import torch_compile_backend
+
+    compiled = torch.compile(model, backend=torch_compile_backend(), options=options, fullgraph=True)
     results[f"entmaxkv ({opts.selector})"] = decode(compiled, opts)
     for name, (seconds, _) in results.items():
         print(f"{name:28s} {seconds * 1e3:9.3f} ms/token")

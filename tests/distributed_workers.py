@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from entmaxkv_compile import EntmaxKVConfig
+from entmaxkv_compile.compiler.backend import torch_compile_backend
 from entmaxkv_compile.distributed import ContextParallelDecoder
 from entmaxkv_compile.runtime.step import reference_implementation
 
@@ -259,13 +260,6 @@ def context_parallel_ragged(rank: int, world: int, steps: int, writes: tuple[str
     return results
 
 
-def _backend():
-    """The backend by name where the package is installed (its entry point), else the object (a
-    checkout run from its root without installing it)."""
-    from entmaxkv_compile.compiler.backend import entmaxkv_backend
-
-    return "entmaxkv" if "entmaxkv" in torch._dynamo.list_backends() else entmaxkv_backend
-
 
 def context_parallel_generate(rank: int, world: int, steps: int, selectors: tuple[str, ...],
                               compile_options: dict | None = None) -> dict:
@@ -297,7 +291,7 @@ def context_parallel_generate(rank: int, world: int, steps: int, selectors: tupl
 
         options = {"selector": selector, "page_size": CP_PAGE, "context_parallel": True,
                    **(compile_options or {"compiler": "eager"})}
-        decode = torch.compile(model, backend=_backend(), options=options, dynamic=False)
+        decode = torch.compile(model, backend=torch_compile_backend(), options=options, dynamic=False)
         with recording() as report:
             tokens, logits = gpt_fast.generate(model, context_parallel_prompt().to(device), steps, decode=decode,
                                                prefill=prefill)

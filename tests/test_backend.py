@@ -17,6 +17,9 @@ from examples.zoo import gpt_fast
 def test_backend_is_registered_by_entry_point_name():
     assert "entmaxkv" in torch._dynamo.list_backends()
     assert torch._dynamo.lookup_backend("entmaxkv") is entmaxkv_backend
+    from entmaxkv_compile.compiler.backend import torch_compile_backend
+
+    assert torch_compile_backend() == "entmaxkv"  # installed: by name, not the object
 
 
 def test_options_map_onto_config_mode_and_inductor():

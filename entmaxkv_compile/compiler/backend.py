@@ -41,7 +41,7 @@ from .passes.positions import written_before
 from .passes.fallback import bookkeeping_only
 from .passes.static_state import STATS
 
-__all__ = ["BackendSettings", "entmaxkv_backend"]
+__all__ = ["BackendSettings", "entmaxkv_backend", "torch_compile_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,13 @@ def _check_mode(mode: str) -> None:
 #: Called with ``(plan, original_code, rewritten_code)`` for every graph compiled (explain, tests).
 GraphObserver = Callable[[Plan, str, str], None]
 _OBSERVERS: list[GraphObserver] = []
+
+
+def torch_compile_backend() -> str | Callable[..., Any]:
+    """What to pass as ``torch.compile(backend=...)``: ``"entmaxkv"`` where the installed package's
+    entry point registered that name, else :func:`entmaxkv_backend` itself (a checkout used from
+    its root without installing it)."""
+    return "entmaxkv" if "entmaxkv" in torch._dynamo.list_backends() else entmaxkv_backend
 
 
 def entmaxkv_backend(
