@@ -89,7 +89,8 @@ def graphed(fn):
 
 
 def kernel_breakdown(fn):
-    """Per-kernel device time (us) of one eager call, summed by kernel name."""
+    """Per-kernel device time (us) of one eager call, summed by kernel name, after the number of
+    kernels it launched (``launches``)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -98,11 +99,16 @@ def kernel_breakdown(fn):
         fn()
         torch.cuda.synchronize()
     times: dict[str, float] = {}
+    launches = 0
     for evt in prof.events():
         if evt.device_type.name == "CUDA":
-            name = evt.name.split("(")[0][:40]
+            launches += 1
+            name = evt.name.split("(")[0]
+            # torch's elementwise kernels differ only in their functor: keep it in the name
+            name = name.replace("void at::native::", "at::")[:90] if "at::native" in name else name[:40]
             times[name] = times.get(name, 0.0) + evt.device_time_total
-    return {k: round(v, 1) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
+    ordered = {k: round(v, 1) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
+    return {"launches": launches, **ordered}
 
 
 def run_case(n, hq, hkv, family, dtype, alpha, sweep):

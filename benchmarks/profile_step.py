@@ -26,19 +26,20 @@ from benchmarks.dense_decode import kernel_breakdown  # noqa: E402
 from benchmarks.timing import bench, capture  # noqa: E402
 from entmaxkv_compile import EntmaxKVConfig, KVPageStats  # noqa: E402
 from entmaxkv_compile.runtime.decoder import Decoder  # noqa: E402
+from entmaxkv_compile.runtime.sketch.reference import KeySketch  # noqa: E402
 
 PAGE = 16
 SELECT_SWEEP = [
-    {"MOMENTS_DOT": 0, "BLOCK_PM": 32, "num_warps": 4},
-    {"MOMENTS_DOT": 1, "BLOCK_PM": 32, "num_warps": 4},
-    {"MOMENTS_DOT": 1, "BLOCK_PM": 64, "num_warps": 4},
-    {"MOMENTS_DOT": 0, "BLOCK_PM": 16, "num_warps": 4},
-    {"MOMENTS_DOT": 1, "BLOCK_PM": 64, "num_warps": 8},
+    {"MOMENTS_DOT": 0},
+    {"MOMENTS_DOT": 2},
+    {"MOMENTS_DOT": 0, "MOMENTS_BLOCKS": 8},
+    {"MOMENTS_DOT": 2, "MOMENTS_BLOCKS": 8},
+    {"MOMENTS_DOT": 0, "BLOCK_PM": 64},
 ]
 
 
-def _step(q, k, v, seqlens, config, stats, cuda_graph=False):
-    decoder = Decoder.for_cache(k, q.shape[1], config, stats=stats, cuda_graph=cuda_graph)
+def _step(q, k, v, seqlens, config, stats, cuda_graph=False, sketch=None):
+    decoder = Decoder.for_cache(k, q.shape[1], config, stats=stats, cuda_graph=cuda_graph, sketch=sketch)
 
     def run():
         return decoder.run(q, k, v, seqlens)
@@ -51,16 +52,19 @@ def profile_case(family: str, n: int, hq: int, hkv: int, selectors: list[str], s
     seqlens = torch.full((1,), n, dtype=torch.int32, device=dev)
     rows = []
     for name in selectors:
-        selector, _, moments = name.partition("_")
-        moment_dtype = "cache" if moments == "c" else "float32"
-        config = EntmaxKVConfig(selector=selector, moment_dtype=moment_dtype)
+        selector, _, suffix = name.partition("_")
+        moment_dtype = "cache" if suffix == "c" else "float32"
+        sketched = suffix == "s"  # the certified step that selects with the int8 key sketch
+        config = EntmaxKVConfig(selector=selector, moment_dtype=moment_dtype,
+                                certify_sketch="int8" if sketched else "off")
         stats = KVPageStats.from_cache(k, seqlens, PAGE, check_values=False,
                                        moment_dtype=k.dtype if moment_dtype == "cache" else None)
-        step = _step(q, k, v, seqlens, config, stats)
+        sketch = KeySketch.from_cache(k, seqlens, check_values=False) if sketched else None
+        step = _step(q, k, v, seqlens, config, stats, sketch=sketch)
         replay, result, note = capture(step, dev)
+        own_graphs = _step(q, k, v, seqlens, config, stats, cuda_graph=dev.type == "cuda", sketch=sketch)
         row = dict(family=family, n=n, hq=hq, hkv=hkv, method=name, note=note,
-                   ms=bench(replay, dev), eager_ms=bench(step, dev),
-                   graphed_run_ms=bench(_step(q, k, v, seqlens, config, stats, cuda_graph=dev.type == "cuda"), dev),
+                   ms=bench(replay, dev), eager_ms=bench(step, dev), graphed_run_ms=bench(own_graphs, dev),
                    pages_read=float(result.num_selected.float().mean()) / (n // PAGE))
         try:
             row["kernels_us"] = kernel_breakdown(step)
@@ -90,7 +94,8 @@ def main() -> None:
     parser.add_argument("--lengths", default="131072,1048576", help="comma-separated N")
     parser.add_argument("--families", default="planted2", help="comma-separated data families")
     parser.add_argument("--selectors", default="gaussian,gaussian_c,topk,certified,dense",
-                        help="selectors; a _c suffix stores the page moments in the cache dtype")
+                        help="selectors; a _c suffix stores the page moments in the cache dtype, "
+                             "certified_s selects with the int8 key sketch")
     parser.add_argument("--sweep", action="store_true", help="sweep the selection kernels' configs")
     parser.add_argument("--device", default="cuda", help="cuda (cpu only checks the plumbing)")
     args = parser.parse_args()

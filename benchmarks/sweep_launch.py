@@ -8,7 +8,8 @@ CUDA-graph replay (do_bench median). The best config's one-step kernel breakdown
 on the same cache are recorded beside it. Writes ``sweep_launch.json``; the chosen values go into
 ``runtime/tuning/configs/<gpu>.json`` by hand, with this file's numbers as the source.
 
-Usage: ``python benchmarks/sweep_launch.py --out DIR [--cases planted:131072,iid:1048576]``.
+Usage: ``python benchmarks/sweep_launch.py --out DIR [--cases planted:131072,iid:1048576]
+[--decode-params tau_warps,BLOCK_TAU] [--select-params MOMENTS_DOT] [--no-scan]``.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from entmaxkv_compile.runtime.tuning import tuned  # noqa: E402
 from entmaxkv_compile.tables import render_table  # noqa: E402
 
 DECODE_SPACE = {"PROGRAMS_PER_SM": (2, 3, 4, 6, 8, 12, 16), "num_warps": (4, 8), "num_stages": (2, 3, 4), "BLOCK_N": (64, 128),
-                "BLOCK_T": (32, 64)}
-SELECT_SPACE = {"MOMENTS_BLOCKS": (2, 4, 8, 16, 32), "BLOCK_PM": (16, 32, 64), "num_warps": (2, 4, 8),
-                "BLOCK_PS": (256, 1024)}
-SCAN_SPACE = {"SCAN_PROGRAMS_PER_SM": (2, 4, 8), "SCAN_BLOCK_N": (32, 64, 128), "SCAN_WARPS": (4, 8)}
+                "BLOCK_T": (32, 64), "tau_warps": (1, 2, 4), "BLOCK_TAU": (32, 64, 128),
+                "TAU_PROGRAMS_PER_SM": (4, 8, 16, 32), "out_warps": (2, 4, 8)}
+SELECT_SPACE = {"MOMENTS_DOT": (0, 2), "MOMENTS_BLOCKS": (2, 4, 8, 16, 32), "BLOCK_PM": (16, 32, 64),
+                "num_warps": (2, 4, 8), "BLOCK_PS": (256, 1024)}
+SCAN_SPACE = {"SCAN_PROGRAMS_PER_SM": (2, 4, 8), "SCAN_BLOCK_N": (32, 64, 128, 256), "SCAN_WARPS": (4, 8)}
 DEFAULT_CASES = "planted:32768,planted:131072,iid:131072,planted:1048576,iid:1048576"
 HQ, HKV = 32, 8
 
@@ -72,7 +74,18 @@ def _timed(family: str, params: dict, step) -> float:
         return _time(step)
 
 
-def run_case(family: str, n: int) -> dict:
+def _only(space: dict, names: str | None) -> dict:
+    """``space`` restricted to the comma-separated parameter ``names`` (all when None)."""
+    if names is None:
+        return space
+    wanted = [name for name in names.split(",") if name]  # "" sweeps nothing: the shipped config alone
+    unknown = sorted(set(wanted) - set(space))
+    if unknown:
+        raise SystemExit(f"unknown parameters {unknown}; choose from {sorted(space)}")
+    return {k: v for k, v in space.items() if k in wanted}
+
+
+def run_case(family: str, n: int, decode_space: dict, select_space: dict, scan: bool) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q, k, v = make_family(family, 1, HQ, HKV, n, torch.float16)
@@ -109,15 +122,17 @@ def run_case(family: str, n: int) -> dict:
     print(f"{family} N={n}", flush=True)
     row = dict(family=family, n=n, hq=HQ, hkv=HKV, sdpa_ms=_time(sdpa))
     shipped = tuned.decode_config(q.device, q.dtype, DIM, HQ // HKV, PAGE, n)
-    best, trials = descend("paged_decode", shipped, DECODE_SPACE, decode)
+    best, trials = descend("paged_decode", shipped, decode_space, decode)
     row.update(decode_shipped=shipped, decode_best=best, decode_trials=trials)
     with tuned.override("paged_decode", best):
         row["decode_kernels_us"] = kernel_breakdown(decode)
     shipped = tuned.lookup("select", q.device, "default", n)
-    best, trials = descend("select", shipped, SELECT_SPACE, select)
+    best, trials = descend("select", shipped, select_space, select)
     row.update(select_shipped=shipped, select_best=best, select_trials=trials)
     with tuned.override("select", best):
         row["select_kernels_us"] = kernel_breakdown(select)
+        if not scan:
+            return row
         best, trials = descend("select", best, SCAN_SPACE, sketch_select)
     row.update(scan_best=best, scan_trials=trials)
     with tuned.override("select", best):
@@ -129,12 +144,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for sweep_launch.json")
     parser.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated family:N")
+    parser.add_argument("--decode-params", help=f"sweep only these of {','.join(DECODE_SPACE)}")
+    parser.add_argument("--select-params", help=f"sweep only these of {','.join(SELECT_SPACE)}")
+    parser.add_argument("--no-scan", action="store_true", help="skip the key sketch's scan sweep")
     args = parser.parse_args()
+    decode_space = _only(DECODE_SPACE, args.decode_params)
+    select_space = _only(SELECT_SPACE, args.select_params)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for case in args.cases.split(","):
         family, n = case.split(":")
-        rows.append(run_case(family, int(n)))
+        rows.append(run_case(family, int(n), decode_space, select_space, not args.no_scan))
         (args.out / "sweep_launch.json").write_text(json.dumps(rows, indent=1))
         torch.cuda.empty_cache()
 

@@ -103,10 +103,12 @@ def test_select_pages_matches_reference(selector, alpha, dtype, alibi, over):
     (torch.float16, False, 0, {"tau_estimate": "global"}),
     (torch.bfloat16, True, 0, {"tau_estimate": "auto"}),  # ALiBi: mixture
     (torch.float16, False, 1, {"tau_estimate": "global", "recent_pages": 1}),
+    (torch.float16, False, 2, {"tau_estimate": "global"}),
+    (torch.bfloat16, True, 2, {"tau_estimate": "auto"}),
 ])
 def test_gaussian_with_compact_moments_matches_reference(dtype, alibi, moments_dot, over):
-    """fp16/bf16 kmean/km2 read by the kernel (both moment forms: FMA and 16-row dot) and by the
-    reference selector give the same pages."""
+    """fp16/bf16 kmean/km2 read by the kernel (every moment form: FMA, 16-row tf32x3 dots,
+    one-pass dots) and by the reference selector give the same pages."""
     from entmaxkv_compile.runtime.tuning import tuned
 
     batch, hq, hkv, nmax, dim, page = LARGE if REAL else SMALL

@@ -12,6 +12,7 @@ from entmaxkv_compile.compiler.explain import recording
 from entmaxkv_compile.compiler.passes import analyze
 from entmaxkv_compile.compiler.passes.proofs import J, W, decide_causal
 from entmaxkv_compile.compiler.passes.symbolic import QK, Unproven
+from conftest import on_kernel_device
 from entmaxkv_compile.config import EntmaxKVConfig
 from entmaxkv_compile.runtime import kernels, step
 from entmaxkv_compile.runtime.stats import reference as cache
@@ -161,14 +162,15 @@ def test_decision_procedure_reads_a_rolling_mask_for_every_position():
 
 
 def _write_and_rebuild(rebuild, k, rows, positions):
-    """Write ``rows[i]`` at slot ``positions[i] % slots`` and rebuild that page, position by position."""
-    stats = cache.KVPageStats.allocate(*k.shape, page_size=PAGE, dtype=k.dtype)
+    """Write ``rows[i]`` at slot ``positions[i] % slots`` and rebuild that page, position by position;
+    returns the statistics' buffers ``(kmin, kmax, kmean, km2)``."""
+    stats = cache.KVPageStats.allocate(*k.shape, page_size=PAGE, dtype=k.dtype, device=k.device)
     slots = k.shape[2]
     for i, position in enumerate(positions):
-        slot = torch.full((k.shape[0],), position % slots, dtype=torch.int64)
+        slot = torch.full((k.shape[0],), position % slots, dtype=torch.int64, device=k.device)
         k[:, :, position % slots] = rows[i]
         rebuild(k, slot, rolling.rolling_seqlens(torch.full_like(slot, position), slots), PAGE, *stats.buffers())
-    return stats
+    return stats.buffers()
 
 
 def test_page_rebuild_equals_stats_from_scratch_after_wrapping_and_the_kernel_matches():
@@ -182,21 +184,21 @@ def test_page_rebuild_equals_stats_from_scratch_after_wrapping_and_the_kernel_ma
     full = k.clone()
     for i, position in enumerate(positions):
         full[:, :, position % SLOTS] = rows[i]
-    scratch = cache.KVPageStats.from_cache(full, torch.full((2,), SLOTS), PAGE)
-    assert torch.equal(got.kmin, scratch.kmin) and torch.equal(got.kmax, scratch.kmax)
-    torch.testing.assert_close(got.kmean, scratch.kmean, atol=1e-6, rtol=0)
-    torch.testing.assert_close(got.km2, scratch.km2, atol=1e-5, rtol=0)
+    scratch = cache.KVPageStats.from_cache(full, torch.full((2,), SLOTS), PAGE).buffers()
+    assert torch.equal(got[0], scratch[0]) and torch.equal(got[1], scratch[1])
+    torch.testing.assert_close(got[2], scratch[2], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[3], scratch[3], atol=1e-5, rtol=0)
     # before a wrap: the written page counts only the rows written so far
     partial = _write_and_rebuild(rolling.stats_rebuild_page_, torch.zeros(2, 2, SLOTS, 8), rows, range(6))
     first = torch.zeros(2, 2, SLOTS, 8)
     first[:, :, :6] = rows[:6].permute(1, 2, 0, 3)
-    prefix = cache.KVPageStats.from_cache(first, torch.full((2,), 6), PAGE)
+    prefix = cache.KVPageStats.from_cache(first, torch.full((2,), 6), PAGE).buffers()
     for field in range(4):
-        torch.testing.assert_close(partial.buffers()[field], prefix.buffers()[field], atol=1e-6, rtol=0)
+        torch.testing.assert_close(partial[field], prefix[field], atol=1e-6, rtol=0)
 
-    kernel = _write_and_rebuild(kernels.stats_rebuild_page_, k.clone(), rows, positions)
+    kernel = on_kernel_device(_write_and_rebuild, kernels.stats_rebuild_page_, k.clone(), rows, positions)
     for field in range(4):
-        torch.testing.assert_close(kernel.buffers()[field], got.buffers()[field], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(kernel[field], got[field], atol=1e-5, rtol=1e-5)
 
 
 def test_rolling_order_rule_tracks_positions_across_wraps():

@@ -46,9 +46,9 @@ def solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, s
     cap = splits * seg
     state = torch.empty((2, rows, 4), device=dev, dtype=f32)
     pivots = torch.empty((2, rows, NUM_PIVOTS), device=dev, dtype=f32)
-    # About eight programs per multiprocessor, each walking a run of splits: enough to hide
-    # latency when every token is a candidate, few enough that a light level is one wave.
-    chunks = max(1, min(splits, cm.cdiv(8 * cm.sm_count(dev), rows)))
+    # ``TAU_PROGRAMS_PER_SM`` programs per multiprocessor, each walking a run of splits: enough
+    # to hide latency when every token is a candidate, few enough that a light level is one wave.
+    chunks = max(1, min(splits, cm.cdiv(cfg["TAU_PROGRAMS_PER_SM"] * cm.sm_count(dev), rows)))
     per_prog = cm.cdiv(splits, chunks)
     chunks = cm.cdiv(splits, per_prog)
     part = torch.empty((2, rows, chunks, NUM_SLOTS, NUM_PIVOTS), device=dev, dtype=f32)
@@ -161,7 +161,7 @@ def output_partials(v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, alpha, cfg
         page_size, *table_args(block_table, cand_cnt),
         KIND=cm.alpha_kind(alpha), BLOCK_G=max(16, cm.next_pow2(hq // hkv)), BLOCK_T=cfg["BLOCK_T"],
         BLOCK_SCAN=8 * cfg["BLOCK_T"], BLOCK_D=max(16, cm.next_pow2(dim)),
-        DOT_PREC=cm.exact_fp32_dot(dev), num_warps=cfg["num_warps"],
+        DOT_PREC=cm.exact_fp32_dot(dev), num_warps=cfg["out_warps"],
     )
     return o_part, l_part
 

@@ -86,16 +86,19 @@ def _gaussian_tau(q: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, page_s
     sigma = torch.empty_like(mu)
     mom = torch.empty((batch, hq, nblocks, 2), device=dev, dtype=torch.float64)
     tau = torch.empty((batch, hq), device=dev, dtype=torch.float32)
-    use_dot = bool(cfg["MOMENTS_DOT"])
-    # The dot form pads the G heads to 16 rows; the FMA form loops over next_pow2(G) heads.
-    block_g = max(16, cm.next_pow2(hq // hkv)) if use_dot else cm.next_pow2(hq // hkv)
+    dot_mode = int(cfg["MOMENTS_DOT"])
+    if dot_mode not in (0, 1, 2):
+        raise ValueError(f"MOMENTS_DOT must be 0 (FMA), 1 (tf32x3 dots) or 2 (one-pass dots), got {dot_mode}")
+    # The dot forms pad the G heads to 16 rows; the FMA form loops over next_pow2(G) heads.
+    block_g = max(16, cm.next_pow2(hq // hkv)) if dot_mode else cm.next_pow2(hq // hkv)
     wrap_triton(moments_kernel)[(nblocks, batch * hkv)](
         q, kmean, km2, seqlens, start, alibi_slopes if alibi_slopes is not None else q, mu, sigma, mom,
         q.stride(0), q.stride(1), q.stride(3), *pool_stats_strides(kmean, block_table),
         hq, hkv, hq // hkv, dim, num_pages, page_size, scale, per_prog, *table_args(block_table, seqlens),
         HAS_ALIBI=alibi_slopes is not None, HAS_START=has_start, BLOCK_G=block_g,
         BLOCK_P=cfg["BLOCK_PM"], BLOCK_D=max(16, cm.next_pow2(dim)),
-        DOT_PREC=cm.exact_fp32_dot(dev), USE_DOT=use_dot, num_warps=cfg["num_warps"],
+        DOT_PREC=cm.exact_fp32_dot(dev) if dot_mode == 1 else ("tf32" if dev.type == "cuda" else "ieee"),
+        DOT_MODE=dot_mode, UPCAST=dev.type != "cuda", num_warps=cfg["num_warps"],
     )
     if mixture:
         wrap_triton(mixture_tau_kernel)[(batch * hq,)](

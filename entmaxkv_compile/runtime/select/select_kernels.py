@@ -6,7 +6,7 @@
   the group max per KV head.
 - ``moments_kernel`` (page block, batch x KV head): the gaussian page moments ``mu_p``,
   ``sigma_p`` for the G heads from one read of kmean/km2 (float32 or compact fp16/bf16, math in
-  float32; a G-row dot or, ``USE_DOT=False``, one FMA reduction per head), plus per-block
+  float32; one FMA reduction per head or G-row dots, ``DOT_MODE``), plus per-block
   count-weighted sums for the global Gaussian (fp64, law of total variance).
 - ``keep_kernel`` + ``compact_kernel`` (page block, batch x KV head): the dense or gaussian keep
   rule (union over the group, forced pages) with per-block counts, then a parallel compaction into
@@ -136,13 +136,19 @@ def moments_kernel(
     Hq, Hkv, G, D, num_pages, page_size, scale, blocks_per_prog,
     table_ptr, stb, stp, HAS_TABLE: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_START: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_MODE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Page moments (mu, sigma) of ``blocks_per_prog`` consecutive page blocks for the G heads of
     a KV head, and the program's count-weighted sums of them (float64) for the single-Gaussian
     tau_hat. A program walks several blocks so that the next block's loads overlap this block's
     reductions (one block per program left the H200 at ~2.3 TB/s). ``HAS_START``: the pages wholly
-    below the row's first attended position count as empty (:func:`_counts_from_start`)."""
+    below the row's first attended position count as empty (:func:`_counts_from_start`).
+
+    ``DOT_MODE``: 0, one FMA reduction over D per head; 1, G-row dots in three tf32 passes
+    (float32-accurate); 2, one tensor-core pass each: ``q . mean`` in the moments' own dtype
+    (fp16/bf16 products are exact in the float32 accumulator; float32 moments round to tf32) and
+    the variance term in tf32 (10-bit inputs: the selection is an estimate, not a bound).
+    ``UPCAST``: the interpreter's bf16 dot is wrong, so mode 2 runs in float32 there."""
     prog = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
@@ -155,9 +161,10 @@ def moments_kernel(
     gmask = offs_g < G
     dmask = offs_d < D
     heads = hk * G + offs_g
-    if USE_DOT:
-        q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd,
-                    mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    if DOT_MODE > 0:
+        q_raw = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd,
+                        mask=gmask[:, None] & dmask[None, :], other=0.0)
+        q = q_raw.to(tl.float32)
     if HAS_ALIBI:
         slope = tl.load(slopes_ptr + heads, mask=gmask, other=0.0).to(tl.float32)
     s1 = tl.zeros([BLOCK_G], tl.float64)
@@ -173,15 +180,17 @@ def moments_kernel(
         off = (b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + blocks.to(tl.int64)[:, None] * ssp
                + offs_d[None, :] * ssd)
         lmask = valid[:, None] & dmask[None, :]
-        mean = tl.load(kmean_ptr + off, mask=lmask, other=0.0).to(tl.float32)
+        mean_raw = tl.load(kmean_ptr + off, mask=lmask, other=0.0)
+        mean = mean_raw.to(tl.float32)
         m2 = tl.load(km2_ptr + off, mask=lmask, other=0.0).to(tl.float32)
         inv_n = 1.0 / tl.maximum(nf, 1.0)
-        if USE_DOT:
-            mu = tl.dot(q, tl.trans(mean), input_precision=DOT_PREC) * scale
-            vs = tl.dot(q * q, tl.trans(m2 * inv_n[:, None]), input_precision=DOT_PREC) * (
-                scale * scale)
-        else:
-            # One FMA reduction over D per head: no padding of G to a 16-row dot.
+        if HAS_ALIBI:  # a page's positions: their mean and variance (uniform over n rows)
+            mean_pos = (pages * page_size - (length - 1)).to(tl.float32) + (nf - 1.0) * 0.5
+            pos_var = (nf * nf - 1.0) / 12.0
+        if DOT_MODE == 0:
+            # One FMA reduction over D per head: no padding of G to a 16-row dot. (Finishing and
+            # storing each head's row on its own, without the [G, P] assembly, measured slower
+            # on the H200: 115 -> 180 us at 1M.)
             mu = tl.zeros([BLOCK_G, BLOCK_P], tl.float32)
             vs = tl.zeros([BLOCK_G, BLOCK_P], tl.float32)
             for g in tl.static_range(BLOCK_G):
@@ -191,10 +200,18 @@ def moments_kernel(
                 vs_g = tl.sum(m2 * (qg * qg)[None, :], axis=1) * inv_n * (scale * scale)
                 mu = tl.where(offs_g[:, None] == g, mu_g[None, :], mu)
                 vs = tl.where(offs_g[:, None] == g, vs_g[None, :], vs)
+        elif DOT_MODE == 2:
+            if UPCAST:
+                mu = tl.dot(q, tl.trans(mean), input_precision="ieee") * scale
+            else:
+                mu = tl.dot(q_raw.to(mean_raw.dtype), tl.trans(mean_raw), input_precision="tf32") * scale
+            vs = tl.dot(q * q, tl.trans(m2 * inv_n[:, None]), input_precision=DOT_PREC) * (scale * scale)
+        else:
+            mu = tl.dot(q, tl.trans(mean), input_precision=DOT_PREC) * scale
+            vs = tl.dot(q * q, tl.trans(m2 * inv_n[:, None]), input_precision=DOT_PREC) * (scale * scale)
         if HAS_ALIBI:
-            mean_pos = (pages * page_size - (length - 1)).to(tl.float32) + (nf - 1.0) * 0.5
             mu += slope[:, None] * mean_pos[None, :]
-            vs += (slope * slope)[:, None] * ((nf * nf - 1.0) / 12.0)[None, :]
+            vs += (slope * slope)[:, None] * pos_var[None, :]
         mu = tl.where(valid[None, :], mu, 0.0)
         sigma = tl.where(valid[None, :], tl.sqrt(tl.maximum(vs, 0.0)), 0.0)
         rows = (b * Hq + heads[:, None]).to(tl.int64) * num_pages + pages[None, :]

@@ -156,14 +156,16 @@ def triton_sketch_select(
     page_ub = torch.empty((batch, hq, num_pages), device=dev, dtype=f32)
     tau = torch.empty((batch, hq), device=dev, dtype=f32)
     has_alibi = alibi_slopes is not None
+    group_rows = cm.next_pow2(sketch_groups(dim))  # scale groups, padded for the group-spread dot
     wrap_triton(scan_kernel)[(batch * hkv, splits)](
         q, codes, scales, seqlens, read_all, alibi_slopes if has_alibi else q,
         cand_z, cand_cnt, split_max, page_ub,
         q.stride(0), q.stride(1), q.stride(3), *codes.stride(), *scales.stride(),
         hq, hkv, group, dim, splits, seg, num_pages, capacity, scale, alpha - 1.0,
         bound_rel_slack(dim), ABS_SLACK, HALF_STEP,
-        HAS_ALIBI=has_alibi, GROUPS=sketch_groups(dim), PAGE=page_size,
-        BLOCK_G=max(16, cm.next_pow2(group)), BLOCK_N=max(scan["SCAN_BLOCK_N"], page_size),
+        HAS_ALIBI=has_alibi, GROUPS=sketch_groups(dim), GROUP_ROWS=group_rows, PAGE=page_size,
+        BLOCK_G=max(cm.next_pow2(group), 16 // group_rows), BLOCK_N=max(scan["SCAN_BLOCK_N"], page_size),
+        BLOCK_D=group_rows * 32,
         DOT_PREC=cm.dot_precision(dev, q.dtype), UPCAST=cm.dot_upcast(dev, q.dtype),
         num_warps=scan["SCAN_WARPS"],
     )

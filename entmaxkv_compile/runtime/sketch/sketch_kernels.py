@@ -13,7 +13,7 @@
   certified selection from the whole sketch (``kernel.sketch_select``): page upper bounds and the
   lower bounds that can reach the threshold in one read, then, once the decode's threshold solve
   has turned the lower bounds into the floor, the pages to read. The scan's dots run on tensor
-  cores, exact for 16-bit q (see ``_scaled_dots``).
+  cores, exact for 16-bit q (see ``_grouped_scaled_dots``).
 """
 
 from __future__ import annotations
@@ -110,33 +110,67 @@ def append_kernel(
 
 @triton.jit
 def _scaled_dots(q_base, c_base, s_base, rows, tmask, gmask, sqd, scn, scd, ssn, ssg, D,
-                 GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
-                 USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+                 GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr):
     """``(acc, mag)`` ``[BLOCK_G, BLOCK_T]``: per head and token, ``sum_g s_g (q_g . c_g)`` and
     ``sum_g s_g |q_g|_1`` over the 32-channel scale groups, from which both bounds follow
-    (``scale (acc +- half mag)`` plus the slack). ``USE_DOT``: tensor-core dots, exact for
-    16-bit q (integer codes |c| <= 127 make exact products, accumulated in float32); otherwise
-    float32 FMA reductions."""
+    (``scale (acc +- half mag)`` plus the slack), in float32 FMA reductions."""
     offs_c = tl.arange(0, 32)
     acc = tl.zeros([BLOCK_G, BLOCK_T], tl.float32)
     mag = tl.zeros([BLOCK_G, BLOCK_T], tl.float32)
     for g in tl.static_range(GROUPS):
         ch = g * 32 + offs_c
         cmask = ch < D
-        qg = tl.load(q_base + ch[None, :] * sqd, mask=gmask[:, None] & cmask[None, :], other=0.0)
+        qg = tl.load(q_base + ch[None, :] * sqd, mask=gmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         c = tl.load(c_base + rows.to(tl.int64)[:, None] * scn + ch[None, :] * scd,
                     mask=tmask[:, None] & cmask[None, :], other=0)
         s = tl.load(s_base + rows.to(tl.int64) * ssn + g * ssg, mask=tmask, other=0.0).to(tl.float32)
-        if USE_DOT:
-            if UPCAST:
-                qg = qg.to(tl.float32)
-            dot = tl.dot(qg, tl.trans(c.to(qg.dtype)), input_precision=DOT_PREC)
-        else:
-            qg = qg.to(tl.float32)
-            dot = tl.sum(qg[:, None, :] * c.to(tl.float32)[None, :, :], axis=2)
-        qabs = tl.sum(tl.abs(qg.to(tl.float32)), axis=1)
+        dot = tl.sum(qg[:, None, :] * c.to(tl.float32)[None, :, :], axis=2)
+        qabs = tl.sum(tl.abs(qg), axis=1)
         acc += s[None, :] * dot
         mag += s[None, :] * qabs[:, None]
+    return acc, mag
+
+
+@triton.jit
+def _group_rows_q(q_ptr, b, hk, G, D, sqb, sqh, sqd, GROUP_ROWS: tl.constexpr, BLOCK_G: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """q spread over ``BLOCK_G x GROUP_ROWS`` rows, row ``(h, g)`` holding head h's channels of
+    scale group g and zeros elsewhere, so that one dot with a tile of codes gives every group's
+    partial dot product at once; and ``|q_g|_1`` per head and group ``[BLOCK_G, GROUP_ROWS]``."""
+    offs_m = tl.arange(0, BLOCK_G * GROUP_ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    head = offs_m // GROUP_ROWS
+    group = offs_m % GROUP_ROWS
+    mask = (head < G)[:, None] & (offs_d < D)[None, :] & ((offs_d // 32)[None, :] == group[:, None])
+    q_rows = tl.load(q_ptr + b.to(tl.int64) * sqb + (hk * G + head)[:, None] * sqh + offs_d[None, :] * sqd,
+                     mask=mask, other=0.0)
+    qabs = tl.reshape(tl.sum(tl.abs(q_rows.to(tl.float32)), axis=1), (BLOCK_G, GROUP_ROWS))
+    return q_rows, qabs
+
+
+@triton.jit
+def _grouped_scaled_dots(q_rows, qabs, c_base, s_base, rows, tmask, scn, scd, ssn, ssg, D,
+                         GROUPS: tl.constexpr, GROUP_ROWS: tl.constexpr, BLOCK_G: tl.constexpr,
+                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+                         UPCAST: tl.constexpr):
+    """``(acc, mag)`` as :func:`_scaled_dots` from one read of a tile's codes ``[BLOCK_T, D]``
+    and scales and one tensor-core dot with the group-spread q (:func:`_group_rows_q`). The
+    products of 16-bit q and integer codes ``|c| <= 127`` are exact and the other groups'
+    channels add exact zeros, so each group's partial is the K = 32 dot's; the float32
+    accumulation is covered by the bound's slack as before."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, GROUP_ROWS)
+    c = tl.load(c_base + rows.to(tl.int64)[:, None] * scn + offs_d[None, :] * scd,
+                mask=tmask[:, None] & (offs_d < D)[None, :], other=0)
+    s = tl.load(s_base + rows.to(tl.int64)[:, None] * ssn + offs_r[None, :] * ssg,
+                mask=tmask[:, None] & (offs_r < GROUPS)[None, :], other=0.0).to(tl.float32)
+    if UPCAST:
+        dots = tl.dot(q_rows.to(tl.float32), tl.trans(c.to(tl.float32)), input_precision=DOT_PREC)
+    else:
+        dots = tl.dot(q_rows, tl.trans(c.to(q_rows.dtype)), input_precision=DOT_PREC)
+    st = tl.trans(s)[None, :, :]  # [1, GROUP_ROWS, BLOCK_T]
+    acc = tl.sum(tl.reshape(dots, (BLOCK_G, GROUP_ROWS, BLOCK_T)) * st, axis=1)
+    mag = tl.sum(qabs[:, :, None] * st, axis=1)
     return acc, mag
 
 
@@ -173,7 +207,7 @@ def bounds_kernel(
                 rows = first + offs_t
                 tmask = offs_t < n
                 acc, mag = _scaled_dots(q_base, c_base, s_base, rows, tmask, gmask, sqd, scn, scd,
-                                        ssn, ssg, D, GROUPS, BLOCK_G, BLOCK_T, False, "ieee", True)
+                                        ssn, ssg, D, GROUPS, BLOCK_G, BLOCK_T)
                 ub = scale * (acc + half * mag)
                 slack = (128.0 * scale) * mag
                 if HAS_ALIBI:
@@ -194,8 +228,9 @@ def scan_kernel(
     cand_z_ptr, cand_cnt_ptr, split_max_ptr, page_ub_ptr,
     sqb, sqh, sqd, scb, sch, scn, scd, ssb, ssh, ssn, ssg,
     Hq, Hkv, G, D, num_splits, seg, num_pages, nmax, scale, am1, rel, abs_slack, half,
-    HAS_ALIBI: tl.constexpr, GROUPS: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, GROUPS: tl.constexpr, GROUP_ROWS: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """One read of a split's sketch rows for the G query heads of a KV head: each token's lower
     and upper score bounds (``reference._token_bounds``, the same float32 form and slack), the
@@ -204,9 +239,11 @@ def scan_kernel(
     max - 1), compacted per split with the split's max, in the K pass's layout, so the exact
     threshold solve of the decode (``attend/tau_kernels.py``) gives the floor.
 
-    Tensor-core dots are exact here: 16-bit q times integer codes |c| <= 127 are exact products,
-    accumulated in float32 (the slack's factor two covers the accumulator's rounding); fp32 q
-    uses float32 FMA dots (``DOT_PREC`` "ieee")."""
+    One tensor-core dot per tile gives every scale group's partial (:func:`_grouped_scaled_dots`):
+    16-bit q times integer codes |c| <= 127 are exact products, accumulated in float32 (the
+    slack's factor two covers the accumulator's rounding); fp32 q uses float32 dots
+    (``DOT_PREC`` "ieee"). ``GROUP_ROWS``: the scale groups padded to a power of two, and
+    ``BLOCK_G x GROUP_ROWS >= 16`` rows for the dot."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // Hkv
@@ -220,7 +257,7 @@ def scan_kernel(
     offs_pg = tl.arange(0, BLOCK_N // PAGE)
     gmask = offs_g < G
     heads = hk * G + offs_g
-    q_base = q_ptr + b.to(tl.int64) * sqb + heads[:, None] * sqh
+    q_rows, qabs = _group_rows_q(q_ptr, b, hk, G, D, sqb, sqh, sqd, GROUP_ROWS, BLOCK_G, BLOCK_D)
     c_base = codes_ptr + b.to(tl.int64) * scb + hk.to(tl.int64) * sch
     s_base = scales_ptr + b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh
     cap = num_splits * seg
@@ -235,8 +272,8 @@ def scan_kernel(
     for j in range(j0, j1, BLOCK_N):
         rows = j + offs_n
         tmask = rows < j1
-        acc, mag = _scaled_dots(q_base, c_base, s_base, rows, tmask, gmask, sqd, scn, scd, ssn, ssg, D,
-                                GROUPS, BLOCK_G, BLOCK_N, True, DOT_PREC, UPCAST)
+        acc, mag = _grouped_scaled_dots(q_rows, qabs, c_base, s_base, rows, tmask, scn, scd, ssn, ssg, D,
+                                        GROUPS, GROUP_ROWS, BLOCK_G, BLOCK_N, BLOCK_D, DOT_PREC, UPCAST)
         slack = (128.0 * scale) * mag
         bias = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
         if HAS_ALIBI:
