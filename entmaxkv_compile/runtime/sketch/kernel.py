@@ -156,7 +156,9 @@ def triton_sketch_select(
     page_ub = torch.empty((batch, hq, num_pages), device=dev, dtype=f32)
     tau = torch.empty((batch, hq), device=dev, dtype=f32)
     has_alibi = alibi_slopes is not None
-    group_rows = cm.next_pow2(sketch_groups(dim))  # scale groups, padded for the group-spread dot
+    # scale groups, padded for the group-spread dot; never one (a single-group head dim, D <= 32,
+    # computed wrong floors on the H200 with size-1 group axes; an empty group adds zeros)
+    group_rows = max(2, cm.next_pow2(sketch_groups(dim)))
     wrap_triton(scan_kernel)[(batch * hkv, splits)](
         q, codes, scales, seqlens, read_all, alibi_slopes if has_alibi else q,
         cand_z, cand_cnt, split_max, page_ub,
