@@ -103,3 +103,27 @@ def test_decode_grid_fills_whole_waves_and_never_exceeds_the_pages(monkeypatch):
     assert cm.decode_splits(1, 1, 65536, cuda, programs_per_sm=8) == 256  # capped
     assert cm.decode_splits(1, 8, 5, cuda, programs_per_sm=4) == 5  # never more splits than pages
     assert cm.decode_splits(64, 8, 65536, cuda, programs_per_sm=2) == 1
+
+
+def test_autotune_picks_the_fastest_launch_and_then_the_latency_parameters(monkeypatch, tmp_path):
+    """The search with a synthetic timer: the product stage finds the fastest launch config, the
+    second stage the threshold levels' and V pass's warps and tiles, per length bucket."""
+    from entmaxkv_compile.runtime.tuning import autotune
+
+    def fake_ms(dtype, dim, group, page, length, params):
+        want_tau = 1 if length <= 65536 else 4
+        return (abs(params["PROGRAMS_PER_SM"] - 4) + abs(params["BLOCK_N"] - 128) / 64
+                + abs(params["tau_warps"] - want_tau) + abs(params["out_warps"] - 2) + 1.0)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Synthetic GPU")
+    monkeypatch.setattr(autotune, "_time_decode", fake_ms)
+    try:
+        assert autotune.autotune_main(["--quick", "--lengths", "32768,1048576", "--out-dir", str(tmp_path)]) == 0
+    finally:
+        tuned.load_store.cache_clear()
+    decode = json.loads((tmp_path / "synthetic-gpu.json").read_text())["kernels"]["paged_decode"]
+    for key, tau_warps in (("fp16-d128-g4-p16-n64k", 1), ("fp16-d128-g4-p16-nlong", 4), ("bf16-d128-g1-p16", 4)):
+        got = decode[key]
+        assert (got["PROGRAMS_PER_SM"], got["BLOCK_N"], got["tau_warps"], got["out_warps"]) == (4, 128, tau_warps, 2)
+        assert set(tuned.DEFAULTS["paged_decode"]) <= set(got)

@@ -3,7 +3,9 @@
 Tuning happens here, offline, never on the hot path: for each shape class (dtype, head dim, GQA
 group, page size) and each of ``--lengths`` every candidate config of the fused decode (tiles,
 warps, stages and the grid's programs per SM) is timed on a dense decode over that many tokens
-(``triton.testing.do_bench`` median, CUDA graph replay) and the fastest is stored under the class
+(``triton.testing.do_bench`` median, CUDA graph replay), then the latency-bound kernels' warps
+and tiles (``LATENCY_SPACE``: the threshold levels, the V pass) are descended one parameter at a
+time from the best, and the fastest is stored under the class
 and its length bucket in ``runtime/tuning/configs/<gpu>.json`` (or ``--out-dir``), which
 ``tuned.lookup`` reads at run time; other kernel families already in the file are kept (the
 selection kernels are set from ``benchmarks/sweep_launch.py``).
@@ -29,6 +31,9 @@ DECODE_SPACE = {"BLOCK_N": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2,
                 "BLOCK_T": (32, 64), "PROGRAMS_PER_SM": (2, 4, 8)}
 QUICK_SPACE = {"BLOCK_N": (64, 128), "num_warps": (4,), "num_stages": (2,), "BLOCK_T": (32,),
                "PROGRAMS_PER_SM": (2, 4, 8)}
+# Second stage, one parameter at a time from the first stage's best: the threshold levels and the
+# V pass are latency-bound on few candidates, so their warps and tiles matter more at short lengths.
+LATENCY_SPACE = {"tau_warps": (1, 2, 4), "BLOCK_TAU": (32, 64, 128), "out_warps": (2, 4, 8)}
 SHAPE_CLASSES = ((torch.float16, 128, 4), (torch.bfloat16, 128, 4), (torch.float16, 128, 1),
                  (torch.bfloat16, 128, 1))
 DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -107,6 +112,18 @@ def autotune_main(argv: Sequence[str] | None = None) -> int:
             if ms < timings.get(key, float("inf")):
                 timings[key] = ms
                 best[key] = {**base, **params}
+    for length, (dtype, dim, group) in tqdm(list(itertools.product(lengths, SHAPE_CLASSES)), unit="class",
+                                            desc="latency parameters", file=sys.stderr):
+        shape_key = tuned.shape_class(dtype, dim, group, args.page_size)
+        keys = [f"{shape_key}-{tuned.length_bucket(length)}"] + ([shape_key] if length == lengths[-1] else [])
+        for name, values in LATENCY_SPACE.items():
+            for value in values:
+                params = {**best[keys[0]], name: value}
+                ms = _time_decode(dtype, dim, group, args.page_size, length, params)
+                for key in keys:
+                    if ms < timings[key]:
+                        timings[key] = ms
+                        best[key] = params
     name = torch.cuda.get_device_name()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"{tuned.gpu_slug(name)}.json"
