@@ -10,7 +10,7 @@ import torch
 
 from entmaxkv_compile import EntmaxKVConfig
 from entmaxkv_compile.metrics import full_entmax_decode
-from entmaxkv_compile.runtime.certify.policy import certify_policy_update_, dense_rows_for
+from entmaxkv_compile.runtime.certify.policy import HostFallbackSchedule, certify_policy_update_, dense_rows_for
 from entmaxkv_compile.runtime.decoder import Decoder
 from entmaxkv_compile.runtime.step import reference_implementation, run_step
 from entmaxkv_compile.runtime.stats.reference import KVPageStats
@@ -135,3 +135,51 @@ def test_a_round_that_adds_no_page_keeps_the_first_decode():
     assert torch.equal(certified.out, gaussian.out) and torch.equal(certified.tau, gaussian.tau)
     full, _ = full_entmax_decode(q, k, v, seqlens, 1.5, 0.25)
     assert certified.certified.all() and torch.allclose(certified.out, full, atol=1e-10)
+
+
+def _simulate(schedule: HostFallbackSchedule, probes_heavy, steps: int, lag: int):
+    """Run ``steps`` decode steps: the device counter as ``certify_policy_update_`` keeps it, the
+    host choosing each variant from news that lands ``lag`` steps after the replay it was copied
+    from. Returns ``(variants, probed)``: what the host replayed and whether the device probed."""
+    period = schedule.probe_every
+    counter = torch.zeros(1, dtype=torch.int32)
+    pending = None  # (landing step, copied counter)
+    variants, probed = [], []
+    for t in range(steps):
+        if pending is not None and pending[0] <= t:
+            schedule.learn(pending[1])
+            pending = None
+        variant = schedule.choose()
+        dense = torch.ones(1, dtype=torch.bool) if variant == "dense" else dense_rows_for(counter)
+        probe = not bool(dense[0])
+        heavy = probes_heavy(t)
+        read = torch.full((1, 2), 100 if (heavy or not probe) else 1, dtype=torch.int32)
+        certify_policy_update_(counter, dense, read, torch.tensor([100 * 16]), page_size=16, num_pages=100,
+                               dense_above=0.5, probe_every=period)
+        if variant == "step" and pending is None:
+            pending = (t + 1 + lag, counter.tolist())
+        variants.append(variant)
+        probed.append(probe)
+    return variants, probed
+
+
+@pytest.mark.parametrize("lag", [0, 1, 7, 40])
+def test_host_schedule_keeps_the_devices_period_whatever_the_lag_of_its_news(lag):
+    """Heavy probes every time: once the news has landed, the host replays the dense graph on
+    exactly the steps the device reads densely, so the device probes once per period, as on its
+    own; news that lags only delays that."""
+    period = 8
+    variants, probed = _simulate(HostFallbackSchedule(period), lambda t: True, 200, lag)
+    settled = lag + 2 * period
+    assert all(variants[t] == ("step" if probed[t] else "dense") for t in range(settled, 200))
+    probes = [t for t in range(settled, 200) if probed[t]]
+    assert all(b - a == period for a, b in zip(probes, probes[1:]))
+    assert max(len(run) for run in "".join("d" if v == "dense" else "s" for v in variants).split("s")) <= period - 1
+
+
+def test_host_schedule_lets_the_device_decide_once_probes_turn_light():
+    """The bounds start to clear pages (light probes from step 50): within one period plus the
+    news' lag every step is the device's own ("step") and probes, as without the schedule."""
+    period, lag = 8, 5
+    variants, probed = _simulate(HostFallbackSchedule(period), lambda t: t < 50, 120, lag)
+    assert all(v == "step" and p for v, p in zip(variants[50 + period + lag + 1:], probed[50 + period + lag + 1:]))

@@ -32,7 +32,7 @@ from .sketch.reference import KeySketch
 from .paged import check_paged_decode_inputs
 from .stats.paged import PagedKVStats
 from .stats.reference import KVPageStats
-from .certify.policy import dense_rows_for
+from .certify.policy import HostFallbackSchedule, dense_rows_for
 from .graphed import GraphedStep
 from .step import DecodeResult, implementation_for, run_step
 
@@ -158,13 +158,14 @@ class Decoder:
         self.sketch = None if self.paged else self._plan_sketch(sketch)
         graphed = cuda_graph and device.type == "cuda"
         self._graphed = GraphedStep(self._step, state=(stats.certify_skip,)) if graphed else None
-        # certified + graphs: the fallback counter as last copied to the host (maybe a step late),
-        # so that a step every sequence reads densely replays the dense step's graph, which
-        # launches none of the selection and bound kernels (``_variant``)
+        # certified + graphs: the host follows the fallback's period (certify/policy.py), so that a
+        # step every sequence reads densely replays the dense step's graph, which launches none of
+        # the selection and bound kernels; it learns from copies of the counter that have landed
         certified = config.selector == "certified"
-        self._host_skip = (torch.zeros(batch, dtype=torch.int32).pin_memory()
-                           if graphed and certified else None)
-        self._host_copied = torch.cuda.Event() if self._host_skip is not None else None
+        self._schedule = HostFallbackSchedule(config.certify_probe_every) if graphed and certified else None
+        self._host_skip = torch.zeros(batch, dtype=torch.int32).pin_memory() if self._schedule else None
+        self._host_copied = torch.cuda.Event() if self._schedule else None
+        self._copy_pending = False
 
     def _plan_sketch(self, sketch: KeySketch | None) -> KeySketch | None:
         """The int8 key sketch of ``config.keeps_sketch``: the certified step selects its pages
@@ -257,21 +258,26 @@ class Decoder:
         paged = {} if self._table(block_table) is None else {"block_table": block_table}
         if row_start is not None or self._graphed is None:
             return self._step(q, k_cache, v_cache, seqlens, row_start=row_start, **paged)
-        result = DecodeResult(*self._graphed(q, k_cache, v_cache, seqlens, self._variant(), **paged))
-        if self._host_skip is not None:  # asynchronous: read at a later step, never waited for
+        variant = self._variant()
+        result = DecodeResult(*self._graphed(q, k_cache, v_cache, seqlens, variant, **paged))
+        if variant == "step" and self._schedule is not None and not self._copy_pending:
+            # news for the schedule, read once it has landed (never waited for)
             self._host_skip.copy_(self.stats.certify_skip, non_blocking=True)
             self._host_copied.record()
+            self._copy_pending = True
         return result
 
     def _variant(self) -> str:
-        """``"dense"`` when every sequence's fallback counter is running: the certified step then
-        equals the dense step (exact, no selection, no bounds, bit for bit the same results), and
-        replaying that step's own graph skips the launches the device-side choice pays. The host
-        looks only at a copy that has landed (an event query, no wait), i.e. the counter after the
-        previous step; while the copy is in flight the device decides, as it would anyway."""
-        if self._host_skip is not None and self._host_copied.query() and int(self._host_skip.min()) > 0:
-            return "dense"
-        return "step"
+        """``"dense"`` on the steps where every sequence's fallback is expected to run: the
+        certified step then equals the dense step (exact, no selection, no bounds, bit for bit
+        the same results), and replaying that step's own graph skips the launches the device-side
+        choice pays (:class:`~entmaxkv_compile.runtime.certify.policy.HostFallbackSchedule`)."""
+        if self._schedule is None:
+            return "step"
+        if self._copy_pending and self._host_copied.query():
+            self._schedule.learn(self._host_skip.tolist())
+            self._copy_pending = False
+        return self._schedule.choose()
 
     def _step(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               seqlens: torch.Tensor, variant: str = "step", row_start: torch.Tensor | None = None,
