@@ -71,6 +71,14 @@ def _time_decode(dtype: torch.dtype, dim: int, group: int, page: int, length: in
     return triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median")
 
 
+def _config_keys(dtype: torch.dtype, dim: int, group: int, page: int, length: int,
+                 lengths: list[int]) -> list[str]:
+    """The config entries a timing at ``length`` tunes: its class's length bucket, and the
+    bucket-free class entry for the last of ``lengths``."""
+    shape_key = tuned.shape_class(dtype, dim, group, page)
+    return [f"{shape_key}-{tuned.length_bucket(length)}"] + ([shape_key] if length == lengths[-1] else [])
+
+
 def autotune_main(argv: Sequence[str] | None = None) -> int:
     """Tune the fused decode for the current GPU and write its config file. Returns an exit
     code: 0 on success, 2 without a CUDA GPU."""
@@ -103,8 +111,7 @@ def autotune_main(argv: Sequence[str] | None = None) -> int:
     trials = tqdm(itertools.product(lengths, SHAPE_CLASSES, candidates), total=total, unit="config",
                   file=sys.stderr)
     for length, (dtype, dim, group), params in trials:
-        shape_key = tuned.shape_class(dtype, dim, group, args.page_size)
-        keys = [f"{shape_key}-{tuned.length_bucket(length)}"] + ([shape_key] if length == lengths[-1] else [])
+        keys = _config_keys(dtype, dim, group, args.page_size, length, lengths)
         trials.set_postfix_str(keys[0])
         base = dict(tuned.DEFAULTS["paged_decode"])
         ms = _time_decode(dtype, dim, group, args.page_size, length, {**base, **params})
@@ -114,8 +121,7 @@ def autotune_main(argv: Sequence[str] | None = None) -> int:
                 best[key] = {**base, **params}
     for length, (dtype, dim, group) in tqdm(list(itertools.product(lengths, SHAPE_CLASSES)), unit="class",
                                             desc="latency parameters", file=sys.stderr):
-        shape_key = tuned.shape_class(dtype, dim, group, args.page_size)
-        keys = [f"{shape_key}-{tuned.length_bucket(length)}"] + ([shape_key] if length == lengths[-1] else [])
+        keys = _config_keys(dtype, dim, group, args.page_size, length, lengths)
         for name, values in LATENCY_SPACE.items():
             for value in values:
                 params = {**best[keys[0]], name: value}
