@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--selectors", default="gaussian")
+    parser.add_argument("--baselines", default="inductor", help="comma list of inductor, sdpa_flash")
     parser.add_argument("--steps", type=int, default=16)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     plan = dict(e2e.PRESETS["quick"])
     fill = e2e.planted_fill(plan, args.context, 0)
-    methods = ["inductor"] + [f"entmaxkv_{s}" for s in args.selectors.split(",")]
+    methods = args.baselines.split(",") + [f"entmaxkv_{s}" for s in args.selectors.split(",")]
     rows = []
     for method in methods:
         row = profile_method(plan, method, args.context, fill, args.steps)

@@ -24,8 +24,10 @@ One decode step is a fixed sequence of launches over fixed grids:
 4. ``reduce_kernel`` (batch x query head): sums the split partials in a fixed order
    (deterministic, no atomics) and normalizes by sum p.
 
-Lengths, counts and strides are runtime arguments; only block sizes, the alpha fast path and
-feature flags are constexpr, so the kernels never recompile as a cache grows. ``HAS_TABLE``: K and
+Lengths, counts and strides are runtime arguments; only block sizes, the page size (``PAGE``:
+the K and V passes split every row index into page and offset, which is a shift for a constant and
+~20 instructions per row for a runtime divisor), the alpha fast path and feature flags are
+constexpr, so the kernels never recompile as a cache grows. ``HAS_TABLE``: K and
 V are page pools read through a block table (``runtime/paged.py``); pages and candidate rows stay
 logical, only the K and V addresses go through the table.
 """
@@ -55,8 +57,8 @@ def score_kernel(
     q_ptr, k_ptr, seqlens_ptr, start_ptr, idx_ptr, nsel_ptr, slopes_ptr,
     cand_z_ptr, cand_tok_ptr, cand_cnt_ptr, split_max_ptr, shared_max_ptr,
     sqb, sqh, sqd, skb, skh, skn, skd, sib, sih, sip, snb, snh,
-    Hq, Hkv, G, D, num_splits, seg, page_size, zscale, am1, capacity, zcap,
-    blocks_ptr, sbb, sbh, sbs, HAS_TABLE: tl.constexpr,
+    Hq, Hkv, G, D, num_splits, seg, zscale, am1, capacity, zcap,
+    blocks_ptr, sbb, sbh, sbs, HAS_TABLE: tl.constexpr, PAGE: tl.constexpr,
     HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, HAS_START: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     SHARE_EVERY: tl.constexpr,
@@ -76,8 +78,8 @@ def score_kernel(
     pages_per_split = (nsel + num_splits - 1) // num_splits
     p0 = tl.minimum(split * pages_per_split, nsel)
     p1 = tl.minimum(p0 + pages_per_split, nsel)
-    j0 = p0 * page_size
-    j1 = p1 * page_size
+    j0 = p0 * PAGE
+    j1 = p1 * PAGE
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_n = tl.arange(0, BLOCK_N)
@@ -107,14 +109,16 @@ def score_kernel(
     for j in range(j0, j1, BLOCK_N):
         jj = j + offs_n
         nmask = jj < j1
-        page = tl.load(idx_base + (jj // page_size) * sip, mask=nmask, other=0)
-        row = page * page_size + jj % page_size
+        slot = jj // PAGE  # the selected page's slot, and the row within the page
+        within = jj % PAGE
+        page = tl.load(idx_base + slot * sip, mask=nmask, other=0)
+        row = page * PAGE + within
         valid = nmask & (row < readable) & (row >= first) & (page >= 0)
         k_row = row.to(tl.int64) * skn
         if HAS_TABLE:  # the selected page's block, loaded beside the page, not after it
-            blk = tl.load(blocks_ptr + b * sbb + hk * sbh + (jj // page_size) * sbs, mask=nmask,
+            blk = tl.load(blocks_ptr + b * sbb + hk * sbh + slot * sbs, mask=nmask,
                           other=0).to(tl.int64)
-            k_row = blk * skb + (jj % page_size).to(tl.int64) * skn
+            k_row = blk * skb + within.to(tl.int64) * skn
         k = tl.load(k_base + k_row[:, None] + offs_d[None, :] * skd,
                     mask=valid[:, None] & dmask[None, :], other=0.0)
         if UPCAST:
@@ -174,7 +178,7 @@ def output_kernel(
     o_part_ptr, l_part_ptr,
     svb, svh, svn, svd,
     Hq, Hkv, G, D, num_splits, seg, beta,
-    page_size, table_ptr, stb, stp, HAS_TABLE: tl.constexpr,
+    table_ptr, stb, stp, HAS_TABLE: tl.constexpr, PAGE: tl.constexpr,
     KIND: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_SCAN: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -217,10 +221,10 @@ def output_kernel(
             pos = n + tl.cumsum(live, axis=0) - live
             keep = live > 0
             tok = tl.load(tok_base + tt, mask=keep, other=0)
-            if HAS_TABLE:  # keep the physical row (block * page_size + offset): the table
+            if HAS_TABLE:  # keep the physical row (block * PAGE + offset): the table
                 # lookup happens here, off the V loads' critical path below
-                blk = tl.load(table_ptr + b * stb + (tok // page_size) * stp, mask=keep, other=0)
-                tok = blk * page_size + tok % page_size
+                blk = tl.load(table_ptr + b * stb + (tok // PAGE) * stp, mask=keep, other=0)
+                tok = blk * PAGE + tok % PAGE
             tl.store(live_tok + pos, tok, mask=keep)
             tl.store(live_z + pos[None, :], z, mask=keep[None, :] & gmask[:, None])
         n += found
@@ -238,7 +242,7 @@ def output_kernel(
         tok = tl.load(live_tok + tt, mask=tmask, other=0)
         v_row = tok.to(tl.int64) * svn
         if HAS_TABLE:  # physical rows (see above)
-            v_row = (tok // page_size).to(tl.int64) * svb + (tok % page_size).to(tl.int64) * svn
+            v_row = (tok // PAGE).to(tl.int64) * svb + (tok % PAGE).to(tl.int64) * svn
         v = tl.load(v_base + v_row[:, None] + offs_d[None, :] * svd,
                     mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         acc += tl.dot(p, v, input_precision=DOT_PREC)
