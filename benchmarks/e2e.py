@@ -21,6 +21,9 @@ over the run). Methods:
 Plain-Inductor and SDPA baselines run for all contexts before the entmaxkv backend is first used:
 importing it installs tracing polyfills that would change what "plain Inductor" compiles.
 ms/token is wall time over the timed steps (host overhead included, as a user's loop sees it).
+``--positions device`` (default) feeds ``input_pos`` from a GPU tensor as gpt-fast's loop does, so
+the host runs ahead of the device; ``--positions host`` builds it from a Python int each step,
+which waits for the queued work, so host time per step adds to device time (``position_feed``).
 
     python benchmarks/e2e.py --preset quick --out OUT    # H200: 32k, 128k; gaussian, certified
     python benchmarks/e2e.py --preset full --out OUT     # + 512k, + topk and dense, 32 steps
@@ -41,6 +44,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -133,18 +137,32 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def position_feed(plan: dict, first: int, count: int) -> Callable[[int], torch.Tensor]:
+    """``step -> input_pos`` for ``count`` steps from position ``first``. ``plan["positions"]``:
+    ``device`` keeps them on the GPU (``input_pos`` views of one tensor, as gpt-fast's loop
+    advances a device tensor), so the host queues step after step; ``host`` builds each from a
+    Python int (a pageable copy that waits for the queued work), so every step's host time (guards,
+    graph launch) adds to its device time, as in a loop that syncs per token."""
+    device = plan["device"]
+    if plan.get("positions", "device") == "host":
+        return lambda step: torch.tensor([first + step], device=device)
+    positions = torch.arange(first, first + count, device=device)
+    return lambda step: positions[step:step + 1]
+
+
 @torch.no_grad()
 def decode(step_fn, plan: dict, context: int) -> tuple[float, float, torch.Tensor]:
     """Feed the fixed token from position ``context`` on: ``(s/token timed, s of the warm-up steps
     (compilation, graph recording), logits [steps, vocab] of every step)``."""
     device = plan["device"]
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    position = position_feed(plan, context, plan["warmup"] + plan["steps"])
     logits, start, warm = [], time.perf_counter(), 0.0
     for step in range(plan["warmup"] + plan["steps"]):
         if step == plan["warmup"]:
             _sync(device)
             warm, start = time.perf_counter() - start, time.perf_counter()
-        out = step_fn(token, torch.tensor([context + step], device=device))
+        out = step_fn(token, position(step))
         logits.append(out[:, -1].clone())  # CUDA-graph outputs are overwritten by the next replay
     _sync(device)
     return (time.perf_counter() - start) / plan["steps"], warm, torch.cat(logits).float()
@@ -204,6 +222,9 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--budget-s", type=float, help="skip methods not started after this long")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--positions", choices=("device", "host"), default="device",
+                        help="input_pos kept on the GPU (gpt-fast's loop) or built from a host int "
+                             "each step (a loop that syncs per token; see position_feed)")
     args = parser.parse_args(argv)
     plan = dict(PRESETS[args.preset])
     if args.contexts:
@@ -213,6 +234,7 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
         unknown = set(plan["selectors"]) - set(SELECTORS)
         if unknown:
             raise SystemExit(f"--selectors: unknown {sorted(unknown)}; known: {list(SELECTORS)}")
+    plan["positions"] = args.positions
     for name in ("layers", "steps", "budget_s"):
         if getattr(args, name) is not None:
             plan[name] = getattr(args, name)

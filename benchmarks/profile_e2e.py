@@ -63,9 +63,10 @@ def profile_method(plan: dict, method: str, context: int, fill: list, steps: int
     model = e2e.build(plan, context, weights, fill)
     step_fn = e2e._compiled(plan, method, model, context)
     token = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    position = e2e.position_feed(plan, context, plan["warmup"] + steps + 5)
     with torch.no_grad(), _rewrites(method) as report:
         for step in range(plan["warmup"]):
-            step_fn(token, torch.tensor([context + step], device="cuda"))
+            step_fn(token, position(step))
     rewrites = None if report is None else dict(
         table=str(report), graphs=len(report.graphs),
         marker_ops_left=[g.code_after.count("entmaxkv.entmax.") for g in report.graphs])
@@ -73,13 +74,13 @@ def profile_method(plan: dict, method: str, context: int, fill: list, steps: int
         torch.cuda.synchronize()
         start = time.perf_counter()
         for step in range(steps):
-            step_fn(token, torch.tensor([context + plan["warmup"] + step], device="cuda"))
+            step_fn(token, position(plan["warmup"] + step))
         torch.cuda.synchronize()
         ms = (time.perf_counter() - start) / steps * 1e3
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
             for step in range(5):
-                step_fn(token, torch.tensor([context + plan["warmup"] + steps + step], device="cuda"))
+                step_fn(token, position(plan["warmup"] + steps + step))
             torch.cuda.synchronize()
     logging.getLogger("torch").removeHandler(handler)
     torch._logging.set_logs()
@@ -101,12 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--selectors", default="gaussian")
     parser.add_argument("--baselines", default="inductor", help="comma list of inductor, sdpa_flash")
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--positions", choices=("device", "host"), default="device",
+                        help="see benchmarks/e2e.py position_feed")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_e2e needs a CUDA GPU", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    plan = dict(e2e.PRESETS["quick"])
+    plan = dict(e2e.PRESETS["quick"], positions=args.positions)
     fill = e2e.planted_fill(plan, args.context, 0)
     methods = args.baselines.split(",") + [f"entmaxkv_{s}" for s in args.selectors.split(",")]
     rows = []
