@@ -214,3 +214,24 @@ def test_ops_are_registered_with_fake_shapes():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-2:] == ["(2, 2, 5) (2, 2) (2, 8)", "(2, 8, 5) torch.float32"]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="inline PTX: compiled on a GPU only (the interpreter has no asm)")
+def test_codes_as_fp16_is_exact_for_every_code():
+    """The bit-trick conversion of the scan (:func:`sketch_kernels._codes_as_fp16`) gives every
+    int8 code exactly, in a 2-D tile as the scan loads it (four codes per word, in order)."""
+    import triton
+    import triton.language as tl
+
+    from entmaxkv_compile.runtime.sketch.sketch_kernels import _codes_as_fp16
+
+    @triton.jit
+    def convert(c_ptr, out_ptr, ROWS: tl.constexpr, COLS: tl.constexpr):
+        offs = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+        tl.store(out_ptr + offs, _codes_as_fp16(tl.load(c_ptr + offs)))
+
+    codes = torch.arange(-128, 128, dtype=torch.int16, device=DEVICE).to(torch.int8)
+    tile = codes[torch.randperm(256 * 64, device=DEVICE) % 256].view(128, 128).contiguous()
+    out = torch.empty(tile.shape, dtype=torch.float16, device=DEVICE)
+    convert[(1,)](tile, out, ROWS=128, COLS=128)
+    assert torch.equal(out, tile.to(torch.float16))

@@ -169,6 +169,7 @@ def triton_sketch_select(
         BLOCK_G=max(cm.next_pow2(group), 16 // group_rows), BLOCK_N=max(scan["SCAN_BLOCK_N"], page_size),
         BLOCK_D=group_rows * 32,
         DOT_PREC=cm.dot_precision(dev, q.dtype), UPCAST=cm.dot_upcast(dev, q.dtype),
+        CODES_FP16=dev.type == "cuda" and q.dtype == torch.float16 and scan["SCAN_FAST_CODES"],
         num_warps=scan["SCAN_WARPS"],
     )
     solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, seg, alpha, cfg)

@@ -31,7 +31,7 @@ DEFAULTS: dict[str, dict[str, int]] = {
     "page_stats": {"BLOCK_T": 16, "num_warps": 4},
     "select": {"BLOCK_P": 64, "BLOCK_PM": 32, "BLOCK_PS": 256,
                "num_warps": 4, "MOMENTS_DOT": 0, "MOMENTS_BLOCKS": 1,
-               "SCAN_BLOCK_N": 64, "SCAN_WARPS": 4, "SCAN_PROGRAMS_PER_SM": 4},
+               "SCAN_BLOCK_N": 64, "SCAN_WARPS": 4, "SCAN_PROGRAMS_PER_SM": 4, "SCAN_FAST_CODES": 1},
 }
 
 # Small blocks keep the CPU interpreter fast; it has no notion of warps or stages.
@@ -42,7 +42,7 @@ INTERPRETER: dict[str, dict[str, int]] = {
     "page_stats": {"BLOCK_T": 16, "num_warps": 1},
     "select": {"BLOCK_P": 16, "BLOCK_PM": 16, "BLOCK_PS": 16, "num_warps": 1,
                "MOMENTS_DOT": 0, "MOMENTS_BLOCKS": 2, "SCAN_BLOCK_N": 16, "SCAN_WARPS": 1,
-               "SCAN_PROGRAMS_PER_SM": 8},
+               "SCAN_PROGRAMS_PER_SM": 8, "SCAN_FAST_CODES": 0},
 }
 
 
