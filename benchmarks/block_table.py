@@ -31,6 +31,7 @@ from benchmarks.dense_decode import kernel_breakdown  # noqa: E402
 from entmaxkv_compile import EntmaxKVConfig, KVPageStats, PagedKVStats  # noqa: E402
 from entmaxkv_compile.runtime.paged import pool_from_cache  # noqa: E402
 from entmaxkv_compile.runtime.step import implementation_for, run_step  # noqa: E402
+from entmaxkv_compile.runtime.tuning import tuned  # noqa: E402
 
 PAGE = 16
 ALPHA = 1.5
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--allocation", choices=("shuffled", "runs", "identity"), default="shuffled",
                         help="where the pages land in the pool (see block_order)")
     parser.add_argument("--profile", action="store_true", help="per-kernel device times of one eager step each")
+    parser.add_argument("--decode-params", type=json.loads, default={},
+                        help='decode launch parameters over the tuned ones, e.g. \'{"SLOT_TILES": 0}\'')
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = PRESETS[args.preset or ("quick" if device.type == "cuda" else "smoke")]
@@ -145,6 +148,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.out.mkdir(parents=True, exist_ok=True)
+    with tuned.override("paged_decode", args.decode_params):
+        rows = _all_configs(args, device)
+    print(f"{'length':>8} {'B':>2} {'selector':>10} {'contig ms':>10} {'table ms':>9} {'overhead':>9} identical")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['length']:>8} {row['batch']:>2} {row['selector']:>10} error: {row['error'][:80]}")
+            continue
+        flag = "" if row["overhead_pct"] < TARGET_OVERHEAD else "  (> 5%)"
+        print(f"{row['length']:>8} {row['batch']:>2} {row['selector']:>10} {row['contiguous_ms']:>10.4f} "
+              f"{row['table_ms']:>9.4f} {row['overhead_pct']:>8.1f}% {row['identical']}{flag}")
+    return rows
+
+
+def _all_configs(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Every (length, batch, selector) row; JSON rewritten after each."""
     rows = []
     for length in args.lengths:
         for batch in args.batches:
@@ -154,17 +172,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 except Exception as exc:  # noqa: BLE001 - a failing configuration is a row with a note
                     rows.append(dict(length=length, batch=batch, selector=selector,
                                      error=f"{type(exc).__name__}: {exc}"))
-                (args.out / "block_table.json").write_text(json.dumps(dict(device=str(device), rows=rows), indent=1))
+                (args.out / "block_table.json").write_text(json.dumps(
+                    dict(device=str(device), decode_params=args.decode_params, rows=rows), indent=1))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    print(f"{'length':>8} {'B':>2} {'selector':>10} {'contig ms':>10} {'table ms':>9} {'overhead':>9} identical")
-    for row in rows:
-        if "error" in row:
-            print(f"{row['length']:>8} {row['batch']:>2} {row['selector']:>10} error: {row['error'][:80]}")
-            continue
-        flag = "" if row["overhead_pct"] < TARGET_OVERHEAD else "  (> 5%)"
-        print(f"{row['length']:>8} {row['batch']:>2} {row['selector']:>10} {row['contiguous_ms']:>10.4f} "
-              f"{row['table_ms']:>9.4f} {row['overhead_pct']:>8.1f}% {row['identical']}{flag}")
     return rows
 
 

@@ -56,6 +56,7 @@ SHAPES_CPU = [
     (2, 8, 2, 77, 24, 16, torch.float16, 2.0, True),    # GQA 4, odd head dim, ALiBi
     (1, 8, 1, 45, 32, 8, torch.bfloat16, 4 / 3, False),  # GQA 8
     (3, 4, 1, 40, 16, 4, torch.float32, 1.25, True),    # ragged batch of 3, general alpha
+    (1, 4, 2, 90, 16, 32, torch.float16, 1.5, False),   # pages longer than the K tile
 ]
 SHAPES_GPU = [
     (2, 32, 8, 8191, 128, 16, torch.float16, 1.5, False),

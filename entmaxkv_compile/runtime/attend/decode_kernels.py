@@ -53,6 +53,31 @@ def _tail_power(x, beta, KIND: tl.constexpr):
 
 
 @triton.jit
+def _k_tile_by_slot(k_base, idx_base, blocks_base, j, j1, readable, first, sip, sbs, skb, skn, skd,
+                    dmask, offs_d, HAS_TABLE: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """``(k [BLOCK_N, BLOCK_D], row, valid [BLOCK_N])`` of the K tile at selected row ``j`` (a
+    multiple of ``PAGE``, which divides ``BLOCK_N``), loaded as ``[slots, PAGE, D]``: each
+    selected page's id (and block) is loaded once per slot and its rows are offsets from one base,
+    where the row-wise form loads both for every row and builds every row's address from them."""
+    SLOTS: tl.constexpr = BLOCK_N // PAGE
+    slot = j // PAGE + tl.arange(0, SLOTS)
+    in_split = slot * PAGE < j1
+    page = tl.load(idx_base + slot * sip, mask=in_split, other=-1)
+    within = tl.arange(0, PAGE)
+    if HAS_TABLE:
+        base = tl.load(blocks_base + slot * sbs, mask=in_split, other=0).to(tl.int64) * skb
+    else:
+        base = (page * PAGE).to(tl.int64) * skn
+    row2 = page[:, None] * PAGE + within[None, :]
+    valid2 = (in_split & (page >= 0))[:, None] & (row2 < readable) & (row2 >= first)
+    offs = base[:, None, None] + (within.to(tl.int64) * skn)[None, :, None] + (offs_d * skd)[None, None, :]
+    k3 = tl.load(k_base + offs, mask=valid2[:, :, None] & dmask[None, None, :], other=0.0)
+    return (tl.reshape(k3, (BLOCK_N, BLOCK_D)), tl.reshape(row2, (BLOCK_N,)),
+            tl.reshape(valid2, (BLOCK_N,)))
+
+
+@triton.jit
 def score_kernel(
     q_ptr, k_ptr, seqlens_ptr, start_ptr, idx_ptr, nsel_ptr, slopes_ptr,
     cand_z_ptr, cand_tok_ptr, cand_cnt_ptr, split_max_ptr, shared_max_ptr,
@@ -61,7 +86,7 @@ def score_kernel(
     blocks_ptr, sbb, sbh, sbs, HAS_TABLE: tl.constexpr, PAGE: tl.constexpr,
     HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, HAS_START: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    SHARE_EVERY: tl.constexpr,
+    SHARE_EVERY: tl.constexpr, SLOT_TILES: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -107,20 +132,25 @@ def score_kernel(
     nonfinite = tl.zeros([BLOCK_G], tl.int32)
     count = tl.zeros([], tl.int32)
     for j in range(j0, j1, BLOCK_N):
-        jj = j + offs_n
-        nmask = jj < j1
-        slot = jj // PAGE  # the selected page's slot, and the row within the page
-        within = jj % PAGE
-        page = tl.load(idx_base + slot * sip, mask=nmask, other=0)
-        row = page * PAGE + within
-        valid = nmask & (row < readable) & (row >= first) & (page >= 0)
-        k_row = row.to(tl.int64) * skn
-        if HAS_TABLE:  # the selected page's block, loaded beside the page, not after it
-            blk = tl.load(blocks_ptr + b * sbb + hk * sbh + slot * sbs, mask=nmask,
-                          other=0).to(tl.int64)
-            k_row = blk * skb + within.to(tl.int64) * skn
-        k = tl.load(k_base + k_row[:, None] + offs_d[None, :] * skd,
-                    mask=valid[:, None] & dmask[None, :], other=0.0)
+        if SLOT_TILES:
+            k, row, valid = _k_tile_by_slot(k_base, idx_base, blocks_ptr + b * sbb + hk * sbh, j, j1,
+                                            readable, first, sip, sbs, skb, skn, skd, dmask, offs_d,
+                                            HAS_TABLE, PAGE, BLOCK_N, BLOCK_D)
+        else:
+            jj = j + offs_n
+            nmask = jj < j1
+            slot = jj // PAGE  # the selected page's slot, and the row within the page
+            within = jj % PAGE
+            page = tl.load(idx_base + slot * sip, mask=nmask, other=0)
+            row = page * PAGE + within
+            valid = nmask & (row < readable) & (row >= first) & (page >= 0)
+            k_row = row.to(tl.int64) * skn
+            if HAS_TABLE:  # the selected page's block, loaded beside the page, not after it
+                blk = tl.load(blocks_ptr + b * sbb + hk * sbh + slot * sbs, mask=nmask,
+                              other=0).to(tl.int64)
+                k_row = blk * skb + within.to(tl.int64) * skn
+            k = tl.load(k_base + k_row[:, None] + offs_d[None, :] * skd,
+                        mask=valid[:, None] & dmask[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
         z = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * zscale

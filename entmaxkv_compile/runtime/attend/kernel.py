@@ -97,6 +97,12 @@ def plan_splits(q: Tensor, page_indices: Tensor, page_size: int) -> tuple[dict, 
     return cfg, splits, cm.cdiv(num_pages, splits) * page_size
 
 
+def slot_tiles(cfg: dict, page_size: int) -> bool:
+    """Whether the K pass loads its tiles page by page (``_k_tile_by_slot``): asked for by the
+    config's ``SLOT_TILES`` and possible when a page (a power of two) is no longer than ``BLOCK_N``."""
+    return bool(cfg["SLOT_TILES"]) and cfg["BLOCK_N"] % page_size == 0
+
+
 def score_candidates(q, k_cache, seqlens, page_indices, num_selected, alibi_slopes, page_size, alpha, scale,
                      cfg, splits, seg, softcap=0.0, row_start=None, block_table=None):
     """The K pass: ``(cand_z [B, Hq, splits*seg], cand_tok [B, Hkv, splits*seg], cand_cnt
@@ -135,7 +141,7 @@ def score_candidates(q, k_cache, seqlens, page_indices, num_selected, alibi_slop
         HAS_ALIBI=has_alibi, SOFTCAP=bool(softcap), HAS_START=has_start, BLOCK_G=max(16, cm.next_pow2(hq // hkv)), BLOCK_N=cfg["BLOCK_N"],
         BLOCK_D=max(16, cm.next_pow2(dim)),
         DOT_PREC=cm.dot_precision(dev, q.dtype), UPCAST=cm.dot_upcast(dev, q.dtype),
-        SHARE_EVERY=cfg["SHARE_EVERY"], num_warps=cfg["num_warps"],
+        SHARE_EVERY=cfg["SHARE_EVERY"], SLOT_TILES=slot_tiles(cfg, page_size), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     return cand_z, cand_tok, cand_cnt, split_max

@@ -27,7 +27,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULTS: dict[str, dict[str, int]] = {
     "paged_decode": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "BLOCK_T": 32,
                      "BLOCK_TAU": 128, "tau_warps": 4, "SHARE_EVERY": 0, "PROGRAMS_PER_SM": 8,
-                     "TAU_PROGRAMS_PER_SM": 8, "out_warps": 4},
+                     "TAU_PROGRAMS_PER_SM": 8, "out_warps": 4, "SLOT_TILES": 1},
     "page_stats": {"BLOCK_T": 16, "num_warps": 4},
     "select": {"BLOCK_P": 64, "BLOCK_PM": 32, "BLOCK_PS": 256,
                "num_warps": 4, "MOMENTS_DOT": 0, "MOMENTS_BLOCKS": 1,
@@ -38,7 +38,7 @@ DEFAULTS: dict[str, dict[str, int]] = {
 INTERPRETER: dict[str, dict[str, int]] = {
     "paged_decode": {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "BLOCK_T": 16,
                      "BLOCK_TAU": 16, "tau_warps": 1, "SHARE_EVERY": 1, "PROGRAMS_PER_SM": 8,
-                     "TAU_PROGRAMS_PER_SM": 8, "out_warps": 1},
+                     "TAU_PROGRAMS_PER_SM": 8, "out_warps": 1, "SLOT_TILES": 1},
     "page_stats": {"BLOCK_T": 16, "num_warps": 1},
     "select": {"BLOCK_P": 16, "BLOCK_PM": 16, "BLOCK_PS": 16, "num_warps": 1,
                "MOMENTS_DOT": 0, "MOMENTS_BLOCKS": 2, "SCAN_BLOCK_N": 16, "SCAN_WARPS": 1,
