@@ -9,7 +9,8 @@ on the same cache are recorded beside it. Writes ``sweep_launch.json``; the chos
 ``runtime/tuning/configs/<gpu>.json`` by hand, with this file's numbers as the source.
 
 Usage: ``python benchmarks/sweep_launch.py --out DIR [--cases planted:131072,iid:1048576]
-[--decode-params tau_warps,BLOCK_TAU] [--select-params MOMENTS_DOT] [--no-scan]``.
+[--decode-params tau_warps,BLOCK_TAU] [--select-params MOMENTS_DOT] [--scan-params SCAN_WARPS]
+[--no-scan]``.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def _only(space: dict, names: str | None) -> dict:
     return {k: v for k, v in space.items() if k in wanted}
 
 
-def run_case(family: str, n: int, decode_space: dict, select_space: dict, scan: bool) -> dict:
+def run_case(family: str, n: int, decode_space: dict, select_space: dict, scan_space: dict | None) -> dict:
+    """One case's sweeps (``scan_space`` None: no sketch scan sweep)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q, k, v = make_family(family, 1, HQ, HKV, n, torch.float16)
@@ -131,9 +133,9 @@ def run_case(family: str, n: int, decode_space: dict, select_space: dict, scan: 
     row.update(select_shipped=shipped, select_best=best, select_trials=trials)
     with tuned.override("select", best):
         row["select_kernels_us"] = kernel_breakdown(select)
-        if not scan:
+        if scan_space is None:
             return row
-        best, trials = descend("select", best, SCAN_SPACE, sketch_select)
+        best, trials = descend("select", best, scan_space, sketch_select)
     row.update(scan_best=best, scan_trials=trials)
     with tuned.override("select", best):
         row["scan_kernels_us"] = kernel_breakdown(sketch_select)
@@ -147,14 +149,16 @@ def main() -> None:
     parser.add_argument("--decode-params", help=f"sweep only these of {','.join(DECODE_SPACE)}")
     parser.add_argument("--select-params", help=f"sweep only these of {','.join(SELECT_SPACE)}")
     parser.add_argument("--no-scan", action="store_true", help="skip the key sketch's scan sweep")
+    parser.add_argument("--scan-params", help=f"sweep only these of {','.join(SCAN_SPACE)}")
     args = parser.parse_args()
     decode_space = _only(DECODE_SPACE, args.decode_params)
     select_space = _only(SELECT_SPACE, args.select_params)
+    scan_space = _only(SCAN_SPACE, args.scan_params)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for case in args.cases.split(","):
         family, n = case.split(":")
-        rows.append(run_case(family, int(n), decode_space, select_space, not args.no_scan))
+        rows.append(run_case(family, int(n), decode_space, select_space, None if args.no_scan else scan_space))
         (args.out / "sweep_launch.json").write_text(json.dumps(rows, indent=1))
         torch.cuda.empty_cache()
 
@@ -171,9 +175,13 @@ def main() -> None:
                       f"{ms(r['select_trials'], r['select_shipped']):.4f}",
                       f"{ms(r['select_trials'], r['select_best']):.4f}",
                       " ".join(f"{k}={v}" for k, v in r["select_best"].items()
-                               if r["select_shipped"].get(k) != v)])
+                               if r["select_shipped"].get(k) != v),
+                      f"{ms(r['scan_trials'], r['scan_trials'][0]['params']):.4f}" if "scan_trials" in r else "-",
+                      f"{min(t['ms'] for t in r['scan_trials']):.4f}" if "scan_trials" in r else "-",
+                      " ".join(f"{k}={v}" for k, v in r.get("scan_best", {}).items()
+                               if k.startswith("SCAN") and r["select_best"].get(k) != v)])
     print(render_table(["family", "N", "SDPA ms", "decode shipped", "decode best", "changed",
-                        "select shipped", "select best", "changed"], table,
+                        "select shipped", "select best", "changed", "scan shipped", "scan best", "changed"], table,
                        right=("N", "SDPA ms", "decode shipped", "decode best", "select shipped",
                               "select best")))
 

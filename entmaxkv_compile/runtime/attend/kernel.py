@@ -120,7 +120,9 @@ def score_candidates(q, k_cache, seqlens, page_indices, num_selected, alibi_slop
     cand_tok = torch.empty((batch, hkv, cap), device=dev, dtype=torch.int32)
     cand_cnt = torch.empty((batch, hkv, splits), device=dev, dtype=torch.int32)
     split_max = torch.empty((batch, hq, splits), device=dev, dtype=torch.float32)
-    shared_max = torch.full((batch, hq), float("-inf"), device=dev, dtype=torch.float32)
+    # the splits' shared maxima (SHARE_EVERY > 0 only; otherwise never read: no fill launched)
+    shared_max = torch.full((batch, hq), float("-inf"), device=dev, dtype=torch.float32) \
+        if cfg["SHARE_EVERY"] > 0 else split_max
     has_alibi = alibi_slopes is not None
     slopes = alibi_slopes if has_alibi else q  # never read when has_alibi is False
     has_start = row_start is not None
