@@ -92,11 +92,13 @@ def one_config(length: int, batch: int, selector: str, args: argparse.Namespace,
     perm = block_order(batch * num_pages, args.allocation, gen, device)
     k_pool, table = paged_copy(k, perm, args.layout)
     v_pool, _ = paged_copy(v, perm, args.layout)
-    flat = KVPageStats.from_cache(k, seqlens, PAGE, check_values=False)
+    base, _, suffix = selector.partition("_")  # gaussian_c: moments in the cache dtype
+    moment_dtype = dtype if suffix == "c" else None
+    flat = KVPageStats.from_cache(k, seqlens, PAGE, check_values=False, moment_dtype=moment_dtype)
     paged = PagedKVStats.allocate(batch * num_pages, args.kv_heads, args.dim, batch=batch, max_pages=num_pages,
-                                  page_size=PAGE, dtype=dtype, device=device)
+                                  page_size=PAGE, dtype=dtype, device=device, moment_dtype=moment_dtype)
     paged.prefill(k_pool, seqlens, table)
-    config = EntmaxKVConfig(selector=selector, page_size=PAGE, alpha=ALPHA,
+    config = EntmaxKVConfig(selector=base, page_size=PAGE, alpha=ALPHA, moment_dtype="cache" if suffix == "c" else "float32",
                             token_budget=max(PAGE, int(0.03 * length) // PAGE * PAGE))
     impl = implementation_for(device, dtype)
     scale = 1.0 / math.sqrt(args.dim)
@@ -133,7 +135,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, required=True, help="folder for block_table.json")
     parser.add_argument("--lengths", type=int, nargs="*", help="override the preset's lengths")
     parser.add_argument("--batches", type=int, nargs="*", help="override the preset's batch sizes")
-    parser.add_argument("--selectors", nargs="*", help="override the preset's selectors")
+    parser.add_argument("--selectors", nargs="*",
+                        help="override the preset's selectors (gaussian_c: moments in the cache dtype)")
     parser.add_argument("--layout", choices=("nhd", "hnd"), default="nhd",
                         help="pool layout: vLLM / FlashInfer NHD [blocks, P, Hkv, D] or FlashInfer HND")
     parser.add_argument("--allocation", choices=("shuffled", "runs", "identity"), default="shuffled",
