@@ -187,3 +187,25 @@ def test_export_aten_graph_is_matched_on_the_same_ir():
     assert torch.equal(gm.get_buffer("layers.0.attention.kv_cache.k_cache"), before), "analysis wrote the cache"
     [site] = analyze(gm, None, CONFIG).sites
     assert site.status == REFUSED and "numerically" in site.reason
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.37])
+def test_rounded_scores_over_a_long_context_are_not_taken_for_a_mask(slope):
+    """The written rows' bias (scores minus the float64 recomputation) at 512k positions: rounding
+    of bfloat16-sized magnitude on top of no bias or an ALiBi line is not a hidden row, one row
+    pushed 1e4 down is (a false refusal here left one layer of a 512k model on dense attention)."""
+    from entmaxkv_compile.compiler.passes.verify import _hides_written_rows
+
+    gen = torch.Generator().manual_seed(0)
+    length = 524288 + 37
+    j = torch.arange(length, dtype=torch.float64) - (length - 1)
+    noise = 0.0625 * torch.randint(-1, 2, (2, 3, length), generator=gen, dtype=torch.float64)
+    noise[..., -2] = 0.0625  # the last two rows' rounding differs by an ulp of a score near 10
+    noise[..., -1] = 0.0
+    valid = slope * j + noise
+    assert not _hides_written_rows(valid)
+    hidden = valid.clone()
+    hidden[1, 2, 1234] -= 1e4
+    assert _hides_written_rows(hidden)
+    hidden[1, 2, 1234] = float("-inf")
+    assert _hides_written_rows(hidden)

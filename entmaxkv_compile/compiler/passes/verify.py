@@ -219,17 +219,23 @@ def has_no_internal_overlap(buffer: torch.Tensor) -> bool:
 
 
 def _hides_written_rows(valid: torch.Tensor) -> bool:
-    """Whether some written row sits far below the line through the last two (never masked) rows.
+    """Whether some written row sits far below the line through the last (never masked) row with
+    the median of the slopes from it to every other row.
 
-    Measured against that line rather than the row maximum, so a steep ALiBi bias over a long
-    context is not mistaken for a mask.
+    Measured against a line rather than the row maximum, so a steep ALiBi bias over a long context
+    is not mistaken for a mask; the median slope, so the rounding of low-precision scores is not
+    either: the slope through the last two rows alone carried their rounding (up to an ulp of
+    the scores, 0.06 in bfloat16) into every row, and over 512k rows that is 3e4 below the line.
+    A hidden row's slope is huge, so it cannot move the median unless most rows are hidden.
     """
     if valid.shape[-1] < 2:
         return False
     rel = valid - valid[..., -1:]
     j = torch.arange(valid.shape[-1], dtype=valid.dtype, device=valid.device) - (valid.shape[-1] - 1)
-    line = -rel[..., -2:-1] * j
-    return bool((torch.nan_to_num(rel - line, nan=float("-inf")) < _MASKED).any())
+    ratios = rel[..., :-1] / j[:-1]
+    slope = torch.nan_to_num(torch.nanmedian(torch.where(ratios.isfinite(), ratios, float("nan")),
+                                             dim=-1, keepdim=True).values, nan=0.0)
+    return bool((torch.nan_to_num(rel - slope * j, nan=float("-inf")) < _MASKED).any())
 
 
 def _fit_alibi(valid: torch.Tensor, length: int, tol: float, has_bias: bool) -> tuple[Optional[torch.Tensor], str]:
