@@ -64,12 +64,14 @@ def decode(step_fn, opts: argparse.Namespace) -> tuple[float, torch.Tensor, torc
     """Greedy decode from position ``context``: (seconds per token after the first, logits, tokens)."""
     token = torch.zeros(1, 1, dtype=torch.long, device=opts.device)
     logits_seen, tokens, start = [], [], None
+    # input_pos stays on the device (see examples/gpt_fast_decode.py)
+    positions = torch.arange(opts.context, opts.context + opts.steps, device=opts.device)
     with torch.no_grad():
         for step in range(opts.steps):
             if step == 1:  # the first step compiles
                 _sync(opts.device)
                 start = time.perf_counter()
-            pos = torch.tensor([opts.context + step], device=opts.device)
+            pos = positions[step:step + 1]
             logits = step_fn(token, pos)[:, -1].clone()
             token = logits.argmax(-1, keepdim=True)
             logits_seen.append(logits.float())

@@ -72,12 +72,16 @@ def decode(step_fn, opts: argparse.Namespace) -> tuple[float, torch.Tensor]:
     token = torch.zeros(opts.batch, 1, dtype=torch.long, device=opts.device)
     logits_seen = []
     start = None
+    # input_pos stays on the device, as gpt-fast's loop keeps it: a position built from a Python
+    # int each step is a host-to-device copy that waits for the queued step (host time then adds
+    # to every token's time)
+    positions = torch.arange(opts.context, opts.context + opts.warmup + opts.steps, device=opts.device)
     with torch.no_grad():
         for step in range(opts.warmup + opts.steps):
             if step == opts.warmup:
                 _sync(opts.device)
                 start = time.perf_counter()
-            pos = torch.tensor([opts.context + step], device=opts.device)
+            pos = positions[step:step + 1]
             logits = step_fn(token, pos)[:, -1].clone()  # CUDA-graph outputs are overwritten by the next replay
             token = logits.argmax(-1, keepdim=True)
             if step >= opts.warmup:
