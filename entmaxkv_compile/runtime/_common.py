@@ -19,16 +19,6 @@ ALPHA_ENTMAX15 = 2
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-GRID_AXIS_MAX = 65535  # CUDA's limit on a grid's second and third axes
-
-
-def grid_axis(size: int, what: str) -> int:
-    """``size`` as a second grid axis, or a clear error when CUDA cannot launch that many."""
-    if size > GRID_AXIS_MAX:
-        raise ValueError(f"{what}: {size} programs exceed CUDA's {GRID_AXIS_MAX} on a grid's second "
-                         "axis; use a larger page size for a cache this long")
-    return size
-
 
 def device_kernels(device: torch.device, dtype: torch.dtype) -> Any:
     """The Triton kernels module (``runtime/kernels.py``) when it runs on ``device`` for ``dtype``

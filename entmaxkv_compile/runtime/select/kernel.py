@@ -55,7 +55,7 @@ def launch_quest(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_si
     group = torch.empty((batch, hkv, num_pages), device=q.device, dtype=torch.float32) \
         if group_max else None
     dummy = seqlens
-    wrap_triton(quest_kernel)[(batch * hkv, cm.grid_axis(cm.cdiv(num_pages, cfg["BLOCK_P"]), "page blocks"))](
+    wrap_triton(quest_kernel)[(cm.cdiv(num_pages, cfg["BLOCK_P"]), batch * hkv)](
         q, kmin, kmax, seqlens, alibi_slopes if alibi_slopes is not None else q,
         bounds if per_head else dummy, group if group_max else dummy,
         q.stride(0), q.stride(1), q.stride(3), *pool_stats_strides(kmin, block_table),
@@ -79,10 +79,8 @@ def _gaussian_tau(q: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, page_s
     start = row_start if has_start else seqlens  # never read when has_start is False
     batch, hq, hkv, num_pages, dim = _stats_view(q, kmean, block_table)
     cfg = lookup("select", q.device, "default", num_pages * page_size)
-    # programs along the pages: the grid's second axis (at most 65535), so very long caches
-    # give each program more blocks
-    per_prog = max(cfg["MOMENTS_BLOCKS"], cm.cdiv(num_pages, cfg["BLOCK_PM"] * cm.GRID_AXIS_MAX))
-    nblocks = cm.cdiv(num_pages, cfg["BLOCK_PM"] * per_prog)
+    per_prog = cfg["MOMENTS_BLOCKS"]
+    nblocks = cm.cdiv(num_pages, cfg["BLOCK_PM"] * per_prog)  # programs along the pages
     dev = q.device
     mu = torch.empty((batch, hq, num_pages), device=dev, dtype=torch.float32)
     sigma = torch.empty_like(mu)
@@ -93,7 +91,7 @@ def _gaussian_tau(q: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, page_s
         raise ValueError(f"MOMENTS_DOT must be 0 (FMA), 1 (tf32x3 dots) or 2 (one-pass dots), got {dot_mode}")
     # The dot forms pad the G heads to 16 rows; the FMA form loops over next_pow2(G) heads.
     block_g = max(16, cm.next_pow2(hq // hkv)) if dot_mode else cm.next_pow2(hq // hkv)
-    wrap_triton(moments_kernel)[(batch * hkv, nblocks)](
+    wrap_triton(moments_kernel)[(nblocks, batch * hkv)](
         q, kmean, km2, seqlens, start, alibi_slopes if alibi_slopes is not None else q, mu, sigma, mom,
         q.stride(0), q.stride(1), q.stride(3), *pool_stats_strides(kmean, block_table),
         hq, hkv, hq // hkv, dim, num_pages, page_size, scale, per_prog, *table_args(block_table, seqlens),

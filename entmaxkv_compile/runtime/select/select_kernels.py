@@ -104,14 +104,14 @@ def quest_kernel(
     BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)  # heads fastest: see moments_kernel
+    pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     hk = pid_bh % Hkv
     length = tl.load(seqlens_ptr + b).to(tl.int32)
     offs_g = tl.arange(0, BLOCK_G)
     gmask = offs_g < G
     heads = hk * G + offs_g
-    pages = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pages = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = _page_counts(pages, length, page_size, num_pages) > 0
     load = pages < num_pages
     if HAS_TABLE:  # a table entry past the row's pages may be garbage: read only valid pages
@@ -148,14 +148,9 @@ def moments_kernel(
     (float32-accurate); 2, one tensor-core pass each: ``q . mean`` in the moments' own dtype
     (fp16/bf16 products are exact in the float32 accumulator; float32 moments round to tf32) and
     the variance term in tf32 (10-bit inputs: the selection is an estimate, not a bound).
-    ``UPCAST``: the interpreter's bf16 dot is wrong, so mode 2 runs in float32 there.
-
-    The grid is (batch x KV head, page blocks), heads fastest, so the programs running together
-    read the same pages of every KV head: a page pool stores a block's heads side by side
-    (``[blocks, Hkv, D]``), and page blocks first left each 256-512 byte row alone in its DRAM
-    page (fp32 moments at 1M on the H200: 178 us contiguous, 205 through a table)."""
-    prog = tl.program_id(1)
-    pid_bh = tl.program_id(0)
+    ``UPCAST``: the interpreter's bf16 dot is wrong, so mode 2 runs in float32 there."""
+    prog = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     hk = pid_bh % Hkv
     length = tl.load(seqlens_ptr + b).to(tl.int32)
@@ -237,7 +232,7 @@ def moments_kernel(
         sg64 = sigma.to(tl.float64)
         s1 += tl.sum(w * mu64, axis=1)
         s2 += tl.sum(w * (sg64 * sg64 + mu64 * mu64), axis=1)
-    mom = mom_ptr + ((b * Hq + heads).to(tl.int64) * tl.num_programs(1) + prog) * 2
+    mom = mom_ptr + ((b * Hq + heads).to(tl.int64) * tl.num_programs(0) + prog) * 2
     tl.store(mom, s1, mask=gmask)
     tl.store(mom + 1, s2, mask=gmask)
 
