@@ -84,6 +84,15 @@ def test_e2e_smoke(tmp_path):
         assert methods[exact_selector]["max_logit_err"] < 1e-3 * max(1.0, methods["exact"]["logit_scale"])
 
 
+@pytest.mark.parametrize("positions", ["device", "host"])
+def test_e2e_positions_feed_the_same_steps(positions):
+    """Device-side positions (views of one tensor, gpt-fast's loop) and host-built ones agree."""
+    plan = dict(e2e.PRESETS["smoke"], positions=positions)
+    feed = e2e.position_feed(plan, 100, 5)
+    assert [feed(step).tolist() for step in range(5)] == [[100 + step] for step in range(5)]
+    assert feed(2).shape == (1,) and feed(2).dtype == torch.int64
+
+
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.25])
 def test_exact_oracle_matches_entmax(alpha):
     torch.manual_seed(0)

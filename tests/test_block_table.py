@@ -306,6 +306,12 @@ def test_block_table_benchmark_smoke(tmp_path):
     assert len(rows) == len(saved) == 2 and all("error" not in row for row in rows)
     assert all(row["identical"] for row in rows)
     assert all(row["contiguous_ms"] > 0 and row["table_ms"] > 0 for row in rows)
+    # compact moments and launch parameters passed over the tuned ones
+    rows = block_table.main(["--preset", "smoke", "--out", str(tmp_path), "--selectors", "gaussian_c",
+                             "--decode-params", '{"SLOT_TILES": 0}'])
+    saved = json.loads((tmp_path / "block_table.json").read_text())
+    assert saved["decode_params"] == {"SLOT_TILES": 0}
+    assert [row["selector"] for row in rows] == ["gaussian_c"] and rows[0]["identical"], rows
 
 
 @pytest.mark.parametrize("selector", ["gaussian", "certified"])
