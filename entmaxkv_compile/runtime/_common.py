@@ -1,13 +1,10 @@
-"""Small helpers shared by the Triton launchers: block sizes, alpha fast paths, split counts, and
-whether the kernels run on a device at all.
+"""Small helpers shared by the Triton launchers: block sizes, alpha fast paths, split counts.
 
 Everything here is host-side arithmetic on *static* quantities (shapes, capacities, alpha), so a
 launcher never reads tensor data on the host and never recompiles as a cache grows.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
@@ -18,19 +15,6 @@ ALPHA_SPARSEMAX = 1
 ALPHA_ENTMAX15 = 2
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def device_kernels(device: torch.device, dtype: torch.dtype) -> Any:
-    """The Triton kernels module (``runtime/kernels.py``) when it runs on ``device`` for ``dtype``
-    (fp16/bf16/fp32 on CUDA), else None: callers then take the pure-torch reference (always for
-    float64, the exactness path, and on CPU)."""
-    if device.type != "cuda" or dtype not in FLOAT_DTYPES:
-        return None
-    try:
-        from . import kernels
-    except ImportError:  # no usable Triton: the reference is exact, only slower
-        return None
-    return kernels if kernels.available(device) else None
 
 
 def next_pow2(n: int) -> int:

@@ -17,7 +17,7 @@ from .attend.kernel import paged_decode
 from .attend.partial import gather_above, local_candidates, partial_sums, solve_gathered
 from .certify.kernel import certified_heads, certify, certify_pages, certify_policy_update_
 from .select.kernel import compact_page_mask, quest_bounds, select_pages
-from .sketch.kernel import sketch_append_, sketch_page_bounds, sketch_prefill_, sketch_select
+from .sketch.kernel import sketch_page_bounds, sketch_select
 # No kernels yet: the pure-torch floor and token-level bound of the approximate selectors' report
 # run on the device (one sort per head; no host sync).
 from .sketch.reference import sketch_delta_bound, sketch_tau_floor
@@ -36,10 +36,8 @@ __all__ = [
     "partial_sums",
     "quest_bounds",
     "select_pages",
-    "sketch_append_",
     "sketch_delta_bound",
     "sketch_page_bounds",
-    "sketch_prefill_",
     "sketch_select",
     "sketch_tau_floor",
     "solve_gathered",

@@ -20,7 +20,6 @@ from typing import Any, NamedTuple
 import torch
 
 from ..config import EntmaxKVConfig
-from ._common import device_kernels
 from .attend import reference as attend_reference
 from .certify import policy as certify_policy
 from .certify import reference as certify_reference
@@ -70,8 +69,14 @@ class DecodeResult(NamedTuple):
 def implementation_for(device: torch.device, dtype: torch.dtype = torch.float32) -> Any:
     """The Triton kernels when they can run on ``device`` for ``dtype`` (fp16/bf16/fp32 on CUDA),
     else the reference (float64 always takes the reference: it is the exactness path)."""
-    kernels = device_kernels(device, dtype)
-    return kernels if kernels is not None else reference_implementation()
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32):
+        try:
+            from . import kernels
+        except ImportError:  # no usable Triton: the reference is exact, only slower
+            return reference_implementation()
+        if kernels.available(device):
+            return kernels
+    return reference_implementation()
 
 
 def run_step(

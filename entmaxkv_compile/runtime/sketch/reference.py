@@ -50,7 +50,6 @@ from typing import Optional
 import torch
 
 from ...math.reference import entmax_threshold
-from .._common import device_kernels
 from ..certify.reference import sound_rows
 from ..select.reference import compact_page_mask, selected_token_mask
 from ...checks import (
@@ -405,16 +404,14 @@ class KeySketch:
         self.check_cache(k_cache)
         check_seqlens(seqlens, k_cache.shape[0], k_cache.shape[2], device=k_cache.device,
                       check_values=check_values)
-        kernels = device_kernels(k_cache.device, k_cache.dtype)  # no float32 copy of the cache
-        (kernels.sketch_prefill_ if kernels else sketch_prefill_)(k_cache, seqlens, self.codes, self.scales)
+        sketch_prefill_(k_cache, seqlens, self.codes, self.scales)
 
     def append(self, k_cache: torch.Tensor, positions: torch.Tensor, *, check_values: bool = True) -> None:
         """Quantise the rows just written at ``positions`` (int ``[B]``): O(D) per sequence."""
         self.check_cache(k_cache)
         check_positions(positions, k_cache.shape[0], k_cache.shape[2], device=k_cache.device,
                         check_values=check_values)
-        kernels = device_kernels(k_cache.device, k_cache.dtype)
-        (kernels.sketch_append_ if kernels else sketch_append_)(k_cache, positions, self.codes, self.scales)
+        sketch_append_(k_cache, positions, self.codes, self.scales)
 
     def check_cache(self, k_cache: torch.Tensor) -> None:
         """Raise unless ``k_cache`` has the shape, dtype and device this sketch describes."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from ...checks import FLOAT_DTYPES, check_page_size, check_tensor, has_values
-from .._common import device_kernels
 from ..paged import check_block_table, check_pool, check_pool_stats, gather_cache, physical_blocks
 from .reference import (
     append_in_order,
@@ -185,8 +184,10 @@ class PagedKVStats:
 def paged_stats_impl(k_pool: torch.Tensor, append: bool = False):
     """The statistics kernels (``HAS_TABLE``) on a GPU where they run, else the references; as
     ``(pool, table, lengths, page_size, *stats)``."""
-    kernels = device_kernels(k_pool.device, k_pool.dtype)
-    if kernels is not None:
-        kernel = kernels.stats_append_ if append else kernels.stats_prefill_
-        return lambda pool, table, lengths, page_size, *stats: kernel(pool, lengths, page_size, *stats, table)
+    if k_pool.device.type == "cuda":
+        from .. import kernels
+
+        if kernels.available(k_pool.device):
+            kernel = kernels.stats_append_ if append else kernels.stats_prefill_
+            return lambda pool, table, lengths, page_size, *stats: kernel(pool, lengths, page_size, *stats, table)
     return paged_stats_append_ if append else paged_stats_prefill_

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from .._common import device_kernels
 from ...checks import (
     FLOAT_DTYPES,
     check_kv_cache,
@@ -329,8 +328,7 @@ class KVPageStats:
         self.check_cache(k_cache)
         check_seqlens(seqlens, k_cache.shape[0], k_cache.shape[2], device=k_cache.device,
                       check_values=check_values)
-        kernels = device_kernels(k_cache.device, k_cache.dtype)  # no float32 copy of the cache
-        (kernels.stats_prefill_ if kernels else stats_prefill_)(k_cache, seqlens, self.page_size, *self.buffers())
+        stats_prefill_(k_cache, seqlens, self.page_size, *self.buffers())
         stats_state_after_prefill_(seqlens, k_cache.shape[2], self.last_position, self.valid)
 
     def append(self, k_cache: torch.Tensor, positions: torch.Tensor, *, check_values: bool = True) -> None:
@@ -352,8 +350,7 @@ class KVPageStats:
                     f"sequence {b} got position {int(positions[b])} after position "
                     f"{int(self.last_position[b])} (prefill again to rebuild the statistics)"
                 )
-        kernels = device_kernels(k_cache.device, k_cache.dtype)
-        (kernels.stats_append_ if kernels else stats_append_)(k_cache, positions, self.page_size, *self.buffers())
+        stats_append_(k_cache, positions, self.page_size, *self.buffers())
         stats_track_(positions, self.page_size, k_cache.shape[2], self.last_position, self.valid)
 
     def sequence_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
