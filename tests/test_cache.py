@@ -217,3 +217,20 @@ def test_compact_moments_after_many_appends_close_to_scratch(dtype, page_size):
     m2_err = (stats.km2.float() - exact.km2).abs()
     assert (m2_err <= 2 * tol * (exact.km2 + counts * spread * spread * EPS[dtype])).all()
     assert m2_err.max() > 0, "rounded storage should differ somewhere from float32"
+
+
+@pytest.mark.parametrize("budget", [1, 3 * 2 * 16 * 24 + 5])
+def test_prefill_in_spans_equals_one_pass(monkeypatch, budget):
+    """The prefill walks the cache in page spans of bounded size (its float32 temporaries of a
+    whole 8 x 1M-token cache did not fit a GPU): one page per span, or two, equal one pass."""
+    from entmaxkv_compile.runtime import _common
+
+    torch.manual_seed(3)
+    k = torch.randn(2, 3, 101, 24, dtype=torch.float16)
+    k[0, 1, 7, 3] = float("nan")
+    seqlens = torch.tensor([101, 37])
+    whole = KVPageStats.from_cache(k, seqlens, 16, check_values=False).buffers()
+    monkeypatch.setattr(_common, "REFERENCE_CHUNK_ELEMENTS", budget)
+    pieces = KVPageStats.from_cache(k, seqlens, 16, check_values=False).buffers()
+    for a, b in zip(whole, pieces):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))

@@ -267,3 +267,20 @@ def test_bound_holds_on_worst_case_rounding(dim):
                       * torch.nn.functional.pad(q[0, 0, 0].abs().double(), (0, groups * 32 - dim)
                                                 ).reshape(groups, 32)[None]).sum((-1, -2))
     assert bool((gap <= 0.05 * err_term).all())  # the error really was near its bound
+
+
+@pytest.mark.parametrize("budget", [1, 6 * 40 + 1])
+def test_prefill_in_row_spans_equals_one_pass(monkeypatch, budget):
+    """The sketch prefill walks the cache in row spans of bounded size (float32 copies of a whole
+    8 x 1M-token cache ran out of memory on the H200): one row per span, or a few, equal one pass."""
+    from entmaxkv_compile.runtime import _common
+
+    torch.manual_seed(4)
+    k = torch.randn(2, 3, 77, 40, dtype=torch.bfloat16)
+    k[1, 2, 5, 0] = float("inf")
+    seqlens = torch.tensor([77, 30])
+    whole = KeySketch.from_cache(k, seqlens, check_values=False)
+    monkeypatch.setattr(_common, "REFERENCE_CHUNK_ELEMENTS", budget)
+    pieces = KeySketch.from_cache(k, seqlens, check_values=False)
+    assert torch.equal(whole.codes, pieces.codes)
+    assert torch.equal(whole.scales.nan_to_num(7.0), pieces.scales.nan_to_num(7.0))

@@ -17,6 +17,18 @@ ALPHA_ENTMAX15 = 2
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+REFERENCE_CHUNK_ELEMENTS = 1 << 25  # cache elements per piece of a reference prefill
+
+
+def spans(count: int, elements_each: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``range(count)`` in pieces of at most
+    ``REFERENCE_CHUNK_ELEMENTS`` elements (``elements_each`` per item, at least one item per
+    piece): the pure-torch prefills walk a cache in these, so their float32 temporaries stay
+    ~0.5 GB whatever the cache's size (a whole 8 x 1M-token cache in float32 is 32 GiB)."""
+    step = max(1, REFERENCE_CHUNK_ELEMENTS // max(1, elements_each))
+    return [(start, min(start + step, count)) for start in range(0, count, step)]
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (and >= 1)."""
     n = int(n)

@@ -50,6 +50,7 @@ from typing import Optional
 import torch
 
 from ...math.reference import entmax_threshold
+from .._common import spans
 from ..certify.reference import sound_rows
 from ..select.reference import compact_page_mask, selected_token_mask
 from ...checks import (
@@ -130,17 +131,19 @@ def quantize_rows(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def sketch_prefill_(k_cache: torch.Tensor, seqlens: torch.Tensor, codes: torch.Tensor,
                     scales: torch.Tensor) -> None:
     """Quantise the first ``seqlens[b]`` rows of ``k_cache`` into ``codes``/``scales`` in place;
-    rows at or past the length get zeros. One vectorised pass over the cache."""
+    rows at or past the length get zeros. Vectorised over row spans of bounded size (``spans``)."""
     check_kv_cache("k_cache", k_cache)
     batch, kv_heads, capacity, head_dim = k_cache.shape
     check_sketch_buffers(codes, scales, batch=batch, kv_heads=kv_heads, capacity=capacity,
                          head_dim=head_dim)
     check_seqlens(seqlens, batch, capacity, device=k_cache.device, check_values=False)
-    new_codes, new_scales = quantize_rows(k_cache)
-    rows = torch.arange(capacity, device=k_cache.device)
-    valid = (rows[None, :] < seqlens.to(torch.int64)[:, None])[:, None, :, None]
-    codes.copy_(torch.where(valid, new_codes, 0))
-    scales.copy_(torch.where(valid, new_scales, 0))
+    lengths = seqlens.to(torch.int64)[:, None]
+    for start, stop in spans(capacity, batch * kv_heads * head_dim):
+        new_codes, new_scales = quantize_rows(k_cache[:, :, start:stop])
+        rows = torch.arange(start, stop, device=k_cache.device)
+        valid = (rows[None, :] < lengths)[:, None, :, None]
+        codes[:, :, start:stop].copy_(torch.where(valid, new_codes, 0))
+        scales[:, :, start:stop].copy_(torch.where(valid, new_scales, 0))
 
 
 def sketch_append_(k_cache: torch.Tensor, positions: torch.Tensor, codes: torch.Tensor,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .._common import spans
 from ...checks import (
     FLOAT_DTYPES,
     check_kv_cache,
@@ -83,9 +84,10 @@ def stats_prefill_(
 ) -> None:
     """Fill the four stat buffers from the first ``seqlens[b]`` rows of ``k_cache``, in place.
 
-    One pass over the cache viewed as ``[B, Hkv, Npages, P, D]`` (a padded copy when ``Nmax`` is
-    not a multiple of ``P``), masked by ``seqlens``. Pages with no valid token get zeros. The
-    variance uses the two-pass form (mean first), which is exact up to rounding.
+    The cache viewed as ``[B, Hkv, Npages, P, D]`` (the last page padded when ``Nmax`` is not a
+    multiple of ``P``), masked by ``seqlens``, in page spans of bounded size (``spans``: the
+    float32 temporaries of the whole cache did not fit a GPU at 8 x 1M tokens). Pages with no valid
+    token get zeros. The variance uses the two-pass form (mean first), which is exact up to rounding.
     """
     check_kv_cache("k_cache", k_cache)
     page_size = check_page_size(page_size)
@@ -93,17 +95,18 @@ def stats_prefill_(
     check_seqlens(seqlens, batch, max_seqlen, device=k_cache.device, check_values=False)
     _check_buffers_match(k_cache, page_size, kmin, kmax, kmean, km2)
     num_pages = num_pages_for(max_seqlen, page_size)
-
-    pad = num_pages * page_size - max_seqlen
-    k = torch.nn.functional.pad(k_cache, (0, 0, 0, pad)) if pad else k_cache
-    k = k.reshape(batch, kv_heads, num_pages, page_size, head_dim)
-    rows = torch.arange(num_pages * page_size, device=k.device).view(num_pages, page_size)
     # Lengths are clamped to [0, Nmax] (only reachable with check_values=False), so the padding
     # rows past the capacity never count as tokens.
     length = seqlens.to(torch.int64).clamp(0, max_seqlen)
-    valid = rows[None] < length[:, None, None]  # [B, Np, P]
-    for stat, value in zip((kmin, kmax, kmean, km2), masked_page_stats(k, valid[:, None, :, :, None], 3)):
-        stat.copy_(value.squeeze(3))
+    for first, last in spans(num_pages, batch * kv_heads * page_size * head_dim):
+        rows = torch.arange(first * page_size, last * page_size, device=k_cache.device)
+        k = k_cache[:, :, first * page_size:last * page_size]
+        pad = rows.numel() - k.shape[2]
+        k = torch.nn.functional.pad(k, (0, 0, 0, pad)) if pad else k
+        k = k.reshape(batch, kv_heads, last - first, page_size, head_dim)
+        valid = rows.view(last - first, page_size)[None] < length[:, None, None]  # [B, pages, P]
+        for stat, value in zip((kmin, kmax, kmean, km2), masked_page_stats(k, valid[:, None, :, :, None], 3)):
+            stat[:, :, first:last].copy_(value.squeeze(3))
 
 
 def masked_page_stats(k: torch.Tensor, valid: torch.Tensor,
