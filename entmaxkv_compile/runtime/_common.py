@@ -1,4 +1,5 @@
-"""Small helpers shared by the Triton launchers: block sizes, alpha fast paths, split counts.
+"""Small helpers shared by the Triton launchers (block sizes, alpha fast paths, split counts) and
+by the pure-torch prefills (the spans they walk a cache in).
 
 Everything here is host-side arithmetic on *static* quantities (shapes, capacities, alpha), so a
 launcher never reads tensor data on the host and never recompiles as a cache grows.

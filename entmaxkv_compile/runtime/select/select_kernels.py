@@ -179,18 +179,16 @@ def moments_kernel(
             n = _counts_from_start(n, pages, start_ptr, b, page_size)
         valid = n > 0
         nf = n.to(tl.float32)
-        if not HAS_TABLE:
-            blocks = pages
         off = (b.to(tl.int64) * ssb + hk.to(tl.int64) * ssh + blocks.to(tl.int64)[:, None] * ssp
                + offs_d[None, :] * ssd)
         lmask = valid[:, None] & dmask[None, :]
         mean_raw = tl.load(kmean_ptr + off, mask=lmask, other=0.0)
         mean = mean_raw.to(tl.float32)
         m2 = tl.load(km2_ptr + off, mask=lmask, other=0.0).to(tl.float32)
-        if HAS_TABLE:  # the next block's table entries now: their latency hides behind this block
-            ahead = pages + BLOCK_P
-            blocks = stat_pages(table_ptr, b, stb, stp, ahead,
-                                _page_counts(ahead, length, page_size, num_pages) > 0, HAS_TABLE)
+        # the next block's table entries now: their latency hides behind this block's math
+        ahead = pages + BLOCK_P
+        blocks = stat_pages(table_ptr, b, stb, stp, ahead,
+                            _page_counts(ahead, length, page_size, num_pages) > 0, HAS_TABLE)
         inv_n = 1.0 / tl.maximum(nf, 1.0)
         if HAS_ALIBI:  # a page's positions: their mean and variance (uniform over n rows)
             mean_pos = (pages * page_size - (length - 1)).to(tl.float32) + (nf - 1.0) * 0.5
