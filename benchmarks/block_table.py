@@ -21,6 +21,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -78,6 +79,39 @@ def block_order(num_blocks: int, allocation: str, gen: torch.Generator, device: 
     return order[order < num_blocks]  # the last run may be partial: every id below num_blocks once
 
 
+def contiguous_and_table_steps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor,
+                               selector: str, perm: torch.Tensor, layout: str = "nhd") -> tuple[Callable, Callable]:
+    """``(contiguous, through_table)``: one ``run_step`` each over the caches ``[B, Hkv, N, D]``
+    (whole pages) with per-row statistics, and over page pools holding the same pages at the
+    blocks ``perm`` with per-block statistics. ``selector`` may end in ``_c`` (moments in the
+    cache dtype, e.g. ``gaussian_c``)."""
+    base, _, suffix = selector.partition("_")
+    compact = suffix == "c"
+    batch, kv_heads, capacity, dim = k.shape
+    num_pages = capacity // PAGE
+    moment_dtype = k.dtype if compact else None
+    k_pool, table = paged_copy(k, perm, layout)
+    v_pool, _ = paged_copy(v, perm, layout)
+    flat = KVPageStats.from_cache(k, seqlens, PAGE, check_values=False, moment_dtype=moment_dtype)
+    paged = PagedKVStats.allocate(batch * num_pages, kv_heads, dim, batch=batch, max_pages=num_pages,
+                                  page_size=PAGE, dtype=k.dtype, device=k.device, moment_dtype=moment_dtype)
+    paged.prefill(k_pool, seqlens, table)
+    config = EntmaxKVConfig(selector=base, page_size=PAGE, alpha=ALPHA, moment_dtype="cache" if compact else "float32",
+                            token_budget=max(PAGE, int(0.03 * capacity) // PAGE * PAGE))
+    impl = implementation_for(k.device, k.dtype)
+    scale = 1.0 / math.sqrt(dim)
+
+    def contiguous():
+        return run_step(impl, q, k, v, seqlens, flat.buffers(), config, alpha=ALPHA, scale=scale,
+                        stats_valid=flat.valid_for(seqlens))
+
+    def through_table():
+        return run_step(impl, q, k_pool, v_pool, seqlens, paged.buffers(), config, alpha=ALPHA, scale=scale,
+                        stats_valid=paged.valid_for(seqlens), block_table=table)
+
+    return contiguous, through_table
+
+
 def one_config(length: int, batch: int, selector: str, args: argparse.Namespace, device: torch.device) -> dict:
     """Time the contiguous and the table step of one configuration."""
     dtype = DTYPES[args.dtype]
@@ -90,26 +124,7 @@ def one_config(length: int, batch: int, selector: str, args: argparse.Namespace,
     # odd lengths (a partial last page), different per row
     seqlens = torch.tensor([length - 1 - 7 * b for b in range(batch)], dtype=torch.int32, device=device)
     perm = block_order(batch * num_pages, args.allocation, gen, device)
-    k_pool, table = paged_copy(k, perm, args.layout)
-    v_pool, _ = paged_copy(v, perm, args.layout)
-    base, _, suffix = selector.partition("_")  # gaussian_c: moments in the cache dtype
-    moment_dtype = dtype if suffix == "c" else None
-    flat = KVPageStats.from_cache(k, seqlens, PAGE, check_values=False, moment_dtype=moment_dtype)
-    paged = PagedKVStats.allocate(batch * num_pages, args.kv_heads, args.dim, batch=batch, max_pages=num_pages,
-                                  page_size=PAGE, dtype=dtype, device=device, moment_dtype=moment_dtype)
-    paged.prefill(k_pool, seqlens, table)
-    config = EntmaxKVConfig(selector=base, page_size=PAGE, alpha=ALPHA, moment_dtype="cache" if suffix == "c" else "float32",
-                            token_budget=max(PAGE, int(0.03 * length) // PAGE * PAGE))
-    impl = implementation_for(device, dtype)
-    scale = 1.0 / math.sqrt(args.dim)
-
-    def contiguous():
-        return run_step(impl, q, k, v, seqlens, flat.buffers(), config, alpha=ALPHA, scale=scale,
-                        stats_valid=flat.valid_for(seqlens))
-
-    def through_table():
-        return run_step(impl, q, k_pool, v_pool, seqlens, paged.buffers(), config, alpha=ALPHA, scale=scale,
-                        stats_valid=paged.valid_for(seqlens), block_table=table)
+    contiguous, through_table = contiguous_and_table_steps(q, k, v, seqlens, selector, perm, args.layout)
 
     row = dict(length=length, batch=batch, selector=selector, layout=args.layout, allocation=args.allocation,
                dtype=args.dtype, q_heads=args.q_heads,

@@ -168,7 +168,6 @@ def decode(step_fn, plan: dict, context: int) -> tuple[float, float, torch.Tenso
     return (time.perf_counter() - start) / plan["steps"], warm, torch.cat(logits).float()
 
 
-
 def _compiled(plan: dict, method: str, model: torch.nn.Module, context: int):
     mode = "reduce-overhead" if plan["device"] == "cuda" else None
     if method in ("exact", "exact_softmax"):

@@ -20,7 +20,6 @@ kernel per variant, in this order:
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import subprocess
 import sys
@@ -31,49 +30,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.block_table import block_order, paged_copy  # noqa: E402
+from benchmarks.block_table import PAGE, block_order, contiguous_and_table_steps  # noqa: E402
 from benchmarks.data_families import generate  # noqa: E402
-from entmaxkv_compile import EntmaxKVConfig, KVPageStats, PagedKVStats  # noqa: E402
+from entmaxkv_compile import EntmaxKVConfig, KVPageStats  # noqa: E402
 from entmaxkv_compile.runtime.attend import decode_kernels  # noqa: E402
 from entmaxkv_compile.runtime.decoder import Decoder  # noqa: E402
 from entmaxkv_compile.runtime.select import select_kernels  # noqa: E402
 from entmaxkv_compile.runtime.sketch import sketch_kernels  # noqa: E402
 from entmaxkv_compile.runtime.sketch.reference import KeySketch  # noqa: E402
-from entmaxkv_compile.runtime.step import implementation_for, run_step  # noqa: E402
 
-PAGE = 16
-ALPHA = 1.5
 KERNELS = {"moments": select_kernels.moments_kernel, "score": decode_kernels.score_kernel,
            "scan": sketch_kernels.scan_kernel}
-
-
-def _contiguous_and_table(q, k, v, seqlens, config: EntmaxKVConfig, moment_dtype) -> None:
-    """One step over the contiguous cache, then one over a shuffled page pool of the same data."""
-    impl = implementation_for(q.device, q.dtype)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    flat = KVPageStats.from_cache(k, seqlens, PAGE, check_values=False, moment_dtype=moment_dtype)
-    run_step(impl, q, k, v, seqlens, flat.buffers(), config, alpha=ALPHA, scale=scale,
-             stats_valid=flat.valid_for(seqlens))
-    del flat
-    batch, num_pages = k.shape[0], k.shape[2] // PAGE
-    gen = torch.Generator(device=q.device).manual_seed(0)
-    perm = block_order(batch * num_pages, "shuffled", gen, q.device)
-    k_pool, table = paged_copy(k, perm)
-    v_pool, _ = paged_copy(v, perm)
-    paged = PagedKVStats.allocate(batch * num_pages, k.shape[1], k.shape[3], batch=batch, max_pages=num_pages,
-                                  page_size=PAGE, dtype=k.dtype, device=q.device, moment_dtype=moment_dtype)
-    paged.prefill(k_pool, seqlens, table)
-    run_step(impl, q, k_pool, v_pool, seqlens, paged.buffers(), config, alpha=ALPHA, scale=scale,
-             stats_valid=paged.valid_for(seqlens), block_table=table)
 
 
 def run_case(case: str, length: int, device: torch.device) -> None:
     q, k, v = generate("planted2", 1, 32, 8, length, 128, torch.float16, device)
     seqlens = torch.full((1,), length, dtype=torch.int32, device=device)
-    if case == "moments":
-        _contiguous_and_table(q, k, v, seqlens, EntmaxKVConfig(selector="gaussian", moment_dtype="cache"), k.dtype)
-    elif case == "score":
-        _contiguous_and_table(q, k, v, seqlens, EntmaxKVConfig(selector="dense"), None)
+    if case in ("moments", "score"):  # the contiguous step, then the same pages behind a shuffled table
+        perm = block_order(length // PAGE, "shuffled", torch.Generator(device=device).manual_seed(0), device)
+        for step in contiguous_and_table_steps(q, k, v, seqlens, "gaussian_c" if case == "moments" else "dense",
+                                               perm):
+            step()
     else:
         config = EntmaxKVConfig(selector="certified", certify_sketch="int8")
         stats = KVPageStats.from_cache(k, seqlens, PAGE, check_values=False)
