@@ -30,7 +30,7 @@ from .reference import (
     valid_page_mask,
 )
 from .select_kernels import compact_kernel, keep_kernel, moments_kernel, quest_kernel
-from .tau_hat import MAX_ITERS, gaussian_tau_kernel, mixture_tau_kernel
+from .tau_hat import MAX_ITERS, gaussian_tau_kernel, mixture_tau_kernel, tail_constants
 
 PAGE_SELECTORS = tuple(s for s in SELECTORS if s != "certified")
 
@@ -108,7 +108,7 @@ def _gaussian_tau(q: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, page_s
         )
     else:
         wrap_triton(gaussian_tau_kernel)[(batch * hq,)](
-            mom, seqlens, start, tau, hq, nblocks, alpha - 1.0, page_size,
+            mom, seqlens, start, tau, hq, nblocks, alpha - 1.0, page_size, *tail_constants(beta),
             HAS_START=has_start, BETA=beta, BLOCK_B=min(1024, cm.next_pow2(nblocks)), MAX_IT=MAX_ITERS, num_warps=1,
         )
     return mu, sigma, tau
