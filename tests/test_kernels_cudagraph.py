@@ -23,8 +23,7 @@ def _compiled_variants() -> int:
 
     fns = [decode_kernels.score_kernel, tau_kernels.tau_first_kernel, tau_kernels.tau_second_kernel,
            decode_kernels.output_kernel, decode_kernels.reduce_kernel, page_stats._append_kernel, select_kernels.moments_kernel,
-           select_kernels.keep_kernel, select_kernels.compact_kernel,
-           tau_hat.gaussian_tau_kernel]
+           select_kernels.keep_kernel, select_kernels.compact_kernel, tau_hat.mixture_tau_kernel]
     return sum(len(entry[0]) for fn in fns for entry in fn.device_caches.values())
 
 

@@ -18,7 +18,7 @@ from entmaxkv_compile.runtime import kernels
 from entmaxkv_compile.runtime.certify import reference as certify_reference
 from entmaxkv_compile.runtime.select import reference as selection
 from entmaxkv_compile.runtime.stats import reference as cache
-from entmaxkv_compile.runtime.select.tau_hat import _gaussian_newton
+from entmaxkv_compile.runtime.select.tau_hat import _gaussian_newton, single_gaussian_tau
 
 pytestmark = pytest.mark.kernels
 
@@ -286,55 +286,75 @@ def test_certified_step_on_kernels_is_exact(alpha, alibi, sketch):
 
 
 @triton.jit
+def _group_tau(mom_ptr, seqlens_ptr, tau_ptr, am1, log_gamma, log_m0, BETA: tl.constexpr,
+               MAX_IT: tl.constexpr, G: tl.constexpr):
+    """The selection's single-Gaussian tau_hat of the G heads of row ``program_id`` (one moment
+    block each), solved together as the keep kernel does."""
+    b = tl.program_id(0)
+    heads = tl.arange(0, G)
+    tau = single_gaussian_tau(mom_ptr, seqlens_ptr, seqlens_ptr, b, heads, heads < G, G, 1, am1, 1,
+                              log_gamma, log_m0, False, BETA, 1, MAX_IT)
+    tl.store(tau_ptr + b * G + heads, tau)
+
+
+@triton.jit
 def _cold_gaussian_tau(mom_ptr, seqlens_ptr, tau_ptr, am1, BETA: tl.constexpr,
-                       MAX_IT: tl.constexpr):
-    """The float64 Newton from the bracket's left end alone (no warm start), one block per row."""
+                       MAX_IT: tl.constexpr, G: tl.constexpr):
+    """The float64 Newton from the bracket's left end alone (no guess, no float32 pass), per
+    (row, head)."""
     pid = tl.program_id(0)
-    n = tl.load(seqlens_ptr + pid).to(tl.float64)
-    mu = tl.load(mom_ptr + pid * 2) / n
-    var = tl.maximum(tl.load(mom_ptr + pid * 2 + 1) / n - mu * mu, 0.0)
+    one = tl.arange(0, 1)
+    n = tl.load(seqlens_ptr + pid // G + one * 0).to(tl.float64)
+    mu = tl.load(mom_ptr + pid * 2 + one) / n
+    var = tl.maximum(tl.load(mom_ptr + pid * 2 + 1 + one) / n - mu * mu, 0.0)
     s = am1 * tl.sqrt(var)
     center = am1 * mu
     lo = center - 1.0 - 8.0 * s
     hi = center + s * (tl.sqrt(2.0 * tl.log(n + 1.0)) + 8.0)
     t = _gaussian_newton(center, s, n, lo, hi, lo, BETA, MAX_IT, 1e-12, 1e-300, False)
-    tl.store(tau_ptr + pid, t.to(tl.float32))
+    tl.store(tau_ptr + pid + one, t.to(tl.float32))
 
 
 @pytest.mark.parametrize("alpha", [2.0, 1.5, 4 / 3, 1.25])
-def test_gaussian_tau_kernel_matches_reference_threshold(alpha):
-    """The device tau_hat (a guess, a float32 log-space pass, float64 log-space steps) equals a
-    cold float64 solve (plain Newton from the bracket's left end to its fixed point) to within
-    one float32 ulp, and the reference's float64 solve within the erfc fit's accuracy, over a
-    wide range of means, spreads and lengths (including a point mass and n = 1)."""
+def test_gaussian_tau_matches_reference_threshold(alpha):
+    """The selection's tau_hat (a guess, a float32 log-space pass, float64 log-space steps; four
+    heads solved together, each lane stopping on its own) equals a cold float64 solve (plain
+    Newton from the bracket's left end to its fixed point) to within one float32 ulp, and the
+    reference's float64 solve within the erfc fit's accuracy, over a wide range of means,
+    spreads and lengths (including a point mass and n = 1); an empty row gives +inf."""
     from entmaxkv_compile.math.gaussian import gaussian_threshold
     from entmaxkv_compile.runtime._common import integer_beta
-    from entmaxkv_compile.runtime.select.tau_hat import MAX_ITERS, gaussian_tau_kernel, tail_constants
+    from entmaxkv_compile.runtime.select.tau_hat import MAX_ITERS, tail_constants
 
     gen = torch.Generator().manual_seed(9)
-    rows = 24
+    rows, heads = 24, 4
     n = torch.randint(1, 2_000_000, (rows,), generator=gen)
     n[:3] = torch.tensor([1, 2, 17])
-    mu = torch.randn(rows, generator=gen, dtype=torch.float64) * 3
-    sigma = torch.rand(rows, generator=gen, dtype=torch.float64) * 4
-    sigma[3] = 0.0
-    # One moment block per row: s1 = n mu, s2 = n (sigma^2 + mu^2).
-    mom = torch.stack([n * mu, n * (sigma * sigma + mu * mu)], -1)[:, None, :].to(DEVICE)
-    tau = torch.empty(rows, device=DEVICE, dtype=torch.float32)
+    mu = torch.randn(rows, heads, generator=gen, dtype=torch.float64) * 3
+    sigma = torch.rand(rows, heads, generator=gen, dtype=torch.float64) * 4
+    sigma[3, 1] = 0.0
+    sigma[4, 2] = 1e-7
+    # One moment block per head: s1 = n mu, s2 = n (sigma^2 + mu^2).
+    nn = n[:, None].double()
+    mom = torch.stack([nn * mu, nn * (sigma * sigma + mu * mu)], -1)[:, :, None, :].contiguous().to(DEVICE)
+    tau = torch.empty(rows * heads, device=DEVICE, dtype=torch.float32)
     seqlens = n.to(torch.int32).to(DEVICE)
     beta = integer_beta(alpha)
-    gaussian_tau_kernel[(rows,)](mom, seqlens, seqlens, tau, 1, 1, alpha - 1.0, 1,  # no row_start
-                                 *tail_constants(beta), HAS_START=False, BETA=beta, BLOCK_B=1,
-                                 MAX_IT=MAX_ITERS)
+    _group_tau[(rows,)](mom, seqlens, tau, alpha - 1.0, *tail_constants(beta), BETA=beta, MAX_IT=MAX_ITERS,
+                        G=heads)
     cold = torch.empty_like(tau)
-    _cold_gaussian_tau[(rows,)](mom, seqlens, cold, alpha - 1.0, BETA=beta, MAX_IT=MAX_ITERS)
+    _cold_gaussian_tau[(rows * heads,)](mom, seqlens, cold, alpha - 1.0, BETA=beta, MAX_IT=MAX_ITERS, G=heads)
     ulp = torch.abs(torch.nextafter(cold, torch.full_like(cold, math.inf)) - cold)
-    assert (torch.abs(tau - cold) <= ulp).all(), "the warm start must not move the float64 root"
-    want = gaussian_threshold(mu, sigma, n.double(), alpha, check_values=False)
+    assert (torch.abs(tau - cold) <= ulp).all(), "the guess must not move the float64 root"
+    tau = tau.reshape(rows, heads)
+    want = gaussian_threshold(mu, sigma, nn, alpha, check_values=False)
     # The kernel's erfc fit (1.2e-7 relative) is amplified in the far tail for beta 3 and 4
     # (n ~ 1e6, wide spread): up to ~4e-5 relative there, ~1e-6 for alpha 2 and 1.5.
     tol = 2e-6 if alpha >= 1.5 else 1e-4
     assert torch.allclose(tau.cpu().double(), want, rtol=tol, atol=tol)
+    empty = torch.zeros(1, device=DEVICE, dtype=torch.int32)
+    _group_tau[(1,)](mom, empty, tau, alpha - 1.0, *tail_constants(beta), BETA=beta, MAX_IT=MAX_ITERS, G=heads)
+    assert torch.isinf(tau[0]).all() and (tau[0] > 0).all()
 
 
 def _topk_lowest_id_ties(group, seqlens, page, budget_pages, sink, recent):

@@ -30,7 +30,7 @@ from .reference import (
     valid_page_mask,
 )
 from .select_kernels import compact_kernel, keep_kernel, moments_kernel, quest_kernel
-from .tau_hat import MAX_ITERS, gaussian_tau_kernel, mixture_tau_kernel, tail_constants
+from .tau_hat import MAX_ITERS, mixture_tau_kernel, tail_constants
 
 PAGE_SELECTORS = tuple(s for s in SELECTORS if s != "certified")
 
@@ -69,11 +69,13 @@ def launch_quest(q: Tensor, kmin: Tensor, kmax: Tensor, seqlens: Tensor, page_si
     return bounds, group
 
 
-def _gaussian_tau(q: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, page_size: int,
+def _page_moments(q: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, page_size: int,
                   alpha: float, scale: float, mixture: bool, beta: int,
                   alibi_slopes: Optional[Tensor], row_start: Optional[Tensor] = None,
-                  block_table: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Page moments (mu, sigma) ``[B, Hq, Np]`` and tau_hat ``[B, Hq]``, all on device (the pages
+                  block_table: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Page moments (mu, sigma) ``[B, Hq, Np]``, the moments kernel's per-program sums ``[B, Hq,
+    programs, 2]`` (float64) from which the keep kernel solves the single-Gaussian tau_hat, and
+    with ``mixture`` the mixture's tau_hat ``[B, Hq]`` (else None); all on device (the pages
     wholly below ``row_start`` count as empty)."""
     has_start = row_start is not None
     start = row_start if has_start else seqlens  # never read when has_start is False
@@ -85,7 +87,6 @@ def _gaussian_tau(q: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, page_s
     mu = torch.empty((batch, hq, num_pages), device=dev, dtype=torch.float32)
     sigma = torch.empty_like(mu)
     mom = torch.empty((batch, hq, nblocks, 2), device=dev, dtype=torch.float64)
-    tau = torch.empty((batch, hq), device=dev, dtype=torch.float32)
     dot_mode = int(cfg["MOMENTS_DOT"])
     if dot_mode not in (0, 1, 2):
         raise ValueError(f"MOMENTS_DOT must be 0 (FMA), 1 (tf32x3 dots) or 2 (one-pass dots), got {dot_mode}")
@@ -100,18 +101,15 @@ def _gaussian_tau(q: Tensor, kmean: Tensor, km2: Tensor, seqlens: Tensor, page_s
         DOT_PREC=cm.exact_fp32_dot(dev) if dot_mode == 1 else ("tf32" if dev.type == "cuda" else "ieee"),
         DOT_MODE=dot_mode, UPCAST=dev.type != "cuda", num_warps=cfg["num_warps"],
     )
-    if mixture:
-        wrap_triton(mixture_tau_kernel)[(batch * hq,)](
-            mu, sigma, seqlens, start, tau, hq, num_pages, page_size, alpha - 1.0,
-            HAS_START=has_start, BETA=beta, BLOCK_P=cfg["BLOCK_PS"], MAX_IT=MAX_ITERS,
-            num_warps=cfg["num_warps"],
-        )
-    else:
-        wrap_triton(gaussian_tau_kernel)[(batch * hq,)](
-            mom, seqlens, start, tau, hq, nblocks, alpha - 1.0, page_size, *tail_constants(beta),
-            HAS_START=has_start, BETA=beta, BLOCK_B=min(1024, cm.next_pow2(nblocks)), MAX_IT=MAX_ITERS, num_warps=1,
-        )
-    return mu, sigma, tau
+    if not mixture:
+        return mu, sigma, mom, None
+    tau = torch.empty((batch, hq), device=dev, dtype=torch.float32)
+    wrap_triton(mixture_tau_kernel)[(batch * hq,)](
+        mu, sigma, seqlens, start, tau, hq, num_pages, page_size, alpha - 1.0,
+        HAS_START=has_start, BETA=beta, BLOCK_P=cfg["BLOCK_PS"], MAX_IT=MAX_ITERS,
+        num_warps=cfg["num_warps"],
+    )
+    return mu, sigma, mom, tau
 
 
 _ZTABLES: dict[tuple[str, int, float], Tensor] = {}
@@ -168,20 +166,26 @@ def triton_select_pages(
         short = (seqlens < min_context)[:, None, None]
         return compact_page_mask((chosen | forced | short) & valid)
     gaussian = selector == "gaussian"
-    mu = sigma = tau = ztab = seqlens
+    beta = cm.integer_beta(alpha) if gaussian else 1
+    mu = sigma = mom = tau = ztab = seqlens  # placeholders the dense keep rule never reads
+    solve = False
     if gaussian:
         mixture = tau_estimate == "mixture" or (tau_estimate == "auto" and alibi_slopes is not None)
-        mu, sigma, tau = _gaussian_tau(q, kmean, km2, seqlens, page_size, alpha, scale, mixture,
-                                       cm.integer_beta(alpha), alibi_slopes, row_start, block_table)
+        mu, sigma, mom, mixture_tau = _page_moments(q, kmean, km2, seqlens, page_size, alpha, scale, mixture,
+                                                    beta, alibi_slopes, row_start, block_table)
+        solve = mixture_tau is None
+        tau = mom if solve else mixture_tau
         ztab = page_max_z(dev, page_size, max_quantile)
     nblocks = cm.cdiv(num_pages, cfg["BLOCK_PS"])
     flags = torch.empty((batch, hkv, num_pages), device=dev, dtype=torch.int8)
     counts = torch.empty((batch, hkv, nblocks), device=dev, dtype=torch.int32)
+    mom_blocks = mom.shape[2] if solve else 1
     wrap_triton(keep_kernel)[(nblocks, batch * hkv)](
         mu, sigma, tau, ztab, seqlens, row_start if row_start is not None else seqlens, flags, counts,
         hq, hkv, group_size, num_pages, page_size, alpha - 1.0, margin, sink_pages,
-        recent_pages, min_context,
+        recent_pages, min_context, mom, mom_blocks, *tail_constants(beta),
         GAUSSIAN=gaussian, HAS_START=row_start is not None, BLOCK_G=cm.next_pow2(group_size), BLOCK_P=cfg["BLOCK_PS"],
+        SOLVE=solve, BETA=beta, BLOCK_B=min(1024, cm.next_pow2(mom_blocks)), MAX_IT=MAX_ITERS,
         num_warps=cfg["num_warps"],
     )
     wrap_triton(compact_kernel)[(nblocks, batch * hkv)](

@@ -9,7 +9,8 @@
   float32; one FMA reduction per head or G-row dots, ``DOT_MODE``), plus per-block
   count-weighted sums for the global Gaussian (fp64, law of total variance).
 - ``keep_kernel`` + ``compact_kernel`` (page block, batch x KV head): the dense or gaussian keep
-  rule (union over the group, forced pages) with per-block counts, then a parallel compaction into
+  rule (union over the group, forced pages; the single-Gaussian tau_hat solved in the same
+  launch) with per-block counts, then a parallel compaction into
   the fixed-capacity ``page_indices`` (ascending, -1 padded) and ``num_selected``.
 
 The top-k ranking itself is torch's multi-block top-k (``select.py``), not a kernel here.
@@ -23,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .._softcap import soft_cap
+from .tau_hat import single_gaussian_tau
 
 
 @triton.jit
@@ -239,10 +241,15 @@ def moments_kernel(
 def keep_kernel(
     mu_ptr, sigma_ptr, tau_ptr, ztab_ptr, seqlens_ptr, start_ptr, flag_ptr, count_ptr,
     Hq, Hkv, G, num_pages, page_size, am1, margin, sink, recent, min_context,
+    mom_ptr, num_mom_blocks, log_gamma, log_m0,
     GAUSSIAN: tl.constexpr, HAS_START: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+    SOLVE: tl.constexpr, BETA: tl.constexpr, BLOCK_B: tl.constexpr, MAX_IT: tl.constexpr,
 ):
     """Dense/gaussian keep flags of one page block (union over the group, forced pages) and
-    the block's count, for the parallel compaction."""
+    the block's count, for the parallel compaction. ``SOLVE`` (the single-Gaussian tau_hat):
+    each program solves its group's tau_hat from the moments kernel's sums
+    (:func:`tau_hat.single_gaussian_tau`) while its page moments load, instead of a launch of
+    its own before this one; without it tau_hat is read from ``tau_ptr`` (the mixture's)."""
     blk = tl.program_id(0)
     pid = tl.program_id(1)
     b = pid // Hkv
@@ -260,12 +267,17 @@ def keep_kernel(
         offs_g = tl.arange(0, BLOCK_G)
         gmask = offs_g < G
         heads = hk * G + offs_g
-        thr = tl.load(tau_ptr + b * Hq + heads, mask=gmask, other=float("inf")) - margin
         prow = (b * Hq + heads[:, None]).to(tl.int64) * num_pages + pages[None, :]
         pm = gmask[:, None] & valid[None, :]
         mu = tl.load(mu_ptr + prow, mask=pm, other=0.0)
         sg = tl.load(sigma_ptr + prow, mask=pm, other=0.0)
         z = tl.load(ztab_ptr + tl.maximum(n - 1, 0), mask=valid, other=0.0)
+        if SOLVE:
+            tau = single_gaussian_tau(mom_ptr, seqlens_ptr, start_ptr, b, heads, gmask, Hq, num_mom_blocks,
+                                      am1, page_size, log_gamma, log_m0, HAS_START, BETA, BLOCK_B, MAX_IT)
+        else:
+            tau = tl.load(tau_ptr + b * Hq + heads, mask=gmask, other=float("inf"))
+        thr = tl.where(gmask, tau, float("inf")) - margin
         likely_max = am1 * (mu + z[None, :] * sg)
         # non-finite moments (NaN/inf in K, q or the slope): keep the page, as the reference
         wild = (likely_max != likely_max) | (tl.abs(likely_max) == float("inf"))

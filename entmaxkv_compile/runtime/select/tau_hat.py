@@ -1,7 +1,8 @@
 """Device-side Gaussian threshold estimate tau_hat (single Gaussian and page mixture).
 
 Solves ``sum_c n_c E[[(alpha-1) S_c - tau]_+^beta] = 1`` with ``S_c ~ N(mu_c, sigma_c^2)`` for
-integer beta (alpha in {2, 1.5, 4/3, 1.25}: beta 1..4), one program per (batch, query head).
+integer beta (alpha in {2, 1.5, 4/3, 1.25}: beta 1..4); the mixture has one program per
+(batch, query head).
 Truncated moments ``M_k = E[Y_+^k]`` of ``Y ~ N(m, s^2)`` come from the recursion
 ``M_k = m M_{k-1} + (k-1) s^2 M_{k-2}`` with ``M_0 = Phi(t)``, ``M_1 = m Phi(t) + s phi(t)``,
 ``t = m/s`` (the closed forms of ``_truncated_moments.py``, e.g. the corrected
@@ -12,7 +13,8 @@ provably contains the root (f is convex and decreasing for beta >= 1, so it is m
 bisection when a step leaves the bracket, early exit at convergence, a fixed cap. The
 single-Gaussian solve is serial latency on one scalar per head, so it starts close: an
 asymptotic guess (:func:`_tail_guess`), a float32 log-space pass, then float64 log-space steps
-from that (see ``gaussian_tau_kernel``).
+from that (:func:`single_gaussian_tau`, run by the keep kernel of the selection itself, one
+launch fewer per step).
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def _moments(m, s, BETA: tl.constexpr):
 def _gaussian_newton(center, s, n, lo, hi, t, BETA: tl.constexpr, MAX_IT: tl.constexpr,
                      RTOL: tl.constexpr, TINY: tl.constexpr, LOG: tl.constexpr):
     """Newton on ``f(t) = n M_beta(center - t, s) - 1`` inside [lo, hi], bisection when a step
-    leaves the bracket; in the dtype of its arguments. Plain (``LOG=False``): from ``t`` left of
+    leaves the bracket; elementwise over vectors (each lane stops on its own; the loop runs
+    until every lane has), in the dtype of its arguments. Plain (``LOG=False``): from ``t`` left of
     the root, monotone since f is convex and decreasing. ``LOG=True``: Newton on
     ``log(n M_beta)``, which is concave (M_beta is log-concave), so after one step the iterates
     approach from the right, quadratically even deep in the Gaussian tail where plain Newton
@@ -75,8 +78,8 @@ def _gaussian_newton(center, s, n, lo, hi, t, BETA: tl.constexpr, MAX_IT: tl.con
     (near the root Newton's next error is about the square of that step), the bracket is that
     narrow, or ``f`` is 0."""
     it = tl.zeros([], tl.int32)
-    done = it < 0
-    while (it < MAX_IT) & (done == 0):
+    done = t != t  # per lane: a lane that has converged keeps its t
+    while (it < MAX_IT) & (tl.min(done.to(tl.int32), axis=0) == 0):
         mb, mb1 = _moments(center - t, s, BETA)
         f = n * mb - 1.0
         lo = tl.where(f > 0, t, lo)
@@ -87,8 +90,9 @@ def _gaussian_newton(center, s, n, lo, hi, t, BETA: tl.constexpr, MAX_IT: tl.con
             step = t + f / tl.maximum(n * BETA * mb1, TINY)
         t_new = tl.where((step > lo) & (step < hi), step, 0.5 * (lo + hi))
         tol = RTOL * (1.0 + tl.abs(t))
-        done = (f == 0) | (tl.abs(t_new - t) <= tol) | (hi - lo <= tol)
-        t = tl.where(f == 0, t, t_new)
+        settled = (f == 0) | (tl.abs(t_new - t) <= tol) | (hi - lo <= tol)
+        t = tl.where(done | (f == 0), t, t_new)
+        done = done | settled | (t != t)
         it += 1
     return t
 
@@ -99,9 +103,9 @@ def _tail_guess(center, s, n, log_gamma, log_m0, BETA: tl.constexpr):
     ``log m(x) = L = -log n - beta log s``, ``m(x) = E[(Z - x)_+^beta]``: left of 0 (``L >= log
     m(0)``, ``log_m0``) ``m(x) ~ (-x)^beta``; right of it ``m(x) ~ beta! phi(x) (2 / (x +
     sqrt(x^2 + 2 beta + 4)))^(beta + 1)``, which agrees with m's asymptotic series to its x^-2
-    term, solved for x by three fixed-point steps (``log_gamma = log beta!``). A non-finite
-    guess (s = 0) is replaced by the bracket's end by the caller."""
-    big_l = -tl.log(n) - BETA * tl.log(s)
+    term, solved for x by three fixed-point steps (``log_gamma = log beta!``). For s = 0 this
+    is ``center`` (the bracket's right end, which the caller replaces by its left end)."""
+    big_l = -tl.log(n) - BETA * tl.log(tl.where(s > 0, s, 1.0))
     x = tl.zeros_like(big_l) + 1.0
     for _ in tl.static_range(3):
         r = log_gamma - 0.9189385332046727 + (BETA + 1) * tl.log(2.0 / (x + tl.sqrt(x * x + 2.0 * BETA + 4.0)))
@@ -111,34 +115,31 @@ def _tail_guess(center, s, n, log_gamma, log_m0, BETA: tl.constexpr):
 
 
 @triton.jit
-def gaussian_tau_kernel(
-    mom_ptr, seqlens_ptr, start_ptr, tau_ptr, Hq, num_blocks, am1, page_size, log_gamma, log_m0,
-    HAS_START: tl.constexpr, BETA: tl.constexpr, BLOCK_B: tl.constexpr, MAX_IT: tl.constexpr,
-):
-    """Single Gaussian: reduce the per-block count-weighted moment sums, then solve: from
-    :func:`_tail_guess`, a float32 log-space Newton pass (fast special functions) to ~1e-5, then
-    float64 log-space steps from there to ~1e-10 (about 3 + 2 evaluations where a float32 pass
-    from the bracket's end and a float64 pass from the left took about 10 + 6; the root agrees
-    with a cold float64 solve's to ~1e-10 relative)."""
-    pid = tl.program_id(0)
-    b = pid // Hq
-    if tl.load(seqlens_ptr + b) == 0:  # nothing to select (a certified step reading densely)
-        tl.store(tau_ptr + pid, float("inf"))
-        return
+def single_gaussian_tau(mom_ptr, seqlens_ptr, start_ptr, b, heads, gmask, Hq, num_blocks, am1, page_size,
+                        log_gamma, log_m0, HAS_START: tl.constexpr, BETA: tl.constexpr,
+                        BLOCK_B: tl.constexpr, MAX_IT: tl.constexpr):
+    """tau_hat (float32) of query ``heads`` of row ``b`` under the single Gaussian: reduce the
+    moments kernel's per-program count-weighted sums ``[B, Hq, num_blocks, 2]`` (float64), then
+    solve from :func:`_tail_guess`: a float32 log-space Newton pass (fast special functions) to
+    ~1e-5, then float64 log-space steps from there to ~1e-10 (about 3 + 2 evaluations where a
+    float32 pass from the bracket's end and a float64 pass from the left took about 10 + 6: the
+    solve is serial latency; the root agrees with a cold float64 solve's to ~1e-10 relative).
+    An empty row (length 0: nothing to select) gives +inf without solving."""
+    length = tl.load(seqlens_ptr + b).to(tl.int32)
     offs = tl.arange(0, BLOCK_B)
-    s1 = tl.zeros([BLOCK_B], tl.float64)
-    s2 = tl.zeros([BLOCK_B], tl.float64)
-    base = mom_ptr + pid.to(tl.int64) * num_blocks * 2
+    s1 = (heads * 0).to(tl.float64)
+    s2 = s1
+    base = mom_ptr + (b * Hq + heads).to(tl.int64)[:, None] * num_blocks * 2
     for i in range(0, num_blocks, BLOCK_B):
-        mask = (i + offs) < num_blocks
-        s1 += tl.load(base + (i + offs) * 2, mask=mask, other=0.0)
-        s2 += tl.load(base + (i + offs) * 2 + 1, mask=mask, other=0.0)
-    n = tl.load(seqlens_ptr + b).to(tl.float64)
+        mask = gmask[:, None] & (((i + offs) < num_blocks) & (offs * 0 + length > 0))[None, :]
+        s1 += tl.sum(tl.load(base + (i + offs)[None, :] * 2, mask=mask, other=0.0), axis=1)
+        s2 += tl.sum(tl.load(base + (i + offs)[None, :] * 2 + 1, mask=mask, other=0.0), axis=1)
+    n = tl.maximum(length, 1).to(tl.float64)
     if HAS_START:  # the tokens of the pages from the start's page on (at least 1, as the reference)
         first = tl.maximum(tl.load(start_ptr + b).to(tl.int32), 0) // page_size
         n = tl.maximum(n - (first * page_size).to(tl.float64), 1.0)
-    mu = tl.sum(s1, axis=0) / n
-    var = tl.maximum(tl.sum(s2, axis=0) / n - mu * mu, 0.0)
+    mu = s1 / n
+    var = tl.maximum(s2 / n - mu * mu, 0.0)
     s = am1 * tl.sqrt(var)
     center = am1 * mu
     lo = center - 1.0 - 8.0 * s
@@ -152,7 +153,7 @@ def gaussian_tau_kernel(
     t0 = tl.where((t0 > lo32) & (t0 < hi32), t0, lo32)
     t32 = _gaussian_newton(c32, s32, n32, lo32, hi32, t0, BETA, MAX_IT, 1e-5, 1e-30, True)
     t = _gaussian_newton(center, s, n, lo, hi, t32.to(tl.float64), BETA, MAX_IT, 1e-10, 1e-300, True)
-    tl.store(tau_ptr + pid, t.to(tl.float32))
+    return tl.where(length > 0, t.to(tl.float32), float("inf"))
 
 
 @triton.jit
