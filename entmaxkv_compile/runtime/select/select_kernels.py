@@ -214,7 +214,8 @@ def moments_kernel(
                 mu = tl.dot(q, tl.trans(mean), input_precision="ieee") * scale
             else:
                 mu = tl.dot(q_raw.to(mean_raw.dtype), tl.trans(mean_raw), input_precision="tf32") * scale
-            vs = tl.dot(q * q, tl.trans(m2 * inv_n[:, None]), input_precision=DOT_PREC) * (scale * scale)
+            # 1/n on the [G, P] result, not on the [P, D] tile before the dot
+            vs = tl.dot(q * q, tl.trans(m2), input_precision=DOT_PREC) * (inv_n * (scale * scale))[None, :]
         else:
             mu = tl.dot(q, tl.trans(mean), input_precision=DOT_PREC) * scale
             vs = tl.dot(q * q, tl.trans(m2 * inv_n[:, None]), input_precision=DOT_PREC) * (scale * scale)
