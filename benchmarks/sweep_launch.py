@@ -36,7 +36,7 @@ DECODE_SPACE = {"PROGRAMS_PER_SM": (2, 3, 4, 6, 8, 12, 16), "num_warps": (4, 8),
                 "BLOCK_T": (32, 64), "tau_warps": (1, 2, 4), "BLOCK_TAU": (32, 64, 128),
                 "TAU_PROGRAMS_PER_SM": (4, 8, 16, 32), "out_warps": (2, 4, 8)}
 SELECT_SPACE = {"MOMENTS_DOT": (0, 2), "MOMENTS_BLOCKS": (2, 4, 8, 16, 32), "BLOCK_PM": (16, 32, 64),
-                "num_warps": (2, 4, 8), "BLOCK_PS": (256, 1024)}
+                "num_warps": (2, 4, 8), "BLOCK_PS": (256, 1024, 2048, 4096)}
 SCAN_SPACE = {"SCAN_PROGRAMS_PER_SM": (2, 4, 8, 16), "SCAN_BLOCK_N": (32, 64, 128, 256, 512), "SCAN_WARPS": (4, 8)}
 DEFAULT_CASES = "planted:32768,planted:131072,iid:131072,planted:1048576,iid:1048576"
 HQ, HKV = 32, 8
