@@ -318,14 +318,16 @@ def scan_kernel(
         bad = live & ((z != z) | (tl.abs(z) == float("inf")))
         nonfinite = tl.maximum(nonfinite, tl.max(bad.to(tl.int32), axis=1))
         z = tl.where(live & (bad == 0), z, float("-inf"))
-        m = tl.maximum(m, tl.max(z, axis=1))
+        z_top = tl.max(z, axis=1)
+        m = tl.maximum(m, z_top)
         thr = tl.where(m > float("-inf"), m - 1.0, float("inf"))
-        keep = tl.max((z > thr[:, None]).to(tl.int32), axis=0)
-        kept = tl.sum(keep, axis=0)
-        if kept > 0:
+        # Most tiles hold no candidate (every head's best bound is under its threshold): the
+        # per-token test, its reductions and the compaction run only for the others.
+        if tl.max((z_top > thr).to(tl.int32), axis=0) > 0:
+            keep = tl.max((z > thr[:, None]).to(tl.int32), axis=0)
             pos = count + tl.cumsum(keep, axis=0) - keep
             tl.store(z_base + pos[None, :], z, mask=(keep > 0)[None, :] & gmask[:, None])
-        count += kept
+            count += tl.sum(keep, axis=0)
     close_split(cand_cnt_ptr, split_max_ptr, pid_bh, split, num_splits, count, m, nonfinite,
                 b, Hq, heads, gmask)
 
