@@ -156,8 +156,8 @@ def moments_kernel(
     b = pid_bh // Hkv
     hk = pid_bh % Hkv
     length = tl.load(seqlens_ptr + b).to(tl.int32)
-    if length == 0:  # nothing to select (a certified step reading densely): the tau_hat kernels
-        return  # skip this row too, and keep_kernel reads nothing past the length
+    if length == 0:  # nothing to select (a certified step reading densely): the tau_hat solves
+        return  # skip this row too (its sums are never read), and keep_kernel reads nothing past the length
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     gmask = offs_g < G
