@@ -5,16 +5,22 @@ fp16) and runs one step per variant, so that ``ncu -k regex:<kernel>`` sees one 
 kernel per variant, in this order:
 
 - ``moments``: the gaussian step with compact moments, contiguous cache then through a shuffled
-  block table (``moments_kernel``: 268 MB at 1M, 63 us at the copy roofline; it took 115);
+  block table (``moments_kernel``: 268 MB at 1M, 63 us at the copy roofline; it took 116 in the
+  FMA form, 74 in the one-pass-dot form the H200 config ships for 1M);
 - ``score``: the dense step, contiguous then through the table (``score_kernel``: the table
-  costs 9-14% there; the target is < 5%);
+  cost 9-14% there before the page-by-page K tiles, 0.5-1% after; the target is < 5%);
 - ``scan``: the certified step with the int8 key sketch (``scan_kernel``: 1.14 GB at 1M, 265 us
-  at the roofline; it took 912).
+  at the roofline; it took 739).
 
 ``--sass DIR`` also writes each launched kernel's PTX and SASS (``cuobjdump``) there. Example::
 
     ncu --clock-control none -k regex:moments_kernel -c 2 --set full \\
         python benchmarks/ncu_kernels.py --case moments
+
+Stall reasons per instruction (where a kernel waits, and on what): add ``--import-source yes -o
+REPORT`` to the profile, then ``ncu --import REPORT.ncu-rep --page source --csv --print-source
+sass`` lists every SASS instruction with its executed count and sampled stall reasons
+(Triton's line table does not carry per-line metrics into the ``cuda`` view).
 """
 
 from __future__ import annotations
