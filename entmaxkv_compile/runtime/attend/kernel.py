@@ -166,6 +166,7 @@ def output_partials(v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, alpha, cfg
         v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, live_tok, o_part, l_part,
         *v_strides,
         hq, hkv, hq // hkv, dim, splits, cap // splits, 1.0 / (alpha - 1.0),
+        # PAGE is read only through a table: without one, 1 keeps one variant for every page size
         *table_args(block_table, cand_cnt), PAGE=page_size if block_table is not None else 1,
         KIND=cm.alpha_kind(alpha), BLOCK_G=max(16, cm.next_pow2(hq // hkv)), BLOCK_T=cfg["BLOCK_T"],
         BLOCK_SCAN=8 * cfg["BLOCK_T"], BLOCK_D=max(16, cm.next_pow2(dim)),

@@ -173,7 +173,7 @@ def triton_select_pages(
         mixture = tau_estimate == "mixture" or (tau_estimate == "auto" and alibi_slopes is not None)
         mu, sigma, mom, mixture_tau = _page_moments(q, kmean, km2, seqlens, page_size, alpha, scale, mixture,
                                                     beta, alibi_slopes, row_start, block_table)
-        solve = mixture_tau is None  # the keep kernel solves the single Gaussian from mom itself
+        solve = not mixture  # the keep kernel solves the single Gaussian from mom itself
         tau = mom if solve else mixture_tau  # (then its tau argument is a placeholder, never read)
         ztab = page_max_z(dev, page_size, max_quantile)
     nblocks = cm.cdiv(num_pages, cfg["BLOCK_PS"])

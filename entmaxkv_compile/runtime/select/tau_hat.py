@@ -19,6 +19,7 @@ launch fewer per step).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import triton
@@ -27,6 +28,7 @@ import triton.language as tl
 MAX_ITERS = 64
 
 
+@functools.cache  # the selection's launcher asks every step
 def tail_constants(beta: int) -> tuple[float, float]:
     """``(log beta!, log E[Z_+^beta])`` for :func:`_tail_guess` (Z standard normal;
     ``E[Z_+^beta] = 2^(beta/2 - 1) Gamma((beta + 1) / 2) / sqrt(pi)``)."""
