@@ -110,6 +110,28 @@ def test_decode_is_deterministic_and_writes_every_output():
     assert torch.isfinite(first[0]).all() and torch.isfinite(first[1]).all()
 
 
+@pytest.mark.parametrize("read_all", [True, False])
+def test_verdict_written_by_the_decode_matches_the_reference(read_all):
+    """The reduce kernel's ``(certified, delta)``: with every page read, certified exactly where
+    tau is finite (not a poisoned head, NaN; not a head with nothing to attend, +inf), else never."""
+    batch, hq, hkv, nmax, dim, page = (2, 32, 8, 4096, 128, 16) if REAL else (2, 4, 2, 40, 16, 8)
+    gen, q, k, v, seqlens = _case(5, batch, hq, hkv, nmax, dim, torch.float32)
+    idx, nsel = _random_selection(gen, seqlens.cpu(), hkv, -(-nmax // page), page, keep=1.0)
+    k[0, 0, 0, 0] = float("nan")  # poisons every head of KV head 0 in row 0
+    nsel[1, 1] = 0  # KV head 1 of row 1 attends nothing
+    out, tau, certified, delta = kernels.paged_decode_verdict(
+        q, k, v, seqlens, idx, nsel, page_size=page, alpha=1.5, scale=1 / math.sqrt(dim), read_all=read_all)
+    ref_certified, ref_delta = attend_reference.decode_verdict(tau, read_all)
+    assert certified.dtype == torch.bool and delta.dtype == torch.float32
+    assert torch.equal(certified, ref_certified) and torch.equal(delta, ref_delta)
+    group = hq // hkv
+    assert tau[0, :group].isnan().all() and (tau[1, group:2 * group] == float("inf")).all()
+    assert int(certified.sum()) == (batch * hq - 2 * group if read_all else 0)
+    plain = kernels.paged_decode(q, k, v, seqlens, idx, nsel, page_size=page, alpha=1.5, scale=1 / math.sqrt(dim))
+    for a, b in zip(plain, (out, tau)):  # the same decode, bit for bit (NaN where poisoned)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
 def test_registered_op_is_the_launcher():
     assert hasattr(torch.ops.entmaxkv, "triton_paged_decode")
     gen, q, k, v, seqlens = _case(3, 1, 2, 1, 20, 16, torch.float32)

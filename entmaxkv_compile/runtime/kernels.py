@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .attend.kernel import paged_decode
+from .attend.kernel import paged_decode, paged_decode_verdict
 from .attend.partial import gather_above, local_candidates, partial_sums, solve_gathered
 from .certify.kernel import certified_heads, certify, certify_pages, certify_policy_update_
 from .select.kernel import compact_page_mask, quest_bounds, select_pages
@@ -33,6 +33,7 @@ __all__ = [
     "gather_above",
     "local_candidates",
     "paged_decode",
+    "paged_decode_verdict",
     "partial_sums",
     "quest_bounds",
     "select_pages",

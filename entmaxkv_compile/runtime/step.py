@@ -1,8 +1,8 @@
 """One decode step: select -> decode -> certify, and the certified loop, over any implementation.
 
 The step is written once against a small "implementation" namespace (``select_pages``,
-``compact_page_mask``, ``quest_bounds``, ``paged_decode``, ``certify``, ``certify_pages``,
-``certified_heads``, ``certify_policy_update_``), which is either the stage
+``compact_page_mask``, ``quest_bounds``, ``paged_decode``, ``paged_decode_verdict``, ``certify``,
+``certify_pages``, ``certified_heads``, ``certify_policy_update_``), which is either the stage
 references (:func:`reference_implementation`) or the Triton kernels (``runtime/kernels.py``). So
 the eager API (through ``Decoder``), the ``entmaxkv::decode_step`` op and the tests all run the
 same logic, and the kernels only have to match the reference function by function.
@@ -38,6 +38,7 @@ def reference_implementation() -> SimpleNamespace:
         quest_bounds=selection.quest_bounds_unchecked,
         compact_page_mask=selection.compact_page_mask,
         paged_decode=attend_reference.paged_decode_unchecked,
+        paged_decode_verdict=attend_reference.paged_decode_verdict_unchecked,
         certify=certify_reference.certify_unchecked,
         certify_pages=certify_reference.certify_pages,
         certified_heads=certify_reference.certified_heads,
@@ -179,8 +180,10 @@ def run_step(
             min_context=config.min_context, **geometry, row_start=row_start,
         )  # never a page wholly below row_start: the selectors leave them out
 
-    out, tau = impl.paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry,
-                                 row_start=row_start)
+    # the decode's own verdict (dense: every valid page read); the branches below replace it
+    out, tau, certified, delta = impl.paged_decode_verdict(
+        q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry, row_start=row_start,
+        read_all=config.selector == "dense")
     if sketch_floor is not None:
         # Certified by construction: every page left out has (alpha-1) ub <= floor <= full tau.
         certified, delta = impl.certified_heads(torch.maximum(tau, sketch_floor), torch.ones_like(tau, dtype=torch.bool),
@@ -189,11 +192,7 @@ def run_step(
         out, tau, page_indices, num_selected, certified, delta = _certified_rounds(
             impl, q, k_cache, v_cache, seqlens, stats, config, out, tau, page_indices, num_selected,
             stats_ok, read_all, dense_rows, geometry, row_start, num_pages)
-    elif config.selector == "dense":
-        # Every valid page was read: the output is full entmax wherever tau is a number.
-        certified = tau < float("inf")  # tau is finite, +inf (nothing to attend) or NaN
-        delta = torch.where(certified, 0.0, 1.0)
-    elif config.report_bound:  # the bound costs a full kmin/kmax read: only on request
+    elif config.report_bound and config.selector != "dense":  # the bound costs a full kmin/kmax read: only on request
         certified, delta = impl.certify(q, kmin, kmax, seqlens, page_indices, num_selected, tau,
                                         stats_valid=stats_valid, **geometry)
         if sketch is not None:  # token by token: 0 only when no dropped token can be in the support
@@ -201,9 +200,6 @@ def run_step(
                                            stats_valid=stats_valid, **sketch_geometry)
             certified = certified | (fine == 0)
             delta = torch.minimum(delta, fine)
-    else:
-        certified = torch.zeros_like(tau, dtype=torch.bool)
-        delta = torch.ones_like(tau)
     return DecodeResult(out, page_indices, num_selected, certified, delta, tau)
 
 

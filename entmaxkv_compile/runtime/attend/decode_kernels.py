@@ -22,7 +22,8 @@ One decode step is a fixed sequence of launches over fixed grids:
    some head of the group (z > tau), then p = [z - tau]_+^beta over that list, V rows loaded once
    per group, partial sum p.v and sum p in fp32.
 4. ``reduce_kernel`` (batch x query head): sums the split partials in a fixed order
-   (deterministic, no atomics) and normalizes by sum p.
+   (deterministic, no atomics) and normalizes by sum p; it also writes the step's verdict when
+   nothing but the decode decides it (every page read, or no bound asked for).
 
 Lengths, counts and strides are runtime arguments; only block sizes, the page size (``PAGE``:
 the K and V passes split every row index into page and offset, which is a shift for a constant and
@@ -298,10 +299,13 @@ def split_sums(o_part_ptr, l_part_ptr, pid, D, num_splits, BLOCK_S: tl.constexpr
 
 @triton.jit
 def reduce_kernel(
-    o_part_ptr, l_part_ptr, tau_ptr, out_ptr, sob, soh, sod,
+    o_part_ptr, l_part_ptr, tau_ptr, out_ptr, certified_ptr, delta_ptr, sob, soh, sod,
     Hq, D, num_splits,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    READ_ALL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """One query head's output, and what the decode proves by itself about it (``certified``,
+    ``delta``; see ``reference.decode_verdict``), written here rather than by two small launches
+    after the step."""
     pid = tl.program_id(0)
     b = pid // Hq
     h = pid % Hq
@@ -312,6 +316,10 @@ def reduce_kernel(
     res = tl.where(tau != tau, float("nan"), res)  # a poisoned head reports NaN, not a value
     tl.store(out_ptr + b * sob + h * soh + offs_d * sod, res.to(out_ptr.dtype.element_ty),
              mask=offs_d < D)
+    # every valid page read: full entmax wherever tau is finite (not NaN, not +inf = no token)
+    certified = (tau < float("inf")) & READ_ALL
+    tl.store(certified_ptr + pid, certified)
+    tl.store(delta_ptr + pid, tl.where(certified, 0.0, 1.0))
 
 
 @triton.jit

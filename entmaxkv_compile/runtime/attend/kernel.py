@@ -190,8 +190,10 @@ def triton_paged_decode(
     softcap: float = 0.0,
     row_start: Optional[Tensor] = None,
     block_table: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor]:
-    """The registered op; positional ``alibi_slopes`` (custom ops take no kwarg-only tensors)."""
+    read_all: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The registered op; positional ``alibi_slopes`` (custom ops take no kwarg-only tensors).
+    Returns ``(out, tau, certified, delta)``, the last two as ``reference.decode_verdict`` says."""
     batch, hq, _, dim = q.shape
     hkv = _cache_geometry(k_cache, page_size, block_table)[0]
     cfg, splits, seg = plan_splits(q, page_indices, page_size)
@@ -204,13 +206,16 @@ def triton_paged_decode(
     o_part, l_part = output_partials(v_cache, cand_z, cand_tok, cand_cnt, tau, live_z, alpha, cfg,
                                      page_size, block_table)
     out = torch.empty((batch, hq, 1, dim), device=q.device, dtype=q.dtype)
+    certified = torch.empty((batch, hq), device=q.device, dtype=torch.bool)
+    delta = torch.empty((batch, hq), device=q.device, dtype=torch.float32)
     # A kernel of its own: folding this sum into the output pass's last program (an atomic
     # ticket) serialised the group's heads on one program and cost 4-14 us more on the H200.
     wrap_triton(reduce_kernel)[(batch * hq,)](
-        o_part, l_part, tau, out, out.stride(0), out.stride(1), out.stride(3),
-        hq, dim, splits, BLOCK_S=cm.next_pow2(splits), BLOCK_D=max(16, cm.next_pow2(dim)), num_warps=4,
+        o_part, l_part, tau, out, certified, delta, out.stride(0), out.stride(1), out.stride(3),
+        hq, dim, splits, READ_ALL=bool(read_all), BLOCK_S=cm.next_pow2(splits),
+        BLOCK_D=max(16, cm.next_pow2(dim)), num_warps=4,
     )
-    return out, tau
+    return out, tau, certified, delta
 
 
 def paged_decode(
@@ -239,6 +244,31 @@ def paged_decode(
     ``[num_blocks, page_size, Hkv, D]`` addressed through it (``runtime/paged.py``); the page
     indices stay logical.
     """
+    return paged_decode_verdict(q, k_cache, v_cache, seqlens, page_indices, num_selected, page_size=page_size,
+                                alpha=alpha, scale=scale, alibi_slopes=alibi_slopes, softcap=softcap,
+                                row_start=row_start, block_table=block_table)[:2]
+
+
+def paged_decode_verdict(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    seqlens: Tensor,
+    page_indices: Tensor,
+    num_selected: Tensor,
+    *,
+    page_size: int,
+    alpha: float,
+    scale: float,
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
+    row_start: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
+    read_all: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`paged_decode` plus ``(certified, delta)`` as ``reference.decode_verdict`` computes
+    them from ``tau`` and ``read_all``, written by the decode's last kernel (the step's result needs
+    them, and two small launches after the decode cost ~3 us on an H200 at short context)."""
     if block_table is None:
         check_decode_inputs(q, k_cache, v_cache, seqlens, page_indices, num_selected,
                             page_size=page_size, alpha=alpha, scale=scale, alibi_slopes=alibi_slopes)
@@ -246,4 +276,5 @@ def paged_decode(
         check_paged_decode_inputs(q, k_cache, v_cache, seqlens, block_table, page_size=page_size)
     return triton_paged_decode(q, k_cache, v_cache, seqlens, page_indices, num_selected,
                                alibi_slopes, int(page_size), float(alpha), float(scale), check_softcap(softcap),
-                               check_row_start(row_start, q.shape[0], device=q.device), block_table)
+                               check_row_start(row_start, q.shape[0], device=q.device), block_table,
+                               bool(read_all))

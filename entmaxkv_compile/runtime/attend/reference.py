@@ -106,3 +106,23 @@ def paged_decode_unchecked(q, k_cache, v_cache, seqlens, page_indices, num_selec
     out, tau = _decode_in(q, k_cache, v_cache, seqlens, page_mask, page_size, alpha, scale, alibi_slopes, softcap,
                           row_start)
     return out, tau.to(torch.float32)
+
+
+def decode_verdict(tau: torch.Tensor, read_all: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(certified, delta_bound)`` that a decode proves on its own, from its ``tau`` ``[B, Hq]``.
+
+    A decode that read every valid page (``read_all``) is full entmax wherever tau is finite
+    (NaN marks a poisoned head, +inf a head with nothing to attend): certified there, with no
+    mass left out. Otherwise the decode alone proves nothing (delta 1: all of the mass may lie
+    in the pages it did not read); the certified rounds and the bounds decide instead.
+    """
+    certified = (tau < float("inf")) & bool(read_all)
+    return certified, torch.where(certified, 0.0, 1.0)
+
+
+def paged_decode_verdict_unchecked(q, k_cache, v_cache, seqlens, page_indices, num_selected, *, read_all=False,
+                                   **geometry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`paged_decode_unchecked` plus :func:`decode_verdict`: ``(out, tau, certified,
+    delta_bound)``, as the kernels' ``paged_decode_verdict``."""
+    out, tau = paged_decode_unchecked(q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry)
+    return (out, tau, *decode_verdict(tau, read_all))
