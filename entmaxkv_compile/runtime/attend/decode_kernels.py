@@ -204,6 +204,21 @@ def close_split(cand_cnt_ptr, split_max_ptr, pid_bh, split, num_splits, count, m
 
 
 @triton.jit
+def _store_live(z, live, tok, n, live_tok, live_z, gmask, table_ptr, b, stb, stp,
+                HAS_TABLE: tl.constexpr, PAGE: tl.constexpr):
+    """Append the tile's candidates in the support of some head (``live``), their scores ``z``
+    ``[G, T]`` and rows ``tok``, to the live lists after their first ``n`` entries, in order."""
+    pos = n + tl.cumsum(live, axis=0) - live
+    keep = live > 0
+    if HAS_TABLE:  # keep the physical row (block * PAGE + offset): the table lookup happens
+        # here, off the V loads' critical path
+        blk = tl.load(table_ptr + b * stb + (tok // PAGE) * stp, mask=keep, other=0)
+        tok = blk * PAGE + tok % PAGE
+    tl.store(live_tok + pos, tok, mask=keep)
+    tl.store(live_z + pos[None, :], z, mask=keep[None, :] & gmask[:, None])
+
+
+@triton.jit
 def output_kernel(
     v_ptr, cand_z_ptr, cand_tok_ptr, cand_cnt_ptr, tau_ptr, live_z_ptr, live_tok_ptr,
     o_part_ptr, l_part_ptr,
@@ -239,8 +254,20 @@ def output_kernel(
     # 1. The candidates in the support of some head of the group, in token order: the sums
     # below then group the same tokens into the same tiles whatever else the K pass kept. Wide
     # tiles: on flat keys most tokens are candidates and this loop streams them.
-    n = tl.zeros([], tl.int32)
-    for t in range(0, count, BLOCK_SCAN):
+    # The first tile (all that most splits of a small selection hold) is loaded with tau and the
+    # count, masked by the segment and then by the count: loaded after the count, its scores and
+    # then its rows were two more round trips on a kernel that is latency, not bytes.
+    # (Its names are its own: the loops below must not carry them as loop variables.)
+    z_first = tl.load(z_base + offs_scan[None, :], mask=gmask[:, None] & (offs_scan < seg)[None, :],
+                      other=float("-inf"))
+    tok_first = tl.load(tok_base + offs_scan, mask=offs_scan < seg, other=0)
+    z_first = tl.where((offs_scan < count)[None, :], z_first, float("-inf"))
+    live_first = tl.max((z_first > tau[:, None]).to(tl.int32), axis=0)
+    n = tl.sum(live_first, axis=0)
+    if n > 0:
+        _store_live(z_first, live_first, tok_first, 0, live_tok, live_z, gmask, table_ptr, b, stb, stp,
+                    HAS_TABLE, PAGE)
+    for t in range(BLOCK_SCAN, count, BLOCK_SCAN):
         tt = t + offs_scan
         tmask = tt < count
         z = tl.load(z_base + tt[None, :], mask=gmask[:, None] & tmask[None, :],
@@ -249,15 +276,8 @@ def output_kernel(
         found = tl.sum(live, axis=0)
         # On flat keys most candidates lie below tau: no scan, no stores for such tiles.
         if found > 0:
-            pos = n + tl.cumsum(live, axis=0) - live
-            keep = live > 0
-            tok = tl.load(tok_base + tt, mask=keep, other=0)
-            if HAS_TABLE:  # keep the physical row (block * PAGE + offset): the table
-                # lookup happens here, off the V loads' critical path below
-                blk = tl.load(table_ptr + b * stb + (tok // PAGE) * stp, mask=keep, other=0)
-                tok = blk * PAGE + tok % PAGE
-            tl.store(live_tok + pos, tok, mask=keep)
-            tl.store(live_z + pos[None, :], z, mask=keep[None, :] & gmask[:, None])
+            tok = tl.load(tok_base + tt, mask=live > 0, other=0)
+            _store_live(z, live, tok, n, live_tok, live_z, gmask, table_ptr, b, stb, stp, HAS_TABLE, PAGE)
         n += found
     tl.debug_barrier()  # the loop below reads what the other threads just wrote
 

@@ -63,7 +63,8 @@ def solve_tau(cand_z, cand_cnt, split_max, tau, batch, hq, hkv, group, splits, s
     wrap_triton(tau_first_kernel)[(rows, chunks)](
         cand_z, cand_cnt, split_max, survivors, counts[0], state[0], part[0], pivots[0], tickets,
         hq, hkv, group, splits, seg, alpha - 1.0, beta, math.log2(cap), per_prog, chunks,
-        BLOCK_S=cm.next_pow2(splits), BLOCK_T=block_t, BLOCK_K=8 * block_t, FLOOR_STEPS=FLOOR_STEPS,
+        BLOCK_S=cm.next_pow2(splits), BLOCK_T=block_t, BLOCK_K=8 * block_t, BLOCK_R=cm.next_pow2(per_prog),
+        FLOOR_STEPS=FLOOR_STEPS,
         **common,
     )
     wrap_triton(tau_second_kernel)[(rows, chunks)](

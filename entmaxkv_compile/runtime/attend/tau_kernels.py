@@ -238,12 +238,14 @@ def tau_first_kernel(
     cand_z_ptr, cand_cnt_ptr, split_max_ptr, surv_ptr, surv_cnt_ptr, state_ptr, part_ptr, piv_ptr,
     ticket_ptr, Hq, Hkv, G, num_splits, seg, alpha_m1, beta, log2_cap, splits_per_prog, num_chunks,
     RMAX: tl.constexpr, NP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_K: tl.constexpr, FLOOR_STEPS: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, FLOOR_STEPS: tl.constexpr,
 ):
     """Level 1 over a run of splits' candidates of one query head (see the module doc).
 
     ``cand_cnt`` is indexed by (batch, KV head, split): the group shares the K pass's counts.
     ``state`` receives per head ``lo, hi, live, tau`` (tau: what a head that never runs keeps).
+    ``BLOCK_R`` >= ``splits_per_prog``: the run's counts load as one vector beside the split
+    maxima, not one round trip per split inside the loop (14 splits per run at batch 8).
     """
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -254,6 +256,10 @@ def tau_first_kernel(
     offs_k = tl.arange(0, NP)
     kf = offs_k.to(tl.float32)
 
+    offs_r = tl.arange(0, BLOCK_R)
+    first_split = chunk * splits_per_prog
+    in_run = (offs_r < splits_per_prog) & (first_split + offs_r < num_splits)
+    run_counts = tl.load(cand_cnt_ptr + (b * Hkv + hk) * num_splits + first_split + offs_r, mask=in_run, other=0)
     offs_s = tl.arange(0, BLOCK_S)
     smask = offs_s < num_splits
     smax = tl.load(split_max_ptr + pid * num_splits + offs_s, mask=smask, other=float("-inf"))
@@ -270,12 +276,11 @@ def tau_first_kernel(
     # 1. Compact the candidates above lo into this run's region, in token order (tiles of
     # BLOCK_K: on flat heads most tokens are candidates and this loop streams them).
     offs_c = tl.arange(0, BLOCK_K)
-    first_split = chunk * splits_per_prog
     out = surv_ptr + pid.to(tl.int64) * cap + first_split * seg
     kept = tl.zeros([], tl.int32)
+    run_counts = tl.where(live, run_counts, 0)
     for split in range(first_split, tl.minimum(first_split + splits_per_prog, num_splits)):
-        count = tl.load(cand_cnt_ptr + (b * Hkv + hk) * num_splits + split)
-        count = tl.where(live, count, 0)
+        count = tl.sum(tl.where(offs_r == split - first_split, run_counts, 0), axis=0)
         src = cand_z_ptr + pid.to(tl.int64) * cap + split * seg
         for i in range(0, count, BLOCK_K):
             ii = i + offs_c
@@ -375,22 +380,25 @@ def tau_second_kernel(
     chunk = tl.program_id(1)
     offs_k = tl.arange(0, NP)
     kf = offs_k.to(tl.float32)
+    # All that level 1 left for this program, loaded at once (tau_first_kernel writes each of
+    # these for every head, live or not): on a small selection this kernel is a chain of global
+    # round trips, not work, and loads under the branches below would each add one.
     live = tl.load(state1_ptr + pid * 4 + 2) != 0
     tau = tl.load(state1_ptr + pid * 4 + 3)
     lo = tl.load(state1_ptr + pid * 4)
     hi = tl.load(state1_ptr + pid * 4 + 1)
+    c0, c1, c2, c3, c4, cf, below, above = _merged_sums(part1_ptr, pid, num_chunks, BLOCK_C, NP)
+    pivots = tl.load(piv1_ptr + pid * NP + offs_k)
+    count = tl.load(cnt1_ptr + pid * num_chunks + chunk)
     done = live == 0
     kept = tl.zeros([], tl.int32)
     s0, s1, s2, s3, s4, sf, sb, sa = _empty_sums(NP)
     if live:
-        c0, c1, c2, c3, c4, cf, below, above = _merged_sums(part1_ptr, pid, num_chunks, BLOCK_C, NP)
-        pivots = tl.load(piv1_ptr + pid * NP + offs_k)
         lo, hi, done, tau = _narrow(c0, c1, c2, c3, c4, cf, below, above, pivots, pid < 0,
                                     RMAX, NP, STEPS)
         if done == 0:
             t = lo + (hi - lo) * kf / (NP - 1)
             off = pid.to(tl.int64) * cap + chunk * chunk_len
-            count = tl.load(cnt1_ptr + pid * num_chunks + chunk)
             kept, s0, s1, s2, s3, s4, sf, sb, sa = _compact_and_sum(
                 surv_ptr + off, surv_ptr + (pid.to(tl.int64) * 0 + rows) * cap + off, count, lo, t, beta,
                 RMAX, NP, BLOCK_T)
@@ -425,22 +433,23 @@ def _finish_head(
     apart); they are gathered into plane 0's row, and the later levels alternate between the
     two planes' rows.
     """
+    # Loaded at once, open or not (every program of the head wrote its partial and count; the
+    # pivots are read only when open, and then were written), as in tau_second_kernel.
     open_ = tl.load(state_ptr + pid * 4 + 2) != 0
     tau = tl.load(state_ptr + pid * 4 + 3)
+    offs_k = tl.arange(0, NP)
+    offs_c = tl.arange(0, BLOCK_C)
+    c0, c1, c2, c3, c4, cf, below, above = _merged_sums(part_ptr, pid, num_chunks, BLOCK_C, NP)
+    pivots = tl.load(piv_ptr + pid * NP + offs_k)
+    counts = tl.load(surv_cnt_ptr + pid * num_chunks + offs_c, mask=offs_c < num_chunks, other=0)
     if open_:
-        offs_k = tl.arange(0, NP)
         kf = offs_k.to(tl.float32)
-        c0, c1, c2, c3, c4, cf, below, above = _merged_sums(part_ptr, pid, num_chunks, BLOCK_C, NP)
-        pivots = tl.load(piv_ptr + pid * NP + offs_k)
         lo, hi, done, tau = _narrow(c0, c1, c2, c3, c4, cf, below, above, pivots, levels <= 2,
                                     RMAX, NP, STEPS)
         if done == 0:
             # Gather the survivors above lo from the runs' regions of plane 1 into plane 0.
             plane = (pid.to(tl.int64) * 0 + rows) * cap  # rows may arrive as a constexpr 1
             row0 = surv_ptr + pid.to(tl.int64) * cap
-            offs_c = tl.arange(0, BLOCK_C)
-            counts = tl.load(surv_cnt_ptr + pid * num_chunks + offs_c, mask=offs_c < num_chunks,
-                             other=0)
             offs_tc = tl.arange(0, BLOCK_TC)
             n = tl.zeros([], tl.int32)
             for i in range(0, tl.max(counts, axis=0), BLOCK_TC):

@@ -255,9 +255,19 @@ def keep_kernel(
     pid = tl.program_id(1)
     b = pid // Hkv
     hk = pid % Hkv
+    pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+    if GAUSSIAN:
+        offs_g = tl.arange(0, BLOCK_G)
+        gmask = offs_g < G
+        heads = hk * G + offs_g
+        prow = (b * Hq + heads[:, None]).to(tl.int64) * num_pages + pages[None, :]
+        # Loaded beside the length, not after it (a round trip less): the moments kernel wrote
+        # every page below num_pages, and what lies past the length is masked out below.
+        inside = gmask[:, None] & (pages < num_pages)[None, :]
+        mu = tl.load(mu_ptr + prow, mask=inside, other=0.0)
+        sg = tl.load(sigma_ptr + prow, mask=inside, other=0.0)
     length = tl.load(seqlens_ptr + b).to(tl.int32)
     last = (length - 1) // page_size
-    pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
     n = _page_counts(pages, length, page_size, num_pages)
     if HAS_START:  # pages wholly below the start are neither kept nor forced
         n = _counts_from_start(n, pages, start_ptr, b, page_size)
@@ -265,13 +275,7 @@ def keep_kernel(
     forced = (pages == last) | (pages < sink) | ((pages >= last - recent) & (pages < last))
     keep = forced | (length < min_context)
     if GAUSSIAN:
-        offs_g = tl.arange(0, BLOCK_G)
-        gmask = offs_g < G
-        heads = hk * G + offs_g
-        prow = (b * Hq + heads[:, None]).to(tl.int64) * num_pages + pages[None, :]
         pm = gmask[:, None] & valid[None, :]
-        mu = tl.load(mu_ptr + prow, mask=pm, other=0.0)
-        sg = tl.load(sigma_ptr + prow, mask=pm, other=0.0)
         z = tl.load(ztab_ptr + tl.maximum(n - 1, 0), mask=valid, other=0.0)
         if SOLVE:
             tau = single_gaussian_tau(mom_ptr, seqlens_ptr, start_ptr, b, heads, gmask, Hq, num_mom_blocks,
