@@ -219,35 +219,20 @@ def triton_paged_decode(
     return out, tau, certified, delta
 
 
-def paged_decode(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    seqlens: Tensor,
-    page_indices: Tensor,
-    num_selected: Tensor,
-    *,
-    page_size: int,
-    alpha: float,
-    scale: float,
-    alibi_slopes: Optional[Tensor] = None,
-    softcap: float = 0.0,
-    row_start: Optional[Tensor] = None,
-    block_table: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor]:
+def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, page_indices: Tensor,
+                 num_selected: Tensor, **geometry) -> tuple[Tensor, Tensor]:
     """Exact entmax attention of one query per sequence over the selected pages.
 
-    Returns ``(out, tau)``: ``out`` [B, Hq, 1, D] in q's dtype, normalized by sum p, and ``tau``
-    float32 [B, Hq], the exact threshold over the selected tokens in z units. ``softcap > 0``:
-    entmax over the capped scores ``softcap * tanh(s / softcap)``. ``row_start`` (int ``[B]``,
-    optional): positions below ``row_start[b]`` are not attended (a left-padded prefix).
-    ``block_table`` (int32 ``[B, max_pages]``, optional): the caches are page pools
-    ``[num_blocks, page_size, Hkv, D]`` addressed through it (``runtime/paged.py``); the page
-    indices stay logical.
+    Keyword arguments as :func:`paged_decode_verdict` (``page_size``, ``alpha``, ``scale``, and
+    optionally ``alibi_slopes``, ``softcap``, ``row_start``, ``block_table``). Returns ``(out,
+    tau)``: ``out`` [B, Hq, 1, D] in q's dtype, normalized by sum p, and ``tau`` float32 [B, Hq],
+    the exact threshold over the selected tokens in z units. ``softcap > 0``: entmax over the
+    capped scores ``softcap * tanh(s / softcap)``. ``row_start`` (int ``[B]``, optional):
+    positions below ``row_start[b]`` are not attended (a left-padded prefix). ``block_table``
+    (int32 ``[B, max_pages]``, optional): the caches are page pools ``[num_blocks, page_size,
+    Hkv, D]`` addressed through it (``runtime/paged.py``); the page indices stay logical.
     """
-    return paged_decode_verdict(q, k_cache, v_cache, seqlens, page_indices, num_selected, page_size=page_size,
-                                alpha=alpha, scale=scale, alibi_slopes=alibi_slopes, softcap=softcap,
-                                row_start=row_start, block_table=block_table)[:2]
+    return paged_decode_verdict(q, k_cache, v_cache, seqlens, page_indices, num_selected, **geometry)[:2]
 
 
 def paged_decode_verdict(
