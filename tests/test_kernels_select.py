@@ -153,6 +153,35 @@ def test_compact_moments_select_the_float32_pages_on_separated_data(dtype):
     assert (want[1] < (-(-seqlens // page))[:, None]).all() and (want[1] >= 2).all()
 
 
+def test_a_page_past_float16_range_leaves_the_compact_selection_alone():
+    """One finite outlier token whose page's M2 exceeds float16's 65504: the compact moments
+    saturate there instead of holding +inf (which made the KV head's single-Gaussian estimate
+    degenerate; see ``storable_m2``), and the selection equals the float32-moments one (kernel and
+    reference)."""
+    batch, hq, hkv, nmax, dim, page = (1, 32, 8, 8192, 128, 16) if REAL else (1, 8, 2, 150, 32, 8)
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(batch, hq, 1, dim, generator=gen)
+    k = 0.05 * torch.randn(batch, hkv, nmax, dim, generator=gen)
+    qg = q.reshape(batch, hkv, hq // hkv, dim).mean(2)
+    k[:, :, 3 * page:4 * page] += 4.0 * qg[:, :, None, :] / qg.norm(dim=-1)[..., None, None]
+    k[0, 0, 6 * page + 1] = 300.0  # M2 of page 6 ~ 300^2 * (P - 1) / P per coordinate
+    seqlens = torch.tensor([nmax], dtype=torch.int32)
+    q, k, seqlens = q.to(DEVICE, torch.float16), k.to(DEVICE, torch.float16), seqlens.to(DEVICE)
+    full = cache.KVPageStats.from_cache(k, seqlens, page)
+    compact = cache.KVPageStats.from_cache(k, seqlens, page, moment_dtype=torch.float16)
+    assert float(full.km2[0, 0, 6].max()) > 65504 and torch.isfinite(compact.km2).all()
+    assert float(compact.km2[0, 0, 6].max()) == 65504
+    kernel_compact = cache.KVPageStats.from_cache(k, seqlens, page, moment_dtype=torch.float16)
+    kernels.stats_prefill_(k, seqlens, page, *kernel_compact.buffers())
+    assert torch.equal(kernel_compact.km2[0, 0, 6], compact.km2[0, 0, 6])
+    kw = _select_kwargs(page, 1.5, dim, "gaussian", tau_estimate="global")
+    want = selection.select_pages(q, *full.buffers(), seqlens, **kw)
+    assert int(want[1][0, 0]) < -(-nmax // page)  # the outlier's head does not read every page
+    assert torch.equal(selection.select_pages(q, *compact.buffers(), seqlens, **kw)[0], want[0])
+    idx, n = kernels.select_pages(q, *kernel_compact.buffers(), seqlens, **kw)
+    assert torch.equal(idx, want[0]) and torch.equal(n, want[1])
+
+
 def test_min_context_selects_every_valid_page():
     batch, hq, hkv, nmax, dim, page = SMALL
     q, st, seqlens, _ = _case(3, batch, hq, hkv, nmax, dim, page, torch.float32, False)

@@ -95,6 +95,31 @@ def test_compact_moments_prefill_and_appends_match_reference(dtype):
             assert ((a - b).abs() <= page / 2 * ULP[dtype] * (a.abs() + 1.0)).all()
 
 
+def test_float16_m2_saturates_on_prefill_appends_and_rebuilds():
+    """A page whose float32 M2 passes float16's range is stored as 65504 by every writer (kernel
+    and reference: prefill, appends, the rolling rebuild), not +inf; a NaN key still gives NaN."""
+    page = 8
+    k = torch.randn(1, 2, 40, 24, generator=torch.Generator().manual_seed(3))
+    k[0, 0, 17] = 300.0  # page 2 of KV head 0
+    k[0, 1, 30, 5] = float("nan")  # page 3 of KV head 1
+    k = k.to(device=DEVICE, dtype=torch.float16)
+    lengths = torch.tensor([40], dtype=torch.int32, device=DEVICE)
+    ref = cache.KVPageStats.from_cache(k, lengths, page, moment_dtype=torch.float16, check_values=False)
+    got = _poisoned_like(ref)
+    kernels.stats_prefill_(k, lengths, page, *got.buffers())
+    appended, appended_ref = _poisoned_like(ref), _poisoned_like(ref)
+    for pos in range(40):
+        at = torch.tensor([pos], device=DEVICE)
+        kernels.stats_append_(k, at, page, *appended.buffers())
+        cache.stats_append_(k, at, page, *appended_ref.buffers())
+    for stats in (ref, got, appended, appended_ref):
+        assert float(stats.km2[0, 0, 2].max()) == 65504 and torch.isfinite(stats.km2[0, 0]).all()
+        assert stats.km2[0, 1, 3, 5].isnan() and torch.isfinite(stats.km2[0, 1, :3]).all()
+    rebuilt = _poisoned_like(ref)
+    kernels.stats_rebuild_page_(k, torch.tensor([17], device=DEVICE), lengths, page, *rebuilt.buffers())
+    assert float(rebuilt.km2[0, 0, 2].max()) == 65504
+
+
 def test_stat_ops_are_registered():
     assert hasattr(torch.ops.entmaxkv, "triton_stats_prefill_")
     assert hasattr(torch.ops.entmaxkv, "triton_stats_append_")

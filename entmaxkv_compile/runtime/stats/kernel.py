@@ -23,13 +23,21 @@ from ...checks import check_kernel_cache, check_kernel_stats, check_lengths, che
 from .. import _common as cm
 from ..paged import cache_geometry, check_block_table, check_pool, check_pool_stats, pool_stats_strides, table_args
 from ..tuning.tuned import lookup
+from .reference import m2_limit
+
+
+@triton.jit
+def saturated(m2, m2_max):
+    """M2 clamped to its storage dtype's largest finite value ``m2_max`` (see
+    ``reference.storable_m2``); NaN and +inf pass through."""
+    return tl.where((m2 > m2_max) & (m2 < float("inf")), m2_max, m2)
 
 
 @triton.jit
 def _prefill_kernel(
     k_ptr, seqlens_ptr, kmin_ptr, kmax_ptr, kmean_ptr, km2_ptr,
     skb, skh, skn, skd, ssb, ssh, ssp, ssd,
-    Hkv, D, num_pages, page_size, nmax,
+    Hkv, D, num_pages, page_size, nmax, m2_max,
     table_ptr, stb, stp, HAS_TABLE: tl.constexpr,
     PAGES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     slot_ptr=None, ONE_PAGE: tl.constexpr = False,
@@ -95,14 +103,14 @@ def _prefill_kernel(
             tl.store(kmax_ptr + off, tl.where(empty, 0.0, hi).to(kmax_ptr.dtype.element_ty),
                      mask=written)
             tl.store(kmean_ptr + off, mean.to(kmean_ptr.dtype.element_ty), mask=written)
-            tl.store(km2_ptr + off, m2.to(km2_ptr.dtype.element_ty), mask=written)
+            tl.store(km2_ptr + off, saturated(m2, m2_max).to(km2_ptr.dtype.element_ty), mask=written)
 
 
 @triton.jit
 def _append_kernel(
     k_ptr, pos_ptr, kmin_ptr, kmax_ptr, kmean_ptr, km2_ptr,
     skb, skh, skn, skd, ssb, ssh, ssp, ssd,
-    Hkv, D, page_size, nmax,
+    Hkv, D, page_size, nmax, m2_max,
     table_ptr, stb, stp, HAS_TABLE: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -145,7 +153,7 @@ def _append_kernel(
     tl.store(kmin_ptr + off, new_min, mask=dmask)
     tl.store(kmax_ptr + off, new_max, mask=dmask)
     tl.store(kmean_ptr + off, mean.to(kmean_ptr.dtype.element_ty), mask=dmask)
-    tl.store(km2_ptr + off, m2.to(km2_ptr.dtype.element_ty), mask=dmask)
+    tl.store(km2_ptr + off, saturated(m2, m2_max).to(km2_ptr.dtype.element_ty), mask=dmask)
 
 
 def _check_paged(k_pool: Tensor, block_table: Tensor, lengths_name: str, lengths: Tensor, page_size: int,
@@ -207,7 +215,7 @@ def stats_prefill_(
     grid = (cm.cdiv(num_pages, pages_per_prog), batch * hkv)
     wrap_triton(_prefill_kernel)[grid](
         k_cache, seqlens, kmin, kmax, kmean, km2, *k_strides, *strides,
-        hkv, dim, num_pages, page_size, capacity, *table_args(block_table, seqlens),
+        hkv, dim, num_pages, page_size, capacity, m2_limit(km2), *table_args(block_table, seqlens),
         PAGES=pages_per_prog, BLOCK_T=min(cfg["BLOCK_T"], cm.next_pow2(page_size)),
         BLOCK_D=cm.next_pow2(dim), num_warps=cfg["num_warps"],
     )
@@ -228,7 +236,8 @@ def stats_append_(
     strides = _stat_strides(kmin, kmean, km2, kmax, block_table)
     wrap_triton(_append_kernel)[(batch * hkv,)](
         k_cache, positions, kmin, kmax, kmean, km2, *k_strides, *strides,
-        hkv, dim, page_size, capacity, *table_args(block_table, positions), BLOCK_D=cm.next_pow2(dim), num_warps=1,
+        hkv, dim, page_size, capacity, m2_limit(km2), *table_args(block_table, positions), BLOCK_D=cm.next_pow2(dim),
+        num_warps=1,
     )
 
 
@@ -248,7 +257,7 @@ def stats_rebuild_page_(
     cfg = lookup("page_stats", k_cache.device, "default")
     wrap_triton(_prefill_kernel)[(1, batch * hkv)](
         k_cache, seqlens, kmin, kmax, kmean, km2, *k_strides, *strides,
-        hkv, dim, kmin.shape[2], page_size, capacity, *table_args(None, seqlens),
+        hkv, dim, kmin.shape[2], page_size, capacity, m2_limit(km2), *table_args(None, seqlens),
         PAGES=1, BLOCK_T=min(cfg["BLOCK_T"], cm.next_pow2(page_size)),
         BLOCK_D=cm.next_pow2(dim), slot_ptr=slots, ONE_PAGE=True, num_warps=cfg["num_warps"],
     )

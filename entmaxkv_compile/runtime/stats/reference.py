@@ -105,8 +105,30 @@ def stats_prefill_(
         k = torch.nn.functional.pad(k, (0, 0, 0, pad)) if pad else k
         k = k.reshape(batch, kv_heads, last - first, page_size, head_dim)
         valid = rows.view(last - first, page_size)[None] < length[:, None, None]  # [B, pages, P]
-        for stat, value in zip((kmin, kmax, kmean, km2), masked_page_stats(k, valid[:, None, :, :, None], 3)):
+        lo, hi, mean, m2 = masked_page_stats(k, valid[:, None, :, :, None], 3)
+        for stat, value in zip((kmin, kmax, kmean, km2), (lo, hi, mean, storable_m2(m2, km2.dtype))):
             stat[:, :, first:last].copy_(value.squeeze(3))
+
+
+def m2_limit(km2: torch.Tensor) -> float:
+    """The largest finite value ``km2``'s dtype holds: where a stored M2 saturates."""
+    return float(torch.finfo(km2.dtype).max)
+
+
+def storable_m2(m2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 M2 in its storage ``dtype``, saturating at the dtype's largest finite value.
+
+    One outlier token can push a page's M2 past float16's 65504 while every key is finite
+    (benchmarks' heavy-tailed keys at 1M tokens: one page in each of two KV heads of eight).
+    Stored as +inf, it made the whole KV head's single-Gaussian estimate infinite and its
+    selection degenerate: on the H200 that family read 35.5% of the pages with float16 moments
+    against 14.0% with float32 ones, i.e. every page of those two heads; the reference kept
+    other pages than with float32 moments. Saturated, the page keeps a large finite variance,
+    which still marks it likely. NaN and +inf (non-finite keys) pass through, so such pages are
+    still flagged.
+    """
+    big = torch.finfo(dtype).max
+    return torch.where((m2 > big) & (m2 < float("inf")), big, m2).to(dtype)
 
 
 def masked_page_stats(k: torch.Tensor, valid: torch.Tensor,
@@ -169,7 +191,7 @@ def stats_append_(
     new_min = torch.where(inside, new_min, kmin.gather(2, page_index))
     new_max = torch.where(inside, new_max, kmax.gather(2, page_index))
     new_mean = torch.where(inside, new_mean.to(kmean.dtype), kmean.gather(2, page_index))
-    new_m2 = torch.where(inside, new_m2.to(km2.dtype), km2.gather(2, page_index))
+    new_m2 = torch.where(inside, storable_m2(new_m2, km2.dtype), km2.gather(2, page_index))
 
     kmin.scatter_(2, page_index, new_min)
     kmax.scatter_(2, page_index, new_max)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ...checks import check_kv_cache, check_lengths, check_page_size, check_positions
-from .reference import _check_buffers_match, masked_page_stats
+from .reference import _check_buffers_match, masked_page_stats, storable_m2
 
 __all__ = ["rolling_in_order", "rolling_seqlens", "stats_rebuild_page_", "stats_track_rolling_"]
 
@@ -64,7 +64,8 @@ def stats_rebuild_page_(
     index = rows.clamp(max=max_seqlen - 1)[:, None, :, None].expand(batch, kv_heads, page_size, head_dim)
     k = k_cache.gather(2, index)  # [B, Hkv, P, D]
     page_index = page.view(batch, 1, 1, 1).expand(batch, kv_heads, 1, head_dim)
-    for stat, value in zip((kmin, kmax, kmean, km2), masked_page_stats(k, valid[:, None, :, None], 2)):
+    lo, hi, mean, m2 = masked_page_stats(k, valid[:, None, :, None], 2)
+    for stat, value in zip((kmin, kmax, kmean, km2), (lo, hi, mean, storable_m2(m2, km2.dtype))):
         stat.scatter_(2, page_index, value.to(stat.dtype))
 
 
