@@ -78,7 +78,8 @@ class EntmaxKVConfig:
             ``"float32"`` (default, exact Welford) or ``"cache"`` (the K cache's dtype, arithmetic
             still in float32: half the selector's bytes for fp16/bf16 caches, at a rounding error
             of a few ulps of the cache dtype per page, which only affects which pages are chosen,
-            never the exactness of the attention over them or of the certificate).
+            never the exactness of the attention over them or of the certificate; an M2 past
+            float16's range, from one outlier token, is stored as its largest value, not +inf).
         report_bound: for the approximate selectors (``gaussian``, ``topk``), also compute the
             support certificate and the dropped-mass bound ``delta_bound`` of the selection. It
             costs one read of kmin/kmax for every page per step (as much as the selection
