@@ -29,7 +29,7 @@ from .reference import (
     top_pages_lowest_id_ties,
     valid_page_mask,
 )
-from .select_kernels import compact_kernel, keep_kernel, moments_kernel, quest_kernel
+from .select_kernels import compact_kernel, dense_pages_kernel, keep_kernel, moments_kernel, quest_kernel
 from .tau_hat import MAX_ITERS, mixture_tau_kernel, tail_constants
 
 PAGE_SELECTORS = tuple(s for s in SELECTORS if s != "certified")
@@ -165,17 +165,21 @@ def triton_select_pages(
         chosen = top_pages_lowest_id_ties(score, min(token_budget // page_size, num_pages))
         short = (seqlens < min_context)[:, None, None]
         return compact_page_mask((chosen | forced | short) & valid)
-    gaussian = selector == "gaussian"
-    beta = cm.integer_beta(alpha) if gaussian else 1
-    mu = sigma = mom = tau = ztab = seqlens  # placeholders the dense keep rule never reads
-    solve = False
-    if gaussian:
-        mixture = tau_estimate == "mixture" or (tau_estimate == "auto" and alibi_slopes is not None)
-        mu, sigma, mom, mixture_tau = _page_moments(q, kmean, km2, seqlens, page_size, alpha, scale, mixture,
-                                                    beta, alibi_slopes, row_start, block_table)
-        solve = not mixture  # the keep kernel solves the single Gaussian from mom itself
-        tau = mom if solve else mixture_tau  # (then its tau argument is a placeholder, never read)
-        ztab = page_max_z(dev, page_size, max_quantile)
+    if selector == "dense":  # every valid page from the first attended one: written directly
+        has_start = row_start is not None
+        wrap_triton(dense_pages_kernel)[(cm.cdiv(num_pages, cfg["BLOCK_PS"]), batch * hkv)](
+            seqlens, row_start if has_start else seqlens, page_indices, num_selected, hkv, num_pages, page_size,
+            HAS_START=has_start, BLOCK_P=cfg["BLOCK_PS"], num_warps=cfg["num_warps"],
+        )
+        return page_indices, num_selected
+    # gaussian (integer beta; select_pages sends the others to the reference)
+    beta = cm.integer_beta(alpha)
+    mixture = tau_estimate == "mixture" or (tau_estimate == "auto" and alibi_slopes is not None)
+    mu, sigma, mom, mixture_tau = _page_moments(q, kmean, km2, seqlens, page_size, alpha, scale, mixture,
+                                                beta, alibi_slopes, row_start, block_table)
+    solve = not mixture  # the keep kernel solves the single Gaussian from mom itself
+    tau = mom if solve else mixture_tau  # (then its tau argument is a placeholder, never read)
+    ztab = page_max_z(dev, page_size, max_quantile)
     nblocks = cm.cdiv(num_pages, cfg["BLOCK_PS"])
     flags = torch.empty((batch, hkv, num_pages), device=dev, dtype=torch.int8)
     counts = torch.empty((batch, hkv, nblocks), device=dev, dtype=torch.int32)
@@ -184,7 +188,7 @@ def triton_select_pages(
         mu, sigma, tau, ztab, seqlens, row_start if row_start is not None else seqlens, flags, counts,
         hq, hkv, group_size, num_pages, page_size, alpha - 1.0, margin, sink_pages,
         recent_pages, min_context, mom, mom_blocks, *tail_constants(beta),
-        GAUSSIAN=gaussian, HAS_START=row_start is not None, BLOCK_G=cm.next_pow2(group_size), BLOCK_P=cfg["BLOCK_PS"],
+        HAS_START=row_start is not None, BLOCK_G=cm.next_pow2(group_size), BLOCK_P=cfg["BLOCK_PS"],
         SOLVE=solve, BETA=beta, BLOCK_B=min(1024, cm.next_pow2(mom_blocks)), MAX_IT=MAX_ITERS,
         num_warps=cfg["num_warps"],
     )

@@ -8,7 +8,9 @@
   ``sigma_p`` for the G heads from one read of kmean/km2 (float32 or compact fp16/bf16, math in
   float32; one FMA reduction per head or G-row dots, ``DOT_MODE``), plus per-block
   count-weighted sums for the global Gaussian (fp64, law of total variance).
-- ``keep_kernel`` + ``compact_kernel`` (page block, batch x KV head): the dense or gaussian keep
+- ``dense_pages_kernel`` (slot block, batch x KV head): the dense selection, a contiguous
+  range of pages, written directly.
+- ``keep_kernel`` + ``compact_kernel`` (page block, batch x KV head): the gaussian keep
   rule (union over the group, forced pages; the single-Gaussian tau_hat solved in the same
   launch) with per-block counts, then a parallel compaction into
   the fixed-capacity ``page_indices`` (ascending, -1 padded) and ``num_selected``.
@@ -243,12 +245,12 @@ def keep_kernel(
     mu_ptr, sigma_ptr, tau_ptr, ztab_ptr, seqlens_ptr, start_ptr, flag_ptr, count_ptr,
     Hq, Hkv, G, num_pages, page_size, am1, margin, sink, recent, min_context,
     mom_ptr, num_mom_blocks, log_gamma, log_m0,
-    GAUSSIAN: tl.constexpr, HAS_START: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_START: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
     SOLVE: tl.constexpr, BETA: tl.constexpr, BLOCK_B: tl.constexpr, MAX_IT: tl.constexpr,
 ):
-    """Dense/gaussian keep flags of one page block (union over the group, forced pages) and
-    the block's count, for the parallel compaction. ``SOLVE`` (the single-Gaussian tau_hat):
-    each program solves its group's tau_hat from the moments kernel's sums
+    """Gaussian keep flags of one page block (union over the group, forced pages) and the
+    block's count, for the parallel compaction. ``SOLVE`` (the single-Gaussian tau_hat): each
+    program solves its group's tau_hat from the moments kernel's sums
     (:func:`tau_hat.single_gaussian_tau`) while its page moments load, instead of a launch of
     its own before this one; without it tau_hat is read from ``tau_ptr`` (the mixture's)."""
     blk = tl.program_id(0)
@@ -256,16 +258,15 @@ def keep_kernel(
     b = pid // Hkv
     hk = pid % Hkv
     pages = blk * BLOCK_P + tl.arange(0, BLOCK_P)
-    if GAUSSIAN:
-        offs_g = tl.arange(0, BLOCK_G)
-        gmask = offs_g < G
-        heads = hk * G + offs_g
-        prow = (b * Hq + heads[:, None]).to(tl.int64) * num_pages + pages[None, :]
-        # Loaded beside the length, not after it (a round trip less): the moments kernel wrote
-        # every page below num_pages, and what lies past the length is masked out below.
-        inside = gmask[:, None] & (pages < num_pages)[None, :]
-        mu = tl.load(mu_ptr + prow, mask=inside, other=0.0)
-        sg = tl.load(sigma_ptr + prow, mask=inside, other=0.0)
+    offs_g = tl.arange(0, BLOCK_G)
+    gmask = offs_g < G
+    heads = hk * G + offs_g
+    prow = (b * Hq + heads[:, None]).to(tl.int64) * num_pages + pages[None, :]
+    # Loaded beside the length, not after it (a round trip less): the moments kernel wrote every
+    # page below num_pages, and what lies past the length is masked out below.
+    inside = gmask[:, None] & (pages < num_pages)[None, :]
+    mu = tl.load(mu_ptr + prow, mask=inside, other=0.0)
+    sg = tl.load(sigma_ptr + prow, mask=inside, other=0.0)
     length = tl.load(seqlens_ptr + b).to(tl.int32)
     last = (length - 1) // page_size
     n = _page_counts(pages, length, page_size, num_pages)
@@ -274,25 +275,46 @@ def keep_kernel(
     valid = n > 0
     forced = (pages == last) | (pages < sink) | ((pages >= last - recent) & (pages < last))
     keep = forced | (length < min_context)
-    if GAUSSIAN:
-        pm = gmask[:, None] & valid[None, :]
-        z = tl.load(ztab_ptr + tl.maximum(n - 1, 0), mask=valid, other=0.0)
-        if SOLVE:
-            tau = single_gaussian_tau(mom_ptr, seqlens_ptr, start_ptr, b, heads, gmask, Hq, num_mom_blocks,
-                                      am1, page_size, log_gamma, log_m0, HAS_START, BETA, BLOCK_B, MAX_IT)
-        else:
-            tau = tl.load(tau_ptr + b * Hq + heads, mask=gmask, other=float("inf"))
-        thr = tl.where(gmask, tau, float("inf")) - margin
-        likely_max = am1 * (mu + z[None, :] * sg)
-        # non-finite moments (NaN/inf in K, q or the slope): keep the page, as the reference
-        wild = (likely_max != likely_max) | (tl.abs(likely_max) == float("inf"))
-        hit = ((likely_max > thr[:, None]) | wild) & pm
-        keep = keep | (tl.max(hit.to(tl.int32), axis=0) > 0)
+    pm = gmask[:, None] & valid[None, :]
+    z = tl.load(ztab_ptr + tl.maximum(n - 1, 0), mask=valid, other=0.0)
+    if SOLVE:
+        tau = single_gaussian_tau(mom_ptr, seqlens_ptr, start_ptr, b, heads, gmask, Hq, num_mom_blocks,
+                                  am1, page_size, log_gamma, log_m0, HAS_START, BETA, BLOCK_B, MAX_IT)
     else:
-        keep = keep | valid
+        tau = tl.load(tau_ptr + b * Hq + heads, mask=gmask, other=float("inf"))
+    thr = tl.where(gmask, tau, float("inf")) - margin
+    likely_max = am1 * (mu + z[None, :] * sg)
+    # non-finite moments (NaN/inf in K, q or the slope): keep the page, as the reference
+    wild = (likely_max != likely_max) | (tl.abs(likely_max) == float("inf"))
+    hit = ((likely_max > thr[:, None]) | wild) & pm
+    keep = keep | (tl.max(hit.to(tl.int32), axis=0) > 0)
     flags = ((keep & valid) != 0).to(tl.int8)
     tl.store(flag_ptr + pid.to(tl.int64) * num_pages + pages, flags, mask=pages < num_pages)
     tl.store(count_ptr + pid * tl.num_programs(0) + blk, tl.sum(flags.to(tl.int32), axis=0))
+
+
+@triton.jit
+def dense_pages_kernel(
+    seqlens_ptr, start_ptr, idx_ptr, nsel_ptr, Hkv, num_pages, page_size,
+    HAS_START: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """The dense selection of one block of slots: every valid page from the row's first attended
+    one on is a contiguous range ``[first, end)``, so slot ``s`` holds ``first + s`` (then -1) and
+    the total goes to ``nsel`` (block 0): one launch where flags and a compaction took two."""
+    blk = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = pid // Hkv
+    length = tl.maximum(tl.load(seqlens_ptr + b).to(tl.int64), 0)
+    end = tl.minimum((length + page_size - 1) // page_size, num_pages).to(tl.int32)
+    first = tl.zeros([], tl.int32)
+    if HAS_START:  # pages wholly below the start are not valid (as _counts_from_start)
+        first = tl.maximum(tl.load(start_ptr + b).to(tl.int32), 0) // page_size
+    count = tl.maximum(end - first, 0)
+    slots = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+    tl.store(idx_ptr + pid.to(tl.int64) * num_pages + slots, tl.where(slots < count, first + slots, -1),
+             mask=slots < num_pages)
+    if blk == 0:
+        tl.store(nsel_ptr + pid, count)
 
 
 @triton.jit
