@@ -50,8 +50,7 @@ def _variant(fn, args, kwargs) -> dict:
     params = list(inspect.signature(fn).parameters.values())
     for i, param in enumerate(params):
         value = args[i] if i < len(args) else kwargs.get(param.name, param.default)
-        annotation = param.annotation if isinstance(param.annotation, str) else getattr(param.annotation, "__name__", "")
-        if "constexpr" in str(annotation) or value is None or (type(value) is int and value == 1):
+        if "constexpr" in str(param.annotation) or value is None or (type(value) is int and value == 1):
             signature[param.name] = "constexpr"
             constexprs[param.name] = value
         elif isinstance(value, torch.Tensor):

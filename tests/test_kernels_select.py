@@ -321,7 +321,8 @@ def _group_tau(mom_ptr, seqlens_ptr, tau_ptr, am1, log_gamma, log_m0, BETA: tl.c
     block each), solved together as the keep kernel does."""
     b = tl.program_id(0)
     heads = tl.arange(0, G)
-    tau = single_gaussian_tau(mom_ptr, seqlens_ptr, seqlens_ptr, b, heads, heads < G, G, 1, am1, 1,
+    length = tl.load(seqlens_ptr + b).to(tl.int32)
+    tau = single_gaussian_tau(mom_ptr, length, seqlens_ptr, b, heads, heads < G, G, 1, am1, 1,
                               log_gamma, log_m0, False, BETA, 1, MAX_IT)
     tl.store(tau_ptr + b * G + heads, tau)
 

@@ -278,7 +278,7 @@ def keep_kernel(
     pm = gmask[:, None] & valid[None, :]
     z = tl.load(ztab_ptr + tl.maximum(n - 1, 0), mask=valid, other=0.0)
     if SOLVE:
-        tau = single_gaussian_tau(mom_ptr, seqlens_ptr, start_ptr, b, heads, gmask, Hq, num_mom_blocks,
+        tau = single_gaussian_tau(mom_ptr, length, start_ptr, b, heads, gmask, Hq, num_mom_blocks,
                                   am1, page_size, log_gamma, log_m0, HAS_START, BETA, BLOCK_B, MAX_IT)
     else:
         tau = tl.load(tau_ptr + b * Hq + heads, mask=gmask, other=float("inf"))

@@ -117,23 +117,23 @@ def _tail_guess(center, s, n, log_gamma, log_m0, BETA: tl.constexpr):
 
 
 @triton.jit
-def single_gaussian_tau(mom_ptr, seqlens_ptr, start_ptr, b, heads, gmask, Hq, num_blocks, am1, page_size,
+def single_gaussian_tau(mom_ptr, length, start_ptr, b, heads, gmask, Hq, num_blocks, am1, page_size,
                         log_gamma, log_m0, HAS_START: tl.constexpr, BETA: tl.constexpr,
                         BLOCK_B: tl.constexpr, MAX_IT: tl.constexpr):
-    """tau_hat (float32) of query ``heads`` of row ``b`` under the single Gaussian: reduce the
+    """tau_hat (float32) of query ``heads`` of row ``b`` (``length`` tokens, int32, as the caller
+    loaded it) under the single Gaussian: reduce the
     moments kernel's per-program count-weighted sums ``[B, Hq, num_blocks, 2]`` (float64), then
     solve from :func:`_tail_guess`: a float32 log-space Newton pass (fast special functions) to
     ~1e-5, then float64 log-space steps from there to ~1e-10 (about 3 + 2 evaluations where a
     float32 pass from the bracket's end and a float64 pass from the left took about 10 + 6: the
     solve is serial latency; the root agrees with a cold float64 solve's to ~1e-10 relative).
     An empty row (length 0: nothing to select) gives +inf without solving."""
-    length = tl.load(seqlens_ptr + b).to(tl.int32)
     offs = tl.arange(0, BLOCK_B)
     s1 = (heads * 0).to(tl.float64)
     s2 = s1
     base = mom_ptr + (b * Hq + heads).to(tl.int64)[:, None] * num_blocks * 2
-    # The sums load beside the length, not after it (one round trip less on a serial kernel);
-    # an empty row's were never written, so they are dropped once the length is known.
+    # The sums are not masked by the length (the keep kernel loads them beside it, a round trip
+    # less on a serial kernel); an empty row's were never written, so they are dropped here.
     for i in range(0, num_blocks, BLOCK_B):
         mask = gmask[:, None] & ((i + offs) < num_blocks)[None, :]
         s1 += tl.sum(tl.load(base + (i + offs)[None, :] * 2, mask=mask, other=0.0), axis=1)

@@ -215,7 +215,7 @@ def stats_prefill_(
     grid = (cm.cdiv(num_pages, pages_per_prog), batch * hkv)
     wrap_triton(_prefill_kernel)[grid](
         k_cache, seqlens, kmin, kmax, kmean, km2, *k_strides, *strides,
-        hkv, dim, num_pages, page_size, capacity, m2_limit(km2), *table_args(block_table, seqlens),
+        hkv, dim, num_pages, page_size, capacity, m2_limit(km2.dtype), *table_args(block_table, seqlens),
         PAGES=pages_per_prog, BLOCK_T=min(cfg["BLOCK_T"], cm.next_pow2(page_size)),
         BLOCK_D=cm.next_pow2(dim), num_warps=cfg["num_warps"],
     )
@@ -236,8 +236,8 @@ def stats_append_(
     strides = _stat_strides(kmin, kmean, km2, kmax, block_table)
     wrap_triton(_append_kernel)[(batch * hkv,)](
         k_cache, positions, kmin, kmax, kmean, km2, *k_strides, *strides,
-        hkv, dim, page_size, capacity, m2_limit(km2), *table_args(block_table, positions), BLOCK_D=cm.next_pow2(dim),
-        num_warps=1,
+        hkv, dim, page_size, capacity, m2_limit(km2.dtype), *table_args(block_table, positions),
+        BLOCK_D=cm.next_pow2(dim), num_warps=1,
     )
 
 
@@ -257,7 +257,7 @@ def stats_rebuild_page_(
     cfg = lookup("page_stats", k_cache.device, "default")
     wrap_triton(_prefill_kernel)[(1, batch * hkv)](
         k_cache, seqlens, kmin, kmax, kmean, km2, *k_strides, *strides,
-        hkv, dim, kmin.shape[2], page_size, capacity, m2_limit(km2), *table_args(None, seqlens),
+        hkv, dim, kmin.shape[2], page_size, capacity, m2_limit(km2.dtype), *table_args(None, seqlens),
         PAGES=1, BLOCK_T=min(cfg["BLOCK_T"], cm.next_pow2(page_size)),
         BLOCK_D=cm.next_pow2(dim), slot_ptr=slots, ONE_PAGE=True, num_warps=cfg["num_warps"],
     )

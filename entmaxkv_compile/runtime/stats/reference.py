@@ -110,9 +110,9 @@ def stats_prefill_(
             stat[:, :, first:last].copy_(value.squeeze(3))
 
 
-def m2_limit(km2: torch.Tensor) -> float:
-    """The largest finite value ``km2``'s dtype holds: where a stored M2 saturates."""
-    return float(torch.finfo(km2.dtype).max)
+def m2_limit(dtype: torch.dtype) -> float:
+    """The largest finite value of M2's storage ``dtype``: where a stored M2 saturates."""
+    return float(torch.finfo(dtype).max)
 
 
 def storable_m2(m2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -127,7 +127,7 @@ def storable_m2(m2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     which still marks it likely. NaN and +inf (non-finite keys) pass through, so such pages are
     still flagged.
     """
-    big = torch.finfo(dtype).max
+    big = m2_limit(dtype)
     return torch.where((m2 > big) & (m2 < float("inf")), big, m2).to(dtype)
 
 
