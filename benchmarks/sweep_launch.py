@@ -8,9 +8,12 @@ CUDA-graph replay (do_bench median). The best config's one-step kernel breakdown
 on the same cache are recorded beside it. Writes ``sweep_launch.json``; the chosen values go into
 ``runtime/tuning/configs/<gpu>.json`` by hand, with this file's numbers as the source.
 
+``--decode-over gaussian`` times the decode over the pages the gaussian selection keeps (a sparse
+step's decode) instead of over every page.
+
 Usage: ``python benchmarks/sweep_launch.py --out DIR [--cases planted:131072,iid:1048576]
 [--decode-params tau_warps,BLOCK_TAU] [--select-params MOMENTS_DOT] [--scan-params SCAN_WARPS]
-[--no-scan]``.
+[--no-scan] [--decode-over gaussian]``.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from entmaxkv_compile.tables import render_table  # noqa: E402
 
 DECODE_SPACE = {"PROGRAMS_PER_SM": (2, 3, 4, 6, 8, 12, 16), "num_warps": (4, 8), "num_stages": (2, 3, 4), "BLOCK_N": (64, 128),
                 "BLOCK_T": (32, 64), "tau_warps": (1, 2, 4), "BLOCK_TAU": (32, 64, 128),
-                "TAU_PROGRAMS_PER_SM": (4, 8, 16, 32), "out_warps": (2, 4, 8)}
+                "TAU_PROGRAMS_PER_SM": (4, 8, 16, 32), "out_warps": (2, 4, 8),
+                "MIN_SPLIT_PAGES": (1, 2, 4, 8, 16)}
 SELECT_SPACE = {"MOMENTS_DOT": (0, 2), "MOMENTS_BLOCKS": (2, 4, 8, 16, 32), "BLOCK_PM": (16, 32, 64),
                 "num_warps": (2, 4, 8), "BLOCK_PS": (256, 1024, 2048, 4096)}
 SCAN_SPACE = {"SCAN_PROGRAMS_PER_SM": (2, 4, 8, 16), "SCAN_BLOCK_N": (32, 64, 128, 256, 512), "SCAN_WARPS": (4, 8)}
@@ -76,18 +80,21 @@ def _timed(family: str, params: dict, step) -> float:
 
 
 def _only(space: dict, names: str | None) -> dict:
-    """``space`` restricted to the comma-separated parameter ``names`` (all when None)."""
+    """``space`` restricted to the comma-separated parameter ``names`` (all when None), swept in
+    the order named."""
     if names is None:
         return space
     wanted = [name for name in names.split(",") if name]  # "" sweeps nothing: the shipped config alone
     unknown = sorted(set(wanted) - set(space))
     if unknown:
         raise SystemExit(f"unknown parameters {unknown}; choose from {sorted(space)}")
-    return {k: v for k, v in space.items() if k in wanted}
+    return {k: space[k] for k in wanted}
 
 
-def run_case(family: str, n: int, decode_space: dict, select_space: dict, scan_space: dict | None) -> dict:
-    """One case's sweeps (``scan_space`` None: no sketch scan sweep)."""
+def run_case(family: str, n: int, decode_space: dict, select_space: dict, scan_space: dict | None,
+             decode_over: str = "dense") -> dict:
+    """One case's sweeps (``scan_space`` None: no sketch scan sweep; ``decode_over``: the pages the
+    decode reads, every page or the gaussian selection's)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q, k, v = make_family(family, 1, HQ, HKV, n, torch.float16)
@@ -99,7 +106,7 @@ def run_case(family: str, n: int, decode_space: dict, select_space: dict, scan_s
 
     def decode():
         return kernels.paged_decode(q, k, v, seqlens, idx, nsel, page_size=PAGE, alpha=1.5,
-                                    scale=scale)
+                                    scale=scale, read_all=decode_over == "dense")
 
     def sdpa():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -114,6 +121,8 @@ def run_case(family: str, n: int, decode_space: dict, select_space: dict, scan_s
             token_budget=4096, max_quantile=0.999, margin=0.0, tau_estimate="auto", sink_pages=1,
             recent_pages=1, min_context=0)
 
+    if decode_over == "gaussian":
+        idx, nsel = select()
     sketch = KeySketch.from_cache(k, seqlens, check_values=False)
     read_all = torch.zeros(1, dtype=torch.bool, device="cuda")
 
@@ -122,8 +131,9 @@ def run_case(family: str, n: int, decode_space: dict, select_space: dict, scan_s
                                      scale=scale)
 
     print(f"{family} N={n}", flush=True)
-    row = dict(family=family, n=n, hq=HQ, hkv=HKV, sdpa_ms=_time(sdpa))
-    shipped = tuned.decode_config(q.device, q.dtype, DIM, HQ // HKV, PAGE, n)
+    row = dict(family=family, n=n, hq=HQ, hkv=HKV, sdpa_ms=_time(sdpa), decode_over=decode_over,
+               pages_read=float(nsel.float().mean()) / pages)
+    shipped = tuned.decode_config(q.device, q.dtype, DIM, HQ // HKV, PAGE, n, sparse=decode_over != "dense")
     best, trials = descend("paged_decode", shipped, decode_space, decode)
     row.update(decode_shipped=shipped, decode_best=best, decode_trials=trials)
     with tuned.override("paged_decode", best):
@@ -150,6 +160,8 @@ def main() -> None:
     parser.add_argument("--select-params", help=f"sweep only these of {','.join(SELECT_SPACE)}")
     parser.add_argument("--no-scan", action="store_true", help="skip the key sketch's scan sweep")
     parser.add_argument("--scan-params", help=f"sweep only these of {','.join(SCAN_SPACE)}")
+    parser.add_argument("--decode-over", choices=("dense", "gaussian"), default="dense",
+                        help="the pages the decode sweep reads: every page, or the gaussian selection's")
     args = parser.parse_args()
     decode_space = _only(DECODE_SPACE, args.decode_params)
     select_space = _only(SELECT_SPACE, args.select_params)
@@ -158,7 +170,8 @@ def main() -> None:
     rows = []
     for case in args.cases.split(","):
         family, n = case.split(":")
-        rows.append(run_case(family, int(n), decode_space, select_space, None if args.no_scan else scan_space))
+        rows.append(run_case(family, int(n), decode_space, select_space, None if args.no_scan else scan_space,
+                             args.decode_over))
         (args.out / "sweep_launch.json").write_text(json.dumps(rows, indent=1))
         torch.cuda.empty_cache()
 

@@ -83,7 +83,7 @@ def score_kernel(
     q_ptr, k_ptr, seqlens_ptr, start_ptr, idx_ptr, nsel_ptr, slopes_ptr,
     cand_z_ptr, cand_tok_ptr, cand_cnt_ptr, split_max_ptr, shared_max_ptr,
     sqb, sqh, sqd, skb, skh, skn, skd, sib, sih, sip, snb, snh,
-    Hq, Hkv, G, D, num_splits, seg, zscale, am1, capacity, zcap,
+    Hq, Hkv, G, D, num_splits, seg, min_split_pages, zscale, am1, capacity, zcap,
     blocks_ptr, sbb, sbh, sbs, HAS_TABLE: tl.constexpr, PAGE: tl.constexpr,
     HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, HAS_START: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -101,7 +101,10 @@ def score_kernel(
     if HAS_START:  # rows below the start (left padding) are never read
         first = tl.load(start_ptr + b).to(tl.int32)
     nsel = tl.load(nsel_ptr + b * snb + hk * snh).to(tl.int32)
-    pages_per_split = (nsel + num_splits - 1) // num_splits
+    # At least min_split_pages per split: a small selection fills the first splits and leaves the
+    # rest empty (no candidates for the threshold and V passes to walk), a large one spreads
+    # over all of them.
+    pages_per_split = tl.maximum((nsel + num_splits - 1) // num_splits, min_split_pages)
     p0 = tl.minimum(split * pages_per_split, nsel)
     p1 = tl.minimum(p0 + pages_per_split, nsel)
     j0 = p0 * PAGE

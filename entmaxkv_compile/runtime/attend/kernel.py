@@ -88,14 +88,17 @@ def selected_blocks(page_indices: Tensor, block_table: Tensor) -> Tensor:
     return out
 
 
-def plan_splits(q: Tensor, page_indices: Tensor, page_size: int) -> tuple[dict, int, int]:
-    """``(cfg, splits, seg)``: the tuned config of this decode, the K pass's splits per KV head
-    (``PROGRAMS_PER_SM`` programs per multiprocessor) and the tokens each split covers."""
+def plan_splits(q: Tensor, page_indices: Tensor, page_size: int, sparse: bool = True) -> tuple[dict, int, int]:
+    """``(cfg, splits, seg)``: the tuned config of this decode (``sparse``: over a page selection,
+    not every page), the K pass's splits per KV head (``PROGRAMS_PER_SM`` programs per
+    multiprocessor) and the tokens each split covers."""
     batch, _, _, dim = q.shape
     hkv, num_pages = page_indices.shape[1], page_indices.shape[2]
-    cfg = decode_config(q.device, q.dtype, dim, q.shape[1] // hkv, page_size, num_pages * page_size)
+    cfg = decode_config(q.device, q.dtype, dim, q.shape[1] // hkv, page_size, num_pages * page_size, sparse)
     splits = cm.decode_splits(batch, hkv, num_pages, q.device, cfg["PROGRAMS_PER_SM"])
-    return cfg, splits, cm.cdiv(num_pages, splits) * page_size
+    # a split's segment holds the most pages the K pass may give it (at least MIN_SPLIT_PAGES)
+    pages_per_split = max(cm.cdiv(num_pages, splits), min(cfg["MIN_SPLIT_PAGES"], num_pages))
+    return cfg, splits, pages_per_split * page_size
 
 
 def slot_tiles(cfg: dict, page_size: int) -> bool:
@@ -139,7 +142,7 @@ def score_candidates(q, k_cache, seqlens, page_indices, num_selected, alibi_slop
         *k_strides,
         page_indices.stride(0), page_indices.stride(1), page_indices.stride(2),
         num_selected.stride(0), num_selected.stride(1),
-        hq, hkv, hq // hkv, dim, splits, seg, (alpha - 1.0) * scale, alpha - 1.0,
+        hq, hkv, hq // hkv, dim, splits, seg, cfg["MIN_SPLIT_PAGES"], (alpha - 1.0) * scale, alpha - 1.0,
         capacity, (alpha - 1.0) * softcap if softcap else 1.0, *block_args, PAGE=page_size,
         HAS_ALIBI=has_alibi, SOFTCAP=bool(softcap), HAS_START=has_start, BLOCK_G=max(16, cm.next_pow2(hq // hkv)), BLOCK_N=cfg["BLOCK_N"],
         BLOCK_D=max(16, cm.next_pow2(dim)),
@@ -197,7 +200,7 @@ def triton_paged_decode(
     Returns ``(out, tau, certified, delta)``, the last two as ``reference.decode_verdict`` says."""
     batch, hq, _, dim = q.shape
     hkv = _cache_geometry(k_cache, page_size, block_table)[0]
-    cfg, splits, seg = plan_splits(q, page_indices, page_size)
+    cfg, splits, seg = plan_splits(q, page_indices, page_size, sparse=not read_all)
     cand_z, cand_tok, cand_cnt, split_max = score_candidates(
         q, k_cache, seqlens, page_indices, num_selected, alibi_slopes, page_size, alpha, scale, cfg, splits, seg,
         softcap, row_start, block_table)

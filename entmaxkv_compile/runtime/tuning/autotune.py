@@ -8,7 +8,10 @@ and tiles (``LATENCY_SPACE``: the threshold levels, the V pass) are descended on
 time from the best, and the fastest is stored under the class
 and its length bucket in ``runtime/tuning/configs/<gpu>.json`` (or ``--out-dir``), which
 ``tuned.lookup`` reads at run time; other kernel families already in the file are kept (the
-selection kernels are set from ``benchmarks/sweep_launch.py``).
+selection kernels are set from ``benchmarks/sweep_launch.py``). A last stage tunes the
+``-sparse`` entry of each bucket (``SPARSE_SPACE``, descended from the bucket's best) on a decode
+that reads one page in ``SPARSE_STRIDE``, as a selection does: its threshold and V passes see a
+few pages' candidates whatever the capacity.
 """
 
 from __future__ import annotations
@@ -34,14 +37,19 @@ QUICK_SPACE = {"BLOCK_N": (64, 128), "num_warps": (4,), "num_stages": (2,), "BLO
 # Second stage, one parameter at a time from the first stage's best: the threshold levels and the
 # V pass are latency-bound on few candidates, so their warps and tiles matter more at short lengths.
 LATENCY_SPACE = {"tau_warps": (1, 2, 4), "BLOCK_TAU": (32, 64, 128), "out_warps": (2, 4, 8)}
+# Third stage: a sparse decode (one page in SPARSE_STRIDE selected, about what a gaussian selection
+# keeps on planted spans) descends these from the bucket's best into its "-sparse" entry.
+SPARSE_SPACE = {"MIN_SPLIT_PAGES": (1, 4, 8, 16), **LATENCY_SPACE, "BLOCK_T": (32, 64)}
+SPARSE_STRIDE = 50
 SHAPE_CLASSES = ((torch.float16, 128, 4), (torch.bfloat16, 128, 4), (torch.float16, 128, 1),
                  (torch.bfloat16, 128, 1))
 DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _time_decode(dtype: torch.dtype, dim: int, group: int, page: int, length: int,
-                 params: dict[str, int]) -> float:
-    """Median ms of a CUDA-graphed dense decode with ``params`` (inf when it fails to run)."""
+                 params: dict[str, int], stride: int = 1) -> float:
+    """Median ms of a CUDA-graphed decode with ``params`` (inf when it fails to run) over every
+    ``stride``-th page (1: a dense decode, read with the dense entries; else the sparse ones)."""
     import triton.testing
 
     from ..attend.kernel import paged_decode
@@ -53,12 +61,14 @@ def _time_decode(dtype: torch.dtype, dim: int, group: int, page: int, length: in
     v = torch.randn_like(k)
     seqlens = torch.full((1,), length, device="cuda", dtype=torch.int32)
     pages = length // page
-    idx = torch.arange(pages, device="cuda", dtype=torch.int32).repeat(1, kv_heads, 1)
-    nsel = torch.full((1, kv_heads), pages, device="cuda", dtype=torch.int32)
+    chosen = torch.arange(0, pages, stride, device="cuda", dtype=torch.int32)
+    idx = torch.full((1, kv_heads, pages), -1, device="cuda", dtype=torch.int32)
+    idx[:, :, :chosen.numel()] = chosen
+    nsel = torch.full((1, kv_heads), chosen.numel(), device="cuda", dtype=torch.int32)
 
     def step():
         return paged_decode(q, k, v, seqlens, idx, nsel, page_size=page, alpha=1.5,
-                            scale=1 / math.sqrt(dim))
+                            scale=1 / math.sqrt(dim), read_all=stride == 1)
 
     with tuned.override("paged_decode", params):
         try:
@@ -130,6 +140,19 @@ def autotune_main(argv: Sequence[str] | None = None) -> int:
                     if ms < timings[key]:
                         timings[key] = ms
                         best[key] = params
+    for length, (dtype, dim, group) in tqdm(list(itertools.product(lengths, SHAPE_CLASSES)), unit="class",
+                                            desc="sparse decode", file=sys.stderr):
+        dense_key = _config_keys(dtype, dim, group, args.page_size, length, lengths)[0]
+        key = f"{dense_key}-sparse"
+        best[key] = dict(best[dense_key])
+        timings[key] = _time_decode(dtype, dim, group, args.page_size, length, best[key], SPARSE_STRIDE)
+        for name, values in SPARSE_SPACE.items():
+            for value in values:
+                params = {**best[key], name: value}
+                ms = _time_decode(dtype, dim, group, args.page_size, length, params, SPARSE_STRIDE)
+                if ms < timings[key]:
+                    timings[key] = ms
+                    best[key] = params
     name = torch.cuda.get_device_name()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"{tuned.gpu_slug(name)}.json"

@@ -27,7 +27,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULTS: dict[str, dict[str, int]] = {
     "paged_decode": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "BLOCK_T": 32,
                      "BLOCK_TAU": 128, "tau_warps": 4, "SHARE_EVERY": 0, "PROGRAMS_PER_SM": 8,
-                     "TAU_PROGRAMS_PER_SM": 8, "out_warps": 4, "SLOT_TILES": 1},
+                     "TAU_PROGRAMS_PER_SM": 8, "out_warps": 4, "SLOT_TILES": 1, "MIN_SPLIT_PAGES": 1},
     "page_stats": {"BLOCK_T": 16, "num_warps": 4},
     "select": {"BLOCK_P": 64, "BLOCK_PM": 32, "BLOCK_PS": 256,
                "num_warps": 4, "MOMENTS_DOT": 0, "MOMENTS_BLOCKS": 1,
@@ -38,7 +38,7 @@ DEFAULTS: dict[str, dict[str, int]] = {
 INTERPRETER: dict[str, dict[str, int]] = {
     "paged_decode": {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "BLOCK_T": 16,
                      "BLOCK_TAU": 16, "tau_warps": 1, "SHARE_EVERY": 1, "PROGRAMS_PER_SM": 8,
-                     "TAU_PROGRAMS_PER_SM": 8, "out_warps": 1, "SLOT_TILES": 1},
+                     "TAU_PROGRAMS_PER_SM": 8, "out_warps": 1, "SLOT_TILES": 1, "MIN_SPLIT_PAGES": 2},
     "page_stats": {"BLOCK_T": 16, "num_warps": 1},
     "select": {"BLOCK_P": 16, "BLOCK_PM": 16, "BLOCK_PS": 16, "num_warps": 1,
                "MOMENTS_DOT": 0, "MOMENTS_BLOCKS": 2, "SCAN_BLOCK_N": 16, "SCAN_WARPS": 1,
@@ -105,9 +105,11 @@ def length_bucket(capacity: int) -> str:
     return "nlong"
 
 
-def lookup(family: str, device: torch.device, key: str, capacity: int | None = None) -> dict[str, int]:
+def lookup(family: str, device: torch.device, key: str, capacity: int | None = None,
+           sparse: bool = False) -> dict[str, int]:
     """Launch parameters of ``family`` for shape class ``key`` on ``device``: the built-in
-    defaults, then the GPU file's ``default``, ``key`` and ``key-<length bucket>`` entries."""
+    defaults, then the GPU file's ``default``, ``key`` and ``key-<length bucket>`` entries, and
+    with ``sparse`` the ``key-<length bucket>-sparse`` entry on top."""
     if device.type != "cuda":
         cfg = dict(INTERPRETER[family])
     else:
@@ -117,11 +119,15 @@ def lookup(family: str, device: torch.device, key: str, capacity: int | None = N
         cfg.update(table.get(key, {}))
         if capacity is not None:
             cfg.update(table.get(f"{key}-{length_bucket(capacity)}", {}))
+            if sparse:
+                cfg.update(table.get(f"{key}-{length_bucket(capacity)}-sparse", {}))
     cfg.update(_OVERRIDES.get(family, {}))
     return cfg
 
 
 def decode_config(device: torch.device, dtype: torch.dtype, head_dim: int, group: int,
-                  page_size: int, capacity: int | None = None) -> dict[str, int]:
-    """Launch parameters of the fused decode kernels (``capacity``: the cache's rows)."""
-    return lookup("paged_decode", device, shape_class(dtype, head_dim, group, page_size), capacity)
+                  page_size: int, capacity: int | None = None, sparse: bool = False) -> dict[str, int]:
+    """Launch parameters of the fused decode kernels (``capacity``: the cache's rows). ``sparse``:
+    the decode reads a page selection, not every page: the K pass and the threshold then see the
+    candidates of a few pages, whatever the capacity, and are tuned apart."""
+    return lookup("paged_decode", device, shape_class(dtype, head_dim, group, page_size), capacity, sparse)
