@@ -7,6 +7,8 @@ kernel per variant, in this order:
 - ``moments``: the gaussian step with compact moments, contiguous cache then through a shuffled
   block table (``moments_kernel``: 268 MB at 1M, 63 us at the copy roofline; it took 116 in the
   FMA form, 74 in the one-pass-dot form the H200 config ships for 1M);
+- ``keep``: the same steps as ``moments``, for the selection's keep kernel (16.8 MB of page
+  moments at 1M, 4 us of reading; 14-16 us measured);
 - ``score``: the dense step, contiguous then through the table (``score_kernel``: the table
   cost 9-14% there before the page-by-page K tiles, 0.5-1% after; the target is < 5%);
 - ``scan``: the certified step with the int8 key sketch (``scan_kernel``: 1.14 GB at 1M, 265 us
@@ -45,16 +47,16 @@ from entmaxkv_compile.runtime.select import select_kernels  # noqa: E402
 from entmaxkv_compile.runtime.sketch import sketch_kernels  # noqa: E402
 from entmaxkv_compile.runtime.sketch.reference import KeySketch  # noqa: E402
 
-KERNELS = {"moments": select_kernels.moments_kernel, "score": decode_kernels.score_kernel,
-           "scan": sketch_kernels.scan_kernel}
+KERNELS = {"moments": select_kernels.moments_kernel, "keep": select_kernels.keep_kernel,
+           "score": decode_kernels.score_kernel, "scan": sketch_kernels.scan_kernel}
 
 
 def run_case(case: str, length: int, device: torch.device) -> None:
     q, k, v = generate("planted2", 1, 32, 8, length, 128, torch.float16, device)
     seqlens = torch.full((1,), length, dtype=torch.int32, device=device)
-    if case in ("moments", "score"):  # the contiguous step, then the same pages behind a shuffled table
+    if case in ("moments", "keep", "score"):  # the contiguous step, then the same pages behind a shuffled table
         perm = block_order(length // PAGE, "shuffled", torch.Generator(device=device).manual_seed(0), device)
-        for step in contiguous_and_table_steps(q, k, v, seqlens, "gaussian_c" if case == "moments" else "dense",
+        for step in contiguous_and_table_steps(q, k, v, seqlens, "dense" if case == "score" else "gaussian_c",
                                                perm):
             step()
     else:
