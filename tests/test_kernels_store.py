@@ -72,6 +72,29 @@ def test_length_buckets_refine_a_shape_class(monkeypatch, tmp_path):
         tuned.load_store.cache_clear()
 
 
+def test_sparse_entries_refine_a_bucket_only_for_page_selections(monkeypatch, tmp_path):
+    name = "Test GPU Z"
+    (tmp_path / f"{tuned.gpu_slug(name)}.json").write_text(json.dumps(
+        {"device": name, "kernels": {"paged_decode": {
+            "fp16-d64-g2-p16": {"tau_warps": 2, "BLOCK_N": 128},
+            "fp16-d64-g2-p16-n512k": {"BLOCK_TAU": 64},
+            "fp16-d64-g2-p16-n512k-sparse": {"tau_warps": 1, "MIN_SPLIT_PAGES": 8}}}}))
+    monkeypatch.setattr(tuned, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(tuned, "device_name", lambda device: name)
+    tuned.load_store.cache_clear()
+    try:
+        cuda = torch.device("cuda")
+        dense = tuned.decode_config(cuda, torch.float16, 64, 2, 16, capacity=131072)
+        sparse = tuned.decode_config(cuda, torch.float16, 64, 2, 16, capacity=131072, sparse=True)
+        assert (dense["tau_warps"], dense["BLOCK_TAU"], dense["MIN_SPLIT_PAGES"]) == (2, 64, 1)
+        assert (sparse["tau_warps"], sparse["BLOCK_TAU"], sparse["MIN_SPLIT_PAGES"]) == (1, 64, 8)
+        assert sparse["BLOCK_N"] == 128  # the class and the bucket still apply beneath it
+        other_bucket = tuned.decode_config(cuda, torch.float16, 64, 2, 16, capacity=1 << 20, sparse=True)
+        assert other_bucket["tau_warps"] == 2  # no -sparse entry for nlong: the class's value
+    finally:
+        tuned.load_store.cache_clear()
+
+
 def test_malformed_file_raises(monkeypatch, tmp_path):
     (tmp_path / "broken-gpu.json").write_text(json.dumps({"device": "Broken GPU"}))
     monkeypatch.setattr(tuned, "CONFIG_DIR", tmp_path)
@@ -107,13 +130,16 @@ def test_decode_grid_fills_whole_waves_and_never_exceeds_the_pages(monkeypatch):
 
 def test_autotune_picks_the_fastest_launch_and_then_the_latency_parameters(monkeypatch, tmp_path):
     """The search with a synthetic timer: the product stage finds the fastest launch config, the
-    second stage the threshold levels' and V pass's warps and tiles, per length bucket."""
+    second stage the threshold levels' and V pass's warps and tiles, per length bucket, and the
+    third the bucket's sparse entry on a decode of every ``stride``-th page."""
     from entmaxkv_compile.runtime.tuning import autotune
 
-    def fake_ms(dtype, dim, group, page, length, params):
-        want_tau = 1 if length <= 65536 else 4
+    def fake_ms(dtype, dim, group, page, length, params, stride=1):
+        want_tau = 1 if length <= 65536 or stride > 1 else 4
+        want_split = 8 if stride > 1 else 1
         return (abs(params["PROGRAMS_PER_SM"] - 4) + abs(params["BLOCK_N"] - 128) / 64
-                + abs(params["tau_warps"] - want_tau) + abs(params["out_warps"] - 2) + 1.0)
+                + abs(params["tau_warps"] - want_tau) + abs(params["out_warps"] - 2)
+                + abs(params["MIN_SPLIT_PAGES"] - want_split) / 8 + 1.0)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Synthetic GPU")
@@ -127,3 +153,6 @@ def test_autotune_picks_the_fastest_launch_and_then_the_latency_parameters(monke
         got = decode[key]
         assert (got["PROGRAMS_PER_SM"], got["BLOCK_N"], got["tau_warps"], got["out_warps"]) == (4, 128, tau_warps, 2)
         assert set(tuned.DEFAULTS["paged_decode"]) <= set(got)
+    for key in ("fp16-d128-g4-p16-n64k-sparse", "fp16-d128-g4-p16-nlong-sparse", "bf16-d128-g1-p16-nlong-sparse"):
+        got = decode[key]
+        assert (got["PROGRAMS_PER_SM"], got["tau_warps"], got["MIN_SPLIT_PAGES"]) == (4, 1, 8)
